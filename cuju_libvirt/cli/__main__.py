@@ -1,0 +1,5 @@
+import sys
+
+from cuju_libvirt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""The exception tree of cuju-libvirt.
+
+Every error the package raises on purpose derives from :class:`CujuError`::
+
+    CujuError
+     +-- ConfigError         bad cujud configuration (file, drop-in, key, value)
+     +-- DomainXMLError      a domain XML or <cuju:ft> element that is malformed or invalid
+     |    +-- DomainUnfitError   well-formed, but the domain cannot be protected as written
+     +-- HookError           the libvirt hook could not do its job
+     +-- StateError          an FT state-machine transition that is not allowed now
+     +-- ReplicationError    the data plane failed (link, peer, tracker, codec)
+     +-- LibvirtError        a libvirt call failed; carries (domain, code) of the cause
+
+Causes are kept with ``raise ... from err``. libvirt errors are classified by
+``(get_error_domain(), get_error_code())``, never by message text.
+"""
+
+from __future__ import annotations
+
+
+class CujuError(Exception):
+    """Root of every error cuju-libvirt raises on purpose."""
+
+
+class ConfigError(CujuError):
+    """The cujud configuration is invalid; the message names the key and the file."""
+
+
+class DomainXMLError(CujuError):
+    """A domain XML document or its <cuju:ft> element is malformed or invalid."""
+
+
+class DomainUnfitError(DomainXMLError):
+    """The domain is well-formed but cannot be protected as written.
+
+    ``problems`` holds one human-readable line per problem, each naming the
+    attribute or device and the fix.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+class HookError(CujuError):
+    """The libvirt hook could not do its job."""
+
+
+class StateError(CujuError):
+    """A fault-tolerance state transition was requested that is not allowed now."""
+
+
+class ReplicationError(CujuError):
+    """The replication data plane failed (FT link, peer, tracker or codec)."""
+
+
+class LibvirtError(CujuError):
+    """A libvirt call failed. ``domain`` and ``code`` are libvirt's error domain and code."""
+
+    def __init__(self, message: str, domain: int | None = None, code: int | None = None) -> None:
+        super().__init__(message)
+        self.domain = domain
+        self.code = code

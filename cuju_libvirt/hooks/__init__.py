@@ -1,0 +1,1 @@
+"""libvirt hook glue (installed to /etc/libvirt/hooks/qemu.d/). Never calls libvirt."""
