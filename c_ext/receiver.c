@@ -53,6 +53,8 @@ struct cuju_receiver {
     char *devstate_path;
     char *devstate_tmp;
     int durable;
+    uint64_t crash_epoch;           /* fault injection, see open: 0 = off */
+    uint64_t crash_pages;
     int jfd;
     uint8_t *jmem;                  /* the whole journal, MAP_SHARED */
     size_t jlen;
@@ -269,6 +271,8 @@ static int apply_frame(struct cuju_receiver *r, const uint8_t *f, uint64_t *npz,
         uint64_t idx = rec & CUJU_WIRE_INDEX_MASK;
         if (idx >= r->region_pages)     /* verified before; never write outside */
             return CUJU_E_INDEX;
+        if (epoch == r->crash_epoch && i == r->crash_pages)
+            _exit(86);      /* test hook: die mid-apply, as a killed backup would */
         uint8_t *dst = r->region + idx * ps;
         if ((rec >> 56) == CUJU_ENC_ZERO) {
             memset(dst, 0, ps);
@@ -431,6 +435,17 @@ int cuju_receiver_open(uint8_t *region, uint64_t region_size, uint32_t page_size
     }
     memcpy(r->devstate_tmp, devstate_path, pl);
     memcpy(r->devstate_tmp + pl, ".tmp", 5);
+    /* Fault injection for the test suite: CUJU_TEST_CRASH_IN_APPLY=E:P makes
+     * the process exit after applying P page records of epoch E (live apply
+     * or replay), leaving a half-applied region behind. */
+    const char *crash = getenv("CUJU_TEST_CRASH_IN_APPLY");
+    if (crash != NULL) {
+        unsigned long long ce = 0, cp = 0;
+        if (sscanf(crash, "%llu:%llu", &ce, &cp) == 2) {
+            r->crash_epoch = ce;
+            r->crash_pages = cp;
+        }
+    }
     rc = journal_open(r, journal_path, msg, msglen);
     if (rc != CUJU_OK)
         goto error;
@@ -590,9 +605,14 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
     __atomic_store_n(meta64(r, OFF_SLOT(slot)), epoch, __ATOMIC_RELEASE);
     if (r->durable)
         msync(r->jmem, META_LEN, MS_SYNC);
+    /* ACK as soon as the epoch is committed, before the apply thread even
+     * sees it: the primary's ack latency never includes the apply. */
+    rc = send_ack(r, epoch, &eno);
     pthread_mutex_lock(&r->lock);
     r->last_committed = epoch;
     r->slot_state[slot] = SLOT_COMMITTED;
+    if (rc == CUJU_OK)
+        r->st.last_acked_epoch = epoch;
     r->st.epochs_received++;
     r->st.wire_bytes += total;
     r->st.receive_ns += t1 - t0 - hash_ns;
@@ -602,15 +622,10 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
     pthread_cond_broadcast(&r->cond);
     pthread_mutex_unlock(&r->lock);
     r->recv_idx ^= 1;
-
-    rc = send_ack(r, epoch, &eno);
     if (rc != CUJU_OK) {
         rfail(r, rc, eno, 0, "sending ACK %llu: %s", (unsigned long long)epoch, cuju_strerror(rc));
         return rc;
     }
-    pthread_mutex_lock(&r->lock);
-    r->st.last_acked_epoch = epoch;
-    pthread_mutex_unlock(&r->lock);
     return CUJU_OK;
 
 io_error:

@@ -398,14 +398,16 @@ static void *send_main(void *arg)
             int send_close = !s->stopping && s->close_requested;
             pthread_mutex_unlock(&s->lock);
             if (send_close) {
+                /* Marked before the write: the backup may answer CLOSE
+                 * with EOF before this thread runs again. */
+                pthread_mutex_lock(&s->lock);
+                s->close_sent = 1;
+                pthread_mutex_unlock(&s->lock);
                 uint8_t f[CUJU_FRAME_HDR_LEN];
                 cuju_frame_header(f, CUJU_FRAME_CLOSE, 0);
                 int rc = cuju_send_all(s->fd, f, sizeof(f), s->io_timeout_ms, &eno);
                 if (rc != CUJU_OK)
                     fail(s, rc, eno, 0, "sending CLOSE: %s", cuju_strerror(rc));
-                pthread_mutex_lock(&s->lock);
-                s->close_sent = 1;
-                pthread_mutex_unlock(&s->lock);
             }
             break;
         }
@@ -466,7 +468,7 @@ static void *ack_main(void *arg)
         if (rc != CUJU_OK) {
             pthread_mutex_lock(&s->lock);
             int quiet = s->stopping || (rc == CUJU_E_EOF && s->close_sent &&
-                                        s->st.last_acked_epoch == s->st.last_shipped_epoch);
+                                        s->st.last_acked_epoch == s->st.last_staged_epoch);
             pthread_mutex_unlock(&s->lock);
             if (!quiet)
                 fail(s, rc, eno, 0, "reading from the backup: %s", cuju_strerror(rc));

@@ -1,0 +1,279 @@
+"""Replica equality and link faults over real loopback TCP.
+
+Ground truth is the primary's snapshot of every epoch (replication_support.Workload):
+whatever happens on the link, the backup's region and device-state file must equal
+the snapshot of the epoch the backup says it holds, and that epoch must be the last
+one the primary saw acknowledged (or the next one, when only the ACK was lost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import random
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cuju_libvirt.errors import LinkError, ProtocolError, ReplicationError
+from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
+
+from .replication_support import PAGE, Workload, dirty_after, loopback_pair, region_file
+
+PAGES = 512
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """A scratch directory on tmpfs (the standby's RAM file lives in memory too); removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="dataplane-test-", dir="/dev/shm"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _wait_applied(rx: EpochReceiver, epoch: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while rx.last_applied < epoch:
+        assert time.monotonic() < deadline, f"epoch {epoch} not applied (at {rx.last_applied})"
+        time.sleep(0.002)
+
+
+def _assert_replica(standby: mmap.mmap, state_path: Path, wl: Workload, epoch: int) -> None:
+    assert epoch in wl.snapshots, f"backup claims epoch {epoch}, never produced"
+    snap = wl.snapshots[epoch]
+    if standby[:] != snap:
+        pages = range(PAGES)
+        bad = [p for p in pages if standby[p * PAGE : (p + 1) * PAGE] != snap[p * PAGE : (p + 1) * PAGE]]
+        pytest.fail(f"replica differs from the snapshot of epoch {epoch} in pages {bad[:10]}")
+    assert state_path.read_bytes() == wl.device_states[epoch]
+
+
+@pytest.mark.timeout(60)
+def test_replica_equals_snapshot_of_last_acknowledged_epoch(shm_dir: Path) -> None:
+    wl = Workload(seed=11, pages=PAGES)
+    primary = mmap.mmap(-1, PAGES * PAGE)
+    wl.fill(primary)
+    standby = region_file(str(shm_dir / "ram"), PAGES)
+    state = shm_dir / "state"
+    client, server = loopback_pair()
+    rx = EpochReceiver(standby, str(state))
+    try:
+        rx.start(server)
+        tx = EpochSender(client, primary)
+        assert tx.handshake(5) == 0
+        dirty, dev = wl.full_epoch(primary)
+        tx.stage(1, page_indexes(dirty), dev)
+        tx.ship()
+        for epoch in range(2, 81):
+            dirty, dev = wl.next_epoch(primary)
+            tx.stage(epoch, page_indexes(dirty), dev)  # pipelined: epoch - 1 may still be in flight
+            tx.ship()
+            assert tx.wait_ack(epoch - 1, 10)
+            if epoch % 20 == 0:  # quiescent point: the replica is exactly this epoch
+                assert tx.wait_ack(epoch, 10)
+                _wait_applied(rx, epoch)
+                _assert_replica(standby, state, wl, epoch)
+        assert tx.wait_ack(80, 10)
+        tx.close(orderly=True, timeout=10)
+        assert rx.wait(10) is True
+        assert rx.last_applied == 80
+        _assert_replica(standby, state, wl, 80)
+        tc, rc = tx.counters(), rx.counters()
+        assert tc["epochs_acked"] == rc["epochs_applied"] == 80
+        assert tc["wire_bytes"] == rc["wire_bytes"]
+        assert tc["pages"] == rc["pages"] == sum(len(d) for d in wl.dirty_log.values())
+        assert tc["zero_pages"] == rc["zero_pages"] > 0
+        assert tc["saved_bytes"] == tc["zero_pages"] * PAGE
+        assert rc["errors"] == tc["errors"] == 0
+    finally:
+        rx.close()
+        client.close()
+        server.close()
+
+
+class Proxy:
+    """A TCP relay between primary and backup that cuts the link or flips one byte.
+
+    Offsets count bytes from the primary towards the backup, HELLO included.
+    """
+
+    def __init__(
+        self, target: tuple[str, int], cut_at: int | None = None, flip_at: int | None = None
+    ) -> None:
+        self.target, self.cut_at, self.flip_at = target, cut_at, flip_at
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.socks: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._run, name="dataplane-proxy", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        a, _ = self.listener.accept()
+        b = socket.create_connection(self.target)
+        self.socks = [a, b]
+        back = threading.Thread(target=self._pump, args=(b, a, False), daemon=True)
+        back.start()
+        self._pump(a, b, True)
+        back.join()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, forward: bool) -> None:
+        n = 0
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if forward and self.cut_at is not None and n + len(data) >= self.cut_at:
+                    dst.sendall(data[: self.cut_at - n])
+                    break
+                if forward and self.flip_at is not None and n <= self.flip_at < n + len(data):
+                    buf = bytearray(data)
+                    buf[self.flip_at - n] ^= 0x5A
+                    data = bytes(buf)
+                dst.sendall(data)
+                n += len(data)
+        except OSError:
+            pass
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.socks:
+            s.close()
+        self.thread.join(5)
+
+
+def _run_until_failure(tx: EpochSender, wl: Workload, primary: mmap.mmap, first: int, count: int) -> int:
+    """Ship epochs first.. until the link fails; return the last epoch staged."""
+    epoch = first - 1
+    try:
+        for epoch in range(first, first + count):
+            dirty, dev = wl.next_epoch(primary) if epoch > 1 else wl.full_epoch(primary)
+            tx.stage(epoch, page_indexes(dirty), dev, timeout=10)
+            tx.ship()
+            if epoch > first and not tx.wait_ack(epoch - 1, 10):
+                pytest.fail(f"no ACK for epoch {epoch - 1} and no error")
+        tx.wait_ack(first + count - 1, 10)
+    except ReplicationError:
+        pass
+    return epoch
+
+
+def _fault_run(shm_dir: Path, seed: int, cut_at: int | None, flip_at: int | None) -> None:
+    rng = random.Random(seed)
+    wl = Workload(seed=seed, pages=PAGES)
+    primary = mmap.mmap(-1, PAGES * PAGE)
+    wl.fill(primary)
+    standby = region_file(str(shm_dir / "ram"), PAGES)
+    state = shm_dir / "state"
+    listener = socket.create_server(("127.0.0.1", 0))
+    proxy = Proxy(listener.getsockname(), cut_at=cut_at, flip_at=flip_at)
+    client = socket.create_connection(proxy.address, timeout=5)
+    server, _ = listener.accept()
+    rx = EpochReceiver(standby, str(state))
+    tx = EpochSender(client, primary)
+    try:
+        rx.start(server)
+        assert tx.handshake(5) == 0
+        staged = _run_until_failure(tx, wl, primary, 1, 40)
+        acked = tx.counters()["last_acked_epoch"]
+        # The fault must have ended the session on the backup with the right class of error.
+        with pytest.raises(ReplicationError) as info:
+            rx.wait(10)
+        if flip_at is not None:
+            assert isinstance(info.value, ProtocolError), info.value
+        else:
+            assert isinstance(info.value, LinkError), info.value
+        tx.close(orderly=False)
+        rx.close()
+    finally:
+        proxy.close()
+        listener.close()
+        client.close()
+        server.close()
+
+    # A new backup process on the same region and journal: exactly one acknowledged epoch.
+    rx2 = EpochReceiver(standby, str(state))
+    try:
+        held = rx2.last_applied
+        assert acked <= held <= min(acked + 1, staged), (acked, held, staged)
+        if held:
+            _assert_replica(standby, state, wl, held)
+
+        # Reconnect without the fault and resynchronise what changed since `held`.
+        client, server = loopback_pair()
+        rx2.start(server)
+        tx2 = EpochSender(client, primary)
+        assert tx2.handshake(5) == held
+        epoch = wl.epoch + 1
+        if held == 0:
+            dirty, dev = wl.full_epoch(primary)
+        else:
+            since = dirty_after(wl, held)
+            dirty, dev = wl.next_epoch(primary)
+            dirty = sorted(set(dirty) | set(since))
+        assert wl.epoch == epoch
+        tx2.stage(epoch, page_indexes(dirty), dev)
+        tx2.ship()
+        for e in range(epoch + 1, epoch + 1 + rng.randint(1, 5)):
+            dirty, dev = wl.next_epoch(primary)
+            tx2.stage(e, page_indexes(dirty), dev)
+            tx2.ship()
+        assert tx2.wait_ack(wl.epoch, 10)
+        tx2.close(orderly=True, timeout=10)
+        assert rx2.wait(10)
+        assert rx2.last_applied == wl.epoch
+        _assert_replica(standby, state, wl, wl.epoch)
+    finally:
+        rx2.close()
+        client.close()
+        server.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", range(6))
+def test_connection_cut_inside_an_epoch(shm_dir: Path, seed: int) -> None:
+    # The initial full epoch is ~1.5 MiB and later ones up to ~260 KiB: cuts land in
+    # headers, page tables, page data, device state and trailers alike.
+    cut_at = random.Random(1000 + seed).randrange(57, 3_000_000)
+    _fault_run(shm_dir, seed, cut_at=cut_at, flip_at=None)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", range(6))
+def test_byte_corrupted_on_the_wire(shm_dir: Path, seed: int) -> None:
+    flip_at = random.Random(2000 + seed).randrange(56, 2_500_000)
+    _fault_run(shm_dir, seed, cut_at=None, flip_at=flip_at)
+
+
+@pytest.mark.timeout(30)
+def test_geometry_mismatch_is_refused_on_both_sides(shm_dir: Path) -> None:
+    primary = mmap.mmap(-1, 64 * PAGE)
+    standby = mmap.mmap(-1, 32 * PAGE)
+    client, server = loopback_pair()
+    rx = EpochReceiver(standby, str(shm_dir / "state"))
+    try:
+        rx.start(server)
+        tx = EpochSender(client, primary)
+        with pytest.raises(ReplicationError) as sent:
+            tx.handshake(5)
+        with pytest.raises(ProtocolError) as got:
+            rx.wait(5)
+        assert got.value.code == 6  # CUJU_E_GEOMETRY
+        assert sent.value.peer_code == 6
+        assert "region" in str(got.value)
+        tx.close(orderly=False)
+    finally:
+        rx.close()
+        client.close()
+        server.close()
