@@ -676,7 +676,7 @@ repl_checksum(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|K:checksum", kwlist, &data, &seed))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    h = cuju_hash64(data.buf, (size_t)data.len, seed);
+    h = cuju_csum(data.buf, (size_t)data.len, seed);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&data);
     return PyLong_FromUnsignedLongLong(h);
@@ -722,7 +722,7 @@ repl_raw_recv(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
 
 #define REPL_METHODS \
     {"checksum", (PyCFunction)(void (*)(void))repl_checksum, METH_VARARGS | METH_KEYWORDS, \
-     "checksum(data, seed=0) -> int\n\nThe wire format's 64-bit epoch checksum (CUJU-XXH64)."}, \
+     "checksum(data, seed=0) -> int\n\nThe wire format's epoch checksum (seeded CRC-32C, see checksum.h)."}, \
     {"raw_send", (PyCFunction)(void (*)(void))repl_raw_send, METH_VARARGS | METH_KEYWORDS, \
      "raw_send(fd, buffer, timeout=None)\n\nWrite all of buffer to fd (benchmark baseline)."}, \
     {"raw_recv", (PyCFunction)(void (*)(void))repl_raw_recv, METH_VARARGS | METH_KEYWORDS, \

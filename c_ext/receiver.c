@@ -372,7 +372,7 @@ static int replay(struct cuju_receiver *r, char *msg, size_t msglen)
             rc = CUJU_E_JOURNAL;
         if (rc == CUJU_OK)
             rc = check_table(r, f + CUJU_FRAME_HDR_LEN + CUJU_EPOCH_HDR_LEN, npages, ndata, msg, msglen);
-        if (rc == CUJU_OK && cuju_hash64(f, total - 8, seed) != sum)
+        if (rc == CUJU_OK && cuju_csum(f, total - 8, seed) != sum)
             rc = CUJU_E_JOURNAL;
         if (rc == CUJU_OK)
             rc = check_trailer(f + total - CUJU_TRAILER_LEN, epoch, sum, msg, msglen);
@@ -572,9 +572,9 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
     rc = check_table(r, table, npages, ndata, msg, sizeof(msg));
     if (rc != CUJU_OK)
         goto refuse;
-    struct cuju_hash h;
-    cuju_hash_init(&h, r->session_id);
-    cuju_hash_update(&h, f, CUJU_FRAME_HDR_LEN + CUJU_EPOCH_HDR_LEN + 8 * npages);
+    struct cuju_csum h;
+    cuju_csum_init(&h, r->session_id);
+    cuju_csum_update(&h, f, CUJU_FRAME_HDR_LEN + CUJU_EPOCH_HDR_LEN + 8 * npages);
     hash_ns += cuju_now_ns() - th;
     size_t off = CUJU_FRAME_HDR_LEN + CUJU_EPOCH_HDR_LEN + 8 * npages, body = total - 8;
     while (off < total) {
@@ -585,12 +585,12 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
         th = cuju_now_ns();
         size_t hend = end < body ? end : body;
         if (hend > off)
-            cuju_hash_update(&h, f + off, hend - off);
+            cuju_csum_update(&h, f + off, hend - off);
         hash_ns += cuju_now_ns() - th;
         off = end;
     }
     uint64_t t1 = cuju_now_ns();
-    uint64_t sum = cuju_hash_final(&h);
+    uint64_t sum = cuju_csum_final(&h);
     rc = check_trailer(f + total - CUJU_TRAILER_LEN, epoch, sum, msg, sizeof(msg));
     if (rc != CUJU_OK)
         goto refuse;

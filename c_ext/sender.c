@@ -415,16 +415,16 @@ static void *send_main(void *arg)
         pthread_mutex_unlock(&s->lock);
 
         uint64_t t0 = cuju_now_ns();
-        struct cuju_hash h;
-        cuju_hash_init(&h, s->session_id);
+        struct cuju_csum h;
+        cuju_csum_init(&h, s->session_id);
         size_t body = b->len - 8, off = 0;
         int rc = CUJU_OK;
         while (off < b->len) {
             size_t end = off + SEND_CHUNK < body ? off + SEND_CHUNK : body;
             if (end > off)
-                cuju_hash_update(&h, b->mem + off, end - off);
+                cuju_csum_update(&h, b->mem + off, end - off);
             if (end == body) {
-                cuju_put_le64(b->mem + body, cuju_hash_final(&h));
+                cuju_put_le64(b->mem + body, cuju_csum_final(&h));
                 end = b->len;
             }
             rc = cuju_send_all(s->fd, b->mem + off, end - off, s->io_timeout_ms, &eno);

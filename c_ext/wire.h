@@ -56,10 +56,10 @@
  *     end-of-epoch trailer, 24 bytes:
  *         u64 magic      CUJU_WIRE_END_MAGIC ("CUJU-END")
  *         u64 epoch      the same epoch number again
- *         u64 checksum   CUJU-XXH64 (checksum.h) seeded with session_id, over
- *                        every byte of the frame from the first byte of the
- *                        frame header up to and including the trailer's epoch
- *                        field
+ *         u64 checksum   CRC-32C (checksum.h) in the low 32 bits, upper 32
+ *                        bits zero; seeded with session_id; over every byte
+ *                        of the frame from the first byte of the frame header
+ *                        up to and including the trailer's epoch field
  *     length = 40 + 8*npages + ndata*page_size + devstate_len + 24, exactly.
  * Records are applied in table order; a page listed twice ends with the later
  * record's content.
