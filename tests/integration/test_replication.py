@@ -8,6 +8,7 @@ one the primary saw acknowledged (or the next one, when only the ACK was lost).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import mmap
 import random
@@ -24,7 +25,7 @@ import pytest
 from cuju_libvirt.errors import LinkError, ProtocolError, ReplicationError
 from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
 
-from .replication_support import PAGE, Workload, dirty_after, loopback_pair, region_file
+from .replication_support import PAGE, Workload, loopback_pair, region_file, resume
 
 PAGES = 512
 
@@ -211,33 +212,10 @@ def _fault_run(shm_dir: Path, seed: int, cut_at: int | None, flip_at: int | None
             _assert_replica(standby, state, wl, held)
 
         # Reconnect without the fault and resynchronise what changed since `held`.
-        client, server = loopback_pair()
-        rx2.start(server)
-        tx2 = EpochSender(client, primary)
-        assert tx2.handshake(5) == held
-        epoch = wl.epoch + 1
-        if held == 0:
-            dirty, dev = wl.full_epoch(primary)
-        else:
-            since = dirty_after(wl, held)
-            dirty, dev = wl.next_epoch(primary)
-            dirty = sorted(set(dirty) | set(since))
-        assert wl.epoch == epoch
-        tx2.stage(epoch, page_indexes(dirty), dev)
-        tx2.ship()
-        for e in range(epoch + 1, epoch + 1 + rng.randint(1, 5)):
-            dirty, dev = wl.next_epoch(primary)
-            tx2.stage(e, page_indexes(dirty), dev)
-            tx2.ship()
-        assert tx2.wait_ack(wl.epoch, 10)
-        tx2.close(orderly=True, timeout=10)
-        assert rx2.wait(10)
-        assert rx2.last_applied == wl.epoch
+        resume(rx2, primary, wl, more=rng.randint(1, 5))
         _assert_replica(standby, state, wl, wl.epoch)
     finally:
         rx2.close()
-        client.close()
-        server.close()
 
 
 @pytest.mark.timeout(120)
@@ -273,6 +251,45 @@ def test_geometry_mismatch_is_refused_on_both_sides(shm_dir: Path) -> None:
         assert sent.value.peer_code == 6
         assert "region" in str(got.value)
         tx.close(orderly=False)
+    finally:
+        rx.close()
+        client.close()
+        server.close()
+
+
+@pytest.mark.timeout(30)
+def test_caller_mistakes_raise_value_errors_and_stage_nothing(shm_dir: Path) -> None:
+    primary = mmap.mmap(-1, 16 * PAGE)
+    primary[:] = b"\x05" * len(primary)
+    standby = mmap.mmap(-1, 16 * PAGE)
+    client, server = loopback_pair()
+    rx = EpochReceiver(standby, str(shm_dir / "state"))
+    try:
+        rx.start(server)
+        tx = EpochSender(client, primary)
+        with pytest.raises(ValueError, match="no handshake"):
+            tx.stage(1, page_indexes([0]), b"")
+        assert tx.handshake(5) == 0
+        with pytest.raises(ValueError, match="outside the region"):
+            tx.stage(1, page_indexes([3, 16]), b"")
+        with pytest.raises(ValueError, match="out of sequence"):
+            tx.stage(0, page_indexes([3]), b"")
+        with pytest.raises(TypeError, match="64-bit"):
+            tx.stage(1, array.array("i", [1, 2]), b"")
+        with pytest.raises(ValueError, match="without a staged epoch"):
+            tx.ship()
+        tx.stage(1, page_indexes([3]), b"x")
+        with pytest.raises(ValueError, match="out of sequence"):
+            tx.stage(2, page_indexes([4]), b"")  # staged twice without ship
+        tx.ship()
+        assert tx.wait_ack(1, 5)
+        tx.close()
+        assert rx.wait(5)
+        assert standby[3 * PAGE : 4 * PAGE] == primary[3 * PAGE : 4 * PAGE]
+        assert standby[: 3 * PAGE] == bytes(3 * PAGE)  # nothing from the refused stages
+        assert tx.counters()["epochs_staged"] == 1
+        with pytest.raises(LinkError):
+            tx.stage(2, page_indexes([4]), b"")
     finally:
         rx.close()
         client.close()

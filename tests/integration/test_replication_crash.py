@@ -25,7 +25,7 @@ import pytest
 from cuju_libvirt.errors import LinkError, ReplicationError
 from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
 
-from .replication_support import PAGE, Workload, region_file
+from .replication_support import PAGE, Workload, region_file, resume
 
 PAGES = 512
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +120,14 @@ def test_backup_killed_and_restarted(shm_dir: Path, seed: int) -> None:
             tx.close(orderly=False)
     assert acked >= 1, "the backup died before acknowledging anything: kill window too short"
     rx = _check_reopened(shm_dir, wl, acked, staged)
-    rx.close()
+    try:
+        # The restarted backup continues from there after a fresh handshake.
+        resume(rx, primary, wl)
+        with open(shm_dir / "ram", "rb") as f:
+            assert f.read() == wl.snapshots[wl.epoch]
+        assert (shm_dir / "state").read_bytes() == wl.device_states[wl.epoch]
+    finally:
+        rx.close()
 
 
 @pytest.mark.timeout(60)
