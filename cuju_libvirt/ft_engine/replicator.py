@@ -29,6 +29,7 @@ from __future__ import annotations
 import array
 import logging
 import mmap
+import os
 import secrets
 import socket
 from collections.abc import Iterable
@@ -173,6 +174,10 @@ class EpochReceiver:
     ) -> None:
         self.device_state_path = device_state_path
         self.journal_path = journal_path or device_state_path + ".journal"
+        for what, path in (("device_state_path", device_state_path), ("journal_path", self.journal_path)):
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise ValueError(f"{what} {path!r}: directory {parent!r} does not exist; create it first")
         self._rx = _cuju.Receiver(
             region, device_state_path, self.journal_path, page_size=page_size, durable=durable
         )

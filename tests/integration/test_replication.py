@@ -290,6 +290,8 @@ def test_caller_mistakes_raise_value_errors_and_stage_nothing(shm_dir: Path) -> 
         assert tx.counters()["epochs_staged"] == 1
         with pytest.raises(LinkError):
             tx.stage(2, page_indexes([4]), b"")
+        with pytest.raises(ValueError, match="does not exist"):
+            EpochReceiver(standby, str(shm_dir / "missing" / "state"))
     finally:
         rx.close()
         client.close()
