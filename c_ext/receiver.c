@@ -605,6 +605,14 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
     __atomic_store_n(meta64(r, OFF_SLOT(slot)), epoch, __ATOMIC_RELEASE);
     if (r->durable)
         msync(r->jmem, META_LEN, MS_SYNC);
+    pthread_mutex_lock(&r->lock);
+    r->st.epochs_received++;
+    r->st.wire_bytes += total;
+    r->st.receive_ns += t1 - t0 - hash_ns;
+    r->st.last_receive_ns = t1 - t0 - hash_ns;
+    r->st.verify_ns += hash_ns + (t2 - t1);
+    r->st.last_verify_ns = hash_ns + (t2 - t1);
+    pthread_mutex_unlock(&r->lock);
     /* ACK as soon as the epoch is committed, before the apply thread even
      * sees it: the primary's ack latency never includes the apply. */
     rc = send_ack(r, epoch, &eno);
@@ -613,12 +621,6 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
     r->slot_state[slot] = SLOT_COMMITTED;
     if (rc == CUJU_OK)
         r->st.last_acked_epoch = epoch;
-    r->st.epochs_received++;
-    r->st.wire_bytes += total;
-    r->st.receive_ns += t1 - t0 - hash_ns;
-    r->st.last_receive_ns = t1 - t0 - hash_ns;
-    r->st.verify_ns += hash_ns + (t2 - t1);
-    r->st.last_verify_ns = hash_ns + (t2 - t1);
     pthread_cond_broadcast(&r->cond);
     pthread_mutex_unlock(&r->lock);
     r->recv_idx ^= 1;

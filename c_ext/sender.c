@@ -496,6 +496,11 @@ static void *ack_main(void *arg)
                      (unsigned long long)e, (unsigned long long)want);
                 break;
             }
+            /* The ACK can overtake the send thread's bookkeeping of that
+             * epoch; let it finish so that counters never show an epoch
+             * acked before it is shipped. */
+            while (s->st.last_shipped_epoch < e && !s->stopping && s->err == CUJU_OK)
+                pthread_cond_wait(&s->cond, &s->lock);
             s->st.last_acked_epoch = e;
             s->st.epochs_acked++;
             if (s->ring[e % ACK_RING].epoch == e && s->ring[e % ACK_RING].t_ns) {
