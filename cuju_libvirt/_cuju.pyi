@@ -2,6 +2,7 @@
 
 import array
 import mmap
+from typing import final
 
 __version__: str
 WIRE_VERSION: int
@@ -17,6 +18,7 @@ def checksum(data: _ReadBuffer, seed: int = 0) -> int: ...
 def raw_send(fd: int, buffer: _ReadBuffer, timeout: float | None = None) -> None: ...
 def raw_recv(fd: int, buffer: _WriteBuffer, timeout: float | None = None) -> None: ...
 
+@final
 class Sender:
     def __init__(
         self,
@@ -36,6 +38,7 @@ class Sender:
     def counters(self) -> dict[str, int]: ...
     def close(self, orderly: bool = True, timeout: float | None = None) -> None: ...
 
+@final
 class Receiver:
     def __init__(
         self,
