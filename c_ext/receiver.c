@@ -17,6 +17,7 @@
  * applied_epoch after the apply (see wire.h). A slot whose epoch is greater
  * than applied_epoch is committed and not yet applied; open replays it.
  */
+#define _GNU_SOURCE     /* fallocate */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -67,6 +68,7 @@ struct cuju_receiver {
 
     enum slot_state slot_state[2];  /* lock */
     int recv_idx;                   /* receive thread */
+    uint64_t slot_alloc[2];         /* receive thread: bytes known allocated at each slot's start */
     int apply_idx;                  /* apply thread */
     uint64_t session_id;            /* receive thread, after HELLO */
     uint64_t last_committed;        /* receive thread (written under lock) */
@@ -548,14 +550,30 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
 
     uint8_t *f = slot_mem(r, slot);
     uint64_t t0 = cuju_now_ns(), hash_ns = 0, th;
-    memcpy(f, hdr, CUJU_FRAME_HDR_LEN);
-    rc = cuju_recv_all(r->fd, f + CUJU_FRAME_HDR_LEN, CUJU_EPOCH_HDR_LEN, r->io_timeout_ms, &eno);
+    uint8_t head[CUJU_FRAME_HDR_LEN + CUJU_EPOCH_HDR_LEN];
+    memcpy(head, hdr, CUJU_FRAME_HDR_LEN);
+    rc = cuju_recv_all(r->fd, head + CUJU_FRAME_HDR_LEN, CUJU_EPOCH_HDR_LEN, r->io_timeout_ms, &eno);
     if (rc != CUJU_OK)
         goto io_error;
     uint64_t total, epoch, npages, ndata, devlen;
-    rc = check_epoch_header(r, f, &total, &epoch, &npages, &ndata, &devlen, msg, sizeof(msg));
+    rc = check_epoch_header(r, head, &total, &epoch, &npages, &ndata, &devlen, msg, sizeof(msg));
     if (rc != CUJU_OK)
         goto refuse;
+    /* The journal is sparse: allocate the slot's blocks before touching them
+     * through the mapping, so a full file system is an error, not SIGBUS. */
+    if (total > r->slot_alloc[slot]) {
+        off_t at = (off_t)(META_LEN + (size_t)slot * r->slot_cap + r->slot_alloc[slot]);
+        if (fallocate(r->jfd, 0, at, (off_t)(total - r->slot_alloc[slot])) < 0) {
+            eno = errno;
+            snprintf(msg, sizeof(msg), "backup journal cannot grow to %llu bytes: %s",
+                     (unsigned long long)total, strerror(eno));
+            cuju_send_error_frame(r->fd, CUJU_E_JOURNAL, msg);
+            rfail(r, CUJU_E_JOURNAL, eno, 0, "%s", msg);
+            return CUJU_E_JOURNAL;
+        }
+        r->slot_alloc[slot] = total;
+    }
+    memcpy(f, head, sizeof(head));
     uint64_t want = r->last_committed + 1;
     if (r->st.epochs_received ? epoch != want : epoch < want) {
         snprintf(msg, sizeof(msg), "epoch %llu out of sequence (backup holds %llu)", (unsigned long long)epoch,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.errors import LinkError, ReplicationError
+from cuju_libvirt.errors import LinkError, PeerError, ReplicationError
 from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
 
 from .replication_support import PAGE, Workload, region_file, resume
@@ -43,9 +43,11 @@ def shm_dir() -> Iterator[Path]:
 class Peer:
     """A replication_peer process in its own process group, killed on exit."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.replication_peer", *args],
+            [*prefix, sys.executable, "-m", "tests.integration.replication_peer", *args],
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE,
@@ -199,3 +201,39 @@ def test_primary_killed(shm_dir: Path, seed: int) -> None:
         assert (shm_dir / "state").read_bytes() == wl.device_states[held]
     finally:
         rx.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+def test_backup_journal_out_of_space_is_a_clean_refusal(shm_dir: Path) -> None:
+    """A journal on a full file system: an error on both sides, no SIGBUS, nothing applied."""
+    tiny = shm_dir / "tiny"
+    tiny.mkdir()
+    wl = Workload(seed=5, pages=PAGES)
+    primary = mmap.mmap(-1, PAGES * PAGE)
+    wl.fill(primary)
+    # A 1 MiB tmpfs in a private mount namespace: it vanishes with the process.
+    script = 'mount -t tmpfs -o size=1m dataplane-tiny "$0" && exec "$@"'
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        args = ["receive", str(shm_dir / "ram"), str(tiny / "state"), str(PAGES), str(port)]
+        namespace = ("unshare", "-m", "--propagation", "private", "sh", "-c", script, str(tiny))
+        with Peer(args, prefix=namespace) as peer:
+            listener.settimeout(20)
+            conn, _ = listener.accept()
+            tx = EpochSender(conn, primary)
+            conn.close()
+            assert tx.handshake(10) == 0
+            dirty, dev = wl.full_epoch(primary)  # ~1.5 MiB: more than the file system holds
+            tx.stage(1, page_indexes(dirty), dev)
+            tx.ship()
+            with pytest.raises(PeerError) as info:
+                tx.wait_ack(1, 10)
+            assert info.value.peer_code == 13  # CUJU_E_JOURNAL
+            assert "journal" in str(info.value)
+            assert peer.proc.wait(10) == 1  # a Python exception, not a signal
+            assert peer.proc.stderr is not None
+            assert b"JournalError" in peer.proc.stderr.read()
+            tx.close(orderly=False)
+    with open(shm_dir / "ram", "rb") as f:
+        assert f.read() == bytes(PAGES * PAGE)  # nothing applied
