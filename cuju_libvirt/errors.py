@@ -10,6 +10,13 @@ Every error the package raises on purpose derives from :class:`CujuError`::
      +-- StateError          an FT state-machine transition that is not allowed now
      +-- ReplicationError    the data plane failed (link, peer, tracker, codec)
      +-- LibvirtError        a libvirt call failed; carries (domain, code) of the cause
+     |    +-- LibvirtConnectionError  the connection is gone or cannot be opened (retry later)
+     |    +-- LibvirtNotFoundError    no such domain / object / metadata
+     |    +-- LibvirtStateError       the object is not in a state that allows the call
+     |    +-- LibvirtUnsupportedError the driver does not implement the call
+     +-- ControlError        the local control socket (cujud not running, bad request, timeout)
+     +-- PeerError           the control channel to the peer host's cujud failed
+          +-- PeerAuthError      the peer failed authentication or sent a forged/replayed message
 
 Causes are kept with ``raise ... from err``. libvirt errors are classified by
 ``(get_error_domain(), get_error_code())``, never by message text.
@@ -61,3 +68,31 @@ class LibvirtError(CujuError):
         super().__init__(message)
         self.domain = domain
         self.code = code
+
+
+class LibvirtConnectionError(LibvirtError):
+    """The libvirt connection is gone or cannot be opened; retrying later may help."""
+
+
+class LibvirtNotFoundError(LibvirtError):
+    """The domain (or other object, or metadata) does not exist."""
+
+
+class LibvirtStateError(LibvirtError):
+    """The object is not in a state that allows the operation (e.g. domain not running)."""
+
+
+class LibvirtUnsupportedError(LibvirtError):
+    """The libvirt driver does not implement the operation."""
+
+
+class ControlError(CujuError):
+    """The local control socket failed: cujud not running, refused request, timeout."""
+
+
+class PeerError(CujuError):
+    """The control channel to the peer host's cujud failed (connection, protocol, timeout)."""
+
+
+class PeerAuthError(PeerError):
+    """The peer failed mutual authentication, or sent a forged, replayed or reordered message."""
