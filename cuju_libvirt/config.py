@@ -444,8 +444,8 @@ def _check_consistency(config: Config) -> None:
         )
     if config.listen == config.ft_listen:
         raise ConfigError(
-            f"{where('ft_listen')}: ft_listen ({config.ft_listen}) is the same address as listen; "
-            "use another port"
+            f"listen ({config.listen}, from {where('listen')}) and ft_listen ({config.ft_listen}, "
+            f"from {where('ft_listen')}) are the same address; give one of them another port"
         )
 
 
