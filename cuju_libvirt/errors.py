@@ -87,7 +87,15 @@ class LibvirtUnsupportedError(LibvirtError):
 
 
 class ControlError(CujuError):
-    """The local control socket failed: cujud not running, refused request, timeout."""
+    """The local control socket failed: cujud not running, refused request, timeout.
+
+    ``code`` is the protocol's error code when cujud answered with an error
+    (e.g. ``unknown-method``), empty otherwise.
+    """
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class PeerError(CujuError):
