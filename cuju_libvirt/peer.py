@@ -14,7 +14,7 @@ Wire format (``cuju-peer/1``), over TCP:
       S -> C  {"msg": "challenge", "node": S, "nonce": hex(Ns),
                "proof": hex(HMAC-SHA256(PSK, T("server")))}
       C -> S  {"msg": "auth", "proof": hex(HMAC-SHA256(PSK, T("client")))}
-              (or nothing: the client closes when the server's proof is wrong)
+              or {"msg": "mismatch"} and close, when the server's proof is wrong
       S -> C  {"msg": "denied"} and close, when the client's proof is wrong;
               otherwise the first sealed frame: {"msg": "welcome"} or
               {"msg": "refused", "reason": ...} (node not in the server's peers).
@@ -217,6 +217,8 @@ def client_handshake(
     ns = _hex_field(challenge, "nonce", NONCE_BYTES)
     proof = _hex_field(challenge, "proof", MAC_BYTES)
     if not hmac.compare_digest(proof, _mac(psk, _transcript("server", nc, ns, node, server))):
+        with contextlib.suppress(OSError):  # tell the server why, so that its log says it too
+            write_frame(sock, _encode({"msg": "mismatch"}))
         raise PeerAuthError("the peer failed authentication: its proof does not match our pre-shared key")
     if expect_peer is not None and server != expect_peer:
         raise PeerAuthError(f"connected to node {server!r}, expected {expect_peer!r}")
@@ -252,6 +254,8 @@ def server_handshake(
     proof = _mac(psk, _transcript("server", nc, ns, client, node))
     write_frame(sock, _encode({"msg": "challenge", "node": node, "nonce": ns.hex(), "proof": proof.hex()}))
     auth = _decode(read_frame(sock, MAX_HANDSHAKE_FRAME, deadline, frame_timeout))
+    if auth.get("msg") == "mismatch":
+        raise PeerAuthError(f"node {client!r} found our proof wrong: the pre-shared keys differ")
     _expect(auth, "auth")
     theirs = _hex_field(auth, "proof", MAC_BYTES)
     if not hmac.compare_digest(theirs, _mac(psk, _transcript("client", nc, ns, client, node))):

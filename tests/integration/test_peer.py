@@ -114,6 +114,8 @@ def test_wrong_key_is_rejected_both_ways(server: Server, executor: ThreadPoolExe
     caplog.set_level(logging.WARNING, logger="cuju_libvirt.peer")
     with pytest.raises(PeerAuthError, match="proof does not match our pre-shared key"):
         dial(server, executor, key=b"x" * 40)
+    assert wait_for(lambda: "node 'a' found our proof wrong: the pre-shared keys differ" in caplog.text)
+    assert "peer 127.0.0.1:" in caplog.text and "authentication failed" in caplog.text
     assert server.conns == []
 
 
