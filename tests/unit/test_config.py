@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cuju_libvirt import config
+from cuju_libvirt.cli import main
 from cuju_libvirt.config import PEER_PORT, Address, parse_address
 from cuju_libvirt.errors import ConfigError
 
@@ -221,3 +223,23 @@ def test_psk_missing_short_symlink(tmp_path: Path) -> None:
     link.symlink_to(write_psk(tmp_path / "real", b"k" * 44, 0o600))
     with pytest.raises(ConfigError, match="cannot open"):
         config.read_psk(link)
+
+
+# --- cuju-libvirt config show ---
+
+def test_cli_config_show(etc: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (etc / "cujud.yaml").write_text("node_name: a\n")
+    (etc / "cujud.d" / "10-x.yaml").write_text("log_level: debug\n")
+    assert main(["config", "show", "--config", str(etc / "cujud.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert f"log_level: DEBUG  # {etc / 'cujud.d' / '10-x.yaml'}" in out  # drop-ins next to the file
+    assert main(["config", "show", "--config", str(etc / "cujud.yaml"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["values"]["node_name"] == "a" and data["sources"]["listen"] == "default"
+
+    (etc / "cujud.d" / "20-bad.yaml").write_text("peer_timeout: -1\n")
+    assert main(["config", "show", "--config", str(etc / "cujud.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "20-bad.yaml: peer_timeout: -1 is out of range" in err
+    assert main(["config", "show", "--config", str(etc / "missing.yaml")]) == 2
+    assert "missing.yaml does not exist" in capsys.readouterr().err
