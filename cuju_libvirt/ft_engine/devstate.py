@@ -53,8 +53,8 @@ from cuju_libvirt.ft_engine.vmstate import (
     BlobFormatError,
     BlobInfo,
     DeviceStateError,
+    check_end,
     parse_blob,
-    vmdesc_offset,
 )
 from cuju_libvirt.qmp import QMPClient, QMPConnectionError, QMPError
 
@@ -168,6 +168,14 @@ def _qemu_words(err: MonitorError) -> str:
     return err.desc if isinstance(err, QMPError) else str(err)
 
 
+def _suppress_vmdesc(qmp: QMPClient) -> bool:
+    """Whether the machine leaves the JSON device description out of the stream."""
+    try:
+        return bool(qmp.execute("qom-get", {"path": "/machine", "property": "suppress-vmdesc"}))
+    except QMPError:
+        return False  # no such property: the description is always written
+
+
 def _memdevs(qmp: QMPClient) -> list[dict[str, Any]]:
     devs: list[dict[str, Any]] = qmp.execute("query-memdev")
     return devs
@@ -198,6 +206,8 @@ class DeviceStateSaver:
         self.log = logger or log
         self.saves = 0
         self._caps_on = False
+        #: The machine writes the trailing device description (see :mod:`.vmstate`).
+        self.vmdesc = True
         self._check_primary()
         if keep_ignore_shared:
             _set_ignore_shared(qmp, True)
@@ -208,6 +218,7 @@ class DeviceStateSaver:
             devs = _memdevs(self.qmp)
             migration = self.qmp.execute("query-migrate").get("status")
             currently_on = _ignore_shared_state(self.qmp)
+            self.vmdesc = not _suppress_vmdesc(self.qmp)
         except MonitorError as err:
             raise DeviceStateError("cannot inspect the primary QEMU", _qemu_words(err)) from err
         unshared = [str(dev.get("id")) for dev in devs if not dev.get("share")]
@@ -281,7 +292,7 @@ class DeviceStateSaver:
             _close(read_fd)
             self._clean_up(migrating=migrating, fd_registered=fd_registered, caps_changed=caps_changed)
         try:
-            vmdesc_offset(blob)
+            check_end(blob, vmdesc=self.vmdesc)
         except BlobFormatError as err:
             raise DeviceStateError(f"QEMU reported success but the stream is incomplete: {err}") from err
         self.saves += 1
@@ -480,7 +491,11 @@ def load_device_state(
     deadline = t0 + timeout
     log_path = Path(qemu_log) if qemu_log is not None else None
     if verify:
-        check_standby(qmp, parse_blob(blob))
+        try:
+            vmdesc = not _suppress_vmdesc(qmp)
+        except MonitorError as err:
+            raise DeviceStateError("cannot inspect the standby QEMU", _qemu_words(err)) from err
+        check_standby(qmp, parse_blob(blob, vmdesc=vmdesc))
     t1 = clock()
     read_fd, write_fd = _pipe()
     try:

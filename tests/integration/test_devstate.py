@@ -354,3 +354,31 @@ def test_blob_from_a_machine_with_another_device_is_refused_with_qemus_reason(im
         assert caught.value.qemu_message and "i6300esb" in caught.value.qemu_message
         time.sleep(0.2)
         assert not backup.alive()
+
+
+def test_failover_without_vmdesc_and_its_weaker_truncation_check(image: Path) -> None:
+    no_vmdesc = ["-machine", "suppress-vmdesc=on"]
+    with (
+        DirectGuest(
+            name="checkpoint-nvpri", memory_mib=MEMORY_MIB, disk=image, extra_args=no_vmdesc
+        ) as primary,
+        DirectGuest(
+            name="checkpoint-nvsby", memory_mib=MEMORY_MIB, disk=image, incoming=True, extra_args=no_vmdesc
+        ) as backup,
+    ):
+        primary.wait_serial(r"cuju-boot counter\r\n\d+\r\n", timeout=15)
+        saver = DeviceStateSaver(primary.qmp)
+        assert not saver.vmdesc
+        ckpt = take_checkpoint(primary, saver, 0)
+        assert parse_blob(ckpt.blob, vmdesc=False).devices == ()
+        with pytest.raises(BlobFormatError):
+            parse_blob(ckpt.blob)  # a blob with vmdesc was expected
+        write_ram(backup, ckpt.ram)
+        kill_primary(primary)
+        with pytest.raises(BlobFormatError, match="truncated"):
+            load_device_state(backup.qmp, ckpt.blob[: len(ckpt.blob) // 2])
+        assert backup.status() == "inmigrate"
+        load_device_state(backup.qmp, ckpt.blob, qemu_log=backup.stderr_path)
+        assert backup.read_ram(0, backup.ram_size) == ckpt.ram
+        resume_standby(backup.qmp)
+        assert wait_counter_above(backup, ckpt.counter + 20) > ckpt.counter + 20
