@@ -320,14 +320,35 @@ def test_unverified_truncated_blob_ends_the_standby_with_qemus_reason(
         assert read_counter(backup.ram_path) == 0, "the standby never ran"
 
 
-def test_standby_with_other_ram_size_is_refused_before_loading(
-    good_checkpoint: Checkpoint, image: Path
+@pytest.mark.parametrize(
+    ("memory_mib", "extra", "problem"),
+    [
+        (2 * MEMORY_MIB, [], "memory backend pc.ram: primary"),
+        (
+            MEMORY_MIB,
+            ["-machine", "pc-i440fx-7.1"],
+            "machine type: primary pc-i440fx-7.2, standby pc-i440fx-7.1",
+        ),
+        (MEMORY_MIB, ["-bios", "/usr/share/seabios/bios.bin"], "RAM block pc.bios"),
+    ],
+    ids=["ram-size", "machine-type", "firmware"],
+)
+def test_standby_of_another_machine_config_is_refused_before_loading(
+    good_checkpoint: Checkpoint, image: Path, memory_mib: int, extra: list[str], problem: str
 ) -> None:
-    with standby("checkpoint-big", image, memory_mib=2 * MEMORY_MIB) as backup:
-        with pytest.raises(StandbyMismatchError, match=r"pc\.ram") as caught:
+    missing = [arg for arg in extra if arg.startswith("/") and not os.path.exists(arg)]
+    if missing:
+        pytest.skip(f"{missing[0]} not installed (Debian package seabios)")
+    backup_vm = DirectGuest(
+        name="checkpoint-other", memory_mib=memory_mib, disk=image, incoming=True, extra_args=extra
+    )
+    with backup_vm as backup:
+        write_ram(backup, good_checkpoint.ram[: backup.ram_size])
+        with pytest.raises(StandbyMismatchError) as caught:
             load_device_state(backup.qmp, good_checkpoint.blob)
-        assert any("memory backend pc.ram" in p for p in caught.value.problems)
+        assert any(problem in p for p in caught.value.problems), caught.value.problems
         assert backup.status() == "inmigrate" and backup.alive()
+        assert read_counter(backup.ram_path) == good_checkpoint.counter, "the standby must not have run"
 
 
 def test_standby_that_is_not_waiting_for_state_is_refused(good_checkpoint: Checkpoint, image: Path) -> None:
