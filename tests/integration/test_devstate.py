@@ -403,3 +403,10 @@ def test_failover_without_vmdesc_and_its_weaker_truncation_check(image: Path) ->
         assert backup.read_ram(0, backup.ram_size) == ckpt.ram
         resume_standby(backup.qmp)
         assert wait_counter_above(backup, ckpt.counter + 20) > ckpt.counter + 20
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", range(3, 23))
+def test_counter_failover_soak(seed: int, image: Path) -> None:
+    test_counter_continues_exactly_from_a_random_checkpoint(seed, image)
