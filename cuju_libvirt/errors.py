@@ -9,6 +9,9 @@ Every error the package raises on purpose derives from :class:`CujuError`::
      +-- HookError           the libvirt hook could not do its job
      +-- StateError          an FT state-machine transition that is not allowed now
      +-- ReplicationError    the data plane failed (link, peer, tracker, codec)
+     |    +-- DeviceStateError      a device-state save/load failed (QEMU's words)  [ft_engine/vmstate.py]
+     |         +-- BlobFormatError       a blob is malformed, truncated or holds RAM [ft_engine/vmstate.py]
+     |         +-- StandbyMismatchError  the standby differs from the primary      [ft_engine/devstate.py]
      +-- LibvirtError        a libvirt call failed; carries (domain, code) of the cause
      |    +-- LibvirtConnectionError  the connection is gone or cannot be opened (retry later)
      |    +-- LibvirtNotFoundError    no such domain / object / metadata
@@ -16,7 +19,12 @@ Every error the package raises on purpose derives from :class:`CujuError`::
      |    +-- LibvirtUnsupportedError the driver does not implement the call
      +-- ControlError        the local control socket (cujud not running, bad request, timeout)
      +-- PeerError           the control channel to the peer host's cujud failed
-          +-- PeerAuthError      the peer failed authentication or sent a forged/replayed message
+     |    +-- PeerAuthError      the peer failed authentication or sent a forged/replayed message
+     +-- MonitorError        a QEMU monitor (QMP) connection failed or a command was refused
+     |    +-- QMPError            QEMU refused a command (error class, desc)   [qmp.py]
+     |    +-- QMPConnectionError  the monitor cannot be reached or went away   [qmp.py]
+     |    +-- QMPTimeoutError     no answer within the deadline                [qmp.py]
+     +-- RigError            the test rig could not build a guest or start QEMU/libvirtd
 
 Causes are kept with ``raise ... from err``. libvirt errors are classified by
 ``(get_error_domain(), get_error_code())``, never by message text.
@@ -104,3 +112,14 @@ class PeerError(CujuError):
 
 class PeerAuthError(PeerError):
     """The peer failed mutual authentication, or sent a forged, replayed or reordered message."""
+
+
+class MonitorError(CujuError):
+    """A QEMU monitor (QMP) connection failed or QEMU refused a command.
+
+    The concrete classes live next to the client in :mod:`cuju_libvirt.qmp`.
+    """
+
+
+class RigError(CujuError):
+    """The test rig could not build a test guest or start a QEMU or libvirtd for it."""
