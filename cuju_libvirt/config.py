@@ -442,11 +442,16 @@ def _check_consistency(config: Config) -> None:
             f"{where('peers')}: peers: lists this host's own node_name {config.node_name!r}; "
             "list only the other host(s)"
         )
-    if config.listen == config.ft_listen:
-        raise ConfigError(
-            f"listen ({config.listen}, from {where('listen')}) and ft_listen ({config.ft_listen}, "
-            f"from {where('ft_listen')}) are the same address; give one of them another port"
-        )
+    listeners = ("listen", "ft_listen", "metrics_listen")
+    for i, first in enumerate(listeners):
+        for second in listeners[i + 1 :]:
+            a, b = getattr(config, first), getattr(config, second)
+            wildcard = bool({a.host, b.host} & {"0.0.0.0", "::"})
+            if a.port == b.port and (a.host == b.host or wildcard):
+                raise ConfigError(
+                    f"{first} ({a}, from {where(first)}) and {second} ({b}, from {where(second)}) "
+                    "would listen on the same port; give one of them another port"
+                )
 
 
 def read_psk(path: Path) -> bytes:

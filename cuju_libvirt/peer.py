@@ -426,8 +426,9 @@ class PeerConnection:
             self.notify("hb_ack", {"n": body.get("n"), "t": body.get("t")})
         elif name == "hb_ack":
             sent = body.get("t")
-            if isinstance(sent, int | float):
-                self._record_rtt(time.monotonic() - sent)
+            rtt = time.monotonic() - sent if isinstance(sent, int | float) else -1.0
+            if 0.0 <= rtt < self.options.idle_timeout + self.options.heartbeat_interval:
+                self._record_rtt(rtt)  # anything else is not an answer to a heartbeat of ours
         else:
             handler = self.handlers.notes.get(name)
             if handler is None:

@@ -10,7 +10,7 @@ import libvirt
 import pytest
 
 from cuju_libvirt.errors import LibvirtConnectionError, LibvirtError, LibvirtNotFoundError
-from cuju_libvirt.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
+from cuju_libvirt.virt import EventLoop, LibvirtConnection, LifecycleEvent, LinkState, translate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -109,3 +109,23 @@ def test_non_retryable_error_is_raised_at_once() -> None:
     assert not isinstance(info.value, LibvirtConnectionError)
     assert c.attempts == 1
     c.close()
+
+
+def test_event_loop_stops_and_restarts() -> None:
+
+
+    EventLoop.ensure()
+    first = EventLoop._thread
+    assert first is not None and first.is_alive()
+    EventLoop.stop()
+    assert not first.is_alive() and EventLoop._thread is None
+    EventLoop.ensure()  # the next connection gets its events again
+    c = LibvirtConnection("test:///default")
+    c.open()
+    seen: list[LifecycleEvent] = []
+    c.add_lifecycle_listener(seen.append)
+    try:
+        c.conn.createXML(DOMAIN_XML.format(name="daemon-ev3"), 0).destroy()
+        assert wait_for(lambda: len([e for e in seen if e.domain == "daemon-ev3"]) == 2)
+    finally:
+        c.close()

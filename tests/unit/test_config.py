@@ -91,7 +91,8 @@ def test_dropin_replaces_the_whole_peers_value(etc: Path) -> None:
         ("heartbeat_interval: 2\npeer_timeout: 1\n", ["peer_timeout (1 s) must exceed heartbeat_interval"]),
         ("reconnect_min: 10\nreconnect_max: 5\n", ["reconnect_min (10 s) exceeds reconnect_max"]),
         ("node_name: a\npeers: {a: 1.2.3.4}\n", ["own node_name 'a'"]),
-        ("listen: 0.0.0.0:7791\n", ["ft_listen", "are the same address"]),
+        ("listen: 0.0.0.0:7791\n", ["ft_listen", "would listen on the same port"]),
+        ("metrics_listen: 127.0.0.1:7790\n", ["listen (0.0.0.0:7790, from default) and metrics_listen"]),
     ],
 )
 def test_errors_name_file_key_and_fix(etc: Path, text: str, needles: list[str]) -> None:
