@@ -225,7 +225,11 @@ class Daemon:
                 if link.conn is c:
                     link.conn = None
                     link.last_error = c.close_reason
-            if not self.stopping.is_set():
+            if self.stopping.is_set():
+                return
+            if c.closed_by_peer:
+                LOG.info("peer %s left: %s", link.name, c.close_reason)
+            else:
                 LOG.warning("peer %s lost: %s", link.name, c.close_reason)
 
         conn.on_close(lost)

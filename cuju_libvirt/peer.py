@@ -31,7 +31,8 @@ Wire format (``cuju-peer/1``), over TCP:
   ``{"k": "res", "id": N, "ok": true, "b": {...}}`` or ``{"k": "res", "id": N,
   "ok": false, "err": TEXT}`` (response), ``{"k": "note", "t": TYPE, "b": {...}}``
   (one-way). Heartbeats are notes ``hb`` ``{"n": N, "t": SENDER_CLOCK}`` answered by
-  ``hb_ack`` with the same values, giving the round trip.
+  ``hb_ack`` with the same values, giving the round trip. A side that closes the
+  connection on purpose first sends the note ``bye`` ``{"reason": TEXT}``.
 
 Timeouts: the handshake must finish within ``handshake_timeout`` in total; after it,
 a peer silent for ``idle_timeout`` is dropped, and a frame once begun must arrive in
@@ -273,6 +274,10 @@ def server_handshake(
 # --- connections -----------------------------------------------------------------------------------
 
 
+class _Goodbye(PeerError):
+    """The peer announced an orderly close (note ``bye``)."""
+
+
 RequestHandler = Callable[["PeerConnection", Body], Body]
 NoteHandler = Callable[["PeerConnection", Body], None]
 
@@ -314,6 +319,8 @@ class PeerConnection:
         self.connected_at = time.monotonic()
         self.closed = threading.Event()
         self.close_reason = ""
+        #: True when the peer closed on purpose (it sent ``bye``), not a loss
+        self.closed_by_peer = False
         self._executor = executor
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -388,6 +395,10 @@ class PeerConnection:
                 body = _decode(self.session.open(payload))
                 self.last_seen = time.monotonic()
                 self._dispatch(body)
+        except _Goodbye as bye:
+            self.closed_by_peer = True
+            reason = f"the peer closed the connection: {bye}"
+            self.log.info("peer %s at %s: %s", self.remote, self.address, reason)
         except PeerAuthError as err:
             reason = f"rejected: {err}"
             self.log.warning("peer %s at %s: %s; connection closed", self.remote, self.address, reason)
@@ -395,7 +406,7 @@ class PeerConnection:
             reason = str(err)
             if not self.closed.is_set():
                 self.log.warning("peer %s at %s: %s; connection closed", self.remote, self.address, reason)
-        self.close(reason)
+        self.close(reason, tell_peer=False)
 
     def _dispatch(self, msg: Body) -> None:
         kind = msg.get("k")
@@ -424,6 +435,8 @@ class PeerConnection:
     def _on_note(self, name: str, body: Body) -> None:
         if name == "hb":
             self.notify("hb_ack", {"n": body.get("n"), "t": body.get("t")})
+        elif name == "bye":
+            raise _Goodbye(str(body.get("reason", ""))[:200] or "no reason given")
         elif name == "hb_ack":
             sent = body.get("t")
             rtt = time.monotonic() - sent if isinstance(sent, int | float) else -1.0
@@ -476,12 +489,18 @@ class PeerConnection:
 
     # --- closing ---
 
-    def close(self, reason: str = "closed locally") -> None:
+    def close(self, reason: str = "closed locally", *, tell_peer: bool = True) -> None:
+        """Close the connection; unless it already broke, tell the peer why (note ``bye``)."""
         with self._send_lock:
             if self.closed.is_set():
                 return
             self.close_reason = reason
-            self.closed.set()
+            self.closed.set()  # first: our reader must not take the peer's reaction for a loss
+            if tell_peer:  # best effort: the peer then logs an orderly close, not a loss
+                with contextlib.suppress(OSError):
+                    self.sock.settimeout(0.5)
+                    write_frame(self.sock, self.session.seal(_encode({"k": "note", "t": "bye",
+                                                                      "b": {"reason": reason}})))
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()

@@ -174,6 +174,8 @@ def test_two_daemons_ping_heartbeat_and_clean_shutdown(pair: tuple[Cujud, Cujud]
         # b goes away: a notices within peer_timeout, then b returns and a re-dials
         assert b.terminate() == 0
         assert wait_until(lambda: not peer_status(a, "b")["connected"], timeout=5)
+        assert wait_until(lambda: "INFO cuju_libvirt.daemon: peer b left: the peer closed the connection: "
+                          "cujud is shutting down" in a.text())
         with pytest.raises(ControlError, match="peer b is not connected"):
             a.call("peer-ping", {"peer": "b"})
         b.start()

@@ -91,8 +91,10 @@ def test_handshake_request_note_and_heartbeat(server: Server, executor: ThreadPo
         assert server.conns and server.conns[0].remote == "a"
         assert wait_for(lambda: server.conns[0].heartbeat.received >= 3)
     finally:
-        conn.close()
+        conn.close("test done")
     assert wait_for(server.conns[0].closed.is_set)
+    # an orderly close is announced, so the other side does not report a loss
+    assert server.conns[0].close_reason == "the peer closed the connection: test done"
 
 
 def test_request_timeout(executor: ThreadPoolExecutor) -> None:
