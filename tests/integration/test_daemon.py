@@ -171,6 +171,12 @@ def test_two_daemons_ping_heartbeat_and_clean_shutdown(pair: tuple[Cujud, Cujud]
         with pytest.raises(ControlError, match="no peer named 'zz'"):
             a.call("peer-ping", {"peer": "zz"})
 
+        # a second cujud with the same configuration refuses to start and harms nothing
+        second = run_cujud("--config", str(a.config))
+        assert second.returncode == 1
+        assert "another cujud is already running: it answers on" in second.stderr
+        assert a.call("ping")["node"] == "a" and a.socket.exists()
+
         # b goes away: a notices within peer_timeout, then b returns and a re-dials
         assert b.terminate() == 0
         assert wait_until(lambda: not peer_status(a, "b")["connected"], timeout=5)
