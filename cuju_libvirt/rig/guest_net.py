@@ -23,8 +23,10 @@ import ctypes
 import logging
 import os
 import re
+import socket
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -75,6 +77,29 @@ def entered(netns: str) -> Iterator[None]:
     finally:
         os.close(target)
         os.close(own)
+
+
+def socket_in(netns: str, make: Callable[[], socket.socket]) -> socket.socket:
+    """``make()`` run on a short-lived thread inside ``netns``: a socket that lives there.
+
+    The calling thread never changes namespace, so this is safe next to other threads.
+    """
+    result: list[socket.socket] = []
+    failure: list[BaseException] = []
+
+    def enter_and_make() -> None:
+        try:
+            with entered(netns):
+                result.append(make())
+        except BaseException as err:  # handed to the calling thread
+            failure.append(err)
+
+    thread = threading.Thread(target=enter_and_make, name=f"netns-{netns}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 class GuestNetwork:

@@ -33,14 +33,13 @@ from dataclasses import asdict, dataclass, field
 from types import TracebackType
 
 from cuju_libvirt.errors import RigError
-from cuju_libvirt.rig.guest_net import entered
+from cuju_libvirt.rig.guest_net import socket_in
 
 #: magic "CUJU", version, 3 pad bytes, sequence number, guest ns, TCP counters sent (big-endian).
 DATAGRAM = struct.Struct(">4sB3xQQQ")
 MAGIC = b"CUJU"
 VERSION = 1
 COUNTER = struct.Struct(">Q")
-
 
 
 # -- wire -----------------------------------------------------------------------------------
@@ -85,29 +84,6 @@ class Recording:
     tcp_chunks: tuple[tuple[int, float], ...] = ()
     tcp_closed: float | None = None
     tcp_error: str | None = None
-
-
-def _socket_in_netns(netns: str | None, make: Callable[[], socket.socket]) -> socket.socket:
-    """``make()`` run on a thread that entered network namespace ``netns`` (None: here)."""
-    if netns is None:
-        return make()
-    result: list[socket.socket] = []
-    failure: list[BaseException] = []
-
-    def enter_and_make() -> None:
-        try:
-            with entered(netns):
-                result.append(make())
-        except BaseException as err:  # handed to the calling thread
-            failure.append(err)
-
-    # The namespace change is confined to this short-lived thread; the socket keeps it.
-    thread = threading.Thread(target=enter_and_make, name=f"observer-netns-{netns}")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]
 
 
 class Observer:
@@ -158,7 +134,7 @@ class Observer:
                 raise
             return sock
 
-        sock = _socket_in_netns(netns, make)
+        sock = make() if netns is None else socket_in(netns, make)
         sock.setblocking(False)
         self._sockets.append(sock)
         return sock

@@ -58,8 +58,13 @@ def test_module_order_puts_every_dependency_first() -> None:
 
 
 def test_module_order_pulls_in_unlisted_dependencies_and_rejects_bad_graphs() -> None:
-    assert order_modules(["virtio_net"], DEBIAN_DEPENDS) == ["virtio_ring", "virtio", "failover",
-                                                             "net_failover", "virtio_net"]
+    assert order_modules(["virtio_net"], DEBIAN_DEPENDS) == [
+        "virtio_ring",
+        "virtio",
+        "failover",
+        "net_failover",
+        "virtio_net",
+    ]
     with pytest.raises(RigError, match=r"cycle: a -> b -> a"):
         order_modules(["a"], {"a": ["b"], "b": ["a"]})
     with pytest.raises(RigError, match=r"virtio_ring \(needed by virtio\) is not in the kernel package"):
@@ -95,8 +100,13 @@ def test_kernel_cmdline_for_each_workload() -> None:
     line = kernel_cmdline("count,udp", ip="198.18.0.2/24", gw="198.18.0.1", peer="198.18.0.1:5000", pps=300)
     words = line.split()
     assert words[0] == "console=ttyS0"
-    assert {"cuju.mode=count,udp", "cuju.ip=198.18.0.2/24", "cuju.gw=198.18.0.1",
-            "cuju.peer=198.18.0.1:5000", "cuju.pps=300"} <= set(words)
+    assert {
+        "cuju.mode=count,udp",
+        "cuju.ip=198.18.0.2/24",
+        "cuju.gw=198.18.0.1",
+        "cuju.peer=198.18.0.1:5000",
+        "cuju.pps=300",
+    } <= set(words)
     assert "init_on_alloc=0" in kernel_cmdline("balloon").split()
     assert "init_on_alloc=0" not in kernel_cmdline("count").split()
 
