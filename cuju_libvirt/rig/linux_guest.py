@@ -297,7 +297,13 @@ def _compiler_id() -> str:
     return _run(["gcc", "--version"], "checking the C compiler").splitlines()[0]
 
 
-def _compile_agent(work: Path) -> bytes:
+def compile_agent(directory: str | os.PathLike[str]) -> Path:
+    """Compile ``guest_src/agent.c`` (static) into ``directory``; the binary's path.
+
+    The same binary the guest runs; on the host it is handy for testing the workloads
+    against an :class:`~cuju_libvirt.rig.observer.Observer` over loopback.
+    """
+    work = Path(directory)
     src = work / "agent.c"
     src.write_bytes(_source("agent.c"))
     out = work / "agent"
@@ -305,7 +311,7 @@ def _compile_agent(work: Path) -> bytes:
         ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(src)],
         "compiling the guest agent (needs gcc and libc6-dev)",
     )
-    return out.read_bytes()
+    return out
 
 
 def _load(directory: Path) -> LinuxGuest | None:
@@ -389,7 +395,7 @@ def _build_into(
     kernel_version = kernels[0].name.removeprefix("vmlinuz-")
     files = _module_files(module_roots[0])
     order = order_modules(MODULES, _module_depends(files, MODULES))
-    agent = _compile_agent(work)
+    agent = compile_agent(work).read_bytes()
     entries = initramfs_entries(
         busybox, agent, _source("init"), ((name, _module_bytes(files[name])) for name in order)
     )
