@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import shutil
 import stat
+import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,12 +18,14 @@ from cuju_libvirt.rig.linux_guest import (
     MODULES,
     CpioEntry,
     cpio_newc,
+    elf_has_pvh_entry,
     kernel_cmdline,
     module_name,
     order_modules,
     parse_candidate,
     parse_kernel_dependency,
     parse_serial,
+    pvh_kernel,
 )
 
 # `modinfo -F depends` of Debian 12's 6.1 kernel modules, as read at build time.
@@ -139,3 +145,29 @@ def test_parse_serial_reads_complete_report_lines_only() -> None:
     assert [r["source"] for r in reports] == ["init", "count", "count", "udp"]
     assert reports[0]["words"] == "ready" and reports[0]["uptime"] == "2.51"
     assert [r["n"] for r in parse_serial(text, "count")] == ["0", "1"]
+
+
+def fake_elf(note_owner: bytes = b"Xen\0", note_type: int = 18) -> bytes:
+    """A minimal ELF64 little-endian image with one PT_NOTE segment."""
+    note = struct.pack("<III", len(note_owner), 4, note_type) + note_owner.ljust(4, b"\0") + b"\0\0\x10\0"
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 4, 4, 120, 0, 0, len(note), len(note), 4)
+    return header + phdr + note
+
+
+def test_pvh_entry_note_is_recognised() -> None:
+    assert elf_has_pvh_entry(fake_elf())
+    assert not elf_has_pvh_entry(fake_elf(note_type=17))
+    assert not elf_has_pvh_entry(fake_elf(note_owner=b"GNU\0"))
+    assert not elf_has_pvh_entry(b"\x7fELF" + bytes(60))
+    assert not elf_has_pvh_entry(fake_elf()[:100])  # program header cut off
+
+
+@pytest.mark.parametrize("compress", [lzma.compress, gzip.compress])
+def test_pvh_kernel_is_found_inside_a_bzimage(compress: Callable[[bytes], bytes]) -> None:
+    elf = fake_elf()
+    setup = b"MZ" + bytes(1000) + b"\xfd7zXZ\x00 not a stream" + bytes(100)  # a false magic first
+    assert pvh_kernel(setup + compress(elf) + bytes(64)) == elf
+    assert pvh_kernel(setup + compress(fake_elf(note_type=1))) is None
+    assert pvh_kernel(setup) is None
