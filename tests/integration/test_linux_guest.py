@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import time
@@ -186,6 +187,86 @@ class TestNetworkedGuest:
         rtts.sort()
         log.warning("UDP echo round trip to the TCG guest: median %.2f ms", rtts[len(rtts) // 2] * 1000)
         net_guest.wait_serial(r"cuju-echo: echoed=(?:[2-9]\d|\d{3,})\b", timeout=10)
+
+    @pytest.mark.timeout(180)
+    def test_streams_survive_a_move_to_a_second_qemu(
+        self,
+        net_guest: DirectGuest,
+        observer: Observer,
+        net: GuestNetwork,
+        linux_guest: LinuxGuest,
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> None:
+        """Checkpoint the running guest (device state; RAM from its shared file), SIGKILL it,
+        resume the checkpoint in a fresh QEMU on the same tap: the guest goes on counting,
+        its UDP numbers continue and its TCP connection carries on, as after a failover.
+        Runs last in the class: it replaces the class's guest."""
+        work = tmp_path_factory.mktemp("linuxguest-move")
+        state, ram = work / "device-state", work / "ram"
+        observer.wait_for(lambda r: len(r.tcp_data) >= 800, 30.0)
+        qmp = net_guest.qmp
+        qmp.execute(
+            "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+        )
+        net_guest.stop()
+        with open(state, "wb") as out:
+            qmp.execute("getfd", {"fdname": "lgstate"}, fd=out.fileno())
+            qmp.execute("migrate", {"uri": "fd:lgstate"})
+            deadline = time.monotonic() + 60
+            while (status := qmp.execute("query-migrate").get("status")) not in ("completed", "failed"):
+                assert time.monotonic() < deadline, status
+                time.sleep(0.05)
+        assert status == "completed"
+        shutil.copyfile(net_guest.ram_path, ram)
+        counted = [int(r["n"]) for r in reports(net_guest, "count")]
+        os.killpg(net_guest.pid, signal.SIGKILL)  # the "primary" dies
+        failover_at = time.monotonic()
+        net_guest.close()
+        backup = DirectGuest(
+            name="linuxguest-backup",
+            memory_mib=net_guest.memory_mib,
+            kernel=linux_guest.kernel,
+            initrd=linux_guest.initrd,
+            append=net_guest.append,
+            extra_args=net_guest.extra_args,
+            incoming=True,
+        )
+        try:
+            with net.entered():
+                backup.start()
+            with open(ram, "rb") as src, open(backup.ram_path, "r+b") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            backup.qmp.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+            )
+            with open(state, "rb") as inp:
+                backup.qmp.execute("getfd", {"fdname": "lgstate"}, fd=inp.fileno())
+                backup.qmp.execute("migrate-incoming", {"uri": "fd:lgstate"})
+                deadline = time.monotonic() + 60
+                while backup.status() not in ("paused", "postmigrate", "running"):
+                    assert time.monotonic() < deadline, backup.status()
+                    time.sleep(0.05)
+            backup.cont()
+            # The backup's console starts empty: its first count continues the primary's.
+            resumed = wait_reports(backup, "count", 3)
+            assert resumed and int(resumed[0]["n"]) >= counted[-1], (counted[-3:], resumed[:3])
+            assert int(resumed[0]["n"]) <= counted[-1] + 1
+            size = len(observer.recording().tcp_data)
+            rec = observer.wait_for(lambda r: len(r.tcp_data) >= size + 1600, 60.0)
+        finally:
+            backup.close()
+            state.unlink(missing_ok=True)
+            ram.unlink(missing_ok=True)
+        verdict = judge_run(rec, Rules(max_gap=PPS // 10, failover_at=failover_at))
+        assert verdict.ok, verdict.problems
+        assert verdict.udp_after_failover > 0 and verdict.tcp_bytes_after_failover >= 1600
+        assert rec.tcp_connections == 1
+        log.warning(
+            "move to a second QEMU: first datagram %.0f ms after the kill, %d UDP numbers lost",
+            verdict.failover_ms or -1,
+            sum(g.missing for g in verdict.gaps),
+        )
 
 
 def patterned_disk(path: Path) -> None:
