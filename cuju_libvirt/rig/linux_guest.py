@@ -345,6 +345,21 @@ def _load(directory: Path) -> LinuxGuest | None:
     return guest if all(p.is_file() for p in (guest.kernel, guest.initrd, guest.bzimage)) else None
 
 
+_BUILD_PREFIX = ".linux-guest-build-"
+#: A build directory untouched for this long belongs to a builder that was killed.
+STALE_BUILD_SECONDS = 3600.0
+
+
+def _sweep_stale_builds(root: Path) -> None:
+    for entry in root.glob(_BUILD_PREFIX + "*"):
+        try:
+            if time.time() - entry.stat().st_mtime > STALE_BUILD_SECONDS:
+                log.info("removing %s, left by a build that did not finish", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def build_linux_guest(cache: str | os.PathLike[str] | None = None) -> LinuxGuest:
     """The Linux test guest for the current Debian kernel, from the cache or built now.
 
@@ -365,8 +380,9 @@ def build_linux_guest(cache: str | os.PathLike[str] | None = None) -> LinuxGuest
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RigError(f"cannot create the guest cache {root}: {err}; set {CACHE_ENV}") from err
+    _sweep_stale_builds(root)
     log.info("building the Linux test guest from %s=%s into %s", package, version, target)
-    with tempfile.TemporaryDirectory(prefix=".linux-guest-build-", dir=root) as tmp:
+    with tempfile.TemporaryDirectory(prefix=_BUILD_PREFIX, dir=root) as tmp:
         work = Path(tmp)
         staged = work / "guest"
         staged.mkdir()

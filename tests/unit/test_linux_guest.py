@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cuju_libvirt.errors import RigError
+from cuju_libvirt.rig import linux_guest
 from cuju_libvirt.rig.linux_guest import (
     MODULES,
     CpioEntry,
@@ -171,3 +172,31 @@ def test_pvh_kernel_is_found_inside_a_bzimage(compress: Callable[[bytes], bytes]
     assert pvh_kernel(setup + compress(elf) + bytes(64)) == elf
     assert pvh_kernel(setup + compress(fake_elf(note_type=1))) is None
     assert pvh_kernel(setup) is None
+
+
+def test_kernel_resolution_updates_apt_lists_once_then_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[list[str]] = []
+
+    def fake_run(argv: list[str], what: str, cwd: Path | None = None) -> str:
+        calls.append(argv)
+        return "linux-image-amd64\n" if argv[:2] == ["apt-cache", "depends"] else ""
+
+    monkeypatch.setattr(linux_guest, "_run", fake_run)
+    with pytest.raises(RigError, match=r"sources\.list .* apt-get update"):
+        linux_guest.resolve_kernel_package()
+    assert [argv[:2] for argv in calls] == [
+        ["apt-cache", "depends"],
+        ["apt-get", "update"],
+        ["apt-cache", "depends"],
+    ]
+
+
+def test_kernel_resolution_reads_name_and_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = {
+        "depends": "linux-image-amd64\n  Depends: linux-image-6.1.0-99-amd64\n",
+        "policy": "linux-image-6.1.0-99-amd64:\n  Installed: (none)\n  Candidate: 6.1.999-1\n",
+    }
+    monkeypatch.setattr(linux_guest, "_run", lambda argv, what, cwd=None: answers[argv[1]])
+    assert linux_guest.resolve_kernel_package() == ("linux-image-6.1.0-99-amd64", "6.1.999-1")
