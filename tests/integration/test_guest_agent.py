@@ -130,6 +130,7 @@ def test_agent_waits_for_the_observer_to_listen_then_connects_once(agent: Path) 
         (["udp", "cuju.peer=1.2.3:80"], "error=bad-parameter key=cuju.peer"),
         (["udp", "cuju.peer=127.0.0.1:9", "cuju.pps=0"], "error=bad-parameter key=cuju.pps value=0"),
         (["stress", "cuju.stress_mb=lots"], "error=bad-parameter key=cuju.stress_mb"),
+        (["echo", "cuju.port="], "error=bad-parameter key=cuju.port value="),
         (["dance"], "error=unknown-mode mode=dance"),
     ],
 )

@@ -150,6 +150,10 @@ class TestNetworkedGuest:
         window = [t for _, t in rec.udp[-PPS:]]
         rate = (len(window) - 1) / (window[-1] - window[0])
         assert PPS / 3 < rate < PPS * 1.5, rate
+        start = reports(net_guest, "udp")[0]
+        assert start["words"] == "start" and start["pps"] == str(PPS)
+        assert start["peer"] == "{}:{}".format(*observer.udp_address)
+        assert start["tcp"] == "{}:{}".format(*observer.tcp_address)
         progress = wait_reports(net_guest, "udp", 3)
         assert any(r.get("tcp") == "up" and int(r.get("tcp_bytes", "0")) > 0 for r in progress), progress
 

@@ -75,10 +75,10 @@ static void load_cmdline(void)
         g_cmdline[n] = '\0';
 }
 
-/* Value of cuju.KEY from argv, else from the kernel command line, else NULL. */
+/* Value of cuju.KEY from argv, else from the kernel command line, else NULL.
+ * The result is the caller's to keep (parameters are read a handful of times). */
 static const char *param(const char *key)
 {
-    static char value[512];
     char prefix[128];
     size_t plen = (size_t)snprintf(prefix, sizeof(prefix), "cuju.%s=", key);
 
@@ -91,14 +91,8 @@ static const char *param(const char *key)
         const char *end = p;
         while (*end && *end != ' ' && *end != '\n')
             end++;
-        if ((size_t)(end - p) > plen && strncmp(p, prefix, plen) == 0) {
-            size_t vlen = (size_t)(end - p) - plen;
-            if (vlen >= sizeof(value))
-                vlen = sizeof(value) - 1;
-            memcpy(value, p + plen, vlen);
-            value[vlen] = '\0';
-            return value;
-        }
+        if ((size_t)(end - p) >= plen && strncmp(p, prefix, plen) == 0)
+            return strndup(p + plen, (size_t)(end - p) - plen);
         p = end;
     }
     return NULL;
@@ -112,7 +106,7 @@ static long param_long(const char *key, long dflt, long min, long max)
     char *end;
     errno = 0;
     long x = strtol(v, &end, 10);
-    if (errno || *end || x < min || x > max) {
+    if (errno || end == v || *end || x < min || x > max) {
         printf("cuju-agent: error=bad-parameter key=cuju.%s value=%s min=%ld max=%ld\n", key, v, min,
                max);
         exit(2);
@@ -465,9 +459,7 @@ static long long read_pass(const char *disk, int direct, unsigned char **bufs, l
 
 static int mode_diskread(void)
 {
-    const char *disk = param("disk") ? param("disk") : "/dev/vda";
-    static char disk_path[256];
-    snprintf(disk_path, sizeof(disk_path), "%s", disk);
+    const char *disk_path = param("disk") ? param("disk") : "/dev/vda";
     long nbufs = param_long("bufs", 8, 1, 1024);
     long bufsize = param_long("bufsize", 262144, (long)PAGE, 64L << 20);
     const char *how = param("diskmode") ? param("diskmode") : "both";
