@@ -351,13 +351,16 @@ STALE_BUILD_SECONDS = 3600.0
 
 
 def _sweep_stale_builds(root: Path) -> None:
-    for entry in root.glob(_BUILD_PREFIX + "*"):
-        try:
-            if time.time() - entry.stat().st_mtime > STALE_BUILD_SECONDS:
-                log.info("removing %s, left by a build that did not finish", entry)
-                shutil.rmtree(entry, ignore_errors=True)
-        except OSError:
-            continue
+    """Remove build directories of killed builders, and guests built from other inputs
+    (older sources or kernels) more than an hour ago: each one is ~75 MB."""
+    for pattern in (_BUILD_PREFIX + "*", "linux-guest-*"):
+        for entry in root.glob(pattern):
+            try:
+                if time.time() - entry.stat().st_mtime > STALE_BUILD_SECONDS:
+                    log.info("removing %s from the guest cache (stale)", entry)
+                    shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                continue
 
 
 def build_linux_guest(cache: str | os.PathLike[str] | None = None) -> LinuxGuest:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gzip
 import lzma
+import os
 import shutil
 import stat
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,3 +202,14 @@ def test_kernel_resolution_reads_name_and_version(monkeypatch: pytest.MonkeyPatc
     }
     monkeypatch.setattr(linux_guest, "_run", lambda argv, what, cwd=None: answers[argv[1]])
     assert linux_guest.resolve_kernel_package() == ("linux-image-6.1.0-99-amd64", "6.1.999-1")
+
+
+def test_sweep_removes_only_old_builds_and_leftovers(tmp_path: Path) -> None:
+    old = time.time() - 2 * linux_guest.STALE_BUILD_SECONDS
+    names = ["linux-guest-old", ".linux-guest-build-old", "linux-guest-new", "boot-counter-old.img"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        if name.endswith("old") or name.endswith("old.img"):
+            os.utime(tmp_path / name, (old, old))
+    linux_guest._sweep_stale_builds(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boot-counter-old.img", "linux-guest-new"]
