@@ -316,6 +316,11 @@ class TestMemoryAndDiskGuest:
         rates = [float(r["pages_per_s"]) for r in found if "pages_per_s" in r]
         assert len(rates) >= 2 and min(rates) > 0, found
         assert int(found[-1]["pass"]) > int(found[1]["pass"])
+        log.warning(
+            "stress under TCG: %.0f pages/s (median of %d reports)",
+            sorted(rates)[len(rates) // 2],
+            len(rates),
+        )
 
     @pytest.mark.timeout(120)
     def test_diskread_reads_and_verifies_with_and_without_o_direct(self, mem_guest: DirectGuest) -> None:
@@ -328,6 +333,9 @@ class TestMemoryAndDiskGuest:
             assert int(report["blocks_checked"]) == DISK_BLOCKS
             # The one block written with a wrong index is caught in every pass, and only it.
             assert report["bad_blocks"] == "1", report
+        for direct in ("1", "0"):
+            rates = [float(r["mb_per_s"]) for r in passes if r["direct"] == direct]
+            log.warning("diskread under TCG, O_DIRECT=%s: %.1f MB/s", direct, max(rates))
 
     @pytest.mark.timeout(120)
     def test_balloon_inflation_shrinks_the_guest(self, mem_guest: DirectGuest) -> None:
