@@ -50,7 +50,7 @@ def stop(proc: subprocess.Popen[str]) -> str:
 @pytest.mark.timeout(60)
 def test_udp_and_tcp_streams_survive_a_stalled_reader(agent: Path) -> None:
     with Observer(("127.0.0.1", 0)) as obs:
-        # A TCP peer of our own that does not read for 2 s, so the agent's send buffer fills.
+        # A TCP peer of our own that does not read for 1 s, so the agent's send buffer fills.
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
             listener.bind(("127.0.0.1", 0))
             listener.listen(1)
@@ -70,10 +70,10 @@ def test_udp_and_tcp_streams_survive_a_stalled_reader(agent: Path) -> None:
                 conn, _ = listener.accept()
                 with conn:
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-                    time.sleep(2.0)
+                    time.sleep(1.0)
                     data = bytearray()
                     conn.settimeout(0.5)
-                    deadline = time.monotonic() + 3.0
+                    deadline = time.monotonic() + 1.5
                     while time.monotonic() < deadline:
                         try:
                             chunk = conn.recv(1 << 20)
