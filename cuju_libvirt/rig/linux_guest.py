@@ -363,12 +363,27 @@ def _sweep_stale_builds(root: Path) -> None:
                 continue
 
 
+class StaleAptLists(RigError):
+    """``apt-get download`` failed: the package lists may name a version the archive dropped."""
+
+
 def build_linux_guest(cache: str | os.PathLike[str] | None = None) -> LinuxGuest:
     """The Linux test guest for the current Debian kernel, from the cache or built now.
 
     A build downloads one kernel package (~70 MB) and takes ~15 s; a cached guest is
-    returned after a few ``apt-cache``/``dpkg-query`` look-ups.
+    returned after a few ``apt-cache``/``dpkg-query`` look-ups. If the download fails (old
+    package lists naming a kernel the archive no longer has), the lists are updated once
+    and the kernel resolved again.
     """
+    try:
+        return _build_linux_guest(cache)
+    except StaleAptLists as err:
+        log.info("%s: running apt-get update and resolving the kernel again", err)
+        _run(["apt-get", "update", "-qq"], "updating the apt package lists")
+        return _build_linux_guest(cache)
+
+
+def _build_linux_guest(cache: str | os.PathLike[str] | None) -> LinuxGuest:
     package, version = resolve_kernel_package()
     busybox_path = _busybox_path()
     busybox = busybox_path.read_bytes()
@@ -417,7 +432,10 @@ def _build_into(
 ) -> tuple[str, list[str], str]:
     debs = work / "debs"
     debs.mkdir()
-    _run(["apt-get", "download", "-q", f"{package}={version}"], "downloading the guest kernel", cwd=debs)
+    try:
+        _run(["apt-get", "download", "-q", f"{package}={version}"], "downloading the guest kernel", cwd=debs)
+    except RigError as err:
+        raise StaleAptLists(str(err)) from err
     deb = next(iter(debs.glob("*.deb")), None)
     if deb is None:
         raise RigError(f"apt-get download {package}={version} left no .deb in {debs}")

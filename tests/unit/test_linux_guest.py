@@ -213,3 +213,21 @@ def test_sweep_removes_only_old_builds_and_leftovers(tmp_path: Path) -> None:
             os.utime(tmp_path / name, (old, old))
     linux_guest._sweep_stale_builds(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["boot-counter-old.img", "linux-guest-new"]
+
+
+def test_failed_download_updates_apt_lists_and_retries_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    attempts: list[str] = []
+    updates: list[list[str]] = []
+
+    def fake_build(cache: Path | None) -> str:
+        attempts.append("build")
+        if len(attempts) < 3:
+            raise linux_guest.StaleAptLists("404  Not Found")
+        return "built"
+
+    monkeypatch.setattr(linux_guest, "_build_linux_guest", fake_build)
+    monkeypatch.setattr(linux_guest, "_run", lambda argv, what, cwd=None: updates.append(argv) or "")
+    with pytest.raises(linux_guest.StaleAptLists):
+        linux_guest.build_linux_guest()  # fails again after the one update: no loop
+    assert attempts == ["build", "build"] and updates == [["apt-get", "update", "-qq"]]
+    assert linux_guest.build_linux_guest() == "built"
