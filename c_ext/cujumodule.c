@@ -38,7 +38,7 @@ repl_exc_name(int code)
     case CUJU_E_CHECKSUM:
         return "ChecksumError";
     case CUJU_E_PEER:
-        return "PeerError";
+        return "PeerAbortError";
     case CUJU_E_APPLY:
         return "ApplyError";
     case CUJU_E_JOURNAL:

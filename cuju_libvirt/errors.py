@@ -14,10 +14,25 @@ Every error the package raises on purpose derives from :class:`CujuError`::
      |    +-- ProtocolError      the peer broke the wire format (magic, version,
      |    |    |                 geometry, frame, page index, sequence)
      |    |    +-- ChecksumError     an epoch arrived corrupted
-     |    +-- PeerError          the peer reported an error and closed the link
+     |    +-- PeerAbortError     the FT-link peer reported an error and closed the link
      |    +-- ApplyError         the backup could not write the replica
      |    +-- JournalError       the backup's journal is unusable: full resync needed
+     |    +-- DeviceStateError      a device-state save/load failed (QEMU's words)  [ft_engine/vmstate.py]
+     |         +-- BlobFormatError       a blob is malformed, truncated or holds RAM [ft_engine/vmstate.py]
+     |         +-- StandbyMismatchError  the standby differs from the primary      [ft_engine/devstate.py]
      +-- LibvirtError        a libvirt call failed; carries (domain, code) of the cause
+     |    +-- LibvirtConnectionError  the connection is gone or cannot be opened (retry later)
+     |    +-- LibvirtNotFoundError    no such domain / object / metadata
+     |    +-- LibvirtStateError       the object is not in a state that allows the call
+     |    +-- LibvirtUnsupportedError the driver does not implement the call
+     +-- ControlError        the local control socket (cujud not running, bad request, timeout)
+     +-- PeerError           the control channel to the peer host's cujud failed
+     |    +-- PeerAuthError      the peer failed authentication or sent a forged/replayed message
+     +-- MonitorError        a QEMU monitor (QMP) connection failed or a command was refused
+     |    +-- QMPError            QEMU refused a command (error class, desc)   [qmp.py]
+     |    +-- QMPConnectionError  the monitor cannot be reached or went away   [qmp.py]
+     |    +-- QMPTimeoutError     no answer within the deadline                [qmp.py]
+     +-- RigError            the test rig could not build a guest or start QEMU/libvirtd
 
 Causes are kept with ``raise ... from err``. libvirt errors are classified by
 ``(get_error_domain(), get_error_code())``, never by message text.
@@ -89,8 +104,8 @@ class ChecksumError(ProtocolError):
     """An epoch's checksum did not match: it was corrupted in transit; it was not applied."""
 
 
-class PeerError(ReplicationError):
-    """The peer reported an error (``peer_code``) and closed the link."""
+class PeerAbortError(ReplicationError):
+    """The FT-link peer reported an error (``peer_code``, message) and closed the link."""
 
 
 class ApplyError(ReplicationError):
@@ -108,3 +123,50 @@ class LibvirtError(CujuError):
         super().__init__(message)
         self.domain = domain
         self.code = code
+
+
+class LibvirtConnectionError(LibvirtError):
+    """The libvirt connection is gone or cannot be opened; retrying later may help."""
+
+
+class LibvirtNotFoundError(LibvirtError):
+    """The domain (or other object, or metadata) does not exist."""
+
+
+class LibvirtStateError(LibvirtError):
+    """The object is not in a state that allows the operation (e.g. domain not running)."""
+
+
+class LibvirtUnsupportedError(LibvirtError):
+    """The libvirt driver does not implement the operation."""
+
+
+class ControlError(CujuError):
+    """The local control socket failed: cujud not running, refused request, timeout.
+
+    ``code`` is the protocol's error code when cujud answered with an error
+    (e.g. ``unknown-method``), empty otherwise.
+    """
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PeerError(CujuError):
+    """The control channel to the peer host's cujud failed (connection, protocol, timeout)."""
+
+
+class PeerAuthError(PeerError):
+    """The peer failed mutual authentication, or sent a forged, replayed or reordered message."""
+
+
+class MonitorError(CujuError):
+    """A QEMU monitor (QMP) connection failed or QEMU refused a command.
+
+    The concrete classes live next to the client in :mod:`cuju_libvirt.qmp`.
+    """
+
+
+class RigError(CujuError):
+    """The test rig could not build a test guest or start a QEMU or libvirtd for it."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.errors import LinkError, PeerError, ReplicationError
+from cuju_libvirt.errors import LinkError, PeerAbortError, ReplicationError
 from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
 
 from .replication_support import PAGE, Workload, region_file, resume
@@ -227,7 +227,7 @@ def test_backup_journal_out_of_space_is_a_clean_refusal(shm_dir: Path) -> None:
             dirty, dev = wl.full_epoch(primary)  # ~1.5 MiB: more than the file system holds
             tx.stage(1, page_indexes(dirty), dev)
             tx.ship()
-            with pytest.raises(PeerError) as info:
+            with pytest.raises(PeerAbortError) as info:
                 tx.wait_ack(1, 10)
             assert info.value.peer_code == 13  # CUJU_E_JOURNAL
             assert "journal" in str(info.value)

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cuju_libvirt import _cuju
-from cuju_libvirt.errors import LinkError, PeerError, ProtocolError, ReplicationError
+from cuju_libvirt.errors import LinkError, PeerAbortError, ProtocolError, ReplicationError
 from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender
 
 from . import wire_model as wm
@@ -269,7 +269,7 @@ def _fake_backup(reply: bytes) -> tuple[EpochSender, socket.socket, mmap.mmap]:
         (wm.frame_header(wm.HELLO_REPLY, 40) + struct.pack("<QIIQQQ", wm.MAGIC, 1, PAGE, PAGE, SESSION, 0),
          ProtocolError, wm.E_GEOMETRY),
         (wm.frame_header(wm.ACK, 8) + bytes(8), ProtocolError, wm.E_FRAME),
-        (wm.frame_header(wm.ERROR, 8 + 5) + struct.pack("<II", 6, 5) + b"nope!", PeerError, wm.E_PEER),
+        (wm.frame_header(wm.ERROR, 8 + 5) + struct.pack("<II", 6, 5) + b"nope!", PeerAbortError, wm.E_PEER),
         (b"", LinkError, wm.E_EOF),
     ],
 )
