@@ -32,6 +32,7 @@
 
 #include "checksum.h"
 #include "replicator.h"
+#include "streamcopy.h"
 
 #define RECV_CHUNK (1u << 20)
 #define JNL_MAGIC UINT64_C(0x4c4e4a2d554a5543)   /* "CUJU-JNL" */
@@ -277,15 +278,16 @@ static int apply_frame(struct cuju_receiver *r, const uint8_t *f, uint64_t *npz,
             _exit(86);      /* test hook: die mid-apply, as a killed backup would */
         uint8_t *dst = r->region + idx * ps;
         if ((rec >> 56) == CUJU_ENC_ZERO) {
-            memset(dst, 0, ps);
+            cuju_stream_zero(dst, ps);
             z++;
         } else {
             if (d >= ndata)
                 return CUJU_E_FRAME;
-            memcpy(dst, data + d * ps, ps);
+            cuju_stream_copy(dst, data + d * ps, ps);
             d++;
         }
     }
+    cuju_stream_fence();    /* the pages are in place before anything says so */
     int rc = write_devstate(r, data + ndata * ps, devlen, eno);
     if (rc != CUJU_OK)
         return rc;

@@ -18,9 +18,11 @@
 
 #include "checksum.h"
 #include "replicator.h"
+#include "streamcopy.h"
 
 #define SEND_CHUNK (1u << 20)
 #define ACK_RING 64
+#define STREAM_GATHER_BYTES (16u << 20)
 
 enum buf_state { BUF_FREE, BUF_FILLED, BUF_QUEUED, BUF_SENDING };
 
@@ -311,6 +313,9 @@ int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx
     uint8_t *data = table + 8 * n;
     const uint32_t ps = s->page_size;
     uint64_t ndata = 0, nzero = 0;
+    /* An epoch far larger than the caches is cold again by the time the send
+     * thread checksums it: skip the read-for-ownership of its lines. */
+    int stream = (uint64_t)n * ps >= STREAM_GATHER_BYTES;
     for (size_t i = 0; i < n; i++) {
         uint64_t pi = idx[i];
         if (pi >= s->region_pages) {
@@ -323,10 +328,15 @@ int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx
             nzero++;
         } else {
             cuju_put_le64(table + 8 * i, pi);
-            memcpy(data + ndata * ps, src, ps);
+            if (stream)
+                cuju_stream_copy(data + ndata * ps, src, ps);
+            else
+                memcpy(data + ndata * ps, src, ps);
             ndata++;
         }
     }
+    if (stream)
+        cuju_stream_fence();    /* before the send thread may read the pages */
     uint8_t *p = data + ndata * ps;
     if (devlen)
         memcpy(p, dev, devlen);

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 C_EXT = Path(__file__).resolve().parents[2] / "c_ext"
-SOURCES = ["tests/test_replicator.c", "checksum.c", "netio.c", "sender.c", "receiver.c"]
+SOURCES = ["tests/test_replicator.c", "checksum.c", "netio.c", "sender.c", "receiver.c", "streamcopy.c"]
 
 
 @pytest.mark.timeout(240)

@@ -1,0 +1,17 @@
+/* Page copies that bypass the cache (non-temporal stores), for destinations
+ * nobody reads soon: the backup's region (apply) and large staging buffers.
+ * A normal store first reads the destination line (read-for-ownership); a
+ * streaming store does not, so scattered 4 KiB copies run up to ~2x faster
+ * here. Falls back to memcpy/memset without AVX2 or for unaligned buffers.
+ * Call cuju_stream_fence() before publishing that the data is in place.
+ */
+#ifndef CUJU_STREAMCOPY_H
+#define CUJU_STREAMCOPY_H
+
+#include <stddef.h>
+
+void cuju_stream_copy(void *dst, const void *src, size_t len);
+void cuju_stream_zero(void *dst, size_t len);
+void cuju_stream_fence(void);
+
+#endif
