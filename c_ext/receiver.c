@@ -724,7 +724,11 @@ static void *apply_main(void *arg)
     for (;;) {
         pthread_mutex_lock(&r->lock);
         int i = r->apply_idx;
-        while (r->slot_state[i] != SLOT_COMMITTED && !r->recv_done && !r->stopping)
+        /* Only the end of the receive thread ends this one, never `stopping`
+         * alone: an epoch committed (and ACKed) just before a close must be
+         * applied before close() returns, or the replica read for failover
+         * would lag the primary's last ACK. */
+        while (r->slot_state[i] != SLOT_COMMITTED && !r->recv_done)
             pthread_cond_wait(&r->cond, &r->lock);
         if (r->slot_state[i] != SLOT_COMMITTED) {
             pthread_mutex_unlock(&r->lock);

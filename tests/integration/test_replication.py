@@ -296,3 +296,37 @@ def test_caller_mistakes_raise_value_errors_and_stage_nothing(shm_dir: Path) -> 
         rx.close()
         client.close()
         server.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", range(3))
+def test_close_mid_stream_leaves_every_acknowledged_epoch_applied(shm_dir: Path, seed: int) -> None:
+    """What failover does: stop the backup while epochs stream; the replica is then final and exact."""
+    wl = Workload(seed=100 + seed, pages=PAGES, per_epoch=200)
+    primary = mmap.mmap(-1, PAGES * PAGE)
+    wl.fill(primary)
+    standby = region_file(str(shm_dir / "ram"), PAGES)
+    state = shm_dir / "state"
+    client, server = loopback_pair()
+    rx = EpochReceiver(standby, str(state))
+    stop_at = random.Random(seed).randint(3, 30)
+    try:
+        rx.start(server)
+        tx = EpochSender(client, primary)
+        tx.handshake(5)
+        for epoch in range(1, stop_at + 1):
+            dirty, dev = wl.full_epoch(primary) if epoch == 1 else wl.next_epoch(primary)
+            tx.stage(epoch, page_indexes(dirty), dev)
+            tx.ship()
+        assert tx.wait_ack(stop_at - 2, 10)
+        rx.close()  # mid-stream: epochs stop_at - 1 and stop_at may be in flight
+        acked = tx.counters()["last_acked_epoch"]
+        held = rx.last_applied
+        assert acked <= held <= stop_at
+        assert rx.counters()["epochs_applied"] == held
+        _assert_replica(standby, state, wl, held)
+        tx.close(orderly=False)
+    finally:
+        rx.close()
+        client.close()
+        server.close()
