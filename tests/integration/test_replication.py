@@ -330,3 +330,43 @@ def test_close_mid_stream_leaves_every_acknowledged_epoch_applied(shm_dir: Path,
         rx.close()
         client.close()
         server.close()
+
+
+@pytest.mark.timeout(60)
+def test_durable_mode_replicates_the_same(shm_dir: Path) -> None:
+    """durable=True adds msync/fsync around commit and apply; the replica must not change."""
+    wl = Workload(seed=3, pages=PAGES)
+    primary = mmap.mmap(-1, PAGES * PAGE)
+    wl.fill(primary)
+    standby = region_file(str(shm_dir / "ram"), PAGES)
+    state = shm_dir / "state"
+    client, server = loopback_pair()
+    rx = EpochReceiver(standby, str(state), durable=True)
+    try:
+        rx.start(server)
+        tx = EpochSender(client, primary)
+        tx.handshake(5)
+        for epoch in range(1, 11):
+            dirty, dev = wl.full_epoch(primary) if epoch == 1 else wl.next_epoch(primary)
+            tx.stage(epoch, page_indexes(dirty), dev)
+            tx.ship()
+        assert tx.wait_ack(10, 10)
+        tx.close()
+        assert rx.wait(10)
+        _assert_replica(standby, state, wl, 10)
+    finally:
+        rx.close()
+        client.close()
+        server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("seed", range(100, 300))
+def test_soak_cut_or_corrupted_link(shm_dir: Path, seed: int) -> None:
+    """Opt-in (CUJU_SLOW=1): 200 more random cuts and byte flips."""
+    rng = random.Random(seed)
+    if rng.random() < 0.5:
+        _fault_run(shm_dir, seed, cut_at=rng.randrange(57, 3_000_000), flip_at=None)
+    else:
+        _fault_run(shm_dir, seed, cut_at=None, flip_at=rng.randrange(56, 2_500_000))
