@@ -99,6 +99,18 @@ def _ship(tx: EpochSender, wl: Workload, primary: mmap.mmap, until: float) -> in
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("seed", range(4))
 def test_backup_killed_and_restarted(shm_dir: Path, seed: int) -> None:
+    _backup_killed_and_restarted(shm_dir, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("seed", range(4, 104))
+def test_soak_backup_killed_and_restarted(shm_dir: Path, seed: int) -> None:
+    """Opt-in (CUJU_SLOW=1): 100 more kills at random moments."""
+    _backup_killed_and_restarted(shm_dir, seed)
+
+
+def _backup_killed_and_restarted(shm_dir: Path, seed: int) -> None:
     rng = random.Random(seed)
     wl = Workload(seed=seed, pages=PAGES, per_epoch=200)
     primary = mmap.mmap(-1, PAGES * PAGE)
