@@ -443,6 +443,18 @@ static void *send_main(void *arg)
             off = end;
         }
         uint64_t t1 = cuju_now_ns();
+        if (rc == CUJU_E_EOF) {
+            /* A backup that refuses an epoch sends ERROR and closes while we
+             * are still writing: give the ack thread a moment to read its
+             * reason, which says more than "connection reset". */
+            struct timespec dl;
+            abs_deadline(&dl, 500);
+            pthread_mutex_lock(&s->lock);
+            while (s->ack_running && s->err == CUJU_OK)
+                if (pthread_cond_timedwait(&s->cond, &s->lock, &dl) == ETIMEDOUT)
+                    break;
+            pthread_mutex_unlock(&s->lock);
+        }
         if (rc != CUJU_OK) {
             fail(s, rc, eno, 0, "sending epoch %llu: %s", (unsigned long long)b->epoch, cuju_strerror(rc));
             break;
