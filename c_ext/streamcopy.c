@@ -43,25 +43,42 @@ __attribute__((target("avx2"))) static void nt_zero(void *dst, size_t len)
     }
 }
 
-static int streamable(const void *dst, size_t len)
+/* Split [dst, dst+len) into an unaligned head, a streamable body (32-byte
+ * aligned, a multiple of 128 bytes) and a tail; 0 when not worth it. */
+static int split(const void *dst, size_t len, size_t *head, size_t *body)
 {
-    return ((uintptr_t)dst & 31) == 0 && (len & 127) == 0 && avx2();
+    if (len < 256 || !avx2())
+        return 0;
+    *head = (32 - ((uintptr_t)dst & 31)) & 31;
+    *body = (len - *head) & ~(size_t)127;
+    return 1;
 }
 
 void cuju_stream_copy(void *dst, const void *src, size_t len)
 {
-    if (streamable(dst, len))
-        nt_copy(dst, src, len);
-    else
+    size_t head, body;
+    if (!split(dst, len, &head, &body)) {
         memcpy(dst, src, len);
+        return;
+    }
+    uint8_t *d = dst;
+    const uint8_t *s = src;
+    memcpy(d, s, head);
+    nt_copy(d + head, s + head, body);
+    memcpy(d + head + body, s + head + body, len - head - body);
 }
 
 void cuju_stream_zero(void *dst, size_t len)
 {
-    if (streamable(dst, len))
-        nt_zero(dst, len);
-    else
+    size_t head, body;
+    if (!split(dst, len, &head, &body)) {
         memset(dst, 0, len);
+        return;
+    }
+    uint8_t *d = dst;
+    memset(d, 0, head);
+    nt_zero(d + head, body);
+    memset(d + head + body, 0, len - head - body);
 }
 
 void cuju_stream_fence(void)

@@ -2,7 +2,8 @@
  * nobody reads soon: the backup's region (apply) and large staging buffers.
  * A normal store first reads the destination line (read-for-ownership); a
  * streaming store does not, so scattered 4 KiB copies run up to ~2x faster
- * here. Falls back to memcpy/memset without AVX2 or for unaligned buffers.
+ * here. Any alignment (an unaligned head and tail are copied normally);
+ * memcpy/memset without AVX2 or below 256 bytes.
  * Call cuju_stream_fence() before publishing that the data is in place.
  */
 #ifndef CUJU_STREAMCOPY_H
