@@ -9,6 +9,8 @@ Every error the package raises on purpose derives from :class:`CujuError`::
      +-- HookError           the libvirt hook could not do its job
      +-- StateError          an FT state-machine transition that is not allowed now
      +-- ReplicationError    the data plane failed (link, peer, tracker, codec)
+     |    +-- TrackerError           a dirty tracker failed while in use
+     |         +-- TrackerUnavailableError  the host or the domain cannot run the tracker asked for
      +-- LibvirtError        a libvirt call failed; carries (domain, code) of the cause
 
 Causes are kept with ``raise ... from err``. libvirt errors are classified by
@@ -52,6 +54,14 @@ class StateError(CujuError):
 
 class ReplicationError(CujuError):
     """The replication data plane failed (FT link, peer, tracker or codec)."""
+
+
+class TrackerError(ReplicationError):
+    """A dirty tracker failed while in use; the next epoch must copy all of guest RAM."""
+
+
+class TrackerUnavailableError(TrackerError):
+    """The tracker asked for cannot run here; the message names the missing capability and the fix."""
 
 
 class LibvirtError(CujuError):
