@@ -1,0 +1,143 @@
+"""Ground truth for dirty trackers on a real, running guest (tests and benchmarks only).
+
+Generic over the guest: anything with ``pid``, ``ram_path``, ``stop()`` and ``cont()``
+(:class:`~cuju_libvirt.rig.qemu_direct.DirectGuest`, a libvirt domain with a direct QMP
+socket, ...). Per epoch::
+
+    cont -> let the guest run -> stop -> harvest -> brute-force diff of the RAM file
+    against the previous epoch's copy -> every changed page must be in the harvest
+
+A changed page missing from the harvest is a *miss* (a correctness failure); a harvested
+page whose bytes did not change is a *false positive* (costs bandwidth only).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from cuju_libvirt.ft_engine import trackers as T
+
+PAGE = 4096
+_CHUNK = 1 << 20
+
+
+class RunningGuest(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def ram_path(self) -> Path: ...
+
+    def stop(self) -> None: ...
+
+    def cont(self) -> None: ...
+
+
+@dataclass
+class TruthReport:
+    tracker: str
+    epochs: int = 0
+    changed_pages: int = 0
+    harvested_pages: int = 0
+    missed_pages: int = 0
+    false_positives: int = 0
+    full_resyncs: int = 0
+    harvest_ms: list[float] = field(default_factory=list)
+    first_misses: list[tuple[int, int]] = field(default_factory=list)  # (epoch, page)
+
+    @property
+    def false_positive_ratio(self) -> float:
+        return self.false_positives / self.harvested_pages if self.harvested_pages else 0.0
+
+    def summary(self) -> str:
+        med = statistics.median(self.harvest_ms) if self.harvest_ms else float("nan")
+        return (f"{self.tracker}: {self.epochs} epochs, {self.changed_pages} changed pages, "
+                f"{self.missed_pages} missed, {self.false_positives} false positives "
+                f"({self.false_positive_ratio:.1%}), {self.full_resyncs} full resyncs, "
+                f"harvest median {med:.3f} ms")
+
+
+def read_ram(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        chunks = []
+        off = 0
+        while off < size:
+            b = os.pread(fd, min(64 << 20, size - off), off)
+            if not b:
+                break
+            chunks.append(b)
+            off += len(b)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def changed_pages(before: bytes, after: bytes) -> set[int]:
+    """Brute force: every page whose bytes differ (compares 1 MiB chunks first)."""
+    if len(before) != len(after):
+        raise ValueError("RAM size changed between epochs")
+    out: set[int] = set()
+    for c in range(0, len(after), _CHUNK):
+        if before[c:c + _CHUNK] == after[c:c + _CHUNK]:
+            continue
+        for off in range(c, min(c + _CHUNK, len(after)), PAGE):
+            if before[off:off + PAGE] != after[off:off + PAGE]:
+                out.add(off // PAGE)
+    return out
+
+
+def run_ground_truth(guest: RunningGuest, make_tracker: Callable[[T.VmStopped], T.Tracker], epochs: int,
+                     run_s: float = 0.01, stop_on_miss: bool = False) -> TruthReport:
+    """Run ``epochs`` epochs of ``run_s`` seconds each; see the module docstring."""
+    stopped = {"v": False}
+
+    def vm_stopped() -> bool:
+        return stopped["v"]
+
+    guest.stop()
+    stopped["v"] = True
+    tracker = make_tracker(vm_stopped)
+    report = TruthReport(tracker.name)
+    try:
+        out = T.page_buffer(tracker.npages)
+        tracker.arm()
+        prev = read_ram(guest.ram_path)
+        for epoch in range(epochs):
+            stopped["v"] = False
+            guest.cont()
+            time.sleep(run_s)
+            guest.stop()
+            stopped["v"] = True
+            t0 = time.perf_counter()
+            h = tracker.harvest(out)
+            report.harvest_ms.append((time.perf_counter() - t0) * 1e3)
+            now = read_ram(guest.ram_path)
+            truth = changed_pages(prev, now)
+            got = set(out[:h.count])
+            report.epochs += 1
+            report.changed_pages += len(truth)
+            report.harvested_pages += len(got)
+            report.false_positives += len(got - truth)
+            if h.full_resync:
+                report.full_resyncs += 1  # the engine would copy everything: nothing can be missed
+            else:
+                missed = truth - got
+                report.missed_pages += len(missed)
+                room = max(0, 5 - len(report.first_misses))
+                report.first_misses += [(epoch, p) for p in sorted(missed)[:room]]
+                if missed and stop_on_miss:
+                    break
+            prev = now
+    finally:
+        tracker.close()
+        if stopped["v"]:
+            guest.cont()
+    return report
