@@ -76,13 +76,14 @@ trk_feature_list(uint64_t mask)
 static PyObject *
 UffdTracker_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"uffd", "pid", "start", "length", NULL};
-    int fd, pid, own = -1, err;
+    static char *kwlist[] = {"uffd", "pid", "start", "length", "walkers", NULL};
+    int fd, pid, own = -1, err, walkers = 1;
     unsigned long long start, length;
     uint64_t missing = 0;
     UffdTrackerObject *self = NULL;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiKK:UffdTracker", kwlist, &fd, &pid, &start, &length))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiKK|i:UffdTracker", kwlist, &fd, &pid, &start, &length,
+                                     &walkers))
         return NULL;
     self = (UffdTrackerObject *)type->tp_alloc(type, 0);
     if (self == NULL)
@@ -94,7 +95,7 @@ UffdTracker_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         goto error;
     }
     Py_BEGIN_ALLOW_THREADS
-    err = uffd_tracker_open(&self->t, own, pid, start, length, &missing);
+    err = uffd_tracker_open(&self->t, own, pid, start, length, walkers, &missing);
     Py_END_ALLOW_THREADS
     if (err < 0) {
         if (err == -EPROTONOSUPPORT) {
@@ -241,7 +242,8 @@ static PyType_Slot UffdTracker_slots[] = {
     {Py_tp_dealloc, UffdTracker_dealloc},
     {Py_tp_methods, UffdTracker_methods},
     {Py_tp_getset, UffdTracker_getset},
-    {Py_tp_doc, "UffdTracker(uffd, pid, start, length): userfaultfd WP-async + PAGEMAP_SCAN tracker.\n"
+    {Py_tp_doc, "UffdTracker(uffd, pid, start, length, walkers=1): userfaultfd WP-async + PAGEMAP_SCAN\n"
+                "tracker; harvests split the page-table walk over `walkers` threads.\n"
                 "uffd is duplicated (the caller keeps and closes its own fd)."},
     {0, NULL},
 };

@@ -171,7 +171,7 @@ event_thread(void *arg)
 
 int
 uffd_tracker_open(struct uffd_tracker *t, int uffd, int pid, uint64_t start, uint64_t length,
-                  uint64_t *missing)
+                  int nwalkers, uint64_t *missing)
 {
     struct uffdio_api api = {.api = UFFD_API};
     char path[64];
@@ -239,6 +239,22 @@ uffd_tracker_open(struct uffd_tracker *t, int uffd, int pid, uint64_t start, uin
         err = -ENOMEM;
         goto error;
     }
+    if (nwalkers > CUJU_UFFD_MAX_WALKERS)
+        nwalkers = CUJU_UFFD_MAX_WALKERS;
+    t->nwalkers = nwalkers > 1 ? nwalkers : 1;
+    if (t->nwalkers > 1) {
+        uint64_t npages = length / t->page_size;
+        for (int i = 0; i < t->nwalkers; i++) {
+            uint64_t share = npages * (uint64_t)(i + 1) / (uint64_t)t->nwalkers -
+                             npages * (uint64_t)i / (uint64_t)t->nwalkers;
+            t->walker_vec[i] = calloc(SCAN_VEC_LEN, sizeof(struct page_region));
+            t->walker_out[i] = malloc((share ? share : 1) * sizeof(uint64_t));
+            if (t->walker_vec[i] == NULL || t->walker_out[i] == NULL) {
+                err = -ENOMEM;
+                goto error;
+            }
+        }
+    }
     if (pipe2(t->stop_pipe, O_CLOEXEC) < 0) {
         err = -errno;
         goto error;
@@ -273,6 +289,9 @@ uffd_tracker_arm(struct uffd_tracker *t)
             return -errno;
         t->armed = true;
     }
+    /* Markers in every PTE, including unmapped pages: without one, the kernel
+     * counts an unmapped page as written (it is not protected), so protecting
+     * only mapped pages would not make later harvests cheaper. */
     if (ioctl(t->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
         return -errno;
     /* Everything before this point is the initial full copy's business. */
@@ -290,6 +309,116 @@ bitmap_set_range(uint64_t *bm, uint64_t lo, uint64_t hi)
         bm[i / 64] |= 1ULL << (i % 64);
 }
 
+/* Walk [start, end) with PAGEMAP_SCAN, report-and-reprotect written pages, append
+ * their indexes to out[0..cap) from *n on (counting beyond cap). Returns 0 or
+ * -errno; sets *resync on anything unexpected. */
+static int
+walk_range(const struct uffd_tracker *t, uint64_t start, uint64_t end, struct page_region *vec,
+           size_t vec_len, uint64_t *out, uint64_t cap, uint64_t *n, bool *resync)
+{
+    uint64_t npages = t->length / t->page_size;
+    struct pm_scan_arg arg;
+
+    memset(&arg, 0, sizeof(arg));
+    arg.size = sizeof(arg);
+    arg.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC;
+    arg.start = start;
+    arg.end = end;
+    arg.vec = (uint64_t)(uintptr_t)vec;
+    arg.vec_len = vec_len;
+    arg.category_mask = PAGE_IS_WRITTEN;
+    arg.return_mask = PAGE_IS_WRITTEN;
+    while (arg.start < end) {
+        int r = ioctl(t->pagemap_fd, PAGEMAP_SCAN, &arg);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            *resync = true;
+            return -errno;
+        }
+        for (int i = 0; i < r; i++) {
+            uint64_t lo = (vec[i].start - t->start) / t->page_size;
+            uint64_t hi = (vec[i].end - t->start) / t->page_size;
+            if (hi > npages || lo >= hi) {
+                *resync = true;
+                continue;
+            }
+            for (uint64_t p = lo; p < hi; p++) {
+                if (*n < cap)
+                    out[*n] = p;
+                (*n)++;
+            }
+        }
+        if (arg.walk_end <= arg.start || arg.walk_end > end) {
+            *resync = true;
+            return -EIO;
+        }
+        arg.start = arg.walk_end;
+    }
+    return 0;
+}
+
+struct walker {
+    const struct uffd_tracker *t;
+    uint64_t start, end;     /* address range of this walker */
+    struct page_region *vec; /* owned by the tracker, one per walker */
+    uint64_t *out;           /* this walker's index scratch (cap entries) */
+    uint64_t cap, n;
+    bool resync;
+    int err;
+};
+
+static void *
+walker_main(void *arg)
+{
+    struct walker *w = arg;
+    w->n = 0;
+    w->resync = false;
+    w->err = walk_range(w->t, w->start, w->end, w->vec, SCAN_VEC_LEN, w->out, w->cap, &w->n, &w->resync);
+    return NULL;
+}
+
+/* Split the walk over t->nwalkers threads (the calling thread is walker 0): the
+ * kernel's cost has a per-PTE term for the whole range, which parallelises. */
+static int
+walk_parallel(struct uffd_tracker *t, uint64_t *out, uint64_t cap, uint64_t *n, bool *resync)
+{
+    struct walker w[CUJU_UFFD_MAX_WALKERS];
+    pthread_t th[CUJU_UFFD_MAX_WALKERS];
+    uint64_t npages = t->length / t->page_size;
+    int started = 0, err = 0;
+
+    for (int i = 0; i < t->nwalkers; i++) {
+        uint64_t first = npages * (uint64_t)i / (uint64_t)t->nwalkers;
+        uint64_t last = npages * (uint64_t)(i + 1) / (uint64_t)t->nwalkers;
+        w[i] = (struct walker){
+            .t = t, .start = t->start + first * t->page_size, .end = t->start + last * t->page_size,
+            .vec = t->walker_vec[i], .out = t->walker_out[i], .cap = last - first,
+        };
+    }
+    for (int i = 1; i < t->nwalkers; i++) {
+        if (pthread_create(&th[i], NULL, walker_main, &w[i]) != 0)
+            break;
+        started = i;
+    }
+    walker_main(&w[0]);
+    for (int i = started + 1; i < t->nwalkers; i++)
+        walker_main(&w[i]);
+    for (int i = 1; i <= started; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < t->nwalkers; i++) {
+        if (w[i].err < 0 && err == 0)
+            err = w[i].err;
+        *resync |= w[i].resync || w[i].n > w[i].cap;
+        for (uint64_t k = 0; k < w[i].n && k < w[i].cap; k++) {
+            if (*n < cap)
+                out[*n] = w[i].out[k];
+            (*n)++;
+        }
+    }
+    return err;
+}
+
 int64_t
 uffd_tracker_harvest(struct uffd_tracker *t, uint64_t *out, uint64_t cap, bool *resync)
 {
@@ -297,8 +426,6 @@ uffd_tracker_harvest(struct uffd_tracker *t, uint64_t *out, uint64_t cap, bool *
     size_t n_removed;
     uint64_t n = 0;
     uint64_t npages = t->length / t->page_size;
-    uint64_t end = t->start + t->length;
-    struct pm_scan_arg arg;
     int err;
 
     *resync = false;
@@ -320,45 +447,14 @@ uffd_tracker_harvest(struct uffd_tracker *t, uint64_t *out, uint64_t cap, bool *
     pthread_mutex_unlock(&t->lock);
 
     /* Scan the whole range even when a resync is due: it re-protects the
-     * written pages, so the next epoch starts clean. Cost follows the number of
-     * written ranges: the kernel skips untouched page tables, and we resume from
-     * walk_end whenever the output vector fills up. */
-    memset(&arg, 0, sizeof(arg));
-    arg.size = sizeof(arg);
-    arg.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC;
-    arg.start = t->start;
-    arg.end = end;
-    arg.vec = (uint64_t)(uintptr_t)t->vec;
-    arg.vec_len = t->vec_len;
-    arg.category_mask = PAGE_IS_WRITTEN;
-    arg.return_mask = PAGE_IS_WRITTEN;
-    while (arg.start < end) {
-        int r = ioctl(t->pagemap_fd, PAGEMAP_SCAN, &arg);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            *resync = true;
-            return -errno;
-        }
-        for (int i = 0; i < r; i++) {
-            uint64_t lo = (t->vec[i].start - t->start) / t->page_size;
-            uint64_t hi = (t->vec[i].end - t->start) / t->page_size;
-            if (hi > npages || lo >= hi) {
-                *resync = true;
-                continue;
-            }
-            for (uint64_t p = lo; p < hi; p++) {
-                if (n < cap)
-                    out[n] = p;
-                n++;
-            }
-        }
-        if (arg.walk_end <= arg.start || arg.walk_end > end) {
-            *resync = true;
-            return -EIO;
-        }
-        arg.start = arg.walk_end;
-    }
+     * written pages, so the next epoch starts clean. The kernel skips holes;
+     * we resume from walk_end whenever the output vector fills up. */
+    if (t->nwalkers > 1)
+        err = walk_parallel(t, out, cap, &n, resync);
+    else
+        err = walk_range(t, t->start, t->start + t->length, t->vec, t->vec_len, out, cap, &n, resync);
+    if (err < 0)
+        return err;
     if (n > cap) {
         *resync = true;
         n = cap;
@@ -428,5 +524,11 @@ uffd_tracker_close(struct uffd_tracker *t)
     t->vec = NULL;
     free(t->bitmap);
     t->bitmap = NULL;
+    for (int i = 0; i < CUJU_UFFD_MAX_WALKERS; i++) {
+        free(t->walker_vec[i]);
+        free(t->walker_out[i]);
+        t->walker_vec[i] = NULL;
+        t->walker_out[i] = NULL;
+    }
     pthread_mutex_destroy(&t->lock);
 }

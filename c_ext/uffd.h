@@ -89,6 +89,9 @@ struct pm_scan_arg {
                             UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP)
 #define CUJU_UFFD_OPTIONAL (UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
 
+/* Parallel PAGEMAP_SCAN walkers at most (threads per harvest). */
+#define CUJU_UFFD_MAX_WALKERS 8
+
 /* Removed ranges kept between two harvests; one more sets resync. */
 #define CUJU_UFFD_MAX_REMOVED 1024
 
@@ -127,6 +130,9 @@ struct uffd_tracker {
     struct page_region *vec; /* PAGEMAP_SCAN output scratch */
     size_t vec_len;
     uint64_t *bitmap;        /* merge scratch, allocated on first removed range */
+    int nwalkers;            /* threads splitting the walk; 1 = the caller only */
+    struct page_region *walker_vec[CUJU_UFFD_MAX_WALKERS]; /* per-walker scratch */
+    uint64_t *walker_out[CUJU_UFFD_MAX_WALKERS];
 
     /* Protected by lock (event thread and caller). */
     pthread_mutex_t lock;
@@ -139,10 +145,11 @@ struct uffd_tracker {
 };
 
 /* Take ownership of `uffd` (closed on error too), open /proc/PID/pagemap,
- * negotiate features, start the event thread. Returns 0 or -errno; on
- * -EPROTONOSUPPORT, *missing holds the required features the kernel lacks. */
+ * negotiate features, start the event thread. Harvests split the walk over
+ * `nwalkers` threads (1 = none). Returns 0 or -errno; on -EPROTONOSUPPORT,
+ * *missing holds the required features the kernel lacks. */
 int uffd_tracker_open(struct uffd_tracker *t, int uffd, int pid, uint64_t start,
-                      uint64_t length, uint64_t *missing);
+                      uint64_t length, int nwalkers, uint64_t *missing);
 
 /* Register the range for WP and write-protect all of it. The next harvest
  * reports pages written after this call. Returns 0 or -errno. */

@@ -185,17 +185,19 @@ class UffdTracker(_GuardedTracker):
 
     @classmethod
     def attach(cls, pid: int, ram_path: str | os.PathLike[str], vm_stopped: VmStopped,
-               *, user_mode_only: bool | None = None) -> UffdTracker:
+               *, user_mode_only: bool | None = None, walkers: int = 1) -> UffdTracker:
         """Attach to running process ``pid`` (QEMU) and track its mapping of ``ram_path``.
 
-        ``user_mode_only`` defaults to "QEMU does not run as root". Not armed yet.
+        ``user_mode_only`` defaults to "QEMU does not run as root". ``walkers`` threads
+        split each harvest's page-table walk (worth it on hosts with idle cores; on the
+        2-core development machine it did not help). Not armed yet.
         """
         start, length = find_ram_mapping(pid, ram_path)
         if user_mode_only is None:
             user_mode_only = _effective_uid(pid) != 0
         fd = _attach_any_thread(pid, user_mode_only)
         try:
-            backend = _cuju.UffdTracker(fd, pid, start, length)
+            backend = _cuju.UffdTracker(fd, pid, start, length, walkers)
         except OSError as err:
             raise TrackerUnavailableError(f"uffd tracker for pid {pid}: {err}") from err
         finally:

@@ -199,6 +199,22 @@ def test_uffd_attach_ground_truth(child: Child) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_uffd_parallel_walkers_ground_truth(tmp_shm: Path) -> None:
+    c = _spawn(tmp_shm, None)
+    try:
+        tracker = T.UffdTracker.attach(c.proc.pid, c.ram, c.stopped, walkers=3)
+        try:
+            changed, _, _ = _ground_truth_rounds(tracker, c, 100, seed=3)
+            assert changed > 500
+        finally:
+            tracker.close()
+    finally:
+        assert c.proc.stdin is not None
+        c.proc.stdin.close()
+        c.proc.wait(5)
+
+
+@pytest.mark.timeout(120)
 def test_scan_ground_truth(child: Child) -> None:
     with T.ScanTracker.open(child.ram, child.stopped, nthreads=2) as tracker:
         changed, fp, _ = _ground_truth_rounds(tracker, child, 200, seed=2)
