@@ -66,15 +66,13 @@ record_removed(struct uffd_tracker *t, uint64_t from, uint64_t to)
 
     if (lo >= hi)
         return;
+    uint64_t first = (lo - t->start) / t->page_size;
+    uint64_t last = (hi - t->start + t->page_size - 1) / t->page_size;
     pthread_mutex_lock(&t->lock);
     t->events_remove++;
-    if (t->n_removed == CUJU_UFFD_MAX_REMOVED) {
-        t->resync = true;
-    } else {
-        t->removed[t->n_removed].start = (lo - t->start) / t->page_size;
-        t->removed[t->n_removed].end = (hi - t->start + t->page_size - 1) / t->page_size;
-        t->n_removed++;
-    }
+    t->any_removed = true;
+    for (uint64_t p = first; p < last; p++)
+        t->removed_bm[p / 64] |= 1ULL << (p % 64);
     pthread_mutex_unlock(&t->lock);
 }
 
@@ -239,6 +237,13 @@ uffd_tracker_open(struct uffd_tracker *t, int uffd, int pid, uint64_t start, uin
         err = -ENOMEM;
         goto error;
     }
+    t->bm_words = (length / t->page_size + 63) / 64;
+    t->bitmap = calloc(t->bm_words, sizeof(uint64_t));
+    t->removed_bm = calloc(t->bm_words, sizeof(uint64_t));
+    if (t->bitmap == NULL || t->removed_bm == NULL) {
+        err = -ENOMEM;
+        goto error;
+    }
     if (nwalkers > CUJU_UFFD_MAX_WALKERS)
         nwalkers = CUJU_UFFD_MAX_WALKERS;
     t->nwalkers = nwalkers > 1 ? nwalkers : 1;
@@ -296,17 +301,11 @@ uffd_tracker_arm(struct uffd_tracker *t)
         return -errno;
     /* Everything before this point is the initial full copy's business. */
     pthread_mutex_lock(&t->lock);
-    t->n_removed = 0;
+    memset(t->removed_bm, 0, t->bm_words * sizeof(uint64_t));
+    t->any_removed = false;
     t->resync = false;
     pthread_mutex_unlock(&t->lock);
     return 0;
-}
-
-static void
-bitmap_set_range(uint64_t *bm, uint64_t lo, uint64_t hi)
-{
-    for (uint64_t i = lo; i < hi; i++)
-        bm[i / 64] |= 1ULL << (i % 64);
 }
 
 /* Walk [start, end) with PAGEMAP_SCAN, report-and-reprotect written pages, append
@@ -422,10 +421,8 @@ walk_parallel(struct uffd_tracker *t, uint64_t *out, uint64_t cap, uint64_t *n, 
 int64_t
 uffd_tracker_harvest(struct uffd_tracker *t, uint64_t *out, uint64_t cap, bool *resync)
 {
-    struct uffd_range removed[CUJU_UFFD_MAX_REMOVED];
-    size_t n_removed;
+    bool any_removed;
     uint64_t n = 0;
-    uint64_t npages = t->length / t->page_size;
     int err;
 
     *resync = false;
@@ -439,9 +436,14 @@ uffd_tracker_harvest(struct uffd_tracker *t, uint64_t *out, uint64_t cap, bool *
         mark_resync(t, -err);
 
     pthread_mutex_lock(&t->lock);
-    n_removed = t->n_removed;
-    memcpy(removed, t->removed, n_removed * sizeof(removed[0]));
-    t->n_removed = 0;
+    /* Swap the event thread's bitmap for the (clear) merge scratch. */
+    any_removed = t->any_removed;
+    if (any_removed) {
+        uint64_t *bm = t->removed_bm;
+        t->removed_bm = t->bitmap;
+        t->bitmap = bm;
+        t->any_removed = false;
+    }
     *resync = t->resync;
     t->resync = false;
     pthread_mutex_unlock(&t->lock);
@@ -453,33 +455,26 @@ uffd_tracker_harvest(struct uffd_tracker *t, uint64_t *out, uint64_t cap, bool *
         err = walk_parallel(t, out, cap, &n, resync);
     else
         err = walk_range(t, t->start, t->start + t->length, t->vec, t->vec_len, out, cap, &n, resync);
-    if (err < 0)
+    if (err < 0) {
+        memset(t->bitmap, 0, t->bm_words * sizeof(uint64_t)); /* keep the scratch clear */
         return err;
+    }
     if (n > cap) {
         *resync = true;
         n = cap;
     }
-    if (n_removed == 0)
+    if (!any_removed)
         return (int64_t)n;
 
-    /* Rare path (balloon, discard): merge removed ranges through a bitmap. */
-    uint64_t words = (npages + 63) / 64;
-    if (t->bitmap == NULL) {
-        t->bitmap = calloc(words, sizeof(uint64_t));
-        if (t->bitmap == NULL) {
-            *resync = true;
-            return (int64_t)n;
-        }
-    } else {
-        memset(t->bitmap, 0, words * sizeof(uint64_t));
-    }
+    /* Balloon or discard: merge the removed pages through the bitmap, which
+     * is cleared as it is emitted and becomes the event thread's next one. */
+    uint64_t words = t->bm_words;
     for (uint64_t i = 0; i < n; i++)
         t->bitmap[out[i] / 64] |= 1ULL << (out[i] % 64);
-    for (size_t i = 0; i < n_removed; i++)
-        bitmap_set_range(t->bitmap, removed[i].start, removed[i].end < npages ? removed[i].end : npages);
     n = 0;
     for (uint64_t w = 0; w < words; w++) {
         uint64_t bits = t->bitmap[w];
+        t->bitmap[w] = 0;
         while (bits) {
             uint64_t p = w * 64 + (uint64_t)__builtin_ctzll(bits);
             bits &= bits - 1;
@@ -524,6 +519,8 @@ uffd_tracker_close(struct uffd_tracker *t)
     t->vec = NULL;
     free(t->bitmap);
     t->bitmap = NULL;
+    free(t->removed_bm);
+    t->removed_bm = NULL;
     for (int i = 0; i < CUJU_UFFD_MAX_WALKERS; i++) {
         free(t->walker_vec[i]);
         free(t->walker_out[i]);

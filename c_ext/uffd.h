@@ -18,9 +18,9 @@
  * Events (thread "cuju-uffd-ev"): the kernel blocks a thread of the target that
  * calls madvise(DONTNEED/REMOVE) on the range until the REMOVE event is read, so
  * one C thread reads events at all times. REMOVE ranges are recorded as dirty for
- * the next harvest; UNMAP/REMAP touching the range, a read error, or more removed
- * ranges than fit in the table set `resync` ("full resync needed"), never
- * "nothing changed".
+ * the next harvest (in a bitmap, which cannot overflow); UNMAP/REMAP touching
+ * the range, an unexpected message or a read error set `resync` ("full resync
+ * needed"), never "nothing changed".
  */
 #ifndef CUJU_UFFD_H
 #define CUJU_UFFD_H
@@ -92,9 +92,6 @@ struct pm_scan_arg {
 /* Parallel PAGEMAP_SCAN walkers at most (threads per harvest). */
 #define CUJU_UFFD_MAX_WALKERS 8
 
-/* Removed ranges kept between two harvests; one more sets resync. */
-#define CUJU_UFFD_MAX_REMOVED 1024
-
 /* Results of probing the running kernel (own process, scratch uffd). */
 struct uffd_caps {
     uint64_t features;   /* UFFDIO_API features the kernel offers */
@@ -107,11 +104,6 @@ int uffd_probe(struct uffd_caps *caps, bool user_mode_only);
 
 /* userfaultfd() in the calling process (for self-tests). Returns fd or -errno. */
 int uffd_create(bool user_mode_only);
-
-struct uffd_range {
-    uint64_t start; /* page index relative to region start */
-    uint64_t end;   /* exclusive */
-};
 
 struct uffd_tracker {
     /* Set by open, read-only afterwards (any thread). */
@@ -129,15 +121,16 @@ struct uffd_tracker {
     bool armed;
     struct page_region *vec; /* PAGEMAP_SCAN output scratch */
     size_t vec_len;
-    uint64_t *bitmap;        /* merge scratch, allocated on first removed range */
+    uint64_t *bitmap;        /* merge scratch (all zero between harvests); swapped with removed_bm */
+    uint64_t bm_words;       /* words in each bitmap; set by open */
     int nwalkers;            /* threads splitting the walk; 1 = the caller only */
     struct page_region *walker_vec[CUJU_UFFD_MAX_WALKERS]; /* per-walker scratch */
     uint64_t *walker_out[CUJU_UFFD_MAX_WALKERS];
 
     /* Protected by lock (event thread and caller). */
     pthread_mutex_t lock;
-    struct uffd_range removed[CUJU_UFFD_MAX_REMOVED];
-    size_t n_removed;
+    uint64_t *removed_bm;    /* pages removed since the last harvest, one bit each */
+    bool any_removed;
     bool resync;             /* full resync needed at next harvest */
     uint64_t events_remove;  /* counters for the operator */
     uint64_t events_other;
