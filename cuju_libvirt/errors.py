@@ -10,7 +10,10 @@ Every error the package raises on purpose derives from :class:`CujuError`::
      +-- StateError          an FT state-machine transition that is not allowed now
      +-- ReplicationError    the data plane failed (link, peer, tracker, codec)
      |    +-- TrackerError           a dirty tracker failed while in use
-     |         +-- TrackerUnavailableError  the host or the domain cannot run the tracker asked for
+     |    |    +-- TrackerUnavailableError  the host or the domain cannot run the tracker asked for
+     |    +-- DeviceStateError      a device-state save/load failed (QEMU's words)  [ft_engine/vmstate.py]
+     |         +-- BlobFormatError       a blob is malformed, truncated or holds RAM [ft_engine/vmstate.py]
+     |         +-- StandbyMismatchError  the standby differs from the primary      [ft_engine/devstate.py]
      +-- LibvirtError        a libvirt call failed; carries (domain, code) of the cause
      +-- MonitorError        a QEMU monitor (QMP) connection failed or a command was refused
      |    +-- QMPError            QEMU refused a command (error class, desc)   [qmp.py]
