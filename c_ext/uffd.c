@@ -444,7 +444,9 @@ uffd_tracker_harvest(struct uffd_tracker *t, uint64_t *out, uint64_t cap, bool *
         t->bitmap = bm;
         t->any_removed = false;
     }
-    *resync = t->resync;
+    /* A dead event thread can no longer vouch for REMOVE events: every harvest
+     * from then on asks for a full copy. */
+    *resync = t->resync || t->thread_errno != 0;
     t->resync = false;
     pthread_mutex_unlock(&t->lock);
 
