@@ -24,6 +24,14 @@ MAX_XML_BYTES = 10 * 1024 * 1024
 
 _DECLARATION_BYTES = re.compile(rb"\A(?:\xef\xbb\xbf)?<\?xml[^>]*\?>")
 _DECLARATION_STR = re.compile(r"\A\ufeff?<\?xml[^>]*\?>")
+# A DOCTYPE in the prolog (after the declaration, comments, PIs and blanks). Checked before
+# parsing so that not even the internal subset of a hostile document is looked at.
+_DOCTYPE_BYTES = re.compile(rb"\A(?:\xef\xbb\xbf)?(?:\s|<\?.*?\?>|<!--.*?-->)*<!DOCTYPE", re.DOTALL)
+_DOCTYPE_STR = re.compile(r"\A\ufeff?(?:\s|<\?.*?\?>|<!--.*?-->)*<!DOCTYPE", re.DOTALL)
+_DOCTYPE_REFUSED = (
+    "contains a DOCTYPE; refused (domain XML never needs one, and DTDs allow entity-expansion "
+    "and external-entity attacks): remove the <!DOCTYPE ...> declaration"
+)
 
 
 def safe_parser() -> etree.XMLParser:
@@ -46,11 +54,13 @@ def parse_xml(data: str | bytes, what: str = "domain XML") -> tuple[etree._Eleme
 
     Raises :class:`NotADomainXMLError` for oversized, malformed or DOCTYPE-carrying input.
     """
-    size = len(data.encode() if isinstance(data, str) else data)
+    size = len(data.encode("utf-8", "replace") if isinstance(data, str) else data)
     if size > MAX_XML_BYTES:
         raise NotADomainXMLError(
             f"{what} is {size} bytes, more than the {MAX_XML_BYTES // (1024 * 1024)} MiB accepted"
         )
+    if (_DOCTYPE_STR.match(data) if isinstance(data, str) else _DOCTYPE_BYTES.match(data)) is not None:
+        raise NotADomainXMLError(f"{what} {_DOCTYPE_REFUSED}")
     declaration: str | bytes
     try:
         if isinstance(data, str):
@@ -69,10 +79,7 @@ def parse_xml(data: str | bytes, what: str = "domain XML") -> tuple[etree._Eleme
     tree = root.getroottree()
     doctype = str(getattr(tree.docinfo, "doctype", "") or "")
     if doctype or tree.docinfo.internalDTD is not None:
-        raise NotADomainXMLError(
-            f"{what} contains a DOCTYPE; refused (domain XML never needs one, and DTDs allow "
-            "entity-expansion and external-entity attacks): remove the <!DOCTYPE ...> declaration"
-        )
+        raise NotADomainXMLError(f"{what} {_DOCTYPE_REFUSED}")
     return tree, declaration
 
 

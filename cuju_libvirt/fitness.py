@@ -322,14 +322,13 @@ def _rule_vhost_user(ctx: _Context) -> None:
         driver = video.find("driver")
         if driver is not None and driver.get("name") == "vhostuser":
             ctx.error("vhost-user", "<video><driver name='vhostuser'>", why, "use a QEMU video model")
-    for dev in ctx.devices("vsock"):
+    if any(True for _ in ctx.devices("vsock")):
         ctx.error(
             "vsock", "<vsock>",
             "vhost-vsock runs in a kernel worker outside QEMU's filters: its host connections "
             "cannot follow the VM to the peer and its output is not held until commit",
             "remove the <vsock> (use a virtio-serial <channel> or the network)",
         )
-        del dev
     for shm in ctx.devices("shmem"):
         ctx.error(
             "shmem", f"<shmem name='{shm.get('name', '?')}'>",
