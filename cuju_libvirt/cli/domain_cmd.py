@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -78,18 +79,21 @@ def connect(uri: str | None, readonly: bool = False) -> Iterator[Any]:
 
 def lookup(conn: Any, name: str) -> Any:
     """The domain by name, else UUID, else numeric ID (as virsh does)."""
-    attempts = [conn.lookupByName, conn.lookupByUUIDString]
+    attempts = [conn.lookupByName]
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        pass
+    else:
+        attempts.append(conn.lookupByUUIDString)
     if name.isdigit():
         attempts.append(lambda text: conn.lookupByID(int(text)))
-    last: libvirt.libvirtError | None = None
     for attempt in attempts:
         try:
             return attempt(name)
         except libvirt.libvirtError as err:
             if err.get_error_code() not in _NOT_FOUND:
                 raise _libvirt_error(err, f"cannot look up domain '{name}'") from err
-            last = err
-    del last
     raise CLIError(f"no domain '{name}' on {conn.getURI()}", EXIT_UNREADABLE)
 
 
