@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from lxml import etree
 
@@ -368,3 +370,16 @@ def test_unicode_and_cdata_survive() -> None:
     enabled = dx.set_ft(data, dx.FTSpec.defaults("hostb"))
     assert "café-日本".encode() in enabled
     assert b"<![CDATA[Owner: <ops@example.org> & friends]]>" in enabled
+
+
+def test_docs_describe_every_attribute_with_its_default_and_bounds() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "ft-element.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in doc.splitlines() if line.startswith("| `")}
+    for attr in dx.ATTRIBUTES:
+        row = rows[attr.name]
+        if attr.bounds:
+            assert f"{attr.bounds[0]}..{attr.bounds[1]}" in row
+        if attr.kind == "int":
+            assert f"| {attr.default} |" in row
+        for choice in attr.choices:
+            assert f"`{choice}`" in row
