@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import AnyStr, Generic
@@ -29,6 +30,8 @@ from lxml import etree
 
 from cuju_libvirt._xml import close_indent, insert_child
 from cuju_libvirt.domain_xml import FTSpec, find_ft, load_domain, spec_from_element
+
+LOG = logging.getLogger(__name__)
 
 #: libvirt's namespace for ``<qemu:commandline>``; must be declared on the root ``<domain>``.
 QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -561,6 +564,8 @@ def prepare_in(root: etree._Element) -> list[str]:
     _prepare_memory(root, changes)
     _prepare_nics(root, changes)
     _prepare_qmp(root, changes)
+    for change in changes:
+        LOG.debug("prepare %s: %s", (root.findtext("name") or "?").strip(), change)
     return changes
 
 

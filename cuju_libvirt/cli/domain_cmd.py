@@ -68,6 +68,7 @@ def connect(uri: str | None, readonly: bool = False) -> Iterator[Any]:
         conn = libvirt.openReadOnly(uri) if readonly else libvirt.open(uri)
     except libvirt.libvirtError as err:
         raise CLIError(f"cannot connect to {shown}: {err.get_error_message()}", EXIT_UNREADABLE) from err
+    LOG.debug("connected to %s", conn.getURI())
     try:
         yield conn
     finally:
@@ -110,6 +111,7 @@ def read_metadata(dom: Any, flags: int) -> FTSpec | None:
 def _set_metadata(dom: Any, spec: FTSpec | None, flags: int) -> None:
     text = libvirt_metadata_xml(spec) if spec is not None else None
     key = FT_PREFIX if spec is not None else None
+    LOG.debug("setMetadata(%s, %r, flags=%#x)", dom.name(), text, flags)
     try:
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, text, key, FT_NAMESPACE, flags)
     except libvirt.libvirtError as err:
@@ -144,6 +146,7 @@ def _prepare_and_define(conn: Any, dom: Any, xml: str, spec: FTSpec, force: bool
         report_problems(remaining)
         raise CLIError(f"'{dom.name()}' cannot be protected even after --prepare: nothing changed")
     if changes:
+        LOG.info("redefining %s with %d prepared change(s)", dom.name(), len(changes))
         try:
             conn.defineXML(doc.to_str())
         except libvirt.libvirtError as err:
