@@ -192,7 +192,7 @@ def _rule_qmp_socket(ctx: _Context) -> None:
             f"shorten the domain name to at most {_MAX_SOCKET_PATH - len(qmp_socket_path(''))} bytes",
         )
         return
-    if _qmp_arg(ctx.root) is None:
+    if not has_qmp_socket(ctx.root):
         ctx.error(
             "qmp-socket", "<qemu:commandline>",
             f"no direct QMP socket for cujud's per-epoch commands (-qmp {qmp_argument(name)})",
@@ -440,22 +440,66 @@ def _qemu_prefix(root: etree._Element) -> str | None:
     return None
 
 
-def _qmp_arg(root: etree._Element) -> etree._Element | None:
-    """The ``<qemu:arg>`` holding this domain's cuju QMP socket, if present."""
-    name = (root.findtext("name") or "").strip()
-    args = root.findall(f"{{{QEMU_NAMESPACE}}}commandline/{{{QEMU_NAMESPACE}}}arg")
+def _qemu_options(value: str) -> list[str]:
+    """Split a QEMU option string at single commas (',,' is an escaped comma)."""
+    parts: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(value):
+        if value[i] == ",":
+            if value[i + 1 : i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(value[i])
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def _flags(options: list[str]) -> dict[str, str]:
+    """key=value options as a dict; bare flags become 'on' ('nowait' becomes wait=off)."""
+    result: dict[str, str] = {}
+    for option in options:
+        key, sep, val = option.partition("=")
+        if not sep:
+            key, val = ("wait", "off") if key == "nowait" else (key, "on")
+        result[key] = val
+    return result
+
+
+def _server_nowait(flags: dict[str, str]) -> bool:
+    return flags.get("server") in ("on", "yes", "true") and flags.get("wait") in ("off", "no", "false")
+
+
+def has_qmp_socket(root: etree._Element) -> bool:
+    """Whether ``<qemu:commandline>`` gives QEMU cujud's direct QMP socket for this domain.
+
+    Accepted: ``-qmp unix:PATH,server=on,wait=off`` or ``-chardev socket,id=ID,path=PATH,
+    server=on,wait=off`` with ``-mon chardev=ID,mode=control``, PATH being
+    :func:`qmp_socket_path` of the domain's name.
+    """
+    path = qmp_socket_path((root.findtext("name") or "").strip())
+    q = f"{{{QEMU_NAMESPACE}}}"
+    args = [str(a.get("value", "")) for a in root.iterfind(f"{q}commandline/{q}arg")]
+    chardevs: set[str] = set()
+    monitors: set[str] = set()
     for flag, value in itertools.pairwise(args):
-        if flag.get("value") == "-qmp" and _is_cuju_qmp(value.get("value", ""), name):
-            return value
-    return None
-
-
-def _is_cuju_qmp(value: str, name: str) -> bool:
-    expected = "unix:" + qmp_socket_path(name).replace(",", ",,")
-    if not value.startswith(expected + ","):
-        return False
-    options = set(value[len(expected) + 1 :].split(","))
-    return bool({"server", "server=on"} & options) and bool({"nowait", "wait=off"} & options)
+        options = _qemu_options(value)
+        flags = _flags(options[1:])
+        if flag == "-qmp" and options[0] == f"unix:{path}" and _server_nowait(flags):
+            return True
+        socket = flag == "-chardev" and options[0] == "socket" and flags.get("path") == path
+        if socket and _server_nowait(flags):
+            chardevs.add(flags.get("id", ""))
+        if flag == "-mon":
+            mon = _flags(options)
+            if mon.get("mode") == "control" and "chardev" in mon:
+                monitors.add(mon["chardev"])
+    return bool(chardevs & monitors)
 
 
 def _ensure(
@@ -518,7 +562,7 @@ def _prepare_qmp(root: etree._Element, changes: list[str]) -> None:
     if not name or len(qmp_socket_path(name).encode()) > _MAX_SOCKET_PATH:
         return  # reported as an error by the rule; nothing safe to do
     prefix = _qemu_prefix(root)
-    present = _qmp_arg(root) is not None
+    present = has_qmp_socket(root)
     if present and prefix is not None:
         return
     if prefix is None:

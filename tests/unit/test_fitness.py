@@ -269,3 +269,41 @@ def test_prepare_changes_nothing_it_does_not_list() -> None:
     result = ft.prepare(data)
     assert result.changes == []
     assert c14n(result.xml) == c14n(data)
+
+
+@pytest.mark.parametrize(
+    ("args", "ok"),
+    [
+        (["-qmp", "unix:/run/cuju-libvirt/qmp/fit.sock,server=on,wait=off"], True),
+        (["-qmp", "unix:/run/cuju-libvirt/qmp/fit.sock,wait=off,server"], True),
+        (["-qmp", "unix:/run/cuju-libvirt/qmp/fit.sock,server=on"], False),
+        (["-qmp", "unix:/run/cuju-libvirt/qmp/fit.sockx,server=on,wait=off"], False),
+        (["-chardev", "socket,id=cq,path=/run/cuju-libvirt/qmp/fit.sock,server=on,wait=off",
+          "-mon", "chardev=cq,mode=control"], True),
+        (["-mon", "mode=control,chardev=cq",
+          "-chardev", "socket,path=/run/cuju-libvirt/qmp/fit.sock,id=cq,server,nowait"], True),
+        (["-chardev", "socket,id=cq,path=/run/cuju-libvirt/qmp/fit.sock,server=on,wait=off",
+          "-mon", "chardev=other,mode=control"], False),
+        (["-chardev", "socket,id=cq,path=/run/cuju-libvirt/qmp/fit.sock,server=on,wait=off",
+          "-mon", "chardev=cq,mode=readline"], False),
+        (["-chardev", "socket,id=cq,path=/tmp/elsewhere.sock,server=on,wait=off",
+          "-mon", "chardev=cq,mode=control"], False),
+    ],
+)
+def test_direct_qmp_socket_forms(args: list[str], ok: bool) -> None:
+    values = "".join(f"<qemu:arg value='{a}'/>" for a in args)
+    original = (
+        "<qemu:arg value='-qmp'/>\n"
+        "    <qemu:arg value='unix:/run/cuju-libvirt/qmp/fit.sock,server=on,wait=off'/>"
+    )
+    assert original in fit()
+    xml = fit().replace(original, values)
+    assert (codes(ft.check_fitness(xml)) == []) is ok
+
+
+def test_qemu_option_escaping() -> None:
+    name_with_comma = fit().replace("<name>fit</name>", "<name>a,b</name>").replace(
+        "qmp/fit.sock", "qmp/a,,b.sock"
+    )
+    assert ft.check_fitness(name_with_comma) == []
+    assert ft.prepare(name_with_comma).changes == []
