@@ -12,6 +12,11 @@ Every error the package raises on purpose derives from :class:`CujuError`::
      +-- StateError          an FT state-machine transition that is not allowed now
      +-- ReplicationError    the data plane failed (link, peer, tracker, codec)
      +-- LibvirtError        a libvirt call failed; carries (domain, code) of the cause
+     +-- MonitorError        a QEMU monitor (QMP) connection failed or a command was refused
+     |    +-- QMPError            QEMU refused a command (error class, desc)   [qmp.py]
+     |    +-- QMPConnectionError  the monitor cannot be reached or went away   [qmp.py]
+     |    +-- QMPTimeoutError     no answer within the deadline                [qmp.py]
+     +-- RigError            the test rig could not build a guest or start QEMU/libvirtd
 
 Causes are kept with ``raise ... from err``. libvirt errors are classified by
 ``(get_error_domain(), get_error_code())``, never by message text.
@@ -78,3 +83,14 @@ class LibvirtError(CujuError):
         super().__init__(message)
         self.domain = domain
         self.code = code
+
+
+class MonitorError(CujuError):
+    """A QEMU monitor (QMP) connection failed or QEMU refused a command.
+
+    The concrete classes live next to the client in :mod:`cuju_libvirt.qmp`.
+    """
+
+
+class RigError(CujuError):
+    """The test rig could not build a test guest or start a QEMU or libvirtd for it."""

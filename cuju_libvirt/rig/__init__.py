@@ -1,0 +1,9 @@
+"""The test rig: locally built test guests, QEMU started directly, libvirt domain XML for them.
+
+* :mod:`cuju_libvirt.rig.guests` builds (and caches) the test guest images.
+* :mod:`cuju_libvirt.rig.qemu_direct` runs one QEMU with a QMP socket and a file-backed RAM
+  file, without libvirt (for tracker tests and benchmarks).
+* :mod:`cuju_libvirt.rig.domains` writes libvirt domain XML for those guests.
+
+Nothing here is used by cujud in production; tests, benchmarks and the demo use it.
+"""
