@@ -7,6 +7,7 @@ from lxml import etree
 
 from cuju_libvirt import domain_xml as dx
 from cuju_libvirt import fitness as ft
+from cuju_libvirt.rig.domains import direct_qmp_args, domain_xml
 from tests.domains import LIBVIRT_DOMAIN_RNG, UNFIT, c14n, fixture_names, read_fixture
 
 QEMU = ft.QEMU_NAMESPACE
@@ -307,3 +308,22 @@ def test_qemu_option_escaping() -> None:
     )
     assert ft.check_fitness(name_with_comma) == []
     assert ft.prepare(name_with_comma).changes == []
+
+
+def test_the_rigs_domain_builder_produces_protectable_domains() -> None:
+    """The test rig's builder and these rules agree (the rig's guests are what e2e tests protect)."""
+    spec = dx.FTSpec(peer="198.18.0.2", tracker="uffd")
+    name = "xmlcli-rig"
+    xml = domain_xml(
+        name, disk="/tmp/xmlcli-boot.img", bridge="xmlcli-br0", metadata=[dx.element_xml(spec)],
+        qemu_args=direct_qmp_args(ft.qmp_socket_path(name)),
+    )
+    assert dx.parse_domain(xml) == spec
+    problems = ft.check_fitness(xml)
+    assert [(p.code, p.severity) for p in problems] == [("disk", ft.Severity.WARNING)]
+    # without the direct socket, prepare adds it and the result is fit too
+    plain = domain_xml(
+        name, disk="/tmp/xmlcli-boot.img", bridge="xmlcli-br0", metadata=[dx.element_xml(spec)]
+    )
+    assert codes(ft.check_fitness(plain), ft.Severity.ERROR) == ["qmp-socket"]
+    assert ft.prepare(plain).fit
