@@ -60,9 +60,22 @@ def _libvirt_error(err: libvirt.libvirtError, doing: str) -> LibvirtError:
     return LibvirtError(f"{doing}: {err.get_error_message()}", err.get_error_domain(), err.get_error_code())
 
 
+_event_loop_registered = False
+
+
+def _register_event_loop() -> None:
+    """libvirt's embedded drivers (``qemu:///embed?root=DIR``) refuse to open without one."""
+    global _event_loop_registered  # noqa: PLW0603  (once per process, as libvirt requires)
+    if not _event_loop_registered:
+        libvirt.virEventRegisterDefaultImpl()
+        _event_loop_registered = True
+
+
 @contextmanager
 def connect(uri: str | None, readonly: bool = False) -> Iterator[Any]:
     libvirt.registerErrorHandler(_quiet_libvirt, None)
+    if uri is not None and "/embed" in uri:
+        _register_event_loop()
     shown = uri or "the default libvirt URI"
     try:
         conn = libvirt.openReadOnly(uri) if readonly else libvirt.open(uri)
