@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - hypothesis is in the test extra
     pass
 else:
     settings.register_profile(
-        "cuju", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
+        "cuju", deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow]
     )
     settings.register_profile(
         "thorough", deadline=None, max_examples=2000, suppress_health_check=[HealthCheck.too_slow]
