@@ -5,7 +5,9 @@ Every error the package raises on purpose derives from :class:`CujuError`::
     CujuError
      +-- ConfigError         bad cujud configuration (file, drop-in, key, value)
      +-- DomainXMLError      a domain XML or <cuju:ft> element that is malformed or invalid
-     |    +-- DomainUnfitError   well-formed, but the domain cannot be protected as written
+     |    +-- NotADomainXMLError    unreadable: too large, not well-formed, DOCTYPE, not a <domain>
+     |    +-- FTElementError        the <cuju:ft> element is invalid (attribute, value, place)
+     |    +-- DomainUnfitError      well-formed, but the domain cannot be protected as written
      +-- HookError           the libvirt hook could not do its job
      +-- StateError          an FT state-machine transition that is not allowed now
      +-- ReplicationError    the data plane failed (link, peer, tracker, codec)
@@ -15,6 +17,13 @@ Every error the package raises on purpose derives from :class:`CujuError`::
      |         +-- BlobFormatError       a blob is malformed, truncated or holds RAM [ft_engine/vmstate.py]
      |         +-- StandbyMismatchError  the standby differs from the primary      [ft_engine/devstate.py]
      +-- LibvirtError        a libvirt call failed; carries (domain, code) of the cause
+     |    +-- LibvirtConnectionError  the connection is gone or cannot be opened (retry later)
+     |    +-- LibvirtNotFoundError    no such domain / object / metadata
+     |    +-- LibvirtStateError       the object is not in a state that allows the call
+     |    +-- LibvirtUnsupportedError the driver does not implement the call
+     +-- ControlError        the local control socket (cujud not running, bad request, timeout)
+     +-- PeerError           the control channel to the peer host's cujud failed
+     |    +-- PeerAuthError      the peer failed authentication or sent a forged/replayed message
      +-- MonitorError        a QEMU monitor (QMP) connection failed or a command was refused
      |    +-- QMPError            QEMU refused a command (error class, desc)   [qmp.py]
      |    +-- QMPConnectionError  the monitor cannot be reached or went away   [qmp.py]
@@ -38,6 +47,21 @@ class ConfigError(CujuError):
 
 class DomainXMLError(CujuError):
     """A domain XML document or its <cuju:ft> element is malformed or invalid."""
+
+
+class NotADomainXMLError(DomainXMLError):
+    """The input cannot be read as a domain XML at all (the CLI exits 2 for it)."""
+
+
+class FTElementError(DomainXMLError):
+    """The <cuju:ft> element is invalid.
+
+    ``problems`` holds one line per problem, each naming the attribute and the fix.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
 
 
 class DomainUnfitError(DomainXMLError):
@@ -79,6 +103,42 @@ class LibvirtError(CujuError):
         super().__init__(message)
         self.domain = domain
         self.code = code
+
+
+class LibvirtConnectionError(LibvirtError):
+    """The libvirt connection is gone or cannot be opened; retrying later may help."""
+
+
+class LibvirtNotFoundError(LibvirtError):
+    """The domain (or other object, or metadata) does not exist."""
+
+
+class LibvirtStateError(LibvirtError):
+    """The object is not in a state that allows the operation (e.g. domain not running)."""
+
+
+class LibvirtUnsupportedError(LibvirtError):
+    """The libvirt driver does not implement the operation."""
+
+
+class ControlError(CujuError):
+    """The local control socket failed: cujud not running, refused request, timeout.
+
+    ``code`` is the protocol's error code when cujud answered with an error
+    (e.g. ``unknown-method``), empty otherwise.
+    """
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PeerError(CujuError):
+    """The control channel to the peer host's cujud failed (connection, protocol, timeout)."""
+
+
+class PeerAuthError(PeerError):
+    """The peer failed mutual authentication, or sent a forged, replayed or reordered message."""
 
 
 class MonitorError(CujuError):
