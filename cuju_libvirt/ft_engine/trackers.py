@@ -349,8 +349,9 @@ def _locked_bytes(pid: int) -> int:
     return 0
 
 
-def uffd_unfit_reason(pid: int, ram_path: str | os.PathLike[str]) -> str | None:
-    """Why this domain's RAM cannot be tracked by ``uffd`` on this host, or None.
+def host_unfit_reason(ram_path: str | os.PathLike[str]) -> str | None:
+    """Why RAM files at ``ram_path`` (a file or the memory backing directory) cannot be
+    tracked by ``uffd`` on this host whatever the domain, or None.
 
     A written page only shows as written while its page-table entry exists; pages the
     kernel may reclaim between two harvests (page cache on a disk file system; tmpfs
@@ -358,14 +359,22 @@ def uffd_unfit_reason(pid: int, ram_path: str | os.PathLike[str]) -> str | None:
     """
     fstype = _mount_fstype(ram_path)
     if fstype not in _TMPFS_TYPES:
-        return (f"the RAM file {ram_path} is on {fstype}, where written pages can be reclaimed unseen; "
+        return (f"guest RAM at {ram_path} is on {fstype}, where written pages can be reclaimed unseen; "
                 "put memory_backing_dir on tmpfs or hugetlbfs")
     if fstype == "tmpfs" and _swap_active():
-        size = os.stat(ram_path).st_size
-        if _locked_bytes(pid) < size:
-            return ("swap is active and guest RAM is not locked: add <memoryBacking><locked/> "
-                    "or turn swap off")
+        return ("swap is active and guest RAM is not locked: add <memoryBacking><locked/> "
+                "or turn swap off")
     return None
+
+
+def uffd_unfit_reason(pid: int, ram_path: str | os.PathLike[str]) -> str | None:
+    """Why the RAM of QEMU ``pid`` (file ``ram_path``) cannot be tracked by ``uffd``, or None."""
+    reason = host_unfit_reason(ram_path)
+    if reason is not None and reason.startswith("swap is active"):
+        size = os.stat(ram_path).st_size
+        if _locked_bytes(pid) >= size:
+            return None  # locked guest RAM is never reclaimed
+    return reason
 
 
 # -- self-test ------------------------------------------------------------------------------
