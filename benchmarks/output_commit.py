@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 memory_mib=256,
                 kernel=linux.kernel,
                 initrd=linux.initrd,
-                append=kernel_cmdline("echo", **net.cmdline_args(), port=ECHO_PORT),
+                append=kernel_cmdline("echo", ip=f"{net.guest_ip}/{net.prefix}", mac=net.mac, port=ECHO_PORT),
                 extra_args=net.qemu_args("hostnet0"),
             )
             try:

@@ -74,7 +74,8 @@ def guest() -> Iterator[Guest]:
         ):
             append = kernel_cmdline(
                 "udp",
-                **net.cmdline_args(),
+                ip=f"{net.guest_ip}/{net.prefix}",
+                mac=net.mac,
                 peer="{}:{}".format(*obs.udp_address),
                 tcp="{}:{}".format(*obs.tcp_address),
                 pps=PPS,
