@@ -244,10 +244,11 @@ class OutputCommit:
                 installed.append(self._install_one(netdev, added))
         except BaseException:
             self._delete(reversed(added))
-            for one in installed:
-                if one.counter_file is not None:
-                    with contextlib.suppress(OSError):
-                        one.counter_file.unlink()
+            if self.counter_dir is not None:
+                for obj in added:
+                    if obj.endswith("-count"):
+                        with contextlib.suppress(OSError):
+                            (self.counter_dir / f"{obj}.pcap").unlink()
             raise
         self.filters = installed
         self.epoch = 0

@@ -31,6 +31,7 @@ import pytest
 
 from cuju_libvirt.errors import StateError
 from cuju_libvirt.ft_engine.output import (
+    QUEUE_LIMIT,
     Order,
     OutputCommit,
     OutputCommitError,
@@ -104,12 +105,10 @@ def our_objects(qmp: QMPClient) -> list[str]:
     return [o["name"] for o in qmp.execute("qom-list", {"path": "/objects"}) if o["name"].startswith("cuju-")]
 
 
-def tap_tx_packets(net: GuestNetwork) -> int:
-    """Packets QEMU wrote into the tap (the host side's rx counter)."""
-    out = subprocess.run(
-        ["ip", "-n", net.name, "-j", "-s", "link", "show", "dev", net.tap],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+def tap_packets(net: GuestNetwork, tap: str) -> int:
+    """Packets QEMU wrote into ``tap`` (the host side's rx counter)."""
+    argv = ["ip", "-n", net.name, "-j", "-s", "link", "show", "dev", tap]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
 
 
@@ -118,7 +117,7 @@ def stopped_tap_count(guest: Guest) -> int:
     guest.vm.stop()
     try:
         time.sleep(0.1)
-        return tap_tx_packets(guest.net)
+        return tap_packets(guest.net, guest.net.tap)
     finally:
         guest.vm.cont()
 
@@ -415,3 +414,74 @@ def test_calls_out_of_order_are_refused_and_change_nothing(guest: Guest) -> None
         oc.remove()
     oc.remove()  # idempotent
     wait_quiet_then_judge(guest)
+
+
+FAST_TAP = "outputcommit1"  # a second tap in the namespace, 198.18.95.0/24
+
+
+@contextlib.contextmanager
+def second_tap(net: GuestNetwork) -> Iterator[str]:
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", "-n", net.name, *args], check=True, capture_output=True)
+
+    ip("tuntap", "add", "dev", FAST_TAP, "mode", "tap")
+    try:
+        ip("addr", "add", "198.18.95.1/24", "dev", FAST_TAP)
+        ip("link", "set", FAST_TAP, "up")
+        yield FAST_TAP
+    finally:
+        subprocess.run(["ip", "-n", net.name, "link", "del", FAST_TAP], check=False, capture_output=True)
+
+
+@pytest.mark.timeout(180)
+def test_a_buffer_drops_beyond_the_cap_and_the_counter_sees_it_coming(guest: Guest) -> None:
+    """QEMU's filter-buffer keeps QUEUE_LIMIT packets and silently drops the rest: hold one
+    epoch past the cap (a second guest sending as fast as TCG lets it, ~1,800/s here),
+    release it: the tap gets exactly QUEUE_LIMIT packets while the counter counted more.
+    This is why the engine must end epochs by packet count; pending_packets() tells it when."""
+    linux = build_linux_guest()
+    with (
+        second_tap(guest.net) as tap,
+        Observer(("198.18.95.1", 0), None, netns=guest.net.name) as fast_obs,
+    ):
+        vm = DirectGuest(
+            name="outputcommit-fast",
+            memory_mib=256,
+            kernel=linux.kernel,
+            initrd=linux.initrd,
+            append=kernel_cmdline(
+                "udp", ip="198.18.95.2/24", mac="52:54:00:c5:00:03",
+                peer="{}:{}".format(*fast_obs.udp_address), pps=20000,
+            ),
+            extra_args=[
+                "-netdev", f"tap,id=fastnet0,ifname={tap},script=no,downscript=no",
+                "-device", "virtio-net-pci,netdev=fastnet0,mac=52:54:00:c5:00:03",
+            ],
+        )  # fmt: skip
+        try:
+            with guest.net.entered():
+                vm.start()
+            vm.wait_serial(r"cuju-init: ready", timeout=BOOT_TIMEOUT)
+            fast_obs.wait_for(lambda r: len(r.udp) >= 100, 60.0)
+            oc = OutputCommit(vm.qmp, tag="cap", counter_dir=guest.shm)
+            oc.install(["fastnet0"])
+            try:
+                deadline = time.monotonic() + 60
+                while (oc.pending_packets() or 0) < QUEUE_LIMIT + 200:
+                    assert time.monotonic() < deadline, oc.pending_packets()
+                    time.sleep(0.05)
+                vm.stop()
+                tap_before = tap_packets(guest.net, tap)
+                oc.release(oc.boundary())
+                counted = oc.stats.packets_closed
+                vm.cont()
+                time.sleep(0.3)
+                vm.stop()  # the released epoch is out; the running one stays in F1
+                delivered = tap_packets(guest.net, tap) - tap_before
+                vm.cont()
+            finally:
+                oc.remove()
+        finally:
+            vm.close()
+    assert counted is not None and counted > QUEUE_LIMIT + 100
+    assert delivered == QUEUE_LIMIT
