@@ -37,9 +37,12 @@ the running epoch nears the cap. Blocks already counted are punched out of the f
 engine can only bound epochs by time and the guest's packet rate.
 
 Errors: :class:`OutputCommitError` (a :class:`~cuju_libvirt.errors.ReplicationError`);
-:meth:`OutputCommit.install` is all or nothing. Calling a method in the wrong state (a
-boundary while the previous epoch is still held, a release with nothing held) raises
-:class:`~cuju_libvirt.errors.StateError` and changes nothing.
+:meth:`OutputCommit.install` is all or nothing. After an ``OutputCommitError`` from a
+boundary or release (with several netdevs, some may have switched and others not), the
+engine must treat output commit as broken: stop protecting and :meth:`OutputCommit.remove`.
+Calling a method in the wrong state (a boundary while the previous epoch is still held, a
+release with nothing held) raises :class:`~cuju_libvirt.errors.StateError` and changes
+nothing.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import enum
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,7 +306,7 @@ class OutputCommit:
             ) from err
         added.append(str(spec["id"]))
 
-    def _delete(self, ids: Any) -> list[str]:
+    def _delete(self, ids: Iterable[str]) -> list[str]:
         """object-del each id; the ids that could not be deleted (logged)."""
         failed: list[str] = []
         for obj in ids:
@@ -425,10 +428,7 @@ class OutputCommit:
         """
         if not self.filters:
             return
-        try:
-            self.release_all()
-        except MonitorError as err:  # a dead QEMU holds nothing any more
-            raise OutputCommitError(f"cannot release the held packets: {_qemu_words(err)}") from err
+        self.release_all()
         remaining: list[NetdevFilters] = []
         for one in self.filters:
             ids = [x for x in (one.counter, one.shipped, one.running) if x is not None]
