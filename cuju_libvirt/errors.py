@@ -5,10 +5,14 @@ Every error the package raises on purpose derives from :class:`CujuError`::
     CujuError
      +-- ConfigError         bad cujud configuration (file, drop-in, key, value)
      +-- DomainXMLError      a domain XML or <cuju:ft> element that is malformed or invalid
-     |    +-- DomainUnfitError   well-formed, but the domain cannot be protected as written
+     |    +-- NotADomainXMLError    unreadable: too large, not well-formed, DOCTYPE, not a <domain>
+     |    +-- FTElementError        the <cuju:ft> element is invalid (attribute, value, place)
+     |    +-- DomainUnfitError      well-formed, but the domain cannot be protected as written
      +-- HookError           the libvirt hook could not do its job
      +-- StateError          an FT state-machine transition that is not allowed now
      +-- ReplicationError    the data plane failed (link, peer, tracker, codec)
+     |    +-- TrackerError           a dirty tracker failed while in use
+     |    |    +-- TrackerUnavailableError  the host or the domain cannot run the tracker asked for
      |    +-- DeviceStateError      a device-state save/load failed (QEMU's words)  [ft_engine/vmstate.py]
      |         +-- BlobFormatError       a blob is malformed, truncated or holds RAM [ft_engine/vmstate.py]
      |         +-- StandbyMismatchError  the standby differs from the primary      [ft_engine/devstate.py]
@@ -45,6 +49,21 @@ class DomainXMLError(CujuError):
     """A domain XML document or its <cuju:ft> element is malformed or invalid."""
 
 
+class NotADomainXMLError(DomainXMLError):
+    """The input cannot be read as a domain XML at all (the CLI exits 2 for it)."""
+
+
+class FTElementError(DomainXMLError):
+    """The <cuju:ft> element is invalid.
+
+    ``problems`` holds one line per problem, each naming the attribute and the fix.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
 class DomainUnfitError(DomainXMLError):
     """The domain is well-formed but cannot be protected as written.
 
@@ -67,6 +86,14 @@ class StateError(CujuError):
 
 class ReplicationError(CujuError):
     """The replication data plane failed (FT link, peer, tracker or codec)."""
+
+
+class TrackerError(ReplicationError):
+    """A dirty tracker failed while in use; the next epoch must copy all of guest RAM."""
+
+
+class TrackerUnavailableError(TrackerError):
+    """The tracker asked for cannot run here; the message names the missing capability and the fix."""
 
 
 class LibvirtError(CujuError):
