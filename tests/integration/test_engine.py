@@ -19,17 +19,18 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig
-from cuju_libvirt.ft_engine.state import FTState
+from cuju_libvirt.ft_engine.state import FTMachine, FTState
+from cuju_libvirt.rig.engine_pair import BridgedNetwork, counter_dir, protected_pair, rm
 from cuju_libvirt.rig.guests import COUNTER_GPA, boot_image, read_counter
 from cuju_libvirt.rig.linux_guest import build_linux_guest, kernel_cmdline
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
 from cuju_libvirt.rig.qemu_direct import DirectGuest
-from tests.integration.engine_rig import BridgedNetwork, counter_dir, protected_pair, rm
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, network namespaces, taps)"),
@@ -38,6 +39,13 @@ pytestmark = [
 
 EPOCH_MS = 20
 PPS = 300
+
+
+def wait_state(machine: FTMachine, state: FTState, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while machine.state is not state and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return machine.state is state
 
 
 def standby_lines(text: str) -> list[int]:
@@ -90,10 +98,7 @@ def kill_and_fail_over_counter(seed: int) -> None:
             assert counts[:20] == list(range(checkpoint + 1, checkpoint + 21)), (checkpoint, counts[:5])
             assert pair.bmachine.state is FTState.PRIMARY_AFTER_FAILOVER
             assert pair.bstats.snapshot().failovers_total == 1
-            deadline = time.monotonic() + 5
-            while pair.pmachine.state is not FTState.DEGRADED and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert pair.pmachine.state is FTState.DEGRADED
+            assert wait_state(pair.pmachine, FTState.DEGRADED, 5)
             assert int.from_bytes(s.read_ram(COUNTER_GPA, 4), "little") > checkpoint
 
 
@@ -112,9 +117,12 @@ def test_counter_failover_repeated(seed: int) -> None:
 # -- Linux guest on a bridge ------------------------------------------------------------------
 
 
+@dataclass
 class LinuxPair:
-    def __init__(self, net: BridgedNetwork, obs: Observer, primary: DirectGuest, standby: DirectGuest) -> None:
-        self.net, self.obs, self.primary, self.standby = net, obs, primary, standby
+    net: BridgedNetwork
+    obs: Observer
+    primary: DirectGuest
+    standby: DirectGuest
 
 
 @pytest.fixture
@@ -191,10 +199,7 @@ def test_backup_loss_leaves_the_primary_running_unprotected(linux_pair: LinuxPai
             lost_at = time.monotonic()
             pair.backup.close()   # the receiver's threads stop and the link is cut ...
             lp.standby.close()    # ... and the standby QEMU is gone
-            deadline = time.monotonic() + 10
-            while pair.pmachine.state is not FTState.DEGRADED and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert pair.pmachine.state is FTState.DEGRADED
+            assert wait_state(pair.pmachine, FTState.DEGRADED, 10)
             assert pair.engine.failure is not None
             assert pair.engine.output is None
             assert lp.primary.status() == "running"
