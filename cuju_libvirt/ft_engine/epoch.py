@@ -320,6 +320,7 @@ class PrimaryEngine:
             self._vm_cont()
         rep.first_epoch = self._next
         epoch = self._ship_running(self._all_pages, npages)
+        self._shipped(epoch, self._clock(), npages)
         rep.pages_sent += npages
         rep.rounds = 1
         total_goal = npages
@@ -341,6 +342,7 @@ class PrimaryEngine:
                 break  # the VM stays stopped: the final round below
             self._vm_cont()
             epoch = self._ship_running(self._all_pages if h.full_resync else self._pages, count)
+            self._shipped(epoch, self._clock(), count)
             rep.pages_sent += count
             total_goal += count
             rep.rounds += 1
