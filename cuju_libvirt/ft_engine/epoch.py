@@ -157,10 +157,13 @@ class PrimaryEngine:
         machine: FTMachine,
         clock: Callable[[], float] = time.monotonic,
         on_stopped: Callable[[int], None] | None = None,
+        tracker_factory: Callable[[T.VmStopped], T.Tracker] | None = None,
     ) -> None:
-        """``on_stopped(epoch)`` (tests, benchmarks) runs in every pause after staging ``epoch``."""
+        """``on_stopped(epoch)`` (tests, benchmarks) runs in every pause after staging ``epoch``;
+        ``tracker_factory`` replaces :func:`~.trackers.select_tracker` (tests)."""
         self.config = config
         self._on_stopped = on_stopped
+        self._tracker_factory = tracker_factory
         self.qmp = qmp
         self.pid = pid
         self.link = link
@@ -260,10 +263,13 @@ class PrimaryEngine:
         finally:
             os.close(fd)
         npages = cfg.ram_size // PAGE_SIZE
-        self._tracker = T.select_tracker(
-            cfg.tracker, pid=self.pid, ram_path=cfg.ram_path, vm_stopped=lambda: self._stopped_flag,
-            logger=self.log,
-        )
+        if self._tracker_factory is not None:
+            self._tracker = self._tracker_factory(lambda: self._stopped_flag)
+        else:
+            self._tracker = T.select_tracker(
+                cfg.tracker, pid=self.pid, ram_path=cfg.ram_path, vm_stopped=lambda: self._stopped_flag,
+                logger=self.log,
+            )
         self.stats.tracker = self._tracker.name
         self._pages = T.page_buffer(npages)
         self._all_pages = T.page_buffer(npages)
