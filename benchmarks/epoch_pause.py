@@ -63,7 +63,7 @@ def _gather(ram: memoryview, pages: Any, count: int, staging: memoryview) -> int
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    if args.engine:
+    if getattr(args, "engine", False):
         return run_engine(args, TARGETS)
     clock = time.perf_counter
     cfg = WriterConfig()
