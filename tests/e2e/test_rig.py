@@ -1,0 +1,302 @@
+"""The two-host rig: real libvirtd hosts, isolated from each other, with guests that count,
+networks that carry traffic, and a teardown that leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from cuju_libvirt import FT_NAMESPACE
+from cuju_libvirt.rig.hosts import FT_IFACE, LAN_BRIDGE, OBSERVER_ADDRESS, Rig
+from cuju_libvirt.rig.sandbox import cgroup2_mount, pid_alive
+from cuju_libvirt.rig.teardown import PREFIX, default_base, discover, down_all
+from tests.e2e.conftest import RigGuest, skip_unless_rig_possible
+
+pytestmark = pytest.mark.timeout(120)
+
+MIB = 1024 * 1024
+
+
+def _virsh_fails(uri: str, *args: str) -> bool:
+    proc = subprocess.run(["virsh", "-q", "-c", uri, *args], capture_output=True, text=True, check=False)
+    return proc.returncode != 0
+
+
+def test_protected_domain_defines_reads_back_and_counts(
+    rig: Rig, counter_guest: Callable[..., RigGuest]
+) -> None:
+    guest = counter_guest(rig.a, "rig-protected", ft_peer=rig.b.ft_address)
+
+    # virsh metadata gives back exactly the element we defined, in our namespace.
+    element = etree.fromstring(rig.a.virsh("metadata", guest.name, "--uri", FT_NAMESPACE).encode())
+    assert etree.QName(element).localname == "ft"
+    assert dict(element.attrib) == {"peer": rig.b.ft_address}
+    dumped = etree.fromstring(rig.a.virsh("dumpxml", guest.name).encode())
+    assert [e.get("peer") for e in dumped.findall(f"metadata/{{{FT_NAMESPACE}}}ft")] == [rig.b.ft_address]
+
+    guest.start()
+    assert rig.a.virsh("domstate", guest.name).strip() == "running"
+    qemu = rig.a.qemu_pid(guest.name)
+    assert qemu is not None
+    cmdline = Path(f"/proc/{qemu}/cmdline").read_bytes().split(b"\0")
+    assert b"tcg" in cmdline[cmdline.index(b"-accel") + 1]
+
+    # The RAM file lives on the rig's tmpfs, under host a's memory_backing_dir, readable from outside.
+    ram = guest.ram_file()
+    assert ram.is_relative_to(rig.a.root / "lib" / "qemu" / "ram")
+    assert ram.stat().st_size == 64 * MIB
+
+    # The guest counts: in its RAM and on COM1, consecutively.
+    first = guest.wait_counter_above(0)
+    later = guest.wait_counter_above(first + 200)
+    assert later > first + 200
+    counts = guest.serial_counts()
+    assert len(counts) >= 100, counts[-5:]
+    assert counts == list(range(counts[0], counts[0] + len(counts)))
+    assert counts[-1] >= first
+
+
+def test_hosts_are_isolated(rig: Rig, counter_guest: Callable[..., RigGuest]) -> None:
+    # Own hostnames (UTS namespaces) and own host UUIDs (from each host's libvirtd.conf).
+    for host in rig.hosts.values():
+        assert rig_hostname(host.uri) == host.hostname
+        caps = etree.fromstring(host.virsh("capabilities").encode())
+        conf = (host.root / "etc" / "libvirtd.conf").read_text()
+        configured = re.search(r'^host_uuid = "([0-9a-f-]+)"$', conf, re.MULTILINE)
+        assert configured is not None
+        assert caps.findtext("host/uuid") == configured.group(1)
+    assert rig.a.hostname != rig.b.hostname
+    uuids = {etree.fromstring(h.virsh("capabilities").encode()).findtext("host/uuid")
+             for h in rig.hosts.values()}
+    assert len(uuids) == 2
+
+    # Own domain lists.
+    counter_guest(rig.a, "rig-only-on-a")
+    assert "rig-only-on-a" in rig.a.virsh("list", "--all", "--name").split()
+    assert "rig-only-on-a" not in rig.b.virsh("list", "--all", "--name").split()
+
+    # Own daemons, all inside the rig's cgroup; the system's libvirt paths are not used.
+    pids = set(rig.cgroup.pids())
+    libvirtds = {h.daemon_pid("libvirtd") for h in rig.hosts.values()}
+    virtlogds = {h.daemon_pid("virtlogd") for h in rig.hosts.values()}
+    assert None not in libvirtds and len(libvirtds) == 2 and libvirtds <= pids
+    assert None not in virtlogds and len(virtlogds) == 2 and virtlogds <= pids
+    for host in rig.hosts.values():
+        assert host.uri.endswith(f"socket={host.root}/run/libvirt/libvirt-sock")
+        assert host.hostname not in Path("/etc/hostname").read_text()
+        host_uuid = etree.fromstring(host.virsh("capabilities").encode()).findtext("host/uuid")
+        assert host_uuid is not None and host_uuid not in Path("/etc/libvirt/libvirtd.conf").read_text()
+
+
+def rig_hostname(uri: str) -> str:
+    return subprocess.run(
+        ["virsh", "-q", "-c", uri, "hostname"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_domain_started_on_b_is_invisible_on_a(rig: Rig, counter_guest: Callable[..., RigGuest]) -> None:
+    guest = counter_guest(rig.b, "rig-on-b")
+    guest.start()
+    guest.wait_counter_above(0)
+
+    assert "rig-on-b" in rig.b.virsh("list", "--name").split()
+    assert "rig-on-b" not in rig.a.virsh("list", "--all", "--name").split()
+    assert _virsh_fails(rig.a.uri, "dominfo", "rig-on-b")
+    assert not list((rig.a.root / "lib" / "qemu" / "ram").rglob("*rig-on-b*"))
+    assert guest.ram_file().is_relative_to(rig.b.root)
+
+    # At the kernel level: B's QEMU runs in B's network and UTS namespaces, not A's (its mount
+    # namespace is libvirt's private one for QEMU, cloned from B's).
+    qemu = rig.b.qemu_pid("rig-on-b")
+    assert qemu is not None and rig.a.qemu_pid("rig-on-b") is None
+    ns_b, ns_a = rig.b._keeper().ns_ids(), rig.a._keeper().ns_ids()
+    for kind in ("net", "uts"):
+        assert os.readlink(f"/proc/{qemu}/ns/{kind}") == ns_b[kind] != ns_a[kind]
+    assert os.readlink(f"/proc/{qemu}/ns/mnt") != ns_a["mnt"]
+    # Its tap device is on B's LAN bridge, and A has none.
+    links_b = rig.b.run(["ip", "-o", "link", "show", "master", LAN_BRIDGE]).stdout
+    links_a = rig.a.run(["ip", "-o", "link", "show", "master", LAN_BRIDGE]).stdout
+    assert "vnet" in links_b
+    assert "vnet" not in links_a
+
+
+RECEIVER = """
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(20)
+print("ready", flush=True)
+for _ in range(int(sys.argv[3])):
+    data, (addr, _port) = s.recvfrom(100)
+    print(json.dumps([data.decode(), addr]), flush=True)
+"""
+
+SENDER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_ft_link_and_lan_carry_traffic(rig: Rig) -> None:
+    # Both hosts reach the observer on the LAN, each from its own LAN address.
+    observer = rig.lan.popen([sys.executable, "-c", RECEIVER, OBSERVER_ADDRESS, "5000", "2"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert observer.stdout is not None
+        assert observer.stdout.readline().strip() == "ready"
+        for host in rig.hosts.values():
+            host.run([sys.executable, "-c", SENDER, OBSERVER_ADDRESS, "5000", f"hello from {host.name}"])
+        received = [json.loads(observer.stdout.readline()) for _ in range(2)]
+    finally:
+        observer.kill()
+        observer.wait()
+    assert sorted(received) == [["hello from a", rig.a.lan_address], ["hello from b", rig.b.lan_address]]
+
+    # Host b hears host a over the FT link, from a's FT address.
+    listener = rig.b.popen([sys.executable, "-c", RECEIVER, rig.b.ft_address, "5001", "1"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline().strip() == "ready"
+        rig.a.run([sys.executable, "-c", SENDER, rig.b.ft_address, "5001", "epoch"])
+        assert json.loads(listener.stdout.readline()) == ["epoch", rig.a.ft_address]
+    finally:
+        listener.kill()
+        listener.wait()
+    assert FT_IFACE in rig.a.run(["ip", "-o", "addr", "show", "to", rig.a.ft_address]).stdout
+
+
+def _snapshot(name: str) -> dict[str, list[str]]:
+    """What a rig called ``name`` could leave in the root namespaces."""
+    cg = cgroup2_mount()
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    return {
+        "mounts": [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if name in line],
+        "cgroups": sorted(p.name for p in cg.glob(name + "*")) if cg else [],
+        "dirs": sorted(str(p) for p in default_base().glob(name + "*")),
+        "dev_shm": sorted(p.name for p in Path("/dev/shm").iterdir() if "cuju-rig" in p.name),
+        "links": sorted(
+            n for n in re.findall(r"^\d+: ([^:@]+)", links, re.MULTILINE)
+            if n in (FT_IFACE, "uplink", "port-a", "port-b", LAN_BRIDGE, "br0") or name in n
+        ),
+        "processes": _processes_mentioning(name),
+    }
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or not pid_alive(int(proc.name)):
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(proc.name) != os.getpid():
+            found.append(f"{proc.name}: {cmdline[:120]}")
+    return found
+
+
+def _pids_in_namespaces(ns_ids: dict[str, dict[str, str]]) -> list[int]:
+    wanted = {v for ids in ns_ids.values() for v in ids.values()}
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        for kind in ("mnt", "uts", "net"):
+            try:
+                if os.readlink(proc / "ns" / kind) in wanted and pid_alive(int(proc.name)):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.timeout(150)
+def test_down_leaves_nothing(counter_image: Path, tmp_path: Path) -> None:
+    skip_unless_rig_possible()
+    rig = Rig()
+    before = _snapshot(rig.name)
+    assert not any(before.values()), before
+    rig.up()
+    try:
+        xml = tmp_path / "leak.xml"
+        from cuju_libvirt.rig.domains import domain_xml  # noqa: PLC0415
+
+        xml.write_text(domain_xml("rig-leak", disk=counter_image, bridge=LAN_BRIDGE,
+                                  serial_log="/var/log/libvirt/qemu/rig-leak-serial.log"))
+        rig.a.virsh("define", str(xml))
+        rig.a.virsh("start", "rig-leak")
+        rig.b.popen(["sleep", "600"])  # something a test started inside and forgot
+        during = _snapshot(rig.name)
+        pids = rig.cgroup.pids()
+        ns_ids = rig.namespace_ids()
+        qemu = rig.a.qemu_pid("rig-leak")
+    except BaseException:
+        rig.down()
+        raise
+    # Sanity: while up, the rig is visible in every place the teardown must clean.
+    assert during["mounts"] and during["cgroups"] and during["dirs"] and during["processes"]
+    assert qemu is not None and qemu in pids and len(pids) >= 8
+    assert len(ns_ids) == 3 and _pids_in_namespaces(ns_ids)
+
+    rig.down()
+
+    assert _snapshot(rig.name) == before
+    assert [p for p in pids if pid_alive(p)] == []
+    assert _pids_in_namespaces(ns_ids) == []
+    assert rig.id not in discover()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("reaper_survives", [True, False], ids=["reaper", "down-all"])
+def test_rig_of_a_killed_owner_is_removed(rig: Rig, reaper_survives: bool) -> None:
+    """SIGKILL the process that owns a rig: its reaper removes the rig; if the reaper is killed
+    too, ``down --all`` finds the stale rig by its name and removes it, and keeps live rigs."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "from cuju_libvirt.rig.hosts import Rig; import time\n"
+         "r = Rig().up(); print(r.id, flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )
+    try:
+        assert owner.stdout is not None
+        rig_id = owner.stdout.readline().strip()
+        assert rig_id, "the owner process did not bring its rig up"
+        traces = discover()[rig_id]
+        state = traces.state or {}
+        reaper = state["reaper"]["pid"]
+        keepers = [h["keeper"] for h in state["hosts"].values()]
+        assert pid_alive(reaper) and all(pid_alive(k) for k in keepers)
+        if not reaper_survives:
+            os.kill(reaper, signal.SIGKILL)
+    finally:
+        os.killpg(owner.pid, signal.SIGKILL)
+        owner.wait()
+
+    if reaper_survives:
+        deadline = time.monotonic() + 60
+        while rig_id in discover():
+            assert time.monotonic() < deadline, f"the reaper did not remove rig {rig_id}"
+            time.sleep(0.2)
+    else:
+        time.sleep(1)
+        stale = discover()[rig_id]
+        assert not stale.owner_alive and stale.pids  # left behind, still running
+        results = dict(down_all(only={rig_id, rig.id}))
+        assert results[rig_id] == "removed"
+        assert results[rig.id].startswith("kept: in use by pid")
+        assert rig.a.virsh("hostname").strip() == rig.a.hostname  # the live rig still works
+    assert rig_id not in discover()
+    assert not any(pid_alive(k) for k in keepers)
+    assert not (default_base() / (PREFIX + rig_id)).exists()
