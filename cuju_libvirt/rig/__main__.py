@@ -35,11 +35,13 @@ Must run as root. See docs/rig.md."""
 
 EPILOG = f"""\
 FILES
-  $CUJU_RIG_BASE/{PREFIX}ID/   the rig root, a tmpfs (default base: /tmp)
-      rig.json               state: owner, keepers, URIs
-      a/, b/                 per-host /etc/libvirt (etc), /run (run), /var/lib/libvirt (lib),
-                             /var/log/libvirt (log), /var/cache/libvirt (cache)
-  cgroup2/{PREFIX}ID         the cgroup holding every process of the rig
+  $CUJU_RIG_BASE/{PREFIX}ID/  the rig root, a tmpfs (default base: /tmp)
+      rig.json              state: owner, keepers, URIs
+      a/, b/                per-host /etc/libvirt (etc), /run (run), /var/lib/libvirt (lib),
+                            /var/log/libvirt (log), /var/cache/libvirt (cache)
+  CGROUP2/{PREFIX}ID          the cgroup v2 group holding every process of the rig
+  $CUJU_CACHE_DIR/libvirt-qemu-capabilities/
+                            QEMU capabilities probed once, reused by later rigs
 
 EXIT STATUS
   0  success
@@ -115,9 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base", type=Path, help="directory for the rig root (default $CUJU_RIG_BASE or /tmp)")
     demo.set_defaults(handler=cmd_demo)
 
-    reap = sub.add_parser("_reap", help=argparse.SUPPRESS)
-    reap.add_argument("root", type=Path)
-    reap.set_defaults(handler=cmd_reap)
     return parser
 
 
@@ -216,12 +215,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(base=args.base, keep=args.keep)
 
 
-def cmd_reap(args: argparse.Namespace) -> int:
-    """Wait for the owner's pipe on stdin to close; unless disarmed first, remove the rig."""
+def reap(root: Path) -> int:
+    """The reaper (``_reap ROOT``, started by an owned :class:`Rig`, not for people): wait for
+    the owner's pipe on stdin to close; unless the owner disarmed it first, remove the rig."""
     data = sys.stdin.buffer.read()
     if data.startswith(b"disarm"):
         return 0
-    root: Path = args.root
     rig_id = root.name.removeprefix(PREFIX)
     traces = discover((root.parent,)).get(rig_id)
     if traces is None:
@@ -232,6 +231,14 @@ def cmd_reap(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_reap"] and len(argv) == 2:
+        logging.basicConfig(level=logging.INFO, format="[rig reaper] %(message)s", stream=sys.stderr)
+        try:
+            return reap(Path(argv[1]))
+        except CujuError as err:
+            print(f"cuju_libvirt.rig reaper: {err}", file=sys.stderr)
+            return 1
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -300,3 +300,100 @@ def test_rig_of_a_killed_owner_is_removed(rig: Rig, reaper_survives: bool) -> No
     assert rig_id not in discover()
     assert not any(pid_alive(k) for k in keepers)
     assert not (default_base() / (PREFIX + rig_id)).exists()
+
+
+HOOK = """#!/bin/sh
+# $1 domain, $2 operation, $3 sub-operation; libvirt passes the domain XML on stdin.
+cat >/dev/null
+echo "$(basename "$0") $1 $2 $3" >> /run/cuju-libvirt/hooks.log
+"""
+
+
+@pytest.mark.timeout(150)
+def test_hooks_installed_before_start_and_after_restart(counter_image: Path, tmp_path: Path) -> None:
+    skip_unless_rig_possible()
+    hook = tmp_path / "hook"
+    hook.write_text(HOOK)
+    with Rig(hooks={"10-first": hook}) as rig:
+        from cuju_libvirt.rig.domains import domain_xml  # noqa: PLC0415
+
+        xml = tmp_path / "hooked.xml"
+        xml.write_text(domain_xml("rig-hooked", disk=counter_image))
+        rig.a.virsh("define", str(xml))
+        rig.a.virsh("start", "rig-hooked")
+        log_file = rig.a.run_dir / "hooks.log"
+        calls = log_file.read_text().splitlines()
+        assert calls[:3] == [
+            "10-first rig-hooked prepare begin", "10-first rig-hooked start begin",
+            "10-first rig-hooked started begin",
+        ]
+        assert not (rig.b.run_dir / "hooks.log").exists()  # host b ran no domain
+
+        # A hook added later is read when libvirtd restarts; the guest keeps running.
+        qemu = rig.a.qemu_pid("rig-hooked")
+        old_libvirtd = rig.a.daemon_pid("libvirtd")
+        rig.a.install_hook("20-second", hook, restart=True)
+        assert rig.a.daemon_pid("libvirtd") not in (None, old_libvirtd)
+        assert rig.a.virsh("domstate", "rig-hooked").strip() == "running"
+        assert rig.a.qemu_pid("rig-hooked") == qemu
+        deadline = time.monotonic() + 20
+        while "20-second rig-hooked reconnect begin" not in log_file.read_text():
+            assert time.monotonic() < deadline, log_file.read_text()
+            time.sleep(0.1)
+        assert "10-first rig-hooked reconnect begin" in log_file.read_text()
+
+
+def test_announce_self_moves_the_guest_mac_across_the_lan(
+    rig: Rig, counter_guest: Callable[..., RigGuest]
+) -> None:
+    """What failover relies on: the same MAC announced from host b is learned on b's port."""
+    mac = "52:54:00:19:00:77"
+    announce = '{"execute":"announce-self","arguments":{"initial":50,"max":100,"rounds":3,"step":50}}'
+
+    def port_of(mac: str) -> str | None:
+        fdb = rig.lan.run(["bridge", "fdb", "show", "br", "br0"]).stdout
+        ports = re.findall(rf"^{mac} dev (\S+)", fdb, re.MULTILINE)
+        return ports[0] if ports else None
+
+    def announce_until(host_guest: RigGuest, port: str) -> None:
+        deadline = time.monotonic() + 20
+        while port_of(mac) != port:
+            assert time.monotonic() < deadline, f"{mac} not learned on {port}: {port_of(mac)}"
+            host_guest.host.virsh("qemu-monitor-command", host_guest.name, announce)
+            time.sleep(0.3)
+
+    on_a = counter_guest(rig.a, "rig-mover-a", mac=mac)
+    on_a.start()
+    announce_until(on_a, "port-a")
+    rig.a.virsh("destroy", on_a.name)
+    on_b = counter_guest(rig.b, "rig-mover-b", mac=mac)
+    on_b.start()
+    announce_until(on_b, "port-b")
+
+
+def test_cli_up_status_down() -> None:
+    skip_unless_rig_possible()
+    rig_id = "clitest" + os.urandom(2).hex()
+    cli = [sys.executable, "-m", "cuju_libvirt.rig"]
+    up = subprocess.run([*cli, "up", "--id", rig_id], capture_output=True, text=True, timeout=120,
+                        check=False)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert f"rig {rig_id} is up" in up.stdout
+        uri_a = re.search(r"virsh -c '(qemu\+unix:///system\?socket=\S+/a/run/libvirt/libvirt-sock)'",
+                          up.stdout)
+        assert uri_a is not None, up.stdout
+        assert rig_hostname(uri_a.group(1)) == "cuju-a"
+        assert "bringing up" in up.stderr  # progress lines
+        status = json.loads(subprocess.run([*cli, "status", "--json"], capture_output=True, text=True,
+                                           check=True).stdout)
+        assert status[rig_id]["owner"] == "none (started by 'up')"
+        assert status[rig_id]["hosts"]["b"]["libvirtd_listening"] is True
+    finally:
+        down = subprocess.run([*cli, "down", rig_id], capture_output=True, text=True, timeout=120,
+                              check=False)
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.strip() == f"rig {rig_id}: removed"
+    assert rig_id not in discover()
+    again = subprocess.run([*cli, "down", rig_id], capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode == 1 and "not found" in again.stderr
