@@ -507,6 +507,7 @@ class Rig:
         self.lan = Lan(self.id, self.cgroup)
         self._reaper: subprocess.Popen[bytes] | None = None
         self._reaper_fd: int | None = None
+        self._made_root = False
 
     def __repr__(self) -> str:
         return f"<Rig {self.id} at {self.root}>"
@@ -570,6 +571,8 @@ class Rig:
             self.b.start_daemons()
             self._write_state()
         except BaseException as err:
+            if not self._made_root:  # nothing of ours exists (e.g. the id was taken): touch nothing
+                raise
             log.error("rig %s: bringing up failed (%s); removing what was made", self.id, err)
             try:
                 self.down()
@@ -584,6 +587,7 @@ class Rig:
         if self.root.exists() or self.cgroup.exists():
             raise RigError(f"rig {self.id} exists already ({self.root}); pick another id or run down")
         self.root.mkdir(mode=0o755)
+        self._made_root = True
         proc = subprocess.run(
             [tool("mount"), "-t", "tmpfs", "-o", "mode=0755", self.name, str(self.root)],
             capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,

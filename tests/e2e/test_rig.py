@@ -389,6 +389,11 @@ def test_cli_up_status_down() -> None:
                                            check=True).stdout)
         assert status[rig_id]["owner"] == "none (started by 'up')"
         assert status[rig_id]["hosts"]["b"]["libvirtd_listening"] is True
+        # A second 'up' with the same id is refused and leaves the running rig alone.
+        twice = subprocess.run([*cli, "up", "--id", rig_id], capture_output=True, text=True, timeout=60,
+                               check=False)
+        assert twice.returncode == 1 and "exists already" in twice.stderr
+        assert rig_hostname(uri_a.group(1)) == "cuju-a"
     finally:
         down = subprocess.run([*cli, "down", rig_id], capture_output=True, text=True, timeout=120,
                               check=False)
