@@ -75,8 +75,11 @@ def bring_up(demo: Demo) -> None:
 def define(demo: Demo) -> None:
     rig = demo.the_rig
     ft = f'<cuju:ft xmlns:cuju="{FT_NAMESPACE}" peer="{rig.b.ft_address}" link="{rig.b.ft_address}"/>'
+    if demo.image is None:
+        raise RigError("no guest image: the build step did not run")
+    disk = rig.stage_file(demo.image, f"{DOMAIN}.img")  # its own copy: QEMU locks images it writes
     xml = domain_xml(
-        DOMAIN, memory_mib=64, disk=demo.image, serial_log=f"/var/log/libvirt/qemu/{DOMAIN}-serial.log",
+        DOMAIN, memory_mib=64, disk=disk, serial_log=f"/var/log/libvirt/qemu/{DOMAIN}-serial.log",
         bridge=LAN_BRIDGE, mac=MAC, metadata=[ft],
     )
     demo.xml_file = rig.root / f"{DOMAIN}.xml"

@@ -623,6 +623,22 @@ class Rig:
                 self._reaper.wait()
             self._reaper = None
 
+    def stage_file(self, source: str | os.PathLike[str], name: str | None = None) -> Path:
+        """Copy ``source`` (e.g. a cached guest disk image) onto the rig's tmpfs; return the copy.
+
+        Give each guest its own copy of a disk image: QEMU locks images it writes, so two
+        guests (of this rig, another rig, or another test) cannot use one cached file, and
+        libvirt's chown at start then touches only the copy. Both hosts see the same path.
+        """
+        images = self.root / "images"
+        images.mkdir(mode=0o755, exist_ok=True)
+        target = images / (name or Path(source).name)
+        if "/" in target.name or target.exists():
+            raise RigError(f"cannot stage {source} as {target}: exists already or bad name")
+        shutil.copyfile(source, target)
+        target.chmod(0o644)
+        return target
+
     def _make_kvm_node(self) -> Path | None:
         """A /dev/kvm node with Debian's permissions for the hosts' mount namespaces (see module doc)."""
         try:

@@ -5,7 +5,8 @@
   reason, when this machine cannot run a rig (not root, no cgroup v2, no libvirtd, ...).
 * ``counter_image`` (session): the boot-sector counter guest (built once, cached).
 * ``counter_guest``: a factory ``counter_guest(host, name, ft_peer=..., mac=...)`` that
-  writes the guest's domain XML, ``virsh define``s it on ``host`` and returns a
+  gives the guest its own copy of the image, writes its domain XML, ``virsh define``s it on
+  ``host`` and returns a
   :class:`RigGuest`; every guest it made is destroyed and undefined after the test.
 """
 
@@ -104,8 +105,9 @@ def counter_guest(
     made: list[RigGuest] = []
 
     def make(host: Host, name: str, *, ft_peer: str | None = None, mac: str | None = None) -> RigGuest:
+        disk = rig.stage_file(counter_image, f"{name}.img")
         xml = domain_xml(
-            name, memory_mib=64, disk=counter_image, serial_log=f"/var/log/libvirt/qemu/{name}-serial.log",
+            name, memory_mib=64, disk=disk, serial_log=f"/var/log/libvirt/qemu/{name}-serial.log",
             bridge=LAN_BRIDGE, mac=mac, metadata=[ft_element(ft_peer)] if ft_peer else [],
         )
         xml_file = tmp_path / f"{name}.xml"
@@ -119,3 +121,4 @@ def counter_guest(
     for guest in made:
         guest.host.virsh("destroy", guest.name, check=False)
         guest.host.virsh("undefine", guest.name, check=False)
+        (rig.root / "images" / f"{guest.name}.img").unlink(missing_ok=True)

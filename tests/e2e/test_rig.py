@@ -234,7 +234,7 @@ def test_down_leaves_nothing(counter_image: Path, tmp_path: Path) -> None:
         xml = tmp_path / "leak.xml"
         from cuju_libvirt.rig.domains import domain_xml  # noqa: PLC0415
 
-        xml.write_text(domain_xml("rig-leak", disk=counter_image, bridge=LAN_BRIDGE,
+        xml.write_text(domain_xml("rig-leak", disk=rig.stage_file(counter_image), bridge=LAN_BRIDGE,
                                   serial_log="/var/log/libvirt/qemu/rig-leak-serial.log"))
         rig.a.virsh("define", str(xml))
         rig.a.virsh("start", "rig-leak")
@@ -318,7 +318,7 @@ def test_hooks_installed_before_start_and_after_restart(counter_image: Path, tmp
         from cuju_libvirt.rig.domains import domain_xml  # noqa: PLC0415
 
         xml = tmp_path / "hooked.xml"
-        xml.write_text(domain_xml("rig-hooked", disk=counter_image))
+        xml.write_text(domain_xml("rig-hooked", disk=rig.stage_file(counter_image)))
         rig.a.virsh("define", str(xml))
         rig.a.virsh("start", "rig-hooked")
         log_file = rig.a.run_dir / "hooks.log"
