@@ -389,6 +389,11 @@ def test_cli_up_status_down() -> None:
                                            check=True).stdout)
         assert status[rig_id]["owner"] == "none (started by 'up')"
         assert status[rig_id]["hosts"]["b"]["libvirtd_listening"] is True
+        # Another process can attach to it and work inside its hosts.
+        attached = Rig.attach(Path(status[rig_id]["root"]))
+        assert attached.b.run(["hostname"]).stdout.strip() == "cuju-b"
+        assert attached.a.virsh("hostname").strip() == "cuju-a"
+        assert attached.lan.run(["ip", "-o", "addr", "show", "br0"]).stdout.count(OBSERVER_ADDRESS) == 1
         # A second 'up' with the same id is refused and leaves the running rig alone.
         twice = subprocess.run([*cli, "up", "--id", rig_id], capture_output=True, text=True, timeout=60,
                                check=False)
