@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -55,22 +56,24 @@ HOST_SPECS = (
     HostSpec("b", "cuju-b", "198.18.0.2", "198.19.0.12"),
 )
 
-#: (directory of the host under the rig root, the standard path it replaces inside the host).
-#: /run comes last: it is where the others' sockets live once libvirtd runs.
+#: Writable private copies of these trees inside each host (overlayfs, the upper layer under
+#: ``<host>/overlay/<name>/upper`` on the rig's tmpfs): whatever a host writes there (cujud's
+#: config and state, a package's files) stays in that host and in the rig.
+OVERLAYS = (("etc", "/etc"), ("var-lib", "/var/lib"), ("var-log", "/var/log"))
+
+#: (directory of the host under the rig root, the standard path it replaces inside the host),
+#: bind-mounted on top of the overlays. /run comes last: the others' sockets live in it.
 BINDS = (
     ("etc", "/etc/libvirt"),
     ("lib", "/var/lib/libvirt"),
     ("log", "/var/log/libvirt"),
     ("cache", "/var/cache/libvirt"),
     ("hosts", "/etc/hosts"),
+    ("cuju/etc", "/etc/cuju-libvirt"),
+    ("cuju/lib", "/var/lib/cuju-libvirt"),
+    ("cuju/log", "/var/log/cuju-libvirt"),
     ("run", "/run"),
 )
-
-_HOST_SETUP = """\
-hostname_=$1; shift
-while [ $# -gt 0 ]; do mount --bind "$1" "$2"; shift 2; done
-hostname "$hostname_"
-"""
 
 _NET_SETUP = """\
 for f in /proc/sys/net/ipv6/conf/all/disable_ipv6 /proc/sys/net/ipv6/conf/default/disable_ipv6; do
@@ -195,13 +198,16 @@ class Host(NamespaceNode):
     def outside(self, inside: str | os.PathLike[str]) -> Path:
         """The path, seen from outside, of ``inside`` (a path as the host sees it).
 
-        Only paths under the host's own directories can be mapped (``/etc/libvirt``,
-        ``/run``, ``/var/lib/libvirt``, ``/var/log/libvirt``, ``/var/cache/libvirt``);
-        anything else is the same file inside and outside.
+        Paths under the host's own directories (:data:`BINDS`: ``/etc/libvirt``, ``/run``,
+        ``/var/lib/libvirt``, ``/etc/cuju-libvirt``, ...) map to them; other paths under
+        ``/etc``, ``/var/lib`` and ``/var/log`` map to the overlay's upper layer, where they
+        are found if the host wrote them; anything else is the same file inside and outside.
         """
         path = Path(inside)
         best: tuple[int, Path] | None = None
-        for sub, target in BINDS:
+        mounts = [(sub, target) for sub, target in BINDS]
+        mounts += [(f"overlay/{name}/upper", target) for name, target in OVERLAYS]
+        for sub, target in mounts:
             t = Path(target)
             if (path == t or t in path.parents) and (best is None or len(t.parts) > best[0]):
                 best = (len(t.parts), self.root / sub / path.relative_to(t))
@@ -215,12 +221,15 @@ class Host(NamespaceNode):
         # Directory skeletons as the Debian packages ship them (owners and modes included),
         # so libvirt finds what it expects; then what the rig itself needs.
         for sub, target in BINDS:
-            if target in ("/etc/libvirt", "/etc/hosts", "/run"):
-                continue
-            _copy_dir_skeleton(Path(target), self.root / sub)
+            if target.startswith("/var/") and "cuju" not in target:
+                _copy_dir_skeleton(Path(target), self.root / sub)
         for d in ("etc/hooks/qemu.d", "etc/qemu/networks/autostart", "etc/nwfilter", "run/libvirt",
-                  "run/cuju-libvirt", "log/qemu", "cache/qemu", "lib/qemu/ram"):
+                  "run/cuju-libvirt", "log/qemu", "cache/qemu", "lib/qemu/ram", "cuju/etc", "cuju/lib",
+                  "cuju/log"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
+        for name, _target in OVERLAYS:
+            for layer in ("upper", "work"):
+                (self.root / "overlay" / name / layer).mkdir(parents=True)
         qemu_dir = self.root / "lib" / "qemu"
         st = qemu_dir.stat()
         os.chown(qemu_dir / "ram", st.st_uid, st.st_gid)
@@ -253,16 +262,28 @@ class Host(NamespaceNode):
         (self.root / "hosts").write_text("\n".join(lines) + "\n")
 
     def start_namespaces(self, kvm_node: Path | None) -> None:
-        """Start the keeper: new namespaces, the bind mounts inside, the hostname, loopback."""
-        binds: list[str] = []
-        for sub, target in BINDS:
-            binds += [str(self.root / sub), target]
+        """Start the keeper: new namespaces with the overlays and bind mounts inside, the
+        hostname, loopback up."""
+        for path in (self.root, kvm_node):
+            if path is not None and any(c in str(path) for c in ",:\\"):
+                raise RigError(f"{path}: the rig root must not contain ',', ':' or '\\' (overlayfs options)")
+        q = shlex.quote
+        lines = []
+        for name, target in OVERLAYS:
+            layers = self.root / "overlay" / name
+            lines.append(
+                f"mount -t overlay {q(f'{PREFIX}{self.rig_id}-{self.name}')} "
+                f"-o {q(f'lowerdir={target},upperdir={layers}/upper,workdir={layers}/work')} {q(target)}"
+            )
+        lines.append("mkdir -p " + " ".join(q(t) for _sub, t in BINDS if "cuju" in t))
+        binds = [(str(self.root / sub), target) for sub, target in BINDS]
         if kvm_node is not None:
-            binds[-2:-2] = [str(kvm_node), "/dev/kvm"]
+            binds.insert(-1, (str(kvm_node), "/dev/kvm"))
+        lines += [f"mount --bind {q(src)} {q(dst)}" for src, dst in binds]
+        lines.append(f"hostname {q(self.hostname)}")
         self.keeper = Keeper.spawn(
             f"{PREFIX}{self.rig_id}-{self.name}", self.cgroup, ("mount", "uts", "net"),
-            setup=_HOST_SETUP + _NET_SETUP, args=[self.hostname, *binds],
-            stderr_path=self.root / "log" / "keeper.log",
+            setup="\n".join(lines) + "\n" + _NET_SETUP, stderr_path=self.root / "log" / "keeper.log",
         )
 
     # -- daemons ----------------------------------------------------------------------------
@@ -372,6 +393,69 @@ class Host(NamespaceNode):
     def log_file(self, domain: str) -> Path:
         """Outside path of libvirt's log of ``domain`` (``/var/log/libvirt/qemu/<domain>.log``)."""
         return self.root / "log" / "qemu" / f"{domain}.log"
+
+    # -- failures, for failover tests -------------------------------------------------------
+
+    def processes(self) -> list[int]:
+        """Every live process of this host except its keeper: virtlogd, libvirtd, QEMU, and
+        whatever runs inside (cujud, hooks). Found by network namespace, which QEMU shares
+        (its mount namespace is libvirt's private one)."""
+        keeper = self._keeper()
+        netns = keeper.ns_ids()["net"]
+        found = []
+        for pid in self.cgroup.pids():
+            if pid == keeper.pid:
+                continue
+            try:
+                if os.readlink(f"/proc/{pid}/ns/net") == netns and pid_alive(pid):
+                    found.append(pid)
+            except OSError:
+                continue
+        return found
+
+    def crash(self, timeout: float = 10.0) -> list[int]:
+        """Make the host die at once, as in a power loss: SIGKILL all its :meth:`processes`.
+
+        Its namespaces, files and links stay; :meth:`reboot` boots it again. Returns the
+        pids killed.
+        """
+        killed = self.processes()
+        for pid in killed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+        deadline = time.monotonic() + timeout
+        while any(pid_alive(p) for p in killed):
+            if time.monotonic() > deadline:
+                raise RigError(f"{self.label}: processes {killed} survived SIGKILL for {timeout:.0f} s")
+            time.sleep(0.02)
+        log.info("%s: crashed (killed %d processes)", self.label, len(killed))
+        return killed
+
+    def reboot(self) -> None:
+        """After :meth:`crash`, boot the host again: /run starts empty (libvirt forgets what
+        ran), the guest RAM files on tmpfs are gone, then virtlogd and libvirtd start."""
+        if self.processes():
+            raise RigError(f"{self.label}: still running; crash() it before reboot()")
+        for tmpfs_dir in (self.root / "run", self.root / "lib" / "qemu" / "ram"):
+            for entry in tmpfs_dir.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        for d in ("run/libvirt", "run/cuju-libvirt"):
+            (self.root / d).mkdir()
+        self.start_daemons()
+        log.info("%s: rebooted", self.label)
+
+    def set_links(self, up: bool, links: Sequence[str] = (FT_IFACE, "uplink")) -> None:
+        """Cut (``up=False``) or restore this host's FT link and LAN uplink: a network partition.
+
+        Its guests stay on ``br-lan``; with the uplink down they are cut off from the LAN too.
+        """
+        state = "up" if up else "down"
+        self.run([tool("ip"), "-batch", "-"], input="".join(f"link set {name} {state}\n" for name in links))
 
 
 class Lan(NamespaceNode):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from lxml import etree
 
 from cuju_libvirt import FT_NAMESPACE
-from cuju_libvirt.rig.hosts import FT_IFACE, LAN_BRIDGE, OBSERVER_ADDRESS, Rig
+from cuju_libvirt.rig.hosts import FT_IFACE, LAN_BRIDGE, OBSERVER_ADDRESS, Host, Rig
 from cuju_libvirt.rig.sandbox import cgroup2_mount, pid_alive
 from cuju_libvirt.rig.teardown import PREFIX, default_base, discover, down_all
 from tests.e2e.conftest import RigGuest, skip_unless_rig_possible
@@ -407,3 +408,61 @@ def test_cli_up_status_down() -> None:
     assert rig_id not in discover()
     again = subprocess.run([*cli, "down", rig_id], capture_output=True, text=True, timeout=60, check=False)
     assert again.returncode == 1 and "not found" in again.stderr
+
+
+def test_host_crash_kills_only_that_host_and_it_reboots(
+    rig: Rig, counter_guest: Callable[..., RigGuest]
+) -> None:
+    on_a = counter_guest(rig.a, "rig-survivor")
+    on_b = counter_guest(rig.b, "rig-victim")
+    on_a.start()
+    on_b.start()
+    on_b.wait_counter_above(0)
+    qemu_b, qemu_a = rig.b.qemu_pid(on_b.name), rig.a.qemu_pid(on_a.name)
+    libvirtd_a = rig.a.daemon_pid("libvirtd")
+    assert qemu_b in rig.b.processes() and qemu_a not in rig.b.processes()
+
+    try:
+        killed = rig.b.crash()
+        assert qemu_b in killed and rig.b.daemon_pid("libvirtd") is None and rig.b.processes() == []
+        assert _virsh_fails(rig.b.uri, "list")
+        # Host a did not notice.
+        assert rig.a.daemon_pid("libvirtd") == libvirtd_a and rig.a.qemu_pid(on_a.name) == qemu_a
+        count = on_a.counter()
+        on_a.wait_counter_above(count)
+    finally:
+        rig.b.reboot()
+    assert rig.b.virsh("domstate", on_b.name).strip() == "shut off"
+    on_b.start()
+    on_b.wait_counter_above(0)
+
+
+def test_partition_cuts_both_paths_and_heals(rig: Rig) -> None:
+    def delivered(sender: Host, dest: str, attempts: int = 10) -> bool:
+        """Send up to ``attempts`` datagrams, 0.3 s apart; True once one arrives. (Right after
+        a partition heals, packets queued behind a failing ARP resolution are dropped, as on a
+        real LAN, so one datagram is not enough.)"""
+        receiver_node = rig.lan if dest == OBSERVER_ADDRESS else rig.b
+        listener = receiver_node.popen([sys.executable, "-c", RECEIVER, dest, "5002", "1"],
+                                       stdout=subprocess.PIPE, text=True)
+        try:
+            assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+            for _ in range(attempts):
+                sender.run([sys.executable, "-c", SENDER, dest, "5002", "ping"], check=False)
+                ready, _, _ = select.select([listener.stdout], [], [], 0.3)
+                if ready:
+                    return "ping" in listener.stdout.readline()
+            return False
+        finally:
+            listener.kill()
+            listener.wait()
+
+    assert delivered(rig.a, rig.b.ft_address) and delivered(rig.a, OBSERVER_ADDRESS)
+    rig.a.set_links(up=False)
+    try:
+        assert not delivered(rig.a, rig.b.ft_address, attempts=3)
+        assert not delivered(rig.a, OBSERVER_ADDRESS, attempts=3)
+        assert delivered(rig.b, OBSERVER_ADDRESS)  # only host a is cut off
+    finally:
+        rig.a.set_links(up=True)
+    assert delivered(rig.a, rig.b.ft_address) and delivered(rig.a, OBSERVER_ADDRESS)

@@ -30,10 +30,15 @@ def test_outside_maps_each_bound_directory_to_the_rig_root(tmp_path: Path) -> No
     assert host.outside("/var/log/libvirt/qemu/vm.log") == root / "log/qemu/vm.log"
     assert host.outside("/var/cache/libvirt") == root / "cache"
     assert host.outside("/etc/hosts") == root / "hosts"
-    # Not under a per-host directory: the same file inside and out.
-    assert host.outside("/etc/libvirtd.conf") == Path("/etc/libvirtd.conf")
-    assert host.outside("/var/lib/libvirtx/f") == Path("/var/lib/libvirtx/f")
+    assert host.outside("/etc/cuju-libvirt/cujud.yaml") == root / "cuju/etc/cujud.yaml"
+    assert host.outside("/var/lib/cuju-libvirt/state") == root / "cuju/lib/state"
+    # Elsewhere in the overlaid trees: where the host's own writes land.
+    assert host.outside("/etc/libvirtd.conf") == root / "overlay/etc/upper/libvirtd.conf"
+    assert host.outside("/var/lib/libvirtx/f") == root / "overlay/var-lib/upper/libvirtx/f"
+    assert host.outside("/var/log/syslog") == root / "overlay/var-log/upper/syslog"
+    # Not in the host's own trees: the same file inside and out.
     assert host.outside("/usr/bin/qemu-system-x86_64") == Path("/usr/bin/qemu-system-x86_64")
+    assert host.outside("/var/cache/cuju-libvirt/x.img") == Path("/var/cache/cuju-libvirt/x.img")
 
 
 def test_uri_names_the_hosts_own_socket(tmp_path: Path) -> None:
