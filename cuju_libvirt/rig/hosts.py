@@ -4,7 +4,7 @@
 
     with Rig() as rig:                       # Rig().up() ... rig.down()
         subprocess.run(["virsh", "-c", rig.a.uri, "define", "vm.xml"])
-        rig.b.popen(["cujud", "--config", "/etc/cuju-libvirt/cujud.yaml"])
+        rig.b.popen(["cujud", "--config", "/etc/cuju-libvirt/cujud.yaml"])   # inside host b
         rig.lan.popen(["python3", "observer.py", "--listen", OBSERVER_ADDRESS])
 
 Each host (``a`` and ``b``) is a mount + UTS + network namespace with hostname ``cuju-a`` /
@@ -16,13 +16,19 @@ through the rig root::
     <base>/cuju-rig-<id>/          tmpfs, source "cuju-rig-<id>" (base: $CUJU_RIG_BASE or /tmp)
         rig.json                   state read by `python -m cuju_libvirt.rig down|status`
         dev/kvm                    /dev/kvm with Debian's permissions (root:kvm 0660), see below
+        images/                    rig.stage_file() copies of disk images (both hosts see them)
         a/etc    -> /etc/libvirt        generated libvirtd.conf (own host_uuid), qemu.conf, hooks/qemu.d/
         a/run    -> /run                libvirt/libvirt-sock, libvirtd.pid, cuju-libvirt/ (cujud)
         a/lib    -> /var/lib/libvirt    qemu/ram/: memory_backing_dir, the guests' RAM files
         a/log    -> /var/log/libvirt    qemu/NAME.log, libvirtd.log, virtlogd.log
         a/cache  -> /var/cache/libvirt  QEMU capabilities cache
         a/hosts  -> /etc/hosts          names of both hosts and the observer
+        a/cuju/etc, lib, log -> /etc/cuju-libvirt, /var/lib/cuju-libvirt, /var/log/cuju-libvirt
+        a/overlay/{etc,var-lib,var-log}/upper   what host A wrote elsewhere in /etc, /var/lib, /var/log
         b/...                           host B, the same
+
+(``/etc``, ``/var/lib`` and ``/var/log`` are private overlays in each host, so whatever a host
+writes there stays in it; the directories above are bind-mounted on top.)
 
 Networks (addresses from 198.18.0.0/15 only; no interface ever exists in the root network
 namespace, so interface names need no prefix and rigs cannot collide)::
