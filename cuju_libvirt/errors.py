@@ -9,7 +9,17 @@ Every error the package raises on purpose derives from :class:`CujuError`::
      +-- HookError           the libvirt hook could not do its job
      +-- StateError          an FT state-machine transition that is not allowed now
      +-- ReplicationError    the data plane failed (link, peer, tracker, codec)
+     |    +-- DeviceStateError      a device-state save/load failed (QEMU's words)  [ft_engine/vmstate.py]
+     |         +-- BlobFormatError       a blob is malformed, truncated or holds RAM [ft_engine/vmstate.py]
+     |         +-- StandbyMismatchError  the standby differs from the primary      [ft_engine/devstate.py]
      +-- LibvirtError        a libvirt call failed; carries (domain, code) of the cause
+     |    +-- LibvirtConnectionError  the connection is gone or cannot be opened (retry later)
+     |    +-- LibvirtNotFoundError    no such domain / object / metadata
+     |    +-- LibvirtStateError       the object is not in a state that allows the call
+     |    +-- LibvirtUnsupportedError the driver does not implement the call
+     +-- ControlError        the local control socket (cujud not running, bad request, timeout)
+     +-- PeerError           the control channel to the peer host's cujud failed
+     |    +-- PeerAuthError      the peer failed authentication or sent a forged/replayed message
      +-- MonitorError        a QEMU monitor (QMP) connection failed or a command was refused
      |    +-- QMPError            QEMU refused a command (error class, desc)   [qmp.py]
      |    +-- QMPConnectionError  the monitor cannot be reached or went away   [qmp.py]
@@ -66,6 +76,42 @@ class LibvirtError(CujuError):
         super().__init__(message)
         self.domain = domain
         self.code = code
+
+
+class LibvirtConnectionError(LibvirtError):
+    """The libvirt connection is gone or cannot be opened; retrying later may help."""
+
+
+class LibvirtNotFoundError(LibvirtError):
+    """The domain (or other object, or metadata) does not exist."""
+
+
+class LibvirtStateError(LibvirtError):
+    """The object is not in a state that allows the operation (e.g. domain not running)."""
+
+
+class LibvirtUnsupportedError(LibvirtError):
+    """The libvirt driver does not implement the operation."""
+
+
+class ControlError(CujuError):
+    """The local control socket failed: cujud not running, refused request, timeout.
+
+    ``code`` is the protocol's error code when cujud answered with an error
+    (e.g. ``unknown-method``), empty otherwise.
+    """
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PeerError(CujuError):
+    """The control channel to the peer host's cujud failed (connection, protocol, timeout)."""
+
+
+class PeerAuthError(PeerError):
+    """The peer failed mutual authentication, or sent a forged, replayed or reordered message."""
 
 
 class MonitorError(CujuError):

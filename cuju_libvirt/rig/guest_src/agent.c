@@ -1,0 +1,534 @@
+/*
+ * cuju-agent: the workload inside the Linux test guest of cuju-libvirt.
+ *
+ * One static binary, run by the initramfs' /init as `agent MODE`.  Every
+ * parameter is a `cuju.KEY=VALUE` word, looked up first in argv (so the agent
+ * can also run on the host, e.g. `agent udp cuju.peer=127.0.0.1:9000`) and
+ * then on the kernel command line (/proc/cmdline).  Everything it reports is
+ * one line on stdout, which /init points at the serial console (ttyS0); each
+ * line starts with `cuju-MODE:` followed by KEY=VALUE words.
+ *
+ * Modes
+ *   count     counter every cuju.interval_ms (100):  "cuju-count: n=N"
+ *   udp       numbered UDP datagrams to cuju.peer=ADDR:PORT at cuju.pps (200)
+ *             per second, and, with cuju.tcp=ADDR:PORT, one TCP connection
+ *             carrying consecutive 64-bit big-endian counters (cuju.tcp_batch
+ *             (8) counters per datagram).  The connection is made once and
+ *             never re-made: if it breaks, the agent says so and goes on with
+ *             UDP only.  Progress every cuju.report_ms (1000).
+ *   echo      UDP echo responder on cuju.port (7); progress every report_ms.
+ *   stress    writes over cuju.stress_mb (64) MiB of anonymous memory, one
+ *             word per 4 KiB page per pass (cuju.stress_fill=1: every byte),
+ *             and reports pages/s and MB/s every report_ms.
+ *   balloon   idles and reports MemTotal/MemFree every report_ms, so that a
+ *             host inflating the virtio balloon can see the guest shrink.
+ *   diskread  reads cuju.disk (/dev/vda) over and over into cuju.bufs (8)
+ *             rotating buffers of cuju.bufsize (262144) bytes, alternating
+ *             O_DIRECT and buffered passes (cuju.diskmode=direct|buffered|both)
+ *             so that the virtio-blk device DMAs into guest RAM.  When the
+ *             disk's blocks carry the test pattern (each 4 KiB block starts
+ *             with "CUJUBLK\0" and its block index, u64 little-endian) every
+ *             block is verified.
+ *
+ * UDP datagram (32 bytes, all integers big-endian):
+ *   0  char[4] "CUJU"
+ *   4  u8      version (1)
+ *   5  u8[3]   zero
+ *   8  u64     sequence number, 0, 1, 2, ... (never repeats in one boot)
+ *   16 u64     guest CLOCK_MONOTONIC in nanoseconds when sent
+ *   24 u64     TCP counters handed to the kernel so far
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096u
+#define DGRAM_LEN 32
+#define BLOCK_MAGIC "CUJUBLK"
+
+static int g_argc;
+static char **g_argv;
+static char g_cmdline[8192];
+
+static void load_cmdline(void)
+{
+    int fd = open("/proc/cmdline", O_RDONLY);
+    if (fd < 0)
+        return;
+    ssize_t n = read(fd, g_cmdline, sizeof(g_cmdline) - 1);
+    close(fd);
+    if (n > 0)
+        g_cmdline[n] = '\0';
+}
+
+/* Value of cuju.KEY from argv, else from the kernel command line, else NULL.
+ * The result is the caller's to keep (parameters are read a handful of times). */
+static const char *param(const char *key)
+{
+    char prefix[128];
+    size_t plen = (size_t)snprintf(prefix, sizeof(prefix), "cuju.%s=", key);
+
+    for (int i = 2; i < g_argc; i++)
+        if (strncmp(g_argv[i], prefix, plen) == 0)
+            return g_argv[i] + plen;
+    for (const char *p = g_cmdline; *p;) {
+        while (*p == ' ' || *p == '\n')
+            p++;
+        const char *end = p;
+        while (*end && *end != ' ' && *end != '\n')
+            end++;
+        if ((size_t)(end - p) >= plen && strncmp(p, prefix, plen) == 0)
+            return strndup(p + plen, (size_t)(end - p) - plen);
+        p = end;
+    }
+    return NULL;
+}
+
+static long param_long(const char *key, long dflt, long min, long max)
+{
+    const char *v = param(key);
+    if (!v)
+        return dflt;
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (errno || end == v || *end || x < min || x > max) {
+        printf("cuju-agent: error=bad-parameter key=cuju.%s value=%s min=%ld max=%ld\n", key, v, min,
+               max);
+        exit(2);
+    }
+    return x;
+}
+
+/* Parse ADDR:PORT (IPv4) from cuju.KEY into *sa; exits with a message if malformed. */
+static int param_addr(const char *key, struct sockaddr_in *sa, int required)
+{
+    const char *v = param(key);
+    if (!v) {
+        if (required) {
+            printf("cuju-agent: error=missing-parameter key=cuju.%s want=ADDR:PORT\n", key);
+            exit(2);
+        }
+        return 0;
+    }
+    char host[64];
+    const char *colon = strrchr(v, ':');
+    long port = colon ? strtol(colon + 1, NULL, 10) : 0;
+    size_t hlen = colon ? (size_t)(colon - v) : 0;
+    memset(sa, 0, sizeof(*sa));
+    sa->sin_family = AF_INET;
+    if (!colon || hlen >= sizeof(host) || port <= 0 || port > 65535)
+        goto bad;
+    memcpy(host, v, hlen);
+    host[hlen] = '\0';
+    if (inet_pton(AF_INET, host, &sa->sin_addr) != 1)
+        goto bad;
+    sa->sin_port = htons((uint16_t)port);
+    return 1;
+bad:
+    printf("cuju-agent: error=bad-parameter key=cuju.%s value=%s want=ADDR:PORT\n", key, v);
+    exit(2);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void sleep_until(uint64_t t)
+{
+    struct timespec ts = {.tv_sec = (time_t)(t / 1000000000ull), .tv_nsec = (long)(t % 1000000000ull)};
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+        ;
+}
+
+static void put_be64(unsigned char *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+/* ---- count ------------------------------------------------------------- */
+
+__attribute__((noreturn)) static void mode_count(void)
+{
+    long interval_ms = param_long("interval_ms", 100, 1, 3600000);
+    uint64_t next = now_ns();
+    for (uint64_t n = 0;; n++) {
+        printf("cuju-count: n=%llu\n", (unsigned long long)n);
+        next += (uint64_t)interval_ms * 1000000ull;
+        uint64_t now = now_ns();
+        if (next < now)
+            next = now;
+        sleep_until(next);
+    }
+}
+
+/* ---- udp (+ tcp) ------------------------------------------------------- */
+
+enum tcp_state { TCP_OFF, TCP_CONNECTING, TCP_UP, TCP_BROKEN };
+static const char *const tcp_state_name[] = {"off", "connecting", "up", "broken"};
+
+struct tcp_stream {
+    enum tcp_state state;
+    int fd;
+    struct sockaddr_in peer;
+    uint64_t retry_at;       /* next connect attempt while CONNECTING without fd */
+    uint64_t goal;           /* counters the stream should have carried by now */
+    uint64_t sent_bytes;     /* bytes accepted by the kernel */
+};
+
+static void tcp_try_connect(struct tcp_stream *t, uint64_t now)
+{
+    if (t->fd < 0) {
+        if (now < t->retry_at)
+            return;
+        t->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (t->fd < 0)
+            return;
+        int one = 1;
+        setsockopt(t->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        if (connect(t->fd, (struct sockaddr *)&t->peer, sizeof(t->peer)) == 0) {
+            t->state = TCP_UP;
+            printf("cuju-udp: tcp=up\n");
+            return;
+        }
+        if (errno != EINPROGRESS)
+            goto retry;
+    }
+    struct pollfd pfd = {.fd = t->fd, .events = POLLOUT};
+    if (poll(&pfd, 1, 0) <= 0)
+        return;
+    int err = 0;
+    socklen_t len = sizeof(err);
+    getsockopt(t->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err == 0) {
+        t->state = TCP_UP;
+        printf("cuju-udp: tcp=up\n");
+        return;
+    }
+retry:
+    /* Only the first connection is retried (the observer may not listen yet). */
+    close(t->fd);
+    t->fd = -1;
+    t->retry_at = now + 200000000ull;
+}
+
+static void tcp_pump(struct tcp_stream *t)
+{
+    unsigned char buf[4096];
+    while (t->sent_bytes < t->goal * 8) {
+        uint64_t off = t->sent_bytes;
+        uint64_t first = off / 8;
+        size_t skip = (size_t)(off % 8);
+        uint64_t want = t->goal * 8 - off;
+        size_t n = 0;
+        for (uint64_t c = first; n < sizeof(buf) - 8 && c < t->goal; c++, n += 8)
+            put_be64(buf + n, c);
+        n -= skip;
+        if (n > want)
+            n = (size_t)want;
+        ssize_t w = send(t->fd, buf + skip, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                return;
+            printf("cuju-udp: tcp=broken errno=%d error=%s sent_bytes=%llu\n", errno, strerror(errno),
+                   (unsigned long long)t->sent_bytes);
+            close(t->fd);
+            t->fd = -1;
+            t->state = TCP_BROKEN;
+            return;
+        }
+        t->sent_bytes += (uint64_t)w;
+    }
+}
+
+static int mode_udp(void)
+{
+    struct sockaddr_in peer;
+    param_addr("peer", &peer, 1);
+    long pps = param_long("pps", 200, 1, 100000);
+    long batch = param_long("tcp_batch", 8, 1, 4096);
+    long report_ms = param_long("report_ms", 1000, 10, 3600000);
+    struct tcp_stream t = {.state = TCP_OFF, .fd = -1};
+    if (param_addr("tcp", &t.peer, 0))
+        t.state = TCP_CONNECTING;
+
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        printf("cuju-udp: error=socket errno=%d\n", errno);
+        return 1;
+    }
+    printf("cuju-udp: start peer=%s pps=%ld tcp=%s\n", param("peer"), pps, param("tcp") ? param("tcp") : "-");
+
+    uint64_t interval = 1000000000ull / (uint64_t)pps;
+    uint64_t next = now_ns(), next_report = next + (uint64_t)report_ms * 1000000ull;
+    uint64_t send_errors = 0;
+    for (uint64_t seq = 0;; seq++) {
+        uint64_t now = now_ns();
+        if (t.state == TCP_CONNECTING)
+            tcp_try_connect(&t, now);
+        if (t.state == TCP_UP) {
+            t.goal += (uint64_t)batch;
+            tcp_pump(&t);
+        }
+        unsigned char d[DGRAM_LEN] = {'C', 'U', 'J', 'U', 1};
+        put_be64(d + 8, seq);
+        put_be64(d + 16, now);
+        put_be64(d + 24, t.sent_bytes / 8);
+        if (sendto(fd, d, sizeof(d), 0, (struct sockaddr *)&peer, sizeof(peer)) < 0)
+            send_errors++;
+        if (now >= next_report) {
+            printf("cuju-udp: seq=%llu tcp=%s tcp_bytes=%llu send_errors=%llu\n", (unsigned long long)seq,
+                   tcp_state_name[t.state], (unsigned long long)t.sent_bytes,
+                   (unsigned long long)send_errors);
+            next_report = now + (uint64_t)report_ms * 1000000ull;
+        }
+        next += interval;
+        if (next < now)
+            next = now; /* fell behind (VM paused): no burst to catch up */
+        sleep_until(next);
+    }
+}
+
+/* ---- echo -------------------------------------------------------------- */
+
+static int mode_echo(void)
+{
+    long port = param_long("port", 7, 1, 65535);
+    long report_ms = param_long("report_ms", 1000, 10, 3600000);
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        printf("cuju-echo: error=bind port=%ld errno=%d\n", port, errno);
+        return 1;
+    }
+    printf("cuju-echo: listening port=%ld\n", port);
+    uint64_t echoed = 0, next_report = now_ns() + (uint64_t)report_ms * 1000000ull;
+    for (;;) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        int r = poll(&pfd, 1, (int)report_ms);
+        if (r > 0) {
+            unsigned char buf[65536];
+            struct sockaddr_in from;
+            socklen_t flen = sizeof(from);
+            ssize_t n = recvfrom(fd, buf, sizeof(buf), 0, (struct sockaddr *)&from, &flen);
+            if (n >= 0 && sendto(fd, buf, (size_t)n, 0, (struct sockaddr *)&from, flen) == n)
+                echoed++;
+        }
+        uint64_t now = now_ns();
+        if (now >= next_report) {
+            printf("cuju-echo: echoed=%llu\n", (unsigned long long)echoed);
+            next_report = now + (uint64_t)report_ms * 1000000ull;
+        }
+    }
+}
+
+/* ---- stress ------------------------------------------------------------ */
+
+static int mode_stress(void)
+{
+    long mb = param_long("stress_mb", 64, 1, 1 << 20);
+    long fill = param_long("stress_fill", 0, 0, 1);
+    long report_ms = param_long("report_ms", 1000, 10, 3600000);
+    size_t size = (size_t)mb << 20, pages = size / PAGE;
+    unsigned char *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) {
+        printf("cuju-stress: error=mmap mb=%ld errno=%d\n", mb, errno);
+        return 1;
+    }
+    printf("cuju-stress: start mb=%ld fill=%ld pages=%zu\n", mb, fill, pages);
+    uint64_t t0 = now_ns(), done = 0, pass = 0;
+    for (;; pass++) {
+        for (size_t p = 0; p < pages; p++) {
+            unsigned char *pg = mem + p * PAGE;
+            if (fill)
+                memset(pg, (int)(pass & 0xff) ^ 0x5a, PAGE);
+            /* A value that changes every pass, at an offset that moves through the page. */
+            *(volatile uint64_t *)(pg + ((pass * 8) % PAGE)) = pass * pages + p + 1;
+            if ((++done & 1023) == 0) {
+                uint64_t now = now_ns();
+                if (now - t0 >= (uint64_t)report_ms * 1000000ull) {
+                    double s = (double)(now - t0) / 1e9;
+                    double bytes = fill ? (double)done * PAGE : (double)done * 8;
+                    printf("cuju-stress: pass=%llu pages_per_s=%.0f mb_per_s=%.1f\n",
+                           (unsigned long long)pass, (double)done / s, bytes / s / 1e6);
+                    t0 = now;
+                    done = 0;
+                }
+            }
+        }
+    }
+}
+
+/* ---- balloon ----------------------------------------------------------- */
+
+static long meminfo_kb(const char *field)
+{
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    long kb = -1;
+    size_t flen = strlen(field);
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof(line), f))
+        if (strncmp(line, field, flen) == 0 && line[flen] == ':') {
+            kb = strtol(line + flen + 1, NULL, 10);
+            break;
+        }
+    fclose(f);
+    return kb;
+}
+
+__attribute__((noreturn)) static void mode_balloon(void)
+{
+    long report_ms = param_long("report_ms", 1000, 10, 3600000);
+    for (;;) {
+        printf("cuju-balloon: memtotal_kb=%ld memfree_kb=%ld\n", meminfo_kb("MemTotal"),
+               meminfo_kb("MemFree"));
+        usleep((useconds_t)report_ms * 1000u);
+    }
+}
+
+/* ---- diskread ---------------------------------------------------------- */
+
+struct disk_stats {
+    uint64_t blocks_checked;
+    uint64_t bad_blocks;
+};
+
+static void check_blocks(const unsigned char *buf, size_t len, uint64_t first_block, struct disk_stats *st)
+{
+    for (size_t off = 0; off + PAGE <= len; off += PAGE) {
+        const unsigned char *b = buf + off;
+        uint64_t idx = 0;
+        for (int i = 7; i >= 0; i--)
+            idx = (idx << 8) | b[8 + i];
+        st->blocks_checked++;
+        if (memcmp(b, BLOCK_MAGIC, sizeof(BLOCK_MAGIC)) != 0 || idx != first_block + off / PAGE)
+            st->bad_blocks++;
+    }
+}
+
+/* One pass over the disk; returns bytes read or -1. */
+static long long read_pass(const char *disk, int direct, unsigned char **bufs, long nbufs, size_t bufsize,
+                           int patterned, struct disk_stats *st)
+{
+    int fd = open(disk, O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
+    if (fd < 0) {
+        printf("cuju-diskread: error=open disk=%s direct=%d errno=%d\n", disk, direct, errno);
+        return -1;
+    }
+    if (!direct)
+        posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED); /* make the buffered pass hit the device */
+    long long total = 0;
+    for (long i = 0;; i = (i + 1) % nbufs) {
+        ssize_t n = read(fd, bufs[i], bufsize);
+        if (n < 0) {
+            printf("cuju-diskread: error=read direct=%d errno=%d offset=%lld\n", direct, errno, total);
+            close(fd);
+            return -1;
+        }
+        if (n == 0)
+            break;
+        if (patterned)
+            check_blocks(bufs[i], (size_t)n, (uint64_t)total / PAGE, st);
+        total += n;
+    }
+    close(fd);
+    return total;
+}
+
+static int mode_diskread(void)
+{
+    const char *disk_path = param("disk") ? param("disk") : "/dev/vda";
+    long nbufs = param_long("bufs", 8, 1, 1024);
+    long bufsize = param_long("bufsize", 262144, (long)PAGE, 64L << 20);
+    const char *how = param("diskmode") ? param("diskmode") : "both";
+    int use_direct = strcmp(how, "buffered") != 0, use_buffered = strcmp(how, "direct") != 0;
+    if (bufsize % (long)PAGE) {
+        printf("cuju-diskread: error=bad-parameter key=cuju.bufsize value=%ld want=multiple-of-4096\n",
+               bufsize);
+        return 2;
+    }
+    unsigned char **bufs = calloc((size_t)nbufs, sizeof(*bufs));
+    for (long i = 0; i < nbufs; i++)
+        if (posix_memalign((void **)&bufs[i], PAGE, (size_t)bufsize) != 0) {
+            printf("cuju-diskread: error=alloc\n");
+            return 1;
+        }
+    /* Is the disk patterned? Look at block 0 through a buffered read. */
+    int patterned = 0;
+    int fd = open(disk_path, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        unsigned char first[16];
+        patterned = read(fd, first, sizeof(first)) == (ssize_t)sizeof(first) &&
+                    memcmp(first, BLOCK_MAGIC, sizeof(BLOCK_MAGIC)) == 0;
+        close(fd);
+    }
+    printf("cuju-diskread: start disk=%s bufs=%ld bufsize=%ld mode=%s patterned=%d\n", disk_path, nbufs,
+           bufsize, how, patterned);
+    for (uint64_t pass = 0;; pass++) {
+        int direct = use_direct && use_buffered ? (int)(pass % 2 == 0) : use_direct;
+        struct disk_stats st = {0};
+        uint64_t t0 = now_ns();
+        long long n = read_pass(disk_path, direct, bufs, nbufs, (size_t)bufsize, patterned, &st);
+        if (n < 0) {
+            sleep(1);
+            continue;
+        }
+        double s = (double)(now_ns() - t0) / 1e9;
+        printf("cuju-diskread: pass=%llu direct=%d bytes=%lld mb_per_s=%.1f blocks_checked=%llu "
+               "bad_blocks=%llu\n",
+               (unsigned long long)pass, direct, n, s > 0 ? (double)n / s / 1e6 : 0.0,
+               (unsigned long long)st.blocks_checked, (unsigned long long)st.bad_blocks);
+    }
+}
+
+/* ---- main -------------------------------------------------------------- */
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    g_argc = argc;
+    g_argv = argv;
+    load_cmdline();
+    const char *mode = argc > 1 ? argv[1] : param("mode");
+    if (!mode) {
+        printf("cuju-agent: error=no-mode usage=agent count|udp|echo|stress|balloon|diskread "
+               "[cuju.KEY=VALUE ...]\n");
+        return 2;
+    }
+    if (strcmp(mode, "count") == 0)
+        mode_count();
+    if (strcmp(mode, "udp") == 0)
+        return mode_udp();
+    if (strcmp(mode, "echo") == 0)
+        return mode_echo();
+    if (strcmp(mode, "stress") == 0)
+        return mode_stress();
+    if (strcmp(mode, "balloon") == 0)
+        mode_balloon();
+    if (strcmp(mode, "diskread") == 0)
+        return mode_diskread();
+    printf("cuju-agent: error=unknown-mode mode=%s known=count,udp,echo,stress,balloon,diskread\n", mode);
+    return 2;
+}
