@@ -117,6 +117,12 @@ class NamespaceNode:
             raise RigError(f"{self.label} is not running (its namespace keeper is gone)")
         return self.keeper
 
+    @property
+    def netns_path(self) -> str:
+        """A path naming this node's network namespace (for ``setns``, ``ip netns exec``-like
+        helpers such as :class:`cuju_libvirt.rig.observer.Observer`'s ``netns=``)."""
+        return f"/proc/{self._keeper().pid}/ns/net"
+
     def command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` wrapped to run inside this node's namespaces and the rig's cgroup."""
         return self.cgroup.wrap(self._keeper().nsenter(argv))
