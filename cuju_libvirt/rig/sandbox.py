@@ -225,15 +225,16 @@ class Keeper:
         cgroup: Cgroup,
         kinds: Sequence[str],
         *,
+        stderr_path: Path,
         setup: str = "",
         args: Sequence[str] = (),
-        stderr_path: Path | None = None,
         timeout: float = 30.0,
     ) -> Keeper:
         """Start a keeper in new ``kinds`` namespaces (``mount``, ``uts``, ``net``).
 
         ``setup`` is a bash script run inside first (``set -e``; ``"$1"``... are ``args``);
-        its failure is raised as :class:`RigError` with its stderr. Mounts are private to
+        its failure is raised as :class:`RigError` with its stderr (kept in ``stderr_path``,
+        which also gets anything the keeper writes later). Mounts are private to
         the new mount namespace: nothing propagates back to the root namespace.
         """
         flags = [NS_KINDS[k][0] for k in kinds]
@@ -241,15 +242,11 @@ class Keeper:
             flags.append("--propagation=private")
         script = f"set -e\n{setup}\necho ready\nexec -a \"$0\" {tool('sleep')} infinity >/dev/null\n"
         argv = [tool("unshare"), *flags, "--", tool("bash"), "-c", script, name, *args]
-        err_target = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
-        try:
+        with open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
-                cgroup.wrap(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err_target,
+                cgroup.wrap(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                 start_new_session=True,
             )
-        finally:
-            if stderr_path is not None and not isinstance(err_target, int):
-                err_target.close()
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], timeout)
         line = proc.stdout.readline() if ready else b""
@@ -258,7 +255,7 @@ class Keeper:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            detail = stderr_path.read_text(errors="replace").strip() if stderr_path else ""
+            detail = stderr_path.read_text(errors="replace").strip()
             raise RigError(
                 f"{name}: setting up namespaces failed (exit {proc.returncode}): {detail or 'no output'}"
             )
