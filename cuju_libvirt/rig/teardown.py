@@ -211,3 +211,30 @@ def down_all(
         else:
             results.append((rig_id, "removed"))
     return results
+
+
+def sweep_stale(min_age: float = 120.0) -> list[str]:
+    """Remove rigs left by dead owners (a killed test run whose reaper died too); return their ids.
+
+    Safe to call while other rigs run: a rig whose owner lives, or that ``up`` left for a
+    person (no owner), is kept; a rig without a state file is removed only when older than
+    ``min_age`` seconds (younger ones may be coming up right now).
+    """
+    removed = []
+    for rig_id, traces in sorted(discover().items()):
+        if traces.state is not None:
+            stale = traces.state.get("owner") is not None and not traces.owner_alive
+        else:
+            made = [p for p in (traces.root, traces.cgroup) if p is not None and p.exists()]
+            stale = all(time.time() - p.stat().st_ctime > min_age for p in made)
+        if not stale:
+            continue
+        try:
+            remove_rig(traces, graceful=False)
+        except RigError as err:
+            log.warning("%s", err)
+        else:
+            removed.append(rig_id)
+    if removed:
+        log.warning("removed %d stale rigs left by killed runs: %s", len(removed), ", ".join(removed))
+    return removed

@@ -1,7 +1,8 @@
 """Fixtures of the end-to-end tier: the two-host rig and counter guests on it.
 
 * ``rig`` (session): one :class:`~cuju_libvirt.rig.hosts.Rig` for the whole session, torn
-  down at its end (and by its reaper if the session is killed). Tests are skipped, with the
+  down at its end (and by its reaper if the session is killed); rigs that killed earlier
+  runs left behind are swept first. Tests are skipped, with the
   reason, when this machine cannot run a rig (not root, no cgroup v2, no libvirtd, ...).
 * ``counter_image`` (session): the boot-sector counter guest (built once, cached).
 * ``counter_guest``: a factory ``counter_guest(host, name, ft_peer=..., mac=...)`` that
@@ -24,6 +25,7 @@ from cuju_libvirt.rig.domains import domain_xml
 from cuju_libvirt.rig.guests import boot_image, read_counter, serial_counts
 from cuju_libvirt.rig.hosts import LAN_BRIDGE, Host, Rig
 from cuju_libvirt.rig.sandbox import RigUnavailable, check_capabilities
+from cuju_libvirt.rig.teardown import sweep_stale
 
 
 def skip_unless_rig_possible() -> None:
@@ -37,6 +39,7 @@ def skip_unless_rig_possible() -> None:
 @pytest.fixture(scope="session")
 def rig() -> Iterator[Rig]:
     skip_unless_rig_possible()
+    sweep_stale()  # what a killed earlier run (and its killed reaper) left behind
     the_rig = Rig()
     try:
         the_rig.up()

@@ -20,7 +20,7 @@ from lxml import etree
 from cuju_libvirt import FT_NAMESPACE
 from cuju_libvirt.rig.hosts import FT_IFACE, LAN_BRIDGE, OBSERVER_ADDRESS, Host, Rig
 from cuju_libvirt.rig.sandbox import cgroup2_mount, pid_alive
-from cuju_libvirt.rig.teardown import PREFIX, default_base, discover, down_all
+from cuju_libvirt.rig.teardown import PREFIX, default_base, discover, down_all, sweep_stale
 from tests.e2e.conftest import RigGuest, skip_unless_rig_possible
 
 pytestmark = pytest.mark.timeout(120)
@@ -261,10 +261,12 @@ def test_down_leaves_nothing(counter_image: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("reaper_survives", [True, False], ids=["reaper", "down-all"])
-def test_rig_of_a_killed_owner_is_removed(rig: Rig, reaper_survives: bool) -> None:
+@pytest.mark.parametrize("cleaner", ["reaper", "down-all", "sweep"])
+def test_rig_of_a_killed_owner_is_removed(rig: Rig, cleaner: str) -> None:
     """SIGKILL the process that owns a rig: its reaper removes the rig; if the reaper is killed
-    too, ``down --all`` finds the stale rig by its name and removes it, and keeps live rigs."""
+    too, ``down --all`` (or the e2e fixtures' sweep) finds the stale rig by its name and
+    removes it, and keeps live rigs."""
+    reaper_survives = cleaner == "reaper"
     owner = subprocess.Popen(
         [sys.executable, "-c", "from cuju_libvirt.rig.hosts import Rig; import time\n"
          "r = Rig().up(); print(r.id, flush=True); time.sleep(600)"],
@@ -294,9 +296,12 @@ def test_rig_of_a_killed_owner_is_removed(rig: Rig, reaper_survives: bool) -> No
         time.sleep(1)
         stale = discover()[rig_id]
         assert not stale.owner_alive and stale.pids  # left behind, still running
-        results = dict(down_all(only={rig_id, rig.id}))
-        assert results[rig_id] == "removed"
-        assert results[rig.id].startswith("kept: in use by pid")
+        if cleaner == "down-all":
+            results = dict(down_all(only={rig_id, rig.id}))
+            assert results[rig_id] == "removed"
+            assert results[rig.id].startswith("kept: in use by pid")
+        else:
+            assert rig_id in sweep_stale() and rig.id in discover()
         assert rig.a.virsh("hostname").strip() == rig.a.hostname  # the live rig still works
     assert rig_id not in discover()
     assert not any(pid_alive(k) for k in keepers)
