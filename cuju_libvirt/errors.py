@@ -5,7 +5,9 @@ Every error the package raises on purpose derives from :class:`CujuError`::
     CujuError
      +-- ConfigError         bad cujud configuration (file, drop-in, key, value)
      +-- DomainXMLError      a domain XML or <cuju:ft> element that is malformed or invalid
-     |    +-- DomainUnfitError   well-formed, but the domain cannot be protected as written
+     |    +-- NotADomainXMLError    unreadable: too large, not well-formed, DOCTYPE, not a <domain>
+     |    +-- FTElementError        the <cuju:ft> element is invalid (attribute, value, place)
+     |    +-- DomainUnfitError      well-formed, but the domain cannot be protected as written
      +-- HookError           the libvirt hook could not do its job
      +-- StateError          an FT state-machine transition that is not allowed now
      +-- ReplicationError    the data plane failed (link, peer, tracker, codec)
@@ -43,6 +45,21 @@ class ConfigError(CujuError):
 
 class DomainXMLError(CujuError):
     """A domain XML document or its <cuju:ft> element is malformed or invalid."""
+
+
+class NotADomainXMLError(DomainXMLError):
+    """The input cannot be read as a domain XML at all (the CLI exits 2 for it)."""
+
+
+class FTElementError(DomainXMLError):
+    """The <cuju:ft> element is invalid.
+
+    ``problems`` holds one line per problem, each naming the attribute and the fix.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
 
 
 class DomainUnfitError(DomainXMLError):

@@ -19,3 +19,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(getattr(pytest.mark, tier))
         if "slow" in item.keywords and not slow_ok:
             item.add_marker(pytest.mark.skip(reason="slow soak: opt in with CUJU_SLOW=1"))
+
+
+# Hypothesis: no per-example deadline (this machine is shared and slow at times), a bounded
+# number of examples so the suite stays fast; HYPOTHESIS_PROFILE=thorough for a longer run.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    pass
+else:
+    settings.register_profile(
+        "cuju", deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.register_profile(
+        "thorough", deadline=None, max_examples=2000, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cuju"))

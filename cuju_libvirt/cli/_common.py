@@ -1,0 +1,111 @@
+"""Pieces shared by the ``xml`` and domain sub-commands: element options, reports, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from functools import wraps
+
+from cuju_libvirt.cli import EXIT_REFUSED, EXIT_UNREADABLE, CLIError
+from cuju_libvirt.domain_xml import ATTRIBUTE_BY_NAME, ATTRIBUTES, FTSpec
+from cuju_libvirt.errors import DomainUnfitError, FTElementError, NotADomainXMLError
+from cuju_libvirt.fitness import Problem
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_ft_options(parser: argparse.ArgumentParser, peer_required: bool) -> None:
+    """One option per ``<cuju:ft>`` attribute, named like the attribute (from the attribute table)."""
+    group = parser.add_argument_group("element settings (attribute names of <cuju:ft>)")
+    for attr in ATTRIBUTES:
+        option = f"--{attr.name}"
+        dest = attr.field
+        if attr.name == "peer":
+            note = (
+                "required unless the domain already has <cuju:ft>"
+                if not peer_required
+                else "required unless the document already has <cuju:ft>"
+            )
+            group.add_argument(option, dest=dest, metavar="HOST[:PORT]", help=f"{attr.doc} ({note})")
+        elif attr.name == "link":
+            group.add_argument(option, dest=dest, metavar="ADDR[:PORT]", help=attr.doc)
+        elif attr.kind == "int":
+            assert attr.bounds is not None
+            lo, hi = attr.bounds
+            group.add_argument(
+                option, dest=dest, metavar="N", help=f"{attr.doc}; {lo}..{hi}, default {attr.default}"
+            )
+        else:
+            default = ("on" if attr.default else "off") if attr.kind == "onoff" else attr.default
+            group.add_argument(
+                option, dest=dest, choices=attr.choices, help=f"{attr.doc}; default {default}"
+            )
+
+
+def spec_from_args(args: argparse.Namespace, existing: FTSpec | None) -> FTSpec:
+    """The element to write: the existing settings (if any) with the given options applied."""
+    given = {
+        attr.name: getattr(args, attr.field)
+        for attr in ATTRIBUTES
+        if getattr(args, attr.field, None) is not None
+    }
+    if existing is None and "peer" not in given:
+        raise CLIError("--peer is required: the domain has no <cuju:ft> yet", EXIT_UNREADABLE)
+    merged = existing.to_attributes() if existing is not None else {}
+    merged.update(given)
+    return FTSpec.from_attributes(merged)
+
+
+def print_lines(lines: Sequence[object]) -> None:
+    for line in lines:
+        print(f"cuju-libvirt: {line}", file=sys.stderr)
+
+
+def report_problems(problems: Sequence[Problem]) -> None:
+    print_lines(problems)
+
+
+def show_spec(spec: FTSpec | None, as_json: bool, what: str) -> None:
+    """Print the effective settings (defaults filled in) for people or as one JSON object."""
+    if as_json:
+        print(json.dumps(spec.to_dict() if spec is not None else None, indent=None))
+        return
+    if spec is None:
+        print(f"{what}: not protected (no <cuju:ft> element)")
+        return
+    print(f"{what}: protected by <cuju:ft>")
+    explicit = spec.to_attributes()
+    width = max(len(a.name) for a in ATTRIBUTES)
+    for name, value in spec.to_dict().items():
+        note = "" if name in explicit else "  (default)"
+        print(f"  {name:<{width}}  {value}{note}")
+    print(f"  {'':<{width}}  cujud at {spec.peer_endpoint}, FT link to {spec.link_endpoint}")
+
+
+def handle_xml_errors(func: Handler) -> Handler:
+    """Map the library's errors to the CLI's exit codes, one stderr line per problem."""
+
+    @wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except NotADomainXMLError as err:
+            raise CLIError(str(err), EXIT_UNREADABLE) from err
+        except (FTElementError, DomainUnfitError) as err:
+            print_lines(err.problems)
+            return EXIT_REFUSED
+
+    return wrapper
+
+
+__all__ = [
+    "ATTRIBUTE_BY_NAME",
+    "add_ft_options",
+    "handle_xml_errors",
+    "print_lines",
+    "report_problems",
+    "show_spec",
+    "spec_from_args",
+]

@@ -1,0 +1,609 @@
+"""The ``<cuju:ft>`` element: domain XML in, typed :class:`FTSpec` out, and back.
+
+Pure: no libvirt calls. The element lives inside the domain's ``<metadata>``::
+
+    <domain type='kvm'>
+      <metadata>
+        <cuju:ft xmlns:cuju="https://cuju-ft.github.io/libvirt/ft/1.0" peer="hostb" epoch-ms="20"/>
+      </metadata>
+      ...
+
+Every attribute is described once, in :data:`ATTRIBUTES` (name, default, bounds, meaning);
+parsing, emitting, the CLI options and docs/ft-element.md follow that table. The element is
+checked twice: by typed checks here (messages name the attribute and the fix) and by the
+RELAX NG schema shipped in ``cuju_libvirt/schema/cuju-ft.rng``.
+
+Editing functions (:func:`set_ft`, :func:`remove_ft`) touch nothing outside the element:
+other metadata namespaces, comments, processing instructions, ``<qemu:commandline>``,
+attribute order and whitespace are kept; a ``<metadata>`` created by :func:`set_ft` is
+removed again by :func:`remove_ft` once it is empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import AnyStr, Literal, NamedTuple, cast
+
+from lxml import etree
+
+from cuju_libvirt import FT_NAMESPACE as _PACKAGE_FT_NAMESPACE
+from cuju_libvirt._xml import Document, close_indent, insert_child, is_empty, remove_child
+from cuju_libvirt.errors import FTElementError, NotADomainXMLError
+
+#: XML namespace of the element (also exported as ``cuju_libvirt.FT_NAMESPACE``).
+FT_NAMESPACE = _PACKAGE_FT_NAMESPACE
+#: Every version of the namespace starts with this; other versions are refused by name.
+FT_NAMESPACE_BASE = "https://cuju-ft.github.io/libvirt/ft/"
+#: Prefix used when the element is written (and libvirt's metadata key).
+FT_PREFIX = "cuju"
+FT_TAG = f"{{{FT_NAMESPACE}}}ft"
+
+DEFAULT_PEER_PORT = 7790
+DEFAULT_LINK_PORT = 7791
+
+Tracker = Literal["auto", "uffd", "scan"]
+Failover = Literal["auto", "manual"]
+PeerUnavailable = Literal["start-unprotected", "refuse-start"]
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_DIGITS = re.compile(r"[0-9]+\Z")
+# Element names libvirt puts before <metadata>; a new <metadata> goes after the last of them.
+_BEFORE_METADATA = ("name", "uuid", "genid", "title", "description")
+
+
+class Endpoint(NamedTuple):
+    """A host (name, IPv4 or IPv6 address without brackets) and a TCP port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_endpoint(text: str, default_port: int) -> Endpoint:
+    """Parse ``HOST[:PORT]`` (host name, IPv4, or ``[IPv6]``); raises ValueError with the reason."""
+    if text != text.strip() or not text:
+        raise ValueError("must be HOST or HOST:PORT without spaces")
+    port_text: str | None = None
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError("an IPv6 address needs a closing ']'")
+        host, rest = text[1:close], text[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("only ':PORT' may follow ']'")
+            port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as err:
+            raise ValueError(f"'{host}' is not an IPv6 address") from err
+    else:
+        if text.count(":") > 1:
+            raise ValueError("write an IPv6 address in brackets, e.g. [2001:db8::1]:7790")
+        host, _, port_text_or_empty = text.partition(":")
+        port_text = port_text_or_empty if ":" in text else None
+        _check_host(host)
+    port = default_port
+    if port_text is not None:
+        if not _DIGITS.match(port_text):
+            raise ValueError(f"port '{port_text}' is not a number")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is outside 1..65535")
+    return Endpoint(host, port)
+
+
+def _check_host(host: str) -> None:
+    if not host:
+        raise ValueError("the host is empty")
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError as err:
+            raise ValueError(f"'{host}' is not an IPv4 address") from err
+        return
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in host.split(".")):
+        raise ValueError(f"'{host}' is not a valid host name (letters, digits, '-' and '.')")
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """One attribute of ``<cuju:ft>``: the single source of truth for parser, CLI and docs."""
+
+    name: str  # XML attribute name (also the JSON key and the CLI option name)
+    field: str  # FTSpec field
+    kind: Literal["endpoint", "int", "choice", "onoff"]
+    default: str | int | bool | None
+    doc: str
+    bounds: tuple[int, int] | None = None
+    choices: tuple[str, ...] = ()
+
+
+ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute(
+        "peer", "peer", "endpoint", None,
+        "the peer host's cujud, HOST[:PORT] (host name, IPv4 or [IPv6]); "
+        f"port {DEFAULT_PEER_PORT} if omitted",
+    ),
+    Attribute(
+        "link", "link", "endpoint", None,
+        f"FT-link data endpoint on the peer, ADDR[:PORT]; default: the peer's host, port {DEFAULT_LINK_PORT}",
+    ),
+    Attribute("epoch-ms", "epoch_ms", "int", 20, "epoch length in milliseconds", bounds=(5, 1000)),
+    Attribute(
+        "tracker", "tracker", "choice", "auto",
+        "dirty-page tracker: uffd (userfaultfd write-protect), scan (compare with a shadow copy), "
+        "auto (uffd if the host supports it, else scan)",
+        choices=("auto", "uffd", "scan"),
+    ),
+    Attribute(
+        "output-commit", "output_commit", "onoff", True,
+        "hold the VM's network output until the peer acknowledged the epoch that produced it; "
+        "off is unsafe (the outside world may see state that a failover loses)",
+        choices=("on", "off"),
+    ),
+    Attribute(
+        "max-epoch-packets", "max_epoch_packets", "int", 5000,
+        "end an epoch early once this many outgoing packets are held (QEMU's filter-buffer "
+        "drops packets beyond 10,000)",
+        bounds=(100, 9000),
+    ),
+    Attribute(
+        "failover", "failover", "choice", "auto",
+        "auto: the standby takes over when the primary is declared dead; manual: an operator decides",
+        choices=("auto", "manual"),
+    ),
+    Attribute(
+        "heartbeat-timeout-ms", "heartbeat_timeout_ms", "int", 500,
+        "declare the peer dead after this long without heartbeats on both paths",
+        bounds=(50, 60000),
+    ),
+    Attribute(
+        "on-peer-unavailable", "on_peer_unavailable", "choice", "start-unprotected",
+        "what the hook does at start when protection cannot be established: start the VM "
+        "unprotected (and say so) or refuse the start",
+        choices=("start-unprotected", "refuse-start"),
+    ),
+)
+ATTRIBUTE_BY_NAME: Mapping[str, Attribute] = {a.name: a for a in ATTRIBUTES}
+
+
+def _allowed(attr: Attribute) -> str:
+    if attr.bounds:
+        return f"an integer from {attr.bounds[0]} to {attr.bounds[1]}"
+    if attr.choices:
+        return " or ".join(repr(c) for c in attr.choices)
+    return "HOST or HOST:PORT (host name, IPv4 address, or [IPv6 address])"
+
+
+def _default_text(attr: Attribute) -> str:
+    if attr.name == "peer":
+        return "required"
+    if attr.name == "link":
+        return f"default: the peer's host, port {DEFAULT_LINK_PORT}"
+    if attr.kind == "onoff":
+        return f"default {'on' if attr.default else 'off'}"
+    return f"default {attr.default}"
+
+
+def _value_problem(attr: Attribute, value: object, reason: str = "") -> str:
+    why = f" ({reason})" if reason else ""
+    remedy = "set it" if attr.name == "peer" else "set it to a valid value or remove it to use the default"
+    return (
+        f"<cuju:ft> attribute {attr.name}={str(value)!r} is invalid{why}: it must be {_allowed(attr)}, "
+        f"{_default_text(attr)}; fix: {remedy}"
+    )
+
+
+@dataclass(frozen=True)
+class FTSpec:
+    """The settings of one ``<cuju:ft>`` element, validated on construction."""
+
+    peer: str
+    link: str | None = None
+    epoch_ms: int = 20
+    tracker: Tracker = "auto"
+    output_commit: bool = True
+    max_epoch_packets: int = 5000
+    failover: Failover = "auto"
+    heartbeat_timeout_ms: int = 500
+    on_peer_unavailable: PeerUnavailable = "start-unprotected"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for attr in ATTRIBUTES:
+            value = getattr(self, attr.field)
+            reason = _check_value(attr, value)
+            if reason is not None:
+                problems.append(_value_problem(attr, value, reason))
+        if problems:
+            raise FTElementError(problems)
+
+    @classmethod
+    def defaults(cls, peer: str) -> FTSpec:
+        """All defaults, with the (required) peer."""
+        return cls(peer=peer)
+
+    @classmethod
+    def from_attributes(cls, attributes: Mapping[str, str]) -> FTSpec:
+        """Build from XML attribute strings (names as in the element); all problems at once."""
+        problems: list[str] = []
+        values: dict[str, object] = {}
+        for name in attributes:
+            if name not in ATTRIBUTE_BY_NAME:
+                problems.append(_unknown_attribute(name))
+        if "peer" not in attributes:
+            problems.append(
+                "<cuju:ft> has no peer attribute: it is required; fix: add peer='HOST[:PORT]' "
+                "naming the peer host's cujud"
+            )
+        for name, text in attributes.items():
+            attr = ATTRIBUTE_BY_NAME.get(name)
+            if attr is None:
+                continue
+            try:
+                value = _from_text(attr, text)
+            except ValueError as err:
+                problems.append(_value_problem(attr, text, str(err)))
+                continue
+            reason = _check_value(attr, value)
+            if reason is not None:
+                problems.append(_value_problem(attr, text, reason))
+            values[attr.field] = value
+        if problems:
+            raise FTElementError(problems)
+        return cls(**values)  # type: ignore[arg-type]  # fields checked in __post_init__
+
+    def replace(self, **changes: object) -> FTSpec:
+        """A copy with some fields changed (validated like the original)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def peer_endpoint(self) -> Endpoint:
+        return parse_endpoint(self.peer, DEFAULT_PEER_PORT)
+
+    @property
+    def link_endpoint(self) -> Endpoint:
+        if self.link is None:
+            return Endpoint(self.peer_endpoint.host, DEFAULT_LINK_PORT)
+        return parse_endpoint(self.link, DEFAULT_LINK_PORT)
+
+    @property
+    def peer_host(self) -> str:
+        return self.peer_endpoint.host
+
+    @property
+    def peer_port(self) -> int:
+        return self.peer_endpoint.port
+
+    @property
+    def link_host(self) -> str:
+        return self.link_endpoint.host
+
+    @property
+    def link_port(self) -> int:
+        return self.link_endpoint.port
+
+    def to_dict(self) -> dict[str, str | int]:
+        """Effective settings, defaults filled in; keys are the XML attribute names.
+
+        Integers stay integers; enumerations and on/off are their XML words; ``peer`` is
+        as written and ``link`` is the effective ``HOST:PORT``.
+        """
+        result: dict[str, str | int] = {}
+        for attr in ATTRIBUTES:
+            if attr.name == "link":
+                result["link"] = str(self.link_endpoint)
+            else:
+                result[attr.name] = _to_json(attr, getattr(self, attr.field))
+        return result
+
+    def to_attributes(self) -> dict[str, str]:
+        """The attributes to write: ``peer`` and every setting that differs from its default."""
+        result: dict[str, str] = {}
+        for attr in ATTRIBUTES:
+            value = getattr(self, attr.field)
+            if attr.name == "peer" or (value is not None and value != attr.default):
+                result[attr.name] = _to_text(attr, value)
+        return result
+
+
+def _check_value(attr: Attribute, value: object) -> str | None:
+    """Why ``value`` is not valid for ``attr``, or None when it is."""
+    if attr.kind == "endpoint":
+        if value is None and attr.name == "link":
+            return None
+        if not isinstance(value, str):
+            return "not a string"
+        try:
+            parse_endpoint(value, DEFAULT_PEER_PORT)
+        except ValueError as err:
+            return str(err)
+        return None
+    if attr.kind == "int":
+        assert attr.bounds is not None
+        if not isinstance(value, int) or isinstance(value, bool):
+            return "not an integer"
+        lo, hi = attr.bounds
+        return None if lo <= value <= hi else f"outside {lo}..{hi}"
+    if attr.kind == "onoff":
+        return None if isinstance(value, bool) else "not on/off"
+    return None if value in attr.choices else "not one of the choices"
+
+
+def _from_text(attr: Attribute, text: str) -> object:
+    if attr.kind == "endpoint":
+        parse_endpoint(text, DEFAULT_PEER_PORT)
+        return text
+    if attr.kind == "int":
+        if not _DIGITS.match(text):
+            raise ValueError("not a decimal integer")
+        if len(text) > 9:
+            raise ValueError("too many digits")
+        return int(text)
+    if text not in attr.choices:
+        raise ValueError("unknown value")
+    if attr.kind == "onoff":
+        return text == "on"
+    return text
+
+
+def _to_text(attr: Attribute, value: object) -> str:
+    if attr.kind == "onoff":
+        return "on" if value else "off"
+    return str(value)
+
+
+def _to_json(attr: Attribute, value: object) -> str | int:
+    if attr.kind == "int":
+        return cast(int, value)
+    return _to_text(attr, value)
+
+
+def _unknown_attribute(name: str) -> str:
+    shown = name
+    if name.startswith("{"):
+        uri, _, local = name[1:].partition("}")
+        shown = f"{local} (namespace {uri})"
+    close = difflib.get_close_matches(name, list(ATTRIBUTE_BY_NAME), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return (
+        f"<cuju:ft> has an unknown attribute '{shown}'; fix: {hint}remove it "
+        f"(known attributes: {', '.join(ATTRIBUTE_BY_NAME)})"
+    )
+
+
+# --- the RELAX NG schema ------------------------------------------------------------------
+
+
+@cache
+def schema() -> etree.RelaxNG:
+    """The RELAX NG schema of the element, loaded once from the package."""
+    text = resources.files("cuju_libvirt").joinpath("schema/cuju-ft.rng").read_bytes()
+    return etree.RelaxNG(etree.fromstring(text, etree.XMLParser(resolve_entities=False, no_network=True)))
+
+
+def _schema_check(element: etree._Element) -> None:
+    # Validate a detached copy so that the check does not depend on the rest of the document.
+    copy = etree.fromstring(etree.tostring(element, with_tail=False))
+    rng = schema()
+    if not rng.validate(copy):
+        messages = [f"<cuju:ft> fails the schema cuju-ft.rng: {e.message}" for e in rng.error_log]
+        raise FTElementError(messages or ["<cuju:ft> fails the schema cuju-ft.rng"])
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def _line(element: etree._Element) -> str:
+    return f" (line {element.sourceline})" if element.sourceline else ""
+
+
+def find_ft(root: etree._Element) -> etree._Element | None:
+    """The ``<cuju:ft>`` element of a ``<domain>`` tree, or None.
+
+    Raises :class:`FTElementError` for an element of another namespace version, an unknown
+    element in the namespace, an element outside ``<metadata>``, or two elements.
+    """
+    found: list[etree._Element] = []
+    problems: list[str] = []
+    for element in root.iter(etree.Element):
+        qname = etree.QName(element)
+        uri = qname.namespace or ""
+        if not uri.startswith(FT_NAMESPACE_BASE):
+            continue
+        if uri != FT_NAMESPACE:
+            problems.append(
+                f"<{qname.localname}>{_line(element)} uses namespace {uri}, which this cuju-libvirt "
+                f"does not support; fix: use {FT_NAMESPACE}"
+            )
+            continue
+        parent = element.getparent()
+        if qname.localname != "ft":
+            if parent is None or etree.QName(parent).namespace != FT_NAMESPACE:
+                problems.append(
+                    f"unknown element <{qname.localname}>{_line(element)} in the cuju namespace; "
+                    "fix: remove it (the only element is <cuju:ft>)"
+                )
+            continue
+        if parent is None or parent.tag != "metadata" or parent.getparent() is not root:
+            where = "the document root" if parent is None else f"<{parent.tag}>"
+            problems.append(
+                f"<cuju:ft>{_line(element)} is inside {where}; libvirt keeps it only directly inside "
+                "the domain's <metadata>; fix: move it there"
+            )
+            continue
+        found.append(element)
+    if len(found) > 1:
+        lines = ", ".join(str(e.sourceline) for e in found)
+        problems.append(
+            f"{len(found)} <cuju:ft> elements (lines {lines}); libvirt allows one element per "
+            "namespace in <metadata>; fix: keep exactly one"
+        )
+    if problems:
+        raise FTElementError(problems)
+    return found[0] if found else None
+
+
+def spec_from_element(element: etree._Element) -> FTSpec:
+    """Validate one ``<cuju:ft>`` element (typed checks, then the schema) and return its settings."""
+    problems: list[str] = []
+    for child in element:
+        if isinstance(child.tag, str):
+            problems.append(
+                f"<cuju:ft> has a child element <{etree.QName(child).localname}>; it takes attributes "
+                "only; fix: remove the child"
+            )
+    texts = [element.text, *(c.tail for c in element)]
+    if any(t and t.strip() for t in texts):
+        problems.append("<cuju:ft> contains text; it takes attributes only; fix: remove the text")
+    try:
+        spec = FTSpec.from_attributes({str(k): str(v) for k, v in element.attrib.items()})
+    except FTElementError as err:
+        raise FTElementError(problems + err.problems) from err
+    if problems:
+        raise FTElementError(problems)
+    _schema_check(element)
+    return spec
+
+
+def check_domain_root(root: etree._Element) -> None:
+    """Raise :class:`NotADomainXMLError` unless ``root`` is a libvirt ``<domain>``."""
+    if root.tag != "domain":
+        tag = root.tag if isinstance(root.tag, str) else "?"
+        raise NotADomainXMLError(
+            f"the root element is <{tag}>, not <domain>: this is not a libvirt domain XML"
+        )
+
+
+def load_domain(xml: str | bytes, what: str = "domain XML") -> Document:
+    """Parse a domain XML safely (see :mod:`cuju_libvirt._xml`) and check that it is a ``<domain>``."""
+    doc = Document.parse(xml, what)
+    check_domain_root(doc.root)
+    return doc
+
+
+def parse_domain(xml: str | bytes) -> FTSpec | None:
+    """The settings of the domain's ``<cuju:ft>`` element, or None when it has none."""
+    element = find_ft(load_domain(xml).root)
+    return None if element is None else spec_from_element(element)
+
+
+def parse_element(xml: str | bytes) -> FTSpec:
+    """The settings of a bare ``<cuju:ft xmlns:cuju=...>`` element given as XML text."""
+    doc = Document.parse(xml, "<cuju:ft> element")
+    root = doc.root
+    if root.tag != FT_TAG:
+        qname = etree.QName(root)
+        if (qname.namespace or "").startswith(FT_NAMESPACE_BASE) and qname.localname == "ft":
+            raise FTElementError(
+                [f"<ft> uses namespace {qname.namespace}, which is not supported; fix: use {FT_NAMESPACE}"]
+            )
+        raise FTElementError([f"expected <cuju:ft> in namespace {FT_NAMESPACE}, got <{qname.localname}>"])
+    return spec_from_element(root)
+
+
+def parse_libvirt_metadata(xml: str) -> FTSpec:
+    """Parse the element as libvirt's ``virDomainGetMetadata`` returns it (no namespace)."""
+    doc = Document.parse(xml, "libvirt metadata")
+    root = doc.root
+    if root.tag not in ("ft", FT_TAG):
+        raise FTElementError([f"libvirt returned <{root.tag}> for the cuju namespace, expected <ft>"])
+    element = etree.Element(FT_TAG, nsmap={FT_PREFIX: FT_NAMESPACE})
+    for name, value in root.attrib.items():
+        element.set(name, value)
+    for child in root:
+        element.append(child)
+    element.text = root.text
+    return spec_from_element(element)
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def ft_element(spec: FTSpec, prefix: str = FT_PREFIX) -> etree._Element:
+    """A new ``<cuju:ft>`` element for ``spec`` (peer plus every non-default setting)."""
+    element = etree.Element(FT_TAG, nsmap={prefix: FT_NAMESPACE})
+    for name, value in spec.to_attributes().items():
+        element.set(name, value)
+    return element
+
+
+def libvirt_metadata_xml(spec: FTSpec) -> str:
+    """The element as ``virDomainSetMetadata`` wants it: no namespace (libvirt adds key and URI)."""
+    element = etree.Element("ft")
+    for name, value in spec.to_attributes().items():
+        element.set(name, value)
+    return etree.tostring(element, encoding="unicode")
+
+
+def element_xml(spec: FTSpec) -> str:
+    """The bare element as text, with its namespace declaration."""
+    return etree.tostring(ft_element(spec), encoding="unicode")
+
+
+def set_ft_in(root: etree._Element, spec: FTSpec) -> bool:
+    """Add or replace the element in a ``<domain>`` tree; True if ``<metadata>`` was created."""
+    existing = find_ft(root)
+    if existing is not None:
+        prefix = existing.prefix or FT_PREFIX
+        new = ft_element(spec, prefix)
+        new.tail = existing.tail
+        parent = existing.getparent()
+        assert parent is not None
+        parent.replace(existing, new)
+        return False
+    metadata = root.find("metadata")
+    created = metadata is None
+    if metadata is None:
+        metadata = etree.Element("metadata")
+        index = 0
+        for i, child in enumerate(root):
+            if child.tag in _BEFORE_METADATA:
+                index = i + 1
+        insert_child(root, metadata, index)
+    insert_child(metadata, ft_element(spec))
+    if created:
+        close_indent(metadata)
+    return created
+
+
+def remove_ft_in(root: etree._Element) -> bool:
+    """Remove the element from a ``<domain>`` tree (and ``<metadata>`` if left empty).
+
+    Returns False when there was no element. An element in another namespace version is
+    refused (:class:`FTElementError`) rather than removed silently.
+    """
+    element = find_ft(root)
+    if element is None:
+        return False
+    metadata = element.getparent()
+    assert metadata is not None
+    remove_child(element)
+    if is_empty(metadata):
+        remove_child(metadata)
+    return True
+
+
+def set_ft(xml: AnyStr, spec: FTSpec) -> AnyStr:
+    """The domain XML with the element added or replaced; nothing else changes."""
+    doc = load_domain(xml)
+    set_ft_in(doc.root, spec)
+    return cast(AnyStr, doc.dump())
+
+
+def remove_ft(xml: AnyStr) -> AnyStr:
+    """The domain XML without the element (unchanged when there is none)."""
+    doc = load_domain(xml)
+    remove_ft_in(doc.root)
+    return cast(AnyStr, doc.dump())

@@ -1,0 +1,627 @@
+"""Can this domain be protected? The fitness rules, in one place, and the safe fixes.
+
+:func:`check_fitness` lists the problems of a domain XML (each names the device or
+attribute and the fix, with a severity); :func:`prepare` makes the changes that are safe
+to make automatically and says what it changed. The CLI, the libvirt hook and cujud all
+use these functions, so a domain is judged the same way everywhere. Pure: no libvirt calls.
+
+Why each rule exists (docs/ft-element.md has the user-facing version):
+
+* guest RAM must be file-backed and shared: the device-state save skips shared RAM
+  (``x-ignore-shared``) and the trackers and the standby work on that file;
+* device DMA that no tracker sees (PCI/USB passthrough, vDPA, NVMe userspace driver,
+  vhost-user back-ends, ivshmem, virtio-pmem/nvdimm/virtio-mem backends outside the RAM
+  file) would make the replica silently wrong: errors;
+* NICs must not use vhost: QEMU's filter-buffer, used for output commit, refuses vhost
+  netdevs;
+* disks are not epoch-protected yet: warnings, per disk.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import AnyStr, Generic
+
+from lxml import etree
+
+from cuju_libvirt._xml import close_indent, insert_child
+from cuju_libvirt.domain_xml import FTSpec, find_ft, load_domain, spec_from_element
+
+LOG = logging.getLogger(__name__)
+
+#: libvirt's namespace for ``<qemu:commandline>``; must be declared on the root ``<domain>``.
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
+#: Directory of the direct QMP sockets cujud uses for the per-epoch commands.
+QMP_SOCKET_DIR = "/run/cuju-libvirt/qmp"
+#: Trackers known to see pages discarded by the balloon or free-page reporting
+#: (uffd through UFFD_EVENT_REMOVE, scan by comparing contents). "auto" picks one of them.
+DISCARD_SAFE_TRACKERS = frozenset({"auto", "uffd", "scan"})
+#: Longest UNIX socket path (sun_path is 108 bytes including the terminating NUL).
+_MAX_SOCKET_PATH = 107
+_VIRTIO_NIC_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional")
+_PREPARE = "run 'cuju-libvirt xml enable --prepare'"
+
+
+class Severity(enum.Enum):
+    ERROR = "error"  # the domain cannot be protected as written
+    WARNING = "warning"  # it can, with a limitation the operator must know
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: what (``subject``: the device or attribute), why, and how to fix it."""
+
+    severity: Severity
+    code: str  # stable identifier, e.g. "hostdev", "memory-backing"
+    subject: str
+    message: str
+    fix: str
+    preparable: bool = False  # prepare() fixes it
+
+    def __str__(self) -> str:
+        return f"{self.severity.value}: {self.subject}: {self.message}; fix: {self.fix}"
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity is Severity.ERROR
+
+
+def qmp_socket_path(domain_name: str) -> str:
+    """Path of the direct QMP socket of a domain."""
+    return f"{QMP_SOCKET_DIR}/{domain_name}.sock"
+
+
+def qmp_argument(domain_name: str) -> str:
+    """The value that follows ``-qmp`` (commas in the path doubled, as QEMU's option parser wants)."""
+    path = qmp_socket_path(domain_name).replace(",", ",,")
+    return f"unix:{path},server=on,wait=off"
+
+
+@dataclass
+class _Context:
+    root: etree._Element
+    spec: FTSpec | None
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return (self.root.findtext("name") or "").strip()
+
+    @property
+    def tracker(self) -> str:
+        return self.spec.tracker if self.spec is not None else "auto"
+
+    def error(self, code: str, subject: str, message: str, fix: str, preparable: bool = False) -> None:
+        self.problems.append(Problem(Severity.ERROR, code, subject, message, fix, preparable))
+
+    def warn(self, code: str, subject: str, message: str, fix: str) -> None:
+        self.problems.append(Problem(Severity.WARNING, code, subject, message, fix))
+
+    def devices(self, tag: str) -> Iterator[etree._Element]:
+        yield from self.root.iterfind(f"devices/{tag}")
+
+
+# --- describing devices -------------------------------------------------------------------
+
+
+def _interface_name(nic: etree._Element) -> str:
+    parts = [f"<interface type='{nic.get('type', '?')}'>"]
+    mac = nic.find("mac")
+    if mac is not None and mac.get("address"):
+        parts.append(f"mac {mac.get('address')}")
+    source = nic.find("source")
+    if source is not None:
+        for key in ("network", "bridge", "dev", "path"):
+            if source.get(key):
+                parts.append(f"{key} {source.get(key)}")
+                break
+    return " ".join(parts)
+
+
+def _disk_name(disk: etree._Element) -> str:
+    target = disk.find("target")
+    dev = target.get("dev") if target is not None else None
+    source = disk.find("source")
+    where = ""
+    if source is not None:
+        for key in ("file", "dev", "name", "volume", "dir", "path"):
+            if source.get(key):
+                where = f" ({source.get(key)})"
+                break
+    return f"<disk> {dev or '?'}{where}"
+
+
+def _number(text: str, width: int) -> str:
+    try:
+        return f"{int(text, 16 if not text.startswith('0x') else 0):0{width}x}"
+    except ValueError:
+        return text
+
+
+def _hostdev_name(dev: etree._Element) -> str:
+    kind = dev.get("type", "?")
+    source = dev.find("source")
+    detail = ""
+    if source is not None:
+        address = source.find("address")
+        vendor, product = source.find("vendor"), source.find("product")
+        adapter = source.find("adapter")
+        if address is not None and address.get("domain") is not None:
+            a = {k: str(address.get(k, "0")) for k in ("domain", "bus", "slot", "function")}
+            detail = (
+                f" {_number(a['domain'], 4)}:{_number(a['bus'], 2)}:{_number(a['slot'], 2)}."
+                f"{_number(a['function'], 1)}"
+            )
+        elif vendor is not None and product is not None:
+            detail = f" {vendor.get('id', '?')!s}:{product.get('id', '?')!s}"
+        elif address is not None:
+            detail = " " + " ".join(f"{k!s}={v!s}" for k, v in address.attrib.items())
+        elif adapter is not None:
+            detail = f" adapter {adapter.get('name', '?')!s}"
+    return f"<hostdev type='{kind!s}'>{detail}"
+
+
+# --- the rules ----------------------------------------------------------------------------
+
+
+def _rule_domain_type(ctx: _Context) -> None:
+    kind = ctx.root.get("type")
+    if kind not in ("qemu", "kvm"):
+        ctx.error(
+            "domain-type", f"<domain type='{kind}'>",
+            "only QEMU domains can be protected",
+            "use <domain type='kvm'> (or 'qemu' for TCG)",
+        )
+
+
+def _rule_qmp_socket(ctx: _Context) -> None:
+    name = ctx.name
+    if not name:
+        ctx.error("name", "<name>", "the domain has no name", "add <name>")
+        return
+    path = qmp_socket_path(name)
+    if len(path.encode()) > _MAX_SOCKET_PATH:
+        ctx.error(
+            "qmp-socket", "<name>",
+            f"the direct QMP socket {path} would be longer than a UNIX socket path may be "
+            f"({_MAX_SOCKET_PATH} bytes)",
+            f"shorten the domain name to at most {_MAX_SOCKET_PATH - len(qmp_socket_path(''))} bytes",
+        )
+        return
+    if not has_qmp_socket(ctx.root):
+        ctx.error(
+            "qmp-socket", "<qemu:commandline>",
+            f"no direct QMP socket for cujud's per-epoch commands (-qmp {qmp_argument(name)})",
+            f"{_PREPARE} (adds it; libvirt then marks the domain tainted: custom-argv)",
+            preparable=True,
+        )
+    elif ctx.root.nsmap.get(_qemu_prefix(ctx.root) or "") != QEMU_NAMESPACE:
+        ctx.error(
+            "qmp-socket", "<domain>",
+            f"the qemu namespace {QEMU_NAMESPACE} is not declared on the root <domain> element",
+            f"{_PREPARE} or add xmlns:qemu='{QEMU_NAMESPACE}' to <domain>",
+            preparable=True,
+        )
+
+
+def _rule_memory(ctx: _Context) -> None:
+    backing = ctx.root.find("memoryBacking")
+    source = backing.find("source") if backing is not None else None
+    access = backing.find("access") if backing is not None else None
+    source_type = source.get("type") if source is not None else None
+    if source_type != "file":
+        ctx.error(
+            "memory-backing", "<memoryBacking><source>",
+            f"guest RAM is {source_type or 'anonymous'} memory; it must be file-backed",
+            f"{_PREPARE} or add <source type='file'/> to <memoryBacking>",
+            preparable=True,
+        )
+    if (access.get("mode") if access is not None else None) != "shared":
+        ctx.error(
+            "memory-backing", "<memoryBacking><access>",
+            "guest RAM is not shared; it must be (the device-state save skips only shared RAM)",
+            f"{_PREPARE} or add <access mode='shared'/> to <memoryBacking>",
+            preparable=True,
+        )
+    if backing is not None and backing.find("hugepages") is not None:
+        ctx.error(
+            "hugepages", "<memoryBacking><hugepages>",
+            "huge pages put guest RAM in hugetlbfs, where the trackers are not verified "
+            "(dirty granularity becomes the huge page size)",
+            "remove <hugepages/> from <memoryBacking>",
+        )
+    for cell in ctx.root.iterfind("cpu/numa/cell"):
+        if cell.get("memAccess") == "private":
+            ctx.error(
+                "memory-backing", f"<cpu><numa><cell id='{cell.get('id', '?')}' memAccess='private'>",
+                "this NUMA cell's RAM is private, not shared",
+                f"{_PREPARE} or set memAccess='shared' (or remove it)",
+                preparable=True,
+            )
+    for mem in ctx.devices("memory"):
+        model = mem.get("model", "?")
+        if model == "dimm":
+            if mem.get("access") == "private":
+                ctx.error(
+                    "memory-device", "<memory model='dimm' access='private'>",
+                    "this DIMM's RAM is private, not shared",
+                    "set access='shared' or remove the attribute",
+                )
+            continue
+        ctx.error(
+            "memory-device", f"<memory model='{model}'>",
+            "memory outside the guest RAM file (nvdimm, virtio-pmem, virtio-mem, SGX EPC) is not "
+            "tracked or is plugged and discarded at run time",
+            "remove the device",
+        )
+
+
+def _rule_passthrough(ctx: _Context) -> None:
+    dma = "its DMA goes straight to guest RAM where no dirty-page tracker sees it"
+    for dev in ctx.devices("hostdev"):
+        ctx.error("hostdev", _hostdev_name(dev), f"host device passthrough: {dma}", "remove the <hostdev>")
+    for nic in ctx.devices("interface"):
+        kind = nic.get("type")
+        if kind in ("hostdev", "vdpa"):
+            ctx.error(
+                "hostdev", _interface_name(nic), f"a {kind} NIC is passed-through hardware: {dma}",
+                "use a virtio NIC on a bridge or network with <driver name='qemu'/>",
+            )
+    for disk in ctx.devices("disk"):
+        if disk.get("type") == "nvme":
+            ctx.error(
+                "hostdev", _disk_name(disk), f"an NVMe disk with QEMU's userspace driver (VFIO): {dma}",
+                "use the NVMe device as <disk type='block'> instead",
+            )
+    for dev in ctx.devices("redirdev"):
+        ctx.error(
+            "redirdev", f"<redirdev bus='{dev.get('bus', 'usb')}' type='{dev.get('type', '?')}'>",
+            "a redirected USB device lives on the client side and cannot follow the VM to the peer",
+            "remove the <redirdev>",
+        )
+    for tpm in ctx.devices("tpm"):
+        backend = tpm.find("backend")
+        kind = backend.get("type") if backend is not None else None
+        if kind == "passthrough":
+            ctx.error(
+                "tpm", "<tpm><backend type='passthrough'>",
+                "the host's TPM cannot be replicated to the peer",
+                "use <backend type='emulator'/> (swtpm) or remove the <tpm>",
+            )
+        elif kind == "emulator":
+            ctx.warn(
+                "tpm", "<tpm><backend type='emulator'>",
+                "the emulated TPM's state is saved with the device state every epoch (larger "
+                "pauses); its persistent state file must also exist on the peer",
+                "keep swtpm's state directory on storage that both hosts can reach",
+            )
+
+
+def _rule_vhost_user(ctx: _Context) -> None:
+    why = "a vhost-user back-end is another process writing guest RAM, which no tracker sees"
+    for nic in ctx.devices("interface"):
+        if nic.get("type") == "vhostuser":
+            ctx.error("vhost-user", _interface_name(nic), why, "use a virtio NIC with <driver name='qemu'/>")
+    for disk in ctx.devices("disk"):
+        if disk.get("type") == "vhostuser":
+            ctx.error("vhost-user", _disk_name(disk), why, "use a file, block or network disk")
+    for fs in ctx.devices("filesystem"):
+        driver = fs.find("driver")
+        target = fs.find("target")
+        mount = target.get("dir") if target is not None else "?"
+        if driver is not None and driver.get("type") == "virtiofs":
+            ctx.error("vhost-user", f"<filesystem> virtiofs {mount}", f"virtiofsd: {why}", "remove it")
+        else:
+            ctx.warn(
+                "filesystem", f"<filesystem> {mount}",
+                "writes to a shared host directory are not epoch-protected",
+                "use it read-only or accept that the peer may see writes of a lost epoch",
+            )
+    for video in ctx.devices("video"):
+        driver = video.find("driver")
+        if driver is not None and driver.get("name") == "vhostuser":
+            ctx.error("vhost-user", "<video><driver name='vhostuser'>", why, "use a QEMU video model")
+    if any(True for _ in ctx.devices("vsock")):
+        ctx.error(
+            "vsock", "<vsock>",
+            "vhost-vsock runs in a kernel worker outside QEMU's filters: its host connections "
+            "cannot follow the VM to the peer and its output is not held until commit",
+            "remove the <vsock> (use a virtio-serial <channel> or the network)",
+        )
+    for shm in ctx.devices("shmem"):
+        ctx.error(
+            "shmem", f"<shmem name='{shm.get('name', '?')}'>",
+            "ivshmem maps memory that other processes write, where no tracker sees it",
+            "remove the <shmem>",
+        )
+
+
+def _rule_nics(ctx: _Context) -> None:
+    for nic in ctx.devices("interface"):
+        if nic.get("type") in ("hostdev", "vdpa", "vhostuser"):
+            continue  # reported by the passthrough / vhost-user rules
+        model = nic.find("model")
+        if model is None or model.get("type") not in _VIRTIO_NIC_MODELS:
+            continue  # only virtio NICs can use vhost
+        driver = nic.find("driver")
+        if driver is None or driver.get("name") != "qemu":
+            ctx.error(
+                "nic-vhost", _interface_name(nic),
+                "a virtio NIC without <driver name='qemu'/> uses vhost, and QEMU's filter-buffer "
+                "(output commit) refuses vhost netdevs",
+                f"{_PREPARE} or add <driver name='qemu'/> to the <interface>",
+                preparable=True,
+            )
+
+
+def _rule_balloon(ctx: _Context) -> None:
+    for balloon in ctx.devices("memballoon"):
+        if balloon.get("freePageReporting") == "on" and ctx.tracker not in DISCARD_SAFE_TRACKERS:
+            ctx.error(
+                "balloon", "<memballoon freePageReporting='on'>",
+                f"free-page reporting discards guest pages, which tracker '{ctx.tracker}' does not see",
+                "set freePageReporting='off' or use a tracker that handles discards",
+            )
+
+
+def _rule_disks(ctx: _Context) -> None:
+    for disk in ctx.devices("disk"):
+        if disk.get("type") in ("vhostuser", "nvme"):
+            continue
+        if disk.get("device", "disk") not in ("disk", "lun") or disk.find("readonly") is not None:
+            continue
+        ctx.warn(
+            "disk", _disk_name(disk),
+            "disk writes are not epoch-protected yet: after a failover the disk may hold writes "
+            "of the lost epoch, and the standby on the peer opens the same source",
+            "keep it on storage both hosts reach; make it <readonly/> if the guest only reads it",
+        )
+
+
+def _rule_element(ctx: _Context) -> None:
+    if ctx.spec is not None and not ctx.spec.output_commit:
+        ctx.warn(
+            "output-commit", "<cuju:ft output-commit='off'>",
+            "network output leaves before the peer has the state that produced it: after a "
+            "failover, peers may have seen packets from a state the VM lost",
+            "remove output-commit (default on)",
+        )
+
+
+#: Every rule, in report order. Each appends Problems to the context.
+RULES: tuple[Callable[[_Context], None], ...] = (
+    _rule_domain_type,
+    _rule_memory,
+    _rule_passthrough,
+    _rule_vhost_user,
+    _rule_nics,
+    _rule_balloon,
+    _rule_qmp_socket,
+    _rule_disks,
+    _rule_element,
+)
+
+
+def check_fitness_in(root: etree._Element, spec: FTSpec | None = None) -> list[Problem]:
+    """The problems of a parsed ``<domain>`` tree; ``spec`` defaults to its own element."""
+    if spec is None:
+        element = find_ft(root)
+        spec = spec_from_element(element) if element is not None else None
+    ctx = _Context(root, spec)
+    for rule in RULES:
+        rule(ctx)
+    return ctx.problems
+
+
+def check_fitness(xml: str | bytes, spec: FTSpec | None = None) -> list[Problem]:
+    """The problems that keep a domain XML from being protected (errors) or limit it (warnings).
+
+    Raises :class:`~cuju_libvirt.errors.NotADomainXMLError` for unreadable input and
+    :class:`~cuju_libvirt.errors.FTElementError` for an invalid element.
+    """
+    return check_fitness_in(load_domain(xml).root, spec)
+
+
+def errors(problems: list[Problem]) -> list[Problem]:
+    return [p for p in problems if p.is_error]
+
+
+# --- prepare: the safe changes ------------------------------------------------------------
+
+
+def _qemu_prefix(root: etree._Element) -> str | None:
+    for prefix, uri in root.nsmap.items():
+        if uri == QEMU_NAMESPACE and prefix:
+            return prefix
+    return None
+
+
+def _qemu_options(value: str) -> list[str]:
+    """Split a QEMU option string at single commas (',,' is an escaped comma)."""
+    parts: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(value):
+        if value[i] == ",":
+            if value[i + 1 : i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(value[i])
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def _flags(options: list[str]) -> dict[str, str]:
+    """key=value options as a dict; bare flags become 'on' ('nowait' becomes wait=off)."""
+    result: dict[str, str] = {}
+    for option in options:
+        key, sep, val = option.partition("=")
+        if not sep:
+            key, val = ("wait", "off") if key == "nowait" else (key, "on")
+        result[key] = val
+    return result
+
+
+def _server_nowait(flags: dict[str, str]) -> bool:
+    return flags.get("server") in ("on", "yes", "true") and flags.get("wait") in ("off", "no", "false")
+
+
+def has_qmp_socket(root: etree._Element) -> bool:
+    """Whether ``<qemu:commandline>`` gives QEMU cujud's direct QMP socket for this domain.
+
+    Accepted: ``-qmp unix:PATH,server=on,wait=off`` or ``-chardev socket,id=ID,path=PATH,
+    server=on,wait=off`` with ``-mon chardev=ID,mode=control``, PATH being
+    :func:`qmp_socket_path` of the domain's name.
+    """
+    path = qmp_socket_path((root.findtext("name") or "").strip())
+    q = f"{{{QEMU_NAMESPACE}}}"
+    args = [str(a.get("value", "")) for a in root.iterfind(f"{q}commandline/{q}arg")]
+    chardevs: set[str] = set()
+    monitors: set[str] = set()
+    for flag, value in itertools.pairwise(args):
+        options = _qemu_options(value)
+        flags = _flags(options[1:])
+        if flag == "-qmp" and options[0] == f"unix:{path}" and _server_nowait(flags):
+            return True
+        socket = flag == "-chardev" and options[0] == "socket" and flags.get("path") == path
+        if socket and _server_nowait(flags):
+            chardevs.add(flags.get("id", ""))
+        if flag == "-mon":
+            mon = _flags(options)
+            if mon.get("mode") == "control" and "chardev" in mon:
+                monitors.add(mon["chardev"])
+    return bool(chardevs & monitors)
+
+
+def _ensure(
+    parent: etree._Element, tag: str, attribute: str, value: str, *, changes: list[str], what: str
+) -> None:
+    child = parent.find(tag)
+    if child is None:
+        child = etree.Element(tag)
+        child.set(attribute, value)
+        insert_child(parent, child)
+        changes.append(f"added <{tag} {attribute}='{value}'/> to {what}")
+    elif child.get(attribute) != value:
+        old = child.get(attribute)
+        child.set(attribute, value)
+        was = f" (was '{old}')" if old is not None else ""
+        changes.append(f"set <{tag} {attribute}='{value}'>{was} in {what}")
+
+
+def _prepare_memory(root: etree._Element, changes: list[str]) -> None:
+    backing = root.find("memoryBacking")
+    created = backing is None
+    if backing is None:
+        backing = etree.Element("memoryBacking")
+        index = None
+        for i, child in enumerate(root):
+            if child.tag in ("memory", "currentMemory", "maxMemory"):
+                index = i + 1
+        insert_child(root, backing, index if index is not None and index < len(root) else None)
+        changes.append("added <memoryBacking> (guest RAM in a shared file)")
+    _ensure(backing, "source", "type", "file", changes=changes, what="<memoryBacking>")
+    _ensure(backing, "access", "mode", "shared", changes=changes, what="<memoryBacking>")
+    if created:
+        close_indent(backing)
+    for cell in root.iterfind("cpu/numa/cell"):
+        if cell.get("memAccess") == "private":
+            cell.set("memAccess", "shared")
+            cell_id = cell.get("id", "?")
+            changes.append(f"set <numa><cell id='{cell_id}'> memAccess from 'private' to 'shared'")
+
+
+def _prepare_nics(root: etree._Element, changes: list[str]) -> None:
+    for nic in root.iterfind("devices/interface"):
+        if nic.get("type") in ("hostdev", "vdpa", "vhostuser"):
+            continue
+        model = nic.find("model")
+        if model is None or model.get("type") not in _VIRTIO_NIC_MODELS:
+            continue
+        _ensure(nic, "driver", "name", "qemu", changes=changes, what=_interface_name(nic))
+
+
+def _all_prefixes(root: etree._Element) -> list[str]:
+    prefixes: set[str] = set()
+    for element in root.iter(etree.Element):
+        prefixes.update(p for p in element.nsmap if p)
+    return sorted(prefixes)
+
+
+def _prepare_qmp(root: etree._Element, changes: list[str]) -> None:
+    name = (root.findtext("name") or "").strip()
+    if not name or len(qmp_socket_path(name).encode()) > _MAX_SOCKET_PATH:
+        return  # reported as an error by the rule; nothing safe to do
+    prefix = _qemu_prefix(root)
+    present = has_qmp_socket(root)
+    if present and prefix is not None:
+        return
+    if prefix is None:
+        prefix = next(p for p in ("qemu", *(f"qemu{i}" for i in range(1, 100))) if p not in root.nsmap)
+    q = f"{{{QEMU_NAMESPACE}}}"
+    if not present:
+        commandline = root.find(f"{q}commandline")
+        if commandline is None:
+            commandline = etree.Element(f"{q}commandline", nsmap={prefix: QEMU_NAMESPACE})
+            insert_child(root, commandline)
+        for value in ("-qmp", qmp_argument(name)):
+            arg = etree.Element(f"{q}arg", nsmap={prefix: QEMU_NAMESPACE})
+            arg.set("value", value)
+            insert_child(commandline, arg)
+        close_indent(commandline)
+        changes.append(
+            f"added <qemu:commandline> -qmp {qmp_argument(name)}: cujud's direct QMP socket; "
+            "libvirt marks the domain tainted (custom-argv) when it starts"
+        )
+    if _qemu_prefix(root) is None:
+        # lxml cannot add a declaration to an existing element; cleanup_namespaces can, and
+        # moves the local declarations of that URI up. Keep every other declaration.
+        etree.cleanup_namespaces(
+            root, top_nsmap={prefix: QEMU_NAMESPACE}, keep_ns_prefixes=_all_prefixes(root)
+        )
+        changes.append(f"declared xmlns:{prefix}='{QEMU_NAMESPACE}' on <domain>")
+
+
+@dataclass(frozen=True)
+class PrepareResult(Generic[AnyStr]):
+    xml: AnyStr
+    changes: list[str]
+    problems: list[Problem]  # what remains after the changes
+
+    @property
+    def fit(self) -> bool:
+        return not errors(self.problems)
+
+
+def prepare_in(root: etree._Element) -> list[str]:
+    """Make the safe changes in a parsed ``<domain>`` tree; returns what was changed."""
+    changes: list[str] = []
+    _prepare_memory(root, changes)
+    _prepare_nics(root, changes)
+    _prepare_qmp(root, changes)
+    for change in changes:
+        LOG.debug("prepare %s: %s", (root.findtext("name") or "?").strip(), change)
+    return changes
+
+
+def prepare(xml: AnyStr, spec: FTSpec | None = None) -> PrepareResult[AnyStr]:
+    """The domain XML with the safe changes made, what changed, and the problems left.
+
+    Safe changes: guest RAM file-backed and shared (other ``<memoryBacking>`` children are
+    kept), ``<driver name='qemu'/>`` on virtio NICs (other driver attributes are kept), and
+    the direct QMP socket in ``<qemu:commandline>``. Devices that cannot be protected are
+    left alone and reported in ``problems``.
+    """
+    doc = load_domain(xml)
+    changes = prepare_in(doc.root)
+    problems = check_fitness_in(doc.root, spec)
+    return PrepareResult(xml=doc.dump(), changes=changes, problems=problems)  # type: ignore[arg-type]

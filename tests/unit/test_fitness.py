@@ -1,0 +1,329 @@
+"""Fitness rules and --prepare: each rule fires on what it names, prepare fixes what is safe."""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from cuju_libvirt import domain_xml as dx
+from cuju_libvirt import fitness as ft
+from cuju_libvirt.rig.domains import direct_qmp_args, domain_xml
+from tests.domains import LIBVIRT_DOMAIN_RNG, UNFIT, c14n, fixture_names, read_fixture
+
+QEMU = ft.QEMU_NAMESPACE
+
+FIT = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>fit</name>
+  <memory unit='MiB'>256</memory>
+  <memoryBacking>
+    <source type='file'/>
+    <access mode='shared'/>
+  </memoryBacking>
+  <os>
+    <type>hvm</type>
+  </os>
+  <devices>
+    <interface type='network'>
+      <source network='default'/>
+      <model type='virtio'/>
+      <driver name='qemu'/>
+    </interface>
+    {devices}
+  </devices>
+  <qemu:commandline>
+    <qemu:arg value='-qmp'/>
+    <qemu:arg value='unix:/run/cuju-libvirt/qmp/fit.sock,server=on,wait=off'/>
+  </qemu:commandline>
+</domain>
+"""
+
+
+def fit(devices: str = "") -> str:
+    return FIT.replace("{devices}", devices)
+
+
+def codes(problems: list[ft.Problem], severity: ft.Severity | None = None) -> list[str]:
+    return [p.code for p in problems if severity is None or p.severity is severity]
+
+
+def test_a_fit_domain_has_no_problems() -> None:
+    assert ft.check_fitness(fit()) == []
+
+
+@pytest.mark.parametrize(
+    ("devices", "code", "subject"),
+    [
+        ("<hostdev mode='subsystem' type='pci'><source><address domain='0x0000' bus='0x65' slot='0x00' "
+         "function='0x1'/></source></hostdev>", "hostdev", "<hostdev type='pci'> 0000:65:00.1"),
+        ("<hostdev mode='subsystem' type='usb'><source><vendor id='0x046d'/><product id='0xc52b'/>"
+         "</source></hostdev>", "hostdev", "0x046d:0xc52b"),
+        ("<interface type='hostdev'><source><address type='pci' domain='0' bus='1' slot='0' function='0'/>"
+         "</source></interface>", "hostdev", "<interface type='hostdev'>"),
+        ("<interface type='vdpa'><source dev='/dev/vhost-vdpa-0'/></interface>", "hostdev", "vdpa"),
+        ("<disk type='nvme' device='disk'><source type='pci' managed='yes' namespace='1'><address "
+         "domain='0' bus='1' slot='0' function='0'/></source><target dev='vde'/></disk>", "hostdev", "vde"),
+        ("<interface type='vhostuser'><source type='unix' path='/run/vhu0' mode='server'/>"
+         "<model type='virtio'/></interface>", "vhost-user", "path /run/vhu0"),
+        ("<disk type='vhostuser' device='disk'><source type='unix' path='/run/vhost-blk'/>"
+         "<target dev='vdx'/></disk>", "vhost-user", "vdx"),
+        ("<filesystem type='mount'><driver type='virtiofs'/><source dir='/srv'/><target dir='tag1'/>"
+         "</filesystem>", "vhost-user", "virtiofs tag1"),
+        ("<video><model type='virtio'/><driver name='vhostuser'/></video>", "vhost-user", "<video>"),
+        ("<shmem name='sh0'><model type='ivshmem-plain'/></shmem>", "shmem", "sh0"),
+        ("<vsock model='virtio'><cid auto='yes'/></vsock>", "vsock", "<vsock>"),
+        ("<redirdev bus='usb' type='spicevmc'/>", "redirdev", "spicevmc"),
+        ("<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>",
+         "tpm", "passthrough"),
+        ("<memory model='nvdimm'><source><path>/dev/pmem0</path></source><target><size unit='GiB'>1"
+         "</size></target></memory>", "memory-device", "nvdimm"),
+        ("<memory model='virtio-mem'><target><size unit='GiB'>1</size><block unit='MiB'>2</block>"
+         "</target></memory>", "memory-device", "virtio-mem"),
+        ("<memory model='dimm' access='private'><target><size unit='GiB'>1</size></target></memory>",
+         "memory-device", "dimm"),
+        ("<interface type='bridge'><source bridge='br0'/><model type='virtio'/></interface>",
+         "nic-vhost", "bridge br0"),
+        ("<interface type='bridge'><source bridge='br1'/><model type='virtio'/><driver name='vhost'/>"
+         "</interface>", "nic-vhost", "bridge br1"),
+    ],
+)
+def test_errors_name_the_device(devices: str, code: str, subject: str) -> None:
+    problems = ft.check_fitness(fit(devices))
+    errors = [p for p in problems if p.is_error]
+    assert [p.code for p in errors] == [code], problems
+    assert subject in errors[0].subject
+    assert str(errors[0]).startswith(f"error: {errors[0].subject}: ")
+    assert "; fix: " in str(errors[0])
+
+
+@pytest.mark.parametrize(
+    ("devices", "code", "subject"),
+    [
+        ("<disk type='file' device='disk'><source file='/img/a.qcow2'/><target dev='vda'/></disk>",
+         "disk", "<disk> vda (/img/a.qcow2)"),
+        ("<disk type='block' device='lun'><source dev='/dev/sdb'/><target dev='sdb' bus='scsi'/></disk>",
+         "disk", "<disk> sdb (/dev/sdb)"),
+        ("<filesystem type='mount'><source dir='/srv/share'/><target dir='share'/></filesystem>",
+         "filesystem", "share"),
+        ("<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>", "tpm", "emulator"),
+    ],
+)
+def test_warnings_name_the_device(devices: str, code: str, subject: str) -> None:
+    problems = ft.check_fitness(fit(devices))
+    assert codes(problems, ft.Severity.ERROR) == []
+    assert codes(problems) == [code]
+    assert subject in problems[0].subject
+
+
+@pytest.mark.parametrize(
+    "devices",
+    [
+        "<disk type='file' device='cdrom'><source file='/iso/x.iso'/><target dev='sda'/><readonly/></disk>",
+        "<disk type='file' device='disk'><source file='/img/ro.img'/><target dev='vdb'/><readonly/></disk>",
+        "<interface type='bridge'><source bridge='br0'/><model type='e1000'/></interface>",
+        "<interface type='user'/>",
+        "<memballoon model='virtio' freePageReporting='on'/>",
+        "<memory model='dimm'><target><size unit='GiB'>1</size><node>0</node></target></memory>",
+        "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
+        "<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>",
+    ],
+)
+def test_harmless_devices(devices: str) -> None:
+    assert ft.check_fitness(fit(devices)) == []
+
+
+def test_free_page_reporting_needs_a_discard_safe_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
+    xml = fit("<memballoon model='virtio' freePageReporting='on'/>")
+    assert ft.check_fitness(xml, dx.FTSpec(peer="b", tracker="uffd")) == []
+    monkeypatch.setattr(ft, "DISCARD_SAFE_TRACKERS", frozenset({"scan"}))
+    assert codes(ft.check_fitness(xml, dx.FTSpec(peer="b", tracker="uffd"))) == ["balloon"]
+
+
+def test_memory_backing_rules() -> None:
+    base = fit()
+    anonymous = base.replace("<source type='file'/>", "").replace("<access mode='shared'/>", "")
+    problems = ft.check_fitness(anonymous)
+    assert [p.subject for p in problems] == ["<memoryBacking><source>", "<memoryBacking><access>"]
+    assert all(p.preparable for p in problems)
+    memfd = base.replace("<source type='file'/>", "<source type='memfd'/>")
+    assert "memfd" in ft.check_fitness(memfd)[0].message
+    huge = base.replace("<source type='file'/>", "<source type='file'/><hugepages/>")
+    assert codes(ft.check_fitness(huge)) == ["hugepages"]
+    assert not ft.check_fitness(huge)[0].preparable
+
+
+def test_domain_type_and_qmp_rules() -> None:
+    assert codes(ft.check_fitness(fit().replace("type='qemu'", "type='xen'", 1))) == ["domain-type"]
+    no_qmp = fit().replace("unix:/run/cuju-libvirt/qmp/fit.sock", "unix:/run/other.sock")
+    problems = ft.check_fitness(no_qmp)
+    assert codes(problems) == ["qmp-socket"]
+    assert "xml enable --prepare" in problems[0].fix and "tainted" in problems[0].fix
+    legacy = fit().replace("server=on,wait=off", "server,nowait")
+    assert ft.check_fitness(legacy) == []
+    renamed = fit().replace("<name>fit</name>", "<name>other</name>")
+    assert codes(ft.check_fitness(renamed)) == ["qmp-socket"]
+
+
+def test_qmp_socket_path_limits_and_escaping() -> None:
+    assert ft.qmp_argument("a,b") == "unix:/run/cuju-libvirt/qmp/a,,b.sock,server=on,wait=off"
+    long_name = "x" * 90
+    problems = ft.check_fitness(fit().replace("<name>fit</name>", f"<name>{long_name}</name>"))
+    assert codes(problems) == ["qmp-socket"]
+    assert "shorten the domain name" in problems[0].fix
+
+
+def test_output_commit_off_is_a_warning() -> None:
+    problems = ft.check_fitness(fit(), dx.FTSpec(peer="b", output_commit=False))
+    assert [(p.code, p.severity) for p in problems] == [("output-commit", ft.Severity.WARNING)]
+
+
+def test_spec_defaults_to_the_domains_own_element() -> None:
+    xml = dx.set_ft(fit(), dx.FTSpec(peer="b", output_commit=False))
+    assert codes(ft.check_fitness(xml)) == ["output-commit"]
+
+
+# --- prepare ------------------------------------------------------------------------------
+
+
+def test_prepare_makes_the_safe_changes_and_lists_them() -> None:
+    data = read_fixture("openstack-nova.xml")
+    result = ft.prepare(data)
+    assert result.fit
+    text = "\n".join(result.changes)
+    assert "added <memoryBacking>" in text
+    assert "set <driver name='qemu'> (was 'vhost')" in text
+    assert "tainted" in text and "declared xmlns:qemu" in text
+    root = etree.fromstring(result.xml)
+    assert root.nsmap["qemu"] == QEMU
+    driver = root.find("devices/interface/driver")
+    assert driver is not None and dict(driver.attrib) == {"name": "qemu", "rx_queue_size": "512"}
+    args = [a.get("value") for a in root.iterfind(f"{{{QEMU}}}commandline/{{{QEMU}}}arg")]
+    assert args == ["-qmp", "unix:/run/cuju-libvirt/qmp/instance-0000002a.sock,server=on,wait=off"]
+    # memoryBacking goes right after <memory>
+    tags = [c.tag for c in root if isinstance(c.tag, str)]
+    assert tags[tags.index("memory") + 1] == "memoryBacking"
+
+
+def test_prepare_keeps_other_memory_backing_children_and_fixes_numa() -> None:
+    result = ft.prepare(read_fixture("numa.xml"))
+    root = etree.fromstring(result.xml)
+    backing = root.find("memoryBacking")
+    assert backing is not None
+    assert [c.tag for c in backing] == ["locked", "source", "access"]
+    assert backing.find("source").get("type") == "file"  # type: ignore[union-attr]
+    assert [c.get("memAccess") for c in root.iterfind("cpu/numa/cell")] == [None, "shared"]
+    driver = root.find("devices/interface/driver")
+    assert driver is not None and driver.get("name") == "qemu" and driver.get("queues") == "4"
+    assert driver.find("host") is not None
+
+
+def test_prepare_uses_an_existing_root_declaration_and_commandline() -> None:
+    data = read_fixture("root-declared-ns.xml")
+    result = ft.prepare(data)
+    assert result.fit
+    root = etree.fromstring(result.xml)
+    assert root.nsmap == {"qemu": QEMU, "nova": "http://openstack.org/xmlns/libvirt/nova/1.1"}
+    args = [a.get("value") for a in root.iterfind(f"{{{QEMU}}}commandline/{{{QEMU}}}arg")]
+    assert args[:2] == ["-msg", "timestamp=on"] and args[2] == "-qmp"
+    assert not any("declared" in c for c in result.changes)
+
+
+def test_prepare_is_idempotent() -> None:
+    once = ft.prepare(read_fixture("virt-install-debian.xml"))
+    twice = ft.prepare(once.xml)
+    assert twice.changes == []
+    assert twice.xml == once.xml
+
+
+def test_prepare_leaves_unfit_devices_and_reports_them() -> None:
+    result = ft.prepare(read_fixture("unfit-passthrough.xml"))
+    assert not result.fit
+    remaining = codes(result.problems, ft.Severity.ERROR)
+    assert remaining.count("hostdev") == 2
+    for code in ("vhost-user", "shmem", "vsock", "redirdev", "tpm", "memory-device", "hugepages"):
+        assert code in remaining
+
+
+@pytest.mark.parametrize("name", fixture_names())
+def test_prepared_fixtures_validate_unless_unfit(name: str) -> None:
+    enabled = dx.set_ft(read_fixture(name), dx.FTSpec.defaults("hostb"))
+    result = ft.prepare(enabled)
+    assert result.fit == (name not in UNFIT), [str(p) for p in result.problems]
+    # prepare never touches the element
+    assert dx.parse_domain(result.xml) == dx.FTSpec.defaults("hostb")
+
+
+@pytest.mark.skipif(not LIBVIRT_DOMAIN_RNG.exists(), reason="libvirt's domain.rng is not installed")
+@pytest.mark.parametrize("name", fixture_names())
+def test_enabled_and_prepared_documents_satisfy_libvirts_own_schema(name: str) -> None:
+    rng = etree.RelaxNG(etree.parse(str(LIBVIRT_DOMAIN_RNG)))
+    original = read_fixture(name)
+    assert rng.validate(etree.fromstring(original)), rng.error_log
+    enabled = dx.set_ft(original, dx.FTSpec.defaults("hostb"))
+    assert rng.validate(etree.fromstring(enabled)), rng.error_log
+    prepared = ft.prepare(enabled).xml
+    assert rng.validate(etree.fromstring(prepared)), rng.error_log
+
+
+def test_prepare_changes_nothing_it_does_not_list() -> None:
+    """A fit domain comes out of prepare canonically identical."""
+    data = dx.set_ft(fit(), dx.FTSpec.defaults("b"))
+    result = ft.prepare(data)
+    assert result.changes == []
+    assert c14n(result.xml) == c14n(data)
+
+
+@pytest.mark.parametrize(
+    ("args", "ok"),
+    [
+        (["-qmp", "unix:/run/cuju-libvirt/qmp/fit.sock,server=on,wait=off"], True),
+        (["-qmp", "unix:/run/cuju-libvirt/qmp/fit.sock,wait=off,server"], True),
+        (["-qmp", "unix:/run/cuju-libvirt/qmp/fit.sock,server=on"], False),
+        (["-qmp", "unix:/run/cuju-libvirt/qmp/fit.sockx,server=on,wait=off"], False),
+        (["-chardev", "socket,id=cq,path=/run/cuju-libvirt/qmp/fit.sock,server=on,wait=off",
+          "-mon", "chardev=cq,mode=control"], True),
+        (["-mon", "mode=control,chardev=cq",
+          "-chardev", "socket,path=/run/cuju-libvirt/qmp/fit.sock,id=cq,server,nowait"], True),
+        (["-chardev", "socket,id=cq,path=/run/cuju-libvirt/qmp/fit.sock,server=on,wait=off",
+          "-mon", "chardev=other,mode=control"], False),
+        (["-chardev", "socket,id=cq,path=/run/cuju-libvirt/qmp/fit.sock,server=on,wait=off",
+          "-mon", "chardev=cq,mode=readline"], False),
+        (["-chardev", "socket,id=cq,path=/tmp/elsewhere.sock,server=on,wait=off",
+          "-mon", "chardev=cq,mode=control"], False),
+    ],
+)
+def test_direct_qmp_socket_forms(args: list[str], ok: bool) -> None:
+    values = "".join(f"<qemu:arg value='{a}'/>" for a in args)
+    original = (
+        "<qemu:arg value='-qmp'/>\n"
+        "    <qemu:arg value='unix:/run/cuju-libvirt/qmp/fit.sock,server=on,wait=off'/>"
+    )
+    assert original in fit()
+    xml = fit().replace(original, values)
+    assert (codes(ft.check_fitness(xml)) == []) is ok
+
+
+def test_qemu_option_escaping() -> None:
+    name_with_comma = fit().replace("<name>fit</name>", "<name>a,b</name>").replace(
+        "qmp/fit.sock", "qmp/a,,b.sock"
+    )
+    assert ft.check_fitness(name_with_comma) == []
+    assert ft.prepare(name_with_comma).changes == []
+
+
+def test_the_rigs_domain_builder_produces_protectable_domains() -> None:
+    """The test rig's builder and these rules agree (the rig's guests are what e2e tests protect)."""
+    spec = dx.FTSpec(peer="198.18.0.2", tracker="uffd")
+    name = "xmlcli-rig"
+    xml = domain_xml(
+        name, disk="/tmp/xmlcli-boot.img", bridge="xmlcli-br0", metadata=[dx.element_xml(spec)],
+        qemu_args=direct_qmp_args(ft.qmp_socket_path(name)),
+    )
+    assert dx.parse_domain(xml) == spec
+    problems = ft.check_fitness(xml)
+    assert [(p.code, p.severity) for p in problems] == [("disk", ft.Severity.WARNING)]
+    # without the direct socket, prepare adds it and the result is fit too
+    plain = domain_xml(
+        name, disk="/tmp/xmlcli-boot.img", bridge="xmlcli-br0", metadata=[dx.element_xml(spec)]
+    )
+    assert codes(ft.check_fitness(plain), ft.Severity.ERROR) == ["qmp-socket"]
+    assert ft.prepare(plain).fit
