@@ -25,6 +25,7 @@ import os
 import select
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -95,8 +96,9 @@ def check_capabilities() -> None:
     """Raise :class:`RigUnavailable` naming every missing capability; return when all are there.
 
     Checked: running as root, the programs (util-linux, iproute2, libvirt daemons and
-    client), a writable cgroup v2 hierarchy with ``cgroup.kill`` (Linux >= 5.14), and that
-    mount, UTS and network namespaces can be created.
+    client), a writable cgroup v2 hierarchy, and, in throw-away namespaces, that mount, UTS
+    and network namespaces, tmpfs, overlayfs, veth pairs and bridges work. (``cgroup.kill``,
+    Linux >= 5.14, is checked when the rig's group is made.)
     """
     reasons: list[str] = []
     if os.geteuid() != 0:
@@ -110,22 +112,40 @@ def check_capabilities() -> None:
     elif not os.access(cg, os.W_OK):
         reasons.append(f"cgroup v2 hierarchy {cg} is not writable (mounted read-only or not root)")
     if not reasons:
-        unshare = tool("unshare")
-        try:
-            proc = subprocess.run(
-                [unshare, "--mount", "--uts", "--net", "true"],
-                capture_output=True, text=True, timeout=30, check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as err:
-            reasons.append(f"cannot run unshare: {err}")
-        else:
-            if proc.returncode != 0:
-                reasons.append(
-                    "cannot create mount/UTS/network namespaces (unshare: "
-                    f"{proc.stderr.strip() or 'exit ' + str(proc.returncode)})"
-                )
+        reasons += _probe_namespaces()
     if reasons:
         raise RigUnavailable(reasons)
+
+
+#: Run in fresh namespaces: a tmpfs, an overlay on it, a veth pair and a bridge, all private
+#: to the namespaces and gone with them; each failure names itself on stderr.
+_PROBE = """\
+mount -t tmpfs cuju-rig-probe "$1" || { echo "cannot mount a tmpfs" >&2; exit 1; }
+mkdir "$1/l" "$1/u" "$1/w" "$1/m"
+mount -t overlay cuju-rig-probe -o "lowerdir=$1/l,upperdir=$1/u,workdir=$1/w" "$1/m" \
+    || { echo "no overlayfs (kernel module overlay)" >&2; exit 1; }
+ip link add probe0 type veth peer name probe1 || { echo "no veth (kernel module veth)" >&2; exit 1; }
+ip link add probebr type bridge || { echo "no bridges (kernel module bridge)" >&2; exit 1; }
+"""
+
+
+def _probe_namespaces() -> list[str]:
+    """Try what a rig host needs, in throw-away namespaces; the reasons it cannot run, if any."""
+    with tempfile.TemporaryDirectory(prefix="cuju-rig-probe-") as where:
+        try:
+            proc = subprocess.run(
+                [tool("unshare"), "--mount", "--uts", "--net", "--propagation=private", "--",
+                 tool("sh"), "-c", _PROBE, "probe", where],
+                capture_output=True, text=True, timeout=30, check=False, stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return [f"cannot run unshare: {err}"]
+    if proc.returncode == 0:
+        return []
+    detail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+    if "unshare" in detail[0]:
+        return [f"cannot create mount/UTS/network namespaces ({detail[0]})"]
+    return [f"in a new namespace: {detail[0]}"]
 
 
 class Cgroup:
