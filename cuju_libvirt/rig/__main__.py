@@ -8,12 +8,22 @@ import logging
 import os
 import shlex
 import sys
+import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from cuju_libvirt.errors import CujuError, RigError
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
-from cuju_libvirt.rig.teardown import PREFIX, discover, down_all, process_matches, read_state, remove_rig
+from cuju_libvirt.rig.teardown import (
+    PREFIX,
+    discover,
+    down_all,
+    process_matches,
+    read_state,
+    remove_rig,
+    traces_of,
+)
 
 log = logging.getLogger("cuju_libvirt.rig")
 
@@ -215,19 +225,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(base=args.base, keep=args.keep)
 
 
-def reap(root: Path) -> int:
+def reap(root: Path, attempts: int = 3) -> int:
     """The reaper (``_reap ROOT``, started by an owned :class:`Rig`, not for people): wait for
-    the owner's pipe on stdin to close; unless the owner disarmed it first, remove the rig."""
+    the owner's pipe on stdin to close; unless the owner disarmed it first, remove the rig.
+
+    Its stderr is the owner's, often gone with it: when removal fails for good, the reason is
+    written next to the rig root as ``cuju-rig-ID.reaper.log`` (``down --all`` still works).
+    """
     data = sys.stdin.buffer.read()
     if data.startswith(b"disarm"):
         return 0
     rig_id = root.name.removeprefix(PREFIX)
-    traces = discover((root.parent,)).get(rig_id)
-    if traces is None:
-        return 0
     log.warning("rig %s: its owner exited without tearing it down; removing it", rig_id)
-    remove_rig(traces, graceful=False)
-    return 0
+    for attempt in range(1, attempts + 1):
+        try:
+            remove_rig(traces_of(root), graceful=False)
+            return 0
+        except Exception:  # nobody else will clean up: retry, then leave a note
+            if attempt == attempts:
+                note = root.parent / f"{root.name}.reaper.log"
+                note.write_text(traceback.format_exc())
+                log.error("rig %s: removal failed; see %s", rig_id, note)
+                return 1
+            time.sleep(1)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,7 +98,7 @@ from cuju_libvirt.rig.sandbox import (
     run_quiet,
     tool,
 )
-from cuju_libvirt.rig.teardown import PREFIX, STATE_FILE, RigTraces, default_base, read_state, remove_rig
+from cuju_libvirt.rig.teardown import PREFIX, STATE_FILE, default_base, read_state, remove_rig, traces_of
 
 __all__ = [
     "FIRST_GUEST_ADDRESS",
@@ -410,17 +410,14 @@ class Rig:
 
         Idempotent. :class:`RigError` lists whatever could not be removed.
         """
-        self._disarm_reaper()
-        root_exists = self.root.exists()
-        traces = RigTraces(
-            self.id,
-            root=self.root if root_exists else None,
-            mounted=root_exists and os.path.ismount(self.root),
-            cgroup=self.cgroup.path if self.cgroup.exists() else None,
-            state=read_state(self.root) if root_exists else None,
-        )
+        traces = traces_of(self.root)
+        if traces.cgroup is None and self.cgroup.exists():
+            traces.cgroup = self.cgroup.path
         try:
-            remove_rig(traces)
+            remove_rig(traces, stop_reaper=False)
+            # Disarmed only now: if this process dies half-way, the reaper finishes the job;
+            # if removal failed, the reaper tries again when this process exits.
+            self._disarm_reaper()
         finally:
             for node in [*self.hosts.values(), self.lan]:
                 if node.keeper is not None:

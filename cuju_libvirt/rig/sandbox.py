@@ -183,11 +183,11 @@ class Cgroup:
     def pids(self) -> list[int]:
         """Every live process in the group and its descendants."""
         pids: list[int] = []
-        if not self.path.exists():
-            return pids
-        for procs in self.path.rglob("cgroup.procs"):
+        # os.walk, not Path.rglob: groups vanish while other rigs are torn down next to us,
+        # and rglob raises when a directory disappears under it.
+        for dirpath, _dirs, _files in os.walk(self.path):
             try:
-                pids.extend(int(line) for line in procs.read_text().split())
+                pids.extend(int(line) for line in Path(dirpath, "cgroup.procs").read_text().split())
             except (OSError, ValueError):
                 continue
         return pids
@@ -208,7 +208,8 @@ class Cgroup:
         """Remove the (empty) group and any sub-groups, deepest first."""
         if not self.path.exists():
             return
-        subdirs = sorted((p for p in self.path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts))
+        subdirs = sorted((Path(d) for d, _dirs, _files in os.walk(self.path)), key=lambda p: len(p.parts))
+        subdirs = [d for d in subdirs if d != self.path]
         deadline = time.monotonic() + timeout
         for d in [*reversed(subdirs), self.path]:
             while True:

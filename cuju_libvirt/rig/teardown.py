@@ -83,6 +83,22 @@ class RigTraces:
         return self.state is not None and self.state.get("owner") is None
 
 
+def traces_of(root: Path) -> RigTraces:
+    """What exists of the rig whose root is ``root`` (found from its own names, not by a scan)."""
+    state = read_state(root)
+    cgroup: Path | None = Path(state["cgroup"]) if state and state.get("cgroup") else None
+    if cgroup is None:
+        cg_mount = cgroup2_mount()
+        cgroup = cg_mount / root.name if cg_mount else None
+    return RigTraces(
+        root.name.removeprefix(PREFIX),
+        root=root if root.exists() else None,
+        mounted=os.path.ismount(root),
+        cgroup=cgroup if cgroup is not None and cgroup.is_dir() else None,
+        state=state,
+    )
+
+
 def discover(bases: tuple[Path, ...] = ()) -> dict[str, RigTraces]:
     """Every rig that left a trace: a tmpfs, a cgroup or a root directory named ``cuju-rig-<id>``."""
     found: dict[str, RigTraces] = {}
@@ -111,17 +127,21 @@ def discover(bases: tuple[Path, ...] = ()) -> dict[str, RigTraces]:
     return found
 
 
-def remove_rig(traces: RigTraces, *, graceful: bool = True) -> None:
+def remove_rig(traces: RigTraces, *, graceful: bool = True, stop_reaper: bool = True) -> None:
     """Remove everything of one rig; :class:`RigError` listing whatever could not be removed.
 
     ``graceful`` first destroys running guests through libvirt (so libvirt gives disk images
     back to their owners), then everything in the cgroup is killed; the tmpfs is unmounted
-    (lazily if a process outside still uses it) and the root directory removed.
+    (lazily if a process outside still uses it) and the root directory removed. The rig's
+    reaper is stopped first unless ``stop_reaper`` is false (its owner removing it: the
+    reaper must stay armed until the end, in case the owner dies half-way).
     """
     state = traces.state or {}
     reaper = state.get("reaper") or {}
-    if process_matches(reaper) and reaper["pid"] != os.getpid():
-        os.kill(int(reaper["pid"]), signal.SIGTERM)  # it would tear down the same rig at the same time
+    if stop_reaper and process_matches(reaper) and reaper["pid"] != os.getpid():
+        # Removed by someone else than its owner: the reaper must not act later (on a rig
+        # that may by then carry the same id).
+        os.kill(int(reaper["pid"]), signal.SIGTERM)
     if graceful:
         _destroy_guests([str(h.get("uri", "")) for h in (state.get("hosts") or {}).values()])
     problems: list[str] = []
@@ -145,6 +165,8 @@ def remove_rig(traces: RigTraces, *, graceful: bool = True) -> None:
                 problems.append(f"cannot remove {root}")
     if problems:
         raise RigError(f"rig {traces.rig_id}: teardown incomplete: " + "; ".join(problems))
+    if root is not None:
+        (root.parent / f"{root.name}.reaper.log").unlink(missing_ok=True)  # a failed reaper's note
     log.info("rig %s: removed", traces.rig_id)
 
 

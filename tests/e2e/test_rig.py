@@ -293,7 +293,7 @@ def test_rig_of_a_killed_owner_is_removed(rig: Rig, cleaner: str) -> None:
             assert time.monotonic() < deadline, f"the reaper did not remove rig {rig_id}"
             time.sleep(0.2)
     else:
-        time.sleep(1)
+        time.sleep(0.3)
         stale = discover()[rig_id]
         assert not stale.owner_alive and stale.pids  # left behind, still running
         if cleaner == "down-all":
