@@ -1,7 +1,7 @@
 /* cuju-libvirt data plane: version constants shared by every C file.
  *
- * CUJU_WIRE_VERSION is the version of the FT-link wire format (see wire.h once
- * it exists). A peer speaking another version is refused at connection setup.
+ * CUJU_WIRE_VERSION is the version of the FT-link wire format (see wire.h). A
+ * peer speaking another version is refused at connection setup.
  */
 #ifndef CUJU_VERSION_H
 #define CUJU_VERSION_H

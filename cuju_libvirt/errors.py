@@ -11,6 +11,16 @@ Every error the package raises on purpose derives from :class:`CujuError`::
      +-- HookError           the libvirt hook could not do its job
      +-- StateError          an FT state-machine transition that is not allowed now
      +-- ReplicationError    the data plane failed (link, peer, tracker, codec)
+     |    +-- LinkError          the FT link broke or was closed
+     |    |    +-- LinkTimeout       no progress within the timeout
+     |    +-- ProtocolError      the peer broke the wire format (magic, version,
+     |    |    |                 geometry, frame, page index, sequence)
+     |    |    +-- ChecksumError     an epoch arrived corrupted
+     |    +-- PeerAbortError     the FT-link peer reported an error and closed the link
+     |    +-- ApplyError         the backup could not write the replica
+     |    +-- JournalError       the backup's journal is unusable: full resync needed
+     |    +-- TrackerError           a dirty tracker failed while in use
+     |    |    +-- TrackerUnavailableError  the host or the domain cannot run the tracker asked for
      |    +-- DeviceStateError      a device-state save/load failed (QEMU's words)  [ft_engine/vmstate.py]
      |         +-- BlobFormatError       a blob is malformed, truncated or holds RAM [ft_engine/vmstate.py]
      |         +-- StandbyMismatchError  the standby differs from the primary      [ft_engine/devstate.py]
@@ -83,7 +93,54 @@ class StateError(CujuError):
 
 
 class ReplicationError(CujuError):
-    """The replication data plane failed (FT link, peer, tracker or codec)."""
+    """The replication data plane failed (FT link, peer, tracker or codec).
+
+    Errors raised by the C data plane carry ``code`` (a ``CUJU_E_*`` value of
+    c_ext/wire.h), ``peer_code`` (the code the peer sent in an ERROR frame, or
+    0) and ``os_errno`` (0 when no system call failed).
+    """
+
+    def __init__(self, message: str, *, code: int = 0, peer_code: int = 0, os_errno: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.peer_code = peer_code
+        self.os_errno = os_errno
+
+
+class LinkError(ReplicationError):
+    """The FT link broke, was closed, or the peer went away."""
+
+
+class LinkTimeout(LinkError):
+    """The FT link made no progress within the timeout."""
+
+
+class ProtocolError(ReplicationError):
+    """The peer broke the wire format: magic, version, geometry, frame, page index or sequence."""
+
+
+class ChecksumError(ProtocolError):
+    """An epoch's checksum did not match: it was corrupted in transit; it was not applied."""
+
+
+class PeerAbortError(ReplicationError):
+    """The FT-link peer reported an error (``peer_code``, message) and closed the link."""
+
+
+class ApplyError(ReplicationError):
+    """The backup could not write the replica (region or device-state file)."""
+
+
+class JournalError(ReplicationError):
+    """The backup's journal is unusable or corrupt; the replica needs a full resync."""
+
+
+class TrackerError(ReplicationError):
+    """A dirty tracker failed while in use; the next epoch must copy all of guest RAM."""
+
+
+class TrackerUnavailableError(TrackerError):
+    """The tracker asked for cannot run here; the message names the missing capability and the fix."""
 
 
 class LibvirtError(CujuError):

@@ -1,0 +1,226 @@
+"""Epoch replication over the FT link: a typed face on the C data plane.
+
+Mechanism only: gather, send, verify, acknowledge, apply -- all in C threads of
+``cuju_libvirt._cuju`` (wire format in ``c_ext/wire.h``). Policy -- when to open
+an epoch, what to do after a broken link, when to fail over -- stays with the
+engine that uses these classes.
+
+Primary::
+
+    sock = connect_link(("198.18.0.2", 7070), timeout=5)
+    with EpochSender(sock, ram) as tx:          # ram: mmap of the guest RAM file
+        held = tx.handshake(timeout=5)          # epoch the backup holds (0: none)
+        tx.stage(held + 1, dirty, device_state) # VM paused: gather (memcpy)
+        tx.ship()                               # VM running again: sent by a C thread
+        tx.wait_ack(held + 1, timeout=1)        # then release that epoch's outputs
+
+Backup::
+
+    rx = EpochReceiver(standby_ram, "/run/cuju/vm.state")   # replays the journal
+    rx.start(conn)                              # receive -> verify -> commit -> ack -> apply
+    rx.wait()
+
+The extension works on duplicates of the sockets' descriptors; the caller may
+close its socket objects once handed over.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import mmap
+import os
+import secrets
+import socket
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Self, TypeAlias
+
+from cuju_libvirt import _cuju
+
+log = logging.getLogger(__name__)
+
+#: Buffers accepted for regions, indexes and device state (anything with the buffer protocol).
+ReadBuffer: TypeAlias = "bytes | bytearray | memoryview | mmap.mmap | array.array[int]"
+WriteBuffer: TypeAlias = "bytearray | memoryview | mmap.mmap | array.array[int]"
+
+PAGE_SIZE = 4096
+#: Largest device-state blob one epoch may carry (bytes).
+MAX_DEVICE_STATE: int = _cuju.MAX_DEVICE_STATE
+#: Socket buffer size asked for on FT-link sockets (the kernel may cap it).
+LINK_SOCKET_BUFFER = 4 << 20
+
+
+def page_indexes(pages: Iterable[int]) -> array.array[int]:
+    """Page numbers as the unsigned 64-bit array the data plane reads (no copy later)."""
+    return array.array("Q", pages)
+
+
+def new_session_id() -> int:
+    """A random 64-bit session id; it seeds every epoch checksum of the session."""
+    return secrets.randbits(64)
+
+
+def tune_link_socket(sock: socket.socket) -> None:
+    """Large buffers and no Nagle: epochs go out in big writes, ACKs must not wait."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, LINK_SOCKET_BUFFER)
+
+
+def connect_link(address: tuple[str, int], timeout: float) -> socket.socket:
+    """Open the FT-link TCP connection from the primary to the backup's listener."""
+    sock = socket.create_connection(address, timeout=timeout)
+    tune_link_socket(sock)
+    return sock
+
+
+def accept_link(listener: socket.socket, timeout: float | None) -> socket.socket:
+    """Accept the primary's FT-link connection on the backup."""
+    listener.settimeout(timeout)
+    conn, peer = listener.accept()
+    tune_link_socket(conn)
+    log.info("FT link from %s:%d", peer[0], peer[1])
+    return conn
+
+
+class EpochSender:
+    """Primary side: stage epochs while the VM is paused, ship them pipelined, wait for ACKs.
+
+    Two staging buffers alternate: ``stage`` of epoch N+1 may run while epoch N
+    is on the wire; it waits only when both are busy. Epoch numbers run
+    consecutively from above the backup's last applied epoch (``handshake``).
+    Failures of the C threads surface as :class:`~cuju_libvirt.errors.ReplicationError`
+    subclasses from the next call.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        region: ReadBuffer,
+        *,
+        page_size: int = PAGE_SIZE,
+        session_id: int | None = None,
+        io_timeout: float | None = 30.0,
+    ) -> None:
+        self.session_id = new_session_id() if session_id is None else session_id
+        self._tx = _cuju.Sender(
+            sock.fileno(), region, page_size=page_size, session_id=self.session_id, io_timeout=io_timeout
+        )
+
+    def handshake(self, timeout: float | None = 10.0) -> int:
+        """Exchange HELLO with the backup; return the epoch it holds (0: none)."""
+        held = self._tx.handshake(timeout)
+        log.info("FT link up (session %016x); backup holds epoch %d", self.session_id, held)
+        return held
+
+    def stage(
+        self,
+        epoch: int,
+        dirty_indexes: ReadBuffer,
+        device_state: ReadBuffer = b"",
+        timeout: float | None = None,
+    ) -> None:
+        """Gather the dirty pages and the device state of ``epoch`` (call while the VM is paused).
+
+        ``dirty_indexes`` is a buffer of unsigned 64-bit page numbers (see
+        :func:`page_indexes`). Raises ``ValueError`` for an index outside the
+        region or an epoch out of sequence; nothing is staged then.
+        """
+        self._tx.stage(epoch, dirty_indexes, device_state, timeout)
+
+    def ship(self) -> None:
+        """Queue the staged epoch; a C thread checksums and sends it."""
+        self._tx.ship()
+
+    def wait_ack(self, epoch: int, timeout: float | None) -> bool:
+        """True once the backup has acknowledged ``epoch`` (committed it), False on timeout."""
+        return self._tx.wait_ack(epoch, timeout)
+
+    def counters(self) -> dict[str, int]:
+        """Operator counters (one lock, no I/O): epochs, pages, bytes, per-phase nanoseconds."""
+        return self._tx.counters()
+
+    def close(self, orderly: bool = True, timeout: float | None = 10.0) -> None:
+        """Orderly: send what is queued and CLOSE, wait for the backup's last ACKs. Else cut the link."""
+        self._tx.close(orderly, timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._tx.close(False, 0)
+
+
+class EpochReceiver:
+    """Backup side: receive, verify, commit (journal), acknowledge, apply -- in C threads.
+
+    Opening replays epochs the journal holds as committed but not applied (a
+    backup killed between ACK and the end of apply), so :attr:`last_applied`
+    is exact before any connection. One object serves one connection; after a
+    broken link open a new one on the same region and journal.
+    """
+
+    def __init__(
+        self,
+        region: WriteBuffer,
+        device_state_path: str,
+        journal_path: str | None = None,
+        *,
+        page_size: int = PAGE_SIZE,
+        durable: bool = False,
+    ) -> None:
+        self.device_state_path = device_state_path
+        self.journal_path = journal_path or device_state_path + ".journal"
+        for what, path in (("device_state_path", device_state_path), ("journal_path", self.journal_path)):
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise ValueError(f"{what} {path!r}: directory {parent!r} does not exist; create it first")
+        self._rx = _cuju.Receiver(
+            region, device_state_path, self.journal_path, page_size=page_size, durable=durable
+        )
+        replayed = self._rx.counters()["epochs_replayed"]
+        if replayed:
+            log.warning("replayed %d committed epoch(s) from %s; replica at epoch %d",
+                        replayed, self.journal_path, self.last_applied)
+
+    @property
+    def last_applied(self) -> int:
+        """The epoch the region and the device-state file hold (0: none yet)."""
+        return self._rx.last_applied
+
+    def start(
+        self, sock: socket.socket, io_timeout: float | None = 30.0, handshake_timeout: float | None = 10.0
+    ) -> None:
+        """Serve the session on ``sock`` in C threads; returns at once."""
+        self._rx.start(sock.fileno(), io_timeout, handshake_timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True when the primary ended the session with CLOSE, False if still running after ``timeout``.
+
+        Raises the session's failure (a ReplicationError subclass).
+        """
+        return self._rx.wait(timeout)
+
+    def run(self, sock: socket.socket, io_timeout: float | None = 30.0) -> None:
+        """``start`` then wait for the end of the session."""
+        self.start(sock, io_timeout)
+        self.wait(None)
+
+    def counters(self) -> dict[str, int]:
+        """Operator counters (one lock, no I/O)."""
+        return self._rx.counters()
+
+    def close(self) -> None:
+        """Stop receiving; epochs already committed are still applied."""
+        self._rx.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._rx.close()
