@@ -86,6 +86,14 @@ def test_hosts_are_isolated(rig: Rig, counter_guest: Callable[..., RigGuest]) ->
     assert "rig-only-on-a" in rig.a.virsh("list", "--all", "--name").split()
     assert "rig-only-on-a" not in rig.b.virsh("list", "--all", "--name").split()
 
+    # Own /etc, /var/lib, /var/log: what host a writes there, host b and the real tree do not see.
+    for path in ("/etc/cuju-libvirt/rig-test.yaml", "/etc/rig-test-file", "/var/lib/cuju-libvirt/rig-test"):
+        rig.a.run(["sh", "-c", f"echo {rig.id} > {path}"])
+        assert rig.a.outside(path).read_text().strip() == rig.id
+        assert rig.b.run(["cat", path], check=False).returncode != 0
+        assert not Path(path).exists()
+        rig.a.run(["rm", path])
+
     # Own daemons, all inside the rig's cgroup; the system's libvirt paths are not used.
     pids = set(rig.cgroup.pids())
     libvirtds = {h.daemon_pid("libvirtd") for h in rig.hosts.values()}
