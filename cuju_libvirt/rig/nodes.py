@@ -62,7 +62,7 @@ HOST_SPECS = (
 OVERLAYS = (("etc", "/etc"), ("var-lib", "/var/lib"), ("var-log", "/var/log"))
 
 #: (directory of the host under the rig root, the standard path it replaces inside the host),
-#: bind-mounted on top of the overlays. /run comes last: the others' sockets live in it.
+#: bind-mounted in this order on top of the overlays (/dev/kvm goes in before /run).
 BINDS = (
     ("etc", "/etc/libvirt"),
     ("lib", "/var/lib/libvirt"),
