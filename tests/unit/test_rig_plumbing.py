@@ -90,3 +90,26 @@ def test_cli_down_without_rigs_is_a_one_line_error() -> None:
         "cuju_libvirt.rig: name the rigs to remove "
         "(ids from 'python -m cuju_libvirt.rig status') or use --all"
     ]
+
+
+def test_sweep_removes_only_rigs_of_dead_owners_and_old_stateless_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cuju_libvirt.rig import teardown  # noqa: PLC0415
+
+    me = {"pid": os.getpid(), "start": sandbox.pid_start_time(os.getpid())}
+    dead = {"pid": 2**22 + 7, "start": 1}  # above pid_max's default: never a live process
+    young = tmp_path / "young"
+    young.mkdir()
+    rigs = {
+        "live": teardown.RigTraces("live", root=tmp_path, state={"owner": me}),
+        "dead": teardown.RigTraces("dead", root=tmp_path, state={"owner": dead}),
+        "person": teardown.RigTraces("person", root=tmp_path, state={"owner": None}),
+        "young": teardown.RigTraces("young", root=young, state=None),
+    }
+    removed: list[str] = []
+    monkeypatch.setattr(teardown, "discover", lambda bases=(): rigs)
+    monkeypatch.setattr(teardown, "remove_rig", lambda traces, **kw: removed.append(traces.rig_id))
+    assert teardown.sweep_stale(min_age=60) == ["dead"]
+    assert teardown.sweep_stale(min_age=0) == ["dead", "young"]
+    assert removed == ["dead", "dead", "young"]
