@@ -234,6 +234,8 @@ class Rig:
     def _make_root(self) -> None:
         if self.root.exists() or self.cgroup.exists():
             raise RigError(f"rig {self.id} exists already ({self.root}); pick another id or run down")
+        if not self.base.is_dir():
+            raise RigError(f"base directory {self.base} does not exist (set CUJU_RIG_BASE or --base)")
         self.root.mkdir(mode=0o755)
         self._made_root = True
         proc = subprocess.run(
