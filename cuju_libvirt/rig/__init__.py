@@ -4,6 +4,11 @@
 * :mod:`cuju_libvirt.rig.qemu_direct` runs one QEMU with a QMP socket and a file-backed RAM
   file, without libvirt (for tracker tests and benchmarks).
 * :mod:`cuju_libvirt.rig.domains` writes libvirt domain XML for those guests.
+* :mod:`cuju_libvirt.rig.hosts` brings up two isolated libvirtd "hosts" with an FT link and a
+  LAN on this machine (:class:`~cuju_libvirt.rig.hosts.Rig`, its nodes in
+  :mod:`~cuju_libvirt.rig.nodes`); :mod:`~cuju_libvirt.rig.sandbox` and
+  :mod:`~cuju_libvirt.rig.teardown` contain and remove them; ``python -m cuju_libvirt.rig``
+  is its command line and :mod:`~cuju_libvirt.rig.demo` the demo.
 
 Nothing here is used by cujud in production; tests, benchmarks and the demo use it.
 """
