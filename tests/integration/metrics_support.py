@@ -8,6 +8,7 @@ orchestration with a TCG guest) registers its ``DomainStats`` with ``Daemon.doma
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import tempfile
@@ -112,3 +113,21 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "packaging" / "grafana" / "cuju-libvirt.json"
+#: Grafana's variables as a test substitutes them (every domain and cujud, short windows).
+GRAFANA_VARIABLES = {"$domain": ".*", "$instance": ".*", "$__rate_interval": "4s", "$__range": "1m"}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query in the Grafana dashboard, variables substituted."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for var, val in GRAFANA_VARIABLES.items():
+                expr = expr.replace(var, val)
+            out.append((panel["title"], expr))
+    return out

@@ -22,6 +22,7 @@ from cuju_libvirt.rig.replication_load import ReplicationLoad
 from tests.integration.metrics_support import (
     CujudPair,
     cujud_pair,
+    dashboard_queries,
     prometheus_for,
     value,
     wait_until,
@@ -116,6 +117,9 @@ def test_prometheus_sees_lag_rates_and_unprotected(base: Path, pair: CujudPair,
         assert rtt[0]["metric"]["instance"] == a_target
         sync = by_domain(prom.query(f'cuju_initial_sync_progress_ratio{{instance="{a_target}"}}'))
         assert sync == dict.fromkeys(names, 1.0)
+        # every query of the Grafana dashboard is valid PromQL and finds data
+        for title, expr in dashboard_queries():
+            assert prom.query(expr), f"dashboard panel {title!r}: no data for {expr}"
 
         # -- the backup host dies: its cujud stops and both receivers with it
         pair.b.stop()
