@@ -61,8 +61,8 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     assert used <= exported, sorted(used - exported)
     # the series the issue asks for are all on it
     for wanted in ("cuju_replication_lag_seconds", "cuju_epoch_pause_seconds_bucket",
-                   "cuju_epoch_dirty_pages_bucket", "cuju_wire_bytes_total", "cuju_ft_state", "cuju_failovers_total",
-                   "cuju_peer_heartbeat_rtt_seconds", "cuju_epochs_committed_total"):
+                   "cuju_epoch_dirty_pages_bucket", "cuju_wire_bytes_total", "cuju_ft_state",
+                   "cuju_failovers_total", "cuju_peer_heartbeat_rtt_seconds", "cuju_epochs_committed_total"):
         assert wanted in used, wanted
 
 
