@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -109,9 +110,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 (with_scrapes if scraping else without).extend(got)
             errors = [str(load.error) for load in loads if load.error is not None]
         finally:
-            server.close()
-            for load in loads:
-                load.close()
+            with contextlib.ExitStack() as stack:
+                stack.callback(server.close)
+                for load in loads:
+                    stack.callback(load.close)
     if errors:
         raise RuntimeError(f"replication failed during the benchmark: {errors}")
     w, wo = _ms(with_scrapes), _ms(without)

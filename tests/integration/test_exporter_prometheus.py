@@ -10,6 +10,7 @@ expressions.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,8 +65,9 @@ def loads(base: Path, pair: CujudPair) -> Iterator[list[ReplicationLoad]]:
             load.start()
         yield started
     finally:
-        for load in started:
-            load.close()
+        with contextlib.ExitStack() as stack:  # every load is closed even if one close fails
+            for load in started:
+                stack.callback(load.close)
 
 
 def by_domain(rows: list[dict[str, object]]) -> dict[str, float]:
