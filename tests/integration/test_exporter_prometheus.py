@@ -123,6 +123,9 @@ def test_prometheus_sees_lag_rates_and_unprotected(base: Path, pair: CujudPair,
         for title, expr in dashboard_queries():
             assert prom.query(expr), f"dashboard panel {title!r}: no data for {expr}"
 
+        # no alert while everything is healthy (the rules are loaded and evaluated)
+        assert prom.query("ALERTS") == []
+
         # -- the backup host dies: its cujud stops and both receivers with it
         pair.b.stop()
         for load in loads:
@@ -141,6 +144,10 @@ def test_prometheus_sees_lag_rates_and_unprotected(base: Path, pair: CujudPair,
         alert = prom.query(
             'max by (domain, uuid) (cuju_ft_state{state=~"unprotected|pairing|syncing|degraded"}) == 1')
         assert {row["metric"]["domain"] for row in alert} == names
+        # the shipped rule itself (loaded into this Prometheus) goes pending for both domains
+        pending = prom.wait_for('ALERTS{alertname="CujuDomainUnprotected", alertstate="pending"}',
+                                lambda r: len(r) == 2, timeout=10)
+        assert {row["metric"]["domain"] for row in pending} == names
         # the lag alert does not fire on NaN (the unprotected alert covers it)
         assert prom.query('max by (domain, uuid) (cuju_replication_lag_seconds{role="primary"}) > 1') == []
         # the peer: down, its last contact kept for the heartbeat alert
