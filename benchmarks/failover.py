@@ -9,7 +9,7 @@ import random
 import signal
 import time
 
-from benchmarks._engine import NETNS, SUBNET, config, linux_pair, summary
+from benchmarks._engine import NETNS, SUBNET, add_epoch_ms_argument, config, linux_pair, summary
 from cuju_libvirt.rig.engine_pair import BridgedNetwork, counter_dir, protected_pair, rm
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
 
@@ -24,7 +24,7 @@ PPS = 300
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=20, help="kill/failover runs (default 20)")
-    parser.add_argument("--epoch-ms", type=int, default=20, help="epoch length in ms (default 20)")
+    add_epoch_ms_argument(parser)
 
 
 def one_run(epoch_ms: int, rng: random.Random) -> dict[str, object]:

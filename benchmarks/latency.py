@@ -8,7 +8,7 @@ import socket
 import struct
 import time
 
-from benchmarks._engine import NETNS, SUBNET, config, linux_pair, summary
+from benchmarks._engine import NETNS, SUBNET, add_epoch_ms_argument, config, linux_pair, summary
 from cuju_libvirt.rig.engine_pair import BridgedNetwork, counter_dir, protected_pair, rm
 from cuju_libvirt.rig.guest_net import socket_in
 
@@ -22,7 +22,7 @@ ECHO_PORT = 7
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pings", type=int, default=200, help="round trips per phase (default 200)")
-    parser.add_argument("--epoch-ms", type=int, default=20, help="epoch length in ms (default 20)")
+    add_epoch_ms_argument(parser)
 
 
 def pings(netns: str, target: tuple[str, int], count: int) -> tuple[list[float], int]:
