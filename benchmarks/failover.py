@@ -10,7 +10,7 @@ import signal
 import time
 
 from benchmarks._engine import NETNS, SUBNET, add_epoch_ms_argument, config, linux_pair, summary
-from cuju_libvirt.rig.engine_pair import BridgedNetwork, counter_dir, protected_pair, rm
+from cuju_libvirt.rig.engine_pair import BridgedNetwork, protected_pair, scratch_counter_dir
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
 
 DESCRIPTION = (
@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def one_run(epoch_ms: int, rng: random.Random) -> dict[str, object]:
-    counters = counter_dir()
     try:
         with (
+            scratch_counter_dir() as counters,
             BridgedNetwork(NETNS, SUBNET) as net,
             Observer((net.host_ip, 0), (net.host_ip, 0), netns=net.name) as obs,
             linux_pair(net, "udp", peer="{}:{}".format(*obs.udp_address),
@@ -56,8 +56,6 @@ def one_run(epoch_ms: int, rng: random.Random) -> dict[str, object]:
                         "standby_ms": report.total_s * 1e3, "epoch": report.epoch}
     except Exception as err:  # a run that breaks is a failed run, reported, not the end of the benchmark
         return {"ok": False, "failover_ms": None, "problems": [f"{type(err).__name__}: {err}"]}
-    finally:
-        rm(counters)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
