@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import statistics
 from collections.abc import Iterator
@@ -14,6 +15,11 @@ from cuju_libvirt.rig.qemu_direct import DirectGuest
 
 NETNS = "eng-bench"
 SUBNET = 132
+
+
+def add_epoch_ms_argument(parser: argparse.ArgumentParser) -> None:
+    """``--epoch-ms``: the engine's epoch length, the same option in every engine benchmark."""
+    parser.add_argument("--epoch-ms", type=int, default=20, help="epoch length in ms (default 20)")
 
 
 def summary(samples: list[float]) -> tuple[float | None, float | None]:

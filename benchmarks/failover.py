@@ -9,8 +9,8 @@ import random
 import signal
 import time
 
-from benchmarks._engine import NETNS, SUBNET, config, linux_pair, summary
-from cuju_libvirt.rig.engine_pair import BridgedNetwork, counter_dir, protected_pair, rm
+from benchmarks._engine import NETNS, SUBNET, add_epoch_ms_argument, config, linux_pair, summary
+from cuju_libvirt.rig.engine_pair import BridgedNetwork, protected_pair, scratch_counter_dir
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
 
 DESCRIPTION = (
@@ -24,13 +24,13 @@ PPS = 300
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=20, help="kill/failover runs (default 20)")
-    parser.add_argument("--epoch-ms", type=int, default=20, help="epoch length in ms (default 20)")
+    add_epoch_ms_argument(parser)
 
 
 def one_run(epoch_ms: int, rng: random.Random) -> dict[str, object]:
-    counters = counter_dir()
     try:
         with (
+            scratch_counter_dir() as counters,
             BridgedNetwork(NETNS, SUBNET) as net,
             Observer((net.host_ip, 0), (net.host_ip, 0), netns=net.name) as obs,
             linux_pair(net, "udp", peer="{}:{}".format(*obs.udp_address),
@@ -56,8 +56,6 @@ def one_run(epoch_ms: int, rng: random.Random) -> dict[str, object]:
                         "standby_ms": report.total_s * 1e3, "epoch": report.epoch}
     except Exception as err:  # a run that breaks is a failed run, reported, not the end of the benchmark
         return {"ok": False, "failover_ms": None, "problems": [f"{type(err).__name__}: {err}"]}
-    finally:
-        rm(counters)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

@@ -8,8 +8,8 @@ import socket
 import struct
 import time
 
-from benchmarks._engine import NETNS, SUBNET, config, linux_pair, summary
-from cuju_libvirt.rig.engine_pair import BridgedNetwork, counter_dir, protected_pair, rm
+from benchmarks._engine import NETNS, SUBNET, add_epoch_ms_argument, config, linux_pair, summary
+from cuju_libvirt.rig.engine_pair import BridgedNetwork, protected_pair, scratch_counter_dir
 from cuju_libvirt.rig.guest_net import socket_in
 
 DESCRIPTION = (
@@ -22,7 +22,7 @@ ECHO_PORT = 7
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pings", type=int, default=200, help="round trips per phase (default 200)")
-    parser.add_argument("--epoch-ms", type=int, default=20, help="epoch length in ms (default 20)")
+    add_epoch_ms_argument(parser)
 
 
 def pings(netns: str, target: tuple[str, int], count: int) -> tuple[list[float], int]:
@@ -47,23 +47,20 @@ def pings(netns: str, target: tuple[str, int], count: int) -> tuple[list[float],
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    counters = counter_dir()
-    try:
-        with (
-            BridgedNetwork(NETNS, SUBNET) as net,
-            linux_pair(net, "echo", port=ECHO_PORT) as (p, s),
-        ):
-            assert s is not None
-            p.wait_serial(rf"cuju-echo: listening port={ECHO_PORT}", timeout=60)
-            target = (net.guest_ip, ECHO_PORT)
-            pings(net.name, target, 10)  # ARP, warm-up
-            plain, lost_plain = pings(net.name, target, args.pings)
-            with protected_pair(p, s, config(p, args.epoch_ms, counters)) as pair:
-                ft, lost_ft = pings(net.name, target, args.pings)
-                pause_ms = pair.engine.times.median_ms()
-                epochs = pair.engine.epochs
-    finally:
-        rm(counters)
+    with (
+        scratch_counter_dir() as counters,
+        BridgedNetwork(NETNS, SUBNET) as net,
+        linux_pair(net, "echo", port=ECHO_PORT) as (p, s),
+    ):
+        assert s is not None
+        p.wait_serial(rf"cuju-echo: listening port={ECHO_PORT}", timeout=60)
+        target = (net.guest_ip, ECHO_PORT)
+        pings(net.name, target, 10)  # ARP, warm-up
+        plain, lost_plain = pings(net.name, target, args.pings)
+        with protected_pair(p, s, config(p, args.epoch_ms, counters)) as pair:
+            ft, lost_ft = pings(net.name, target, args.pings)
+            pause_ms = pair.engine.times.median_ms()
+            epochs = pair.engine.epochs
     med_plain, p99_plain = summary(plain)
     med_ft, p99_ft = summary(ft)
     return {

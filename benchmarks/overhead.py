@@ -6,7 +6,7 @@ import argparse
 import statistics
 import time
 
-from benchmarks._engine import NETNS, SUBNET, config, linux_pair
+from benchmarks._engine import NETNS, SUBNET, add_epoch_ms_argument, config, linux_pair
 from cuju_libvirt.rig.engine_pair import BridgedNetwork, protected_pair
 from cuju_libvirt.rig.linux_guest import parse_serial
 from cuju_libvirt.rig.qemu_direct import DirectGuest
@@ -21,7 +21,7 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per phase (default 8)")
-    parser.add_argument("--epoch-ms", type=int, default=20, help="epoch length in ms (default 20)")
+    add_epoch_ms_argument(parser)
     parser.add_argument("--stress-mb", type=int, default=32, help="MiB the guest writes over (default 32)")
 
 

@@ -7,10 +7,37 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <unistd.h>
 
 #include "checksum.h"
 #include "replicator.h"
+
+/* --- helpers both blocks below use ----------------------------------------- */
+
+/* Create the heap type of `spec` and add it to the module as `name`. */
+static int
+cuju_add_type(PyObject *m, PyType_Spec *spec, const char *name)
+{
+    PyObject *t = PyType_FromModuleAndSpec(m, spec, NULL);
+    if (t == NULL)
+        return -1;
+    int rc = PyModule_AddObjectRef(m, name, t);
+    Py_DECREF(t);
+    return rc;
+}
+
+/* Name one compiled-in capability in the module's `features` set. */
+static int
+cuju_add_feature(PyObject *features, const char *name)
+{
+    PyObject *s = PyUnicode_FromString(name);
+    if (s == NULL)
+        return -1;
+    int rc = PySet_Add(features, s);
+    Py_DECREF(s);
+    return rc;
+}
 /* ======================================================================== */
 /* BEGIN trackers block (helper `trackers`): dirty trackers uffd + scan.     */
 /* Mechanism in uffd.c, attach.c, scan.c; policy in ft_engine/trackers.py.   */
@@ -77,6 +104,72 @@ trk_feature_list(uint64_t mask)
     return l;
 }
 
+/* UffdTracker and ScanTracker bind the same steps: each runs one tracker call
+ * under op_lock with the GIL released, and a closed tracker answers -EBADF.
+ * The adapters below give uffd_tracker_* and scan_tracker_* one signature. */
+typedef int (*trk_arm_fn)(void *t);
+typedef int64_t (*trk_harvest_fn)(void *t, uint64_t *out, uint64_t cap, bool *resync);
+
+static PyObject *
+trk_arm(pthread_mutex_t *op_lock, const bool *open, trk_arm_fn arm, void *t, const char *what)
+{
+    int err = -EBADF;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(op_lock);
+    if (*open)
+        err = arm(t);
+    pthread_mutex_unlock(op_lock);
+    Py_END_ALLOW_THREADS
+    if (err < 0)
+        return trk_oserror(err, what);
+    Py_RETURN_NONE;
+}
+
+/* harvest(out) -> (count, resync): page indexes into the uint64 buffer out. */
+static PyObject *
+trk_harvest(pthread_mutex_t *op_lock, const bool *open, trk_harvest_fn harvest, void *t, PyObject *args,
+            PyObject *kwds, const char *what)
+{
+    static char *kwlist[] = {"out", NULL};
+    Py_buffer out;
+    int64_t n = -EBADF;
+    bool resync = true;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "w*:harvest", kwlist, &out))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(op_lock);
+    if (*open)
+        n = harvest(t, out.buf, (uint64_t)out.len / sizeof(uint64_t), &resync);
+    pthread_mutex_unlock(op_lock);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&out);
+    if (n < 0)
+        return trk_oserror((int)n, what);
+    return Py_BuildValue("(LO)", (long long)n, resync ? Py_True : Py_False);
+}
+
+static PyObject *
+trk_npages(uint64_t page_size, uint64_t length)
+{
+    return PyLong_FromUnsignedLongLong(page_size ? length / page_size : 0);
+}
+
+static int trk_uffd_arm(void *t) { return uffd_tracker_arm(t); }
+static int trk_scan_arm(void *t) { return scan_tracker_arm(t); }
+
+static int64_t
+trk_uffd_harvest(void *t, uint64_t *out, uint64_t cap, bool *resync)
+{
+    return uffd_tracker_harvest(t, out, cap, resync);
+}
+
+static int64_t
+trk_scan_harvest(void *t, uint64_t *out, uint64_t cap, bool *resync)
+{
+    return scan_tracker_harvest(t, out, cap, resync);
+}
+
 /* --- UffdTracker ---------------------------------------------------------- */
 
 static PyObject *
@@ -141,38 +234,15 @@ UffdTracker_dealloc(UffdTrackerObject *self)
 static PyObject *
 UffdTracker_arm(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
 {
-    int err = -EBADF;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&self->op_lock);
-    if (self->open)
-        err = uffd_tracker_arm(&self->t);
-    pthread_mutex_unlock(&self->op_lock);
-    Py_END_ALLOW_THREADS
-    if (err < 0)
-        return trk_oserror(err, "arming the uffd tracker (UFFDIO_REGISTER/WRITEPROTECT)");
-    Py_RETURN_NONE;
+    return trk_arm(&self->op_lock, &self->open, trk_uffd_arm, &self->t,
+                   "arming the uffd tracker (UFFDIO_REGISTER/WRITEPROTECT)");
 }
 
 static PyObject *
 UffdTracker_harvest(UffdTrackerObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"out", NULL};
-    Py_buffer out;
-    int64_t n = -EBADF;
-    bool resync = true;
-
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "w*:harvest", kwlist, &out))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&self->op_lock);
-    if (self->open)
-        n = uffd_tracker_harvest(&self->t, out.buf, (uint64_t)out.len / sizeof(uint64_t), &resync);
-    pthread_mutex_unlock(&self->op_lock);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&out);
-    if (n < 0)
-        return trk_oserror((int)n, "harvesting the uffd tracker (PAGEMAP_SCAN)");
-    return Py_BuildValue("(LO)", (long long)n, resync ? Py_True : Py_False);
+    return trk_harvest(&self->op_lock, &self->open, trk_uffd_harvest, &self->t, args, kwds,
+                       "harvesting the uffd tracker (PAGEMAP_SCAN)");
 }
 
 static PyObject *
@@ -217,7 +287,7 @@ UffdTracker_get_page_size(UffdTrackerObject *self, void *Py_UNUSED(c))
 static PyObject *
 UffdTracker_get_npages(UffdTrackerObject *self, void *Py_UNUSED(c))
 {
-    return PyLong_FromUnsignedLongLong(self->t.page_size ? self->t.length / self->t.page_size : 0);
+    return trk_npages(self->t.page_size, self->t.length);
 }
 
 static PyObject *
@@ -310,38 +380,15 @@ ScanTracker_dealloc(ScanTrackerObject *self)
 static PyObject *
 ScanTracker_arm(ScanTrackerObject *self, PyObject *Py_UNUSED(ignored))
 {
-    int err = -EBADF;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&self->op_lock);
-    if (self->open)
-        err = scan_tracker_arm(&self->t);
-    pthread_mutex_unlock(&self->op_lock);
-    Py_END_ALLOW_THREADS
-    if (err < 0)
-        return trk_oserror(err, "arming the scan tracker");
-    Py_RETURN_NONE;
+    return trk_arm(&self->op_lock, &self->open, trk_scan_arm, &self->t,
+                   "arming the scan tracker");
 }
 
 static PyObject *
 ScanTracker_harvest(ScanTrackerObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"out", NULL};
-    Py_buffer out;
-    int64_t n = -EBADF;
-    bool resync = true;
-
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "w*:harvest", kwlist, &out))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&self->op_lock);
-    if (self->open)
-        n = scan_tracker_harvest(&self->t, out.buf, (uint64_t)out.len / sizeof(uint64_t), &resync);
-    pthread_mutex_unlock(&self->op_lock);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&out);
-    if (n < 0)
-        return trk_oserror((int)n, "harvesting the scan tracker");
-    return Py_BuildValue("(LO)", (long long)n, resync ? Py_True : Py_False);
+    return trk_harvest(&self->op_lock, &self->open, trk_scan_harvest, &self->t, args, kwds,
+                       "harvesting the scan tracker");
 }
 
 static PyObject *
@@ -370,7 +417,7 @@ ScanTracker_get_page_size(ScanTrackerObject *self, void *Py_UNUSED(c))
 static PyObject *
 ScanTracker_get_npages(ScanTrackerObject *self, void *Py_UNUSED(c))
 {
-    return PyLong_FromUnsignedLongLong(self->t.page_size ? self->t.length / self->t.page_size : 0);
+    return trk_npages(self->t.page_size, self->t.length);
 }
 
 static PyObject *
@@ -483,31 +530,17 @@ trk_uffd_attach(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds)
 static int
 trackers_exec(PyObject *m, PyObject *features)
 {
-    PyObject *t;
-    t = PyType_FromModuleAndSpec(m, &UffdTracker_spec, NULL);
-    if (t == NULL || PyModule_AddObjectRef(m, "UffdTracker", t) < 0) {
-        Py_XDECREF(t);
+    if (cuju_add_type(m, &UffdTracker_spec, "UffdTracker") < 0 ||
+        cuju_add_type(m, &ScanTracker_spec, "ScanTracker") < 0)
         return -1;
-    }
-    Py_DECREF(t);
-    t = PyType_FromModuleAndSpec(m, &ScanTracker_spec, NULL);
-    if (t == NULL || PyModule_AddObjectRef(m, "ScanTracker", t) < 0) {
-        Py_XDECREF(t);
-        return -1;
-    }
-    Py_DECREF(t);
     const char *names[] = {"tracker.scan", "tracker.uffd"
 #if defined(__x86_64__)
                            , "tracker.uffd.attach"
 #endif
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        PyObject *s = PyUnicode_FromString(names[i]);
-        if (s == NULL || PySet_Add(features, s) < 0) {
-            Py_XDECREF(s);
+        if (cuju_add_feature(features, names[i]) < 0)
             return -1;
-        }
-        Py_DECREF(s);
     }
     return 0;
 }
@@ -624,6 +657,51 @@ repl_put_u64(PyObject *d, const char *key, uint64_t v)
     return rc;
 }
 
+/* counters(): one uint64_t field of a stats struct per dict key, in table order. */
+struct repl_counter {
+    const char *name;
+    size_t offset;
+};
+#define REPL_COUNTER(type, field) {#field, offsetof(type, field)}
+
+static PyObject *
+repl_counters(const void *stats, const struct repl_counter *fields, size_t n)
+{
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t v;
+        memcpy(&v, (const char *)stats + fields[i].offset, sizeof(v));
+        if (repl_put_u64(d, fields[i].name, v) < 0)
+            goto error;
+    }
+    return d;
+
+error:
+    Py_DECREF(d);
+    return NULL;
+}
+
+/* Raise `code` with the message the sender/receiver recorded for it, if the
+ * first failure it recorded is that code; else with `fallback`. */
+static void
+repl_raise_recorded(int code, int first, int eno, int peer, const char *msg, const char *fallback)
+{
+    repl_raise(code, eno, peer, first == code && msg[0] ? msg : fallback);
+}
+
+static int
+repl_check_region(const Py_buffer *region, unsigned int page_size)
+{
+    if (region->len <= 0 || page_size == 0 || (uint64_t)region->len % page_size) {
+        PyErr_Format(PyExc_ValueError, "region of %zd bytes is not a whole number of %u-byte pages", region->len,
+                     page_size);
+        return -1;
+    }
+    return 0;
+}
+
 /* ---- Sender ---- */
 
 typedef struct {
@@ -639,10 +717,7 @@ sender_raise(SenderObject *self, int code, const char *fallback)
     char msg[CUJU_ERRMSG_LEN];
     int eno = 0, peer = 0;
     int first = cuju_sender_error(self->s, &eno, &peer, msg, sizeof(msg));
-    if (first == code && msg[0])
-        repl_raise(code, eno, peer, msg);
-    else
-        repl_raise(code, eno, peer, fallback);
+    repl_raise_recorded(code, first, eno, peer, msg, fallback);
 }
 
 static int
@@ -664,11 +739,8 @@ Sender_init(SenderObject *self, PyObject *args, PyObject *kwds)
         return -1;
     if (repl_timeout_ms(io_timeout, &ms) < 0)
         goto error;
-    if (region.len <= 0 || page_size == 0 || (uint64_t)region.len % page_size) {
-        PyErr_Format(PyExc_ValueError, "region of %zd bytes is not a whole number of %u-byte pages", region.len,
-                     page_size);
+    if (repl_check_region(&region, page_size) < 0)
         goto error;
-    }
     dfd = repl_dup_fd(fd);
     if (dfd < 0)
         goto error;
@@ -834,27 +906,23 @@ Sender_wait_ack(SenderObject *self, PyObject *args, PyObject *kwds)
     return NULL;
 }
 
+#define C(f) REPL_COUNTER(struct cuju_sender_stats, f)
+static const struct repl_counter sender_counters[] = {
+    C(epochs_staged), C(epochs_shipped), C(epochs_acked), C(pages), C(zero_pages),
+    C(devstate_bytes), C(wire_bytes), C(saved_bytes), C(stage_ns), C(last_stage_ns),
+    C(send_ns), C(last_send_ns), C(ack_wait_ns), C(last_ack_wait_ns), C(last_staged_epoch),
+    C(last_shipped_epoch), C(last_acked_epoch), C(errors),
+};
+#undef C
+
 static PyObject *
 Sender_counters(SenderObject *self, PyObject *Py_UNUSED(ignored))
 {
     struct cuju_sender_stats st;
-    PyObject *d;
     if (self->s == NULL)
         return PyDict_New();
     cuju_sender_stats(self->s, &st);
-    d = PyDict_New();
-    if (d == NULL)
-        return NULL;
-#define PUT(f) if (repl_put_u64(d, #f, st.f) < 0) goto error
-    PUT(epochs_staged); PUT(epochs_shipped); PUT(epochs_acked); PUT(pages); PUT(zero_pages);
-    PUT(devstate_bytes); PUT(wire_bytes); PUT(saved_bytes); PUT(stage_ns); PUT(last_stage_ns);
-    PUT(send_ns); PUT(last_send_ns); PUT(ack_wait_ns); PUT(last_ack_wait_ns); PUT(last_staged_epoch);
-    PUT(last_shipped_epoch); PUT(last_acked_epoch); PUT(errors);
-#undef PUT
-    return d;
-error:
-    Py_DECREF(d);
-    return NULL;
+    return repl_counters(&st, sender_counters, sizeof(sender_counters) / sizeof(sender_counters[0]));
 }
 
 static PyObject *
@@ -949,10 +1017,7 @@ receiver_raise(ReceiverObject *self, int code, const char *fallback)
     char msg[CUJU_ERRMSG_LEN];
     int eno = 0, peer = 0;
     int first = cuju_receiver_error(self->r, &eno, &peer, msg, sizeof(msg));
-    if (first == code && msg[0])
-        repl_raise(code, eno, peer, msg);
-    else
-        repl_raise(code, eno, peer, fallback);
+    repl_raise_recorded(code, first, eno, peer, msg, fallback);
 }
 
 static int
@@ -972,11 +1037,8 @@ Receiver_init(ReceiverObject *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "w*O&O&|$Ip:Receiver", kwlist, &region, PyUnicode_FSConverter,
                                      &dev_o, PyUnicode_FSConverter, &jnl_o, &page_size, &durable))
         goto error;
-    if (region.len <= 0 || page_size == 0 || (uint64_t)region.len % page_size) {
-        PyErr_Format(PyExc_ValueError, "region of %zd bytes is not a whole number of %u-byte pages", region.len,
-                     page_size);
+    if (repl_check_region(&region, page_size) < 0)
         goto error;
-    }
     const char *dev = PyBytes_AS_STRING(dev_o), *jnl = PyBytes_AS_STRING(jnl_o);
     Py_BEGIN_ALLOW_THREADS
     rc = cuju_receiver_open(region.buf, (uint64_t)region.len, page_size, dev, jnl, durable, &self->r, msg,
@@ -1055,27 +1117,23 @@ Receiver_wait(ReceiverObject *self, PyObject *args, PyObject *kwds)
     return NULL;
 }
 
+#define C(f) REPL_COUNTER(struct cuju_receiver_stats, f)
+static const struct repl_counter receiver_counters[] = {
+    C(epochs_received), C(epochs_applied), C(epochs_replayed), C(pages), C(zero_pages),
+    C(wire_bytes), C(devstate_bytes), C(receive_ns), C(last_receive_ns), C(verify_ns),
+    C(last_verify_ns), C(apply_ns), C(last_apply_ns), C(last_acked_epoch), C(last_applied_epoch),
+    C(errors),
+};
+#undef C
+
 static PyObject *
 Receiver_counters(ReceiverObject *self, PyObject *Py_UNUSED(ignored))
 {
     struct cuju_receiver_stats st;
-    PyObject *d;
     if (self->r == NULL)
         return PyDict_New();
     cuju_receiver_stats(self->r, &st);
-    d = PyDict_New();
-    if (d == NULL)
-        return NULL;
-#define PUT(f) if (repl_put_u64(d, #f, st.f) < 0) goto error
-    PUT(epochs_received); PUT(epochs_applied); PUT(epochs_replayed); PUT(pages); PUT(zero_pages);
-    PUT(wire_bytes); PUT(devstate_bytes); PUT(receive_ns); PUT(last_receive_ns); PUT(verify_ns);
-    PUT(last_verify_ns); PUT(apply_ns); PUT(last_apply_ns); PUT(last_acked_epoch); PUT(last_applied_epoch);
-    PUT(errors);
-#undef PUT
-    return d;
-error:
-    Py_DECREF(d);
-    return NULL;
+    return repl_counters(&st, receiver_counters, sizeof(receiver_counters) / sizeof(receiver_counters[0]));
 }
 
 static PyObject *
@@ -1240,28 +1298,11 @@ repl_add_int(PyObject *m, const char *name, long v)
 static int
 repl_exec(PyObject *m, PyObject *features)
 {
-    PyObject *t = NULL, *name = NULL;
-
-    t = PyType_FromModuleAndSpec(m, &Sender_spec, NULL);
-    if (t == NULL || PyModule_AddObjectRef(m, "Sender", t) < 0)
-        goto error;
-    Py_CLEAR(t);
-    t = PyType_FromModuleAndSpec(m, &Receiver_spec, NULL);
-    if (t == NULL || PyModule_AddObjectRef(m, "Receiver", t) < 0)
-        goto error;
-    Py_CLEAR(t);
+    if (cuju_add_type(m, &Sender_spec, "Sender") < 0 || cuju_add_type(m, &Receiver_spec, "Receiver") < 0)
+        return -1;
     if (repl_add_int(m, "MAX_DEVICE_STATE", (long)CUJU_WIRE_MAX_DEVSTATE) < 0)
-        goto error;
-    name = PyUnicode_FromString("replicate");
-    if (name == NULL || PySet_Add(features, name) < 0)
-        goto error;
-    Py_DECREF(name);
-    return 0;
-
-error:
-    Py_XDECREF(t);
-    Py_XDECREF(name);
-    return -1;
+        return -1;
+    return cuju_add_feature(features, "replicate");
 }
 /* ======================= END replicate block ========================== */
 

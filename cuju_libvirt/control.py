@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cuju_libvirt._closing import Closing
 from cuju_libvirt.errors import ControlError, CujuError
 from cuju_libvirt.logsetup import log_failure
 
@@ -207,7 +208,7 @@ class ControlServer:
                 self.path.unlink()
 
 
-class ControlClient:
+class ControlClient(Closing):
     """Talks to cujud over its control socket; one connection, reused for every call."""
 
     def __init__(self, path: Path, timeout: float = 5.0) -> None:
@@ -216,12 +217,6 @@ class ControlClient:
         self._ids = itertools.count(1)
         self._sock: socket.socket | None = None
         self._reader: Any = None
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _connect(self) -> socket.socket:
         if self._sock is not None:

@@ -32,9 +32,9 @@ import os
 import socket
 import time
 from collections import deque
-from types import TracebackType
 from typing import Any
 
+from cuju_libvirt._closing import Closing
 from cuju_libvirt.errors import MonitorError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class QMPTimeoutError(MonitorError):
     """No reply (or event) arrived before the deadline; the connection stays usable."""
 
 
-class QMPClient:
+class QMPClient(Closing):
     """A connected, negotiated QMP session.
 
     Construct with the path of QEMU's QMP server socket; the constructor connects, reads the
@@ -205,17 +205,6 @@ class QMPClient:
     def close(self) -> None:
         """Close the connection; idempotent."""
         self._drop_socket()
-
-    def __enter__(self) -> QMPClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- internals ----------------------------------------------------------------------
 

@@ -44,9 +44,9 @@ import select
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from cuju_libvirt._closing import Closing
 from cuju_libvirt.errors import MonitorError, StateError
 from cuju_libvirt.ft_engine.vmstate import (
     IGNORE_SHARED,
@@ -181,7 +181,7 @@ def _memdevs(qmp: QMPClient) -> list[dict[str, Any]]:
     return devs
 
 
-class DeviceStateSaver:
+class DeviceStateSaver(Closing):
     """Saves the device state of one primary QEMU, once per stop/cont cycle.
 
     ``qmp`` is the direct QMP connection of the primary (the saver uses it from the
@@ -380,17 +380,6 @@ class DeviceStateSaver:
             _set_ignore_shared(self.qmp, False)
         except MonitorError as err:
             self.log.error("could not turn %s off again: %s", IGNORE_SHARED, err)
-
-    def __enter__(self) -> DeviceStateSaver:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # -- standby ---------------------------------------------------------------------------------

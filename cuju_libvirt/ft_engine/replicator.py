@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Self, TypeAlias
 
 from cuju_libvirt import _cuju
+from cuju_libvirt._closing import Closing
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class EpochSender:
         self._tx.close(False, 0)
 
 
-class EpochReceiver:
+class EpochReceiver(Closing):
     """Backup side: receive, verify, commit (journal), acknowledge, apply -- in C threads.
 
     Opening replays epochs the journal holds as committed but not applied (a
@@ -215,12 +216,4 @@ class EpochReceiver:
 
     def close(self) -> None:
         """Stop receiving; epochs already committed are still applied."""
-        self._rx.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
         self._rx.close()

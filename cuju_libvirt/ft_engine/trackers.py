@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from cuju_libvirt import _cuju
+from cuju_libvirt._closing import Closing
 from cuju_libvirt.errors import StateError, TrackerError, TrackerUnavailableError
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class _Backend(Protocol):
     def close(self) -> None: ...
 
 
-class _GuardedTracker:
+class _GuardedTracker(Closing):
     """Shared policy: run-state guard, error mapping, idempotent close."""
 
     name = "?"
@@ -166,12 +167,6 @@ class _GuardedTracker:
         if not self._closed:
             self._closed = True
             self._backend.close()
-
-    def __enter__(self) -> _GuardedTracker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class UffdTracker(_GuardedTracker):

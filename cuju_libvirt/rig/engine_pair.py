@@ -137,5 +137,15 @@ def counter_dir() -> str:
     return tempfile.mkdtemp(prefix="eng-cnt.", dir="/dev/shm")
 
 
+@contextlib.contextmanager
+def scratch_counter_dir() -> Iterator[str]:
+    """A :func:`counter_dir` for the ``with`` block, removed on leaving it."""
+    path = counter_dir()
+    try:
+        yield path
+    finally:
+        rm(path)
+
+
 def rm(path: str | os.PathLike[str]) -> None:
     shutil.rmtree(path, ignore_errors=True)

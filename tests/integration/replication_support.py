@@ -10,9 +10,12 @@ snapshot of whatever epoch it claims to hold.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
+import os
 import random
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
@@ -121,6 +124,25 @@ def loopback_pair() -> tuple[socket.socket, socket.socket]:
         client = socket.create_connection(listener.getsockname(), timeout=5)
         server, _ = listener.accept()
     return client, server
+
+
+@contextlib.contextmanager
+def receiving(
+    standby: mmap.mmap, state_path: str | os.PathLike[str], durable: bool = False
+) -> Iterator[tuple[EpochReceiver, socket.socket]]:
+    """A backup started on one end of a loopback TCP pair: yields it and the primary's end.
+
+    The receiver and both sockets are closed on leaving, whatever ended the block.
+    """
+    client, server = loopback_pair()
+    rx = EpochReceiver(standby, str(state_path), durable=durable)
+    try:
+        rx.start(server)
+        yield rx, client
+    finally:
+        rx.close()
+        client.close()
+        server.close()
 
 
 def region_file(path: str, pages: int) -> mmap.mmap:

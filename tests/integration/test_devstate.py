@@ -41,6 +41,7 @@ from cuju_libvirt.rig.guests import (
     serial_counts,
 )
 from cuju_libvirt.rig.qemu_direct import DirectGuest
+from tests.helpers import wait_counter_above
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,14 +89,6 @@ def kill_primary(guest: DirectGuest) -> None:
     while guest.alive():
         assert time.monotonic() < deadline, "primary survived SIGKILL"
         time.sleep(0.01)
-
-
-def wait_counter_above(guest: DirectGuest, value: int, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (current := read_counter(guest.ram_path)) <= value:
-        assert time.monotonic() < deadline, f"counter stuck at {current}"
-        time.sleep(0.01)
-    return current
 
 
 def private_copy(source: Path, directory: Path) -> Path:

@@ -31,7 +31,14 @@ from cuju_libvirt.ft_engine.replicator import EpochSender, page_indexes
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.ft_engine.trackers import Harvest, Tracker, UffdTracker, VmStopped
-from cuju_libvirt.rig.engine_pair import BridgedNetwork, counter_dir, link_pair, protected_pair, rm
+from cuju_libvirt.rig.engine_pair import (
+    BridgedNetwork,
+    counter_dir,
+    link_pair,
+    protected_pair,
+    rm,
+    scratch_counter_dir,
+)
 from cuju_libvirt.rig.guests import COUNTER_GPA, boot_image, read_counter
 from cuju_libvirt.rig.linux_guest import build_linux_guest, kernel_cmdline
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
@@ -171,60 +178,58 @@ def linux_config(guest: DirectGuest, counters: str) -> PrimaryConfig:
 @pytest.mark.timeout(240)
 def test_linux_failover_passes_the_end_to_end_rules(linux_pair: LinuxPair) -> None:
     lp = linux_pair
-    counters = counter_dir()
-    try:
-        with protected_pair(lp.primary, lp.standby, linux_config(lp.primary, counters)) as pair:
-            assert pair.backup.wait_standby(10)
-            out = pair.engine.output
-            assert out is not None
-            time.sleep(random.uniform(1.0, 3.0))
-            killed_at = time.monotonic()
-            os.kill(lp.primary.pid, signal.SIGKILL)
-            most = out.stats.epoch_packets_max or 0
-            pair.backup.failover()
-            lp.obs.wait_for(lambda r: any(t > killed_at + 0.05 for _, t in r.udp), 20.0)
-            before = len(lp.obs.recording().tcp_data)
-            lp.obs.wait_for(lambda r: len(r.tcp_data) > before + 400, 30.0)
-            time.sleep(1.0)
-            rec = lp.obs.recording()
-            # The one allowed gap: the epoch acknowledged but not yet released, plus the one
-            # collecting (both lost with the primary) -- bounded by the largest epoch seen.
-            max_gap = max(most, math.ceil(PPS * EPOCH_MS / 1000)) * 2
-            verdict = judge_run(rec, Rules(max_gap=max_gap, failover_at=killed_at, tcp=True))
-            assert verdict.ok, verdict.problems
-            assert verdict.failover_ms is not None
-            print(f"kill -> first packet of the resumed guest: {verdict.failover_ms:.0f} ms")
-    finally:
-        rm(counters)
+    with (
+        scratch_counter_dir() as counters,
+        protected_pair(lp.primary, lp.standby, linux_config(lp.primary, counters)) as pair,
+    ):
+        assert pair.backup.wait_standby(10)
+        out = pair.engine.output
+        assert out is not None
+        time.sleep(random.uniform(1.0, 3.0))
+        killed_at = time.monotonic()
+        os.kill(lp.primary.pid, signal.SIGKILL)
+        most = out.stats.epoch_packets_max or 0
+        pair.backup.failover()
+        lp.obs.wait_for(lambda r: any(t > killed_at + 0.05 for _, t in r.udp), 20.0)
+        before = len(lp.obs.recording().tcp_data)
+        lp.obs.wait_for(lambda r: len(r.tcp_data) > before + 400, 30.0)
+        time.sleep(1.0)
+        rec = lp.obs.recording()
+        # The one allowed gap: the epoch acknowledged but not yet released, plus the one
+        # collecting (both lost with the primary) -- bounded by the largest epoch seen.
+        max_gap = max(most, math.ceil(PPS * EPOCH_MS / 1000)) * 2
+        verdict = judge_run(rec, Rules(max_gap=max_gap, failover_at=killed_at, tcp=True))
+        assert verdict.ok, verdict.problems
+        assert verdict.failover_ms is not None
+        print(f"kill -> first packet of the resumed guest: {verdict.failover_ms:.0f} ms")
 
 
 @pytest.mark.timeout(240)
 def test_backup_loss_leaves_the_primary_running_unprotected(linux_pair: LinuxPair) -> None:
     lp = linux_pair
-    counters = counter_dir()
-    try:
-        with protected_pair(lp.primary, lp.standby, linux_config(lp.primary, counters)) as pair:
-            assert pair.backup.wait_standby(10)
-            time.sleep(random.uniform(0.5, 1.5))
-            lost_at = time.monotonic()
-            pair.backup.close()   # the receiver's threads stop and the link is cut ...
-            lp.standby.close()    # ... and the standby QEMU is gone
-            assert wait_state(pair.pmachine, FTState.DEGRADED, 10)
-            assert pair.engine.failure is not None
-            assert pair.engine.output is None
-            assert lp.primary.status() == "running"
-            assert pair.pstats.snapshot().replication_lag_s is None
-            caps = lp.primary.qmp.execute("query-migrate-capabilities")
-            assert not any(c["capability"] == "x-ignore-shared" and c["state"] for c in caps)
-            n = len(lp.obs.recording().udp)
-            lp.obs.wait_for(lambda r: len(r.udp) >= n + PPS, 20.0)
-            rec = lp.obs.recording()
-            verdict = judge_run(rec, Rules(max_gap=0, failover_at=None, tcp=True))
-            assert verdict.ok, verdict.problems
-            assert any(t > lost_at + 0.5 for _, t in rec.udp)
-            assert Path(counters).exists() and not list(Path(counters).iterdir())
-    finally:
-        rm(counters)
+    with (
+        scratch_counter_dir() as counters,
+        protected_pair(lp.primary, lp.standby, linux_config(lp.primary, counters)) as pair,
+    ):
+        assert pair.backup.wait_standby(10)
+        time.sleep(random.uniform(0.5, 1.5))
+        lost_at = time.monotonic()
+        pair.backup.close()   # the receiver's threads stop and the link is cut ...
+        lp.standby.close()    # ... and the standby QEMU is gone
+        assert wait_state(pair.pmachine, FTState.DEGRADED, 10)
+        assert pair.engine.failure is not None
+        assert pair.engine.output is None
+        assert lp.primary.status() == "running"
+        assert pair.pstats.snapshot().replication_lag_s is None
+        caps = lp.primary.qmp.execute("query-migrate-capabilities")
+        assert not any(c["capability"] == "x-ignore-shared" and c["state"] for c in caps)
+        n = len(lp.obs.recording().udp)
+        lp.obs.wait_for(lambda r: len(r.udp) >= n + PPS, 20.0)
+        rec = lp.obs.recording()
+        verdict = judge_run(rec, Rules(max_gap=0, failover_at=None, tcp=True))
+        assert verdict.ok, verdict.problems
+        assert any(t > lost_at + 0.5 for _, t in rec.udp)
+        assert Path(counters).exists() and not list(Path(counters).iterdir())
 
 
 # -- lifecycle edges ---------------------------------------------------------------------------

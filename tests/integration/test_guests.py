@@ -19,6 +19,7 @@ from cuju_libvirt.rig.guests import (
     serial_counts,
 )
 from cuju_libvirt.rig.qemu_direct import DirectGuest
+from tests.helpers import wait_counter_above
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,14 +31,6 @@ def changed_pages(before: bytes, after: bytes) -> list[int]:
         for pfn in range(len(before) // PAGE_SIZE)
         if view_a[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] != view_b[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE]
     ]
-
-
-def wait_counter_above(guest: DirectGuest, value: int, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (current := read_counter(guest.ram_path)) <= value:
-        assert time.monotonic() < deadline, f"counter stuck at {current}"
-        time.sleep(0.01)
-    return current
 
 
 def test_counter_guest_counts_in_the_ram_file_and_on_com1() -> None:

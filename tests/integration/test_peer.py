@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
@@ -15,6 +16,7 @@ import pytest
 from cuju_libvirt import peer
 from cuju_libvirt.errors import PeerAuthError, PeerError
 from cuju_libvirt.peer import Handlers, PeerConnection, PeerOptions, PeerServer
+from tests import helpers
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -64,13 +66,7 @@ def dial(server: Server, executor: ThreadPoolExecutor, key: bytes = KEY, node: s
                         handlers=Handlers(), options=OPTS, executor=executor)
 
 
-def wait_for(cond: object, timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if callable(cond) and cond():
-            return True
-        time.sleep(0.01)
-    return False
+wait_for = functools.partial(helpers.wait_for, timeout=3.0)
 
 
 def test_handshake_request_note_and_heartbeat(server: Server, executor: ThreadPoolExecutor) -> None:

@@ -12,12 +12,9 @@ import array
 import contextlib
 import mmap
 import random
-import shutil
 import socket
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,19 +22,9 @@ import pytest
 from cuju_libvirt.errors import LinkError, ProtocolError, ReplicationError
 from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
 
-from .replication_support import PAGE, Workload, loopback_pair, region_file, resume
+from .replication_support import PAGE, Workload, receiving, region_file, resume
 
 PAGES = 512
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    """A scratch directory on tmpfs (the standby's RAM file lives in memory too); removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="dataplane-test-", dir="/dev/shm"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _wait_applied(rx: EpochReceiver, epoch: int, timeout: float = 10.0) -> None:
@@ -64,10 +51,7 @@ def test_replica_equals_snapshot_of_last_acknowledged_epoch(shm_dir: Path) -> No
     wl.fill(primary)
     standby = region_file(str(shm_dir / "ram"), PAGES)
     state = shm_dir / "state"
-    client, server = loopback_pair()
-    rx = EpochReceiver(standby, str(state))
-    try:
-        rx.start(server)
+    with receiving(standby, state) as (rx, client):
         tx = EpochSender(client, primary)
         assert tx.handshake(5) == 0
         dirty, dev = wl.full_epoch(primary)
@@ -94,10 +78,6 @@ def test_replica_equals_snapshot_of_last_acknowledged_epoch(shm_dir: Path) -> No
         assert tc["zero_pages"] == rc["zero_pages"] > 0
         assert tc["saved_bytes"] == tc["zero_pages"] * PAGE
         assert rc["errors"] == tc["errors"] == 0
-    finally:
-        rx.close()
-        client.close()
-        server.close()
 
 
 class Proxy:
@@ -238,10 +218,7 @@ def test_byte_corrupted_on_the_wire(shm_dir: Path, seed: int) -> None:
 def test_geometry_mismatch_is_refused_on_both_sides(shm_dir: Path) -> None:
     primary = mmap.mmap(-1, 64 * PAGE)
     standby = mmap.mmap(-1, 32 * PAGE)
-    client, server = loopback_pair()
-    rx = EpochReceiver(standby, str(shm_dir / "state"))
-    try:
-        rx.start(server)
+    with receiving(standby, shm_dir / "state") as (rx, client):
         tx = EpochSender(client, primary)
         with pytest.raises(ReplicationError) as sent:
             tx.handshake(5)
@@ -251,10 +228,6 @@ def test_geometry_mismatch_is_refused_on_both_sides(shm_dir: Path) -> None:
         assert sent.value.peer_code == 6
         assert "region" in str(got.value)
         tx.close(orderly=False)
-    finally:
-        rx.close()
-        client.close()
-        server.close()
 
 
 @pytest.mark.timeout(30)
@@ -262,10 +235,7 @@ def test_caller_mistakes_raise_value_errors_and_stage_nothing(shm_dir: Path) -> 
     primary = mmap.mmap(-1, 16 * PAGE)
     primary[:] = b"\x05" * len(primary)
     standby = mmap.mmap(-1, 16 * PAGE)
-    client, server = loopback_pair()
-    rx = EpochReceiver(standby, str(shm_dir / "state"))
-    try:
-        rx.start(server)
+    with receiving(standby, shm_dir / "state") as (rx, client):
         tx = EpochSender(client, primary)
         with pytest.raises(ValueError, match="no handshake"):
             tx.stage(1, page_indexes([0]), b"")
@@ -292,10 +262,6 @@ def test_caller_mistakes_raise_value_errors_and_stage_nothing(shm_dir: Path) -> 
             tx.stage(2, page_indexes([4]), b"")
         with pytest.raises(ValueError, match="does not exist"):
             EpochReceiver(standby, str(shm_dir / "missing" / "state"))
-    finally:
-        rx.close()
-        client.close()
-        server.close()
 
 
 @pytest.mark.timeout(60)
@@ -307,11 +273,8 @@ def test_close_mid_stream_leaves_every_acknowledged_epoch_applied(shm_dir: Path,
     wl.fill(primary)
     standby = region_file(str(shm_dir / "ram"), PAGES)
     state = shm_dir / "state"
-    client, server = loopback_pair()
-    rx = EpochReceiver(standby, str(state))
     stop_at = random.Random(seed).randint(3, 30)
-    try:
-        rx.start(server)
+    with receiving(standby, state) as (rx, client):
         tx = EpochSender(client, primary)
         tx.handshake(5)
         for epoch in range(1, stop_at + 1):
@@ -326,10 +289,6 @@ def test_close_mid_stream_leaves_every_acknowledged_epoch_applied(shm_dir: Path,
         assert rx.counters()["epochs_applied"] == held
         _assert_replica(standby, state, wl, held)
         tx.close(orderly=False)
-    finally:
-        rx.close()
-        client.close()
-        server.close()
 
 
 @pytest.mark.timeout(60)
@@ -340,10 +299,7 @@ def test_durable_mode_replicates_the_same(shm_dir: Path) -> None:
     wl.fill(primary)
     standby = region_file(str(shm_dir / "ram"), PAGES)
     state = shm_dir / "state"
-    client, server = loopback_pair()
-    rx = EpochReceiver(standby, str(state), durable=True)
-    try:
-        rx.start(server)
+    with receiving(standby, state, durable=True) as (rx, client):
         tx = EpochSender(client, primary)
         tx.handshake(5)
         for epoch in range(1, 11):
@@ -354,10 +310,6 @@ def test_durable_mode_replicates_the_same(shm_dir: Path) -> None:
         tx.close()
         assert rx.wait(10)
         _assert_replica(standby, state, wl, 10)
-    finally:
-        rx.close()
-        client.close()
-        server.close()
 
 
 @pytest.mark.slow
@@ -380,10 +332,7 @@ def test_large_epochs_take_the_streaming_gather(shm_dir: Path) -> None:
     primary = mmap.mmap(-1, pages * PAGE)
     wl.fill(primary)
     standby = region_file(str(shm_dir / "ram"), pages)
-    client, server = loopback_pair()
-    rx = EpochReceiver(standby, str(shm_dir / "state"))
-    try:
-        rx.start(server)
+    with receiving(standby, shm_dir / "state") as (rx, client):
         tx = EpochSender(client, primary)
         tx.handshake(5)
         for epoch in (1, 2, 3):
@@ -395,7 +344,3 @@ def test_large_epochs_take_the_streaming_gather(shm_dir: Path) -> None:
         assert rx.wait(30)
         assert standby[:] == wl.snapshots[3]
         assert tx.counters()["wire_bytes"] > 2 * (16 << 20)
-    finally:
-        rx.close()
-        client.close()
-        server.close()

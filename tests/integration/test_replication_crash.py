@@ -15,9 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,15 +27,6 @@ from .replication_support import PAGE, Workload, region_file, resume
 
 PAGES = 512
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="dataplane-test-", dir="/dev/shm"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class Peer:

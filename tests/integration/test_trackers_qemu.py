@@ -25,6 +25,7 @@ from cuju_libvirt.ft_engine import trackers as T
 from cuju_libvirt.rig.guests import WriterConfig, boot_image, read_counter
 from cuju_libvirt.rig.qemu_direct import DirectGuest
 from cuju_libvirt.rig.tracker_truth import TruthReport, run_ground_truth
+from tests.helpers import proc_status_field
 
 #: libvirt 9.0's default for QEMU (qemu.conf seccomp_sandbox = 1).
 LIBVIRT_SANDBOX = ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
@@ -77,20 +78,6 @@ def _check(report: TruthReport, min_changed: int) -> None:
     assert report.changed_pages >= min_changed, f"the guest hardly wrote: {report.summary()}"
 
 
-def _uid(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Uid:"):
-            return int(line.split()[2])
-    raise AssertionError("no Uid line")
-
-
-def _tracer(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("TracerPid:"):
-            return int(line.split()[1])
-    raise AssertionError("no TracerPid line")
-
-
 # -- boot-sector guests -----------------------------------------------------------------------
 
 
@@ -100,10 +87,10 @@ def test_uffd_writer_guest_sandboxed_as_libvirt_qemu(qemu_as_libvirt_qemu: str) 
     with DirectGuest(name="trackers-uffd-sb", memory_mib=cfg.min_memory_mib + 1, disk=boot_image(cfg),
                      extra_args=LIBVIRT_SANDBOX, qemu=qemu_as_libvirt_qemu) as g:
         g.wait_serial(r"cuju-boot writer\r\n\d+\r\n")
-        assert _uid(g.pid) == pwd.getpwnam(QEMU_USER).pw_uid
+        assert proc_status_field(g.pid, "Uid", 1) == pwd.getpwnam(QEMU_USER).pw_uid
         report = run_ground_truth(g, _uffd(g), EPOCHS, run_s=0.01)
         _check(report, min_changed=EPOCHS * 50)
-        assert _tracer(g.pid) == 0
+        assert proc_status_field(g.pid, "TracerPid") == 0
         assert g.status() == "running"
         g.wait_serial(r"cuju-boot writer\r\n\d+\r\n")  # still alive and counting
 
@@ -126,7 +113,7 @@ def test_uffd_counter_guest_attached_while_running_as_root() -> None:
         g.wait_serial(r"cuju-boot counter\r\n\d+\r\n")
         guard: dict[str, T.VmStopped] = {"f": lambda: False}
         tracker = T.UffdTracker.attach(g.pid, g.ram_path, lambda: guard["f"]())  # noqa: PLW0108 - late binding
-        assert _tracer(g.pid) == 0
+        assert proc_status_field(g.pid, "TracerPid") == 0
 
         def adopt(vm_stopped: T.VmStopped) -> T.Tracker:
             guard["f"] = vm_stopped  # from now on the harness says when the VM is stopped

@@ -29,6 +29,7 @@ import pytest
 from cuju_libvirt import _cuju
 from cuju_libvirt.errors import StateError, TrackerUnavailableError
 from cuju_libvirt.ft_engine import trackers as T
+from tests.helpers import proc_status_field
 
 PS = 4096
 NPAGES = 512
@@ -133,13 +134,6 @@ def child(request: pytest.FixtureRequest, tmp_shm: Path) -> Iterator[Child]:
             c.proc.wait()
 
 
-def _tracer_pid(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("TracerPid:"):
-            return int(line.split()[1])
-    raise AssertionError("no TracerPid line")
-
-
 def _uffds_in(pid: int) -> int:
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -184,7 +178,7 @@ def _ground_truth_rounds(tracker: T.Tracker, child: Child, rounds: int, seed: in
 def test_uffd_attach_ground_truth(child: Child) -> None:
     tracker = T.UffdTracker.attach(child.proc.pid, child.ram, child.stopped)
     try:
-        assert _tracer_pid(child.proc.pid) == 0, "the target was left traced"
+        assert proc_status_field(child.proc.pid, "TracerPid") == 0, "the target was left traced"
         assert _uffds_in(child.proc.pid) == 0, "the target kept a userfaultfd"
         changed, fp, rounds = _ground_truth_rounds(tracker, child, 200, seed=1)
         assert changed > 1000
@@ -238,7 +232,7 @@ def test_attach_during_sleep_restarts_the_syscall(tmp_shm: Path) -> None:
         elapsed = time.monotonic() - t0
         assert 0.65 < elapsed < 3.0, f"sleep took {elapsed:.2f}s"
         c.do("w", [5])  # blocked in read() at attach time before: still answers
-        assert _tracer_pid(c.proc.pid) == 0
+        assert proc_status_field(c.proc.pid, "TracerPid") == 0
     finally:
         assert c.proc.stdin is not None
         c.proc.stdin.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ import pytest
 
 from cuju_libvirt.errors import LibvirtConnectionError, LibvirtError, LibvirtNotFoundError
 from cuju_libvirt.virt import EventLoop, LibvirtConnection, LifecycleEvent, LinkState, translate
+from tests import helpers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,13 +28,7 @@ def connection() -> Iterator[LibvirtConnection]:
     c.close()
 
 
-def wait_for(cond: object, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if callable(cond) and cond():
-            return True
-        time.sleep(0.01)
-    return False
+wait_for = functools.partial(helpers.wait_for, timeout=5.0)
 
 
 def test_lifecycle_events_from_the_test_driver(connection: LibvirtConnection) -> None:
