@@ -1,0 +1,782 @@
+"""The epoch engine: policy over the trackers, the replicator, device state and output commit.
+
+Accelerator-agnostic and libvirt-free: cujud creates the QEMUs and hands over direct QMP
+clients, pids, RAM files and FT-link sockets.
+
+Primary (:class:`PrimaryEngine`)::
+
+    eng = PrimaryEngine(PrimaryConfig(...), qmp=qmp, pid=pid, link=sock, stats=st, machine=m)
+    eng.start()          # initial sync of the RUNNING guest, then the epoch loop on a thread
+    eng.epoch_ms = 10    # changeable at run time
+    eng.stop()           # VM keeps running, filters removed, x-ignore-shared off, tracker closed
+
+One epoch N (the VM ran since the end of epoch N-1's pause)::
+
+    wait for ack N-1 --> release outputs of N-1          (VM running)
+    stop --> harvest --> output boundary (N's packets into F2)
+         --> stage N (gather dirty pages) + device state --> cont     (the pause)
+    ship N (a C thread sends it while epoch N+1 runs)
+
+An epoch ends when its time is up *and* epoch N-1 is acknowledged, or earlier when the
+packets it holds approach :attr:`PrimaryConfig.max_packets`. Pipelining is one epoch deep:
+N is on the wire while N+1 runs; N+1 cannot close before N is acknowledged (F2 of the
+output commit holds one epoch).
+
+Backup (:class:`BackupEngine`): runs the receiver; :meth:`BackupEngine.failover` closes it
+(every committed epoch applied), loads that epoch's device state into the standby QEMU,
+resumes it and announces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cuju_libvirt.errors import CujuError, ReplicationError, StateError
+from cuju_libvirt.ft_engine import trackers as T
+from cuju_libvirt.ft_engine.devstate import DeviceStateSaver, LoadTimings, ResumeTimings, load_device_state
+from cuju_libvirt.ft_engine.devstate import resume_standby as _resume_standby
+from cuju_libvirt.ft_engine.output import QUEUE_LIMIT, OutputCommit
+from cuju_libvirt.ft_engine.replicator import PAGE_SIZE, EpochReceiver, EpochSender
+from cuju_libvirt.ft_engine.state import FTMachine, FTState
+from cuju_libvirt.ft_engine.stats import DomainStats
+from cuju_libvirt.qmp import QMPClient
+
+log = logging.getLogger(__name__)
+
+S = FTState
+
+#: Epoch length bounds (ms), as in the <cuju:ft> schema's sane range.
+MIN_EPOCH_MS = 1
+MAX_EPOCH_MS = 10_000
+#: How often the running epoch's packet count is polled (s): well below 10,000 packets at any rate.
+PACKET_POLL_S = 0.001
+#: Pages per epoch while the initial synchronisation copies a running VM (16 MiB).
+SYNC_CHUNK_PAGES = 4096
+
+
+class EngineError(ReplicationError):
+    """The epoch engine could not establish or keep protection (the cause is chained)."""
+
+
+@dataclass
+class PrimaryConfig:
+    """What the primary engine needs besides its live handles."""
+
+    ram_path: str
+    ram_size: int
+    tracker: str = "auto"
+    epoch_ms: int = 20
+    output_commit: bool = True
+    #: Netdev ids to hold (None: every NIC's netdev, discovered over QMP).
+    netdevs: list[str] | None = None
+    #: End an epoch early once it holds this many packets (< QEMU's 10,000 cap).
+    max_packets: int = 8_000
+    #: Directory (tmpfs) for the output-commit packet counters; None: epochs bounded by time only.
+    counter_dir: str | None = None
+    #: Seconds to wait for an acknowledgement beyond the epoch before the backup counts as lost.
+    ack_timeout: float = 2.0
+    handshake_timeout: float = 10.0
+    #: Initial sync: stop converging when a round dirties at most this many pages ...
+    converge_pages: int = 4_096
+    #: ... or after this many tracked rounds.
+    max_sync_rounds: int = 8
+    tag: str = "vm"
+
+    def __post_init__(self) -> None:
+        if not MIN_EPOCH_MS <= self.epoch_ms <= MAX_EPOCH_MS:
+            raise ValueError(f"epoch_ms {self.epoch_ms} must be in {MIN_EPOCH_MS}..{MAX_EPOCH_MS}")
+        if not 1 <= self.max_packets < QUEUE_LIMIT:
+            raise ValueError(f"max_packets {self.max_packets} must be in 1..{QUEUE_LIMIT - 1}")
+        if self.ram_size <= 0 or self.ram_size % PAGE_SIZE:
+            raise ValueError(f"ram_size {self.ram_size} must be a positive multiple of {PAGE_SIZE}")
+
+
+@dataclass
+class SyncReport:
+    """How the initial synchronisation went."""
+
+    seconds: float = 0.0
+    rounds: int = 0
+    pages_sent: int = 0
+    #: Dirty pages per tracked round (the last one is the stopped round).
+    round_pages: list[int] = field(default_factory=list)
+    final_pause_s: float = 0.0
+    first_epoch: int = 0
+
+
+@dataclass
+class EpochTimes:
+    """Per-phase pauses of recent epochs, seconds (a bounded window for benchmarks and logs)."""
+
+    keep: int = 10_000
+    pause: list[float] = field(default_factory=list)
+    phases: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, total: float, **phases: float) -> None:
+        if len(self.pause) >= self.keep:
+            del self.pause[: self.keep // 2]
+            for values in self.phases.values():
+                del values[: self.keep // 2]
+        self.pause.append(total)
+        for name, value in phases.items():
+            self.phases.setdefault(name, []).append(value)
+
+    def median_ms(self) -> float | None:
+        return statistics.median(self.pause) * 1e3 if self.pause else None
+
+
+class PrimaryEngine:
+    """Protect one running VM: initial sync, then epochs on a thread of their own.
+
+    The engine uses ``qmp`` (the primary's direct monitor) from one thread at a time: the
+    caller's during :meth:`start`, the epoch thread afterwards. ``link`` is a connected
+    FT-link socket (the engine duplicates its descriptor). ``machine`` must be in
+    ``UNPROTECTED``, ``DEGRADED`` or ``PAIRING``; the engine moves it to ``SYNCING``,
+    ``PROTECTED`` and, on failure, ``DEGRADED``.
+    """
+
+    def __init__(
+        self,
+        config: PrimaryConfig,
+        *,
+        qmp: QMPClient,
+        pid: int,
+        link: socket.socket,
+        stats: DomainStats,
+        machine: FTMachine,
+        clock: Callable[[], float] = time.monotonic,
+        on_stopped: Callable[[int], None] | None = None,
+    ) -> None:
+        """``on_stopped(epoch)`` (tests, benchmarks) runs in every pause after staging ``epoch``."""
+        self.config = config
+        self._on_stopped = on_stopped
+        self.qmp = qmp
+        self.pid = pid
+        self.link = link
+        self.stats = stats
+        self.machine = machine
+        self.log = log.getChild(config.tag.replace(".", "_"))
+        self._clock = clock
+        self._epoch_ms = config.epoch_ms
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopped_flag = False  # the tracker's guard: True only while we hold the VM stopped
+        self._tracker: T.Tracker | None = None
+        self._saver: DeviceStateSaver | None = None
+        self._output: OutputCommit | None = None
+        self._sender: EpochSender | None = None
+        self._ram: mmap.mmap | None = None
+        self._pages: Any = None
+        self._all_pages: Any = None
+        #: The epoch number of the next stage, and the last shipped one not yet acked (or 0).
+        self._next = 0
+        self._unacked = 0
+        self._unacked_end = 0.0
+        self._unacked_pages = 0
+        self._held_output = False
+        self._resync_epoch = 0  # a full-resync epoch of the loop: PROTECTED again on its ack
+        self._last_counters: dict[str, int] = {}
+        self.sync = SyncReport()
+        self.times = EpochTimes()
+        self.epochs = 0
+        self.last_acked = 0
+        #: The exception that ended protection, if any.
+        self.failure: BaseException | None = None
+        stats.epoch_ms = config.epoch_ms
+
+    # -- run-time settings -----------------------------------------------------------------
+
+    @property
+    def epoch_ms(self) -> int:
+        return self._epoch_ms
+
+    @epoch_ms.setter
+    def epoch_ms(self, value: int) -> None:
+        if not MIN_EPOCH_MS <= value <= MAX_EPOCH_MS:
+            raise ValueError(f"epoch_ms {value} must be in {MIN_EPOCH_MS}..{MAX_EPOCH_MS}")
+        self._epoch_ms = value
+        self.stats.epoch_ms = value
+        self.log.info("epoch length now %d ms", value)
+
+    @property
+    def output(self) -> OutputCommit | None:
+        """The output-commit filters while installed (their ``stats`` count held packets)."""
+        return self._output
+
+    def counters(self) -> dict[str, int]:
+        """The data plane's counters (epochs, pages, bytes, per-phase ns); empty once closed."""
+        return self._sender.counters() if self._sender is not None else {}
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- start -----------------------------------------------------------------------------
+
+    def start(self) -> SyncReport:
+        """Synchronise the running guest to the backup, then run epochs on a thread.
+
+        Returns when the VM is protected (the first consistent epoch is shipped; the loop
+        waits for its acknowledgement). On failure the VM is left running, unprotected,
+        the engine's resources are released, the machine is ``DEGRADED`` and
+        :class:`EngineError` is raised.
+        """
+        if self._thread is not None:
+            raise StateError("the engine was already started")
+        state = self.machine.state
+        if state in (S.UNPROTECTED, S.DEGRADED, S.PRIMARY_AFTER_FAILOVER):
+            self._move(S.PAIRING)
+        self._move(S.SYNCING, expect=S.PAIRING)
+        try:
+            self._open()
+            self._initial_sync()
+        except BaseException as err:
+            self._fail(err, "initial synchronisation failed")
+            raise EngineError(f"initial synchronisation failed: {err}") from err
+        self._thread = threading.Thread(target=self._loop, name=f"cuju-epochs-{self.config.tag}", daemon=True)
+        self._thread.start()
+        return self.sync
+
+    def _open(self) -> None:
+        cfg = self.config
+        fd = os.open(cfg.ram_path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size != cfg.ram_size:
+                raise EngineError(f"RAM file {cfg.ram_path}: {size} bytes, not ram_size {cfg.ram_size}")
+            # Populated: the gather then takes no page fault per page (the pages exist already).
+            self._ram = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        npages = cfg.ram_size // PAGE_SIZE
+        self._tracker = T.select_tracker(
+            cfg.tracker, pid=self.pid, ram_path=cfg.ram_path, vm_stopped=lambda: self._stopped_flag,
+            logger=self.log,
+        )
+        self.stats.tracker = self._tracker.name
+        self._pages = T.page_buffer(npages)
+        self._all_pages = T.page_buffer(npages)
+        for i in range(npages):
+            self._all_pages[i] = i
+        self._saver = DeviceStateSaver(self.qmp, keep_ignore_shared=True, logger=self.log)
+        self._sender = EpochSender(self.link, self._ram, io_timeout=max(10.0, cfg.ack_timeout * 4))
+        held = self._sender.handshake(cfg.handshake_timeout)
+        self._next = held + 1
+        self._last_counters = self._sender.counters()
+
+    # -- initial synchronisation -------------------------------------------------------------
+
+    def _vm_stop(self) -> None:
+        self.qmp.execute("stop")
+        self._stopped_flag = True
+
+    def _vm_cont(self) -> None:
+        self._stopped_flag = False
+        self.qmp.execute("cont")
+
+    def _stage(self, pages: Any, count: int, blob: bytes = b"", first: int = 0) -> int:
+        assert self._sender is not None
+        epoch = self._next
+        view = memoryview(pages).cast("B")[8 * first: 8 * (first + count)]
+        self._sender.stage(epoch, view, blob, timeout=self.config.ack_timeout + 30.0)
+        self._next += 1
+        return epoch
+
+    def _ship_running(self, pages: Any, count: int) -> int:
+        """Ship ``count`` pages of a running VM in chunks (pipelined: gather, send, receive and
+        apply overlap; the backup's journal stays small). Returns the last epoch."""
+        assert self._sender is not None
+        epoch = 0
+        for first in range(0, count, SYNC_CHUNK_PAGES):
+            epoch = self._stage(pages, min(SYNC_CHUNK_PAGES, count - first), first=first)
+            self._sender.ship()
+        return epoch
+
+    def _initial_sync(self) -> None:
+        """All of RAM while the VM runs, tracked rounds until they converge, one stopped round."""
+        cfg = self.config
+        tracker, sender = self._tracker, self._sender
+        assert tracker is not None and sender is not None
+        npages = cfg.ram_size // PAGE_SIZE
+        t_start = self._clock()
+        rep = self.sync
+        self.stats.set_initial_sync(0.0)
+        # Arm first: every write from here on is in a later round.
+        self._vm_stop()
+        try:
+            tracker.arm()
+        finally:
+            self._vm_cont()
+        rep.first_epoch = self._next
+        epoch = self._ship_running(self._all_pages, npages)
+        rep.pages_sent += npages
+        rep.rounds = 1
+        total_goal = npages
+        while True:
+            # Wait for the previous round before harvesting: the wire is the bottleneck,
+            # and a round harvested later catches more of the same pages at once.
+            self._await_ack(epoch, cfg.handshake_timeout + 60.0)
+            self.stats.set_initial_sync(min(0.95, rep.pages_sent / max(1, total_goal)))
+            self._vm_stop()
+            try:
+                h = tracker.harvest(self._pages)
+            except BaseException:
+                self._vm_cont()
+                raise
+            count = npages if h.full_resync else h.count
+            rep.round_pages.append(count)
+            last = count <= cfg.converge_pages or rep.rounds >= cfg.max_sync_rounds
+            if last:
+                break  # the VM stays stopped: the final round below
+            self._vm_cont()
+            epoch = self._ship_running(self._all_pages if h.full_resync else self._pages, count)
+            rep.pages_sent += count
+            total_goal += count
+            rep.rounds += 1
+        # Final round, VM stopped: the harvested pages, the device state, outputs held from now.
+        t0 = self._clock()
+        try:
+            if cfg.output_commit:
+                self._output = OutputCommit(self.qmp, tag=cfg.tag, counter_dir=cfg.counter_dir)
+                self._output.install(cfg.netdevs)
+                if cfg.counter_dir is None:
+                    self.log.warning("no counter_dir: epochs are bounded by time only, not by packets "
+                                     "(QEMU drops held packets beyond %d per epoch)", QUEUE_LIMIT)
+            pages = self._all_pages if h.full_resync else self._pages
+            assert self._saver is not None
+            saved = self._saver.save()
+            if self._output is not None:
+                self._output.boundary()
+                self._held_output = True
+            epoch = self._stage(pages, count, saved.blob)
+            if self._on_stopped is not None:
+                self._on_stopped(epoch)
+        finally:
+            self._vm_cont()
+        end = self._clock()
+        sender.ship()
+        rep.pages_sent += count
+        rep.rounds += 1
+        rep.final_pause_s = end - t0
+        self._shipped(epoch, end, count)
+        self.stats.record_epoch(pause_s=end - t0, dirty_pages=count, device_state_bytes=len(saved.blob))
+        self._await_ack(epoch, cfg.ack_timeout + 30.0)
+        rep.seconds = self._clock() - t_start
+        self.stats.set_initial_sync(1.0)
+        self._move(S.PROTECTED, expect=S.SYNCING)
+        self.log.info(
+            "in FT mode after %.3f s: %d rounds, %d pages (%s), final pause %.1f ms",
+            rep.seconds, rep.rounds, rep.pages_sent, rep.round_pages, rep.final_pause_s * 1e3,
+        )
+
+    # -- the epoch loop ----------------------------------------------------------------------
+
+    def _shipped(self, epoch: int, end: float, pages: int) -> None:
+        self._unacked = epoch
+        self._unacked_end = end
+        self._unacked_pages = pages
+
+    def _await_ack(self, epoch: int, timeout: float) -> None:
+        assert self._sender is not None
+        if not self._sender.wait_ack(epoch, timeout):
+            raise EngineError(f"epoch {epoch} not acknowledged within {timeout:.1f} s: backup lost")
+        self._acked(epoch)
+
+    def _acked(self, epoch: int) -> None:
+        """Epoch ``epoch`` is committed on the backup: its outputs may leave."""
+        assert self._sender is not None
+        if self._held_output and self._output is not None:
+            self._output.release()
+            self._held_output = False
+            self.stats.set_packets_held(0)
+        counters = self._sender.counters()
+        last = self._last_counters
+        self._last_counters = counters
+        self.stats.record_ack(
+            epoch=epoch, epoch_end=self._unacked_end, pages=self._unacked_pages,
+            wire_bytes=counters["wire_bytes"] - last.get("wire_bytes", 0),
+            saved_bytes=counters["saved_bytes"] - last.get("saved_bytes", 0),
+        )
+        self.last_acked = epoch
+        if epoch == self._unacked:
+            self._unacked = 0
+        if epoch == self._resync_epoch and self.machine.state is S.SYNCING:
+            self._resync_epoch = 0
+            with contextlib.suppress(StateError):
+                self._move(S.PROTECTED, expect=S.SYNCING)
+
+    def _loop(self) -> None:
+        try:
+            self._run_epochs()
+        except BaseException as err:  # any failure ends protection, never the VM
+            self._fail(err, "epoch loop failed")
+            return
+        self._shutdown()
+
+    def _run_epochs(self) -> None:
+        cfg = self.config
+        started = self._clock()
+        counting = self._output is not None and cfg.counter_dir is not None
+        sender = self._sender
+        assert sender is not None
+        while not self._stopping.is_set():
+            deadline = started + self._epoch_ms / 1e3
+            ack_deadline = deadline + cfg.ack_timeout
+            while True:
+                now = self._clock()
+                if self._unacked:
+                    if now > ack_deadline:
+                        raise EngineError(
+                            f"epoch {self._unacked} not acknowledged within {cfg.ack_timeout:.1f} s "
+                            "after its successor's end: backup lost"
+                        )
+                    wait = PACKET_POLL_S if counting else max(deadline - now, PACKET_POLL_S)
+                    if sender.wait_ack(self._unacked, wait):
+                        self._acked(self._unacked)
+                    continue
+                if self._stopping.is_set() or now >= deadline:
+                    break
+                if counting:
+                    assert self._output is not None
+                    pending = self._output.pending_packets() or 0
+                    if pending >= cfg.max_packets:
+                        self.log.debug("epoch ends early: %d packets held", pending)
+                        break
+                    time.sleep(min(PACKET_POLL_S, deadline - now))
+                else:
+                    time.sleep(deadline - now)
+            if self._stopping.is_set():
+                break
+            started = self._one_epoch()
+
+    def _one_epoch(self) -> float:
+        """Close the running epoch: the pause, then ship it. Returns when the next one started."""
+        tracker, saver = self._tracker, self._saver
+        assert tracker is not None and saver is not None and self._sender is not None
+        clock = self._clock
+        t0 = clock()
+        self._vm_stop()
+        try:
+            t1 = clock()
+            h = tracker.harvest(self._pages)
+            t2 = clock()
+            packets = None
+            if self._output is not None:
+                before = self._output.stats.packets_closed
+                self._output.boundary()
+                self._held_output = True
+                after = self._output.stats.packets_closed
+                if after is not None:
+                    packets = after - (before or 0)
+            t3 = clock()
+            saved = saver.save()
+            t4 = clock()
+            if h.full_resync:
+                self.log.warning("tracker asks for a full resync: sending all %d pages", tracker.npages)
+                if self.machine.state is S.PROTECTED:
+                    self._move(S.SYNCING, expect=S.PROTECTED)
+                count = tracker.npages
+                epoch = self._stage(self._all_pages, count, saved.blob)
+                self._resync_epoch = epoch
+            else:
+                count = h.count
+                epoch = self._stage(self._pages, count, saved.blob)
+            t5 = clock()
+            if self._on_stopped is not None:
+                self._on_stopped(epoch)
+        finally:
+            self._vm_cont()
+        end = clock()
+        self._sender.ship()
+        self._shipped(epoch, end, count)
+        self.epochs += 1
+        self.stats.record_epoch(pause_s=end - t0, dirty_pages=count, device_state_bytes=len(saved.blob))
+        if packets is not None:
+            self.stats.set_packets_held(packets)
+        self.times.add(end - t0, stop=t1 - t0, harvest=t2 - t1, boundary=t3 - t2, devstate=t4 - t3,
+                       stage=t5 - t4, cont=end - t5)
+        self.qmp.events()  # drop the STOP/RESUME/MIGRATION events of this pause
+        return end
+
+    # -- stopping and failing ------------------------------------------------------------------
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End protection cleanly: the last shipped epoch is acknowledged, held outputs leave,
+        filters go, x-ignore-shared is off, the tracker is closed; the VM keeps running."""
+        thread = self._thread
+        self._stopping.set()
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                raise EngineError(f"the epoch thread did not stop within {timeout} s")
+        else:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        state = self.machine.state
+        if state in (S.PROTECTED, S.SYNCING, S.DEGRADED, S.PAIRING, S.UNPROTECTED):
+            with contextlib.suppress(StateError):
+                self._move(S.STOPPING)
+        problems: list[str] = []
+        if self._unacked and self._sender is not None:
+            try:
+                self._await_ack(self._unacked, self.config.ack_timeout)
+            except CujuError as err:
+                problems.append(str(err))
+        self._release_resources(problems, orderly=True)
+        with contextlib.suppress(StateError):
+            self._move(S.STOPPED, expect=S.STOPPING)
+        if problems:
+            self.log.warning("FT stopped with problems: %s", "; ".join(problems))
+        else:
+            self.log.info("FT stopped after %d epochs; the VM runs unprotected", self.epochs)
+
+    def _fail(self, err: BaseException, what: str) -> None:
+        """Protection is lost: keep the VM running, let outputs flow, degrade."""
+        self.failure = err
+        self.log.error("%s: %s; the VM continues unprotected", what, err)
+        self.log.debug("details", exc_info=err)
+        problems: list[str] = []
+        self._release_resources(problems, orderly=False)
+        if problems:
+            self.log.error("cleanup after the failure: %s", "; ".join(problems))
+        self.stats.reset_link()
+        self.stats.set_packets_held(0)
+        if self.machine.state in (S.SYNCING, S.PROTECTED):
+            with contextlib.suppress(StateError):
+                self._move(S.DEGRADED)
+
+    def _release_resources(self, problems: list[str], *, orderly: bool) -> None:
+        """VM running, filters removed (held packets released), x-ignore-shared off, all closed.
+
+        Releasing the packets of unacknowledged epochs is right here: whoever calls this
+        has given up on the backup, and the primary continues from the very state that
+        produced those packets. Dropping them would only look like a network loss to the
+        peers; holding them would stall the guest's connections. Safety against a backup
+        that resumes anyway is the failure detector's job (cujud), not the filters':
+        every later packet of the primary would conflict with it just the same.
+        """
+        self._stopping.set()
+        try:
+            status = self.qmp.execute("query-status")["status"]
+            if status in ("paused", "postmigrate"):
+                self._stopped_flag = False
+                self.qmp.execute("cont")
+        except CujuError as err:
+            problems.append(f"could not make sure the VM runs: {err}")
+        if self._output is not None:
+            try:
+                self._output.remove()
+            except CujuError as err:
+                problems.append(f"output filters: {err}")
+            self._output = None
+            self._held_output = False
+        if self._saver is not None:
+            try:
+                self._saver.close()
+            except CujuError as err:
+                problems.append(f"x-ignore-shared: {err}")
+            self._saver = None
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+        if self._sender is not None:
+            try:
+                self._sender.close(orderly, 5.0 if orderly else 0)
+            except CujuError as err:
+                problems.append(f"FT link: {err}")
+            self._sender = None
+        if self._ram is not None:
+            with contextlib.suppress(BufferError):
+                self._ram.close()
+            self._ram = None
+
+    def _move(self, new: FTState, *, expect: FTState | tuple[FTState, ...] | None = None) -> None:
+        self.machine.move(new, expect=expect)
+        self.stats.set_state(new.value)
+
+
+@dataclass(frozen=True)
+class FailoverReport:
+    """What a failover did and how long each part took (seconds)."""
+
+    epoch: int
+    close_s: float
+    load: LoadTimings
+    resume: ResumeTimings
+    total_s: float
+
+
+class BackupEngine:
+    """The standby side: receive epochs into the standby's RAM file; fail over on request.
+
+    ``qmp`` is the standby QEMU's direct monitor (started with ``-incoming defer``,
+    paused); ``ram_path`` its guest RAM file (written in place, never replaced);
+    ``link`` the accepted FT-link socket; ``device_state_path`` where committed device
+    state is kept (its journal next to it). A fresh standby starts from nothing: stale
+    device state and journal files at those paths are removed.
+    """
+
+    def __init__(
+        self,
+        *,
+        qmp: QMPClient,
+        ram_path: str,
+        link: socket.socket,
+        device_state_path: str,
+        stats: DomainStats,
+        machine: FTMachine,
+        qemu_log: str | None = None,
+        tag: str = "vm",
+        io_timeout: float = 30.0,
+    ) -> None:
+        self.qmp = qmp
+        self.ram_path = ram_path
+        self.link = link
+        self.device_state_path = device_state_path
+        self.stats = stats
+        self.machine = machine
+        self.qemu_log = qemu_log
+        self.io_timeout = io_timeout
+        self.log = log.getChild(tag.replace(".", "_"))
+        self._rx: EpochReceiver | None = None
+        self._ram: mmap.mmap | None = None
+        self._watch: threading.Thread | None = None
+        self._closed = threading.Event()
+        #: Seconds :meth:`start` spent populating the standby's RAM mapping.
+        self.populate_s = 0.0
+        #: The receiver's failure (link lost), once it happened.
+        self.link_error: BaseException | None = None
+
+    def start(self) -> None:
+        """Serve the FT link in the receiver's C threads; ``STANDBY`` once a consistent epoch is in."""
+        base = self.device_state_path
+        for path in (base, base + ".journal", base + ".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        fd = os.open(self.ram_path, os.O_RDWR)
+        try:
+            # Populated now, while pairing: applying an epoch then takes no page fault (first
+            # touches of a fresh tmpfs file cost about as much as the copy itself).
+            t0 = time.perf_counter()
+            self._ram = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+            self.populate_s = time.perf_counter() - t0
+        finally:
+            os.close(fd)
+        self._rx = EpochReceiver(self._ram, self.device_state_path)
+        self._rx.start(self.link, io_timeout=self.io_timeout)
+        self.stats.set_state(self.machine.state.value)
+        self._watch = threading.Thread(target=self._watch_link, name="cuju-standby-watch", daemon=True)
+        self._watch.start()
+
+    @property
+    def last_applied(self) -> int:
+        return self._rx.last_applied if self._rx is not None else 0
+
+    def consistent(self) -> bool:
+        """True once a committed epoch carries device state (the initial sync's stopped round
+        or any later epoch): only then is there something consistent to resume."""
+        try:
+            return os.stat(self.device_state_path).st_size > 0
+        except FileNotFoundError:
+            return False
+
+    def _watch_link(self) -> None:
+        rx = self._rx
+        assert rx is not None
+        while not self._closed.is_set():
+            try:
+                ended = rx.wait(0.05)
+            except ReplicationError as err:
+                self.link_error = err
+                self.log.warning("FT link lost at epoch %d: %s", rx.last_applied, err)
+                return
+            finally:
+                if self.machine.state is S.STANDBY_STARTING and self.consistent():
+                    with contextlib.suppress(StateError):
+                        self.machine.move(S.STANDBY, expect=S.STANDBY_STARTING)
+                        self.stats.set_state(S.STANDBY.value)
+                        self.log.info("standby holds a consistent epoch (%d)", rx.last_applied)
+            if ended:
+                self.log.info("the primary ended the session at epoch %d", rx.last_applied)
+                return
+
+    def wait_standby(self, timeout: float) -> bool:
+        """Wait until the standby can take over."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.machine.state is S.STANDBY:
+                return True
+            time.sleep(0.01)
+        return self.machine.state is S.STANDBY
+
+    def failover(self, before_resume: Callable[[int], None] | None = None) -> FailoverReport:
+        """Resume the standby from the last committed epoch (the primary was declared dead).
+
+        ``before_resume(epoch)`` (tests) runs once the state is loaded, before ``cont``.
+        """
+        if self._rx is None:
+            raise StateError("the backup engine was not started")
+        t0 = time.perf_counter()
+        self._closed.set()
+        self._rx.close()  # every committed epoch is applied when this returns
+        t1 = time.perf_counter()
+        if self.machine.state is S.STANDBY_STARTING and self.consistent():
+            self.machine.move(S.STANDBY, expect=S.STANDBY_STARTING)
+        if not self.consistent() or self.machine.state is not S.STANDBY:
+            raise StateError(
+                f"{self.machine.name}: cannot fail over: no committed epoch with device state yet "
+                f"(state {self.machine.state.value}, epoch {self._rx.last_applied}); the standby holds "
+                "no consistent VM (the primary died during the initial synchronisation)"
+            )
+        epoch = self._rx.last_applied
+        self.machine.move(S.TAKING_OVER, expect=S.STANDBY)
+        self.stats.set_state(S.TAKING_OVER.value)
+        try:
+            blob = Path(self.device_state_path).read_bytes()
+            loaded = load_device_state(self.qmp, blob, qemu_log=self.qemu_log)
+            if before_resume is not None:
+                before_resume(epoch)
+            resumed = _resume_standby(self.qmp)
+        except BaseException:
+            with contextlib.suppress(StateError):
+                self.machine.move(S.FAILED, expect=S.TAKING_OVER)
+                self.stats.set_state(S.FAILED.value)
+            raise
+        total = time.perf_counter() - t0
+        self.machine.move(S.PRIMARY_AFTER_FAILOVER, expect=S.TAKING_OVER)
+        self.stats.set_state(S.PRIMARY_AFTER_FAILOVER.value)
+        self.stats.record_failover(total)
+        self.log.info("failed over to epoch %d in %.1f ms (receiver close %.1f, load %.1f, resume %.1f)",
+                      epoch, total * 1e3, (t1 - t0) * 1e3, loaded.total * 1e3, resumed.total * 1e3)
+        self._release()
+        return FailoverReport(epoch, t1 - t0, loaded, resumed, total)
+
+    def close(self) -> None:
+        """Stop receiving (no failover); the standby QEMU is the caller's."""
+        self._closed.set()
+        if self._rx is not None:
+            self._rx.close()
+        if self._watch is not None:
+            self._watch.join(5)
+        self._release()
+
+    def _release(self) -> None:
+        if self._watch is not None and self._watch is not threading.current_thread():
+            self._watch.join(5)
+        if self._ram is not None:
+            with contextlib.suppress(BufferError):
+                self._ram.close()
+            self._ram = None
