@@ -2,9 +2,12 @@
 
 This release runs the daemon's foundation: configuration, logging, the local control
 socket for the hook and the CLI, the authenticated control channel to the peer hosts'
-cujud with heartbeats, and the connection to the local libvirtd. It does not protect
-domains yet: pairing, epoch replication, output commit and failover come later, and
-cujud says so (``status``, ``version``, and its log at start-up).
+cujud with heartbeats, the connection to the local libvirtd, and the Prometheus
+exporter on ``metrics_listen`` (:mod:`cuju_libvirt.exporter`). It does not protect domains yet: pairing, epoch
+replication, output commit and failover come later, and cujud says so (``status``,
+``version``, and its log at start-up). Whatever protects a domain registers its
+statistics with ``Daemon.domains`` (:class:`~cuju_libvirt.exporter.ProtectedDomains`):
+from then on the exporter and the ``status`` control method show it.
 
 Peer connections: of two peers, the one whose node name sorts first dials, the other
 accepts; a dial that fails is retried with exponential backoff between
@@ -29,7 +32,7 @@ from typing import Any
 
 import tenacity
 
-from cuju_libvirt import __version__, config, control, logsetup, peer
+from cuju_libvirt import __version__, config, control, exporter, logsetup, peer
 from cuju_libvirt.errors import ConfigError, CujuError, PeerAuthError, PeerError
 from cuju_libvirt.virt import LibvirtConnection, LinkState
 
@@ -44,10 +47,12 @@ FEATURES: dict[str, bool] = {
     "protection": False,
     "replication": False,
     "failover": False,
-    "metrics": False,
+    "metrics": True,
 }
 NOT_YET = ("fault tolerance is not available in this cujud yet: it does not pair, replicate or fail over "
-           "domains, and exports no metrics; domains run unprotected")
+           "domains; domains run unprotected")
+#: Seconds between two samples of each domain's epoch count (for the epoch rate in ``status``).
+RATE_SAMPLE_INTERVAL = 1.0
 
 EXIT_OK = 0
 EXIT_CONFIG = 1
@@ -65,7 +70,18 @@ class PeerLink:
         self.conn: peer.PeerConnection | None = None
         self.last_error = ""
         self.connects = 0
+        #: Wall-clock time the last connection was last heard from, kept after it closed.
+        self.last_seen_before: float | None = None
         self.lock = threading.Lock()
+
+    def sample(self) -> exporter.PeerSample:
+        """The link as the exporter shows it: up, heartbeat round trip, last contact."""
+        with self.lock:
+            conn = self.conn
+            seen_before = self.last_seen_before
+        if conn is None or conn.closed.is_set():
+            return exporter.PeerSample(self.name, False, None, seen_before)
+        return exporter.PeerSample(self.name, True, conn.heartbeat.last_rtt, _wall(conn.last_seen))
 
     def status(self) -> dict[str, Any]:
         with self.lock:
@@ -82,6 +98,11 @@ class PeerLink:
         else:
             info["connected"] = False
         return info
+
+
+def _wall(monotonic_at: float) -> float:
+    """A ``time.monotonic()`` instant as wall-clock (Unix) time."""
+    return time.time() - (time.monotonic() - monotonic_at)
 
 
 class Daemon:
@@ -108,6 +129,9 @@ class Daemon:
         )
         self._threads: list[threading.Thread] = []
         self._made_run_dir = False
+        #: Protected domains on this host: the orchestration adds and removes them here.
+        self.domains = exporter.ProtectedDomains()
+        self.metrics: exporter.MetricsServer | None = None
 
     # --- start and stop ---
 
@@ -135,6 +159,13 @@ class Daemon:
                     t.start()
                 else:
                     LOG.info("waiting for peer %s to connect (it dials: its name sorts first)", link.name)
+            self.metrics = exporter.MetricsServer(
+                self.cfg.metrics_listen.host, self.cfg.metrics_listen.port,
+                exporter.CujuCollector(self.domains, self),
+            )
+            sampler = threading.Thread(target=self._sample_loop, name="cujud-rates", daemon=True)
+            self._threads.append(sampler)
+            sampler.start()
             self.libvirt.add_state_listener(self._libvirt_state)
             self.libvirt.open_in_background()
         except BaseException:
@@ -160,6 +191,8 @@ class Daemon:
             t.join(5.0)
         if self.control is not None:
             self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.libvirt.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
         if self._made_run_dir:
@@ -204,6 +237,14 @@ class Daemon:
             if not self.stopping.is_set():
                 self._sleep(self.cfg.reconnect_min)
 
+    def peer_samples(self) -> list[exporter.PeerSample]:
+        """Every configured peer for the exporter (:class:`~cuju_libvirt.exporter.PeerSource`)."""
+        return [link.sample() for link in self.links.values()]
+
+    def _sample_loop(self) -> None:
+        while not self.stopping.wait(RATE_SAMPLE_INTERVAL):
+            self.domains.sample()
+
     def _sleep(self, seconds: float) -> None:
         self.stopping.wait(seconds)
 
@@ -222,6 +263,7 @@ class Daemon:
 
         def lost(c: peer.PeerConnection) -> None:
             with link.lock:
+                link.last_seen_before = _wall(c.last_seen)
                 if link.conn is c:
                     link.conn = None
                     link.last_error = c.close_reason
@@ -280,8 +322,31 @@ class Daemon:
             "libvirt": {"uri": self.cfg.libvirt_uri, "state": self.libvirt.state.value},
             "peers": [link.status() for link in self.links.values()],
             "protection": NOT_YET,
-            "domains": [],
+            "metrics": self.metrics.url if self.metrics is not None else None,
+            "domains": self.domain_status(),
         }
+
+    def domain_status(self) -> list[dict[str, Any]]:
+        """Every registered domain for ``status``: role, peer, state, epochs/s, lag, failover, sync."""
+        rates = self.domains.rates()
+        out = []
+        for snap in self.domains.snapshots():
+            rate = rates.get(snap.uuid)
+            out.append({
+                "domain": snap.domain, "uuid": snap.uuid, "role": snap.role, "peer": snap.peer,
+                "state": snap.state, "protected": snap.state in exporter.PROTECTED_STATES,
+                "tracker": snap.tracker, "epoch_ms": snap.epoch_ms,
+                "epochs_per_s": None if rate is None else round(rate, 2),
+                "epochs_committed": snap.epochs_committed, "last_acked_epoch": snap.last_acked_epoch,
+                "lag_s": None if snap.replication_lag_s is None else round(snap.replication_lag_s, 6),
+                "initial_sync_ratio": snap.initial_sync_ratio,
+                "output_packets_held": snap.output_packets_held,
+                "failovers": snap.failovers_total,
+                "last_failover_duration_s": snap.last_failover_duration_s,
+                "last_failover_timestamp": snap.last_failover_timestamp,
+                "wire_bytes": snap.wire_bytes_total, "pages": snap.pages_total,
+            })
+        return out
 
     def _ctl_peer_ping(self, params: control.Params) -> dict[str, Any]:
         name = params.get("peer")
@@ -311,8 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
             "with the cujud of each peer host, with heartbeats, and follows the local\n"
             "libvirtd's domain events. It always runs in the foreground; systemd (or\n"
             "your supervisor) runs it in the background.\n\n"
-            "NOT YET AVAILABLE: pairing, replication, output commit, failover and the\n"
-            "metrics exporter. This cujud does not protect domains."
+            "It exports Prometheus metrics on metrics_listen (default port 7792;\n"
+            "see docs/metrics.md).\n\n"
+            "NOT YET AVAILABLE: pairing, replication, output commit and failover.\n"
+            "This cujud does not protect domains."
         ),
         epilog=(
             "FILES\n"

@@ -58,6 +58,7 @@ class Cujud:
         self.config = self.dir / "cujud.yaml"
         self.config.write_text(
             f"node_name: {name}\nlisten: 127.0.0.1:{port}\nft_listen: 127.0.0.1:{free_port()}\n"
+            f"metrics_listen: 127.0.0.1:{free_port()}\n"
             f"peers:\n{peer_lines}psk_file: {psk}\nrun_dir: {self.run_dir}\n"
             f"control_socket: {self.socket}\nstate_dir: {self.dir / 'state'}\n"
             f"libvirt_uri: test:///default\nlog_level: {log_level}\nheartbeat_interval: 0.05\n"
@@ -231,7 +232,7 @@ def test_print_config_and_config_errors(workdir: Path) -> None:
     out = run_cujud("--config", str(a.config), "--print-config")
     assert out.returncode == 0, out.stderr
     assert f"node_name: a  # {a.config}" in out.stdout
-    assert "metrics_listen: '0.0.0.0:7792'  # default" in out.stdout
+    assert "metrics_listen: '127.0.0.1:" in out.stdout and "request_timeout: 10.0  # default" in out.stdout
 
     (a.dir / "cujud.d").mkdir()
     (a.dir / "cujud.d" / "50-typo.yaml").write_text("heartbeat_intervall: 1\n")

@@ -1,0 +1,135 @@
+"""``cuju-libvirt status``: every protected domain on this host, from the running cujud."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cuju_libvirt import config
+from cuju_libvirt.cli import EXIT_OK
+from cuju_libvirt.control import ControlClient
+
+DEFAULT_SOCKET: Path = config.SETTINGS_BY_KEY["control_socket"].default_value()
+BAR_WIDTH = 20
+COLUMNS = ("DOMAIN", "ROLE", "PEER", "STATE", "EPOCHS/S", "LAG", "LAST FAILOVER", "SYNC")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="show the protected domains on this host (role, peer, state, epoch rate, lag)",
+        description=(
+            "Ask the local cujud for every domain it protects or stands by for, and show\n"
+            "its role on this host (primary or backup), the peer host, the FT state, epochs\n"
+            "committed per second (over the last few seconds), the replication lag (age of\n"
+            "the newest epoch the backup acknowledged), the last failover, and the progress\n"
+            "of an initial synchronisation. Then the peer hosts with their heartbeat.\n\n"
+            "A domain whose state is not 'protected' (primary) or 'standby' (backup) has no\n"
+            "backup that could take over right now: its lag shows '-'."
+        ),
+        epilog=(
+            "EXIT STATUS\n"
+            "  0  cujud answered (whatever the domains' states)\n"
+            "  1  cujud is not running, or its control socket cannot be used (message says why)\n\n"
+            "The same figures, with history, are on cujud's Prometheus exporter\n"
+            "(metrics_listen, port 7792 by default; see docs/metrics.md)."
+        ),
+    )
+    parser.add_argument("--json", action="store_true",
+                        help="print cujud's answer as one JSON object (for scripts): node, peers, domains")
+    parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, metavar="PATH",
+                        help=f"cujud's control socket (default {DEFAULT_SOCKET})")
+    parser.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
+                        help="redraw every SECONDS (default 1) until interrupted; with a progress bar "
+                             "for initial synchronisations")
+    parser.set_defaults(handler=run_status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    with ControlClient(args.socket, timeout=5.0) as client:
+        while True:
+            status = client.call("status")
+            if args.json:
+                print(json.dumps(status, sort_keys=True), flush=True)
+            else:
+                if args.watch is not None and sys.stdout.isatty():
+                    sys.stdout.write("\033[H\033[2J")  # home + clear, as watch(1) does
+                sys.stdout.write(render(status, time.time()))
+                sys.stdout.flush()
+            if args.watch is None:
+                return EXIT_OK
+            time.sleep(max(0.1, args.watch))
+            if not args.json:
+                print()
+
+
+def render(status: Mapping[str, Any], now: float) -> str:
+    """The table for people: one line per domain, then one per peer."""
+    lines = [f"cujud on {status.get('node', '?')} (version {status.get('version', '?')})"
+             + (f", metrics at {status['metrics']}" if status.get("metrics") else "")]
+    if status.get("protection"):
+        lines.append(f"note: {status['protection']}")
+    domains: Sequence[Mapping[str, Any]] = status.get("domains") or []
+    if not domains:
+        lines.append("no protected domains on this host")
+    else:
+        rows = [list(COLUMNS)] + [_row(d, now) for d in domains]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+        for r in rows:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    peers: Sequence[Mapping[str, Any]] = status.get("peers") or []
+    for p in peers:
+        if p.get("connected"):
+            rtt = p.get("rtt_last_ms")
+            rtt_text = "-" if rtt is None else f"{rtt:.2f} ms"
+            lines.append(f"peer {p.get('node')}: connected, heartbeat rtt {rtt_text}, "
+                         f"last seen {p.get('last_seen_s_ago')} s ago")
+        else:
+            why = f" ({p['last_error']})" if p.get("last_error") else ""
+            lines.append(f"peer {p.get('node')}: NOT CONNECTED{why}")
+    return "\n".join(lines) + "\n"
+
+
+def _row(d: Mapping[str, Any], now: float) -> list[str]:
+    rate = d.get("epochs_per_s")
+    lag = d.get("lag_s")
+    return [
+        str(d.get("domain", "?")), str(d.get("role", "?")), str(d.get("peer") or "-"),
+        str(d.get("state", "?")) + ("" if d.get("protected") else " (UNPROTECTED)"),
+        "-" if rate is None else f"{rate:.1f}",
+        "-" if lag is None or not d.get("protected") else _duration(lag),
+        _failover(d, now),
+        _sync(d),
+    ]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.1f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.0f} min"
+
+
+def _failover(d: Mapping[str, Any], now: float) -> str:
+    count = d.get("failovers") or 0
+    at = d.get("last_failover_timestamp")
+    if not count or at is None:
+        return "never"
+    took = d.get("last_failover_duration_s")
+    took_text = "" if took is None else f", took {_duration(took)}"
+    return f"{_duration(max(0.0, now - at))} ago{took_text} ({count} total)"
+
+
+def _sync(d: Mapping[str, Any]) -> str:
+    ratio = float(d.get("initial_sync_ratio") or 0.0)
+    if d.get("state") not in ("pairing", "syncing", "standby_starting"):
+        return "done" if ratio >= 1.0 else "-"
+    filled = int(ratio * BAR_WIDTH)
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {ratio * 100:3.0f}%"

@@ -1,0 +1,50 @@
+"""``cuju-libvirt status``'s table for people, from status answers with known values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cuju_libvirt.cli.status_cmd import render
+
+NOW = 1_800_000_000.0
+
+
+def domain(**over: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "domain": "web", "uuid": "u-1", "role": "primary", "peer": "hostb", "state": "protected",
+        "protected": True, "epochs_per_s": 41.66, "lag_s": 0.0123, "initial_sync_ratio": 1.0,
+        "failovers": 0, "last_failover_timestamp": None, "last_failover_duration_s": None,
+    }
+    d.update(over)
+    return d
+
+
+def test_table_has_one_row_per_domain_with_rate_lag_and_failover() -> None:
+    status = {
+        "node": "hosta", "version": "0.1.0", "metrics": "http://127.0.0.1:7792/metrics",
+        "domains": [
+            domain(),
+            domain(domain="db", uuid="u-2", state="degraded", protected=False, epochs_per_s=None, lag_s=None,
+                   failovers=2, last_failover_timestamp=NOW - 90, last_failover_duration_s=0.4),
+        ],
+        "peers": [{"node": "hostb", "connected": True, "rtt_last_ms": 0.21, "last_seen_s_ago": 0.1},
+                  {"node": "hostc", "connected": False, "last_error": "connection refused"}],
+    }
+    lines = render(status, NOW).splitlines()
+    assert lines[0] == "cujud on hosta (version 0.1.0), metrics at http://127.0.0.1:7792/metrics"
+    header = next(i for i, line in enumerate(lines) if line.startswith("DOMAIN"))
+    web, db = lines[header + 1].split(), lines[header + 2]
+    assert web[:6] == ["web", "primary", "hostb", "protected", "41.7", "12.3"] and "never" in web
+    assert "degraded (UNPROTECTED)" in db and "90.0 s ago, took 400.0 ms (2 total)" in db
+    assert "peer hostb: connected, heartbeat rtt 0.21 ms" in lines[-2]
+    assert lines[-1] == "peer hostc: NOT CONNECTED (connection refused)"
+
+
+def test_initial_sync_progress_bar() -> None:
+    status = {"node": "a", "domains": [domain(state="syncing", protected=False, initial_sync_ratio=0.5)]}
+    text = render(status, NOW)
+    assert "[##########..........]  50%" in text
+
+
+def test_no_domains_says_so() -> None:
+    assert "no protected domains on this host" in render({"node": "a", "domains": []}, NOW)
