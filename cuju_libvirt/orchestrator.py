@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import pwd
 import socket
 import threading
 import time
@@ -57,6 +59,7 @@ DELIBERATE_STOPS = frozenset({"SHUTDOWN", "DESTROYED", "SAVED", "MIGRATED", "FRO
 CLASSIFY_WAIT = 0.25
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 STANDBY_CREATE_TIMEOUT = 120.0
+QEMU_USER = "libvirt-qemu"
 
 
 class PrimaryDomain:
@@ -79,31 +82,41 @@ class PrimaryDomain:
         self._wake = threading.Event()
         self._log_offset = 0
         self._thread: threading.Thread | None = None
+        #: True while may_release decides (the engine is still "running" then) ...
+        self._deciding = False
+        #: ... and while engine.start() runs on the protection loop's thread.
+        self._starting = False
 
     # -- protecting --------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._protect_loop, name=f"cujud-protect-{self.name}",
-                                        daemon=True)
-        self._thread.start()
+        """Start the protection loop, or wake it (after a loss) for an attempt now."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._protect_loop, name=f"cujud-protect-{self.name}",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.set()
 
     def _protect_loop(self) -> None:
+        """One per domain, for its whole life here: (re-)protect whenever it is unprotected."""
         delay = BACKOFF_MIN
         while not self.ended.is_set() and not self.orch.stopping.is_set():
             engine = self.engine
-            if engine is not None and (engine.running or engine.fenced):
-                return  # protected (or fenced: the resolver owns the domain now)
+            busy = engine is not None and (engine.running or engine.fenced or self._deciding)
+            if busy or self.machine.state not in (S.UNPROTECTED, S.DEGRADED):
+                self._wake.wait(0.5)
+                self._wake.clear()
+                delay = BACKOFF_MIN if self.machine.state is S.PROTECTED else delay
+                continue
             try:
                 self._pair_once()
-                return
+                continue
             except CujuError as err:
                 self.log.warning("protection not established: %s; the VM runs UNPROTECTED, next attempt "
                                  "in %.0f s", err, delay)
                 self.log.debug("details", exc_info=True)
-            if self.engine is not None and self.engine.fenced:
-                return
-            self._wake.clear()
             self._wake.wait(delay)
+            self._wake.clear()
             delay = min(delay * 2, BACKOFF_MAX)
 
     def _pair_once(self) -> None:
@@ -139,8 +152,7 @@ class PrimaryDomain:
             raise CujuError(f"pairing with {self.peer} failed: {err}") from err
         self.pid = pid
         self._log_offset = log_offset(self.name)
-        counters = self.orch.run_dir / "counters"
-        counters.mkdir(mode=0o700, parents=True, exist_ok=True)
+        counters = self.orch.counter_dir()
         cfg = PrimaryConfig(
             ram_path=ram.path, ram_size=ram.size, tracker=self.spec.tracker, epoch_ms=self.spec.epoch_ms,
             output_commit=self.spec.output_commit, max_packets=self.spec.max_epoch_packets,
@@ -148,14 +160,17 @@ class PrimaryDomain:
         )
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
                                     machine=self.machine, may_release=self._may_release)
-        sock.close()  # the engine holds its own duplicate
         self.stats.set_initial_sync(0.0)
+        self._starting = True
         try:
             report = self.engine.start()
         except CujuError:
             if not self.engine.fenced:
                 self._close_qmp()
             raise
+        finally:
+            self._starting = False
+            sock.close()  # the engine holds its own duplicate
         self.log.info("PROTECTED by %s: initial sync of %d pages in %.2f s (%d rounds); epochs of %d ms",
                       self.peer, report.pages_sent, report.seconds, report.rounds, self.engine.epoch_ms)
 
@@ -163,6 +178,13 @@ class PrimaryDomain:
 
     def _may_release(self, err: BaseException) -> bool:
         """The engine's question after a failure (see the module docstring)."""
+        self._deciding = True
+        try:
+            return self._decide(err)
+        finally:
+            self._deciding = False
+
+    def _decide(self, err: BaseException) -> bool:
         if not alive(self.pid):
             how = self._classify_exit()
             if how.startswith("crash"):
@@ -217,14 +239,15 @@ class PrimaryDomain:
 
     def _wait_engine_done(self) -> PrimaryEngine | None:
         engine = self.engine
-        while engine is not None and engine.running and not self.ended.is_set():
+        time.sleep(0.01)  # let the failing engine return from may_release
+        while engine is not None and (engine.running or self._starting) and not self.ended.is_set():
             time.sleep(0.01)
         return engine
 
     def _reprotect_after_engine(self) -> None:
         self._wait_engine_done()
         self._close_qmp()
-        self.start()
+        self._wake.set()
 
     def _resolve_fence(self) -> None:
         """Fenced: ask the peer until it answers whether it took the VM over."""
@@ -236,7 +259,7 @@ class PrimaryDomain:
             if answer is not None and answer.get("abandoned") and engine is not None:
                 engine.unfence()
                 self._close_qmp()
-                self.start()
+                self._wake.set()
                 return
             if answer is not None and answer.get("taken_over"):
                 self._cede("the peer took the VM over while this host was cut off")
@@ -325,6 +348,17 @@ class Orchestrator:
         self.standbys.close()
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def counter_dir(self) -> Path:
+        """Where QEMU writes the output-commit packet counters: owned by QEMU's user."""
+        path = self.run_dir / "counters"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            user = pwd.getpwnam(QEMU_USER)
+        except KeyError:
+            return path
+        os.chown(path, user.pw_uid, user.pw_gid)
+        return path
 
     def lookup(self, uuid: str) -> Any:
         with translate(f"looking up domain {uuid}"):

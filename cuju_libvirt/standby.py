@@ -160,6 +160,8 @@ class Standby:
         self.abandoned = False
         self.taken_over = False
         self._done = threading.Event()
+        #: Set once an abandoned standby's QEMU is destroyed and it is forgotten.
+        self.gone = threading.Event()
         self._last_epoch = 0
         self._last_progress = time.monotonic()
 
@@ -267,21 +269,27 @@ class Standby:
             self.log.info("dropping the standby: %s", reason)
             if self.token:
                 self.manager.ft.forget(self.token)
-            if self.engine is not None:
-                with contextlib.suppress(Exception):
-                    self.engine.close()
-            if self.link is not None:
-                with contextlib.suppress(OSError):
-                    self.link.shutdown(socket.SHUT_RDWR)
-                self.link.close()
-            if self.qmp is not None:
-                self.qmp.close()
-            self._destroy_domain()
-            with contextlib.suppress(StateError):
-                self.machine.move(S.STOPPING)
-                self.machine.move(S.STOPPED)
-            self.manager.forget(self)
-            return {"abandoned": True}
+        # The promise (abandoned, under the lock) is what the primary waits for; the slow
+        # part (libvirt's destroy) follows on a thread of its own.
+        threading.Thread(target=self._teardown, name=f"cujud-drop-{self.name}", daemon=True).start()
+        return {"abandoned": True}
+
+    def _teardown(self) -> None:
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                self.engine.close()
+        if self.link is not None:
+            with contextlib.suppress(OSError):
+                self.link.shutdown(socket.SHUT_RDWR)
+            self.link.close()
+        if self.qmp is not None:
+            self.qmp.close()
+        self._destroy_domain()
+        with contextlib.suppress(StateError):
+            self.machine.move(S.STOPPING)
+            self.machine.move(S.STOPPED)
+        self.manager.forget(self)
+        self.gone.set()
 
     def _destroy_domain(self) -> None:
         with contextlib.suppress(Exception):
@@ -333,6 +341,7 @@ class StandbyManager:
             old = self.standbys.get(uuid)
         if old is not None:
             old.abandon("replaced by a new standby of the same domain")
+            old.gone.wait(60)
         sb = Standby(self, name=name, uuid=uuid, peer=peer, xml=str(body["xml"]),
                      persistent_xml=str(body["persistent_xml"]),
                      timeout_s=int(body["heartbeat_timeout_ms"]) / 1e3,
