@@ -39,7 +39,7 @@ import libvirt
 
 from cuju_libvirt import control, fitness, peer, records
 from cuju_libvirt.domain_xml import FTSpec, parse_domain
-from cuju_libvirt.errors import CujuError, StateError
+from cuju_libvirt.errors import CujuError, MonitorError, StateError
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
@@ -60,6 +60,8 @@ CLASSIFY_WAIT = 0.25
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 STANDBY_CREATE_TIMEOUT = 120.0
 QEMU_USER = "libvirt-qemu"
+#: After its monitor broke, how long QEMU may take to exit before it counts as alive (s).
+QEMU_EXIT_WAIT = 1.0
 
 
 class PrimaryDomain:
@@ -185,6 +187,11 @@ class PrimaryDomain:
             self._deciding = False
 
     def _decide(self, err: BaseException) -> bool:
+        if isinstance(err, MonitorError) or isinstance(err.__cause__, MonitorError):
+            # QEMU closes its monitor a moment before it exits: give it that moment
+            deadline = time.monotonic() + QEMU_EXIT_WAIT
+            while alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.005)
         if not alive(self.pid):
             how = self._classify_exit()
             if how.startswith("crash"):

@@ -40,7 +40,7 @@ from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.qemu_process import qemu_pid, ram_backing
 from cuju_libvirt.qmp import QMPClient
-from cuju_libvirt.virt import LibvirtConnection, LifecycleEvent, translate
+from cuju_libvirt.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 
 LOG = logging.getLogger(__name__)
 S = FTState
@@ -327,6 +327,7 @@ class StandbyManager:
         self.failed_over: dict[str, Standby] = {}
         self._lock = threading.Lock()
         libvirt_conn.add_lifecycle_listener(self._lifecycle)
+        libvirt_conn.add_state_listener(self._libvirt_state)
 
     def close(self) -> None:
         self.ft.close()
@@ -386,6 +387,28 @@ class StandbyManager:
         with self._lock:
             self.standbys.pop(sb.uuid, None)
             self.failed_over[sb.uuid] = sb
+
+    def _libvirt_state(self, state: LinkState) -> None:
+        if state is LinkState.CONNECTED:
+            threading.Thread(target=self._drop_orphans, name="cujud-orphans", daemon=True).start()
+
+    def _drop_orphans(self) -> None:
+        """Destroy standbys nobody here tracks (left by a cujud that died): only the cujud that
+        created a standby may ever resume it, and that one is gone."""
+        try:
+            domains = self.libvirt.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)
+        except libvirt.libvirtError as err:
+            LOG.warning("could not list domains to find orphaned standbys: %s", err)
+            return
+        for dom in domains:
+            with contextlib.suppress(libvirt.libvirtError):
+                with self._lock:
+                    tracked = dom.UUIDString() in self.standbys
+                if tracked or not is_standby_xml(dom.XMLDesc(0).encode()):
+                    continue
+                LOG.warning("destroying orphaned standby %s (its cujud is gone; it must never resume)",
+                            dom.name())
+                dom.destroy()
 
     def _lifecycle(self, event: LifecycleEvent) -> None:
         if event.event_name != "STOPPED":

@@ -156,10 +156,15 @@ def test_backup_loss_leaves_the_primary_running_and_it_re_protects(
         killed_at = time.monotonic()
         os.kill(standby_pid, signal.SIGKILL)
 
-        ca.wait_domain(name, "degraded", timeout=20)
+        # the primary runs on (unprotected for a moment: it says so), then pairs with a new standby
         rec = _still_counting(observer, killed_at + 1.0, PPS, timeout=30)
-        ca.wait_domain(name, "protected", timeout=120)  # a new standby, a new initial sync
+        deadline = time.monotonic() + 120
+        while rig.b.qemu_pid(name) in (None, standby_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ca.wait_domain(name, "protected", timeout=120)
         cb.wait_domain(name, "standby", timeout=30)
+        said = ca.log_path.read_text()
+        assert "backup lost" in said and "running UNPROTECTED" in said
         rec = _still_counting(observer, time.monotonic(), PPS, timeout=30)
         verdict = judge_run(rec, Rules())  # the primary never stopped: no gap, no repeat
         assert verdict.ok, verdict.as_dict()
