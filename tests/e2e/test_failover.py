@@ -211,3 +211,33 @@ def test_partition_of_host_b_never_lets_both_copies_speak(
     finally:
         rig.b.set_links(up=True)
         _cleanup(rig, name)
+
+
+@pytest.mark.timeout(300)
+def test_backup_host_crash_fences_the_primary_until_the_backup_host_answers(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """Host b dies (power loss). Host a cannot tell that from a partition, so it fences its VM
+    (stopped, output held) rather than risk two copies; once b is back and its cujud answers
+    that it did not take over, a lets the held output go, resumes, and re-protects."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "ft-bcrash"
+    try:
+        _start_protected(rig, linux_guest, observer, name, cujuds)
+        crashed_at = time.monotonic()
+        rig.b.crash()
+        ca.wait_domain(name, "failed", timeout=20)
+        assert rig.a.virsh("domstate", name).strip() == "paused"
+        rig.b.reboot()
+        cb.start()
+        ca.wait_domain(name, "protected", timeout=120)  # unfenced, then a new standby on b
+        cb.wait_domain(name, "standby", timeout=30)
+        rec = _still_counting(observer, time.monotonic(), PPS, timeout=30)
+        # nothing was lost or sent twice: the held output left after b answered
+        verdict = judge_run(rec, Rules())
+        assert verdict.ok, verdict.as_dict()
+        assert any(t > crashed_at for _, t in rec.udp)
+        said = ca.log_path.read_text()
+        assert "FENCED" in said and "unfenced" in said
+    finally:
+        _cleanup(rig, name)
