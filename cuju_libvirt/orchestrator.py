@@ -307,12 +307,20 @@ class PrimaryDomain:
         self._finish()
 
     def shutdown(self) -> None:
-        """cujud stops: end protection cleanly (held output leaves once acknowledged)."""
+        """cujud stops. Held output may leave only once the peer promised never to resume
+        its standby: ask first; without that promise the filters stay in QEMU and keep the
+        VM's output held (the VM is then effectively fenced until an operator acts)."""
         self.ended.set()
         self._wake.set()
-        if self.engine is not None and self.engine.running:
-            with contextlib.suppress(CujuError):
-                self.engine.stop(10)
+        engine = self.engine
+        if engine is not None and engine.running:
+            answer = self._ask_abandon("cujud on the primary host stops")
+            if answer is not None and answer.get("abandoned"):
+                with contextlib.suppress(CujuError):
+                    engine.stop(10)
+            else:
+                self.log.error("cujud stops without %s's promise not to take over: the VM's output stays "
+                               "HELD in QEMU's filters; destroy the VM here or restart cujud", self.peer)
         self._close_qmp()
 
 
@@ -340,6 +348,7 @@ class Orchestrator:
         for method, handler in {
             "hook-prepare": self._ctl_prepare, "protect": self._ctl_protect,
             "hook-stopped": self._ctl_stopped, "set-epoch": self._ctl_set_epoch,
+            "takeover": self._ctl_takeover,
         }.items():
             server.register(method, handler)
         handlers.requests["standby-create"] = lambda conn, body: self.standbys.create(conn.remote, body)
@@ -489,6 +498,14 @@ class Orchestrator:
         except ValueError as err:
             raise CujuError(str(err)) from err
         return {"domain": found[0].name, "epoch_ms": value}
+
+    def _ctl_takeover(self, params: control.Params) -> dict[str, Any]:
+        """An operator's failover (``failover='manual'``, or a primary known to be dead)."""
+        domain = str(params.get("domain", ""))
+        found = [sb for sb in list(self.standbys.standbys.values()) if domain in (sb.name, sb.uuid)]
+        if not found:
+            raise CujuError(f"{domain!r} has no standby on this host")
+        return found[0].take_over("an operator asked for it (cuju-libvirt takeover)")
 
     # -- peer notes ------------------------------------------------------------------------------
 

@@ -330,9 +330,13 @@ class StandbyManager:
         libvirt_conn.add_state_listener(self._libvirt_state)
 
     def close(self) -> None:
+        """Drop every standby (the peer channel is still up: a primary that asks is told)."""
         self.ft.close()
-        for sb in list(self.standbys.values()):
+        standbys = list(self.standbys.values())
+        for sb in standbys:
             sb.abandon("cujud is shutting down")
+        for sb in standbys:
+            sb.gone.wait(15)
 
     # -- peer requests -----------------------------------------------------------------------
 

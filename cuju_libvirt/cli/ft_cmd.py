@@ -52,6 +52,35 @@ def register(subparsers: Any) -> None:
     p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, metavar="PATH",
                    help=f"cujud's control socket (default {DEFAULT_SOCKET})")
     p.set_defaults(handler=cmd_epoch)
+    register_takeover(subparsers)
+
+
+def register_takeover(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "takeover", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="make the standby of a domain on this host take over now (manual failover)",
+        description=(
+            "Ask the local cujud to resume the standby of DOMAIN from its last committed\n"
+            "epoch, as an automatic failover would: for <cuju:ft failover='manual'>, or\n"
+            "when you know the primary is dead. Make sure it is: if the primary still runs,\n"
+            "its own cujud fences it (VM stopped, output held) and destroys it once it\n"
+            "learns of the takeover, but the two copies may both have written to disks."
+        ),
+        epilog="exit status:\n  0  taken over\n  1  no standby of DOMAIN here, or cujud refused",
+    )
+    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, metavar="PATH",
+                   help=f"cujud's control socket (default {DEFAULT_SOCKET})")
+    p.set_defaults(handler=cmd_takeover)
+
+
+def cmd_takeover(args: argparse.Namespace) -> int:
+    with ControlClient(args.socket, timeout=60.0) as client:
+        reply = client.call("takeover", {"domain": args.domain})
+    if not reply.get("taken_over"):
+        raise CLIError(f"{args.domain}: not taken over: {reply.get('reason', 'see the cujud log')}")
+    print(f"{args.domain}: running here from epoch {reply.get('epoch', '?')}")
+    return EXIT_OK
 
 
 def cmd_install_hooks(args: argparse.Namespace) -> int:
