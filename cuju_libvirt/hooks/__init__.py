@@ -9,13 +9,16 @@ from __future__ import annotations
 
 HOOK_NAME = "cuju"
 
-_SHIM = '''#!{python}
+_SHIM = '''#!{python} -S
 # cuju-libvirt's libvirt QEMU hook (written by 'cuju-libvirt install-hooks'; see
-# cuju_libvirt/hooks/qemu.py). Domains without <cuju:ft> exit here, before any import.
+# cuju_libvirt/hooks/qemu.py). Domains without <cuju:ft> exit here, before any import
+# (-S: not even the site module; it is loaded only for a protected domain).
 import sys
 xml = sys.stdin.buffer.read()
 if b"https://cuju-ft.github.io/libvirt/ft/1.0" not in xml:
     sys.exit(0)
+import site
+site.main()
 from cuju_libvirt.hooks.qemu import run
 sys.exit(run(sys.argv[1:], xml))
 '''
