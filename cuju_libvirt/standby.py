@@ -247,6 +247,7 @@ class Standby:
             records.write(self.manager.state_dir, records.TAKEOVERS, self.uuid, domain=self.name,
                           peer=self.peer, reason=reason)
             report = self.engine.failover()
+            self.stats.role = "primary"  # the VM runs here now (unprotected until a new standby)
             try:
                 with translate(f"defining {self.name} after the failover"):
                     self.manager.libvirt.conn.defineXML(self.persistent_xml)
