@@ -38,7 +38,7 @@ def _cleanup(rig: Rig, name: str) -> None:
     for host in (rig.a, rig.b):
         host.virsh("destroy", name, check=False)
         host.virsh("undefine", name, check=False)
-        for kind in ("ceded", "takeovers"):
+        for kind in ("ceded", "takeovers", "protected"):
             for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
                 f.unlink()
 

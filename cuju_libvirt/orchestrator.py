@@ -173,6 +173,7 @@ class PrimaryDomain:
         finally:
             self._starting = False
             sock.close()  # the engine holds its own duplicate
+        records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer)
         self.log.info("PROTECTED by %s: initial sync of %d pages in %.2f s (%d rounds); epochs of %d ms",
                       self.peer, report.pages_sent, report.seconds, report.rounds, self.engine.epoch_ms)
 
@@ -286,6 +287,8 @@ class PrimaryDomain:
         self._finish()
 
     def _finish(self) -> None:
+        if records.read(self.orch.state_dir, records.CEDED, self.uuid) is None:
+            records.remove(self.orch.state_dir, records.PROTECTED, self.uuid)
         self.ended.set()
         self._wake.set()
         for state in (S.STOPPING, S.STOPPED):
@@ -353,6 +356,7 @@ class Orchestrator:
             server.register(method, handler)
         handlers.requests["standby-create"] = lambda conn, body: self.standbys.create(conn.remote, body)
         handlers.requests["standby-abandon"] = lambda conn, body: self.standbys.abandon(body)
+        handlers.requests["holds"] = lambda conn, body: {"holds": self.standbys.holds(str(body["uuid"]))}
         handlers.notes["primary-crashed"] = self._note_crashed
         handlers.notes["standby-lost"] = self._note_standby_lost
 
@@ -456,12 +460,33 @@ class Orchestrator:
         spec = parse_domain(xml)
         if spec is None:
             return {"start": True, "protect": False, "reason": "no <cuju:ft> element"}
+        was_protected = records.read(self.state_dir, records.PROTECTED, uuid) if uuid else None
         try:
             name = self.resolve_peer(spec)
-            self.daemon._connection(name)
+            conn = self.daemon._connection(name)
         except CujuError as err:
+            if was_protected is not None:
+                return {"start": False, "protect": False, "reason": self._unknown_holder(was_protected, err)}
             return {"start": True, "protect": False, "reason": str(err)}
+        if was_protected is not None:
+            try:
+                holds = conn.request("holds", {"uuid": uuid}, timeout=2.0).get("holds")
+            except CujuError as err:
+                return {"start": False, "protect": False, "reason": self._unknown_holder(was_protected, err)}
+            if holds:
+                records.write(self.state_dir, records.CEDED, uuid, domain=was_protected.get("domain"),
+                              peer=name, reason="the peer took the VM over while this host was down")
+                return {"start": False, "protect": False,
+                        "reason": f"{name} runs this VM (it took it over while this host was down)"}
+            records.remove(self.state_dir, records.PROTECTED, uuid)
         return {"start": True, "protect": True, "peer": name}
+
+    @staticmethod
+    def _unknown_holder(record: dict[str, Any], err: CujuError) -> str:
+        peer_name = record.get("peer")
+        return (f"the VM was protected by {peer_name} when this host last ran it, and {peer_name} cannot be "
+                f"asked whether it took it over ({err}); start it once {peer_name} is reachable, or remove "
+                "the record under state_dir/protected/ if you know it does not run there")
 
     def _ctl_protect(self, params: control.Params) -> dict[str, Any]:
         name, uuid, xml = str(params["name"]), str(params["uuid"]), str(params["xml"])

@@ -1,6 +1,10 @@
 """Facts cujud must not forget across restarts (``state_dir``), one small JSON file each.
 
 * ``takeovers/UUID.json`` on the host whose standby took a domain over: it holds the VM now.
+* ``protected/UUID.json`` on the primary while a standby may hold its state: written once
+  the domain is protected, removed when protection ends in an orderly way. Found at
+  ``prepare`` (the host crashed or was cut off while protected), the start waits for the
+  peer's word that it does not run the VM.
 * ``ceded/UUID.json`` on the host that lost a domain to its peer: this host must not start
   the domain again while the peer holds it. The hook refuses ``virsh start`` while the
   file exists (even when cujud is not running); an operator who has made sure the peer no
@@ -20,6 +24,7 @@ from typing import Any
 DEFAULT_STATE_DIR = Path("/var/lib/cuju-libvirt")
 TAKEOVERS = "takeovers"
 CEDED = "ceded"
+PROTECTED = "protected"
 
 
 def _path(state_dir: Path, kind: str, uuid: str) -> Path:

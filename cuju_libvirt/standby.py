@@ -369,6 +369,13 @@ class StandbyManager:
             return {"abandoned": not taken, "taken_over": taken}
         return sb.abandon(str(body.get("reason", "the primary gave up on this standby")))
 
+    def holds(self, uuid: str) -> bool:
+        """True if this host took the domain over (the old primary must not start it)."""
+        with self._lock:
+            if uuid in self.failed_over:
+                return True
+        return records.read(self.state_dir, records.TAKEOVERS, uuid) is not None
+
     def primary_crashed(self, body: dict[str, Any]) -> None:
         with self._lock:
             sb = self.standbys.get(str(body["uuid"]))

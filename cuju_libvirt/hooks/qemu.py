@@ -110,6 +110,9 @@ def prepare(domain: str, xml: bytes) -> int:
             answer = _call("hook-prepare", {"name": domain, "uuid": uuid, "xml": xml.decode()})
         except CujuError as err:
             answer = {"start": True, "protect": False, "reason": str(err)}
+            if records.read(records.DEFAULT_STATE_DIR, records.PROTECTED, uuid) is not None:
+                answer = {"start": False, "reason": "the VM was protected when this host last ran it and "
+                          f"cujud cannot ask the peer whether it took it over ({err})"}
         if not answer.get("start", True):
             _log(domain, f"refusing to start: {answer.get('reason')}", stderr=True)
             return 1

@@ -77,7 +77,7 @@ def _cleanup(rig: Rig, name: str) -> None:
         if host.keeper is not None and host.keeper.alive():
             host.virsh("destroy", name, check=False)
             host.virsh("undefine", name, check=False)
-        for kind in ("ceded", "takeovers"):
+        for kind in ("ceded", "takeovers", "protected"):
             for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
                 f.unlink()
 
@@ -149,6 +149,7 @@ def test_sigkill_of_the_primary_qemu_fails_over_to_host_b(
         assert rig.b.virsh("dominfo", name).count("Persistent:     yes") == 1
         after = cb.domain(name)
         assert after is not None and after["state"] == "primary_after_failover" and after["failovers"] == 1
+        assert after["role"] == "primary"
         refused = rig.a.run(["virsh", "-c", "qemu:///system", "start", name], check=False)
         assert refused.returncode != 0 and "ceded" in refused.stderr, refused.stderr
     finally:
@@ -251,5 +252,38 @@ def test_backup_host_crash_fences_the_primary_until_the_backup_host_answers(
         assert any(t > crashed_at for _, t in rec.udp)
         said = ca.log_path.read_text()
         assert "FENCED" in said and "unfenced" in said
+    finally:
+        _cleanup(rig, name)
+
+
+@pytest.mark.timeout(300)
+def test_primary_host_crash_fails_over_and_the_rebooted_host_refuses_the_vm(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """Host a dies (power loss: its cujud too, no fast path): host b takes over when both
+    paths have been silent for heartbeat-timeout-ms. Rebooted, host a asks b before it lets
+    the VM start, and refuses."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "ft-acrash"
+    try:
+        _start_protected(rig, linux_guest, observer, name, cujuds)
+        time.sleep(random.uniform(0.5, 2.0))
+        crashed_at = time.monotonic()
+        rig.a.crash()
+        cb.wait_domain(name, "primary_after_failover", timeout=20)
+        rec = _still_counting(observer, crashed_at + 0.7, 2 * PPS, timeout=60)
+        verdict = judge_run(rec, Rules(max_gap=MAX_GAP, failover_at=crashed_at))
+        assert verdict.ok, verdict.as_dict()
+        assert verdict.failover_ms is not None and verdict.failover_ms >= 500  # detection: both paths silent
+        print(f"host crash failover: {verdict.failover_ms:.0f} ms from the crash to the first datagram")
+
+        rig.a.reboot()
+        ca.start()
+        deadline = time.monotonic() + 20
+        while not ca.peer_connected() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        refused = rig.a.run(["virsh", "-c", "qemu:///system", "start", name], check=False)
+        assert refused.returncode != 0 and "took it over" in refused.stderr, refused.stderr
+        assert _runs(rig.b, name)
     finally:
         _cleanup(rig, name)
