@@ -8,6 +8,7 @@ import statistics
 import time
 from typing import Any
 
+from benchmarks._engine_pause import run_engine
 from cuju_libvirt.ft_engine import trackers as T
 from cuju_libvirt.ft_engine.devstate import DeviceStateSaver
 from cuju_libvirt.rig.guests import WriterConfig, boot_image
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-mib", type=int, default=256, help="guest RAM in MiB (default 256)")
     parser.add_argument("--run-ms", type=float, default=20.0,
                         help="how long the guest runs between pauses, in ms (default 20)")
+    parser.add_argument("--engine", action="store_true",
+                        help="measure the real epoch engine instead (PrimaryEngine + BackupEngine over "
+                             "loopback, C gather, pipelined shipping; epoch length = --run-ms)")
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -59,6 +63,8 @@ def _gather(ram: memoryview, pages: Any, count: int, staging: memoryview) -> int
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
+    if getattr(args, "engine", False):
+        return run_engine(args, TARGETS)
     clock = time.perf_counter
     cfg = WriterConfig()
     phases: dict[str, list[float]] = {p: [] for p in PHASES}

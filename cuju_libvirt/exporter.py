@@ -100,8 +100,10 @@ class ProtectedDomains:
         """Register a domain; CujuError if its UUID is registered already (remove it first)."""
         listener = None
         if machine is not None:
-            def listener(_m: FTMachine, change: Change) -> None:
-                stats.set_state(change.new.value)
+            def listener(m: FTMachine, _change: Change) -> None:
+                # the machine's current state, not the change's: listeners run outside the
+                # machine's lock, so a late call for an older change must not win
+                stats.set_state(m.state.value)
         entry = _Entry(stats, machine, listener)
         with self._lock:
             if stats.uuid in self._entries:

@@ -157,9 +157,11 @@ class PrimaryEngine:
         machine: FTMachine,
         clock: Callable[[], float] = time.monotonic,
         on_stopped: Callable[[int], None] | None = None,
+        tracker_factory: Callable[[T.VmStopped], T.Tracker] | None = None,
         may_release: Callable[[BaseException], bool] | None = None,
     ) -> None:
-        """``on_stopped(epoch)`` (tests, benchmarks) runs in every pause after staging ``epoch``.
+        """``on_stopped(epoch)`` (tests, benchmarks) runs in every pause after staging ``epoch``;
+        ``tracker_factory`` replaces :func:`~.trackers.select_tracker` (tests).
 
         ``may_release(err)`` (cujud) is asked, on the epoch thread, when protection fails:
         True lets the held output go and the VM run on unprotected (the default); False
@@ -168,6 +170,7 @@ class PrimaryEngine:
         """
         self.config = config
         self._on_stopped = on_stopped
+        self._tracker_factory = tracker_factory
         self._may_release = may_release
         #: True while the VM is held stopped with its output held after a failure (see may_release).
         self.fenced = False
@@ -271,10 +274,13 @@ class PrimaryEngine:
         finally:
             os.close(fd)
         npages = cfg.ram_size // PAGE_SIZE
-        self._tracker = T.select_tracker(
-            cfg.tracker, pid=self.pid, ram_path=cfg.ram_path, vm_stopped=lambda: self._stopped_flag,
-            logger=self.log,
-        )
+        if self._tracker_factory is not None:
+            self._tracker = self._tracker_factory(lambda: self._stopped_flag)
+        else:
+            self._tracker = T.select_tracker(
+                cfg.tracker, pid=self.pid, ram_path=cfg.ram_path, vm_stopped=lambda: self._stopped_flag,
+                logger=self.log,
+            )
         self.stats.tracker = self._tracker.name
         self._pages = T.page_buffer(npages)
         self._all_pages = T.page_buffer(npages)
@@ -331,6 +337,7 @@ class PrimaryEngine:
             self._vm_cont()
         rep.first_epoch = self._next
         epoch = self._ship_running(self._all_pages, npages)
+        self._shipped(epoch, self._clock(), npages)
         rep.pages_sent += npages
         rep.rounds = 1
         total_goal = npages
@@ -352,6 +359,7 @@ class PrimaryEngine:
                 break  # the VM stays stopped: the final round below
             self._vm_cont()
             epoch = self._ship_running(self._all_pages if h.full_resync else self._pages, count)
+            self._shipped(epoch, self._clock(), count)
             rep.pages_sent += count
             total_goal += count
             rep.rounds += 1

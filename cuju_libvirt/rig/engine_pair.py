@@ -21,6 +21,7 @@ from types import TracebackType
 from cuju_libvirt.ft_engine.epoch import BackupEngine, PrimaryConfig, PrimaryEngine
 from cuju_libvirt.ft_engine.state import FTMachine, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
+from cuju_libvirt.ft_engine.trackers import Tracker, VmStopped
 from cuju_libvirt.rig.guest_net import _ip, entered
 from cuju_libvirt.rig.qemu_direct import DirectGuest
 
@@ -106,6 +107,7 @@ def protected_pair(
     standby: DirectGuest,
     config: PrimaryConfig,
     on_stopped: Callable[[int], None] | None = None,
+    tracker_factory: Callable[[VmStopped], Tracker] | None = None,
 ) -> Iterator[Pair]:
     """Start the backup engine, then the primary engine (initial sync); clean up after."""
     state_dir = Path(tempfile.mkdtemp(prefix="eng-state.", dir="/dev/shm"))
@@ -116,7 +118,7 @@ def protected_pair(
                           device_state_path=str(state_dir / "state"), stats=bstats, machine=bm,
                           qemu_log=str(standby.stderr_path))
     engine = PrimaryEngine(config, qmp=primary.qmp, pid=primary.pid, link=a, stats=pstats, machine=pm,
-                           on_stopped=on_stopped)
+                           on_stopped=on_stopped, tracker_factory=tracker_factory)
     try:
         backup.start()
         engine.start()

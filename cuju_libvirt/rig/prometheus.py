@@ -43,10 +43,13 @@ def _free_port() -> int:
 
 
 class PrometheusServer:
-    """One Prometheus process; ``name`` becomes its process name (a symlink to the binary)."""
+    """One Prometheus process; ``name`` becomes its process name (a symlink to the binary).
+
+    ``rule_files`` (alerting/recording rules) are evaluated every ``scrape_interval``.
+    """
 
     def __init__(self, parent: Path, targets: Sequence[str], *, name: str = "prometheus",
-                 job: str = "cujud", scrape_interval: float = 1.0) -> None:
+                 job: str = "cujud", scrape_interval: float = 1.0, rule_files: Sequence[Path] = ()) -> None:
         binary = prometheus_binary()
         if binary is None:
             raise RigError("prometheus is not installed (Debian package 'prometheus')")
@@ -57,6 +60,7 @@ class PrometheusServer:
         config = {
             "global": {"scrape_interval": interval, "evaluation_interval": interval},
             "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
+            "rule_files": [str(p.resolve()) for p in rule_files],
         }
         (self.dir / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
         self._exe = self.dir / name

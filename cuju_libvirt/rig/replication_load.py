@@ -51,10 +51,14 @@ from cuju_libvirt.ft_engine.trackers import ScanTracker, page_buffer
 
 LOG = logging.getLogger(__name__)
 
-#: The writer: maps the RAM file shared and writes 8 random bytes into random pages, forever.
+#: The writer: maps the RAM file shared and writes 8 random bytes into random pages until its
+#: parent is gone (killed with it, even while stopped).
 WRITER = r"""
-import mmap, os, random, sys, time
-path, rate = sys.argv[1], float(sys.argv[2])
+import ctypes, mmap, os, random, sys, time
+path, rate, parent = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: also when stopped
+if os.getppid() != parent:
+    sys.exit(0)
 fd = os.open(path, os.O_RDWR)
 size = os.fstat(fd).st_size
 ram = mmap.mmap(fd, size, mmap.MAP_SHARED)
@@ -62,7 +66,7 @@ pages = size // 4096
 rng = random.Random(os.getpid())
 sys.stdout.write("ready\n"); sys.stdout.flush()
 batch = max(1, int(rate / 100))
-while True:
+while os.getppid() == parent:
     for _ in range(batch):
         off = rng.randrange(pages) * 4096 + rng.randrange(0, 4096 - 8, 8)
         ram[off:off + 8] = rng.getrandbits(64).to_bytes(8, "little")
@@ -120,7 +124,11 @@ class ReplicationLoad:
     # --- life cycle ---
 
     def start(self, sync_timeout: float = 30.0) -> None:
-        """Start the writer, pair, run the initial copy, then epochs in a thread. Returns in FT mode."""
+        """Start the writer, pair, run the initial copy, then epochs in a thread. Returns in FT mode.
+
+        The writer dies with the thread that calls this (``PR_SET_PDEATHSIG``): call it from
+        a thread that lives as long as the load (the main thread in tests and benchmarks).
+        """
         try:
             self._start(sync_timeout)
         except BaseException:
@@ -137,7 +145,7 @@ class ReplicationLoad:
             os.close(fd)
         self._standby = mmap.mmap(-1, self.size)
         self._writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(self.ram_path), str(self.pages_per_s)],
+            [sys.executable, "-c", WRITER, str(self.ram_path), str(self.pages_per_s), str(os.getpid())],
             stdout=subprocess.PIPE, start_new_session=True,
         )
         assert self._writer.stdout is not None
@@ -280,7 +288,10 @@ class ReplicationLoad:
             self._tracker.close()
         for m in (self._ram, self._standby):
             if m is not None:
-                m.close()
+                try:
+                    m.close()
+                except BufferError:  # still exported by an object not freed yet: the GC unmaps it
+                    LOG.debug("%s: region still referenced at close", self.stats.domain)
         self._ram = self._standby = None
         for path in (self.ram_path, self.workdir / f"{self.stats.domain}.state",
                      self.workdir / f"{self.stats.domain}.state.journal"):

@@ -21,6 +21,7 @@ from cuju_libvirt import config
 from cuju_libvirt.daemon import Daemon
 from cuju_libvirt.rig.prometheus import PrometheusServer
 
+ALERT_RULES = Path(__file__).resolve().parents[2] / "packaging" / "prometheus" / "cuju-alerts.yml"
 PSK = b"exporter-test-key-" + b"k" * 32 + b"\n"
 
 
@@ -95,7 +96,8 @@ def cujud_pair(base: Path) -> Iterator[CujudPair]:
 
 @contextmanager
 def prometheus_for(base: Path, targets: list[str]) -> Iterator[PrometheusServer]:
-    with PrometheusServer(base, targets, name="exporter-prometheus", scrape_interval=1.0) as prom:
+    with PrometheusServer(base, targets, name="exporter-prometheus", scrape_interval=1.0,
+                          rule_files=[ALERT_RULES]) as prom:
         yield prom
 
 

@@ -10,14 +10,21 @@ expressions.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cuju_libvirt.ft_engine.epoch import PrimaryConfig
 from cuju_libvirt.ft_engine.state import FTState
+from cuju_libvirt.rig.engine_pair import protected_pair
+from cuju_libvirt.rig.guests import WriterConfig, boot_image
 from cuju_libvirt.rig.prometheus import prometheus_binary
+from cuju_libvirt.rig.qemu_direct import DirectGuest
 from cuju_libvirt.rig.replication_load import ReplicationLoad
 from tests.integration.metrics_support import (
     CujudPair,
@@ -64,8 +71,9 @@ def loads(base: Path, pair: CujudPair) -> Iterator[list[ReplicationLoad]]:
             load.start()
         yield started
     finally:
-        for load in started:
-            load.close()
+        with contextlib.ExitStack() as stack:  # every load is closed even if one close fails
+            for load in started:
+                stack.callback(load.close)
 
 
 def by_domain(rows: list[dict[str, object]]) -> dict[str, float]:
@@ -121,6 +129,9 @@ def test_prometheus_sees_lag_rates_and_unprotected(base: Path, pair: CujudPair,
         for title, expr in dashboard_queries():
             assert prom.query(expr), f"dashboard panel {title!r}: no data for {expr}"
 
+        # no alert while everything is healthy (the rules are loaded and evaluated)
+        assert prom.query("ALERTS") == []
+
         # -- the backup host dies: its cujud stops and both receivers with it
         pair.b.stop()
         for load in loads:
@@ -139,6 +150,10 @@ def test_prometheus_sees_lag_rates_and_unprotected(base: Path, pair: CujudPair,
         alert = prom.query(
             'max by (domain, uuid) (cuju_ft_state{state=~"unprotected|pairing|syncing|degraded"}) == 1')
         assert {row["metric"]["domain"] for row in alert} == names
+        # the shipped rule itself (loaded into this Prometheus) goes pending for both domains
+        pending = prom.wait_for('ALERTS{alertname="CujuDomainUnprotected", alertstate="pending"}',
+                                lambda r: len(r) == 2, timeout=10)
+        assert {row["metric"]["domain"] for row in pending} == names
         # the lag alert does not fire on NaN (the unprotected alert covers it)
         assert prom.query('max by (domain, uuid) (cuju_replication_lag_seconds{role="primary"}) > 1') == []
         # the peer: down, its last contact kept for the heartbeat alert
@@ -156,3 +171,46 @@ def test_prometheus_sees_lag_rates_and_unprotected(base: Path, pair: CujudPair,
 def by_domain_peer(rows: list[dict[str, object]]) -> float:
     assert len(rows) == 1
     return value(rows[0])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 not installed")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the uffd tracker attaches to QEMU with ptrace)")
+def test_prometheus_on_a_tcg_guest_protected_by_the_engine(base: Path, pair: CujudPair) -> None:
+    """The epoch engine protects a real TCG guest; its DomainStats are what Prometheus sees."""
+    cfg = WriterConfig()
+    img = boot_image(cfg)
+    a_target, b_target = pair.metrics_targets()
+    with (
+        DirectGuest(name="exporter-gp", memory_mib=64, disk=img) as primary,
+        DirectGuest(name="exporter-gs", memory_mib=64, disk=img, incoming=True) as standby,
+    ):
+        primary.wait_serial(r"cuju-boot writer\r\n\d+\r\n", timeout=30)
+        config = PrimaryConfig(ram_path=str(primary.ram_path), ram_size=primary.ram_size, tracker="auto",
+                               epoch_ms=EPOCH_MS, output_commit=False, tag="exporter-prom")
+        with protected_pair(primary, standby, config) as engines, \
+                prometheus_for(base, [a_target, b_target]) as prom:
+            pair.a.domains.add(engines.pstats, engines.pmachine)
+            pair.b.domains.add(engines.bstats, engines.bmachine)
+            lag = prom.wait_for('cuju_replication_lag_seconds{role="primary"}', lambda r: len(r) == 1,
+                                timeout=20)
+            assert 0 <= value(lag[0]) < 1.0, lag
+            rate = prom.wait_for(f'rate(cuju_epochs_committed_total{{instance="{a_target}"}}[4s])',
+                                 lambda r: len(r) == 1 and value(r[0]) > 0, timeout=20)
+            assert 2 < value(rate[0]) <= 1000 / EPOCH_MS * 1.2, rate
+            wire = prom.query(f'rate(cuju_wire_bytes_total{{instance="{a_target}"}}[4s])')
+            assert len(wire) == 1 and value(wire[0]) > 0
+            assert value(prom.query(f'cuju_ft_state{{state="protected", instance="{a_target}"}}')[0]) == 1
+            assert value(prom.query(f'cuju_ft_state{{state="standby", instance="{b_target}"}}')[0]) == 1
+            tracker = prom.query(f'cuju_tracker_info{{instance="{a_target}"}}')
+            assert len(tracker) == 1 and tracker[0]["metric"]["tracker"] in ("uffd", "scan"), tracker
+            buckets = f'cuju_epoch_pause_seconds_bucket{{instance="{a_target}"}}'
+            pause = prom.query(f"histogram_quantile(0.5, rate({buckets}[4s]))")
+            assert len(pause) == 1 and 0 < value(pause[0]) < 0.25, pause
+
+            engines.backup.close()  # the backup goes away: the engine degrades, the VM runs on
+            prom.wait_for(f'cuju_ft_state{{state="degraded", instance="{a_target}"}} == 1',
+                          lambda r: len(r) == 1, timeout=20)
+            lag_after = prom.query(f'cuju_replication_lag_seconds{{instance="{a_target}"}}')
+            assert len(lag_after) == 1 and math.isnan(value(lag_after[0]))
+            assert value(prom.query(f'cuju_protected{{instance="{a_target}"}}')[0]) == 0

@@ -59,6 +59,21 @@ def test_status_json_and_table(base: Path) -> None:
         row = next(line for line in table.stdout.splitlines() if line.startswith("exporter-vm"))
         assert row.split()[:4] == ["exporter-vm", "primary", "exporter-b", "protected"]
 
+        # --watch: one JSON line per round until interrupted
+        argv = [sys.executable, "-m", "cuju_libvirt.cli", "status", "--json", "--watch", "0.2",
+                "--socket", sock]
+        watch = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        try:
+            assert watch.stdout is not None
+            rounds = [json.loads(watch.stdout.readline()) for _ in range(3)]
+        finally:
+            watch.kill()
+            watch.wait(10)
+            assert watch.stdout is not None
+            watch.stdout.close()
+        committed = [r["domains"][0]["epochs_committed"] for r in rounds]
+        assert committed == sorted(committed) and committed[-1] > committed[0]
+
         load.kill_backup()
         load.wait_state(FTState.DEGRADED, timeout=10)
         row = next(line for line in cli("status", "--socket", sock).stdout.splitlines()

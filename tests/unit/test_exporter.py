@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -205,3 +207,28 @@ def test_alert_rules_only_use_exported_names() -> None:
     rules = (ROOT / "packaging" / "prometheus" / "cuju-alerts.yml").read_text()
     used = set(re.findall(r"\bcuju_[a-z_]+", rules))
     assert used and used <= exported, used - exported
+
+
+@given(
+    name=st.text(min_size=1, max_size=40),
+    peer=st.text(max_size=20),
+    epochs=st.lists(st.tuples(st.floats(0, 1.0), st.integers(0, 2_000_000), st.integers(0, 1 << 40)),
+                    max_size=20),
+)
+def test_any_names_and_values_round_trip_through_the_exposition(
+    name: str, peer: str, epochs: list[tuple[float, int, int]]
+) -> None:
+    """Whatever a domain is called (quotes, backslashes, newlines, unicode), the text parses back."""
+    clock = Clock()
+    stats = DomainStats(name, "u-" + str(len(name)), "primary", peer=peer, clock=clock)
+    for i, (pause, dirty, wire) in enumerate(epochs):
+        stats.record_epoch(pause_s=pause, dirty_pages=dirty, device_state_bytes=wire % 1000)
+        stats.record_ack(epoch=i + 1, epoch_end=clock.now, pages=dirty, wire_bytes=wire, saved_bytes=0)
+    domains = ProtectedDomains()
+    domains.add(stats)
+    s = scrape(CujuCollector(domains, Peers([PeerSample(peer or "p", True, 0.001, 5.0)])))
+    assert one(s, "cuju_epochs_committed_total", domain=name) == len(epochs)
+    assert one(s, "cuju_wire_bytes_total", domain=name) == sum(w for _, _, w in epochs)
+    assert one(s, "cuju_epoch_dirty_pages_count", domain=name) == len(epochs)
+    assert one(s, "cuju_domain_info", domain=name, peer=peer) == 1.0
+    assert one(s, "cuju_peer_up", peer=peer or "p") == 1.0

@@ -1,0 +1,58 @@
+"""The engine benchmarks run and report their keys (smoke runs, not measurements)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+
+import pytest
+
+from benchmarks import epoch_pause, failover, initial_sync, latency, overhead
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ptrace, network namespaces, tap devices)"),
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 not installed"),
+]
+
+
+def test_failover_benchmark_smoke() -> None:
+    result = failover.run(argparse.Namespace(runs=1, epoch_ms=20))
+    assert result["runs"] == 1 and result["passed"] == 1, result["failures"]
+    assert isinstance(result["failover_ms_median"], float) and result["failover_ms_median"] > 0
+    assert result["detection_ms_excluded"] is True
+
+
+def test_latency_benchmark_smoke() -> None:
+    result = latency.run(argparse.Namespace(pings=30, epoch_ms=20))
+    plain, ft = result["rtt_ms_median_unprotected"], result["rtt_ms_median_ft"]
+    assert isinstance(plain, float) and isinstance(ft, float)
+    # A reply in FT mode waits at least for its epoch's pause and acknowledgement.
+    assert ft > plain
+    assert result["lost_ft"] == 0
+
+
+def test_initial_sync_benchmark_smoke() -> None:
+    result = initial_sync.run(argparse.Namespace(memory_mib=128, tracker="uffd"))
+    assert isinstance(result["seconds"], float) and result["seconds"] > 0
+    assert isinstance(result["qemu_migration_seconds"], float) and result["qemu_migration_seconds"] > 0
+    # Every page of the filled RAM travels, none as a zero page beyond the few the guest itself cleared.
+    assert isinstance(result["pages_sent"], int) and result["pages_sent"] >= 128 * 256
+
+
+def test_overhead_benchmark_smoke() -> None:
+    result = overhead.run(argparse.Namespace(seconds=2.0, epoch_ms=20, stress_mb=16))
+    ratio = result["ratio_ft_vs_unprotected"]
+    assert isinstance(ratio, float) and ratio > 0
+    assert isinstance(result["epochs"], int) and result["epochs"] > 10
+
+
+def test_epoch_pause_engine_smoke() -> None:
+    args = argparse.Namespace(engine=True, tracker="uffd", epochs=30, memory_mib=64, run_ms=20.0)
+    result = epoch_pause.run(args)
+    assert result["engine"] is True and result["tracker"] == "uffd"
+    assert isinstance(result["epochs"], int) and result["epochs"] >= 30
+    assert isinstance(result["median_ms"], float) and result["median_ms"] > 0
+    phases = result["phases"]
+    assert isinstance(phases, dict) and {"stop", "harvest", "devstate", "cont"} <= set(phases)
