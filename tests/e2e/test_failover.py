@@ -183,6 +183,17 @@ def test_backup_loss_leaves_the_primary_running_and_it_re_protects(
         assert verdict.ok, verdict.as_dict()
         assert _runs(rig.a, name)
         assert rig.b.qemu_pid(name) not in (None, standby_pid)
+
+        # a deliberate 'virsh destroy' of the protected VM is not a failure: no copy on b
+        rig.a.virsh("destroy", name)
+        deadline = time.monotonic() + 30
+        while rig.b.qemu_pid(name) is not None or cb.domain(name) is not None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert rig.b.qemu_pid(name) is None and cb.domain(name) is None
+        assert not list(rig.b.outside("/var/lib/cuju-libvirt/takeovers").glob("*.json"))
+        assert "deliberate" in ca.log_path.read_text()
     finally:
         _cleanup(rig, name)
 
