@@ -352,8 +352,9 @@ class StandbyManager:
                      persistent_xml=str(body["persistent_xml"]),
                      timeout_s=int(body["heartbeat_timeout_ms"]) / 1e3,
                      auto_failover=body.get("failover", "auto") == "auto")
+        # A standby here means the VM runs on the peer: an old takeover record is stale. A
+        # ceded record stays: this host must still not start the VM on its own.
         records.remove(self.state_dir, records.TAKEOVERS, uuid)
-        records.remove(self.state_dir, records.CEDED, uuid)
         token = sb.create()
         with self._lock:
             self.standbys[uuid] = sb
