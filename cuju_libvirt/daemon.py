@@ -3,9 +3,9 @@
 This release runs the daemon's foundation: configuration, logging, the local control
 socket for the hook and the CLI, the authenticated control channel to the peer hosts'
 cujud with heartbeats, the connection to the local libvirtd, and the Prometheus
-exporter on ``metrics_listen`` (:mod:`cuju_libvirt.exporter`). It does not protect domains yet: pairing, epoch
-replication, output commit and failover come later, and cujud says so (``status``,
-``version``, and its log at start-up). Whatever protects a domain registers its
+exporter on ``metrics_listen`` (:mod:`cuju_libvirt.exporter`). Fault tolerance itself
+(pairing, epochs, failover) lives in :mod:`cuju_libvirt.orchestrator` and
+:mod:`cuju_libvirt.standby`; this module only wires it in. Whatever protects a domain registers its
 statistics with ``Daemon.domains`` (:class:`~cuju_libvirt.exporter.ProtectedDomains`):
 from then on the exporter and the ``status`` control method show it.
 
@@ -34,6 +34,7 @@ import tenacity
 
 from cuju_libvirt import __version__, config, control, exporter, logsetup, peer
 from cuju_libvirt.errors import ConfigError, CujuError, PeerAuthError, PeerError
+from cuju_libvirt.orchestrator import Orchestrator
 from cuju_libvirt.virt import LibvirtConnection, LinkState
 
 LOG = logging.getLogger(__name__)
@@ -44,13 +45,14 @@ FEATURES: dict[str, bool] = {
     "peer_channel": True,
     "heartbeat": True,
     "libvirt_events": True,
-    "protection": False,
-    "replication": False,
-    "failover": False,
+    "protection": True,
+    "replication": True,
+    "failover": True,
     "metrics": True,
 }
-NOT_YET = ("fault tolerance is not available in this cujud yet: it does not pair, replicate or fail over "
-           "domains; domains run unprotected")
+#: What protection does not cover yet (``status`` shows it; docs/failover.md has the details).
+LIMITS = ("disk writes are not held per epoch: a failover keeps the writes the dead primary made after the "
+          "last committed epoch (see docs/failover.md)")
 #: Seconds between two samples of each domain's epoch count (for the epoch rate in ``status``).
 RATE_SAMPLE_INTERVAL = 1.0
 
@@ -132,6 +134,7 @@ class Daemon:
         #: Protected domains on this host: the orchestration adds and removes them here.
         self.domains = exporter.ProtectedDomains()
         self.metrics: exporter.MetricsServer | None = None
+        self.orchestrator: Orchestrator | None = None
 
     # --- start and stop ---
 
@@ -145,6 +148,8 @@ class Daemon:
                 "ping": self._ctl_ping, "version": self._ctl_version, "config": self._ctl_config,
                 "status": self._ctl_status, "peers": self._ctl_peers, "peer-ping": self._ctl_peer_ping,
             })
+            self.orchestrator = Orchestrator(self)
+            self.orchestrator.install(self.control, self.peer_handlers)
             self.peer_server = peer.PeerServer(
                 self.cfg.listen.host, self.cfg.listen.port, node=self.cfg.node_name, psk=self._psk,
                 peers=self.cfg.peers, handlers=self.peer_handlers, options=self.options,
@@ -174,11 +179,12 @@ class Daemon:
         if not self.cfg.peers:
             LOG.warning("no peers configured: add the other host under 'peers' in %s",
                         self.cfg.files[0] if self.cfg.files else config.DEFAULT_CONFIG_FILE)
-        LOG.warning("%s", NOT_YET)
 
     def stop(self) -> None:
         """Stop everything this daemon started and remove its run-time files."""
         self.stopping.set()
+        if self.orchestrator is not None:
+            self.orchestrator.close()
         if self.peer_server is not None:
             self.peer_server.close()
         for link in self.links.values():
@@ -321,7 +327,7 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "libvirt": {"uri": self.cfg.libvirt_uri, "state": self.libvirt.state.value},
             "peers": [link.status() for link in self.links.values()],
-            "protection": NOT_YET,
+            "protection": LIMITS,
             "metrics": self.metrics.url if self.metrics is not None else None,
             "domains": self.domain_status(),
         }
@@ -378,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
             "your supervisor) runs it in the background.\n\n"
             "It exports Prometheus metrics on metrics_listen (default port 7792;\n"
             "see docs/metrics.md).\n\n"
-            "NOT YET AVAILABLE: pairing, replication, output commit and failover.\n"
-            "This cujud does not protect domains."
+            "It protects the domains whose XML carries <cuju:ft> (the libvirt hook asks it\n"
+            "to): a standby on the peer, epochs with output commit, failover (see\n"
+            "docs/failover.md)."
         ),
         epilog=(
             "FILES\n"

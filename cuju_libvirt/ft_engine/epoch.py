@@ -158,12 +158,23 @@ class PrimaryEngine:
         clock: Callable[[], float] = time.monotonic,
         on_stopped: Callable[[int], None] | None = None,
         tracker_factory: Callable[[T.VmStopped], T.Tracker] | None = None,
+        may_release: Callable[[BaseException], bool] | None = None,
     ) -> None:
         """``on_stopped(epoch)`` (tests, benchmarks) runs in every pause after staging ``epoch``;
-        ``tracker_factory`` replaces :func:`~.trackers.select_tracker` (tests)."""
+        ``tracker_factory`` replaces :func:`~.trackers.select_tracker` (tests).
+
+        ``may_release(err)`` (cujud) is asked, on the epoch thread, when protection fails:
+        True lets the held output go and the VM run on unprotected (the default); False
+        *fences* the VM: it is stopped with its unacknowledged output still held in the
+        filters (:attr:`fenced` is True, the machine ``FAILED``) until :meth:`unfence`.
+        """
         self.config = config
         self._on_stopped = on_stopped
         self._tracker_factory = tracker_factory
+        self._may_release = may_release
+        #: True while the VM is held stopped with its output held after a failure (see may_release).
+        self.fenced = False
+        self._fenced_output: OutputCommit | None = None
         self.qmp = qmp
         self.pid = pid
         self.link = link
@@ -553,6 +564,16 @@ class PrimaryEngine:
     def _fail(self, err: BaseException, what: str) -> None:
         """Protection is lost: keep the VM running, let outputs flow, degrade."""
         self.failure = err
+        release = True
+        if self._may_release is not None:
+            try:
+                release = self._may_release(err)
+            except Exception as verdict_err:  # no verdict: the safe side
+                self.log.error("could not decide whether held output may leave: %s", verdict_err)
+                release = False
+        if not release:
+            self._fence(err, what)
+            return
         self.log.error("%s: %s; the VM continues unprotected", what, err)
         self.log.debug("details", exc_info=err)
         problems: list[str] = []
@@ -565,7 +586,50 @@ class PrimaryEngine:
             with contextlib.suppress(StateError):
                 self._move(S.DEGRADED)
 
-    def _release_resources(self, problems: list[str], *, orderly: bool) -> None:
+    def _fence(self, err: BaseException, what: str) -> None:
+        """Stop the VM and keep every unacknowledged packet held: the peer may have taken over."""
+        self.log.error("%s: %s; the VM is FENCED (stopped, output held) until the peer's side is known",
+                       what, err)
+        self.log.debug("details", exc_info=err)
+        self._stopping.set()
+        problems: list[str] = []
+        try:
+            self.qmp.execute("stop")
+        except CujuError as stop_err:
+            problems.append(f"could not stop the VM: {stop_err}")
+        self.fenced = True
+        self._fenced_output, self._output = self._output, None  # filters stay: nothing leaves
+        self._held_output = False
+        self._release_resources(problems, orderly=False, run_vm=False)
+        if problems:
+            self.log.error("fencing: %s", "; ".join(problems))
+        self.stats.reset_link()
+        if self.machine.state in (S.SYNCING, S.PROTECTED):
+            with contextlib.suppress(StateError):
+                self._move(S.FAILED)
+
+    def unfence(self) -> None:
+        """The peer did not take over (and never will for this session): release the held
+        output, resume the VM; the machine goes ``DEGRADED`` (unprotected, re-pairs)."""
+        if not self.fenced:
+            raise StateError("the VM is not fenced")
+        problems: list[str] = []
+        if self._fenced_output is not None:
+            try:
+                self._fenced_output.remove()
+            except CujuError as err:
+                problems.append(f"output filters: {err}")
+            self._fenced_output = None
+        self.qmp.execute("cont")
+        self.fenced = False
+        self.stats.set_packets_held(0)
+        with contextlib.suppress(StateError):
+            self._move(S.DEGRADED, expect=S.FAILED)
+        if problems:
+            self.log.error("unfencing: %s", "; ".join(problems))
+        self.log.warning("unfenced: the peer did not take over; the VM runs on unprotected")
+
+    def _release_resources(self, problems: list[str], *, orderly: bool, run_vm: bool = True) -> None:
         """VM running, filters removed (held packets released), x-ignore-shared off, all closed.
 
         Releasing the packets of unacknowledged epochs is right here: whoever calls this
@@ -578,7 +642,7 @@ class PrimaryEngine:
         self._stopping.set()
         try:
             status = self.qmp.execute("query-status")["status"]
-            if status in ("paused", "postmigrate"):
+            if run_vm and status in ("paused", "postmigrate"):
                 self._stopped_flag = False
                 self.qmp.execute("cont")
         except CujuError as err:

@@ -127,6 +127,7 @@ TRANSITIONS: dict[tuple[FTState, FTState], str] = {
     (S.PRIMARY_AFTER_FAILOVER, S.STOPPING): "domain stopped after the failover",
     (S.PRIMARY_AFTER_FAILOVER, S.FAILED): "the domain could not be kept running",
     (S.FAILED, S.STOPPING): "operator or cleanup tears the domain's protection down",
+    (S.FAILED, S.DEGRADED): "a fenced primary learned that the peer did not take over; runs unprotected",
     (S.STOPPING, S.STOPPED): "teardown finished",
 }
 

@@ -10,10 +10,14 @@ appended to :data:`STEPS`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +25,7 @@ from pathlib import Path
 
 from cuju_libvirt import FT_NAMESPACE
 from cuju_libvirt.errors import RigError
-from cuju_libvirt.fitness import QMP_SOCKET_DIR
+from cuju_libvirt.rig.cujud import CONTROL_SOCKET, HOOK_NAME, Cujud, cujud_pair, write_hook_shim
 from cuju_libvirt.rig.domains import domain_xml
 from cuju_libvirt.rig.guests import boot_image, read_counter, serial_counts
 from cuju_libvirt.rig.hosts import LAN_BRIDGE, Host, Rig
@@ -39,6 +43,9 @@ class Demo:
     keep: bool
     out: Callable[[str], None] = field(default=functools.partial(print, flush=True))
     rig: Rig | None = None
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    cujuds: tuple[Cujud, Cujud] | None = None
+    killed_at: float = 0.0
     image: Path | None = None
     xml_file: Path | None = None
     counters: list[int] = field(default_factory=list)
@@ -69,6 +76,19 @@ class Demo:
         argv = [sys.executable, "-m", "cuju_libvirt.cli", *args]
         return self.sh(argv, shown=["cuju-libvirt", *args], into=into)
 
+    @property
+    def the_cujuds(self) -> tuple[Cujud, Cujud]:
+        if self.cujuds is None:
+            raise RigError("cujud does not run")
+        return self.cujuds
+
+    def status(self, host: Host) -> None:
+        """``cuju-libvirt status`` on ``host`` (its control socket seen from outside)."""
+        sock = host.outside(CONTROL_SOCKET)
+        argv = [sys.executable, "-m", "cuju_libvirt.cli", "status", "--socket", str(sock)]
+        self.out(f"  [host {host.name}]")
+        self.sh(argv, shown=["cuju-libvirt", "status"])
+
     def virsh(self, host: Host, *args: str) -> str:
         return self.sh([tool("virsh"), "-c", host.uri, *args], shown=["virsh", "-c", host.uri, *args])
 
@@ -79,10 +99,22 @@ def build_guest(demo: Demo) -> None:
 
 
 def bring_up(demo: Demo) -> None:
-    demo.rig = Rig(base=demo.base, owned=not demo.keep).up()
+    hooks = Path(demo.stack.enter_context(tempfile.TemporaryDirectory(prefix="cuju-demo-hook.")))
+    shim = write_hook_shim(hooks)
+    demo.out(f"  cuju-libvirt install-hooks   (the hook {HOOK_NAME!r} goes into both hosts' "
+             "/etc/libvirt/hooks/qemu.d/ before libvirtd starts)")
+    demo.rig = Rig(base=demo.base, owned=not demo.keep, hooks={HOOK_NAME: shim}).up()
     for host in demo.rig.hosts.values():
         demo.out(f"  host {host.name}: {host.hostname}, FT link {host.ft_address}, LAN {host.lan_address}")
         demo.out(f"    URI {host.uri}")
+
+
+def start_cujud(demo: Demo) -> None:
+    rig = demo.the_rig
+    demo.cujuds = demo.stack.enter_context(cujud_pair(rig))
+    for c in demo.cujuds:
+        demo.out(f"  host {c.host.name}: cujud --config /etc/cuju-libvirt/cujud.yaml   (log: {c.log_path})")
+    demo.status(rig.a)
 
 
 def define(demo: Demo) -> None:
@@ -97,7 +129,7 @@ def define(demo: Demo) -> None:
     ))
     demo.xml_file = rig.root / f"{DOMAIN}.xml"
     demo.out(f"  {plain}: an ordinary TCG domain (file-backed RAM, virtio NIC on br-lan)")
-    demo.cuju_libvirt("xml", "enable", str(plain), "--peer", rig.b.ft_address, "--link", rig.b.ft_address,
+    demo.cuju_libvirt("xml", "enable", str(plain), "--peer", rig.b.hostname, "--link", f"{rig.b.hostname}-ft",
                       "--prepare", into=demo.xml_file)
     demo.cuju_libvirt("xml", "validate", str(demo.xml_file))
     demo.virsh(rig.a, "define", str(demo.xml_file))
@@ -111,18 +143,61 @@ def show_ft(demo: Demo) -> None:
 
 def start(demo: Demo) -> None:
     rig = demo.the_rig
-    # The direct QMP socket that 'xml enable --prepare' added lives in cujud's run directory.
-    # cujud does not run in this demo yet, so make the directory as it will.
-    demo.out(f"  on host a: install -d -o libvirt-qemu -g libvirt-qemu -m 0750 {QMP_SOCKET_DIR}")
-    rig.a.run(["install", "-d", "-o", "libvirt-qemu", "-g", "libvirt-qemu", "-m", "0750", QMP_SOCKET_DIR])
     demo.virsh(rig.a, "start", DOMAIN)
     demo.virsh(rig.a, "list")
 
 
-def watch(demo: Demo, samples: int = 5, interval: float = 0.5) -> None:
+def protected(demo: Demo) -> None:
     rig = demo.the_rig
-    ram = rig.a.ram_files(DOMAIN)[0]
-    serial = rig.a.outside(f"/var/log/libvirt/qemu/{DOMAIN}-serial.log")
+    ca, cb = demo.the_cujuds
+    ca.wait_domain(DOMAIN, "protected", timeout=120)
+    cb.wait_domain(DOMAIN, "standby", timeout=30)
+    time.sleep(2.0)  # a couple of seconds of epochs, for the rates
+    demo.status(rig.a)
+    demo.status(rig.b)
+    demo.virsh(rig.b, "list", "--all")
+
+
+def kill_primary(demo: Demo) -> None:
+    rig = demo.the_rig
+    pid = rig.a.qemu_pid(DOMAIN)
+    if pid is None:
+        raise RigError("the primary QEMU is not running")
+    demo.out(f"  on host a: kill -9 {pid}        (the primary's QEMU)")
+    demo.killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    cb = demo.the_cujuds[1]
+    entry = cb.wait_domain(DOMAIN, "primary_after_failover", timeout=30)
+    seen = time.monotonic() - demo.killed_at
+    demo.out(f"  host b took over {seen * 1e3:.0f} ms after the kill (resume itself: "
+             f"{(entry['last_failover_duration_s'] or 0) * 1e3:.0f} ms)")
+
+
+def on_host_b(demo: Demo) -> None:
+    rig = demo.the_rig
+    demo.virsh(rig.b, "list")
+    demo.virsh(rig.b, "dominfo", DOMAIN)
+    demo.status(rig.b)
+    before = max(demo.counters) if demo.counters else 0
+    demo.counters = []
+    watch(demo, host=rig.b)
+    if demo.counters[0] < before:
+        raise RigError(f"the counter went back from {before} to {demo.counters[0]}")
+    demo.out(f"  the counter continued on host b: {before} before the kill (last sample on a), "
+             f"{demo.counters[0]} .. {demo.counters[-1]} on b")
+    out = subprocess.run([tool("virsh"), "-c", rig.a.uri, "start", DOMAIN], capture_output=True, text=True,
+                         check=False, timeout=60)
+    demo.out(f"  $ virsh -c {rig.a.uri} start {DOMAIN}")
+    demo.out(f"    {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.stdout.strip()}")
+    if out.returncode == 0:
+        raise RigError("host a started the VM again while host b runs it")
+
+
+def watch(demo: Demo, samples: int = 5, interval: float = 0.5, host: Host | None = None) -> None:
+    rig = demo.the_rig
+    host = host or rig.a
+    ram = host.ram_files(DOMAIN)[0]
+    serial = host.outside(f"/var/log/libvirt/qemu/{DOMAIN}-serial.log")
     demo.out(f"  guest RAM file: {ram}")
     demo.out(f"  COM1 log:       {serial}")
     deadline = time.monotonic() + 30
@@ -144,11 +219,15 @@ def watch(demo: Demo, samples: int = 5, interval: float = 0.5) -> None:
 #: The demo, in order: (title, step).
 STEPS: list[tuple[str, Callable[[Demo], None]]] = [
     ("Build the test guest", build_guest),
-    ("Bring up two libvirt hosts (cuju-a, cuju-b) on this machine", bring_up),
+    ("Bring up two libvirt hosts (cuju-a, cuju-b) on this machine, with the cuju hook", bring_up),
+    ("Start cujud on both hosts", start_cujud),
     ("Mark a VM for protection and define it on host a with virsh", define),
     ("Show its <cuju:ft> settings", show_ft),
-    ("Start it", start),
+    ("Start it with virsh: the hook hands it to cujud", start),
+    ("Protected: a standby on host b, epochs, replication lag", protected),
     ("Watch it count", watch),
+    ("Kill the primary's QEMU (SIGKILL)", kill_primary),
+    ("The VM runs on host b, its counter continuing", on_host_b),
 ]
 
 
@@ -161,6 +240,7 @@ def run_demo(base: Path | None = None, keep: bool = False) -> int:
             demo.out(f"\n== {number}/{len(STEPS)} {title}")
             step(demo)
     finally:
+        demo.stack.close()  # cujud on both hosts (the rig below stays or goes as asked)
         if demo.rig is not None and not keep:
             demo.out("\n== Tear everything down")
             demo.rig.down()

@@ -31,7 +31,7 @@ standby_starting       -> standby stopping failed
 standby                -> taking_over stopping failed
 taking_over            -> primary_after_failover failed
 primary_after_failover -> pairing stopping failed
-failed                 -> stopping
+failed                 -> stopping degraded
 stopping               -> stopped
 stopped                ->
 """

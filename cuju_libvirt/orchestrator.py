@@ -1,0 +1,542 @@
+"""cujud's fault-tolerance orchestration: the primary side of each protected domain, and
+the glue between the hook, the peer channel, libvirt and the epoch engine.
+
+Primary side, per domain (:class:`PrimaryDomain`)::
+
+    hook 'started' -> protect: (thread) ask the peer for a standby ('standby-create'),
+    connect the FT link with the token it returned, PrimaryEngine: initial sync, epochs.
+    The engine fails (QEMU gone, link lost, ack overdue) -> may_release(err) decides:
+
+      QEMU gone, QEMU logged "terminating on signal" or libvirt reports STOPPED with a
+        deliberate detail (DESTROYED, SHUTDOWN, SAVED, MIGRATED)  -> deliberate: drop the standby
+      QEMU gone otherwise (SIGKILL, crash: libvirt's FAILED/CRASHED or no event in time)
+                                          -> crash: 'primary-crashed' to the peer (fast path),
+                                             this host cedes the domain (records.CEDED)
+      QEMU alive: ask the peer to abandon its standby ('standby-abandon')
+        abandoned                         -> release held output, run on unprotected (DEGRADED),
+                                             re-protect with backoff
+        taken over                        -> FENCE (VM stopped, output held), then destroy it here
+        no answer (peer unreachable)      -> FENCE, and ask again until the peer answers
+
+Held output leaves only for acknowledged epochs, or once the peer has *promised* (under its
+standby's lock) never to take over in this session. That is the whole split-brain rule:
+see docs/failover.md for what it covers and what it does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import libvirt
+
+from cuju_libvirt import control, fitness, peer, records
+from cuju_libvirt.domain_xml import FTSpec, parse_domain
+from cuju_libvirt.errors import CujuError, MonitorError, StateError
+from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
+from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
+from cuju_libvirt.ft_engine.stats import DomainStats
+from cuju_libvirt.qemu_process import alive, ended_on_signal, log_offset, qemu_pid, ram_backing
+from cuju_libvirt.qmp import QMPClient
+from cuju_libvirt.standby import StandbyManager
+from cuju_libvirt.virt import LifecycleEvent, translate
+
+if TYPE_CHECKING:
+    from cuju_libvirt.daemon import Daemon
+
+LOG = logging.getLogger(__name__)
+S = FTState
+#: libvirt STOPPED details that mean somebody stopped the domain on purpose.
+DELIBERATE_STOPS = frozenset({"SHUTDOWN", "DESTROYED", "SAVED", "MIGRATED", "FROM_SNAPSHOT"})
+#: How long a dead QEMU's cause may stay unknown before it counts as a crash (s).
+CLASSIFY_WAIT = 0.25
+BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
+STANDBY_CREATE_TIMEOUT = 120.0
+QEMU_USER = "libvirt-qemu"
+#: After its monitor broke, how long QEMU may take to exit before it counts as alive (s).
+QEMU_EXIT_WAIT = 1.0
+
+
+class PrimaryDomain:
+    """A domain that runs on this host and is (to be) protected by a standby on ``peer``."""
+
+    def __init__(self, orch: Orchestrator, name: str, uuid: str, spec: FTSpec, peer_name: str) -> None:
+        self.orch = orch
+        self.name = name
+        self.uuid = uuid
+        self.spec = spec
+        self.peer = peer_name
+        self.machine = FTMachine(name, Role.PRIMARY)
+        self.stats = DomainStats(name, uuid, "primary", peer=peer_name, tracker=spec.tracker,
+                                 epoch_ms=spec.epoch_ms)
+        self.log = LOG.getChild(name.replace(".", "_"))
+        self.engine: PrimaryEngine | None = None
+        self.qmp: QMPClient | None = None
+        self.pid = 0
+        self.ended = threading.Event()
+        self._wake = threading.Event()
+        self._log_offset = 0
+        self._thread: threading.Thread | None = None
+        #: True while may_release decides (the engine is still "running" then) ...
+        self._deciding = False
+        #: ... and while engine.start() runs on the protection loop's thread.
+        self._starting = False
+
+    # -- protecting --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the protection loop, or wake it (after a loss) for an attempt now."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._protect_loop, name=f"cujud-protect-{self.name}",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def _protect_loop(self) -> None:
+        """One per domain, for its whole life here: (re-)protect whenever it is unprotected."""
+        delay = BACKOFF_MIN
+        while not self.ended.is_set() and not self.orch.stopping.is_set():
+            engine = self.engine
+            busy = engine is not None and (engine.running or engine.fenced or self._deciding)
+            if busy or self.machine.state not in (S.UNPROTECTED, S.DEGRADED):
+                self._wake.wait(0.5)
+                self._wake.clear()
+                delay = BACKOFF_MIN if self.machine.state is S.PROTECTED else delay
+                continue
+            try:
+                self._pair_once()
+                continue
+            except CujuError as err:
+                self.log.warning("protection not established: %s; the VM runs UNPROTECTED, next attempt "
+                                 "in %.0f s", err, delay)
+                self.log.debug("details", exc_info=True)
+            self._wake.wait(delay)
+            self._wake.clear()
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    def _pair_once(self) -> None:
+        conn = self.orch.daemon._connection(self.peer)
+        pid = qemu_pid(self.name)
+        if pid is None:
+            raise CujuError(f"{self.name} has no running QEMU")
+        ram = ram_backing(pid)
+        dom = self.orch.lookup(self.uuid)
+        with translate(f"reading the XML of {self.name}"):
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
+            pxml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) \
+                if dom.isPersistent() else xml
+        first = self.machine.state is S.UNPROTECTED
+        self.machine.move(S.PAIRING, expect=(S.UNPROTECTED, S.DEGRADED))
+        sock: socket.socket | None = None
+        try:
+            self.log.info("asking %s for a standby", self.peer)
+            reply = conn.request("standby-create", {
+                "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
+                "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
+            }, timeout=STANDBY_CREATE_TIMEOUT)
+            sock = socket.create_connection((self.spec.link_host, self.spec.link_port), timeout=10)
+            sock.sendall(bytes.fromhex(str(reply["token"])))
+            sock.settimeout(None)
+            self.qmp = QMPClient(fitness.qmp_socket_path(self.name))
+        except (CujuError, OSError, KeyError, ValueError) as err:
+            self.machine.move(S.UNPROTECTED if first else S.DEGRADED, expect=S.PAIRING)
+            self._close_qmp()
+            self._ask_abandon("pairing failed", quiet=True)
+            if sock is not None:
+                sock.close()
+            raise CujuError(f"pairing with {self.peer} failed: {err}") from err
+        self.pid = pid
+        self._log_offset = log_offset(self.name)
+        counters = self.orch.counter_dir()
+        cfg = PrimaryConfig(
+            ram_path=ram.path, ram_size=ram.size, tracker=self.spec.tracker, epoch_ms=self.spec.epoch_ms,
+            output_commit=self.spec.output_commit, max_packets=self.spec.max_epoch_packets,
+            counter_dir=str(counters), ack_timeout=self.spec.heartbeat_timeout_ms / 1e3, tag=self.name,
+        )
+        self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
+                                    machine=self.machine, may_release=self._may_release)
+        self.stats.set_initial_sync(0.0)
+        self._starting = True
+        try:
+            report = self.engine.start()
+        except CujuError:
+            if not self.engine.fenced:
+                self._close_qmp()
+            raise
+        finally:
+            self._starting = False
+            sock.close()  # the engine holds its own duplicate
+        records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer)
+        self.log.info("PROTECTED by %s: initial sync of %d pages in %.2f s (%d rounds); epochs of %d ms",
+                      self.peer, report.pages_sent, report.seconds, report.rounds, self.engine.epoch_ms)
+
+    # -- when protection fails ---------------------------------------------------------------------
+
+    def _may_release(self, err: BaseException) -> bool:
+        """The engine's question after a failure (see the module docstring)."""
+        self._deciding = True
+        try:
+            return self._decide(err)
+        finally:
+            self._deciding = False
+
+    def _decide(self, err: BaseException) -> bool:
+        if isinstance(err, MonitorError) or isinstance(err.__cause__, MonitorError):
+            # QEMU closes its monitor a moment before it exits: give it that moment
+            deadline = time.monotonic() + QEMU_EXIT_WAIT
+            while alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        if not alive(self.pid):
+            how = self._classify_exit()
+            if how.startswith("crash"):
+                self._crashed(how)
+            else:
+                self.log.info("QEMU ended (%s): stopping protection, the standby is dropped", how)
+                self._ask_abandon(how, quiet=True)
+                self._finish()
+            return True  # nothing left to hold: the QEMU is gone
+        answer = self._ask_abandon(f"protection failed: {err}")
+        if answer is not None and answer.get("abandoned"):
+            self.log.warning("backup lost (%s); the peer dropped its standby: running UNPROTECTED, "
+                             "re-protecting with backoff", err)
+            threading.Thread(target=self._reprotect_after_engine, daemon=True).start()
+            return True
+        if answer is not None and answer.get("taken_over"):
+            threading.Thread(target=self._cede, args=("the peer took the VM over",), daemon=True).start()
+            return False
+        threading.Thread(target=self._resolve_fence, name=f"cujud-fence-{self.name}", daemon=True).start()
+        return False
+
+    def _classify_exit(self) -> str:
+        sig = ended_on_signal(self.name, self._log_offset)
+        if sig is not None:
+            return f"deliberate: QEMU terminated on signal {sig}"
+        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT)
+        if event is not None and event.detail_name in DELIBERATE_STOPS:
+            return f"deliberate: libvirt reports STOPPED/{event.detail_name}"
+        if event is not None:
+            return f"crash: libvirt reports STOPPED/{event.detail_name}"
+        return f"crash: QEMU vanished without a signal line and no libvirt event within {CLASSIFY_WAIT} s"
+
+    def _crashed(self, how: str) -> None:
+        self.log.error("primary QEMU died (%s): the standby on %s takes over", how, self.peer)
+        records.write(self.orch.state_dir, records.CEDED, self.uuid, domain=self.name, peer=self.peer,
+                      reason=how)
+        try:
+            self.orch.daemon._connection(self.peer).notify("primary-crashed", {"uuid": self.uuid, "how": how})
+        except CujuError as err:
+            self.log.error("could not tell %s (%s): it takes over when both paths are silent", self.peer, err)
+        self._finish()
+
+    def _ask_abandon(self, reason: str, *, quiet: bool = False) -> dict[str, Any] | None:
+        try:
+            conn = self.orch.daemon._connection(self.peer)
+            return conn.request("standby-abandon", {"uuid": self.uuid, "reason": reason},
+                                timeout=min(2.0, self.orch.daemon.cfg.request_timeout))
+        except CujuError as err:
+            if not quiet:
+                self.log.error("cannot reach %s to drop its standby: %s", self.peer, err)
+            return None
+
+    def _wait_engine_done(self) -> PrimaryEngine | None:
+        engine = self.engine
+        time.sleep(0.01)  # let the failing engine return from may_release
+        while engine is not None and (engine.running or self._starting) and not self.ended.is_set():
+            time.sleep(0.01)
+        return engine
+
+    def _reprotect_after_engine(self) -> None:
+        self._wait_engine_done()
+        self._close_qmp()
+        self._wake.set()
+
+    def _resolve_fence(self) -> None:
+        """Fenced: ask the peer until it answers whether it took the VM over."""
+        engine = self._wait_engine_done()
+        self.log.error("FENCED: %s is unreachable and may have taken over; the VM stays stopped with "
+                       "its output held until %s answers", self.peer, self.peer)
+        while not self.ended.is_set() and not self.orch.stopping.is_set():
+            answer = self._ask_abandon("a fenced primary asks", quiet=True)
+            if answer is not None and answer.get("abandoned") and engine is not None:
+                engine.unfence()
+                self._close_qmp()
+                self._wake.set()
+                return
+            if answer is not None and answer.get("taken_over"):
+                self._cede("the peer took the VM over while this host was cut off")
+                return
+            time.sleep(0.5)
+
+    def _cede(self, why: str) -> None:
+        self._wait_engine_done()
+        self.log.error("%s: destroying the local copy; this host will refuse to start it", why)
+        records.write(self.orch.state_dir, records.CEDED, self.uuid, domain=self.name, peer=self.peer,
+                      reason=why)
+        self._close_qmp()
+        with contextlib.suppress(CujuError):
+            dom = self.orch.lookup(self.uuid)
+            with translate(f"destroying {self.name}"):
+                dom.destroy()
+        self._finish()
+
+    def _finish(self) -> None:
+        if records.read(self.orch.state_dir, records.CEDED, self.uuid) is None:
+            records.remove(self.orch.state_dir, records.PROTECTED, self.uuid)
+        self.ended.set()
+        self._wake.set()
+        for state in (S.STOPPING, S.STOPPED):
+            with contextlib.suppress(StateError):
+                self.machine.move(state)
+        self.orch.forget_primary(self)
+
+    def _close_qmp(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+
+    def stopped(self) -> None:
+        """The hook reports the domain stopped; the engine (if any) classifies it itself."""
+        engine = self.engine
+        if engine is not None and (engine.running or engine.fenced):
+            return
+        self._ask_abandon("the domain stopped", quiet=True)
+        self._finish()
+
+    def shutdown(self) -> None:
+        """cujud stops. Held output may leave only once the peer promised never to resume
+        its standby: ask first; without that promise the filters stay in QEMU and keep the
+        VM's output held (the VM is then effectively fenced until an operator acts)."""
+        self.ended.set()
+        self._wake.set()
+        engine = self.engine
+        if engine is not None and engine.running:
+            answer = self._ask_abandon("cujud on the primary host stops")
+            if answer is not None and answer.get("abandoned"):
+                with contextlib.suppress(CujuError):
+                    engine.stop(10)
+            else:
+                self.log.error("cujud stops without %s's promise not to take over: the VM's output stays "
+                               "HELD in QEMU's filters; destroy the VM here or restart cujud", self.peer)
+        self._close_qmp()
+
+
+class Orchestrator:
+    """Protected domains of this host (primaries and standbys); registered into the daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        cfg = daemon.cfg
+        self.state_dir: Path = cfg.state_dir
+        self.run_dir: Path = cfg.run_dir
+        self.stopping = daemon.stopping
+        self.primaries: dict[str, PrimaryDomain] = {}
+        self._lock = threading.Lock()
+        self._stops: dict[str, tuple[float, LifecycleEvent]] = {}
+        self._stop_cond = threading.Condition()
+        daemon.libvirt.add_lifecycle_listener(self._lifecycle)
+        self.standbys = StandbyManager(
+            libvirt_conn=daemon.libvirt, state_dir=cfg.state_dir, ft_host=cfg.ft_listen.host,
+            ft_port=cfg.ft_listen.port, peer_silent_for=self.peer_silent_for,
+            register=daemon.domains.add, unregister=self._unregister, notify_peer=self._notify_peer,
+        )
+
+    def install(self, server: control.ControlServer, handlers: peer.Handlers) -> None:
+        for method, handler in {
+            "hook-prepare": self._ctl_prepare, "protect": self._ctl_protect,
+            "hook-stopped": self._ctl_stopped, "set-epoch": self._ctl_set_epoch,
+            "takeover": self._ctl_takeover,
+        }.items():
+            server.register(method, handler)
+        handlers.requests["standby-create"] = lambda conn, body: self.standbys.create(conn.remote, body)
+        handlers.requests["standby-abandon"] = lambda conn, body: self.standbys.abandon(body)
+        handlers.requests["holds"] = lambda conn, body: {"holds": self.standbys.holds(str(body["uuid"]))}
+        handlers.notes["primary-crashed"] = self._note_crashed
+        handlers.notes["standby-lost"] = self._note_standby_lost
+
+    def close(self) -> None:
+        with self._lock:
+            primaries = list(self.primaries.values())
+        for p in primaries:
+            p.shutdown()
+        self.standbys.close()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def counter_dir(self) -> Path:
+        """Where QEMU writes the output-commit packet counters: owned by QEMU's user."""
+        path = self.run_dir / "counters"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            user = pwd.getpwnam(QEMU_USER)
+        except KeyError:
+            return path
+        os.chown(path, user.pw_uid, user.pw_gid)
+        return path
+
+    def lookup(self, uuid: str) -> Any:
+        with translate(f"looking up domain {uuid}"):
+            return self.daemon.libvirt.conn.lookupByUUIDString(uuid)
+
+    def peer_silent_for(self, name: str) -> float:
+        link = self.daemon.links.get(name)
+        if link is None:
+            return float("inf")
+        with link.lock:
+            conn = link.conn
+        if conn is None or conn.closed.is_set():
+            return float("inf")
+        return time.monotonic() - conn.last_seen
+
+    def resolve_peer(self, spec: FTSpec) -> str:
+        """The configured peer that ``<cuju:ft peer=...>`` names (by node name or address)."""
+        host = spec.peer_host
+        for name, link in self.daemon.links.items():
+            if host in (name, link.address.host):
+                return name
+        try:
+            wanted = {ai[4][0] for ai in socket.getaddrinfo(host, None)}
+        except OSError:
+            wanted = set()
+        for name, link in self.daemon.links.items():
+            with contextlib.suppress(OSError):
+                if wanted & {ai[4][0] for ai in socket.getaddrinfo(link.address.host, None)}:
+                    return name
+        known = ", ".join(sorted(self.daemon.links)) or "none"
+        raise CujuError(f"<cuju:ft peer='{spec.peer}'> names no configured peer of this cujud "
+                        f"(peers: {known}); "
+                        "fix: use a name or address listed under 'peers' in cujud.yaml")
+
+    def _notify_peer(self, name: str, kind: str, body: dict[str, Any]) -> None:
+        self.daemon._connection(name).notify(kind, body)
+
+    def _unregister(self, uuid: str) -> None:
+        with contextlib.suppress(KeyError):
+            self.daemon.domains.remove(uuid)
+
+    def forget_primary(self, p: PrimaryDomain) -> None:
+        with self._lock:
+            if self.primaries.get(p.uuid) is p:
+                del self.primaries[p.uuid]
+        self._unregister(p.uuid)
+
+    def _lifecycle(self, event: LifecycleEvent) -> None:
+        if event.event_name != "STOPPED":
+            return
+        with self._stop_cond:
+            self._stops[event.uuid] = (time.monotonic(), event)
+            self._stop_cond.notify_all()
+
+    def wait_stop_event(self, uuid: str, timeout: float) -> LifecycleEvent | None:
+        """A STOPPED event of ``uuid`` from the last few seconds, waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._stop_cond:
+            while True:
+                seen = self._stops.get(uuid)
+                if seen is not None and time.monotonic() - seen[0] < 5.0:
+                    return seen[1]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._stop_cond.wait(left)
+
+    # -- control methods (hook, CLI) ----------------------------------------------------------------
+
+    def _ctl_prepare(self, params: control.Params) -> dict[str, Any]:
+        """May this domain start here, and can it be protected right now?"""
+        uuid, xml = str(params.get("uuid", "")), str(params.get("xml", ""))
+        ceded = records.read(self.state_dir, records.CEDED, uuid) if uuid else None
+        if ceded is not None:
+            return {"start": False, "protect": False,
+                    "reason": f"this host ceded the domain to {ceded.get('peer')} ({ceded.get('reason')}); "
+                              "it runs there: start it there, or remove the record after making sure it "
+                              "does not run there"}
+        spec = parse_domain(xml)
+        if spec is None:
+            return {"start": True, "protect": False, "reason": "no <cuju:ft> element"}
+        was_protected = records.read(self.state_dir, records.PROTECTED, uuid) if uuid else None
+        try:
+            name = self.resolve_peer(spec)
+            conn = self.daemon._connection(name)
+        except CujuError as err:
+            if was_protected is not None:
+                return {"start": False, "protect": False, "reason": self._unknown_holder(was_protected, err)}
+            return {"start": True, "protect": False, "reason": str(err)}
+        if was_protected is not None:
+            try:
+                holds = conn.request("holds", {"uuid": uuid}, timeout=2.0).get("holds")
+            except CujuError as err:
+                return {"start": False, "protect": False, "reason": self._unknown_holder(was_protected, err)}
+            if holds:
+                records.write(self.state_dir, records.CEDED, uuid, domain=was_protected.get("domain"),
+                              peer=name, reason="the peer took the VM over while this host was down")
+                return {"start": False, "protect": False,
+                        "reason": f"{name} runs this VM (it took it over while this host was down)"}
+            records.remove(self.state_dir, records.PROTECTED, uuid)
+        return {"start": True, "protect": True, "peer": name}
+
+    @staticmethod
+    def _unknown_holder(record: dict[str, Any], err: CujuError) -> str:
+        peer_name = record.get("peer")
+        return (f"the VM was protected by {peer_name} when this host last ran it, and {peer_name} cannot be "
+                f"asked whether it took it over ({err}); start it once {peer_name} is reachable, or remove "
+                "the record under state_dir/protected/ if you know it does not run there")
+
+    def _ctl_protect(self, params: control.Params) -> dict[str, Any]:
+        name, uuid, xml = str(params["name"]), str(params["uuid"]), str(params["xml"])
+        spec = parse_domain(xml)
+        if spec is None:
+            raise CujuError(f"{name} has no <cuju:ft> element: nothing to protect")
+        peer_name = self.resolve_peer(spec)
+        with self._lock:
+            if uuid in self.primaries:
+                return {"scheduled": False, "reason": "already protected or being protected"}
+            p = PrimaryDomain(self, name, uuid, spec, peer_name)
+            self.primaries[uuid] = p
+        self.daemon.domains.add(p.stats, p.machine)
+        p.start()
+        return {"scheduled": True, "peer": peer_name}
+
+    def _ctl_stopped(self, params: control.Params) -> dict[str, Any]:
+        with self._lock:
+            p = self.primaries.get(str(params.get("uuid", "")))
+        if p is not None:
+            threading.Thread(target=p.stopped, daemon=True).start()
+        return {"known": p is not None}
+
+    def _ctl_set_epoch(self, params: control.Params) -> dict[str, Any]:
+        domain, value = str(params.get("domain", "")), params.get("epoch_ms")
+        if not isinstance(value, int):
+            raise CujuError("set-epoch needs 'epoch_ms' (an integer number of milliseconds)")
+        with self._lock:
+            found = [p for p in self.primaries.values() if domain in (p.name, p.uuid)]
+        if not found or found[0].engine is None or not found[0].engine.running:
+            raise CujuError(f"{domain!r} is not a domain this host protects right now")
+        try:
+            found[0].engine.epoch_ms = value
+        except ValueError as err:
+            raise CujuError(str(err)) from err
+        return {"domain": found[0].name, "epoch_ms": value}
+
+    def _ctl_takeover(self, params: control.Params) -> dict[str, Any]:
+        """An operator's failover (``failover='manual'``, or a primary known to be dead)."""
+        domain = str(params.get("domain", ""))
+        found = [sb for sb in list(self.standbys.standbys.values()) if domain in (sb.name, sb.uuid)]
+        if not found:
+            raise CujuError(f"{domain!r} has no standby on this host")
+        return found[0].take_over("an operator asked for it (cuju-libvirt takeover)")
+
+    # -- peer notes ------------------------------------------------------------------------------
+
+    def _note_crashed(self, conn: peer.PeerConnection, body: peer.Body) -> None:
+        threading.Thread(target=self.standbys.primary_crashed, args=(body,), daemon=True).start()
+
+    def _note_standby_lost(self, conn: peer.PeerConnection, body: peer.Body) -> None:
+        LOG.warning("%s reports the standby of %s stopped", conn.remote, body.get("uuid"))
+

@@ -1,0 +1,191 @@
+"""cujud on the two rig hosts, and protected Linux guests for the end-to-end tests, the
+demo and the ``failover_product`` benchmark.
+
+    shim = write_hook_shim(tmpdir)                       # the hook, for Rig(hooks={"cuju": shim})
+    with Rig(hooks={HOOK_NAME: shim}) as rig, cujud_pair(rig) as (ca, cb):
+        xml = protected_linux_xml(rig, guest, "vm", observer, ...)   # via cuju-libvirt xml enable --prepare
+        rig.a.virsh("define", str(xml)); rig.a.virsh("start", "vm")
+        ca.wait_domain("vm", "protected")
+
+Each cujud runs inside its host (``Host.popen``) with a configuration written to the host's
+``/etc/cuju-libvirt``: node names ``cuju-a``/``cuju-b``, the peer channel on the LAN
+(second heartbeat path), the FT data plane on the FT link, one pre-shared key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cuju_libvirt.control import ControlClient
+from cuju_libvirt.errors import CujuError, RigError
+from cuju_libvirt.hooks import HOOK_NAME, shim_text
+from cuju_libvirt.rig.domains import domain_xml
+from cuju_libvirt.rig.hosts import FIRST_GUEST_ADDRESS, LAN_BRIDGE, Host, Rig
+from cuju_libvirt.rig.linux_guest import LinuxGuest, kernel_cmdline
+from cuju_libvirt.rig.nodes import LAN_PREFIXLEN
+from cuju_libvirt.rig.observer import Observer
+
+__all__ = ["HOOK_NAME", "Cujud", "cujud_pair", "protected_linux_xml", "write_hook_shim"]
+
+CONTROL_SOCKET = "/run/cuju-libvirt/cujud.sock"
+#: Heartbeats every 50 ms: well inside the 500 ms default heartbeat-timeout-ms.
+DEFAULT_SETTINGS: Mapping[str, Any] = {
+    "heartbeat_interval": 0.05, "peer_timeout": 1.0, "request_timeout": 10.0,
+    "reconnect_min": 0.2, "reconnect_max": 2.0, "log_level": "INFO",
+}
+
+
+def write_hook_shim(directory: Path) -> Path:
+    """The hook file (for this Python) in ``directory``."""
+    path = directory / HOOK_NAME
+    path.write_text(shim_text(sys.executable))
+    path.chmod(0o755)
+    return path
+
+
+class Cujud:
+    """One cujud process on one rig host."""
+
+    def __init__(self, host: Host, peer: Host, psk: str, settings: Mapping[str, Any]) -> None:
+        self.host = host
+        self.log_path = host.outside("/var/log/cuju-libvirt/cujud.log")
+        etc = host.outside("/etc/cuju-libvirt")
+        etc.mkdir(parents=True, exist_ok=True)
+        psk_file = etc / "psk"
+        psk_file.write_text(psk)
+        psk_file.chmod(0o600)
+        cfg = {
+            "node_name": host.hostname, "listen": f"{host.lan_address}:7790",
+            "ft_listen": f"{host.ft_address}:7791", "metrics_listen": f"{host.lan_address}:7792",
+            "peers": {peer.hostname: f"{peer.lan_address}:7790"}, **settings,
+        }
+        (etc / "cujud.yaml").write_text(yaml.safe_dump(cfg))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> Cujud:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = self.host.popen(
+                [sys.executable, "-m", "cuju_libvirt.daemon", "--config", "/etc/cuju-libvirt/cujud.yaml"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(CujuError, OSError):
+                self.call("ping")
+                return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RigError(f"cujud on {self.host.label} did not come up (see {self.log_path})")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        with ControlClient(self.host.outside(CONTROL_SOCKET), timeout=10.0) as client:
+            return client.call(method, params)
+
+    def domain(self, name: str) -> dict[str, Any] | None:
+        """This cujud's ``status`` entry of ``name``, or None."""
+        for entry in self.call("status")["domains"]:
+            if entry["domain"] == name:
+                return dict(entry)
+        return None
+
+    def wait_domain(self, name: str, state: str, timeout: float = 120.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        entry: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(CujuError, OSError):
+                entry = self.domain(name)
+                if entry is not None and entry["state"] == state:
+                    return entry
+            time.sleep(0.1)
+        raise RigError(f"{name} on {self.host.label}: not {state!r} within {timeout:.0f} s "
+                       f"(last status {entry}; see {self.log_path})")
+
+    def peer_connected(self) -> bool:
+        with contextlib.suppress(CujuError, OSError):
+            return any(p.get("connected") for p in self.call("peers")["peers"])
+        return False
+
+
+@contextlib.contextmanager
+def cujud_pair(rig: Rig, logs: Path | None = None, **settings: Any) -> Iterator[tuple[Cujud, Cujud]]:
+    """cujud on hosts a and b, peered; stopped (SIGTERM, then SIGKILL) on exit, their logs
+    (and libvirt's QEMU logs) copied into ``logs`` if given."""
+    psk = secrets.token_hex(32) + "\n"
+    merged = {**DEFAULT_SETTINGS, **settings}
+    ca, cb = Cujud(rig.a, rig.b, psk, merged), Cujud(rig.b, rig.a, psk, merged)
+    try:
+        ca.start()
+        cb.start()
+        deadline = time.monotonic() + 20
+        while not (ca.peer_connected() and cb.peer_connected()):
+            if time.monotonic() > deadline:
+                raise RigError(f"the two cujud did not connect (see {ca.log_path}, {cb.log_path})")
+            time.sleep(0.1)
+        yield ca, cb
+    finally:
+        for c in (ca, cb):
+            c.stop()
+            if logs is not None:
+                _keep_logs(c.host, logs / c.host.name)
+
+
+def _keep_logs(host: Host, into: Path) -> None:
+    into.mkdir(parents=True, exist_ok=True)
+    for inside in ("/var/log/cuju-libvirt", "/var/log/libvirt/qemu"):
+        with contextlib.suppress(OSError):
+            for f in host.outside(inside).glob("*.log"):
+                shutil.copy(f, into / f.name)
+
+
+def protected_linux_xml(
+    rig: Rig, guest: LinuxGuest, name: str, observer: Observer, *, mac: str, pps: int,
+    epoch_ms: int = 20, heartbeat_timeout_ms: int = 500, memory_mib: int = 256,
+    extra: tuple[str, ...] = (),
+) -> Path:
+    """The Linux test guest's XML marked for protection with ``cuju-libvirt xml enable --prepare``."""
+    cmdline = kernel_cmdline(
+        "count,udp", ip=f"{FIRST_GUEST_ADDRESS}/{LAN_PREFIXLEN}", mac=mac, pps=pps,
+        peer="{}:{}".format(*observer.udp_address), tcp="{}:{}".format(*observer.tcp_address),
+    )
+    plain = rig.root / f"{name}.plain.xml"
+    plain.write_text(domain_xml(
+        name, memory_mib=memory_mib,
+        kernel=rig.stage_file(guest.kernel, f"{name}-kernel"),
+        initrd=rig.stage_file(guest.initrd, f"{name}-initrd"),
+        cmdline=cmdline, serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
+    ))
+    out = rig.root / f"{name}.xml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cuju_libvirt.cli", "xml", "enable", str(plain), "--peer", rig.b.hostname,
+         "--link", f"{rig.b.hostname}-ft", "--epoch-ms", str(epoch_ms),
+         "--heartbeat-timeout-ms", str(heartbeat_timeout_ms), *extra, "--prepare"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    if proc.returncode != 0:
+        raise RigError(f"cuju-libvirt xml enable failed: {proc.stderr.strip()}")
+    out.write_text(proc.stdout)
+    return out

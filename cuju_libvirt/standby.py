@@ -1,0 +1,440 @@
+"""The backup side of cujud: hot standbys created through this host's own libvirt.
+
+The primary's cujud asks (peer request ``standby-create``) for a standby of a domain. This
+host starts the very same domain as a *transient* domain, paused, with ``-incoming defer``
+(its QEMU waits for state), finds its RAM file, connects to its direct QMP socket and
+waits on the FT-link listener (``ft_listen``) for the primary's data connection, which
+proves itself with a one-time token handed out over the authenticated peer channel.
+:class:`~cuju_libvirt.ft_engine.epoch.BackupEngine` then receives epochs into the RAM file.
+
+Failure detection (per standby, every few ms): the primary counts as dead only when
+*both* paths are silent for ``heartbeat-timeout-ms``: the FT link (no epoch applied, or
+the link broken) and the peer control channel (no frame, heartbeats included, or no
+connection). The primary's cujud also reports a crash of its QEMU at once
+(``primary-crashed``): then the standby takes over without waiting.
+
+Every decision about one standby is taken under its lock, so an ``abandon`` (the primary
+gave up on this standby and will release its held output) and a takeover exclude each
+other: whichever comes first wins, and the other side is told.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import libvirt
+from lxml import etree
+
+from cuju_libvirt import fitness, records
+from cuju_libvirt.errors import CujuError, StateError
+from cuju_libvirt.ft_engine.epoch import BackupEngine
+from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
+from cuju_libvirt.ft_engine.stats import DomainStats
+from cuju_libvirt.qemu_process import qemu_pid, ram_backing
+from cuju_libvirt.qmp import QMPClient
+from cuju_libvirt.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
+
+LOG = logging.getLogger(__name__)
+S = FTState
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+#: Marks a standby's XML; the hook sees it and leaves such a domain alone.
+INCOMING_ARGS = ("-incoming", "defer")
+TOKEN_BYTES = 32
+DETECT_INTERVAL = 0.005
+
+
+def standby_xml(xml: str) -> str:
+    """The domain XML with ``-incoming defer`` added to its ``<qemu:commandline>``."""
+    root = etree.fromstring(xml.encode())
+    q = f"{{{QEMU_NS}}}"
+    cmd = root.find(f"{q}commandline")
+    if cmd is None:
+        cmd = etree.SubElement(root, f"{q}commandline", nsmap={"qemu": QEMU_NS})
+    for value in INCOMING_ARGS:
+        etree.SubElement(cmd, f"{q}arg").set("value", value)
+    return etree.tostring(root, encoding="unicode")
+
+
+def is_standby_xml(xml: bytes) -> bool:
+    """True for the XML of a standby (the hook's quick test, no XML parsing)."""
+    return b"value='-incoming'" in xml or b'value="-incoming"' in xml
+
+
+class FTListener:
+    """Accepts FT-link data connections; each must start with a token line naming a standby."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._server = socket.create_server((host, port), reuse_port=False)
+        self._pending: dict[bytes, Callable[[socket.socket], None]] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="cujud-ft-listen", daemon=True)
+        self._thread.start()
+        LOG.info("FT link listening on %s:%d", host, self.port)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.getsockname()[1])
+
+    def expect(self, on_connect: Callable[[socket.socket], None]) -> str:
+        token = secrets.token_bytes(TOKEN_BYTES)
+        with self._lock:
+            self._pending[token] = on_connect
+        return token.hex()
+
+    def forget(self, token: str) -> None:
+        with self._lock:
+            self._pending.pop(bytes.fromhex(token), None)
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock, addr = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._greet, args=(sock, addr), daemon=True).start()
+
+    def _greet(self, sock: socket.socket, addr: Any) -> None:
+        try:
+            sock.settimeout(5.0)
+            token = b""
+            while len(token) < TOKEN_BYTES:
+                chunk = sock.recv(TOKEN_BYTES - len(token))
+                if not chunk:
+                    raise OSError("closed before its token")
+                token += chunk
+            sock.settimeout(None)
+        except OSError as err:
+            LOG.warning("FT link connection from %s dropped: %s", addr, err)
+            sock.close()
+            return
+        with self._lock:
+            handler = self._pending.pop(token, None)
+        if handler is None:
+            LOG.warning("FT link connection from %s refused: unknown or used token", addr)
+            sock.close()
+            return
+        try:
+            handler(sock)
+        except Exception as err:
+            LOG.error("FT link connection from %s: %s", addr, err)
+            LOG.debug("details", exc_info=True)
+            sock.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+
+
+class Standby:
+    """One hot standby on this host and the decisions about it (under :attr:`lock`)."""
+
+    def __init__(self, manager: StandbyManager, *, name: str, uuid: str, peer: str, xml: str,
+                 persistent_xml: str, timeout_s: float, auto_failover: bool) -> None:
+        self.manager = manager
+        self.name = name
+        self.uuid = uuid
+        self.peer = peer
+        self.xml = xml
+        self.persistent_xml = persistent_xml
+        self.timeout_s = timeout_s
+        self.auto_failover = auto_failover
+        self.lock = threading.RLock()
+        self.machine = FTMachine(name, Role.BACKUP)
+        self.stats = DomainStats(name, uuid, "backup", peer=peer)
+        self.log = LOG.getChild(name.replace(".", "_"))
+        self.engine: BackupEngine | None = None
+        self.qmp: QMPClient | None = None
+        self.link: socket.socket | None = None
+        self.token = ""
+        self.abandoned = False
+        self.taken_over = False
+        self._done = threading.Event()
+        #: Set once an abandoned standby's QEMU is destroyed and it is forgotten.
+        self.gone = threading.Event()
+        self._last_epoch = 0
+        self._last_progress = time.monotonic()
+
+    # -- creation ----------------------------------------------------------------------------
+
+    def create(self) -> str:
+        """Start the paused standby and wait for the primary's link; returns the link token."""
+        virt = self.manager.libvirt
+        with translate(f"creating the standby of {self.name}"):
+            virt.conn.createXML(standby_xml(self.xml), libvirt.VIR_DOMAIN_START_PAUSED)
+        try:
+            pid = qemu_pid(self.name)
+            if pid is None:
+                raise CujuError(f"standby {self.name} started but its QEMU pid file is missing")
+            ram = ram_backing(pid)
+            self.qmp = _connect_qmp(fitness.qmp_socket_path(self.name), 10.0)
+            self.ram_path = ram.path
+            self.token = self.manager.ft.expect(self._linked)
+        except BaseException:
+            self._destroy_domain()
+            raise
+        self.log.info("standby created (paused, -incoming defer, RAM %s, %d MiB); waiting for the FT link",
+                      ram.path, ram.size >> 20)
+        return self.token
+
+    def _linked(self, sock: socket.socket) -> None:
+        with self.lock:
+            if self.abandoned:
+                raise StateError(f"standby {self.name} was abandoned before its link arrived")
+            assert self.qmp is not None
+            self.link = sock
+            state_path = self.manager.state_dir / "standby" / f"{self.uuid}.devstate"
+            state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.engine = BackupEngine(
+                qmp=self.qmp, ram_path=self.ram_path, link=sock, device_state_path=str(state_path),
+                stats=self.stats, machine=self.machine, tag=self.name, io_timeout=30.0,
+            )
+            self.engine.start()
+            self._last_progress = time.monotonic()
+        threading.Thread(target=self._detect, name=f"cujud-detect-{self.name}", daemon=True).start()
+        self.log.info("FT link from the primary connected; receiving")
+
+    # -- failure detection -----------------------------------------------------------------------
+
+    def _detect(self) -> None:
+        while not self._done.wait(DETECT_INTERVAL):
+            engine = self.engine
+            if engine is None:
+                continue
+            now = time.monotonic()
+            applied = engine.last_applied
+            if applied != self._last_epoch and engine.link_error is None:
+                self._last_epoch = applied
+                self._last_progress = now
+            ft_silent = now - self._last_progress >= self.timeout_s
+            ctl_silent = self.manager.peer_silent_for(self.peer) >= self.timeout_s
+            if ft_silent and ctl_silent:
+                why = (f"no epoch on the FT link and no frame on the peer channel for "
+                       f"{self.timeout_s * 1e3:.0f} ms")
+                if self.machine.state is S.STANDBY and self.auto_failover:
+                    self.take_over(f"primary declared dead: {why}")
+                elif self.machine.state is S.STANDBY:
+                    self.log.error("primary declared dead (%s); failover='manual': waiting for an operator",
+                                   why)
+                else:
+                    self.log.error("primary lost during the initial synchronisation (%s): nothing "
+                                   "consistent to resume; dropping the standby", why)
+                    self.abandon("primary lost before the standby was consistent")
+                return
+
+    # -- decisions -------------------------------------------------------------------------------
+
+    def take_over(self, reason: str) -> dict[str, Any]:
+        """Fail over: resume the standby from the last committed epoch, make it a normal domain."""
+        with self.lock:
+            if self.taken_over:
+                return {"taken_over": True}
+            if self.abandoned or self.engine is None:
+                return {"taken_over": False, "reason": "the standby was abandoned or never linked"}
+            self.log.warning("TAKING OVER: %s", reason)
+            self.taken_over = True  # before the first step: an abandon from now on is refused
+            self._done.set()
+            records.write(self.manager.state_dir, records.TAKEOVERS, self.uuid, domain=self.name,
+                          peer=self.peer, reason=reason)
+            report = self.engine.failover()
+            self.stats.role = "primary"  # the VM runs here now (unprotected until a new standby)
+            try:
+                with translate(f"defining {self.name} after the failover"):
+                    self.manager.libvirt.conn.defineXML(self.persistent_xml)
+            except CujuError as err:
+                self.log.error("the VM runs, but could not be made persistent: %s", err)
+            self.log.warning("failover of %s done: epoch %d resumed in %.1f ms; it is a normal domain "
+                             "of this host now, UNPROTECTED", self.name, report.epoch, report.total_s * 1e3)
+            self.manager.taken_over(self)
+            return {"taken_over": True, "epoch": report.epoch}
+
+    def abandon(self, reason: str) -> dict[str, Any]:
+        """Drop the standby for good (never to take over in this session)."""
+        with self.lock:
+            if self.taken_over:
+                return {"abandoned": False, "taken_over": True}
+            if self.abandoned:
+                return {"abandoned": True}
+            self.abandoned = True
+            self._done.set()
+            self.log.info("dropping the standby: %s", reason)
+            if self.token:
+                self.manager.ft.forget(self.token)
+        # The promise (abandoned, under the lock) is what the primary waits for; the slow
+        # part (libvirt's destroy) follows on a thread of its own.
+        threading.Thread(target=self._teardown, name=f"cujud-drop-{self.name}", daemon=True).start()
+        return {"abandoned": True}
+
+    def _teardown(self) -> None:
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                self.engine.close()
+        if self.link is not None:
+            with contextlib.suppress(OSError):
+                self.link.shutdown(socket.SHUT_RDWR)
+            self.link.close()
+        if self.qmp is not None:
+            self.qmp.close()
+        self._destroy_domain()
+        with contextlib.suppress(StateError):
+            self.machine.move(S.STOPPING)
+            self.machine.move(S.STOPPED)
+        self.manager.forget(self)
+        self.gone.set()
+
+    def _destroy_domain(self) -> None:
+        with contextlib.suppress(Exception):
+            dom = self.manager.libvirt.conn.lookupByName(self.name)
+            if not dom.isPersistent():
+                dom.destroy()
+
+
+def _connect_qmp(path: str, timeout: float) -> QMPClient:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return QMPClient(path, connect_timeout=2.0)
+        except CujuError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class StandbyManager:
+    """Every standby on this host, by UUID."""
+
+    def __init__(self, *, libvirt_conn: LibvirtConnection, state_dir: Path, ft_host: str, ft_port: int,
+                 peer_silent_for: Callable[[str], float], register: Callable[[DomainStats, FTMachine], None],
+                 unregister: Callable[[str], None], notify_peer: Callable[[str, str, dict[str, Any]], None]
+                 ) -> None:
+        self.libvirt = libvirt_conn
+        self.state_dir = state_dir
+        self.peer_silent_for = peer_silent_for
+        self._register = register
+        self._unregister = unregister
+        self._notify_peer = notify_peer
+        self.ft = FTListener(ft_host, ft_port)
+        self.standbys: dict[str, Standby] = {}
+        self.failed_over: dict[str, Standby] = {}
+        self._lock = threading.Lock()
+        libvirt_conn.add_lifecycle_listener(self._lifecycle)
+        libvirt_conn.add_state_listener(self._libvirt_state)
+
+    def close(self) -> None:
+        """Drop every standby (the peer channel is still up: a primary that asks is told)."""
+        self.ft.close()
+        standbys = list(self.standbys.values())
+        for sb in standbys:
+            sb.abandon("cujud is shutting down")
+        for sb in standbys:
+            sb.gone.wait(15)
+
+    # -- peer requests -----------------------------------------------------------------------
+
+    def create(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        name, uuid = str(body["name"]), str(body["uuid"])
+        with self._lock:
+            old = self.standbys.get(uuid)
+        if old is not None:
+            old.abandon("replaced by a new standby of the same domain")
+            old.gone.wait(60)
+        sb = Standby(self, name=name, uuid=uuid, peer=peer, xml=str(body["xml"]),
+                     persistent_xml=str(body["persistent_xml"]),
+                     timeout_s=int(body["heartbeat_timeout_ms"]) / 1e3,
+                     auto_failover=body.get("failover", "auto") == "auto")
+        # A standby here means the VM runs on the peer: an old takeover record is stale. A
+        # ceded record stays: this host must still not start the VM on its own.
+        records.remove(self.state_dir, records.TAKEOVERS, uuid)
+        token = sb.create()
+        with self._lock:
+            self.standbys[uuid] = sb
+        self._register(sb.stats, sb.machine)
+        return {"token": token}
+
+    def abandon(self, body: dict[str, Any]) -> dict[str, Any]:
+        uuid = str(body["uuid"])
+        with self._lock:
+            sb = self.standbys.get(uuid)
+        if sb is None:
+            taken = records.read(self.state_dir, records.TAKEOVERS, uuid) is not None
+            return {"abandoned": not taken, "taken_over": taken}
+        return sb.abandon(str(body.get("reason", "the primary gave up on this standby")))
+
+    def holds(self, uuid: str) -> bool:
+        """True if this host took the domain over (the old primary must not start it)."""
+        with self._lock:
+            if uuid in self.failed_over:
+                return True
+        return records.read(self.state_dir, records.TAKEOVERS, uuid) is not None
+
+    def primary_crashed(self, body: dict[str, Any]) -> None:
+        with self._lock:
+            sb = self.standbys.get(str(body["uuid"]))
+        if sb is None:
+            return
+        if sb.machine.state is S.STANDBY and sb.auto_failover:
+            sb.take_over(f"the primary's cujud reports its QEMU crashed ({body.get('how', '?')})")
+        elif sb.machine.state is not S.STANDBY:
+            sb.abandon("the primary crashed before the standby was consistent")
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+
+    def forget(self, sb: Standby) -> None:
+        with self._lock:
+            if self.standbys.get(sb.uuid) is sb:
+                del self.standbys[sb.uuid]
+        with contextlib.suppress(KeyError):
+            self._unregister(sb.uuid)
+
+    def taken_over(self, sb: Standby) -> None:
+        with self._lock:
+            self.standbys.pop(sb.uuid, None)
+            self.failed_over[sb.uuid] = sb
+
+    def _libvirt_state(self, state: LinkState) -> None:
+        if state is LinkState.CONNECTED:
+            threading.Thread(target=self._drop_orphans, name="cujud-orphans", daemon=True).start()
+
+    def _drop_orphans(self) -> None:
+        """Destroy standbys nobody here tracks (left by a cujud that died): only the cujud that
+        created a standby may ever resume it, and that one is gone."""
+        try:
+            domains = self.libvirt.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)
+        except libvirt.libvirtError as err:
+            LOG.warning("could not list domains to find orphaned standbys: %s", err)
+            return
+        for dom in domains:
+            with contextlib.suppress(libvirt.libvirtError):
+                with self._lock:
+                    tracked = dom.UUIDString() in self.standbys
+                if tracked or not is_standby_xml(dom.XMLDesc(0).encode()):
+                    continue
+                LOG.warning("destroying orphaned standby %s (its cujud is gone; it must never resume)",
+                            dom.name())
+                dom.destroy()
+
+    def _lifecycle(self, event: LifecycleEvent) -> None:
+        if event.event_name != "STOPPED":
+            return
+        with self._lock:
+            sb = self.standbys.get(event.uuid)
+        if sb is None or sb.taken_over or sb.abandoned:
+            return
+        sb.log.error("the standby QEMU stopped (%s): the primary runs unprotected until a new standby",
+                     event.detail_name)
+        threading.Thread(target=self._standby_died, args=(sb,), daemon=True).start()
+
+    def _standby_died(self, sb: Standby) -> None:
+        sb.abandon("the standby QEMU stopped")
+        with contextlib.suppress(CujuError):
+            self._notify_peer(sb.peer, "standby-lost", {"uuid": sb.uuid})

@@ -1,0 +1,142 @@
+"""Pieces of the orchestration that can be checked without a rig: the standby's XML, the
+records, what a QEMU left in its log and on its command line, and the rule that a standby
+promised away never takes over (and a taken-over one is never promised away)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from cuju_libvirt import records
+from cuju_libvirt.errors import CujuError
+from cuju_libvirt.ft_engine.state import FTState
+from cuju_libvirt.qemu_process import ended_on_signal, log_offset, ram_backing
+from cuju_libvirt.rig.domains import domain_xml
+from cuju_libvirt.standby import Standby, is_standby_xml, standby_xml
+
+
+def test_standby_xml_adds_incoming_defer_and_is_recognised() -> None:
+    xml = domain_xml("vm", kernel="/boot/vmlinuz", qemu_args=("-qmp", "unix:/x.sock,server=on,wait=off"))
+    assert not is_standby_xml(xml.encode())
+    sb = standby_xml(xml)
+    assert is_standby_xml(sb.encode())
+    assert sb.index("-qmp") < sb.index("-incoming") < sb.index("defer")
+    plain = standby_xml(domain_xml("vm", kernel="/boot/vmlinuz"))  # no <qemu:commandline> yet
+    assert is_standby_xml(plain.encode()) and "xmlns:qemu" in plain
+
+
+def test_records_round_trip_and_refuse_odd_uuids(tmp_path: Path) -> None:
+    uuid = "0f1e2d3c-0000-4000-8000-000000000001"
+    assert records.read(tmp_path, records.CEDED, uuid) is None
+    records.write(tmp_path, records.CEDED, uuid, peer="hostb", reason="test")
+    got = records.read(tmp_path, records.CEDED, uuid)
+    assert got is not None and got["peer"] == "hostb" and got["uuid"] == uuid
+    assert (tmp_path / "ceded").stat().st_mode & 0o777 == 0o700
+    assert records.remove(tmp_path, records.CEDED, uuid) and not records.remove(tmp_path, records.CEDED, uuid)
+    for bad in ("", "../x", ".hidden", "a/b"):
+        with pytest.raises(ValueError):
+            records.write(tmp_path, records.CEDED, bad)
+
+
+def test_signal_line_in_the_log_after_the_offset_only(tmp_path: Path) -> None:
+    log = tmp_path / "vm.log"
+    log.write_text("2026 qemu-system-x86_64: terminating on signal 15 from pid 1 (libvirtd)\n")
+    offset = log_offset("vm", tmp_path)
+    assert ended_on_signal("vm", 0, tmp_path) == 15
+    assert ended_on_signal("vm", offset, tmp_path) is None  # an earlier run's line does not count
+    with open(log, "a") as fh:
+        fh.write("qemu-system-x86_64: terminating on signal 2\n")
+    assert ended_on_signal("vm", offset, tmp_path) == 2
+    assert ended_on_signal("missing", 0, tmp_path) is None
+
+
+def wait_exec(pid: int, marker: bytes) -> None:
+    """Until the child's /proc command line is the exec'd one (vfork + exec may lag a moment)."""
+    for _ in range(200):
+        if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} never showed {marker!r} on its command line")
+
+
+def test_ram_backing_read_from_a_real_process_command_line(tmp_path: Path) -> None:
+    ram = tmp_path / "pc.ram"
+    ram.write_bytes(b"\0" * 8192)
+    obj = json.dumps({"qom-type": "memory-backend-file", "id": "pc.ram", "mem-path": str(ram), "share": True})
+    code = "import sys, time; time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code, "-object", obj])
+    try:
+        wait_exec(proc.pid, b"-object")
+        found = ram_backing(proc.pid)
+        assert found.path == str(ram) and found.size == 8192
+    finally:
+        proc.kill()
+        proc.wait()
+    none = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        wait_exec(none.pid, b"time.sleep")
+        with pytest.raises(CujuError, match="no file-backed guest RAM"):
+            ram_backing(none.pid)
+    finally:
+        none.kill()
+        none.wait()
+
+
+class FakeEngine:
+    """Stands in for BackupEngine: failover() only records that it ran."""
+
+    def __init__(self) -> None:
+        self.failovers = 0
+        self.closed = False
+
+    def failover(self) -> Any:
+        self.failovers += 1
+        return SimpleNamespace(epoch=7, total_s=0.01)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make_standby(tmp_path: Path) -> tuple[Standby, list[str]]:
+    events: list[str] = []
+    dom = SimpleNamespace(isPersistent=lambda: False, destroy=lambda: events.append("destroy"))
+    conn = SimpleNamespace(defineXML=lambda xml: events.append("define"), lookupByName=lambda name: dom)
+    manager: Any = SimpleNamespace(
+        libvirt=SimpleNamespace(conn=conn), state_dir=tmp_path, ft=SimpleNamespace(forget=lambda t: None),
+        taken_over=lambda sb: events.append("taken_over"), forget=lambda sb: events.append("forget"),
+    )
+    sb = Standby(manager, name="vm", uuid="0f1e2d3c-0000-4000-8000-000000000002", peer="hosta",
+                 xml="<domain/>", persistent_xml="<domain/>", timeout_s=0.5, auto_failover=True)
+    sb.engine = FakeEngine()  # type: ignore[assignment]
+    sb.machine.move(FTState.STANDBY)
+    return sb, events
+
+
+def test_a_promised_away_standby_never_takes_over(tmp_path: Path) -> None:
+    sb, events = make_standby(tmp_path)
+    assert sb.abandon("the primary runs on") == {"abandoned": True}
+    assert sb.take_over("primary declared dead")["taken_over"] is False
+    assert sb.engine is not None and sb.engine.failovers == 0  # type: ignore[attr-defined]
+    assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is None
+    for t in threading.enumerate():
+        if t.name.startswith("cujud-drop"):
+            t.join(5)
+    assert "destroy" in events and "forget" in events
+
+
+def test_a_taken_over_standby_is_never_promised_away(tmp_path: Path) -> None:
+    sb, events = make_standby(tmp_path)
+    assert sb.take_over("primary declared dead") == {"taken_over": True, "epoch": 7}
+    assert sb.abandon("too late") == {"abandoned": False, "taken_over": True}
+    assert sb.take_over("again") == {"taken_over": True}  # once only
+    assert sb.engine is not None and sb.engine.failovers == 1  # type: ignore[attr-defined]
+    assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is not None
+    assert events == ["define", "taken_over"] and sb.stats.role == "primary"
