@@ -39,6 +39,8 @@ from cuju_libvirt.rig.observer import Observer
 __all__ = ["HOOK_NAME", "Cujud", "cujud_pair", "protected_linux_xml", "write_hook_shim"]
 
 CONTROL_SOCKET = "/run/cuju-libvirt/cujud.sock"
+#: cujud's Prometheus port on each rig host (its LAN address).
+METRICS_PORT = 7792
 #: Heartbeats every 50 ms: well inside the 500 ms default heartbeat-timeout-ms.
 DEFAULT_SETTINGS: Mapping[str, Any] = {
     "heartbeat_interval": 0.05, "peer_timeout": 1.0, "request_timeout": 10.0,
@@ -67,7 +69,7 @@ class Cujud:
         psk_file.chmod(0o600)
         cfg = {
             "node_name": host.hostname, "listen": f"{host.lan_address}:7790",
-            "ft_listen": f"{host.ft_address}:7791", "metrics_listen": f"{host.lan_address}:7792",
+            "ft_listen": f"{host.ft_address}:7791", "metrics_listen": f"{host.lan_address}:{METRICS_PORT}",
             "peers": {peer.hostname: f"{peer.lan_address}:7790"}, **settings,
         }
         (etc / "cujud.yaml").write_text(yaml.safe_dump(cfg))

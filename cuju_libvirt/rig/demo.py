@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cuju_libvirt import FT_NAMESPACE
 from cuju_libvirt.errors import RigError
-from cuju_libvirt.rig.cujud import CONTROL_SOCKET, HOOK_NAME, Cujud, cujud_pair, write_hook_shim
+from cuju_libvirt.rig.cujud import CONTROL_SOCKET, HOOK_NAME, METRICS_PORT, Cujud, cujud_pair, write_hook_shim
 from cuju_libvirt.rig.domains import domain_xml
 from cuju_libvirt.rig.guests import boot_image, read_counter, serial_counts
 from cuju_libvirt.rig.hosts import LAN_BRIDGE, Host, Rig
@@ -33,6 +33,15 @@ from cuju_libvirt.rig.sandbox import tool
 
 DOMAIN = "demo-vm"
 MAC = "52:54:00:19:00:64"
+#: The series the demo shows from cujud's /metrics while the VM is protected.
+METRICS_SHOWN = (
+    "cuju_replication_lag_seconds",
+    "cuju_protected",
+    "cuju_ft_state",
+    "cuju_epochs_committed_total",
+    "cuju_epoch_length_seconds",
+    "cuju_tracker_info",
+)
 
 
 @dataclass
@@ -88,6 +97,22 @@ class Demo:
         argv = [sys.executable, "-m", "cuju_libvirt.cli", "status", "--socket", str(sock)]
         self.out(f"  [host {host.name}]")
         self.sh(argv, shown=["cuju-libvirt", "status"])
+
+    def metrics(self, host: Host, prefixes: Sequence[str] = METRICS_SHOWN) -> None:
+        """Scrape cujud's Prometheus endpoint on ``host`` (from inside it) and show some series."""
+        url = f"http://{host.lan_address}:{METRICS_PORT}/metrics"
+        fetch = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
+        text = host.run([sys.executable, "-c", fetch], timeout=30).stdout
+        self.out(f"  [host {host.name}] $ curl -s {url}")
+        def wanted(line: str) -> bool:  # of the one-per-state series, only the state it is in
+            inactive_state = line.startswith("cuju_ft_state") and line.endswith(" 0.0")
+            return line.startswith(tuple(prefixes)) and not inactive_state
+
+        shown = [line for line in text.splitlines() if wanted(line)]
+        if not any(line.startswith("cuju_replication_lag_seconds") for line in shown):
+            raise RigError(f"cujud on host {host.name} exports no cuju_replication_lag_seconds")
+        for line in shown:
+            self.out(f"    {line}")
 
     def virsh(self, host: Host, *args: str) -> str:
         return self.sh([tool("virsh"), "-c", host.uri, *args], shown=["virsh", "-c", host.uri, *args])
@@ -155,6 +180,7 @@ def protected(demo: Demo) -> None:
     time.sleep(2.0)  # a couple of seconds of epochs, for the rates
     demo.status(rig.a)
     demo.status(rig.b)
+    demo.metrics(rig.a)
     demo.virsh(rig.b, "list", "--all")
 
 
@@ -178,6 +204,8 @@ def on_host_b(demo: Demo) -> None:
     demo.virsh(rig.b, "list")
     demo.virsh(rig.b, "dominfo", DOMAIN)
     demo.status(rig.b)
+    demo.metrics(rig.b, ("cuju_replication_lag_seconds", "cuju_ft_state", "cuju_failovers_total",
+                         "cuju_last_failover_duration_seconds"))
     before = max(demo.counters) if demo.counters else 0
     demo.counters = []
     watch(demo, host=rig.b)
