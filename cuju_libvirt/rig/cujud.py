@@ -36,7 +36,9 @@ from cuju_libvirt.rig.linux_guest import LinuxGuest, kernel_cmdline
 from cuju_libvirt.rig.nodes import LAN_PREFIXLEN
 from cuju_libvirt.rig.observer import Observer
 
-__all__ = ["HOOK_NAME", "Cujud", "cujud_pair", "protected_linux_xml", "write_hook_shim"]
+__all__ = [
+    "HOOK_NAME", "Cujud", "cujud_pair", "protected_counter_xml", "protected_linux_xml", "write_hook_shim",
+]
 
 CONTROL_SOCKET = "/run/cuju-libvirt/cujud.sock"
 #: cujud's Prometheus port on each rig host (its LAN address).
@@ -180,7 +182,24 @@ def protected_linux_xml(
         initrd=rig.stage_file(guest.initrd, f"{name}-initrd"),
         cmdline=cmdline, serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
     ))
-    out = rig.root / f"{name}.xml"
+    return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms,
+                      heartbeat_timeout_ms=heartbeat_timeout_ms, extra=extra)
+
+
+def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_ms: int = 20) -> Path:
+    """The boot-sector counter guest (``image``, from :func:`~cuju_libvirt.rig.guests.boot_image`;
+    a copy of its own) marked for protection with ``cuju-libvirt xml enable --prepare``."""
+    plain = rig.root / f"{name}.plain.xml"
+    plain.write_text(domain_xml(
+        name, memory_mib=64, disk=rig.stage_file(image, f"{name}.img"),
+        serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
+    ))
+    return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms, heartbeat_timeout_ms=500)
+
+
+def _enable_ft(rig: Rig, plain: Path, out: Path, *, epoch_ms: int, heartbeat_timeout_ms: int,
+               extra: tuple[str, ...] = ()) -> Path:
+    """``cuju-libvirt xml enable --prepare`` of ``plain`` (peer: host b) into ``out``."""
     proc = subprocess.run(
         [sys.executable, "-m", "cuju_libvirt.cli", "xml", "enable", str(plain), "--peer", rig.b.hostname,
          "--link", f"{rig.b.hostname}-ft", "--epoch-ms", str(epoch_ms),

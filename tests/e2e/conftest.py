@@ -9,10 +9,14 @@
   gives the guest its own copy of the image, writes its domain XML, ``virsh define``s it on
   ``host`` and returns a
   :class:`RigGuest`; every guest it made is destroyed and undefined after the test.
+* ``ft_rig`` (module): a rig of its own with the cuju hook installed in both hosts, and
+  ``cujuds``: cujud on both of its hosts for one test (the product path; protected domains
+  are removed with :func:`cleanup_protected`).
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from cuju_libvirt import FT_NAMESPACE
+from cuju_libvirt.rig.cujud import HOOK_NAME, Cujud, cujud_pair, write_hook_shim
 from cuju_libvirt.rig.domains import domain_xml
 from cuju_libvirt.rig.guests import boot_image, read_counter, serial_counts
 from cuju_libvirt.rig.hosts import LAN_BRIDGE, Host, Rig
@@ -49,6 +54,42 @@ def rig() -> Iterator[Rig]:
         yield the_rig
     finally:
         the_rig.down()
+
+
+@pytest.fixture(scope="module")
+def ft_rig() -> Iterator[Rig]:
+    """A rig of its own, with the hook installed in both hosts before libvirtd starts."""
+    skip_unless_rig_possible()
+    sweep_stale()
+    with tempfile.TemporaryDirectory(prefix="orchestrator-hook.") as tmp:
+        shim = write_hook_shim(Path(tmp))
+        rig = Rig(hooks={HOOK_NAME: shim})
+        try:
+            rig.up()
+        except RigUnavailable as err:
+            pytest.skip(str(err))
+        try:
+            yield rig
+        finally:
+            rig.down()
+
+
+@pytest.fixture
+def cujuds(ft_rig: Rig, tmp_path: Path) -> Iterator[tuple[Cujud, Cujud]]:
+    """cujud on both hosts; their logs end up in the test's tmp_path (kept by pytest)."""
+    with cujud_pair(ft_rig, logs=tmp_path / "logs") as pair:
+        yield pair
+
+
+def cleanup_protected(rig: Rig, name: str) -> None:
+    """Destroy and undefine ``name`` on both hosts and forget cujud's records of it."""
+    for host in (rig.a, rig.b):
+        if host.keeper is not None and host.keeper.alive():
+            host.virsh("destroy", name, check=False)
+            host.virsh("undefine", name, check=False)
+        for kind in ("ceded", "takeovers", "protected"):
+            for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
+                f.unlink()
 
 
 @pytest.fixture(scope="session")

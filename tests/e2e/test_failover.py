@@ -13,20 +13,16 @@ from __future__ import annotations
 import os
 import random
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.rig.cujud import HOOK_NAME, Cujud, cujud_pair, protected_linux_xml, write_hook_shim
+from cuju_libvirt.rig.cujud import Cujud, protected_linux_xml
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Host, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
 from cuju_libvirt.rig.observer import Observer, Recording, Rules, judge_run
-from cuju_libvirt.rig.sandbox import RigUnavailable
-from cuju_libvirt.rig.teardown import sweep_stale
-from tests.e2e.conftest import skip_unless_rig_possible
+from tests.e2e.conftest import cleanup_protected
 
 MAC = "52:54:00:19:04:00"
 PPS = 300
@@ -34,24 +30,6 @@ EPOCH_MS = 20
 #: One epoch's packets, as the rule allows: the epoch itself plus its pause and shipping
 #: under TCG on 2 shared cores (measured epochs close every 25-60 ms here).
 MAX_GAP = PPS * 100 // 1000
-
-
-@pytest.fixture(scope="module")
-def ft_rig() -> Iterator[Rig]:
-    """A rig of its own, with the hook installed in both hosts before libvirtd starts."""
-    skip_unless_rig_possible()
-    sweep_stale()
-    with tempfile.TemporaryDirectory(prefix="orchestrator-hook.") as tmp:
-        shim = write_hook_shim(Path(tmp))
-        rig = Rig(hooks={HOOK_NAME: shim})
-        try:
-            rig.up()
-        except RigUnavailable as err:
-            pytest.skip(str(err))
-        try:
-            yield rig
-        finally:
-            rig.down()
 
 
 @pytest.fixture(scope="module")
@@ -63,23 +41,6 @@ def linux_guest() -> LinuxGuest:
 def observer(ft_rig: Rig) -> Iterator[Observer]:
     with Observer((OBSERVER_ADDRESS, 0), (OBSERVER_ADDRESS, 0), netns=ft_rig.lan.netns_path) as obs:
         yield obs
-
-
-@pytest.fixture
-def cujuds(ft_rig: Rig, tmp_path: Path) -> Iterator[tuple[Cujud, Cujud]]:
-    """cujud on both hosts; their logs end up in the test's tmp_path (kept by pytest)."""
-    with cujud_pair(ft_rig, logs=tmp_path / "logs") as pair:
-        yield pair
-
-
-def _cleanup(rig: Rig, name: str) -> None:
-    for host in (rig.a, rig.b):
-        if host.keeper is not None and host.keeper.alive():
-            host.virsh("destroy", name, check=False)
-            host.virsh("undefine", name, check=False)
-        for kind in ("ceded", "takeovers", "protected"):
-            for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
-                f.unlink()
 
 
 def _start_protected(
@@ -153,7 +114,7 @@ def test_sigkill_of_the_primary_qemu_fails_over_to_host_b(
         refused = rig.a.run(["virsh", "-c", "qemu:///system", "start", name], check=False)
         assert refused.returncode != 0 and "ceded" in refused.stderr, refused.stderr
     finally:
-        _cleanup(rig, name)
+        cleanup_protected(rig, name)
 
 
 @pytest.mark.timeout(300)
@@ -195,7 +156,7 @@ def test_backup_loss_leaves_the_primary_running_and_it_re_protects(
         assert not list(rig.b.outside("/var/lib/cuju-libvirt/takeovers").glob("*.json"))
         assert "deliberate" in ca.log_path.read_text()
     finally:
-        _cleanup(rig, name)
+        cleanup_protected(rig, name)
 
 
 @pytest.mark.timeout(300)
@@ -234,7 +195,7 @@ def test_partition_of_host_b_never_lets_both_copies_speak(
         assert refused.returncode != 0 and "ceded" in refused.stderr, refused.stderr
     finally:
         rig.b.set_links(up=True)
-        _cleanup(rig, name)
+        cleanup_protected(rig, name)
 
 
 @pytest.mark.timeout(300)
@@ -264,7 +225,7 @@ def test_backup_host_crash_fences_the_primary_until_the_backup_host_answers(
         said = ca.log_path.read_text()
         assert "FENCED" in said and "unfenced" in said
     finally:
-        _cleanup(rig, name)
+        cleanup_protected(rig, name)
 
 
 @pytest.mark.timeout(300)
@@ -297,4 +258,4 @@ def test_primary_host_crash_fails_over_and_the_rebooted_host_refuses_the_vm(
         assert refused.returncode != 0 and "took it over" in refused.stderr, refused.stderr
         assert _runs(rig.b, name)
     finally:
-        _cleanup(rig, name)
+        cleanup_protected(rig, name)
