@@ -259,6 +259,19 @@ STEPS: list[tuple[str, Callable[[Demo], None]]] = [
 ]
 
 
+def show_logs(demo: Demo, lines: int = 25) -> None:
+    """The last lines of each host's cujud log, so that a failed step can be understood."""
+    for cujud in demo.cujuds or ():
+        try:
+            tail = cujud.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError as err:
+            demo.out(f"\n  (no cujud log on host {cujud.host.name}: {err})")
+            continue
+        demo.out(f"\n== Last {len(tail)} lines of {cujud.log_path} (host {cujud.host.name})")
+        for line in tail:
+            demo.out(f"  {line}")
+
+
 def run_demo(base: Path | None = None, keep: bool = False) -> int:
     """Run every step; tear the rig down at the end (also on failure) unless ``keep``."""
     demo = Demo(base=base, keep=keep)
@@ -267,6 +280,9 @@ def run_demo(base: Path | None = None, keep: bool = False) -> int:
         for number, (title, step) in enumerate(STEPS, 1):
             demo.out(f"\n== {number}/{len(STEPS)} {title}")
             step(demo)
+    except BaseException:
+        show_logs(demo)  # before the teardown removes them
+        raise
     finally:
         demo.stack.close()  # cujud on both hosts (the rig below stays or goes as asked)
         if demo.rig is not None and not keep:
