@@ -726,6 +726,8 @@ class BackupEngine:
         self._ram: mmap.mmap | None = None
         self._watch: threading.Thread | None = None
         self._closed = threading.Event()
+        self._counted: dict[str, int] = {}  # the receiver's counters last added to ``stats``
+        self._count_lock = threading.Lock()
         #: Seconds :meth:`start` spent populating the standby's RAM mapping.
         self.populate_s = 0.0
         #: The receiver's failure (link lost), once it happened.
@@ -757,6 +759,24 @@ class BackupEngine:
     def last_applied(self) -> int:
         return self._rx.last_applied if self._rx is not None else 0
 
+    def _count_commits(self) -> None:
+        """Add the epochs the receiver applied since the last call to ``stats`` (the watch
+        thread calls it every 50 ms, off the C threads' path; failover and close once more)."""
+        if self._rx is None:
+            return
+        with self._count_lock:
+            now = self._rx.counters()
+            last = self._counted
+            epochs = now["epochs_applied"] - last.get("epochs_applied", 0)
+            if epochs <= 0:
+                return
+            self._counted = now
+            self.stats.record_commits(
+                last_epoch=now["last_applied_epoch"], epochs=epochs,
+                pages=now["pages"] - last.get("pages", 0),
+                wire_bytes=now["wire_bytes"] - last.get("wire_bytes", 0),
+            )
+
     def consistent(self) -> bool:
         """True once a committed epoch carries device state (the initial sync's stopped round
         or any later epoch): only then is there something consistent to resume."""
@@ -776,6 +796,7 @@ class BackupEngine:
                 self.log.warning("FT link lost at epoch %d: %s", rx.last_applied, err)
                 return
             finally:
+                self._count_commits()
                 if self.machine.state is S.STANDBY_STARTING and self.consistent():
                     with contextlib.suppress(StateError):
                         self.machine.move(S.STANDBY, expect=S.STANDBY_STARTING)
@@ -805,6 +826,7 @@ class BackupEngine:
         self._closed.set()
         self._rx.close()  # every committed epoch is applied when this returns
         t1 = time.perf_counter()
+        self._count_commits()
         if self.machine.state is S.STANDBY_STARTING and self.consistent():
             self.machine.move(S.STANDBY, expect=S.STANDBY_STARTING)
         if not self.consistent() or self.machine.state is not S.STANDBY:
@@ -843,6 +865,7 @@ class BackupEngine:
             self._rx.close()
         if self._watch is not None:
             self._watch.join(5)
+        self._count_commits()
         self._release()
 
     def _release(self) -> None:
