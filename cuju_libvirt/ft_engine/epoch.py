@@ -50,7 +50,7 @@ from cuju_libvirt.ft_engine.output import QUEUE_LIMIT, OutputCommit
 from cuju_libvirt.ft_engine.replicator import PAGE_SIZE, EpochReceiver, EpochSender
 from cuju_libvirt.ft_engine.state import FTMachine, FTState
 from cuju_libvirt.ft_engine.stats import DomainStats
-from cuju_libvirt.qmp import QMPClient
+from cuju_libvirt.qmp import QMPClient, QMPError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ MAX_EPOCH_MS = 10_000
 PACKET_POLL_S = 0.001
 #: Pages per epoch while the initial synchronisation copies a running VM (16 MiB).
 SYNC_CHUNK_PAGES = 4096
+#: When QEMU refuses to resume a VM the engine paused (e.g. it cannot reopen a disk image),
+#: ``cont`` is tried again after these delays (s) before the VM is reported left paused.
+RESUME_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)
 
 
 class EngineError(ReplicationError):
@@ -640,13 +643,8 @@ class PrimaryEngine:
         every later packet of the primary would conflict with it just the same.
         """
         self._stopping.set()
-        try:
-            status = self.qmp.execute("query-status")["status"]
-            if run_vm and status in ("paused", "postmigrate"):
-                self._stopped_flag = False
-                self.qmp.execute("cont")
-        except CujuError as err:
-            problems.append(f"could not make sure the VM runs: {err}")
+        if run_vm:
+            self._ensure_running(problems)
         if self._output is not None:
             try:
                 self._output.remove()
@@ -673,6 +671,35 @@ class PrimaryEngine:
             with contextlib.suppress(BufferError):
                 self._ram.close()
             self._ram = None
+
+    def _ensure_running(self, problems: list[str]) -> None:
+        """Resume the VM if the engine left it paused; QEMU refusing ``cont`` (not a lost
+        monitor) is retried after :data:`RESUME_RETRY_DELAYS`, then reported in one clear
+        line: the VM stays paused until someone resumes it (cujud's next pairing tries again)."""
+        refused: QMPError | None = None
+        for delay in (*RESUME_RETRY_DELAYS, None):
+            try:
+                status = self.qmp.execute("query-status")["status"]
+                if status not in ("paused", "postmigrate"):
+                    return
+                self._stopped_flag = False
+                self.qmp.execute("cont")
+            except QMPError as err:
+                refused = err
+                if delay is not None:
+                    time.sleep(delay)
+                continue
+            except CujuError as err:
+                problems.append(f"could not make sure the VM runs: {err}")
+                return
+            if refused is not None:
+                self.log.warning("the VM runs again; QEMU had refused to resume it: %s", refused)
+            return
+        self.log.error(
+            "the VM is left PAUSED: QEMU refused to resume it %d times (%s); fix the cause (e.g. "
+            "ownership or permissions of its disk images) and run 'virsh resume %s'",
+            len(RESUME_RETRY_DELAYS) + 1, refused, self.config.tag,
+        )
 
     def _move(self, new: FTState, *, expect: FTState | tuple[FTState, ...] | None = None) -> None:
         self.machine.move(new, expect=expect)
