@@ -210,6 +210,9 @@ class PrimaryEngine:
         self.last_acked = 0
         #: The exception that ended protection, if any.
         self.failure: BaseException | None = None
+        #: Set (to the reason) by ``may_release`` when the VM's QEMU is gone on purpose
+        #: (``virsh destroy``, shutdown): the loop's failure is then the VM's end, not a fault.
+        self.vm_ended: str | None = None
         stats.epoch_ms = config.epoch_ms
 
     # -- run-time settings -----------------------------------------------------------------
@@ -577,12 +580,29 @@ class PrimaryEngine:
         if not release:
             self._fence(err, what)
             return
+        if self.vm_ended is not None:
+            self._vm_gone(err)
+            return
         self.log.error("%s: %s; the VM continues unprotected", what, err)
         self.log.debug("details", exc_info=err)
         problems: list[str] = []
         self._release_resources(problems, orderly=False)
         if problems:
             self.log.error("cleanup after the failure: %s", "; ".join(problems))
+        self.stats.reset_link()
+        self.stats.set_packets_held(0)
+        if self.machine.state in (S.SYNCING, S.PROTECTED):
+            with contextlib.suppress(StateError):
+                self._move(S.DEGRADED)
+
+    def _vm_gone(self, err: BaseException) -> None:
+        """The VM ended on purpose: one INFO line; nothing is left to resume or to clean in QEMU."""
+        self.log.info("the VM ended (%s): replication stops after %d epochs", self.vm_ended, self.epochs)
+        self.log.debug("the epoch loop's last error: %s", err, exc_info=err)
+        problems: list[str] = []
+        self._release_resources(problems, orderly=False, qemu_alive=False)
+        if problems:
+            self.log.debug("cleanup after the VM ended: %s", "; ".join(problems))
         self.stats.reset_link()
         self.stats.set_packets_held(0)
         if self.machine.state in (S.SYNCING, S.PROTECTED):
@@ -632,8 +652,10 @@ class PrimaryEngine:
             self.log.error("unfencing: %s", "; ".join(problems))
         self.log.warning("unfenced: the peer did not take over; the VM runs on unprotected")
 
-    def _release_resources(self, problems: list[str], *, orderly: bool, run_vm: bool = True) -> None:
-        """VM running, filters removed (held packets released), x-ignore-shared off, all closed.
+    def _release_resources(self, problems: list[str], *, orderly: bool, run_vm: bool = True,
+                           qemu_alive: bool = True) -> None:
+        """VM running, filters removed (held packets released), x-ignore-shared off, all closed
+        (only the engine's own resources when ``qemu_alive`` is False: QEMU is gone).
 
         Releasing the packets of unacknowledged epochs is right here: whoever calls this
         has given up on the backup, and the primary continues from the very state that
@@ -643,7 +665,9 @@ class PrimaryEngine:
         every later packet of the primary would conflict with it just the same.
         """
         self._stopping.set()
-        if run_vm:
+        if not qemu_alive:  # filters and capabilities went with the QEMU
+            self._output, self._held_output, self._saver = None, False, None
+        if run_vm and qemu_alive:
             self._ensure_running(problems)
         if self._output is not None:
             try:
