@@ -198,6 +198,8 @@ class PrimaryDomain:
             if how.startswith("crash"):
                 self._crashed(how)
             else:
+                if self.engine is not None:
+                    self.engine.vm_ended = how  # the engine then says so in one INFO line
                 self.log.info("QEMU ended (%s): stopping protection, the standby is dropped", how)
                 self._ask_abandon(how, quiet=True)
                 self._finish()

@@ -52,8 +52,19 @@ DETECT_INTERVAL = 0.005
 
 
 def standby_xml(xml: str) -> str:
-    """The domain XML with ``-incoming defer`` added to its ``<qemu:commandline>``."""
+    """The domain XML with ``-incoming defer`` added to its ``<qemu:commandline>``, and
+    ``<seclabel model='dac' relabel='no'/>`` on every disk's ``<source>``.
+
+    The disks are the primary's (the same images, shared by both hosts), and the primary's
+    libvirt owns their labels: with dynamic ownership, this host's libvirt would otherwise
+    give an image back to its original owner (root) when the standby's QEMU stops, and the
+    primary's QEMU, which reopens its images when it resumes after each epoch's device-state
+    save, would fail with "Permission denied" and stay paused.
+    """
     root = etree.fromstring(xml.encode())
+    for source in root.iterfind("devices/disk/source"):
+        if not any(label.get("model") == "dac" for label in source.iterfind("seclabel")):
+            etree.SubElement(source, "seclabel", model="dac", relabel="no")
     q = f"{{{QEMU_NS}}}"
     cmd = root.find(f"{q}commandline")
     if cmd is None:

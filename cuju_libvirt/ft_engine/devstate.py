@@ -358,6 +358,8 @@ class DeviceStateSaver(Closing):
                     self.qmp.execute("closefd", {"fdname": self.fdname})
             if caps_changed:
                 _set_ignore_shared(self.qmp, False)
+        except QMPConnectionError as err:  # QEMU is gone: nothing left to clean; the save's error is raised
+            self.log.debug("cleaning up after a failed device-state save: %s", err)
         except MonitorError as err:
             self.log.error("cleaning up after a failed device-state save: %s", err)
 

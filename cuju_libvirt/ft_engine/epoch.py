@@ -50,7 +50,7 @@ from cuju_libvirt.ft_engine.output import QUEUE_LIMIT, OutputCommit
 from cuju_libvirt.ft_engine.replicator import PAGE_SIZE, EpochReceiver, EpochSender
 from cuju_libvirt.ft_engine.state import FTMachine, FTState
 from cuju_libvirt.ft_engine.stats import DomainStats
-from cuju_libvirt.qmp import QMPClient
+from cuju_libvirt.qmp import QMPClient, QMPError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ MAX_EPOCH_MS = 10_000
 PACKET_POLL_S = 0.001
 #: Pages per epoch while the initial synchronisation copies a running VM (16 MiB).
 SYNC_CHUNK_PAGES = 4096
+#: When QEMU refuses to resume a VM the engine paused (e.g. it cannot reopen a disk image),
+#: ``cont`` is tried again after these delays (s) before the VM is reported left paused.
+RESUME_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)
 
 
 class EngineError(ReplicationError):
@@ -207,6 +210,9 @@ class PrimaryEngine:
         self.last_acked = 0
         #: The exception that ended protection, if any.
         self.failure: BaseException | None = None
+        #: Set (to the reason) by ``may_release`` when the VM's QEMU is gone on purpose
+        #: (``virsh destroy``, shutdown): the loop's failure is then the VM's end, not a fault.
+        self.vm_ended: str | None = None
         stats.epoch_ms = config.epoch_ms
 
     # -- run-time settings -----------------------------------------------------------------
@@ -574,12 +580,29 @@ class PrimaryEngine:
         if not release:
             self._fence(err, what)
             return
+        if self.vm_ended is not None:
+            self._vm_gone(err)
+            return
         self.log.error("%s: %s; the VM continues unprotected", what, err)
         self.log.debug("details", exc_info=err)
         problems: list[str] = []
         self._release_resources(problems, orderly=False)
         if problems:
             self.log.error("cleanup after the failure: %s", "; ".join(problems))
+        self.stats.reset_link()
+        self.stats.set_packets_held(0)
+        if self.machine.state in (S.SYNCING, S.PROTECTED):
+            with contextlib.suppress(StateError):
+                self._move(S.DEGRADED)
+
+    def _vm_gone(self, err: BaseException) -> None:
+        """The VM ended on purpose: one INFO line; nothing is left to resume or to clean in QEMU."""
+        self.log.info("the VM ended (%s): replication stops after %d epochs", self.vm_ended, self.epochs)
+        self.log.debug("the epoch loop's last error: %s", err, exc_info=err)
+        problems: list[str] = []
+        self._release_resources(problems, orderly=False, qemu_alive=False)
+        if problems:
+            self.log.debug("cleanup after the VM ended: %s", "; ".join(problems))
         self.stats.reset_link()
         self.stats.set_packets_held(0)
         if self.machine.state in (S.SYNCING, S.PROTECTED):
@@ -629,8 +652,10 @@ class PrimaryEngine:
             self.log.error("unfencing: %s", "; ".join(problems))
         self.log.warning("unfenced: the peer did not take over; the VM runs on unprotected")
 
-    def _release_resources(self, problems: list[str], *, orderly: bool, run_vm: bool = True) -> None:
-        """VM running, filters removed (held packets released), x-ignore-shared off, all closed.
+    def _release_resources(self, problems: list[str], *, orderly: bool, run_vm: bool = True,
+                           qemu_alive: bool = True) -> None:
+        """VM running, filters removed (held packets released), x-ignore-shared off, all closed
+        (only the engine's own resources when ``qemu_alive`` is False: QEMU is gone).
 
         Releasing the packets of unacknowledged epochs is right here: whoever calls this
         has given up on the backup, and the primary continues from the very state that
@@ -640,13 +665,10 @@ class PrimaryEngine:
         every later packet of the primary would conflict with it just the same.
         """
         self._stopping.set()
-        try:
-            status = self.qmp.execute("query-status")["status"]
-            if run_vm and status in ("paused", "postmigrate"):
-                self._stopped_flag = False
-                self.qmp.execute("cont")
-        except CujuError as err:
-            problems.append(f"could not make sure the VM runs: {err}")
+        if not qemu_alive:  # filters and capabilities went with the QEMU
+            self._output, self._held_output, self._saver = None, False, None
+        if run_vm and qemu_alive:
+            self._ensure_running(problems)
         if self._output is not None:
             try:
                 self._output.remove()
@@ -673,6 +695,35 @@ class PrimaryEngine:
             with contextlib.suppress(BufferError):
                 self._ram.close()
             self._ram = None
+
+    def _ensure_running(self, problems: list[str]) -> None:
+        """Resume the VM if the engine left it paused; QEMU refusing ``cont`` (not a lost
+        monitor) is retried after :data:`RESUME_RETRY_DELAYS`, then reported in one clear
+        line: the VM stays paused until someone resumes it (cujud's next pairing tries again)."""
+        refused: QMPError | None = None
+        for delay in (*RESUME_RETRY_DELAYS, None):
+            try:
+                status = self.qmp.execute("query-status")["status"]
+                if status not in ("paused", "postmigrate"):
+                    return
+                self._stopped_flag = False
+                self.qmp.execute("cont")
+            except QMPError as err:
+                refused = err
+                if delay is not None:
+                    time.sleep(delay)
+                continue
+            except CujuError as err:
+                problems.append(f"could not make sure the VM runs: {err}")
+                return
+            if refused is not None:
+                self.log.warning("the VM runs again; QEMU had refused to resume it: %s", refused)
+            return
+        self.log.error(
+            "the VM is left PAUSED: QEMU refused to resume it %d times (%s); fix the cause (e.g. "
+            "ownership or permissions of its disk images) and run 'virsh resume %s'",
+            len(RESUME_RETRY_DELAYS) + 1, refused, self.config.tag,
+        )
 
     def _move(self, new: FTState, *, expect: FTState | tuple[FTState, ...] | None = None) -> None:
         self.machine.move(new, expect=expect)
@@ -726,6 +777,8 @@ class BackupEngine:
         self._ram: mmap.mmap | None = None
         self._watch: threading.Thread | None = None
         self._closed = threading.Event()
+        self._counted: dict[str, int] = {}  # the receiver's counters last added to ``stats``
+        self._count_lock = threading.Lock()
         #: Seconds :meth:`start` spent populating the standby's RAM mapping.
         self.populate_s = 0.0
         #: The receiver's failure (link lost), once it happened.
@@ -757,6 +810,24 @@ class BackupEngine:
     def last_applied(self) -> int:
         return self._rx.last_applied if self._rx is not None else 0
 
+    def _count_commits(self) -> None:
+        """Add the epochs the receiver applied since the last call to ``stats`` (the watch
+        thread calls it every 50 ms, off the C threads' path; failover and close once more)."""
+        if self._rx is None:
+            return
+        with self._count_lock:
+            now = self._rx.counters()
+            last = self._counted
+            epochs = now["epochs_applied"] - last.get("epochs_applied", 0)
+            if epochs <= 0:
+                return
+            self._counted = now
+            self.stats.record_commits(
+                last_epoch=now["last_applied_epoch"], epochs=epochs,
+                pages=now["pages"] - last.get("pages", 0),
+                wire_bytes=now["wire_bytes"] - last.get("wire_bytes", 0),
+            )
+
     def consistent(self) -> bool:
         """True once a committed epoch carries device state (the initial sync's stopped round
         or any later epoch): only then is there something consistent to resume."""
@@ -776,6 +847,7 @@ class BackupEngine:
                 self.log.warning("FT link lost at epoch %d: %s", rx.last_applied, err)
                 return
             finally:
+                self._count_commits()
                 if self.machine.state is S.STANDBY_STARTING and self.consistent():
                     with contextlib.suppress(StateError):
                         self.machine.move(S.STANDBY, expect=S.STANDBY_STARTING)
@@ -805,6 +877,7 @@ class BackupEngine:
         self._closed.set()
         self._rx.close()  # every committed epoch is applied when this returns
         t1 = time.perf_counter()
+        self._count_commits()
         if self.machine.state is S.STANDBY_STARTING and self.consistent():
             self.machine.move(S.STANDBY, expect=S.STANDBY_STARTING)
         if not self.consistent() or self.machine.state is not S.STANDBY:
@@ -843,6 +916,7 @@ class BackupEngine:
             self._rx.close()
         if self._watch is not None:
             self._watch.join(5)
+        self._count_commits()
         self._release()
 
     def _release(self) -> None:

@@ -153,6 +153,16 @@ class DomainStats:
             self._wire_bytes_total += wire_bytes
             self._saved_bytes_total += saved_bytes
 
+    def record_commits(self, *, last_epoch: int, epochs: int, pages: int, wire_bytes: int) -> None:
+        """The backup committed ``epochs`` more epochs (up to ``last_epoch``) carrying ``pages``
+        pages in ``wire_bytes`` bytes. The backup's lag stays unknown (NaN): it cannot tell
+        when the primary closed an epoch, only the primary's lag is an age."""
+        with self._lock:
+            self._last_acked_epoch = last_epoch
+            self._epochs_committed += epochs
+            self._pages_total += pages
+            self._wire_bytes_total += wire_bytes
+
     def set_state(self, state: str) -> None:
         with self._lock:
             self.state = state

@@ -349,3 +349,35 @@ def test_full_resync_in_ft_mode_keeps_the_replica_exact() -> None:
 
             pair.backup.failover(before_resume=compare)
             assert seen["equal"]
+
+
+@pytest.mark.timeout(60)
+def test_backup_counts_the_epochs_it_committed() -> None:
+    """The backup's statistics follow the receiver: epochs, pages and wire bytes it committed."""
+    img = boot_image()
+    with (
+        DirectGuest(name="eng-p", memory_mib=32, disk=img) as p,
+        DirectGuest(name="eng-s", memory_mib=32, disk=img, incoming=True) as s,
+    ):
+        p.wait_serial(r"cuju-boot counter\r\n\d+\r\n", timeout=30)
+        cfg = PrimaryConfig(ram_path=str(p.ram_path), ram_size=p.ram_size, tracker="uffd",
+                            epoch_ms=20, output_commit=False, tag="eng-bstats")
+        with protected_pair(p, s, cfg) as pair:
+            assert pair.backup.wait_standby(5)
+            deadline = time.monotonic() + 5
+            while pair.bstats.snapshot().epochs_committed < 10 and time.monotonic() < deadline:
+                time.sleep(0.05)   # counted while running (the watch thread), not only at close
+            running = pair.bstats.snapshot()
+            assert running.epochs_committed >= 10, running
+            assert running.role == "backup" and running.replication_lag_s is None
+            pair.engine.stop()
+            pair.backup.close()
+            rx = pair.backup._rx
+            assert rx is not None
+            counters = rx.counters()
+            snap = pair.bstats.snapshot()
+            assert counters["epochs_applied"] > 0
+            assert snap.epochs_committed == counters["epochs_applied"]
+            assert snap.pages_total == counters["pages"]
+            assert snap.wire_bytes_total == counters["wire_bytes"] > 0
+            assert snap.last_acked_epoch == counters["last_applied_epoch"] == pair.engine.last_acked

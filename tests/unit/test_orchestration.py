@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from lxml import etree
 
 from cuju_libvirt import records
 from cuju_libvirt.errors import CujuError
@@ -21,6 +22,18 @@ from cuju_libvirt.ft_engine.state import FTState
 from cuju_libvirt.qemu_process import ended_on_signal, log_offset, ram_backing
 from cuju_libvirt.rig.domains import domain_xml
 from cuju_libvirt.standby import Standby, is_standby_xml, standby_xml
+
+
+def test_standby_xml_leaves_the_shared_disks_labels_to_the_primary() -> None:
+    xml = domain_xml("vm", disk="/images/vm.img")
+    root = etree.fromstring(standby_xml(xml).encode())
+    sources = root.findall("devices/disk/source")
+    assert sources
+    for source in sources:
+        labels = source.findall("seclabel")
+        assert [(x.get("model"), x.get("relabel")) for x in labels] == [("dac", "no")]
+    again = standby_xml(etree.tostring(root, encoding="unicode"))  # an existing dac label is kept
+    assert len(etree.fromstring(again.encode()).findall("devices/disk/source/seclabel")) == len(sources)
 
 
 def test_standby_xml_adds_incoming_defer_and_is_recognised() -> None:
