@@ -30,6 +30,24 @@ def summary(samples: list[float]) -> tuple[float | None, float | None]:
     return round(statistics.median(s), 1), round(s[min(len(s) - 1, -(-len(s) * 99 // 100) - 1)], 1)
 
 
+def failover_report(runs: list[dict[str, Any]], epoch_ms: int) -> dict[str, Any]:
+    """The keys every failover benchmark reports, from its judged runs (each a dict with ``ok``,
+    ``failover_ms``, optionally ``standby_ms``, and ``problems`` when not ok)."""
+    fo = [float(r["failover_ms"]) for r in runs if r["ok"] and r["failover_ms"] is not None]
+    standby = [float(r["standby_ms"]) for r in runs if r.get("standby_ms") is not None]
+    med, p99 = summary(fo)
+    return {
+        "runs": len(runs),
+        "passed": sum(1 for r in runs if r["ok"]),
+        "failover_ms_median": med,
+        "failover_ms_p99": p99,
+        "standby_resume_ms_median": summary(standby)[0],
+        "epoch_ms": epoch_ms,
+        "failures": [r["problems"] for r in runs if not r["ok"]],
+        "target": {"passed": "all", "failover_ms_median": 1000},
+    }
+
+
 @contextlib.contextmanager
 def linux_pair(
     net: BridgedNetwork, mode: str, memory_mib: int = 128, standby: bool = True, **params: Any

@@ -9,7 +9,7 @@ import random
 import signal
 import time
 
-from benchmarks._engine import NETNS, SUBNET, add_epoch_ms_argument, config, linux_pair, summary
+from benchmarks._engine import NETNS, SUBNET, add_epoch_ms_argument, config, failover_report, linux_pair
 from cuju_libvirt.rig.engine_pair import BridgedNetwork, protected_pair, scratch_counter_dir
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
 
@@ -61,18 +61,4 @@ def one_run(epoch_ms: int, rng: random.Random) -> dict[str, object]:
 def run(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random()
     runs = [one_run(args.epoch_ms, rng) for _ in range(args.runs)]
-    fo = [float(r["failover_ms"]) for r in runs if r["ok"] and r["failover_ms"] is not None]  # type: ignore[arg-type]
-    standby = [float(r["standby_ms"]) for r in runs if "standby_ms" in r]  # type: ignore[arg-type]
-    med, p99 = summary(fo)
-    smed, _ = summary(standby)
-    return {
-        "runs": len(runs),
-        "passed": sum(1 for r in runs if r["ok"]),
-        "failover_ms_median": med,
-        "failover_ms_p99": p99,
-        "standby_resume_ms_median": smed,
-        "detection_ms_excluded": True,
-        "epoch_ms": args.epoch_ms,
-        "failures": [r["problems"] for r in runs if not r["ok"]],
-        "target": {"passed": "all", "failover_ms_median": 1000},
-    }
+    return {**failover_report(runs, args.epoch_ms), "detection_ms_excluded": True}
