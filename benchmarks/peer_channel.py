@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cuju_libvirt import peer
+from cuju_libvirt.cujud import peer
 
 DESCRIPTION = __doc__.strip().splitlines()[0]
 

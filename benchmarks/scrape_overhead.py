@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from cuju_libvirt.exporter import CujuCollector, MetricsServer, ProtectedDomains
+from cuju_libvirt.cujud.exporter import CujuCollector, MetricsServer, ProtectedDomains
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig
 from cuju_libvirt.rig.engine_pair import Pair, protected_pair
 from cuju_libvirt.rig.guests import WriterConfig, boot_image

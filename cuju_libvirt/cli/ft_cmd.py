@@ -11,7 +11,7 @@ from typing import Any
 
 from cuju_libvirt import config
 from cuju_libvirt.cli import EXIT_OK, CLIError
-from cuju_libvirt.control import ControlClient
+from cuju_libvirt.cujud.control import ControlClient
 from cuju_libvirt.hooks import HOOK_NAME, shim_text
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")

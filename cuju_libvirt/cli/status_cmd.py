@@ -12,7 +12,7 @@ from typing import Any
 
 from cuju_libvirt import config
 from cuju_libvirt.cli import EXIT_OK
-from cuju_libvirt.control import ControlClient
+from cuju_libvirt.cujud.control import ControlClient
 
 DEFAULT_SOCKET: Path = config.SETTINGS_BY_KEY["control_socket"].default_value()
 BAR_WIDTH = 20

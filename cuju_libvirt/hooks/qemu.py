@@ -35,12 +35,12 @@ from pathlib import Path
 
 from lxml import etree
 
-from cuju_libvirt import records
-from cuju_libvirt.control import ControlClient
+from cuju_libvirt.cujud import records
+from cuju_libvirt.cujud.control import ControlClient
+from cuju_libvirt.cujud.standby import is_standby_xml
 from cuju_libvirt.domain_xml import parse_domain
 from cuju_libvirt.errors import CujuError
 from cuju_libvirt.fitness import QMP_SOCKET_DIR, check_fitness, errors
-from cuju_libvirt.standby import is_standby_xml
 
 FT_NAMESPACE_BYTES = b"https://cuju-ft.github.io/libvirt/ft/1.0"
 CONTROL_SOCKET = Path("/run/cuju-libvirt/cujud.sock")

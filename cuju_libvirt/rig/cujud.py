@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from cuju_libvirt.control import ControlClient
+from cuju_libvirt.cujud.control import ControlClient
 from cuju_libvirt.errors import CujuError, RigError
 from cuju_libvirt.hooks import HOOK_NAME, shim_text
 from cuju_libvirt.rig.domains import domain_xml
@@ -81,7 +81,8 @@ class Cujud:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = self.host.popen(
-                [sys.executable, "-m", "cuju_libvirt.daemon", "--config", "/etc/cuju-libvirt/cujud.yaml"],
+                [sys.executable, "-m", "cuju_libvirt.cujud.daemon",
+                 "--config", "/etc/cuju-libvirt/cujud.yaml"],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout

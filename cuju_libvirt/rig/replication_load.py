@@ -88,7 +88,7 @@ class ReplicationLoad:
 
     ``stats``/``machine`` are the primary's; ``backup_stats``/``backup_machine`` the
     backup's: its epochs are those its receiver committed, its lag the age of the newest.
-    Register each with a cujud's :class:`~cuju_libvirt.exporter.ProtectedDomains`.
+    Register each with a cujud's :class:`~cuju_libvirt.cujud.exporter.ProtectedDomains`.
     Use as a context manager; everything (child process, sockets, files) is gone after it.
     """
 

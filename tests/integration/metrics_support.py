@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cuju_libvirt import config
-from cuju_libvirt.daemon import Daemon
+from cuju_libvirt.cujud.daemon import Daemon
 from cuju_libvirt.rig.prometheus import PrometheusServer
 
 ALERT_RULES = Path(__file__).resolve().parents[2] / "packaging" / "prometheus" / "cuju-alerts.yml"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.control import MAX_LINE, ControlClient, ControlServer
+from cuju_libvirt.cujud.control import MAX_LINE, ControlClient, ControlServer
 from cuju_libvirt.errors import ConfigError, ControlError
 
 pytestmark = pytest.mark.timeout(30)
@@ -73,7 +73,7 @@ def test_socket_mode_and_round_trips(server: ControlServer) -> None:
 
 
 def test_error_answers(server: ControlServer, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="cuju_libvirt.control")
+    caplog.set_level(logging.DEBUG, logger="cuju_libvirt.cujud.control")
     with ControlClient(server.path) as client:
         with pytest.raises(ControlError, match="has no method 'nope' \\(it has: crash, ping") as info:
             client.call("nope")
@@ -170,7 +170,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 @pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason=f"needs {SYSTEM_PYTHON}")
 def test_non_root_peer_is_refused_by_credentials(server: ControlServer,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="cuju_libvirt.control")
+    caplog.set_level(logging.WARNING, logger="cuju_libvirt.cujud.control")
     server.path.parent.chmod(0o755)
     server.path.chmod(0o666)  # let the file system allow it: SO_PEERCRED must still refuse
     code = (

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cuju_libvirt.control import ControlClient
+from cuju_libvirt.cujud.control import ControlClient
 from cuju_libvirt.errors import ControlError
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,7 +66,7 @@ class Cujud:
         )
         self.launcher = self.dir / f"daemon-cujud-{name}"  # the process shows under this name
         self.launcher.write_text(
-            f"#!{PYTHON}\nimport sys\nfrom cuju_libvirt.daemon import main\nsys.exit(main())\n"
+            f"#!{PYTHON}\nimport sys\nfrom cuju_libvirt.cujud.daemon import main\nsys.exit(main())\n"
         )
         self.launcher.chmod(0o755)
         self.log = self.dir / "cujud.log"
@@ -181,8 +181,8 @@ def test_two_daemons_ping_heartbeat_and_clean_shutdown(pair: tuple[Cujud, Cujud]
         # b goes away: a notices within peer_timeout, then b returns and a re-dials
         assert b.terminate() == 0
         assert wait_until(lambda: not peer_status(a, "b")["connected"], timeout=5)
-        assert wait_until(lambda: "INFO cuju_libvirt.daemon: peer b left: the peer closed the connection: "
-                          "cujud is shutting down" in a.text())
+        assert wait_until(lambda: "INFO cuju_libvirt.cujud.daemon: peer b left: the peer closed the "
+                          "connection: cujud is shutting down" in a.text())
         with pytest.raises(ControlError, match="peer b is not connected"):
             a.call("peer-ping", {"peer": "b"})
         b.start()
@@ -223,7 +223,7 @@ def test_wrong_key_is_rejected_and_logged(workdir: Path) -> None:
 
 
 def run_cujud(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "cuju_libvirt.daemon", *args], capture_output=True, text=True,
+    return subprocess.run([PYTHON, "-m", "cuju_libvirt.cujud.daemon", *args], capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cuju_libvirt.cujud.exporter import CujuCollector, MetricsServer, ProtectedDomains
 from cuju_libvirt.errors import ConfigError
-from cuju_libvirt.exporter import CujuCollector, MetricsServer, ProtectedDomains
 from cuju_libvirt.ft_engine.stats import DomainStats
 from tests.integration.metrics_support import PSK, free_port, workdir
 
@@ -76,7 +76,7 @@ def test_real_cujud_serves_metrics_on_metrics_listen(base: Path) -> None:
         return path
 
     config = write_config("exporter-solo")
-    proc = subprocess.Popen([sys.executable, "-m", "cuju_libvirt.daemon", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "cuju_libvirt.cujud.daemon", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         text = ""
@@ -97,7 +97,8 @@ def test_real_cujud_serves_metrics_on_metrics_listen(base: Path) -> None:
 
         # a second cujud on the same metrics port refuses to start and says which key to change
         other = subprocess.run(
-            [sys.executable, "-m", "cuju_libvirt.daemon", "--config", str(write_config("exporter-two"))],
+            [sys.executable, "-m", "cuju_libvirt.cujud.daemon",
+             "--config", str(write_config("exporter-two"))],
             capture_output=True, text=True, timeout=30, check=False)
         assert other.returncode == 1
         assert f"metrics_listen 127.0.0.1:{port}: cannot listen" in other.stderr, other.stderr

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from cuju_libvirt import fitness, records
-from cuju_libvirt.control import ControlServer, Params
+from cuju_libvirt import fitness
+from cuju_libvirt.cujud import records
+from cuju_libvirt.cujud.control import ControlServer, Params
 from cuju_libvirt.domain_xml import FTSpec, set_ft
 from cuju_libvirt.hooks import qemu as hook
 from cuju_libvirt.hooks import shim_text

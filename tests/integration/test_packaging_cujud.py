@@ -22,7 +22,7 @@ def test_unit_runs_cujud_as_a_notify_service() -> None:
     assert service["ExecStart"].split()[0] == "/usr/bin/cujud"
     assert "--check-config" in service["ExecStartPre"]
     assert service["RuntimeDirectory"] == "cuju-libvirt"  # the default run_dir
-    assert "cujud = cuju_libvirt.daemon:main" in (ROOT / "setup.cfg").read_text()
+    assert "cujud = cuju_libvirt.cujud.daemon:main" in (ROOT / "setup.cfg").read_text()
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cuju_libvirt import peer
+from cuju_libvirt.cujud import peer
+from cuju_libvirt.cujud.peer import Handlers, PeerConnection, PeerOptions, PeerServer
 from cuju_libvirt.errors import PeerAuthError, PeerError
-from cuju_libvirt.peer import Handlers, PeerConnection, PeerOptions, PeerServer
 from tests import helpers
 
 pytestmark = pytest.mark.timeout(30)
@@ -109,7 +109,7 @@ def test_request_timeout(executor: ThreadPoolExecutor) -> None:
 
 def test_wrong_key_is_rejected_both_ways(server: Server, executor: ThreadPoolExecutor,
                                          caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="cuju_libvirt.peer")
+    caplog.set_level(logging.WARNING, logger="cuju_libvirt.cujud.peer")
     with pytest.raises(PeerAuthError, match="proof does not match our pre-shared key"):
         dial(server, executor, key=b"x" * 40)
     assert wait_for(lambda: "node 'a' found our proof wrong: the pre-shared keys differ" in caplog.text)
@@ -119,7 +119,7 @@ def test_wrong_key_is_rejected_both_ways(server: Server, executor: ThreadPoolExe
 
 def test_wrong_client_key_server_logs_and_denies(server: Server, caplog: pytest.LogCaptureFixture) -> None:
     """A client that skips checking the server's proof still cannot get in without the key."""
-    caplog.set_level(logging.WARNING, logger="cuju_libvirt.peer")
+    caplog.set_level(logging.WARNING, logger="cuju_libvirt.cujud.peer")
     sock = socket.create_connection(("127.0.0.1", server.server.port))
     try:
         peer.write_frame(sock, json.dumps({"msg": "hello", "proto": peer.PROTOCOL, "node": "a",
@@ -195,7 +195,7 @@ def note(n: int) -> dict[str, object]:
 def test_forged_messages_close_the_connection_and_are_logged(
     server: Server, caplog: pytest.LogCaptureFixture, attack: str, reason: str
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="cuju_libvirt.peer")
+    caplog.set_level(logging.WARNING, logger="cuju_libvirt.cujud.peer")
     raw = RawClient(server)
     try:
         first, second = raw.frame(note(1)), raw.frame(note(2))
@@ -224,7 +224,7 @@ def test_forged_messages_close_the_connection_and_are_logged(
 
 
 def test_cross_session_frame_is_rejected(server: Server, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="cuju_libvirt.peer")
+    caplog.set_level(logging.WARNING, logger="cuju_libvirt.cujud.peer")
     one = RawClient(server)
     recorded = one.frame(note(1))  # sequence 0 of session one, never sent there
     one.close()
@@ -241,7 +241,7 @@ def test_cross_session_frame_is_rejected(server: Server, caplog: pytest.LogCaptu
 def test_oversized_frame_is_refused_before_reading_it(
     server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="cuju_libvirt.peer")
+    caplog.set_level(logging.WARNING, logger="cuju_libvirt.cujud.peer")
     raw = RawClient(server)
     try:
         raw.sock.sendall(struct.pack(">I", OPTS.max_frame + 1))
@@ -252,7 +252,7 @@ def test_oversized_frame_is_refused_before_reading_it(
 
 
 def test_oversized_handshake_frame(server: Server, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="cuju_libvirt.peer")
+    caplog.set_level(logging.WARNING, logger="cuju_libvirt.cujud.peer")
     sock = socket.create_connection(("127.0.0.1", server.server.port))
     try:
         sock.sendall(struct.pack(">I", 1 << 30))
@@ -266,7 +266,7 @@ def test_oversized_handshake_frame(server: Server, caplog: pytest.LogCaptureFixt
 @pytest.mark.parametrize("stage", ["silent", "partial_header", "trickle"])
 def test_slowloris_is_cut_at_the_handshake_deadline(server: Server, caplog: pytest.LogCaptureFixture,
                                                      stage: str) -> None:
-    caplog.set_level(logging.WARNING, logger="cuju_libvirt.peer")
+    caplog.set_level(logging.WARNING, logger="cuju_libvirt.cujud.peer")
     sock = socket.create_connection(("127.0.0.1", server.server.port))
     start = time.monotonic()
     try:
@@ -293,7 +293,7 @@ def test_slowloris_is_cut_at_the_handshake_deadline(server: Server, caplog: pyte
 
 def test_idle_authenticated_peer_is_dropped(executor: ThreadPoolExecutor,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="cuju_libvirt.peer")
+    caplog.set_level(logging.WARNING, logger="cuju_libvirt.cujud.peer")
     opts = PeerOptions(handshake_timeout=1, idle_timeout=0.3, frame_timeout=1, heartbeat_interval=10)
     s = Server(executor, options=opts)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.control import ControlClient
+from cuju_libvirt.cujud.control import ControlClient
 from cuju_libvirt.ft_engine.state import FTState
 from cuju_libvirt.rig.replication_load import ReplicationLoad
 from tests.integration.metrics_support import cujud_pair, wait_until, workdir

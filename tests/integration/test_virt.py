@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
+from cuju_libvirt.cujud.virt import EventLoop, LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.errors import LibvirtConnectionError, LibvirtError, LibvirtNotFoundError
-from cuju_libvirt.virt import EventLoop, LibvirtConnection, LifecycleEvent, LinkState, translate
 from tests import helpers
 
 pytestmark = pytest.mark.timeout(60)

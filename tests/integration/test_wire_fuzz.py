@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cuju_libvirt import peer
-from cuju_libvirt.control import ControlServer
+from cuju_libvirt.cujud import peer
+from cuju_libvirt.cujud.control import ControlServer
 from cuju_libvirt.errors import PeerAuthError, PeerError
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from cuju_libvirt.cujud.exporter import CujuCollector, PeerSample, ProtectedDomains, render
 from cuju_libvirt.errors import CujuError
-from cuju_libvirt.exporter import CujuCollector, PeerSample, ProtectedDomains, render
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
 

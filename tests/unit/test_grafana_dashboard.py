@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cuju_libvirt.exporter import CujuCollector, PeerSample, ProtectedDomains, render
+from cuju_libvirt.cujud.exporter import CujuCollector, PeerSample, ProtectedDomains, render
 from cuju_libvirt.ft_engine.stats import DomainStats
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -45,10 +45,10 @@ def test_setup_with_timestamps(clean_root: None) -> None:
 
 
 def test_for_domain_is_one_level_below() -> None:
-    base = logging.getLogger("cuju_libvirt.daemon")
-    assert logsetup.for_domain(base, "vm1").name == "cuju_libvirt.daemon.vm1"
+    base = logging.getLogger("cuju_libvirt.cujud.daemon")
+    assert logsetup.for_domain(base, "vm1").name == "cuju_libvirt.cujud.daemon.vm1"
     child = logsetup.for_domain(base, "web.example.com")
-    assert child.name == "cuju_libvirt.daemon.web_example_com"
+    assert child.name == "cuju_libvirt.cujud.daemon.web_example_com"
     assert child.parent is base
 
 

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from cuju_libvirt import records
+from cuju_libvirt.cujud import records
+from cuju_libvirt.cujud.qemu_process import ended_on_signal, log_offset, ram_backing
+from cuju_libvirt.cujud.standby import Standby, is_standby_xml, standby_xml
 from cuju_libvirt.errors import CujuError
 from cuju_libvirt.ft_engine.state import FTState
-from cuju_libvirt.qemu_process import ended_on_signal, log_offset, ram_backing
 from cuju_libvirt.rig.domains import domain_xml
-from cuju_libvirt.standby import Standby, is_standby_xml, standby_xml
 
 
 def test_standby_xml_leaves_the_shared_disks_labels_to_the_primary() -> None:

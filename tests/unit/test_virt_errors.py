@@ -9,6 +9,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from cuju_libvirt.cujud.virt import LibvirtConnection, LinkState, classify, error_class, translate
 from cuju_libvirt.errors import (
     LibvirtConnectionError,
     LibvirtError,
@@ -16,7 +17,6 @@ from cuju_libvirt.errors import (
     LibvirtStateError,
     LibvirtUnsupportedError,
 )
-from cuju_libvirt.virt import LibvirtConnection, LinkState, classify, error_class, translate
 
 pytestmark = pytest.mark.timeout(30)
 

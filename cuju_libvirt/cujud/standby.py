@@ -33,14 +33,15 @@ from typing import Any
 import libvirt
 from lxml import etree
 
-from cuju_libvirt import fitness, records
+from cuju_libvirt import fitness
+from cuju_libvirt.cujud import records
+from cuju_libvirt.cujud.qemu_process import qemu_pid, ram_backing
+from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.errors import CujuError, StateError
 from cuju_libvirt.ft_engine.epoch import BackupEngine
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
-from cuju_libvirt.qemu_process import qemu_pid, ram_backing
 from cuju_libvirt.qmp import QMPClient
-from cuju_libvirt.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 
 LOG = logging.getLogger(__name__)
 S = FTState

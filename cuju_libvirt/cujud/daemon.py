@@ -3,10 +3,10 @@
 This release runs the daemon's foundation: configuration, logging, the local control
 socket for the hook and the CLI, the authenticated control channel to the peer hosts'
 cujud with heartbeats, the connection to the local libvirtd, and the Prometheus
-exporter on ``metrics_listen`` (:mod:`cuju_libvirt.exporter`). Fault tolerance itself
-(pairing, epochs, failover) lives in :mod:`cuju_libvirt.orchestrator` and
-:mod:`cuju_libvirt.standby`; this module only wires it in. Whatever protects a domain registers its
-statistics with ``Daemon.domains`` (:class:`~cuju_libvirt.exporter.ProtectedDomains`):
+exporter on ``metrics_listen`` (:mod:`cuju_libvirt.cujud.exporter`). Fault tolerance itself
+(pairing, epochs, failover) lives in :mod:`cuju_libvirt.cujud.orchestrator` and
+:mod:`cuju_libvirt.cujud.standby`; this module only wires it in. Whatever protects a domain registers its
+statistics with ``Daemon.domains`` (:class:`~cuju_libvirt.cujud.exporter.ProtectedDomains`):
 from then on the exporter and the ``status`` control method show it.
 
 Peer connections: of two peers, the one whose node name sorts first dials, the other
@@ -32,10 +32,12 @@ from typing import Any
 
 import tenacity
 
-from cuju_libvirt import __version__, config, control, exporter, logsetup, peer
+from cuju_libvirt import __version__, config, logsetup
+from cuju_libvirt.cujud import control, exporter, peer
+from cuju_libvirt.cujud.links import PeerLink, PeerLinks, wall_clock
+from cuju_libvirt.cujud.orchestrator import Orchestrator
+from cuju_libvirt.cujud.virt import LibvirtConnection, LinkState
 from cuju_libvirt.errors import ConfigError, CujuError, PeerAuthError, PeerError
-from cuju_libvirt.orchestrator import Orchestrator
-from cuju_libvirt.virt import LibvirtConnection, LinkState
 
 LOG = logging.getLogger(__name__)
 
@@ -62,51 +64,6 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 70
 
 
-class PeerLink:
-    """This host's view of one configured peer: the live connection, if any, and its history."""
-
-    def __init__(self, name: str, address: config.Address, dials: bool) -> None:
-        self.name = name
-        self.address = address
-        self.dials = dials
-        self.conn: peer.PeerConnection | None = None
-        self.last_error = ""
-        self.connects = 0
-        #: Wall-clock time the last connection was last heard from, kept after it closed.
-        self.last_seen_before: float | None = None
-        self.lock = threading.Lock()
-
-    def sample(self) -> exporter.PeerSample:
-        """The link as the exporter shows it: up, heartbeat round trip, last contact."""
-        with self.lock:
-            conn = self.conn
-            seen_before = self.last_seen_before
-        if conn is None or conn.closed.is_set():
-            return exporter.PeerSample(self.name, False, None, seen_before)
-        return exporter.PeerSample(self.name, True, conn.heartbeat.last_rtt, _wall(conn.last_seen))
-
-    def status(self) -> dict[str, Any]:
-        with self.lock:
-            conn = self.conn
-            info: dict[str, Any] = {
-                "node": self.name,
-                "configured_address": str(self.address),
-                "role_in_connection": "dials" if self.dials else "accepts",
-                "connections": self.connects,
-                "last_error": self.last_error or None,
-            }
-        if conn is not None and not conn.closed.is_set():
-            info.update(conn.status())
-        else:
-            info["connected"] = False
-        return info
-
-
-def _wall(monotonic_at: float) -> float:
-    """A ``time.monotonic()`` instant as wall-clock (Unix) time."""
-    return time.time() - (time.monotonic() - monotonic_at)
-
-
 class Daemon:
     """The running cujud: owns every server, connection and thread it starts."""
 
@@ -120,9 +77,9 @@ class Daemon:
             handshake_timeout=min(5.0, cfg.peer_timeout * 2), idle_timeout=cfg.peer_timeout,
             frame_timeout=max(1.0, cfg.peer_timeout), heartbeat_interval=cfg.heartbeat_interval,
         )
-        self.links = {
-            name: PeerLink(name, addr, dials=cfg.node_name < name) for name, addr in cfg.peers.items()
-        }
+        self.links = PeerLinks(
+            (name, PeerLink(name, addr, dials=cfg.node_name < name)) for name, addr in cfg.peers.items()
+        )
         self.peer_handlers = peer.Handlers(requests={"ping": self._peer_ping, "version": self._peer_version})
         self.peer_server: peer.PeerServer | None = None
         self.control: control.ControlServer | None = None
@@ -148,7 +105,9 @@ class Daemon:
                 "ping": self._ctl_ping, "version": self._ctl_version, "config": self._ctl_config,
                 "status": self._ctl_status, "peers": self._ctl_peers, "peer-ping": self._ctl_peer_ping,
             })
-            self.orchestrator = Orchestrator(self)
+            self.orchestrator = Orchestrator(
+                cfg=self.cfg, libvirt=self.libvirt, domains=self.domains, links=self.links,
+                stopping=self.stopping)
             self.orchestrator.install(self.control, self.peer_handlers)
             self.peer_server = peer.PeerServer(
                 self.cfg.listen.host, self.cfg.listen.port, node=self.cfg.node_name, psk=self._psk,
@@ -244,7 +203,7 @@ class Daemon:
                 self._sleep(self.cfg.reconnect_min)
 
     def peer_samples(self) -> list[exporter.PeerSample]:
-        """Every configured peer for the exporter (:class:`~cuju_libvirt.exporter.PeerSource`)."""
+        """Every configured peer for the exporter (:class:`~cuju_libvirt.cujud.exporter.PeerSource`)."""
         return [link.sample() for link in self.links.values()]
 
     def _sample_loop(self) -> None:
@@ -269,7 +228,7 @@ class Daemon:
 
         def lost(c: peer.PeerConnection) -> None:
             with link.lock:
-                link.last_seen_before = _wall(c.last_seen)
+                link.last_seen_before = wall_clock(c.last_seen)
                 if link.conn is c:
                     link.conn = None
                     link.last_error = c.close_reason
@@ -281,18 +240,6 @@ class Daemon:
                 LOG.warning("peer %s lost: %s", link.name, c.close_reason)
 
         conn.on_close(lost)
-
-    def _connection(self, name: str) -> peer.PeerConnection:
-        link = self.links.get(name)
-        if link is None:
-            known = ", ".join(sorted(self.links)) or "none configured"
-            raise CujuError(f"no peer named {name!r} (peers: {known})")
-        with link.lock:
-            conn = link.conn
-        if conn is None or conn.closed.is_set():
-            why = f": {link.last_error}" if link.last_error else ""
-            raise PeerError(f"peer {name} is not connected{why}")
-        return conn
 
     def _peer_ping(self, conn: peer.PeerConnection, body: peer.Body) -> peer.Body:
         return {"node": self.cfg.node_name, "echo": body.get("echo")}
@@ -358,7 +305,7 @@ class Daemon:
         name = params.get("peer")
         if not isinstance(name, str):
             raise CujuError("peer-ping needs the parameter 'peer' (a node name)")
-        conn = self._connection(name)
+        conn = self.links.connection(name)
         start = time.monotonic()
         reply = conn.request("ping", {"echo": start}, timeout=self.cfg.request_timeout)
         rtt = time.monotonic() - start

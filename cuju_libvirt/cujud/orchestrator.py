@@ -33,23 +33,23 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import libvirt
 
-from cuju_libvirt import control, fitness, peer, records
+from cuju_libvirt import config, fitness
+from cuju_libvirt.cujud import control, peer, records
+from cuju_libvirt.cujud.exporter import ProtectedDomains
+from cuju_libvirt.cujud.links import PeerLinks
+from cuju_libvirt.cujud.qemu_process import alive, ended_on_signal, log_offset, qemu_pid, ram_backing
+from cuju_libvirt.cujud.standby import StandbyManager
+from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, translate
 from cuju_libvirt.domain_xml import FTSpec, parse_domain
 from cuju_libvirt.errors import CujuError, MonitorError, StateError
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
-from cuju_libvirt.qemu_process import alive, ended_on_signal, log_offset, qemu_pid, ram_backing
 from cuju_libvirt.qmp import QMPClient
-from cuju_libvirt.standby import StandbyManager
-from cuju_libvirt.virt import LifecycleEvent, translate
-
-if TYPE_CHECKING:
-    from cuju_libvirt.daemon import Daemon
 
 LOG = logging.getLogger(__name__)
 S = FTState
@@ -122,7 +122,7 @@ class PrimaryDomain:
             delay = min(delay * 2, BACKOFF_MAX)
 
     def _pair_once(self) -> None:
-        conn = self.orch.daemon._connection(self.peer)
+        conn = self.orch.links.connection(self.peer)
         pid = qemu_pid(self.name)
         if pid is None:
             raise CujuError(f"{self.name} has no running QEMU")
@@ -232,16 +232,16 @@ class PrimaryDomain:
         records.write(self.orch.state_dir, records.CEDED, self.uuid, domain=self.name, peer=self.peer,
                       reason=how)
         try:
-            self.orch.daemon._connection(self.peer).notify("primary-crashed", {"uuid": self.uuid, "how": how})
+            self.orch.links.connection(self.peer).notify("primary-crashed", {"uuid": self.uuid, "how": how})
         except CujuError as err:
             self.log.error("could not tell %s (%s): it takes over when both paths are silent", self.peer, err)
         self._finish()
 
     def _ask_abandon(self, reason: str, *, quiet: bool = False) -> dict[str, Any] | None:
         try:
-            conn = self.orch.daemon._connection(self.peer)
+            conn = self.orch.links.connection(self.peer)
             return conn.request("standby-abandon", {"uuid": self.uuid, "reason": reason},
-                                timeout=min(2.0, self.orch.daemon.cfg.request_timeout))
+                                timeout=min(2.0, self.orch.cfg.request_timeout))
         except CujuError as err:
             if not quiet:
                 self.log.error("cannot reach %s to drop its standby: %s", self.peer, err)
@@ -332,21 +332,24 @@ class PrimaryDomain:
 class Orchestrator:
     """Protected domains of this host (primaries and standbys); registered into the daemon."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        cfg = daemon.cfg
+    def __init__(self, *, cfg: config.Config, libvirt: LibvirtConnection, domains: ProtectedDomains,
+                 links: PeerLinks, stopping: threading.Event) -> None:
+        self.cfg = cfg
+        self.libvirt = libvirt
+        self.domains = domains
+        self.links = links
         self.state_dir: Path = cfg.state_dir
         self.run_dir: Path = cfg.run_dir
-        self.stopping = daemon.stopping
+        self.stopping = stopping
         self.primaries: dict[str, PrimaryDomain] = {}
         self._lock = threading.Lock()
         self._stops: dict[str, tuple[float, LifecycleEvent]] = {}
         self._stop_cond = threading.Condition()
-        daemon.libvirt.add_lifecycle_listener(self._lifecycle)
+        libvirt.add_lifecycle_listener(self._lifecycle)
         self.standbys = StandbyManager(
-            libvirt_conn=daemon.libvirt, state_dir=cfg.state_dir, ft_host=cfg.ft_listen.host,
-            ft_port=cfg.ft_listen.port, peer_silent_for=self.peer_silent_for,
-            register=daemon.domains.add, unregister=self._unregister, notify_peer=self._notify_peer,
+            libvirt_conn=libvirt, state_dir=cfg.state_dir, ft_host=cfg.ft_listen.host,
+            ft_port=cfg.ft_listen.port, peer_silent_for=links.silent_for,
+            register=domains.add, unregister=self._unregister, notify_peer=self._notify_peer,
         )
 
     def install(self, server: control.ControlServer, handlers: peer.Handlers) -> None:
@@ -384,43 +387,33 @@ class Orchestrator:
 
     def lookup(self, uuid: str) -> Any:
         with translate(f"looking up domain {uuid}"):
-            return self.daemon.libvirt.conn.lookupByUUIDString(uuid)
-
-    def peer_silent_for(self, name: str) -> float:
-        link = self.daemon.links.get(name)
-        if link is None:
-            return float("inf")
-        with link.lock:
-            conn = link.conn
-        if conn is None or conn.closed.is_set():
-            return float("inf")
-        return time.monotonic() - conn.last_seen
+            return self.libvirt.conn.lookupByUUIDString(uuid)
 
     def resolve_peer(self, spec: FTSpec) -> str:
         """The configured peer that ``<cuju:ft peer=...>`` names (by node name or address)."""
         host = spec.peer_host
-        for name, link in self.daemon.links.items():
+        for name, link in self.links.items():
             if host in (name, link.address.host):
                 return name
         try:
             wanted = {ai[4][0] for ai in socket.getaddrinfo(host, None)}
         except OSError:
             wanted = set()
-        for name, link in self.daemon.links.items():
+        for name, link in self.links.items():
             with contextlib.suppress(OSError):
                 if wanted & {ai[4][0] for ai in socket.getaddrinfo(link.address.host, None)}:
                     return name
-        known = ", ".join(sorted(self.daemon.links)) or "none"
+        known = ", ".join(sorted(self.links)) or "none"
         raise CujuError(f"<cuju:ft peer='{spec.peer}'> names no configured peer of this cujud "
                         f"(peers: {known}); "
                         "fix: use a name or address listed under 'peers' in cujud.yaml")
 
     def _notify_peer(self, name: str, kind: str, body: dict[str, Any]) -> None:
-        self.daemon._connection(name).notify(kind, body)
+        self.links.connection(name).notify(kind, body)
 
     def _unregister(self, uuid: str) -> None:
         with contextlib.suppress(KeyError):
-            self.daemon.domains.remove(uuid)
+            self.domains.remove(uuid)
 
     def forget_primary(self, p: PrimaryDomain) -> None:
         with self._lock:
@@ -465,7 +458,7 @@ class Orchestrator:
         was_protected = records.read(self.state_dir, records.PROTECTED, uuid) if uuid else None
         try:
             name = self.resolve_peer(spec)
-            conn = self.daemon._connection(name)
+            conn = self.links.connection(name)
         except CujuError as err:
             if was_protected is not None:
                 return {"start": False, "protect": False, "reason": self._unknown_holder(was_protected, err)}
@@ -501,7 +494,7 @@ class Orchestrator:
                 return {"scheduled": False, "reason": "already protected or being protected"}
             p = PrimaryDomain(self, name, uuid, spec, peer_name)
             self.primaries[uuid] = p
-        self.daemon.domains.add(p.stats, p.machine)
+        self.domains.add(p.stats, p.machine)
         p.start()
         return {"scheduled": True, "peer": peer_name}
 
