@@ -66,7 +66,7 @@ def one_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int
             max_gap = PPS * 100 // 1000  # one epoch's packets with its pause and shipping under TCG
             verdict = judge_run(obs.recording(), Rules(max_gap=max_gap, failover_at=killed))
             taken = cb.domain(name)
-            ok = verdict.ok and taken is not None and taken["state"] == "primary_after_failover"
+            ok = verdict.ok and taken is not None and taken["role"] == "primary" and taken["failovers"] == 1
             return {"ok": ok, "failover_ms": verdict.failover_ms, "problems": list(verdict.problems),
                     "gap": max((g.missing for g in verdict.gaps), default=0),
                     "standby_ms": None if taken is None or taken["last_failover_duration_s"] is None
