@@ -115,10 +115,16 @@ class PrimaryDomain:
                 continue
             except CujuError as err:
                 self.log.warning("protection not established: %s; the VM runs UNPROTECTED, next attempt "
-                                 "in %.0f s", err, delay)
+                                 "in %.1f s", err, delay)
                 self.log.debug("details", exc_info=True)
-            self._wake.wait(delay)
-            self._wake.clear()
+            # The whole delay, whatever wakes the loop meanwhile: a failed attempt's own clean-up
+            # (the engine's verdict asks for a re-protection) must not turn the back-off into a
+            # busy loop of standby creations on the peer.
+            retry_at = time.monotonic() + delay
+            while (left := retry_at - time.monotonic()) > 0 and not self.ended.is_set() \
+                    and not self.orch.stopping.is_set():
+                self._wake.wait(left)
+                self._wake.clear()
             delay = min(delay * 2, BACKOFF_MAX)
 
     def _pair_once(self) -> None:

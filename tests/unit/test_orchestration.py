@@ -4,6 +4,7 @@ promised away never takes over (and a taken-over one is never promised away)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -16,9 +17,10 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from cuju_libvirt.cujud import records
+from cuju_libvirt.cujud import orchestrator, records
 from cuju_libvirt.cujud.qemu_process import ended_on_signal, log_offset, ram_backing
 from cuju_libvirt.cujud.standby import Standby, is_standby_xml, standby_xml
+from cuju_libvirt.domain_xml import parse_domain
 from cuju_libvirt.errors import CujuError
 from cuju_libvirt.ft_engine.state import FTState
 from cuju_libvirt.rig.domains import domain_xml
@@ -153,3 +155,41 @@ def test_a_taken_over_standby_is_never_promised_away(tmp_path: Path) -> None:
     assert sb.engine is not None and sb.engine.failovers == 1  # type: ignore[attr-defined]
     assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is not None
     assert events == ["define", "taken_over"] and sb.stats.role == "primary"
+
+
+def test_the_pairing_backoff_waits_what_the_log_says(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 13 item 4: "next attempt in 30 s", then a retry ~6 ms later. A failed pairing's
+    clean-up wakes the protection loop (the engine's verdict asks for a re-protection), and
+    that wake must not cut the back-off short."""
+    monkeypatch.setattr(orchestrator, "BACKOFF_MIN", 0.2)
+    monkeypatch.setattr(orchestrator, "BACKOFF_MAX", 0.8)
+    spec = parse_domain(domain_xml("vm", disk="/images/vm.img", metadata=[
+        '<cuju:ft xmlns:cuju="https://cuju-ft.github.io/libvirt/ft/1.0" peer="hostb"/>']))
+    assert spec is not None
+    orch: Any = SimpleNamespace(stopping=threading.Event())
+    p = orchestrator.PrimaryDomain(orch, "vm", "0f1e2d3c-0000-4000-8000-000000000003", spec, "hostb")
+    attempts: list[float] = []
+
+    def failing_pairing() -> None:
+        attempts.append(time.monotonic())
+        p._wake.set()  # what a failed pairing's clean-up does (a re-protection is asked for)
+        raise CujuError("the peer refused")
+
+    monkeypatch.setattr(p, "_pair_once", failing_pairing)
+    caplog.set_level("WARNING", logger="cuju_libvirt.cujud.orchestrator")
+    p.start()
+    deadline = time.monotonic() + 10
+    while len(attempts) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    orch.stopping.set()
+    p._wake.set()
+    assert p._thread is not None
+    p._thread.join(5)
+    assert len(attempts) >= 5
+    waits = [b - a for a, b in itertools.pairwise(attempts)]
+    said = [float(r.getMessage().rsplit("next attempt in ", 1)[1].split(" s")[0])
+            for r in caplog.records if "next attempt in" in r.getMessage()]
+    for waited, wanted in zip(waits[:4], [0.2, 0.4, 0.8, 0.8], strict=True):
+        assert waited >= wanted - 0.02, (waits, said)
+    assert said[:4] == pytest.approx([0.2, 0.4, 0.8, 0.8])
