@@ -120,16 +120,27 @@ class FakeEngine:
         self.closed = True
 
 
-def make_standby(tmp_path: Path) -> tuple[Standby, list[str]]:
+def make_standby(tmp_path: Path, verdicts: list[str] | None = None) -> tuple[Standby, list[str]]:
+    """A standby with fakes around it; ``verdicts``: what the witness answers, claim by claim
+    (none: no witness)."""
     events: list[str] = []
+
+    def claim(sb: Standby, quiet: bool = False) -> str:
+        if verdicts is None:
+            return "unwitnessed"
+        events.append("claim")
+        return verdicts.pop(0)
+
     dom = SimpleNamespace(isPersistent=lambda: False, destroy=lambda: events.append("destroy"))
     conn = SimpleNamespace(defineXML=lambda xml: events.append("define"), lookupByName=lambda name: dom)
     manager: Any = SimpleNamespace(
         libvirt=SimpleNamespace(conn=conn), state_dir=tmp_path, ft=SimpleNamespace(forget=lambda t: None),
         taken_over=lambda sb: events.append("taken_over"), forget=lambda sb: events.append("forget"),
+        claim=claim, settle_later=lambda sb: events.append("settle_later"),
     )
     sb = Standby(manager, name="vm", uuid="0f1e2d3c-0000-4000-8000-000000000002", peer="hosta",
-                 xml="<domain/>", persistent_xml="<domain/>", timeout_s=0.5, auto_failover=True)
+                 xml="<domain/>", persistent_xml="<domain/>", timeout_s=0.5, auto_failover=True,
+                 generation=0 if verdicts is None else 4)
     sb.engine = FakeEngine()  # type: ignore[assignment]
     sb.machine.move(FTState.STANDBY)
     return sb, events
@@ -155,6 +166,38 @@ def test_a_taken_over_standby_is_never_promised_away(tmp_path: Path) -> None:
     assert sb.engine is not None and sb.engine.failovers == 1  # type: ignore[attr-defined]
     assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is not None
     assert events == ["define", "taken_over"] and sb.stats.role == "primary"
+
+
+def _join_drops() -> None:
+    for t in threading.enumerate():
+        if t.name.startswith("cujud-drop"):
+            t.join(5)
+
+
+def test_a_standby_that_loses_the_witness_race_is_dropped_never_resumed(tmp_path: Path) -> None:
+    sb, events = make_standby(tmp_path, verdicts=["lost"])
+    assert sb.take_over("primary declared dead")["taken_over"] is False
+    _join_drops()
+    assert sb.engine is not None and sb.engine.failovers == 0  # type: ignore[attr-defined]
+    assert sb.abandoned and "destroy" in events
+    assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is None
+
+
+def test_no_answer_from_the_witness_never_resumes_on_silence_nor_promises(tmp_path: Path) -> None:
+    """The claim may have been applied: until an answer, no resume and no promise to the primary."""
+    sb, events = make_standby(tmp_path, verdicts=["unknown", "unknown", "won"])
+    assert sb.take_over("primary declared dead") == {"taken_over": False, "undecided": True}
+    assert sb.abandon("a fenced primary asks") == {"abandoned": False, "taken_over": False, "undecided": True}
+    assert sb.take_over("primary declared dead")["undecided"]
+    assert sb.engine is not None and sb.engine.failovers == 0  # type: ignore[attr-defined]
+    assert sb.take_over("primary declared dead") == {"taken_over": True, "epoch": 7}
+    assert events == ["claim", "claim", "claim", "define", "taken_over"]
+
+
+def test_the_primarys_word_resumes_without_the_witness_and_settles_later(tmp_path: Path) -> None:
+    sb, events = make_standby(tmp_path, verdicts=["unknown"])
+    assert sb.take_over("the primary's cujud reports its QEMU crashed", by_word=True)["taken_over"] is True
+    assert events == ["claim", "settle_later", "define", "taken_over"]
 
 
 def test_the_pairing_backoff_waits_what_the_log_says(monkeypatch: pytest.MonkeyPatch,
