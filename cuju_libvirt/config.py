@@ -304,6 +304,10 @@ SETTINGS: tuple[Setting[Any], ...] = (
             "UNIX socket for the hook and the CLI (mode 0600, root only)."),
     Setting("run_dir", AbsPath(), Path("/run/cuju-libvirt"), "Run-time files (sockets)."),
     Setting("state_dir", AbsPath(), Path("/var/lib/cuju-libvirt"), "Persistent state."),
+    Setting("disk_replica_dir", AbsPath(), Path("/var/lib/cuju-libvirt/replicas"),
+            "Where this host keeps, as the backup, the copies of protected disks: "
+            "`DIR/UUID/DEV.FORMAT`, unless the disk's `<cuju:disk replica>` names a path "
+            "(docs/ft-element.md). Needs room for every protected disk of the peer."),
     Setting("metrics_listen", Endpoint(METRICS_PORT), Address("0.0.0.0", METRICS_PORT),
             "Address of the Prometheus exporter."),
     Setting("log_level", Text(LOG_LEVELS, upper=True), "INFO", "Least severe level logged."),
@@ -358,6 +362,7 @@ class Config:
     tls_ca_file: Path = Path("/etc/pki/cuju-libvirt/ca-cert.pem")
     tls_cert_file: Path = Path("/etc/pki/cuju-libvirt/host-cert.pem")
     tls_key_file: Path = Path("/etc/pki/cuju-libvirt/private/host-key.pem")
+    disk_replica_dir: Path = Path("/var/lib/cuju-libvirt/replicas")
     sources: Mapping[str, str] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
 
