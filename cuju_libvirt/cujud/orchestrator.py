@@ -46,6 +46,12 @@ from cuju_libvirt.cujud.standby import StandbyManager
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, translate
 from cuju_libvirt.domain_xml import FTSpec, parse_domain
 from cuju_libvirt.errors import CujuError, MonitorError, StateError
+from cuju_libvirt.ft_engine.devstate import (
+    MachineProfile,
+    StandbyMismatchError,
+    compare_machines,
+    describe_machine,
+)
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
@@ -145,6 +151,7 @@ class PrimaryDomain:
             sock.sendall(bytes.fromhex(str(reply["token"])))
             sock.settimeout(None)
             self.qmp = QMPClient(fitness.qmp_socket_path(self.name))
+            standby = self._check_standby(reply)
         except (CujuError, OSError, KeyError, ValueError) as err:
             self.machine.move(S.UNPROTECTED if first else S.DEGRADED, expect=S.PAIRING)
             self._close_qmp()
@@ -159,6 +166,7 @@ class PrimaryDomain:
             ram_path=ram.path, ram_size=ram.size, tracker=self.spec.tracker, epoch_ms=self.spec.epoch_ms,
             output_commit=self.spec.output_commit, max_packets=self.spec.max_epoch_packets,
             counter_dir=str(counters), ack_timeout=self.spec.heartbeat_timeout_ms / 1e3, tag=self.name,
+            standby_sections=standby.sections if standby is not None else None,
         )
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
                                     machine=self.machine, may_release=self._may_release)
@@ -176,6 +184,19 @@ class PrimaryDomain:
         records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer)
         self.log.info("PROTECTED by %s: initial sync of %d pages in %.2f s (%d rounds); epochs of %d ms",
                       self.peer, report.pages_sent, report.seconds, report.rounds, self.engine.epoch_ms)
+
+    def _check_standby(self, reply: dict[str, Any]) -> MachineProfile | None:
+        """Compare the peer's standby with this QEMU (machine type, memory backends, RAM blocks)
+        before a single page is synced; its device sections are checked by the first save."""
+        if "machine" not in reply:
+            self.log.warning("%s sent no profile of its standby (an older cujud?): not compared", self.peer)
+            return None
+        assert self.qmp is not None
+        standby = MachineProfile.from_json(reply["machine"])
+        problems = compare_machines(describe_machine(self.qmp), standby)
+        if problems:
+            raise StandbyMismatchError(problems)
+        return standby
 
     # -- when protection fails ---------------------------------------------------------------------
 
