@@ -186,6 +186,35 @@ class PeerMap(Kind[dict[str, Address]]):
         return {name: str(addr) for name, addr in value.items()}
 
 
+class UrlList(Kind[tuple[str, ...]]):
+    """A list of ``http://HOST:PORT`` URLs (etcd client endpoints)."""
+
+    name = "list of http://HOST:PORT"
+
+    def parse(self, raw: object) -> tuple[str, ...]:
+        if raw is None:
+            return ()
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list):
+            raise _Invalid(f"expected a list of 'http://HOST:PORT' URLs, got {_show(raw)}")
+        urls: list[str] = []
+        for item in raw:
+            if not isinstance(item, str) or not item.startswith("http://"):
+                hint = " (TLS is not supported yet: use http:// on a trusted network)" \
+                    if isinstance(item, str) and item.startswith("https://") else ""
+                raise _Invalid(f"{_show(item)} is not an http://HOST:PORT URL{hint}")
+            try:
+                parse_address(item[len("http://"):].rstrip("/"), 2379)
+            except _Invalid as err:
+                raise _Invalid(f"{item!r}: {err}") from None
+            urls.append(item.rstrip("/"))
+        return tuple(urls)
+
+    def render(self, value: tuple[str, ...]) -> object:
+        return list(value)
+
+
 def parse_address(text: str, default_port: int) -> Address:
     """Parse ``HOST[:PORT]`` / ``[V6][:PORT]``; raise a validation error naming the fix."""
     host, port_text = text, ""
@@ -279,6 +308,14 @@ SETTINGS: tuple[Setting[Any], ...] = (
             "First delay before reconnecting to a lost peer or libvirt; doubles on each failure."),
     Setting("reconnect_max", Number(0.01, 3600.0, "s"), 30.0,
             "Longest delay between reconnection attempts."),
+    Setting("etcd_endpoints", UrlList(), (),
+            "Client URLs of the etcd cluster that witnesses ownership (docs/cluster.md); "
+            "empty: no witness, two-host rules (a backup-host crash fences the primary).",
+            default_doc="[] (no witness)"),
+    Setting("etcd_timeout", Number(0.05, 60.0, "s"), 1.0,
+            "Seconds one etcd call may take over all endpoints before it counts as no answer."),
+    Setting("etcd_prefix", Text(), "/cuju/v1",
+            "Key prefix of this cluster's records in etcd (one prefix per cuju-libvirt cluster)."),
 )
 
 SETTINGS_BY_KEY: Mapping[str, Setting[Any]] = {s.key: s for s in SETTINGS}
@@ -304,6 +341,9 @@ class Config:
     request_timeout: float
     reconnect_min: float
     reconnect_max: float
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_timeout: float = 1.0
+    etcd_prefix: str = "/cuju/v1"
     sources: Mapping[str, str] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
 

@@ -13,8 +13,12 @@ Why each rule exists (docs/ft-element.md has the user-facing version):
   vhost-user back-ends, ivshmem, virtio-pmem/nvdimm/virtio-mem backends outside the RAM
   file) would make the replica silently wrong: errors;
 * NICs must not use vhost: QEMU's filter-buffer, used for output commit, refuses vhost
-  netdevs;
-* disks are not epoch-protected yet: warnings, per disk.
+  netdevs (also a NIC without ``<model>`` where libvirt defaults to virtio);
+* encrypted guest RAM (``<launchSecurity>``) cannot be read or replicated: an error;
+* devices bound to this host (smartcard readers, host input devices, redirected USB) cannot
+  follow the VM: errors;
+* disks and the EFI variable store are not epoch-protected yet: warnings; so is an
+  architecture the failover path is not tested on.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ DISCARD_SAFE_TRACKERS = frozenset({"auto", "uffd", "scan"})
 #: Longest UNIX socket path (sun_path is 108 bytes including the terminating NUL).
 _MAX_SOCKET_PATH = 107
 _VIRTIO_NIC_MODELS = ("virtio", "virtio-transitional", "virtio-non-transitional")
+#: Guest architectures the engine and the failover path are verified with (libvirt's names).
+TESTED_ARCHES = frozenset({"x86_64", "i686"})
 _PREPARE = "run 'cuju-libvirt xml enable --prepare'"
 
 
@@ -165,6 +171,30 @@ def _hostdev_name(dev: etree._Element) -> str:
     return f"<hostdev type='{kind!s}'>{detail}"
 
 
+def _arch_machine(root: etree._Element) -> tuple[str, str]:
+    os_type = root.find("os/type")
+    if os_type is None:
+        return "", ""
+    return os_type.get("arch", ""), os_type.get("machine", "")
+
+
+def nic_model(nic: etree._Element, root: etree._Element) -> str | None:
+    """The NIC's model: the one given, or the one libvirt picks when ``<model>`` is left out.
+
+    libvirt (qemuDomainDefaultNetModel) gives a NIC without a model virtio on s390, on the
+    ARM and RISC-V ``virt`` machines, and an emulated NIC (rtl8139, e1000) elsewhere; None
+    when that cannot be told from the XML alone (no architecture: the host's, x86 here).
+    """
+    model = nic.find("model")
+    if model is not None and model.get("type"):
+        return model.get("type")
+    arch, machine = _arch_machine(root)
+    is_virt = machine == "virt" or machine.startswith("virt-")
+    if arch.startswith("s390") or (arch in ("armv6l", "armv7l", "aarch64", "riscv32", "riscv64") and is_virt):
+        return "virtio"
+    return None
+
+
 # --- the rules ----------------------------------------------------------------------------
 
 
@@ -277,6 +307,37 @@ def _rule_passthrough(ctx: _Context) -> None:
                 "hostdev", _disk_name(disk), f"an NVMe disk with QEMU's userspace driver (VFIO): {dma}",
                 "use the NVMe device as <disk type='block'> instead",
             )
+        elif disk.get("type") == "vhostvdpa":
+            ctx.error(
+                "hostdev", _disk_name(disk), f"a vhost-vDPA disk is passed-through hardware: {dma}",
+                "use a file, block or network disk",
+            )
+    for card in ctx.devices("smartcard"):
+        mode = card.get("mode", "?")
+        if mode in ("passthrough", "host"):
+            ctx.error(
+                "smartcard", f"<smartcard mode='{mode}'>",
+                "the smartcard (its reader, or the client that forwards it) is on this host and "
+                "cannot follow the VM to the peer",
+                "remove the <smartcard>",
+            )
+        elif mode == "host-certificates":
+            ctx.warn(
+                "smartcard", "<smartcard mode='host-certificates'>",
+                "the emulated card reads its certificates from this host's NSS database",
+                "keep the same certificate database on the peer",
+            )
+    for dev in ctx.devices("input"):
+        kind = dev.get("type", "?")
+        if kind in ("evdev", "passthrough"):
+            source = dev.find("source")
+            where = source.get("dev" if kind == "evdev" else "evdev", "") if source is not None else ""
+            ctx.error(
+                "input", f"<input type='{kind}'>{' ' + where if where else ''}",
+                "a host input device (keyboard, mouse, its evdev node) is on this host and cannot "
+                "follow the VM to the peer",
+                "use an emulated input device (<input type='tablet' bus='usb'/>, 'keyboard', 'mouse')",
+            )
     for dev in ctx.devices("redirdev"):
         ctx.error(
             "redirdev", f"<redirdev bus='{dev.get('bus', 'usb')}' type='{dev.get('type', '?')}'>",
@@ -340,12 +401,53 @@ def _rule_vhost_user(ctx: _Context) -> None:
         )
 
 
+def _rule_launch_security(ctx: _Context) -> None:
+    for sec in ctx.root.iterfind("launchSecurity"):
+        kind = sec.get("type", "?")
+        ctx.error(
+            "launch-security", f"<launchSecurity type='{kind}'>",
+            "the guest's RAM is encrypted (SEV, SEV-SNP, TDX, s390 protected virtualization): "
+            "cujud cannot read it from the RAM file to replicate it, and the peer's QEMU could not "
+            "use another host's encrypted pages",
+            "remove <launchSecurity> to protect this domain (or do not protect it)",
+        )
+
+
+def _rule_arch(ctx: _Context) -> None:
+    arch, _machine = _arch_machine(ctx.root)
+    if arch and arch not in TESTED_ARCHES:
+        ctx.warn(
+            "arch", f"<os><type arch='{arch}'>",
+            f"only {', '.join(sorted(TESTED_ARCHES))} guests are tested (dirty tracking, device state, "
+            "failover); the peer must run the same architecture and QEMU",
+            "test failover of this guest on your hosts before relying on it",
+        )
+
+
+def _rule_nvram(ctx: _Context) -> None:
+    os_el = ctx.root.find("os")
+    if os_el is None:
+        return
+    nvram = os_el.find("nvram")
+    loader = os_el.find("loader")
+    efi = os_el.get("firmware") == "efi" or (loader is not None and loader.get("type") == "pflash"
+                                            and loader.get("readonly") == "yes")
+    if nvram is None and not efi:
+        return
+    path = nvram.text.strip() if nvram is not None and nvram.text else ""
+    ctx.warn(
+        "nvram", "<os><nvram>" + (f" {path}" if path else ""),
+        "the EFI variable store is a writable flash image, written like a disk: its writes are "
+        "not epoch-protected, and the standby on the peer opens the same file",
+        "keep the varstore on storage both hosts reach, as for a writable disk",
+    )
+
+
 def _rule_nics(ctx: _Context) -> None:
     for nic in ctx.devices("interface"):
         if nic.get("type") in ("hostdev", "vdpa", "vhostuser"):
             continue  # reported by the passthrough / vhost-user rules
-        model = nic.find("model")
-        if model is None or model.get("type") not in _VIRTIO_NIC_MODELS:
+        if nic_model(nic, ctx.root) not in _VIRTIO_NIC_MODELS:
             continue  # only virtio NICs can use vhost
         driver = nic.find("driver")
         if driver is None or driver.get("name") != "qemu":
@@ -370,7 +472,7 @@ def _rule_balloon(ctx: _Context) -> None:
 
 def _rule_disks(ctx: _Context) -> None:
     for disk in ctx.devices("disk"):
-        if disk.get("type") in ("vhostuser", "nvme"):
+        if disk.get("type") in ("vhostuser", "nvme", "vhostvdpa"):
             continue
         if disk.get("device", "disk") not in ("disk", "lun") or disk.find("readonly") is not None:
             continue
@@ -395,6 +497,8 @@ def _rule_element(ctx: _Context) -> None:
 #: Every rule, in report order. Each appends Problems to the context.
 RULES: tuple[Callable[[_Context], None], ...] = (
     _rule_domain_type,
+    _rule_launch_security,
+    _rule_arch,
     _rule_memory,
     _rule_passthrough,
     _rule_vhost_user,
@@ -402,6 +506,7 @@ RULES: tuple[Callable[[_Context], None], ...] = (
     _rule_balloon,
     _rule_qmp_socket,
     _rule_disks,
+    _rule_nvram,
     _rule_element,
 )
 
@@ -544,8 +649,7 @@ def _prepare_nics(root: etree._Element, changes: list[str]) -> None:
     for nic in root.iterfind("devices/interface"):
         if nic.get("type") in ("hostdev", "vdpa", "vhostuser"):
             continue
-        model = nic.find("model")
-        if model is None or model.get("type") not in _VIRTIO_NIC_MODELS:
+        if nic_model(nic, root) not in _VIRTIO_NIC_MODELS:
             continue
         _ensure(nic, "driver", "name", "qemu", changes=changes, what=_interface_name(nic))
 

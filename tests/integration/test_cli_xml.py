@@ -295,3 +295,16 @@ def test_help_reads_like_a_man_page(argv: list[str], capsys: pytest.CaptureFixtu
     assert "exit status" in out.lower()
     if argv != ["--help"]:
         assert "examples:" in out
+
+
+def test_changing_a_setting_keeps_the_disk_records(run: Runner, tmp_path: Path) -> None:
+    """The records hold the originals of the prepared disks: re-enabling must not drop them."""
+    original = (
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        "<source file='/img/a.qcow2'/><target dev='vda' bus='virtio'/></disk>"
+    )
+    spec = dx.FTSpec(peer="hostb", disks=(dx.FTDisk.from_disk(dx.record_element(original, None)),))
+    document = dx.set_ft(read_fixture("virt-install-debian.xml"), spec)
+    result = run("xml", "enable", write(tmp_path, "vm.xml", document), "--epoch-ms", "10")
+    assert result.code == 0, result.err
+    assert dx.parse_domain(result.out) == spec.replace(epoch_ms=10)

@@ -84,6 +84,15 @@ def test_a_fit_domain_has_no_problems() -> None:
          "nic-vhost", "bridge br0"),
         ("<interface type='bridge'><source bridge='br1'/><model type='virtio'/><driver name='vhost'/>"
          "</interface>", "nic-vhost", "bridge br1"),
+        # issue 13, "also found": what --prepare accepted although it cannot be protected
+        ("<disk type='vhostvdpa' device='disk'><driver name='qemu' type='raw' cache='none'/>"
+         "<source dev='/dev/vhost-vdpa-0'/><target dev='vdc' bus='virtio'/></disk>", "hostdev", "vdc"),
+        ("<smartcard mode='passthrough' type='spicevmc'/>", "smartcard", "passthrough"),
+        ("<smartcard mode='host'/>", "smartcard", "mode='host'"),
+        ("<input type='evdev'><source dev='/dev/input/event1' grab='all' repeat='on'/></input>", "input",
+         "/dev/input/event1"),
+        ("<input type='passthrough' bus='virtio'><source evdev='/dev/input/event2'/></input>", "input",
+         "passthrough"),
     ],
 )
 def test_errors_name_the_device(devices: str, code: str, subject: str) -> None:
@@ -105,6 +114,8 @@ def test_errors_name_the_device(devices: str, code: str, subject: str) -> None:
         ("<filesystem type='mount'><source dir='/srv/share'/><target dir='share'/></filesystem>",
          "filesystem", "share"),
         ("<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>", "tpm", "emulator"),
+        ("<smartcard mode='host-certificates'><certificate>c1</certificate><certificate>c2</certificate>"
+         "<certificate>c3</certificate></smartcard>", "smartcard", "host-certificates"),
     ],
 )
 def test_warnings_name_the_device(devices: str, code: str, subject: str) -> None:
@@ -125,6 +136,8 @@ def test_warnings_name_the_device(devices: str, code: str, subject: str) -> None
         "<memory model='dimm'><target><size unit='GiB'>1</size><node>0</node></target></memory>",
         "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
         "<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>",
+        "<input type='tablet' bus='usb'/>",
+        "<input type='keyboard' bus='ps2'/>",
     ],
 )
 def test_harmless_devices(devices: str) -> None:
@@ -327,3 +340,56 @@ def test_the_rigs_domain_builder_produces_protectable_domains() -> None:
     )
     assert codes(ft.check_fitness(plain), ft.Severity.ERROR) == ["qmp-socket"]
     assert ft.prepare(plain).fit
+
+
+@pytest.mark.parametrize("kind", ["sev", "sev-snp", "s390-pv", "tdx"])
+def test_encrypted_guest_ram_is_refused(kind: str) -> None:
+    xml = fit().replace("</devices>", f"</devices><launchSecurity type='{kind}'><policy>0x0003</policy>"
+                                      "</launchSecurity>")
+    problems = ft.check_fitness(xml)
+    assert codes(problems, ft.Severity.ERROR) == ["launch-security"], problems
+    assert kind in problems[0].subject and "encrypted" in problems[0].message
+
+
+def _with_os(os_xml: str, devices: str = "") -> str:
+    return fit(devices).replace("<os>\n    <type>hvm</type>\n  </os>", os_xml)
+
+
+def test_an_untested_architecture_is_warned_about() -> None:
+    x86 = "<os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os>"
+    assert codes(ft.check_fitness(_with_os(x86))) == []
+    assert codes(ft.check_fitness(_with_os("<os><type arch='i686'>hvm</type></os>"))) == []
+    problems = ft.check_fitness(_with_os("<os><type arch='aarch64' machine='virt'>hvm</type></os>"))
+    assert codes(problems) == ["arch"] and not problems[0].is_error
+    assert "aarch64" in problems[0].subject
+
+
+@pytest.mark.parametrize("os_xml", [
+    "<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type></os>",
+    "<os><type arch='x86_64' machine='q35'>hvm</type><loader readonly='yes' type='pflash'>"
+    "/usr/share/OVMF/OVMF_CODE_4M.fd</loader><nvram>/var/lib/libvirt/qemu/nvram/fit_VARS.fd</nvram></os>",
+])
+def test_an_efi_variable_store_is_warned_about_like_a_writable_disk(os_xml: str) -> None:
+    problems = ft.check_fitness(_with_os(os_xml))
+    assert codes(problems) == ["nvram"], problems
+    assert "not epoch-protected" in problems[0].message and not problems[0].is_error
+
+
+@pytest.mark.parametrize(("os_xml", "vhost"), [
+    ("<os><type arch='aarch64' machine='virt-7.2'>hvm</type></os>", True),
+    ("<os><type arch='s390x' machine='s390-ccw-virtio'>hvm</type></os>", True),
+    ("<os><type arch='riscv64' machine='virt'>hvm</type></os>", True),
+    ("<os><type arch='x86_64' machine='pc'>hvm</type></os>", False),  # libvirt picks rtl8139 or e1000
+    ("<os><type arch='armv7l' machine='vexpress-a9'>hvm</type></os>", False),  # lan9118
+])
+def test_a_nic_without_a_model_is_judged_by_libvirts_default(os_xml: str, vhost: bool) -> None:
+    nic = "<interface type='bridge'><source bridge='br9'/></interface>"
+    problems = [p for p in ft.check_fitness(_with_os(os_xml, nic)) if p.code != "arch"]
+    assert codes(problems) == (["nic-vhost"] if vhost else []), problems
+    prepared = ft.prepare(_with_os(os_xml, nic))
+    root = etree.fromstring(prepared.xml.encode())
+    nic_el = next(n for n in root.iterfind("devices/interface") if n.find("source").get("bridge") == "br9")
+    driver = nic_el.find("driver")
+    assert (driver is not None and driver.get("name") == "qemu") is vhost, prepared.changes
+    if vhost:
+        assert [p for p in ft.check_fitness(prepared.xml) if p.code == "nic-vhost"] == []
