@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "checksum.h"
 #include "replicator.h"
 
 static const char *const errnames[CUJU_E__COUNT] = {
@@ -142,4 +143,18 @@ size_t cuju_error_frame(uint8_t *f, int code, const char *msg)
     if (n)
         memcpy(f + 24, msg, n);
     return 24 + n;
+}
+
+uint64_t cuju_disk_geometry(unsigned n, const uint64_t *sizes)
+{
+    if (n == 0)
+        return 0;
+    uint8_t b[8];
+    cuju_put_le64(b, n);
+    uint32_t crc = cuju_crc32c(0, b, 8);
+    for (unsigned i = 0; i < n; i++) {
+        cuju_put_le64(b, sizes[i]);
+        crc = cuju_crc32c(crc, b, 8);
+    }
+    return ((uint64_t)n << 32) | crc;
 }
