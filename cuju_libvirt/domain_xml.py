@@ -774,7 +774,10 @@ def restore_disks_in(root: etree._Element, disks: tuple[FTDisk, ...]) -> list[st
     that is there but is no longer the NBD export (edited since) is refused: giving the
     record back would undo that edit, dropping the record would lose the original.
     """
-    by_target = {target_of(d): d for d in root.iterfind("devices/disk")}
+    by_target: dict[str | None, etree._Element] = {}
+    for disk in root.iterfind("devices/disk"):  # an export wins over a clash of target devs
+        if is_nbd_export(disk) or target_of(disk) not in by_target:
+            by_target[target_of(disk)] = disk
     problems: list[str] = []
     for record in disks:
         current = by_target.get(record.target)

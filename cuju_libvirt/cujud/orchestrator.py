@@ -53,6 +53,12 @@ from cuju_libvirt.cujud.standby import StandbyManager
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.domain_xml import FTSpec, parse_domain
 from cuju_libvirt.errors import CoordError, CujuError, MonitorError, StateError
+from cuju_libvirt.ft_engine.devstate import (
+    MachineProfile,
+    StandbyMismatchError,
+    compare_machines,
+    describe_machine,
+)
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
@@ -164,6 +170,7 @@ class PrimaryDomain:
             sock.sendall(bytes.fromhex(str(reply["token"])) + self.generation.to_bytes(8, "big"))
             sock.settimeout(None)
             self.qmp = QMPClient(fitness.qmp_socket_path(self.name))
+            standby = self._check_standby(reply)
         except (CujuError, OSError, KeyError, ValueError) as err:
             self.machine.move(S.UNPROTECTED if first else S.DEGRADED, expect=S.PAIRING)
             self._close_qmp()
@@ -178,6 +185,7 @@ class PrimaryDomain:
             ram_path=ram.path, ram_size=ram.size, tracker=self.spec.tracker, epoch_ms=self.spec.epoch_ms,
             output_commit=self.spec.output_commit, max_packets=self.spec.max_epoch_packets,
             counter_dir=str(counters), ack_timeout=self.spec.heartbeat_timeout_ms / 1e3, tag=self.name,
+            standby_sections=standby.sections if standby is not None else None,
         )
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
                                     machine=self.machine, may_release=self._may_release, link_keys=link_keys)
@@ -206,6 +214,19 @@ class PrimaryDomain:
                                 "peer_tls: on; set peer_tls: 'on' on every host")
             return None
         return LinkKeys.derive(bytes.fromhex(str(secret))).primary
+
+    def _check_standby(self, reply: dict[str, Any]) -> MachineProfile | None:
+        """Compare the peer's standby with this QEMU (machine type, memory backends, RAM blocks)
+        before a single page is synced; its device sections are checked by the first save."""
+        if "machine" not in reply:
+            self.log.warning("%s sent no profile of its standby (an older cujud?): not compared", self.peer)
+            return None
+        assert self.qmp is not None
+        standby = MachineProfile.from_json(reply["machine"])
+        problems = compare_machines(describe_machine(self.qmp), standby)
+        if problems:
+            raise StandbyMismatchError(problems)
+        return standby
 
     # -- when protection fails ---------------------------------------------------------------------
 

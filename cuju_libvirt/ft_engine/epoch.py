@@ -8,7 +8,7 @@ Primary (:class:`PrimaryEngine`)::
     eng = PrimaryEngine(PrimaryConfig(...), qmp=qmp, pid=pid, link=sock, stats=st, machine=m)
     eng.start()          # initial sync of the RUNNING guest, then the epoch loop on a thread
     eng.epoch_ms = 10    # changeable at run time
-    eng.stop()           # VM keeps running, filters removed, x-ignore-shared off, tracker closed
+    eng.stop()           # VM keeps running, filters removed, tracker closed
 
 One epoch N (the VM ran since the end of epoch N-1's pause)::
 
@@ -44,7 +44,15 @@ from typing import Any
 
 from cuju_libvirt.errors import CujuError, ReplicationError, StateError
 from cuju_libvirt.ft_engine import trackers as T
-from cuju_libvirt.ft_engine.devstate import DeviceStateSaver, LoadTimings, ResumeTimings, load_device_state
+from cuju_libvirt.ft_engine.devstate import (
+    DeviceStateSaver,
+    LoadTimings,
+    MachineProfile,
+    ResumeTimings,
+    Section,
+    load_device_state,
+    standby_profile,
+)
 from cuju_libvirt.ft_engine.devstate import resume_standby as _resume_standby
 from cuju_libvirt.ft_engine.disks import DiskSet
 from cuju_libvirt.ft_engine.output import QUEUE_LIMIT, OutputCommit
@@ -96,6 +104,11 @@ class PrimaryConfig:
     #: ... or after this many tracked rounds.
     max_sync_rounds: int = 8
     tag: str = "vm"
+    #: The file QEMU writes each epoch's device state to (None: next to the QMP socket).
+    devstate_path: str | None = None
+    #: The standby's device sections (:func:`~cuju_libvirt.ft_engine.devstate.standby_profile`):
+    #: the first device-state save is checked against them. None: not checked.
+    standby_sections: tuple[Section, ...] | None = None
 
     def __post_init__(self) -> None:
         if not MIN_EPOCH_MS <= self.epoch_ms <= MAX_EPOCH_MS:
@@ -302,7 +315,8 @@ class PrimaryEngine:
         self._all_pages = T.page_buffer(npages)
         for i in range(npages):
             self._all_pages[i] = i
-        self._saver = DeviceStateSaver(self.qmp, keep_ignore_shared=True, logger=self.log)
+        self._saver = DeviceStateSaver(self.qmp, path=cfg.devstate_path, expect_sections=cfg.standby_sections,
+                                       logger=self.log)
         self._sender = EpochSender(self.link, self._ram, io_timeout=max(10.0, cfg.ack_timeout * 4),
                                    disk_sizes=self._disks.sizes if self._disks is not None else (),
                                    link_keys=self._link_keys)
@@ -567,6 +581,7 @@ class PrimaryEngine:
         finally:
             self._vm_cont()
         end = clock()
+        saver.check_devices(saved.blob)  # a hot-plugged device: never ship a blob the standby cannot load
         self._sender.ship()
         self._shipped(epoch, end, count)
         self.epochs += 1
@@ -582,7 +597,7 @@ class PrimaryEngine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """End protection cleanly: the last shipped epoch is acknowledged, held outputs leave,
-        filters go, x-ignore-shared is off, the tracker is closed; the VM keeps running."""
+        filters go, the tracker is closed; the VM keeps running."""
         thread = self._thread
         self._stopping.set()
         if thread is not None:
@@ -698,7 +713,7 @@ class PrimaryEngine:
 
     def _release_resources(self, problems: list[str], *, orderly: bool, run_vm: bool = True,
                            qemu_alive: bool = True) -> None:
-        """VM running, filters removed (held packets released), x-ignore-shared off, all closed
+        """VM running, filters removed (held packets released), device-state file removed, all closed
         (only the engine's own resources when ``qemu_alive`` is False: QEMU is gone).
 
         Releasing the packets of unacknowledged epochs is right here: whoever calls this
@@ -709,8 +724,8 @@ class PrimaryEngine:
         every later packet of the primary would conflict with it just the same.
         """
         self._stopping.set()
-        if not qemu_alive:  # filters and capabilities went with the QEMU
-            self._output, self._held_output, self._saver = None, False, None
+        if not qemu_alive:  # the filters went with the QEMU
+            self._output, self._held_output = None, False
         if run_vm and qemu_alive:
             self._ensure_running(problems)
         if self._output is not None:
@@ -724,7 +739,7 @@ class PrimaryEngine:
             try:
                 self._saver.close()
             except CujuError as err:
-                problems.append(f"x-ignore-shared: {err}")
+                problems.append(f"device-state file: {err}")
             self._saver = None
         if self._tracker is not None:
             self._tracker.close()
@@ -751,7 +766,7 @@ class PrimaryEngine:
         for delay in (*RESUME_RETRY_DELAYS, None):
             try:
                 status = self.qmp.execute("query-status")["status"]
-                if status not in ("paused", "postmigrate"):
+                if status != "paused":
                     return
                 self._stopped_flag = False
                 self.qmp.execute("cont")
@@ -791,11 +806,12 @@ class FailoverReport:
 class BackupEngine:
     """The standby side: receive epochs into the standby's RAM file; fail over on request.
 
-    ``qmp`` is the standby QEMU's direct monitor (started with ``-incoming defer``,
-    paused); ``ram_path`` its guest RAM file (written in place, never replaced);
-    ``link`` the accepted FT-link socket; ``device_state_path`` where committed device
-    state is kept (its journal next to it). A fresh standby starts from nothing: stale
-    device state and journal files at those paths are removed.
+    ``qmp`` is the standby QEMU's direct monitor (started paused with ``-incoming defer
+    -global migration.send-configuration=off``); ``ram_path`` its guest RAM file
+    (written in place, never replaced); ``link`` the accepted FT-link socket;
+    ``device_state_path`` where committed device state is kept (its journal next to it).
+    A fresh standby starts from nothing: stale device state and journal files at those
+    paths are removed. ``standby`` is the standby's profile (listed at start if None).
     """
 
     def __init__(
@@ -810,6 +826,7 @@ class BackupEngine:
         qemu_log: str | None = None,
         tag: str = "vm",
         io_timeout: float = 30.0,
+        standby: MachineProfile | None = None,
         disks: Sequence[tuple[str, int]] = (),
         link_keys: bytes | None = None,
     ) -> None:
@@ -819,6 +836,8 @@ class BackupEngine:
         self.disks = tuple(disks)
         self._link_keys = link_keys
         self.qmp = qmp
+        #: The standby QEMU's profile (device sections included); listed at :meth:`start` if None.
+        self.standby = standby
         self.ram_path = ram_path
         self.link = link
         self.device_state_path = device_state_path
@@ -854,6 +873,8 @@ class BackupEngine:
             self.populate_s = time.perf_counter() - t0
         finally:
             os.close(fd)
+        if self.standby is None or not self.standby.sections:
+            self.standby = standby_profile(self.qmp)
         self._rx = EpochReceiver(self._ram, self.device_state_path, disks=self.disks)
         self._rx.start(self.link, io_timeout=self.io_timeout, link_keys=self._link_keys)
         self.stats.set_state(self.machine.state.value)
@@ -945,7 +966,7 @@ class BackupEngine:
         self.stats.set_state(S.TAKING_OVER.value)
         try:
             blob = Path(self.device_state_path).read_bytes()
-            loaded = load_device_state(self.qmp, blob, qemu_log=self.qemu_log)
+            loaded = load_device_state(self.qmp, blob, qemu_log=self.qemu_log, standby=self.standby)
             if before_resume is not None:
                 before_resume(epoch)
             resumed = _resume_standby(self.qmp)
