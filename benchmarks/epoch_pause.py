@@ -16,8 +16,8 @@ from cuju_libvirt.rig.qemu_direct import DirectGuest
 
 DESCRIPTION = (
     "Pause per epoch of the memory-writer boot-sector guest (TCG, direct QMP socket): QMP stop, "
-    "harvest, gather of the dirty pages into a staging buffer, device-state save (migrate fd: with "
-    "x-ignore-shared kept on), QMP cont; per phase. Baseline in the same run: a bare stop+cont "
+    "harvest, gather of the dirty pages into a staging buffer, device-state save "
+    "(xen-save-devices-state), QMP cont; per phase. Baseline in the same run: a bare stop+cont "
     "every few epochs."
 )
 
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         qmp = g.qmp
         tracker = T.select_tracker(args.tracker, pid=g.pid, ram_path=g.ram_path,
                                    vm_stopped=lambda: stopped["v"])
-        saver = DeviceStateSaver(qmp, keep_ignore_shared=True)
+        saver = DeviceStateSaver(qmp)
         with open(g.ram_path, "rb") as f:
             ram_map = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)
         ram = memoryview(ram_map)

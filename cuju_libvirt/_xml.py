@@ -146,7 +146,7 @@ def _set_space_before(parent: etree._Element, index: int, text: str | None) -> N
         parent[index - 1].tail = text
 
 
-def _indent_of(element: etree._Element) -> str | None:
+def indent_of(element: etree._Element) -> str | None:
     """The spaces after the last newline before ``element`` ('' for the root), None if compact."""
     parent = element.getparent()
     if parent is None:
@@ -161,13 +161,13 @@ def child_indent(parent: etree._Element) -> str | None:
     """The whitespace that should precede a new last child of ``parent`` (None: compact XML)."""
     if len(parent) and parent.text is not None and _blank(parent.text) and "\n" in parent.text:
         return parent.text
-    own = _indent_of(parent)
+    own = indent_of(parent)
     if own is None:
         return None
     step = "  "
     grand = parent.getparent()
     if grand is not None:
-        grand_indent = _indent_of(grand)
+        grand_indent = indent_of(grand)
         if grand_indent is not None and own.startswith(grand_indent) and len(own) > len(grand_indent):
             step = own[len(grand_indent) :]
     return "\n" + own + step
@@ -203,7 +203,7 @@ def insert_child(parent: etree._Element, child: etree._Element, index: int | Non
 def close_indent(parent: etree._Element) -> None:
     """Give a freshly built ``parent`` a closing newline+indent after its last child."""
     if len(parent) and parent[-1].tail is None:
-        own = _indent_of(parent)
+        own = indent_of(parent)
         if own is not None:
             parent[-1].tail = "\n" + own
 

@@ -186,6 +186,35 @@ class PeerMap(Kind[dict[str, Address]]):
         return {name: str(addr) for name, addr in value.items()}
 
 
+class UrlList(Kind[tuple[str, ...]]):
+    """A list of ``http://HOST:PORT`` URLs (etcd client endpoints)."""
+
+    name = "list of http://HOST:PORT"
+
+    def parse(self, raw: object) -> tuple[str, ...]:
+        if raw is None:
+            return ()
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list):
+            raise _Invalid(f"expected a list of 'http://HOST:PORT' URLs, got {_show(raw)}")
+        urls: list[str] = []
+        for item in raw:
+            if not isinstance(item, str) or not item.startswith("http://"):
+                hint = " (TLS is not supported yet: use http:// on a trusted network)" \
+                    if isinstance(item, str) and item.startswith("https://") else ""
+                raise _Invalid(f"{_show(item)} is not an http://HOST:PORT URL{hint}")
+            try:
+                parse_address(item[len("http://"):].rstrip("/"), 2379)
+            except _Invalid as err:
+                raise _Invalid(f"{item!r}: {err}") from None
+            urls.append(item.rstrip("/"))
+        return tuple(urls)
+
+    def render(self, value: tuple[str, ...]) -> object:
+        return list(value)
+
+
 def parse_address(text: str, default_port: int) -> Address:
     """Parse ``HOST[:PORT]`` / ``[V6][:PORT]``; raise a validation error naming the fix."""
     host, port_text = text, ""
@@ -257,14 +286,28 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting("peers", PeerMap(), lambda: {},
             "Peer hosts: node name to control address. Both hosts list each other.",
             default_doc="{} (no peer)"),
+    Setting("peer_tls", Text(("on", "off")), "off",
+            "on: the peer channel runs inside mutual TLS 1.3, hosts authorised by certificate "
+            "(tls_* keys; docs/security.md); off: pre-shared key (psk_file), authenticated but "
+            "not encrypted. A host with TLS on refuses a peer without it."),
+    Setting("tls_ca_file", AbsPath(), Path("/etc/pki/cuju-libvirt/ca-cert.pem"),
+            "CA certificate that signs every host of the cluster (peer_tls: on)."),
+    Setting("tls_cert_file", AbsPath(), Path("/etc/pki/cuju-libvirt/host-cert.pem"),
+            "This host's certificate; its subjectAltName DNS entry is node_name (peer_tls: on)."),
+    Setting("tls_key_file", AbsPath(), Path("/etc/pki/cuju-libvirt/private/host-key.pem"),
+            "This host's private key (mode 0600, root; peer_tls: on)."),
     Setting("psk_file", AbsPath(), Path("/etc/cuju-libvirt/psk"),
-            "Pre-shared key for the peer channel (the same file on both hosts, at least "
-            f"{MIN_PSK_BYTES} bytes, owned by root, mode 0600 or stricter)."),
+            "Pre-shared key for the peer channel when peer_tls is off (the same file on both "
+            f"hosts, at least {MIN_PSK_BYTES} bytes, owned by root, mode 0600 or stricter)."),
     Setting("libvirt_uri", Text(), "qemu:///system", "The local libvirt daemon cujud manages."),
     Setting("control_socket", AbsPath(), Path("/run/cuju-libvirt/cujud.sock"),
             "UNIX socket for the hook and the CLI (mode 0600, root only)."),
     Setting("run_dir", AbsPath(), Path("/run/cuju-libvirt"), "Run-time files (sockets)."),
     Setting("state_dir", AbsPath(), Path("/var/lib/cuju-libvirt"), "Persistent state."),
+    Setting("disk_replica_dir", AbsPath(), Path("/var/lib/cuju-libvirt/replicas"),
+            "Where this host keeps, as the backup, the copies of protected disks: "
+            "`DIR/UUID/DEV.FORMAT`, unless the disk's `<cuju:disk replica>` names a path "
+            "(docs/ft-element.md). Needs room for every protected disk of the peer."),
     Setting("metrics_listen", Endpoint(METRICS_PORT), Address("0.0.0.0", METRICS_PORT),
             "Address of the Prometheus exporter."),
     Setting("log_level", Text(LOG_LEVELS, upper=True), "INFO", "Least severe level logged."),
@@ -279,6 +322,14 @@ SETTINGS: tuple[Setting[Any], ...] = (
             "First delay before reconnecting to a lost peer or libvirt; doubles on each failure."),
     Setting("reconnect_max", Number(0.01, 3600.0, "s"), 30.0,
             "Longest delay between reconnection attempts."),
+    Setting("etcd_endpoints", UrlList(), (),
+            "Client URLs of the etcd cluster that witnesses ownership (docs/cluster.md); "
+            "empty: no witness, two-host rules (a backup-host crash fences the primary).",
+            default_doc="[] (no witness)"),
+    Setting("etcd_timeout", Number(0.05, 60.0, "s"), 1.0,
+            "Seconds one etcd call may take over all endpoints before it counts as no answer."),
+    Setting("etcd_prefix", Text(), "/cuju/v1",
+            "Key prefix of this cluster's records in etcd (one prefix per cuju-libvirt cluster)."),
 )
 
 SETTINGS_BY_KEY: Mapping[str, Setting[Any]] = {s.key: s for s in SETTINGS}
@@ -304,6 +355,14 @@ class Config:
     request_timeout: float
     reconnect_min: float
     reconnect_max: float
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_timeout: float = 1.0
+    etcd_prefix: str = "/cuju/v1"
+    peer_tls: str = "off"
+    tls_ca_file: Path = Path("/etc/pki/cuju-libvirt/ca-cert.pem")
+    tls_cert_file: Path = Path("/etc/pki/cuju-libvirt/host-cert.pem")
+    tls_key_file: Path = Path("/etc/pki/cuju-libvirt/private/host-key.pem")
+    disk_replica_dir: Path = Path("/var/lib/cuju-libvirt/replicas")
     sources: Mapping[str, str] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
 

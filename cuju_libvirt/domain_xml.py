@@ -34,7 +34,16 @@ from typing import AnyStr, Literal, NamedTuple, cast
 from lxml import etree
 
 from cuju_libvirt import FT_NAMESPACE as _PACKAGE_FT_NAMESPACE
-from cuju_libvirt._xml import Document, close_indent, insert_child, is_empty, remove_child
+from cuju_libvirt._xml import Document, close_indent, indent_of, insert_child, is_empty, remove_child
+from cuju_libvirt.disk_xml import (
+    NBD_SOCKET_DIR,
+    TARGET_PATTERN,
+    record_element,
+    record_text,
+    replica_problem,
+    target_of,
+)
+from cuju_libvirt.disk_xml import FTDisk as FTDisk  # noqa: PLC0414  (re-exported: FTSpec.disks)
 from cuju_libvirt.errors import FTElementError, NotADomainXMLError
 
 #: XML namespace of the element (also exported as ``cuju_libvirt.FT_NAMESPACE``).
@@ -44,6 +53,7 @@ FT_NAMESPACE_BASE = "https://cuju-ft.github.io/libvirt/ft/"
 #: Prefix used when the element is written (and libvirt's metadata key).
 FT_PREFIX = "cuju"
 FT_TAG = f"{{{FT_NAMESPACE}}}ft"
+FT_DISK_TAG = f"{{{FT_NAMESPACE}}}disk"
 
 DEFAULT_PEER_PORT = 7790
 DEFAULT_LINK_PORT = 7791
@@ -228,6 +238,8 @@ class FTSpec:
     failover: Failover = "auto"
     heartbeat_timeout_ms: int = 500
     on_peer_unavailable: PeerUnavailable = "start-unprotected"
+    #: The prepared disks (``<cuju:disk>`` children), in document order.
+    disks: tuple[FTDisk, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -236,6 +248,15 @@ class FTSpec:
             reason = _check_value(attr, value)
             if reason is not None:
                 problems.append(_value_problem(attr, value, reason))
+        if not isinstance(self.disks, tuple) or not all(isinstance(d, FTDisk) for d in self.disks):
+            problems.append("FTSpec.disks must be a tuple of FTDisk")
+        else:
+            targets = [d.target for d in self.disks]
+            for target in sorted({t for t in targets if targets.count(t) > 1}):
+                problems.append(
+                    f"<cuju:ft> records disk '{target}' {targets.count(target)} times; "
+                    "fix: keep one <cuju:disk> per target"
+                )
         if problems:
             raise FTElementError(problems)
 
@@ -273,6 +294,10 @@ class FTSpec:
         if problems:
             raise FTElementError(problems)
         return cls(**values)  # type: ignore[arg-type]  # fields checked in __post_init__
+
+    def disk(self, target: str) -> FTDisk | None:
+        """The record of the prepared disk ``target``, or None."""
+        return next((d for d in self.disks if d.target == target), None)
 
     def replace(self, **changes: object) -> FTSpec:
         """A copy with some fields changed (validated like the original)."""
@@ -465,18 +490,87 @@ def find_ft(root: etree._Element) -> etree._Element | None:
     return found[0] if found else None
 
 
+def _is_disk_record(node: etree._Element) -> bool:
+    return node.tag == FT_DISK_TAG
+
+
+def disk_from_element(record: etree._Element) -> FTDisk:
+    """One ``<cuju:disk target='..' [replica='..']>`` record holding the original ``<disk>``."""
+    target = record.get("target")
+    where = f"<cuju:disk target='{target}'>" if target is not None else "<cuju:disk>"
+    problems: list[str] = []
+    for name in record.attrib:
+        if name not in ("target", "replica"):
+            problems.append(
+                f"{where} has an unknown attribute '{name!s}'; fix: remove it (known: target, replica)"
+            )
+    if target is None:
+        problems.append(
+            f"{where}{_line(record)} has no target attribute; fix: add target='DEV' (the disk's <target dev>)"
+        )
+    elif TARGET_PATTERN.match(target) is None:
+        problems.append(
+            f"{where} target is not a disk's <target dev> (lower-case letters and digits, e.g. vda); "
+            "fix: set it to the dev of the recorded <disk>"
+        )
+    replica = record.get("replica")
+    if replica is not None and replica_problem(replica) is not None:
+        problems.append(
+            f"{where} attribute replica={replica!r} is invalid ({replica_problem(replica)}): it must be an "
+            "absolute path on the backup host, default: under replica_dir of cujud.yaml; fix: set it to "
+            "a valid path or remove it"
+        )
+    children = [c for c in record if isinstance(c.tag, str)]
+    originals = [
+        c for c in children
+        if etree.QName(c).localname == "disk" and etree.QName(c).namespace in (None, FT_NAMESPACE)
+    ]
+    texts = [record.text, *(c.tail for c in record)]
+    if len(children) != 1 or len(originals) != 1 or any(t and t.strip() for t in texts):
+        problems.append(
+            f"{where}{_line(record)} must hold exactly one element, the <disk> as it was before prepare; "
+            "fix: restore the disk by hand and run 'cuju-libvirt xml enable --prepare' again"
+        )
+    if problems:
+        raise FTElementError(problems)
+    assert target is not None
+    return FTDisk(target, record_text(originals[0], indent_of(originals[0])), replica)
+
+
+def disks_from_element(element: etree._Element) -> tuple[FTDisk, ...]:
+    """The disk records of a ``<cuju:ft>`` element, all problems at once."""
+    disks: list[FTDisk] = []
+    problems: list[str] = []
+    for child in element:
+        if isinstance(child.tag, str) and _is_disk_record(child):
+            try:
+                disks.append(disk_from_element(child))
+            except FTElementError as err:
+                problems.extend(err.problems)
+    if problems:
+        raise FTElementError(problems)
+    return tuple(disks)
+
+
 def spec_from_element(element: etree._Element) -> FTSpec:
     """Validate one ``<cuju:ft>`` element (typed checks, then the schema) and return its settings."""
     problems: list[str] = []
     for child in element:
-        if isinstance(child.tag, str):
+        if isinstance(child.tag, str) and not _is_disk_record(child):
             problems.append(
                 f"<cuju:ft> has a child element <{etree.QName(child).localname}>; it takes attributes "
-                "only; fix: remove the child"
+                "and <cuju:disk> records only; fix: remove the child"
             )
     texts = [element.text, *(c.tail for c in element)]
     if any(t and t.strip() for t in texts):
-        problems.append("<cuju:ft> contains text; it takes attributes only; fix: remove the text")
+        problems.append(
+            "<cuju:ft> contains text; it takes attributes and <cuju:disk> records only; fix: remove the text"
+        )
+    disks: tuple[FTDisk, ...] = ()
+    try:
+        disks = disks_from_element(element)
+    except FTElementError as err:
+        problems.extend(err.problems)
     try:
         spec = FTSpec.from_attributes({str(k): str(v) for k, v in element.attrib.items()})
     except FTElementError as err:
@@ -484,7 +578,7 @@ def spec_from_element(element: etree._Element) -> FTSpec:
     if problems:
         raise FTElementError(problems)
     _schema_check(element)
-    return spec
+    return spec.replace(disks=disks)
 
 
 def check_domain_root(root: etree._Element) -> None:
@@ -533,6 +627,10 @@ def parse_libvirt_metadata(xml: str) -> FTSpec:
     for name, value in root.attrib.items():
         element.set(name, value)
     for child in root:
+        # libvirt hands the records back without namespace (or with the cuju one on every
+        # descendant, depending on how they were set): records are the element's children.
+        if isinstance(child.tag, str) and etree.QName(child).namespace is None:
+            child.tag = f"{{{FT_NAMESPACE}}}{child.tag}"
         element.append(child)
     element.text = root.text
     return spec_from_element(element)
@@ -541,19 +639,53 @@ def parse_libvirt_metadata(xml: str) -> FTSpec:
 # --- writing ------------------------------------------------------------------------------
 
 
-def ft_element(spec: FTSpec, prefix: str = FT_PREFIX) -> etree._Element:
-    """A new ``<cuju:ft>`` element for ``spec`` (peer plus every non-default setting)."""
+def ft_element(
+    spec: FTSpec, prefix: str = FT_PREFIX, indent: str | None = "", step: str = "  "
+) -> etree._Element:
+    """A new ``<cuju:ft>`` element for ``spec`` (peer, every non-default setting, the disk records).
+
+    ``indent`` is that of the line the element starts on (None: no whitespace at all).
+    """
     element = etree.Element(FT_TAG, nsmap={prefix: FT_NAMESPACE})
     for name, value in spec.to_attributes().items():
         element.set(name, value)
+    for disk in spec.disks:
+        record = etree.SubElement(element, FT_DISK_TAG)
+        record.set("target", disk.target)
+        if disk.replica is not None:
+            record.set("replica", disk.replica)
+        record.append(record_element(disk.original, None if indent is None else indent + 2 * step))
+    if indent is not None and len(element):
+        _layout(element, indent, step)
     return element
 
 
+def _layout(element: etree._Element, indent: str, step: str) -> None:
+    """Indent the records of a freshly built element that starts on a line indented by ``indent``."""
+    element.text = "\n" + indent + step
+    for i, record in enumerate(element):
+        record.text = "\n" + indent + 2 * step
+        record[0].tail = "\n" + indent + step
+        record.tail = "\n" + indent + (step if i < len(element) - 1 else "")
+
+
 def libvirt_metadata_xml(spec: FTSpec) -> str:
-    """The element as ``virDomainSetMetadata`` wants it: no namespace (libvirt adds key and URI)."""
+    """The element as ``virDomainSetMetadata`` wants it: no namespace (libvirt adds key and URI).
+
+    The records keep their namespace (declared as the default namespace on each) and the
+    recorded ``<disk>`` none, so that libvirt stores them as a defined domain XML has them.
+    """
     element = etree.Element("ft")
     for name, value in spec.to_attributes().items():
         element.set(name, value)
+    for disk in spec.disks:
+        record = etree.SubElement(element, FT_DISK_TAG, nsmap={None: FT_NAMESPACE})  # type: ignore[dict-item]
+        record.set("target", disk.target)
+        if disk.replica is not None:
+            record.set("replica", disk.replica)
+        record.append(record_element(disk.original, "    "))
+    if len(element):
+        _layout(element, "", "  ")
     return etree.tostring(element, encoding="unicode")
 
 
@@ -567,7 +699,8 @@ def set_ft_in(root: etree._Element, spec: FTSpec) -> bool:
     existing = find_ft(root)
     if existing is not None:
         prefix = existing.prefix or FT_PREFIX
-        new = ft_element(spec, prefix)
+        indent, step = _placement(existing)
+        new = ft_element(spec, prefix, indent, step)
         new.tail = existing.tail
         parent = existing.getparent()
         assert parent is not None
@@ -582,27 +715,102 @@ def set_ft_in(root: etree._Element, spec: FTSpec) -> bool:
             if child.tag in _BEFORE_METADATA:
                 index = i + 1
         insert_child(root, metadata, index)
-    insert_child(metadata, ft_element(spec))
+    new = ft_element(spec, indent=None)
+    insert_child(metadata, new)
     if created:
         close_indent(metadata)
+    if spec.disks:
+        indent, step = _placement(new)
+        laid_out = ft_element(spec, new.prefix or FT_PREFIX, indent, step)
+        laid_out.tail = new.tail
+        metadata.replace(new, laid_out)
     return created
 
 
-def remove_ft_in(root: etree._Element) -> bool:
+def _placement(element: etree._Element) -> tuple[str | None, str]:
+    """The indentation of the line ``element`` starts on and the document's indentation step."""
+    own = indent_of(element)
+    parent = element.getparent()
+    above = indent_of(parent) if parent is not None else None
+    step = "  "
+    if own is not None and above is not None and own.startswith(above) and len(own) > len(above):
+        step = own[len(above) :]
+    return own, step
+
+
+def remove_ft_in(root: etree._Element, restore_disks: bool = True) -> bool:
     """Remove the element from a ``<domain>`` tree (and ``<metadata>`` if left empty).
 
-    Returns False when there was no element. An element in another namespace version is
-    refused (:class:`FTElementError`) rather than removed silently.
+    The prepared disks get their recorded originals back (:func:`restore_disks_in`) unless
+    ``restore_disks`` is False (the caller puts the element back later). Returns False when
+    there was no element. An element in another namespace version is refused
+    (:class:`FTElementError`) rather than removed silently.
     """
     element = find_ft(root)
     if element is None:
         return False
+    if restore_disks:
+        restore_disks_in(root, disks_from_element(element))
     metadata = element.getparent()
     assert metadata is not None
     remove_child(element)
     if is_empty(metadata):
         remove_child(metadata)
     return True
+
+
+def is_nbd_export(disk: etree._Element) -> bool:
+    """Whether a ``<disk>`` is a prepared one: NBD over a UNIX socket in NBD_SOCKET_DIR, export = target."""
+    source = disk.find("source")
+    host = source.find("host") if source is not None else None
+    target = target_of(disk)
+    return (
+        disk.get("type") == "network"
+        and source is not None
+        and source.get("protocol") == "nbd"
+        and target is not None
+        and source.get("name") == target
+        and host is not None
+        and host.get("transport") == "unix"
+        and str(host.get("socket", "")).startswith(NBD_SOCKET_DIR + "/")
+        and str(host.get("socket", "")).endswith(f"/{target}.sock")
+    )
+
+
+def restore_disks_in(root: etree._Element, disks: tuple[FTDisk, ...]) -> list[str]:
+    """Put the recorded ``<disk>`` elements back in place of their NBD exports; what was restored.
+
+    A recorded disk that is no longer in ``<devices>`` is skipped (it was detached). One
+    that is there but is no longer the NBD export (edited since) is refused: giving the
+    record back would undo that edit, dropping the record would lose the original.
+    """
+    by_target: dict[str | None, etree._Element] = {}
+    for disk in root.iterfind("devices/disk"):  # an export wins over a clash of target devs
+        if is_nbd_export(disk) or target_of(disk) not in by_target:
+            by_target[target_of(disk)] = disk
+    problems: list[str] = []
+    for record in disks:
+        current = by_target.get(record.target)
+        if current is not None and not is_nbd_export(current):
+            problems.append(
+                f"<disk> {record.target} is no longer the NBD export that prepare made, so its record "
+                f"in <cuju:ft> (the original, {record.source}) cannot be put back; fix: remove "
+                f"<cuju:disk target='{record.target}'> by hand if the current <disk> is what you want"
+            )
+    if problems:
+        raise FTElementError(problems)
+    restored: list[str] = []
+    for record in disks:
+        current = by_target.get(record.target)
+        if current is None:
+            continue
+        original = record_element(record.original, indent_of(current))
+        original.tail = current.tail
+        parent = current.getparent()
+        assert parent is not None
+        parent.replace(current, original)
+        restored.append(f"restored <disk> {record.target} ({record.source}) from its record in <cuju:ft>")
+    return restored
 
 
 def set_ft(xml: AnyStr, spec: FTSpec) -> AnyStr:

@@ -36,6 +36,8 @@ Every error the package raises on purpose derives from :class:`CujuError`::
      |    +-- QMPError            QEMU refused a command (error class, desc)   [qmp.py]
      |    +-- QMPConnectionError  the monitor cannot be reached or went away   [qmp.py]
      |    +-- QMPTimeoutError     no answer within the deadline                [qmp.py]
+     +-- CoordError          the coordination store (etcd) refused a request or returned nonsense
+     |    +-- CoordUnavailable    no answer from any etcd member in time: decide nothing from it
      +-- RigError            the test rig could not build a guest or start QEMU/libvirtd
 
 Causes are kept with ``raise ... from err``. libvirt errors are classified by
@@ -193,6 +195,15 @@ class MonitorError(CujuError):
 
     The concrete classes live next to the client in :mod:`cuju_libvirt.qmp`.
     """
+
+
+class CoordError(CujuError):
+    """The coordination store (etcd) refused a request, or its answer makes no sense."""
+
+
+class CoordUnavailable(CoordError):
+    """No etcd member answered in time. The outcome of a write is then unknown: it may have
+    been applied. Never decide anything from this; ask again."""
 
 
 class RigError(CujuError):

@@ -55,7 +55,8 @@ def spec_from_args(args: argparse.Namespace, existing: FTSpec | None) -> FTSpec:
         raise CLIError("--peer is required: the domain has no <cuju:ft> yet", EXIT_UNREADABLE)
     merged = existing.to_attributes() if existing is not None else {}
     merged.update(given)
-    return FTSpec.from_attributes(merged)
+    # the disk records stay: they hold the originals of the prepared disks
+    return FTSpec.from_attributes(merged).replace(disks=existing.disks if existing is not None else ())
 
 
 def print_lines(lines: Sequence[object]) -> None:

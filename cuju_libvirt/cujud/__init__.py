@@ -7,6 +7,7 @@ plane) sits below this package and never imports it. Inside, dependencies point 
 * ``orchestrator`` (the primary's side) and ``standby`` (the backup's side) protect domains;
 * ``peer`` (the authenticated channel to other hosts), ``control`` (the local UNIX socket the
   hook and the CLI talk to), ``virt`` (libvirt connection and events), ``records`` (facts kept
-  across restarts), ``qemu_process`` (what ``/proc`` says of a QEMU) and ``exporter``
+  across restarts), ``coord`` (the etcd witness: client and ownership records),
+  ``qemu_process`` (what ``/proc`` says of a QEMU) and ``exporter``
   (Prometheus) are the leaves they use.
 """

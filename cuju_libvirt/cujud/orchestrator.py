@@ -21,6 +21,13 @@ Primary side, per domain (:class:`PrimaryDomain`)::
 Held output leaves only for acknowledged epochs, or once the peer has *promised* (under its
 standby's lock) never to take over in this session. That is the whole split-brain rule:
 see docs/failover.md for what it covers and what it does not.
+
+With the cluster witness (``etcd_endpoints``; docs/cluster.md) a pairing first takes a new
+generation of the VM's ownership record, and held output may also leave once this host won
+the record's compare-and-swap (the peer, which must win the same record to resume, then
+never can). On a failure with QEMU alive the primary races that claim before it asks the
+peer: won -> release and run on unprotected, lost -> destroy the copy, no answer -> the
+two-host rule above.
 """
 
 from __future__ import annotations
@@ -38,14 +45,20 @@ from typing import Any
 import libvirt
 
 from cuju_libvirt import config, fitness
-from cuju_libvirt.cujud import control, peer, records
+from cuju_libvirt.cujud import control, coord, peer, records
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
 from cuju_libvirt.cujud.qemu_process import alive, ended_on_signal, log_offset, qemu_pid, ram_backing
 from cuju_libvirt.cujud.standby import StandbyManager
-from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, translate
+from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.domain_xml import FTSpec, parse_domain
-from cuju_libvirt.errors import CujuError, MonitorError, StateError
+from cuju_libvirt.errors import CoordError, CujuError, MonitorError, StateError
+from cuju_libvirt.ft_engine.devstate import (
+    MachineProfile,
+    StandbyMismatchError,
+    compare_machines,
+    describe_machine,
+)
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
@@ -80,6 +93,8 @@ class PrimaryDomain:
         self.engine: PrimaryEngine | None = None
         self.qmp: QMPClient | None = None
         self.pid = 0
+        #: The ownership generation of the current pairing (0: no witness).
+        self.generation = 0
         self.ended = threading.Event()
         self._wake = threading.Event()
         self._log_offset = 0
@@ -115,10 +130,16 @@ class PrimaryDomain:
                 continue
             except CujuError as err:
                 self.log.warning("protection not established: %s; the VM runs UNPROTECTED, next attempt "
-                                 "in %.0f s", err, delay)
+                                 "in %.1f s", err, delay)
                 self.log.debug("details", exc_info=True)
-            self._wake.wait(delay)
-            self._wake.clear()
+            # The whole delay, whatever wakes the loop meanwhile: a failed attempt's own clean-up
+            # (the engine's verdict asks for a re-protection) must not turn the back-off into a
+            # busy loop of standby creations on the peer.
+            retry_at = time.monotonic() + delay
+            while (left := retry_at - time.monotonic()) > 0 and not self.ended.is_set() \
+                    and not self.orch.stopping.is_set():
+                self._wake.wait(left)
+                self._wake.clear()
             delay = min(delay * 2, BACKOFF_MAX)
 
     def _pair_once(self) -> None:
@@ -136,15 +157,18 @@ class PrimaryDomain:
         self.machine.move(S.PAIRING, expect=(S.UNPROTECTED, S.DEGRADED))
         sock: socket.socket | None = None
         try:
+            self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer)
             self.log.info("asking %s for a standby", self.peer)
             reply = conn.request("standby-create", {
                 "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
+                "generation": self.generation,
             }, timeout=STANDBY_CREATE_TIMEOUT)
             sock = socket.create_connection((self.spec.link_host, self.spec.link_port), timeout=10)
-            sock.sendall(bytes.fromhex(str(reply["token"])))
+            sock.sendall(bytes.fromhex(str(reply["token"])) + self.generation.to_bytes(8, "big"))
             sock.settimeout(None)
             self.qmp = QMPClient(fitness.qmp_socket_path(self.name))
+            standby = self._check_standby(reply)
         except (CujuError, OSError, KeyError, ValueError) as err:
             self.machine.move(S.UNPROTECTED if first else S.DEGRADED, expect=S.PAIRING)
             self._close_qmp()
@@ -160,6 +184,7 @@ class PrimaryDomain:
             epoch_policy=self.spec.epoch_policy, output_commit=self.spec.output_commit,
             max_packets=self.spec.max_epoch_packets,
             counter_dir=str(counters), ack_timeout=self.spec.heartbeat_timeout_ms / 1e3, tag=self.name,
+            standby_sections=standby.sections if standby is not None else None,
         )
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
                                     machine=self.machine, may_release=self._may_release)
@@ -174,9 +199,23 @@ class PrimaryDomain:
         finally:
             self._starting = False
             sock.close()  # the engine holds its own duplicate
-        records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer)
+        records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer,
+                      generation=self.generation)
         self.log.info("PROTECTED by %s: initial sync of %d pages in %.2f s (%d rounds); epochs of %d ms",
                       self.peer, report.pages_sent, report.seconds, report.rounds, self.engine.epoch_ms)
+
+    def _check_standby(self, reply: dict[str, Any]) -> MachineProfile | None:
+        """Compare the peer's standby with this QEMU (machine type, memory backends, RAM blocks)
+        before a single page is synced; its device sections are checked by the first save."""
+        if "machine" not in reply:
+            self.log.warning("%s sent no profile of its standby (an older cujud?): not compared", self.peer)
+            return None
+        assert self.qmp is not None
+        standby = MachineProfile.from_json(reply["machine"])
+        problems = compare_machines(describe_machine(self.qmp), standby)
+        if problems:
+            raise StandbyMismatchError(problems)
+        return standby
 
     # -- when protection fails ---------------------------------------------------------------------
 
@@ -203,8 +242,19 @@ class PrimaryDomain:
                     self.engine.vm_ended = how  # the engine then says so in one INFO line
                 self.log.info("QEMU ended (%s): stopping protection, the standby is dropped", how)
                 self._ask_abandon(how, quiet=True)
+                self.orch.witness_stopped(self)
                 self._finish()
             return True  # nothing left to hold: the QEMU is gone
+        won = self._claim()
+        if won:
+            self.log.warning("backup lost (%s); the witness made this host the sole owner (generation %d): "
+                             "running UNPROTECTED, re-protecting with backoff", err, self.generation)
+            threading.Thread(target=self._after_claim_won, daemon=True).start()
+            return True
+        if won is not None:
+            threading.Thread(target=self._cede, args=("the witness gave the VM to the peer",),
+                             daemon=True).start()
+            return False
         answer = self._ask_abandon(f"protection failed: {err}")
         if answer is not None and answer.get("abandoned"):
             self.log.warning("backup lost (%s); the peer dropped its standby: running UNPROTECTED, "
@@ -216,6 +266,30 @@ class PrimaryDomain:
             return False
         threading.Thread(target=self._resolve_fence, name=f"cujud-fence-{self.name}", daemon=True).start()
         return False
+
+    def _claim(self, *, quiet: bool = False) -> bool | None:
+        """Race the peer for the ownership record: True won, False lost, None no witness or
+        no answer (then the two-host rule decides)."""
+        store = self.orch.witness
+        if store is None or not self.generation:
+            return None
+        try:
+            claim = store.claim(self.uuid, self.orch.node, self.generation)
+        except CoordError as err:
+            if not quiet:
+                self.log.error("the witness (etcd) gives no answer (%s): the two-host rule decides", err)
+            return None
+        if claim.won:
+            self.generation = claim.record.generation
+            return True
+        self.log.error("the witness gives %s to %s (generation %d, %s)", self.name, claim.record.owner,
+                       claim.record.generation, claim.record.mode)
+        return False
+
+    def _after_claim_won(self) -> None:
+        """The peer may be alive (only the FT link broke): it drops its standby when told."""
+        self._ask_abandon("the primary won the ownership record", quiet=True)
+        self._reprotect_after_engine()
 
     def _classify_exit(self) -> str:
         sig = ended_on_signal(self.name, self._log_offset)
@@ -266,6 +340,18 @@ class PrimaryDomain:
         self.log.error("FENCED: %s is unreachable and may have taken over; the VM stays stopped with "
                        "its output held until %s answers", self.peer, self.peer)
         while not self.ended.is_set() and not self.orch.stopping.is_set():
+            won = self._claim(quiet=True)
+            if won and engine is not None:
+                self.log.warning("the witness made this host the sole owner (generation %d): unfencing",
+                                 self.generation)
+                engine.unfence()
+                self._close_qmp()
+                self._ask_abandon("the primary won the ownership record", quiet=True)
+                self._wake.set()
+                return
+            if won is False:
+                self._cede("the witness gave the VM to the peer while this host was fenced")
+                return
             answer = self._ask_abandon("a fenced primary asks", quiet=True)
             if answer is not None and answer.get("abandoned") and engine is not None:
                 engine.unfence()
@@ -310,6 +396,7 @@ class PrimaryDomain:
         if engine is not None and (engine.running or engine.fenced):
             return
         self._ask_abandon("the domain stopped", quiet=True)
+        self.orch.witness_stopped(self)
         self._finish()
 
     def shutdown(self) -> None:
@@ -347,11 +434,18 @@ class Orchestrator:
         self._stops: dict[str, tuple[float, LifecycleEvent]] = {}
         self._stop_cond = threading.Condition()
         libvirt.add_lifecycle_listener(self._lifecycle)
+        self.node = cfg.node_name
+        #: The cluster witness (None: two-host mode, docs/failover.md).
+        self.witness = coord.OwnershipStore(
+            coord.EtcdClient(cfg.etcd_endpoints, timeout=cfg.etcd_timeout), cfg.etcd_prefix,
+        ) if cfg.etcd_endpoints else None
         self.standbys = StandbyManager(
             libvirt_conn=libvirt, state_dir=cfg.state_dir, ft_host=cfg.ft_listen.host,
             ft_port=cfg.ft_listen.port, peer_silent_for=links.silent_for,
             register=domains.add, unregister=self._unregister, notify_peer=self._notify_peer,
+            witness=self.witness, node=cfg.node_name,
         )
+        libvirt.add_state_listener(self._libvirt_state)
 
     def install(self, server: control.ControlServer, handlers: peer.Handlers) -> None:
         for method, handler in {
@@ -409,6 +503,65 @@ class Orchestrator:
                         f"(peers: {known}); "
                         "fix: use a name or address listed under 'peers' in cujud.yaml")
 
+    # -- the witness ---------------------------------------------------------------------------
+
+    def witness_protect(self, uuid: str, name: str, backup: str) -> int:
+        """A new ownership generation for pairing ``name`` with ``backup``; 0 without a witness."""
+        if self.witness is None:
+            return 0
+        try:
+            return self.witness.protect(uuid, name, self.node, backup).generation
+        except CoordError as err:
+            raise CujuError(f"the witness (etcd) did not record the pairing: {err}") from err
+
+    def witness_stopped(self, p: PrimaryDomain) -> None:
+        """The VM stopped on purpose: record it (best effort), so any host may start it again."""
+        if self.witness is None:
+            return
+        try:
+            self.witness.release(p.uuid, self.node, mode="stopped")
+        except CoordError as err:
+            p.log.warning("could not record the stop with the witness: %s", err)
+
+    def witness_owner(self, uuid: str) -> coord.Ownership | None:
+        """The ownership record of ``uuid``; None without a witness, a record or an answer."""
+        if self.witness is None:
+            return None
+        try:
+            found = self.witness.read(uuid)
+        except CoordError as err:
+            LOG.warning("the witness (etcd) gives no answer about %s: %s", uuid, err)
+            return None
+        return None if found is None else found.record
+
+    def _libvirt_state(self, state: LinkState) -> None:
+        if self.witness is not None and state is LinkState.CONNECTED:
+            threading.Thread(target=self._fence_stale_copies, name="cujud-stale", daemon=True).start()
+
+    def _fence_stale_copies(self) -> None:
+        """Running VMs this host protected before cujud (re)started whose ownership record has
+        moved on: another host took them over; destroy the copy here, never adopt it."""
+        with translate("listing the running domains"):
+            domains = self.libvirt.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        for dom in domains:
+            with contextlib.suppress(libvirt.libvirtError, CujuError):
+                uuid = dom.UUIDString()
+                mine = records.read(self.state_dir, records.PROTECTED, uuid)
+                with self._lock:
+                    if mine is None or uuid in self.primaries:
+                        continue
+                rec = self.witness_owner(uuid)
+                if rec is None or rec.owner == self.node:
+                    continue
+                LOG.error("%s runs here from generation %s, but the witness gives it to %s (generation %d): "
+                          "destroying the stale copy; this host will refuse to start it", dom.name(),
+                          mine.get("generation", "?"), rec.owner, rec.generation)
+                records.write(self.state_dir, records.CEDED, uuid, domain=dom.name(), peer=rec.owner,
+                              reason=f"the witness gave it to {rec.owner} (generation {rec.generation})")
+                with translate(f"destroying {dom.name()}"):
+                    dom.destroy()
+                records.remove(self.state_dir, records.PROTECTED, uuid)
+
     def _notify_peer(self, name: str, kind: str, body: dict[str, Any]) -> None:
         self.links.connection(name).notify(kind, body)
 
@@ -457,6 +610,18 @@ class Orchestrator:
         if spec is None:
             return {"start": True, "protect": False, "reason": "no <cuju:ft> element"}
         was_protected = records.read(self.state_dir, records.PROTECTED, uuid) if uuid else None
+        if was_protected is not None:
+            owner = self.witness_owner(uuid)
+            if owner is not None and owner.owner != self.node and owner.mode != "stopped":
+                records.write(self.state_dir, records.CEDED, uuid, domain=was_protected.get("domain"),
+                              peer=owner.owner, reason=f"the witness gave it to {owner.owner} "
+                                                       f"(generation {owner.generation})")
+                return {"start": False, "protect": False,
+                        "reason": f"the witness (etcd) records {owner.owner} as the owner of this VM "
+                                  f"(generation {owner.generation}): it runs there"}
+            if owner is not None:
+                records.remove(self.state_dir, records.PROTECTED, uuid)
+                was_protected = None
         try:
             name = self.resolve_peer(spec)
             conn = self.links.connection(name)
@@ -526,7 +691,7 @@ class Orchestrator:
         found = [sb for sb in list(self.standbys.standbys.values()) if domain in (sb.name, sb.uuid)]
         if not found:
             raise CujuError(f"{domain!r} has no standby on this host")
-        return found[0].take_over("an operator asked for it (cuju-libvirt takeover)")
+        return found[0].take_over("an operator asked for it (cuju-libvirt takeover)", by_word=True)
 
     # -- peer notes ------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import selectors
 import socket
@@ -329,6 +330,26 @@ class Verdict:
         out["ok"] = self.ok
         out["gaps"] = [{"after": g.after, "before": g.before, "missing": g.missing} for g in self.gaps]
         return out
+
+
+def one_epoch_packets(pps: float, epoch_ms: float) -> int:
+    """The most datagrams a failover may lose by the claim: those of one epoch.
+
+    A sender at ``pps`` datagrams per second puts at most ``floor(pps * epoch) + 1`` of them
+    into one epoch of ``epoch_ms`` (one may fall on each edge). ``epoch_ms`` is the length
+    the epochs really had (at least the configured one: an epoch also waits for its
+    predecessor's acknowledgement), e.g. from cujud's ``epochs_per_s``.
+    """
+    if pps <= 0 or epoch_ms <= 0:
+        raise ValueError(f"pps {pps} and epoch_ms {epoch_ms} must be positive")
+    return math.floor(pps * epoch_ms / 1000.0) + 1
+
+
+def epoch_ms_from_rate(configured_ms: float, epochs_per_s: float | None) -> float:
+    """The epoch length epochs really had: the configured one, or longer as measured."""
+    if epochs_per_s is None or epochs_per_s <= 0:
+        return float(configured_ms)
+    return max(float(configured_ms), 1000.0 / epochs_per_s)
 
 
 def udp_gaps(udp: Sequence[tuple[int, float]]) -> tuple[list[Gap], list[str]]:

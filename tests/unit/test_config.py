@@ -93,6 +93,9 @@ def test_dropin_replaces_the_whole_peers_value(etc: Path) -> None:
         ("node_name: a\npeers: {a: 1.2.3.4}\n", ["own node_name 'a'"]),
         ("listen: 0.0.0.0:7791\n", ["ft_listen", "would listen on the same port"]),
         ("metrics_listen: 127.0.0.1:7790\n", ["listen (0.0.0.0:7790, from default) and metrics_listen"]),
+        ("etcd_endpoints: [https://e1:2379]\n", ["etcd_endpoints", "TLS is not supported yet"]),
+        ("etcd_endpoints: {a: b}\n", ["etcd_endpoints", "expected a list"]),
+        ("etcd_endpoints: [http://e1:99999]\n", ["etcd_endpoints", "port must be a number"]),
     ],
 )
 def test_errors_name_file_key_and_fix(etc: Path, text: str, needles: list[str]) -> None:
@@ -244,3 +247,13 @@ def test_cli_config_show(etc: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert err.count("\n") == 1 and "20-bad.yaml: peer_timeout: -1 is out of range" in err
     assert main(["config", "show", "--config", str(etc / "missing.yaml")]) == 2
     assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_etcd_endpoints_parse_to_urls(etc: Path) -> None:
+    (etc / "cujud.yaml").write_text("etcd_endpoints: [http://10.0.0.1:2379/, 'http://e2:2379']\n")
+    c = load(etc)
+    assert c.etcd_endpoints == ("http://10.0.0.1:2379", "http://e2:2379")
+    (etc / "cujud.yaml").write_text("etcd_endpoints: http://e3:2379\n")
+    assert load(etc).etcd_endpoints == ("http://e3:2379",)
+    (etc / "cujud.yaml").write_text("# none\n")
+    assert load(etc).etcd_endpoints == ()

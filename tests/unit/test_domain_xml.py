@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -385,3 +386,97 @@ def test_docs_describe_every_attribute_with_its_default_and_bounds() -> None:
             assert f"| {attr.default} |" in row
         for choice in attr.choices:
             assert f"`{choice}`" in row
+
+
+# --- disk records (<cuju:disk>) ---------------------------------------------------------------
+
+QCOW2_DISK = """<disk type='file' device='disk'>
+  <driver name='qemu' type='qcow2' cache='none'/>
+  <source file='/var/lib/libvirt/images/web.qcow2'/>
+  <target dev='vda' bus='virtio'/>
+  <serial>web-root</serial>
+  <boot order='1'/>
+</disk>"""
+
+
+def record(target: str = "vda", inner: str = QCOW2_DISK, attrs: str = "") -> str:
+    return f'<cuju:disk target="{target}"{attrs}>{inner}</cuju:disk>'
+
+
+def test_disk_record_gives_the_facts_the_data_path_needs() -> None:
+    with_replica = record(attrs=" replica='/srv/r/web.qcow2'")
+    without_bus = record("sdb", QCOW2_DISK.replace("vda", "sdb").replace(" bus='virtio'", ""))
+    spec = dx.parse_element(f'<cuju:ft xmlns:cuju="{NS}" peer="b">{with_replica}{without_bus}</cuju:ft>')
+    vda, sdb = spec.disks
+    assert (vda.target, vda.source, vda.source_type, vda.format, vda.bus, vda.replica) == (
+        "vda", "/var/lib/libvirt/images/web.qcow2", "file", "qcow2", "virtio", "/srv/r/web.qcow2"
+    )
+    assert sdb.bus == "scsi"  # libvirt's rule for a dev named sd* without bus
+    assert sdb.replica is None
+    uuid = "0c1b8a57-9a1f-4b43-9e3e-4d7e0a7b0a11"
+    assert sdb.replica_path("/var/lib/cuju-libvirt/replicas", uuid) == (
+        f"/var/lib/cuju-libvirt/replicas/{uuid}/sdb.qcow2"
+    )
+    assert vda.replica_path("/elsewhere", uuid) == "/srv/r/web.qcow2"
+    assert vda.socket_path(uuid) == f"/run/cuju-libvirt/nbd/{uuid}/vda.sock"
+    assert spec.disk("sdb") is sdb and spec.disk("vdz") is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        vda.source = "/x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("records", "needle"),
+    [
+        (record("vda", QCOW2_DISK.replace("qcow2", "vmdk")), "format 'vmdk' cannot be served"),
+        (record("vdb"), "fix: set target='vda'"),
+        (record(attrs=" replica='relative/path'"), "replica='relative/path' is invalid (not an absolute"),
+        (record(attrs=" replica='/a/../b'"), "contains '.' or '..'"),
+        (record(attrs=" color='red'"), "unknown attribute 'color'"),
+        ('<cuju:disk target="vda"/>', "exactly one element"),
+        (record(inner=QCOW2_DISK + QCOW2_DISK), "exactly one element"),
+        (record(inner="<source file='/a'/>"), "exactly one element"),
+        (record("VDA"), "lower-case"),
+        ('<cuju:disk>' + QCOW2_DISK + '</cuju:disk>', "no target attribute"),
+        (record() + record(), "records disk 'vda' 2 times"),
+        (record(inner=QCOW2_DISK.replace("type='file'", "type='network'")), "cannot be served"),
+    ],
+)
+def test_invalid_disk_records_name_the_disk_and_the_fix(records: str, needle: str) -> None:
+    with pytest.raises(FTElementError) as info:
+        dx.parse_element(f'<cuju:ft xmlns:cuju="{NS}" peer="b">{records}</cuju:ft>')
+    text = "\n".join(info.value.problems)
+    assert needle in text
+    assert "fix:" in text
+
+
+def test_disk_records_survive_libvirts_metadata_forms() -> None:
+    spec = dx.parse_element(f'<cuju:ft xmlns:cuju="{NS}" peer="b">{record()}</cuju:ft>')
+    # virDomainGetMetadata strips the namespace from the records; virDomainSetMetadata of
+    # records without namespace puts the cuju namespace on every descendant
+    plain = f'<ft peer="b"><disk target="vda">{QCOW2_DISK}</disk></ft>'
+    assert dx.parse_libvirt_metadata(plain) == spec
+    everywhere = etree.fromstring(f'<cuju:ft xmlns:cuju="{NS}" peer="b">{record()}</cuju:ft>')
+    for node in everywhere.iter(etree.Element):
+        node.tag = f"{{{NS}}}{etree.QName(node).localname}"
+    assert dx.parse_element(etree.tostring(everywhere)) == spec
+
+
+def test_disable_restores_a_prepared_disk_and_refuses_to_lose_an_edited_one() -> None:
+    spec = dx.parse_element(f'<cuju:ft xmlns:cuju="{NS}" peer="b">{record()}</cuju:ft>')
+    exported = (
+        "<disk type='network' device='disk'>\n      <driver name='qemu' type='qcow2' error_policy='stop'/>\n"
+        "      <source protocol='nbd' name='vda'>\n        <host transport='unix' "
+        "socket='/run/cuju-libvirt/nbd/0c1b8a57-9a1f-4b43-9e3e-4d7e0a7b0a11/vda.sock'/>\n      </source>\n"
+        "      <target dev='vda' bus='virtio'/>\n    </disk>"
+    )
+    original = QCOW2_DISK.replace("\n", "\n    ")
+    doc = "<domain type='kvm'>\n  <name>vm</name>\n  <devices>\n    {}\n  </devices>\n</domain>\n"
+    enabled = dx.set_ft(doc.format(exported), spec)
+    assert dx.parse_domain(enabled) == spec
+    assert c14n(dx.remove_ft(enabled)) == c14n(doc.format(original))
+    edited = enabled.replace("type='network'", "type='file'").replace('type="network"', 'type="file"')
+    with pytest.raises(FTElementError, match="no longer the NBD export"):
+        dx.remove_ft(edited)
+    # a recorded disk that was detached since is simply gone
+    detached = dx.set_ft(doc.format(""), spec)
+    assert dx.parse_domain(dx.remove_ft(detached)) is None

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
 from cuju_libvirt import domain_xml as dx
 from cuju_libvirt import fitness as ft
+from cuju_libvirt._xml import remove_child
 from cuju_libvirt.errors import FTElementError, NotADomainXMLError
 from tests.domains import c14n
 
@@ -42,6 +43,83 @@ specs = st.builds(
     heartbeat_timeout_ms=st.integers(50, 60000),
     on_peer_unavailable=st.sampled_from(["start-unprotected", "refuse-start"]),
 )
+
+
+# --- disk records ---------------------------------------------------------------------------
+
+_PREFIX_BY_BUS = {"virtio": "vd", "scsi": "sd", "sata": "sd", "ide": "hd", "usb": "sd"}
+
+
+@st.composite
+def original_disks(draw: st.DrawFn, target: str | None = None) -> str:
+    """A <disk> that prepare can serve, as libvirt or a person might write it."""
+    bus = draw(st.sampled_from(list(_PREFIX_BY_BUS)))
+    dev = target or _PREFIX_BY_BUS[bus] + draw(st.from_regex(r"[a-z]{1,2}", fullmatch=True))
+    kind = draw(st.sampled_from(["file", "block"]))
+    path = "/" + draw(st.from_regex(r"[A-Za-z0-9_.-]{1,12}(/[A-Za-z0-9_.-]{1,12}){0,3}", fullmatch=True))
+    children = []
+    fmt = draw(st.sampled_from([None, "raw", "qcow2"]))
+    if fmt is not None or draw(st.booleans()):
+        extra = draw(st.sampled_from(["", " cache='none'", " discard='unmap' io='native'"]))
+        children.append(f"<driver name='qemu'{f' type={fmt!r}' if fmt else ''}{extra}/>")
+    children.append(f"<source {'file' if kind == 'file' else 'dev'}='{path}'/>")
+    children.append(f"<target dev='{dev}'{f' bus={bus!r}' if draw(st.booleans()) else ''}/>")
+    if draw(st.booleans()):
+        children.append(f"<serial>{draw(st.from_regex(r'[A-Za-z0-9]{1,10}', fullmatch=True))}</serial>")
+    if draw(st.booleans()):
+        children.append(f"<boot order='{draw(st.integers(1, 9))}'/>")
+    if draw(st.booleans()):
+        children.append("<address type='drive' controller='0' bus='0' target='0' unit='1'/>")
+    indent = draw(st.sampled_from(["", "\n  ", "\n\t"]))
+    closing = "\n" if indent else ""
+    return f"<disk type='{kind}' device='disk'>" + "".join(indent + c for c in children) + f"{closing}</disk>"
+
+
+replicas = st.none() | st.from_regex(r"/[a-z0-9_-]{1,8}(/[a-z0-9_.-]{1,8}){0,3}", fullmatch=True).filter(
+    lambda p: dx.replica_problem(p) is None
+)
+
+
+@st.composite
+def disk_records(draw: st.DrawFn) -> tuple[dx.FTDisk, ...]:
+    records = []
+    for text in draw(st.lists(original_disks(), max_size=4)):
+        record = dx.FTDisk.from_disk(etree.fromstring(text), replica=draw(replicas))
+        if all(r.target != record.target for r in records):
+            records.append(record)
+    return tuple(records)
+
+
+specs_with_disks = st.builds(lambda spec, disks: spec.replace(disks=disks), specs, disk_records())
+
+
+@given(original_disks())
+def test_a_record_keeps_what_the_disk_says(text: str) -> None:
+    disk = etree.fromstring(text)
+    record = dx.FTDisk.from_disk(disk)
+    source = disk.find("source")
+    assert source is not None
+    assert record.source == (source.get("file") or source.get("dev"))
+    assert record.source_type == disk.get("type")
+    driver = disk.find("driver")
+    assert record.format == ((driver.get("type") if driver is not None else None) or "raw")
+    assert record.target == disk.find("target").get("dev")  # type: ignore[union-attr]
+    assert record.bus != "unknown"
+    # the record re-creates the disk exactly, wherever it is placed
+    for indent in ("", "  ", "        ", "\t\t"):
+        placed = dx.record_element(record.original, indent)
+        assert dx.record_text(placed, indent) == record.original
+    assert c14n(etree.tostring(dx.record_element(record.original, ""))) == c14n(text)
+
+
+@given(specs_with_disks)
+def test_element_round_trip_with_disks(spec: dx.FTSpec) -> None:
+    assert dx.parse_element(dx.element_xml(spec)) == spec
+    assert dx.parse_libvirt_metadata(dx.libvirt_metadata_xml(spec)) == spec
+    assert dx.schema().validate(dx.ft_element(spec))
+    doc = dx.set_ft(b"<domain type='kvm'>\n  <name>vm</name>\n</domain>\n", spec)
+    assert dx.parse_domain(doc) == spec
+    assert dx.set_ft(doc, spec) == doc
 
 
 @given(specs)
@@ -173,3 +251,44 @@ def test_garbage_raises_only_our_errors(data: bytes | str) -> None:
         ft.check_fitness(data)
     except (NotADomainXMLError, FTElementError):
         pass
+
+
+@st.composite
+def domains_with_disks(draw: st.DrawFn) -> str:
+    indent = draw(st.sampled_from(["\n  ", "\n\t", "\n    ", ""]))
+    step = indent[1:] if indent else ""
+    disks = []
+    for text in draw(st.lists(original_disks(), min_size=1, max_size=4)):
+        target = etree.fromstring(text).find("target").get("dev")  # type: ignore[union-attr]
+        if all(f"dev='{target}'" not in d for d in disks):
+            disks.append(text)
+    if draw(st.booleans()):
+        cdrom = "<source file='/iso/x.iso'/><target dev='hdzzz'/><readonly/>"  # no generated dev clashes
+        disks.append(f"<disk type='file' device='cdrom'>{cdrom}</disk>")
+
+    def nest(text: str) -> str:  # indent a <disk> one level below <devices>
+        return text.replace("\n", "\n" + step + step) if indent else text
+
+    inner = "".join(indent + step + nest(d) for d in disks) + indent
+    uuid = "<uuid>0c1b8a57-9a1f-4b43-9e3e-4d7e0a7b0a11</uuid>" if draw(st.booleans()) else ""
+    parts = ["<name>vm</name>", uuid, "<memory unit='KiB'>1048576</memory>", f"<devices>{inner}</devices>"]
+    closing = "\n" if indent else ""
+    return "<domain type='kvm'>" + "".join(indent + p for p in parts if p) + f"{closing}</domain>"
+
+
+@settings(max_examples=50)  # each example prepares a whole domain: keep the unit tier fast
+@given(domains_with_disks(), specs)
+def test_prepare_then_disable_gives_back_every_disk(xml: str, spec: dx.FTSpec) -> None:
+    prepared = ft.prepare(dx.set_ft(xml, spec))
+    recorded = dx.parse_domain(prepared.xml)
+    assert recorded is not None and recorded.replace(disks=()) == spec
+    assert len(recorded.disks) >= 1
+    assert ft.prepare(prepared.xml).changes == []
+    disabled = dx.remove_ft(prepared.xml)
+    if "<uuid>" not in xml:  # prepare added the <uuid> naming the sockets; it stays
+        doc = dx.load_domain(disabled)
+        uuid = doc.root.find("uuid")
+        assert uuid is not None
+        remove_child(uuid)
+        disabled = doc.dump()
+    assert c14n(disabled) == c14n(ft.prepare(xml).xml)

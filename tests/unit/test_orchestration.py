@@ -4,6 +4,7 @@ promised away never takes over (and a taken-over one is never promised away)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -16,10 +17,11 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from cuju_libvirt.cujud import records
+from cuju_libvirt.cujud import orchestrator, records
 from cuju_libvirt.cujud.qemu_process import ended_on_signal, log_offset, ram_backing
 from cuju_libvirt.cujud.standby import Standby, is_standby_xml, standby_xml
-from cuju_libvirt.errors import CujuError
+from cuju_libvirt.domain_xml import parse_domain
+from cuju_libvirt.errors import CujuError, StateError
 from cuju_libvirt.ft_engine.state import FTState
 from cuju_libvirt.rig.domains import domain_xml
 
@@ -118,16 +120,27 @@ class FakeEngine:
         self.closed = True
 
 
-def make_standby(tmp_path: Path) -> tuple[Standby, list[str]]:
+def make_standby(tmp_path: Path, verdicts: list[str] | None = None) -> tuple[Standby, list[str]]:
+    """A standby with fakes around it; ``verdicts``: what the witness answers, claim by claim
+    (none: no witness)."""
     events: list[str] = []
+
+    def claim(sb: Standby, quiet: bool = False) -> str:
+        if verdicts is None:
+            return "unwitnessed"
+        events.append("claim")
+        return verdicts.pop(0)
+
     dom = SimpleNamespace(isPersistent=lambda: False, destroy=lambda: events.append("destroy"))
     conn = SimpleNamespace(defineXML=lambda xml: events.append("define"), lookupByName=lambda name: dom)
     manager: Any = SimpleNamespace(
         libvirt=SimpleNamespace(conn=conn), state_dir=tmp_path, ft=SimpleNamespace(forget=lambda t: None),
         taken_over=lambda sb: events.append("taken_over"), forget=lambda sb: events.append("forget"),
+        claim=claim, settle_later=lambda sb: events.append("settle_later"),
     )
     sb = Standby(manager, name="vm", uuid="0f1e2d3c-0000-4000-8000-000000000002", peer="hosta",
-                 xml="<domain/>", persistent_xml="<domain/>", timeout_s=0.5, auto_failover=True)
+                 xml="<domain/>", persistent_xml="<domain/>", timeout_s=0.5, auto_failover=True,
+                 generation=0 if verdicts is None else 4)
     sb.engine = FakeEngine()  # type: ignore[assignment]
     sb.machine.move(FTState.STANDBY)
     return sb, events
@@ -153,3 +166,82 @@ def test_a_taken_over_standby_is_never_promised_away(tmp_path: Path) -> None:
     assert sb.engine is not None and sb.engine.failovers == 1  # type: ignore[attr-defined]
     assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is not None
     assert events == ["define", "taken_over"] and sb.stats.role == "primary"
+
+
+def _join_drops() -> None:
+    for t in threading.enumerate():
+        if t.name.startswith("cujud-drop"):
+            t.join(5)
+
+
+def test_a_standby_that_loses_the_witness_race_is_dropped_never_resumed(tmp_path: Path) -> None:
+    sb, events = make_standby(tmp_path, verdicts=["lost"])
+    assert sb.take_over("primary declared dead")["taken_over"] is False
+    _join_drops()
+    assert sb.engine is not None and sb.engine.failovers == 0  # type: ignore[attr-defined]
+    assert sb.abandoned and "destroy" in events
+    assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is None
+
+
+def test_no_answer_from_the_witness_never_resumes_on_silence_nor_promises(tmp_path: Path) -> None:
+    """The claim may have been applied: until an answer, no resume and no promise to the primary."""
+    sb, events = make_standby(tmp_path, verdicts=["unknown", "unknown", "won"])
+    assert sb.take_over("primary declared dead") == {"taken_over": False, "undecided": True}
+    assert sb.abandon("a fenced primary asks") == {"abandoned": False, "taken_over": False, "undecided": True}
+    assert sb.take_over("primary declared dead")["undecided"]
+    assert sb.engine is not None and sb.engine.failovers == 0  # type: ignore[attr-defined]
+    assert sb.take_over("primary declared dead") == {"taken_over": True, "epoch": 7}
+    assert events == ["claim", "claim", "claim", "define", "taken_over"]
+
+
+def test_the_primarys_word_resumes_without_the_witness_and_settles_later(tmp_path: Path) -> None:
+    sb, events = make_standby(tmp_path, verdicts=["unknown"])
+    assert sb.take_over("the primary's cujud reports its QEMU crashed", by_word=True)["taken_over"] is True
+    assert events == ["claim", "settle_later", "define", "taken_over"]
+
+
+def test_the_pairing_backoff_waits_what_the_log_says(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 13 item 4: "next attempt in 30 s", then a retry ~6 ms later. A failed pairing's
+    clean-up wakes the protection loop (the engine's verdict asks for a re-protection), and
+    that wake must not cut the back-off short."""
+    monkeypatch.setattr(orchestrator, "BACKOFF_MIN", 0.2)
+    monkeypatch.setattr(orchestrator, "BACKOFF_MAX", 0.8)
+    spec = parse_domain(domain_xml("vm", disk="/images/vm.img", metadata=[
+        '<cuju:ft xmlns:cuju="https://cuju-ft.github.io/libvirt/ft/1.0" peer="hostb"/>']))
+    assert spec is not None
+    orch: Any = SimpleNamespace(stopping=threading.Event())
+    p = orchestrator.PrimaryDomain(orch, "vm", "0f1e2d3c-0000-4000-8000-000000000003", spec, "hostb")
+    attempts: list[float] = []
+
+    def failing_pairing() -> None:
+        attempts.append(time.monotonic())
+        p._wake.set()  # what a failed pairing's clean-up does (a re-protection is asked for)
+        raise CujuError("the peer refused")
+
+    monkeypatch.setattr(p, "_pair_once", failing_pairing)
+    caplog.set_level("WARNING", logger="cuju_libvirt.cujud.orchestrator")
+    p.start()
+    deadline = time.monotonic() + 10
+    while len(attempts) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    orch.stopping.set()
+    p._wake.set()
+    assert p._thread is not None
+    p._thread.join(5)
+    assert len(attempts) >= 5
+    waits = [b - a for a, b in itertools.pairwise(attempts)]
+    said = [float(r.getMessage().rsplit("next attempt in ", 1)[1].split(" s")[0])
+            for r in caplog.records if "next attempt in" in r.getMessage()]
+    for waited, wanted in zip(waits[:4], [0.2, 0.4, 0.8, 0.8], strict=True):
+        assert waited >= wanted - 0.02, (waits, said)
+    assert said[:4] == pytest.approx([0.2, 0.4, 0.8, 0.8])
+
+
+def test_an_ft_link_of_another_generation_is_refused(tmp_path: Path) -> None:
+    """The generation travels in the FT-link handshake: a link made for an older pairing
+    (a stale primary) never feeds this standby."""
+    sb, _ = make_standby(tmp_path, verdicts=[])
+    with pytest.raises(StateError, match=r"generation 3 .* paired at generation 4"):
+        sb._linked(None, 3)  # type: ignore[arg-type]
+    assert sb.link is None

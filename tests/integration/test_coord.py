@@ -1,0 +1,146 @@
+"""The etcd client and the ownership records, against a real 3-member etcd cluster on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from cuju_libvirt.cujud.coord import Compare, EtcdClient, Get, Ownership, OwnershipStore, Put
+from cuju_libvirt.errors import CoordError, CoordUnavailable
+from cuju_libvirt.rig.etcd import EtcdCluster, etcd_binary
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed (Debian etcd-server)"),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[EtcdCluster]:
+    with EtcdCluster.loopback(3) as c:
+        yield c
+
+
+@pytest.fixture
+def store(cluster: EtcdCluster, request: pytest.FixtureRequest) -> OwnershipStore:
+    return OwnershipStore(cluster.client(timeout=3.0), prefix=f"/test/{request.node.name}")
+
+
+def test_kv_and_compare_and_swap(cluster: EtcdCluster) -> None:
+    client = cluster.client()
+    key = "/test/kv/x"
+    assert client.get(key) is None
+    rev = client.put(key, b"one")
+    kv = client.get(key)
+    assert kv is not None and kv.value == b"one" and kv.mod_revision == rev
+    stale = client.txn([Compare.mod_revision(key, rev - 1)], [Put(key, b"two")], [Get(key)])
+    assert not stale.succeeded and stale.ranges[0][0].value == b"one"
+    fresh = client.txn([Compare.mod_revision(key, rev)], [Put(key, b"two")], [Get(key)])
+    assert fresh.succeeded and fresh.revision > rev
+    assert client.get(key).value == b"two"  # type: ignore[union-attr]
+    assert [kv.key for kv in client.get_prefix("/test/kv/")] == [key]
+    assert client.delete("/test/kv/", prefix=True) == 1
+
+
+def test_protect_claim_release_and_the_fencing_generation(store: OwnershipStore) -> None:
+    rec = store.protect("u1", "vm1", owner="a", backup="b")
+    assert (rec.owner, rec.backup, rec.mode, rec.generation) == ("a", "b", "protected", 1)
+    with pytest.raises(CoordError, match="records a as the owner"):
+        store.protect("u1", "vm1", owner="b", backup="a")
+    won = store.claim("u1", "b", rec.generation)
+    assert won.won and won.record == Ownership("u1", "vm1", "b", None, "unprotected", 2)
+    # the loser of the race, and any copy that comes back with the old generation
+    lost = store.claim("u1", "a", rec.generation)
+    assert not lost.won and lost.record.owner == "b"
+    # a repeated claim whose first answer was lost counts as won, and changes nothing
+    assert store.claim("u1", "b", rec.generation) == won
+    assert store.read("u1").record.generation == 2  # type: ignore[union-attr]
+    # an outsider, and a copy newer than the record (nonsense: refuse to guess)
+    assert not store.claim("u1", "c", 2).won
+    with pytest.raises(CoordError, match="older than this copy"):
+        store.claim("u1", "b", 7)
+    # the new owner re-protects onto a; a stopped VM may be taken by anyone
+    again = store.protect("u1", "vm1", owner="b", backup="a")
+    assert again.generation == 3
+    assert store.release("u1", "a") is None  # not the owner
+    stopped = store.release("u1", "b", mode="stopped")
+    assert stopped is not None and stopped.generation == 4 and stopped.backup is None
+    assert store.protect("u1", "vm1", owner="a", backup="b").generation == 5
+    with pytest.raises(CoordError, match="nothing to claim"):
+        store.claim("missing", "a", 1)
+
+
+def test_both_sides_race_one_transaction_exactly_one_wins(store: OwnershipStore) -> None:
+    """Two racers per round, released together: one winner, the loser sees the winner's record."""
+    for round_no in range(25):
+        uuid = f"race-{round_no}"
+        rec = store.protect(uuid, "vm", owner="a", backup="b")
+        results: dict[str, object] = {}
+        barrier = threading.Barrier(2)
+
+        def race(me: str, uuid: str = uuid, gen: int = rec.generation, barrier: threading.Barrier = barrier,
+                 results: dict[str, object] = results) -> None:
+            barrier.wait()
+            results[me] = store.claim(uuid, me, gen)
+
+        threads = [threading.Thread(target=race, args=(me,)) for me in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        claims = [results["a"], results["b"]]
+        winners = [c for c in claims if c.won]  # type: ignore[attr-defined]
+        assert len(winners) == 1, claims
+        winner = winners[0].record  # type: ignore[attr-defined]
+        assert all(c.record == winner for c in claims), claims  # type: ignore[attr-defined]
+        assert store.read(uuid).record == winner  # type: ignore[union-attr]
+
+
+def test_no_member_answers_is_unavailable_within_the_timeout() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = EtcdClient([f"http://127.0.0.1:{port}"], timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(CoordUnavailable, match="no etcd member answered"):
+        OwnershipStore(client).claim("u", "a", 1)
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_a_frozen_member_is_skipped_and_a_killed_leader_replaced(cluster: EtcdCluster,
+                                                                store: OwnershipStore) -> None:
+    rec = store.protect("leader", "vm", owner="a", backup="b")
+    leader = cluster.leader()
+    assert leader.proc is not None
+    # a member that hangs (SIGSTOP): the client, which tries it first, goes on to the next one
+    frozen = EtcdClient([leader.client_url] + [m.client_url for m in cluster.members if m is not leader],
+                        timeout=3.0)
+    os.kill(leader.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        claim = OwnershipStore(frozen, store.prefix).claim("leader", "b", rec.generation)
+        frozen_s = time.monotonic() - t0
+    finally:
+        os.kill(leader.proc.pid, signal.SIGCONT)
+    assert claim.won and claim.record.owner == "b"
+    assert frozen_s < 3.0
+    cluster.wait_healthy(30)
+    # SIGKILL the leader: the next transaction goes through a follower once a new leader is elected
+    leader = cluster.leader()
+    cluster.kill_member(leader)
+    try:
+        t0 = time.monotonic()
+        again = store.protect("leader", "vm", owner="b", backup="a")
+        killed_s = time.monotonic() - t0
+        assert again.generation == 3
+        assert killed_s < 3.0
+        assert cluster.leader() is not leader
+    finally:
+        cluster.start_member(leader)
+        cluster.wait_healthy(30)
