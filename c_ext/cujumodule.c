@@ -177,14 +177,14 @@ trk_scan_harvest(void *t, uint64_t *out, uint64_t cap, bool *resync)
 static PyObject *
 UffdTracker_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"uffd", "pid", "start", "length", "walkers", NULL};
-    int fd, pid, own = -1, err, walkers = 1;
+    static char *kwlist[] = {"uffd", "pid", "start", "length", "walkers", "sync", NULL};
+    int fd, pid, own = -1, err, walkers = 1, sync = 0;
     unsigned long long start, length;
     uint64_t missing = 0;
     UffdTrackerObject *self = NULL;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiKK|i:UffdTracker", kwlist, &fd, &pid, &start, &length,
-                                     &walkers))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiKK|ip:UffdTracker", kwlist, &fd, &pid, &start, &length,
+                                     &walkers, &sync))
         return NULL;
     self = (UffdTrackerObject *)type->tp_alloc(type, 0);
     if (self == NULL)
@@ -196,7 +196,8 @@ UffdTracker_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         goto error;
     }
     Py_BEGIN_ALLOW_THREADS
-    err = uffd_tracker_open(&self->t, own, pid, start, length, walkers, &missing);
+    err = uffd_tracker_open(&self->t, own, pid, start, length, walkers,
+                            sync ? UFFD_MODE_SYNC : UFFD_MODE_ASYNC, &missing);
     Py_END_ALLOW_THREADS
     if (err < 0) {
         if (err == -EPROTONOSUPPORT) {
@@ -248,6 +249,18 @@ UffdTracker_harvest(UffdTrackerObject *self, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *
+UffdTracker_settle(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->op_lock);
+    if (self->open)
+        uffd_tracker_settle(&self->t);
+    pthread_mutex_unlock(&self->op_lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 UffdTracker_close(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
 {
     Py_BEGIN_ALLOW_THREADS
@@ -263,7 +276,7 @@ UffdTracker_close(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 UffdTracker_stats(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
 {
-    unsigned long long rem = 0, other = 0;
+    unsigned long long rem = 0, other = 0, faults = 0, reprotected = 0, hot = 0;
     int terr = 0;
     PyObject *features;
     if (self->open) {
@@ -271,13 +284,18 @@ UffdTracker_stats(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
         rem = self->t.events_remove;
         other = self->t.events_other;
         terr = self->t.thread_errno;
+        faults = self->t.faults;
+        reprotected = self->t.reprotected;
+        hot = self->t.hot;
         pthread_mutex_unlock(&self->t.lock);
     }
     features = trk_feature_list(self->open ? self->t.features : 0);
     if (features == NULL)
         return NULL;
-    return Py_BuildValue("{sKsKsisN}", "events_remove", rem, "events_other", other,
-                         "event_thread_errno", terr, "features", features);
+    return Py_BuildValue("{sKsKsisNsssKsKsK}", "events_remove", rem, "events_other", other,
+                         "event_thread_errno", terr, "features", features,
+                         "mode", self->t.mode == UFFD_MODE_SYNC ? "sync" : "async", "faults", faults,
+                         "reprotected", reprotected, "hot_pages", hot);
 }
 
 static PyObject *
@@ -303,6 +321,8 @@ static PyMethodDef UffdTracker_methods[] = {
      "Register the range for write-protect and protect all of it."},
     {"harvest", (PyCFunction)(void (*)(void))UffdTracker_harvest, METH_VARARGS | METH_KEYWORDS,
      "harvest(out) -> (count, resync): written/removed page indexes into the uint64 buffer out."},
+    {"settle", (PyCFunction)UffdTracker_settle, METH_NOARGS,
+     "Sync mode, VM stopped after a harvest: pages protected again since need not be reported next."},
     {"close", (PyCFunction)UffdTracker_close, METH_NOARGS, "Stop the event thread and close the uffd."},
     {"stats", (PyCFunction)UffdTracker_stats, METH_NOARGS, "Event counters and negotiated features."},
     {NULL, NULL, 0, NULL},
@@ -320,8 +340,10 @@ static PyType_Slot UffdTracker_slots[] = {
     {Py_tp_dealloc, UffdTracker_dealloc},
     {Py_tp_methods, UffdTracker_methods},
     {Py_tp_getset, UffdTracker_getset},
-    {Py_tp_doc, "UffdTracker(uffd, pid, start, length, walkers=1): userfaultfd WP-async + PAGEMAP_SCAN\n"
-                "tracker; harvests split the page-table walk over `walkers` threads.\n"
+    {Py_tp_doc, "UffdTracker(uffd, pid, start, length, walkers=1, sync=False): userfaultfd write-protect\n"
+                "tracker. Async (default): WP_ASYNC + PAGEMAP_SCAN, harvests split the page-table walk over\n"
+                "`walkers` threads. sync=True: write faults are resolved by the event thread and recorded,\n"
+                "harvests read bitmaps (no page-table walk); the uffd must not be UFFD_USER_MODE_ONLY.\n"
                 "uffd is duplicated (the caller keeps and closes its own fd)."},
     {0, NULL},
 };
