@@ -53,7 +53,14 @@ from cuju_libvirt.cujud.standby import StandbyManager
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.domain_xml import FTSpec, parse_domain
 from cuju_libvirt.errors import CoordError, CujuError, MonitorError, StateError
+from cuju_libvirt.ft_engine.devstate import (
+    MachineProfile,
+    StandbyMismatchError,
+    compare_machines,
+    describe_machine,
+)
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
+from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.qmp import QMPClient
@@ -158,10 +165,12 @@ class PrimaryDomain:
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
                 "generation": self.generation,
             }, timeout=STANDBY_CREATE_TIMEOUT)
+            link_keys = self._link_keys(reply)
             sock = socket.create_connection((self.spec.link_host, self.spec.link_port), timeout=10)
             sock.sendall(bytes.fromhex(str(reply["token"])) + self.generation.to_bytes(8, "big"))
             sock.settimeout(None)
             self.qmp = QMPClient(fitness.qmp_socket_path(self.name))
+            standby = self._check_standby(reply)
         except (CujuError, OSError, KeyError, ValueError) as err:
             self.machine.move(S.UNPROTECTED if first else S.DEGRADED, expect=S.PAIRING)
             self._close_qmp()
@@ -174,11 +183,13 @@ class PrimaryDomain:
         counters = self.orch.counter_dir()
         cfg = PrimaryConfig(
             ram_path=ram.path, ram_size=ram.size, tracker=self.spec.tracker, epoch_ms=self.spec.epoch_ms,
-            output_commit=self.spec.output_commit, max_packets=self.spec.max_epoch_packets,
+            epoch_policy=self.spec.epoch_policy, output_commit=self.spec.output_commit,
+            max_packets=self.spec.max_epoch_packets,
             counter_dir=str(counters), ack_timeout=self.spec.heartbeat_timeout_ms / 1e3, tag=self.name,
+            standby_sections=standby.sections if standby is not None else None,
         )
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
-                                    machine=self.machine, may_release=self._may_release)
+                                    machine=self.machine, may_release=self._may_release, link_keys=link_keys)
         self.stats.set_initial_sync(0.0)
         self._starting = True
         try:
@@ -194,6 +205,29 @@ class PrimaryDomain:
                       generation=self.generation)
         self.log.info("PROTECTED by %s: initial sync of %d pages in %.2f s (%d rounds); epochs of %d ms",
                       self.peer, report.pages_sent, report.seconds, report.rounds, self.engine.epoch_ms)
+
+    def _link_keys(self, reply: dict[str, Any]) -> bytes | None:
+        """This side's FT-link keys from the backup's secret; None: the link runs in the clear."""
+        secret = reply.get("link_secret")
+        if secret is None:
+            if self.orch.cfg.peer_tls == "on":
+                raise CujuError(f"{self.peer} offers no FT-link encryption although this host runs "
+                                "peer_tls: on; set peer_tls: 'on' on every host")
+            return None
+        return LinkKeys.derive(bytes.fromhex(str(secret))).primary
+
+    def _check_standby(self, reply: dict[str, Any]) -> MachineProfile | None:
+        """Compare the peer's standby with this QEMU (machine type, memory backends, RAM blocks)
+        before a single page is synced; its device sections are checked by the first save."""
+        if "machine" not in reply:
+            self.log.warning("%s sent no profile of its standby (an older cujud?): not compared", self.peer)
+            return None
+        assert self.qmp is not None
+        standby = MachineProfile.from_json(reply["machine"])
+        problems = compare_machines(describe_machine(self.qmp), standby)
+        if problems:
+            raise StandbyMismatchError(problems)
+        return standby
 
     # -- when protection fails ---------------------------------------------------------------------
 
@@ -432,7 +466,8 @@ class Orchestrator:
             "takeover": self._ctl_takeover,
         }.items():
             server.register(method, handler)
-        handlers.requests["standby-create"] = lambda conn, body: self.standbys.create(conn.remote, body)
+        handlers.requests["standby-create"] = lambda conn, body: self.standbys.create(
+            conn.remote, body, encrypt_link=conn.encrypted)
         handlers.requests["standby-abandon"] = lambda conn, body: self.standbys.abandon(body)
         handlers.requests["holds"] = lambda conn, body: {"holds": self.standbys.holds(str(body["uuid"]))}
         handlers.notes["primary-crashed"] = self._note_crashed
