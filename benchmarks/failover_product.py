@@ -107,8 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             if args.witness == "none":
                 return _report(runs, args.epoch_ms)
             with in_rig(rig, 3) as etcd, cujud_pair(rig, etcd_endpoints=etcd.endpoints) as cujuds:
-                witnessed = [one_run(rig, cujuds, guest, i, epoch_ms=args.epoch_ms, rng=rng)
-                             for i in range(args.runs)]
+                witnessed = [one_run(rig, cujuds, guest, args.runs + i, epoch_ms=args.epoch_ms, rng=rng)
+                             for i in range(args.runs)]  # names of their own: staged files stay
     report, baseline = _report(witnessed, args.epoch_ms), _report(runs, args.epoch_ms)
     med, base = report["failover_ms_median"], baseline["failover_ms_median"]
     both = isinstance(med, float | int) and isinstance(base, float | int)
