@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "checksum.h"
 #include "replicator.h"
 
 static const char *const errnames[CUJU_E__COUNT] = {
@@ -143,4 +144,18 @@ void cuju_send_error_frame(int fd, int code, const char *msg)
         memcpy(f + 24, msg, n);
     int e = 0;
     (void)cuju_send_all(fd, f, 24 + n, 200, &e);
+}
+
+uint64_t cuju_disk_geometry(unsigned n, const uint64_t *sizes)
+{
+    if (n == 0)
+        return 0;
+    uint8_t b[8];
+    cuju_put_le64(b, n);
+    uint32_t crc = cuju_crc32c(0, b, 8);
+    for (unsigned i = 0; i < n; i++) {
+        cuju_put_le64(b, sizes[i]);
+        crc = cuju_crc32c(crc, b, 8);
+    }
+    return ((uint64_t)n << 32) | crc;
 }

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "checksum.h"
+#include "diskjournal.h"
 #include "replicator.h"
 #include "streamcopy.h"
 
@@ -46,6 +47,7 @@ struct cuju_sender {
     uint64_t region_pages;
     uint32_t page_size;
     uint64_t session_id;
+    uint64_t disks;                 /* the HELLO's disks field */
     int io_timeout_ms;
 
     struct stagebuf buf[2];
@@ -119,7 +121,7 @@ static int cond_wait_ms(struct cuju_sender *s, const struct timespec *deadline)
 }
 
 int cuju_sender_new(int fd, const uint8_t *region, uint64_t region_size, uint32_t page_size,
-                    uint64_t session_id, int io_timeout_ms, struct cuju_sender **out)
+                    uint64_t session_id, uint64_t disks, int io_timeout_ms, struct cuju_sender **out)
 {
     if (page_size < CUJU_WIRE_MIN_PAGE || page_size > CUJU_WIRE_MAX_PAGE || (page_size & (page_size - 1)) ||
         region_size == 0 || region_size % page_size || region_size > CUJU_WIRE_MAX_REGION)
@@ -133,12 +135,13 @@ int cuju_sender_new(int fd, const uint8_t *region, uint64_t region_size, uint32_
     s->page_size = page_size;
     s->region_pages = region_size / page_size;
     s->session_id = session_id;
+    s->disks = disks;
     s->io_timeout_ms = io_timeout_ms;
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->caller_lock, NULL);
     pthread_cond_init(&s->cond, NULL);
     size_t cap = CUJU_FRAME_HDR_LEN + cuju_epoch_payload_len(s->region_pages, s->region_pages, page_size,
-                                                             CUJU_WIRE_MAX_DEVSTATE);
+                                                             CUJU_WIRE_MAX_DEVSTATE, disks ? CUJU_WIRE_MAX_DISK : 0);
     for (int i = 0; i < 2; i++) {
         /* Reserved, not committed: only the pages an epoch touches use memory. */
         void *m = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -172,7 +175,7 @@ int cuju_sender_handshake(struct cuju_sender *s, int timeout_ms, uint64_t *last_
     cuju_put_le32(f + 28, s->page_size);
     cuju_put_le64(f + 32, s->region_size);
     cuju_put_le64(f + 40, s->session_id);
-    cuju_put_le64(f + 48, 0);
+    cuju_put_le64(f + 48, s->disks);
     rc = cuju_send_all(s->fd, f, sizeof(f), timeout_ms, &eno);
     if (rc != CUJU_OK) {
         fail(s, rc, eno, 0, "sending HELLO: %s", cuju_strerror(rc));
@@ -261,7 +264,8 @@ static int page_is_zero(const uint8_t *p, uint32_t len)
 }
 
 int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx, size_t n,
-                      const uint8_t *dev, size_t devlen, int timeout_ms)
+                      const uint8_t *dev, size_t devlen, const struct cuju_disk_part *parts, size_t nparts,
+                      int timeout_ms)
 {
     int rc = CUJU_OK;
     struct timespec dl, *dlp = NULL;
@@ -303,7 +307,20 @@ int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx
     pthread_mutex_unlock(&s->lock);
 
     /* The buffer is ours (FREE, and only this caller moves it out of FREE). */
-    if (n > s->region_pages || devlen > CUJU_WIRE_MAX_DEVSTATE) {
+    if (n > s->region_pages || devlen > CUJU_WIRE_MAX_DEVSTATE || (nparts && !s->disks)) {
+        rc = CUJU_E_ARG;
+        goto out;
+    }
+    uint64_t disklen = 0;
+    for (size_t i = 0; i < nparts; i++) {
+        if (parts[i].len % 8 || parts[i].len > CUJU_WIRE_MAX_DISK || parts[i].disk >= (s->disks >> 32)) {
+            rc = CUJU_E_ARG;
+            goto out;
+        }
+        if (parts[i].len)
+            disklen += CUJU_DJ_PART_LEN + parts[i].len;
+    }
+    if (disklen > CUJU_WIRE_MAX_DISK) {
         rc = CUJU_E_ARG;
         goto out;
     }
@@ -341,16 +358,25 @@ int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx
     if (devlen)
         memcpy(p, dev, devlen);
     p += devlen;
+    for (size_t i = 0; i < nparts; i++) {
+        if (parts[i].len == 0)
+            continue;
+        cuju_put_le32(p, parts[i].disk);
+        cuju_put_le32(p + 4, 0);
+        cuju_put_le64(p + 8, parts[i].len);
+        memcpy(p + CUJU_DJ_PART_LEN, parts[i].records, parts[i].len);
+        p += CUJU_DJ_PART_LEN + parts[i].len;
+    }
     cuju_put_le64(p, CUJU_WIRE_END_MAGIC);
     cuju_put_le64(p + 8, epoch);
     cuju_put_le64(p + 16, 0);   /* checksum: the send thread fills it in */
-    uint64_t plen = cuju_epoch_payload_len(n, ndata, ps, devlen);
+    uint64_t plen = cuju_epoch_payload_len(n, ndata, ps, devlen, disklen);
     cuju_frame_header(m, CUJU_FRAME_EPOCH, plen);
     cuju_put_le64(m + 16, epoch);
     cuju_put_le64(m + 24, n);
     cuju_put_le64(m + 32, ndata);
     cuju_put_le64(m + 40, devlen);
-    cuju_put_le64(m + 48, 0);
+    cuju_put_le64(m + 48, disklen);
     b->len = CUJU_FRAME_HDR_LEN + plen;
     b->epoch = epoch;
     uint64_t dt = cuju_now_ns() - t0;
@@ -365,6 +391,7 @@ int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx
     s->st.zero_pages += nzero;
     s->st.saved_bytes += nzero * ps;
     s->st.devstate_bytes += devlen;
+    s->st.disk_bytes += disklen;
     s->st.stage_ns += dt;
     s->st.last_stage_ns = dt;
     s->st.last_staged_epoch = epoch;

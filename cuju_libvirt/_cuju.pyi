@@ -2,6 +2,7 @@
 
 import array
 import mmap
+from collections.abc import Sequence
 from typing import TypedDict, final
 
 from _typeshed import ReadableBuffer, WriteableBuffer
@@ -15,6 +16,10 @@ _ReadBuffer = bytes | bytearray | memoryview | mmap.mmap | array.array[int]
 _WriteBuffer = bytearray | memoryview | mmap.mmap | array.array[int]
 
 MAX_DEVICE_STATE: int
+MAX_DISK_SECTION: int
+DISK_RECORD_LEN: int
+DISK_PART_LEN: int
+MAX_DISKS: int
 
 def checksum(data: _ReadBuffer, seed: int = 0) -> int: ...
 def raw_send(fd: int, buffer: _ReadBuffer, timeout: float | None = None) -> None: ...
@@ -30,10 +35,16 @@ class Sender:
         page_size: int = 4096,
         session_id: int = 0,
         io_timeout: float | None = None,
+        disk_sizes: Sequence[int] | None = None,
     ) -> None: ...
     def handshake(self, timeout: float | None = None) -> int: ...
     def stage(
-        self, epoch: int, dirty_indexes: _ReadBuffer, device_state: _ReadBuffer, timeout: float | None = None
+        self,
+        epoch: int,
+        dirty_indexes: _ReadBuffer,
+        device_state: _ReadBuffer,
+        timeout: float | None = None,
+        disks: Sequence[tuple[int, ReadableBuffer]] | None = None,
     ) -> None: ...
     def ship(self) -> None: ...
     def wait_ack(self, epoch: int, timeout: float | None = None) -> bool: ...
@@ -50,6 +61,7 @@ class Receiver:
         *,
         page_size: int = 4096,
         durable: bool = False,
+        disks: Sequence[tuple[int, int]] | None = None,
     ) -> None: ...
     @property
     def last_applied(self) -> int: ...
@@ -60,6 +72,40 @@ class Receiver:
     def counters(self) -> dict[str, int]: ...
     def error(self) -> tuple[int, str, int, int] | None: ...
     def close(self) -> None: ...
+
+# --- disk journal (c_ext/diskjournal.h) ---
+class DiskJournalInfo(TypedDict):
+    disk_size: int
+    capacity: int
+    block_size: int
+    bitmap_bytes: int
+    nblocks: int
+    server_pid: int
+    generation: int
+    active: int
+    buffers: tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
+    writes: int
+    zeroes: int
+    trims: int
+    flushes: int
+    bytes_written: int
+    overflows: int
+    seals: int
+
+@final
+class DiskJournal:
+    def __init__(self, path: str | bytes) -> None: ...
+    def info(self) -> DiskJournalInfo: ...
+    def seal(self, epoch: int) -> int: ...
+    def reset(self, idx: int) -> None: ...
+    def spans(self, idx: int) -> tuple[int, int, int, int, int]: ...
+    def close(self) -> None: ...
+    def __buffer__(self, flags: int) -> memoryview: ...
+
+def disk_build(
+    bitmap: ReadableBuffer, block_size: int, disk_size: int, image_fd: int, cursor: int, out: WriteableBuffer
+) -> tuple[int, int]: ...
+def disk_mark_allocated(image_fd: int, disk_size: int, block_size: int, bitmap: WriteableBuffer) -> int: ...
 # --- trackers (helper `trackers`): dirty trackers, see c_ext/uffd.h, attach.h, scan.h ---
 class UffdProbe(TypedDict):
     features: list[str]

@@ -38,12 +38,12 @@ from cuju_libvirt._xml import Document, close_indent, indent_of, insert_child, i
 from cuju_libvirt.disk_xml import (
     NBD_SOCKET_DIR,
     TARGET_PATTERN,
-    FTDisk,
     record_element,
     record_text,
     replica_problem,
     target_of,
 )
+from cuju_libvirt.disk_xml import FTDisk as FTDisk  # noqa: PLC0414  (re-exported: FTSpec.disks)
 from cuju_libvirt.errors import FTElementError, NotADomainXMLError
 
 #: XML namespace of the element (also exported as ``cuju_libvirt.FT_NAMESPACE``).
@@ -728,16 +728,19 @@ def _placement(element: etree._Element) -> tuple[str | None, str]:
     return own, step
 
 
-def remove_ft_in(root: etree._Element) -> bool:
+def remove_ft_in(root: etree._Element, restore_disks: bool = True) -> bool:
     """Remove the element from a ``<domain>`` tree (and ``<metadata>`` if left empty).
 
-    Returns False when there was no element. An element in another namespace version is
-    refused (:class:`FTElementError`) rather than removed silently.
+    The prepared disks get their recorded originals back (:func:`restore_disks_in`) unless
+    ``restore_disks`` is False (the caller puts the element back later). Returns False when
+    there was no element. An element in another namespace version is refused
+    (:class:`FTElementError`) rather than removed silently.
     """
     element = find_ft(root)
     if element is None:
         return False
-    restore_disks_in(root, disks_from_element(element))
+    if restore_disks:
+        restore_disks_in(root, disks_from_element(element))
     metadata = element.getparent()
     assert metadata is not None
     remove_child(element)

@@ -88,8 +88,9 @@ def render(status: Mapping[str, Any], now: float) -> str:
         if p.get("connected"):
             rtt = p.get("rtt_last_ms")
             rtt_text = "-" if rtt is None else f"{rtt:.2f} ms"
+            security = f", {p['security']}" if p.get("security") else ""
             lines.append(f"peer {p.get('node')}: connected, heartbeat rtt {rtt_text}, "
-                         f"last seen {p.get('last_seen_s_ago')} s ago")
+                         f"last seen {p.get('last_seen_s_ago')} s ago{security}")
         else:
             why = f" ({p['last_error']})" if p.get("last_error") else ""
             lines.append(f"peer {p.get('node')}: NOT CONNECTED{why}")

@@ -37,7 +37,7 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,9 @@ from cuju_libvirt.errors import CujuError, ReplicationError, StateError
 from cuju_libvirt.ft_engine import trackers as T
 from cuju_libvirt.ft_engine.devstate import DeviceStateSaver, LoadTimings, ResumeTimings, load_device_state
 from cuju_libvirt.ft_engine.devstate import resume_standby as _resume_standby
+from cuju_libvirt.ft_engine.disks import DiskSet
 from cuju_libvirt.ft_engine.output import QUEUE_LIMIT, OutputCommit
-from cuju_libvirt.ft_engine.replicator import PAGE_SIZE, EpochReceiver, EpochSender
+from cuju_libvirt.ft_engine.replicator import PAGE_SIZE, DiskPart, EpochReceiver, EpochSender
 from cuju_libvirt.ft_engine.state import FTMachine, FTState
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.qmp import QMPClient, QMPError
@@ -162,6 +163,7 @@ class PrimaryEngine:
         on_stopped: Callable[[int], None] | None = None,
         tracker_factory: Callable[[T.VmStopped], T.Tracker] | None = None,
         may_release: Callable[[BaseException], bool] | None = None,
+        disks: DiskSet | None = None,
     ) -> None:
         """``on_stopped(epoch)`` (tests, benchmarks) runs in every pause after staging ``epoch``;
         ``tracker_factory`` replaces :func:`~.trackers.select_tracker` (tests).
@@ -172,6 +174,8 @@ class PrimaryEngine:
         filters (:attr:`fenced` is True, the machine ``FAILED``) until :meth:`unfence`.
         """
         self.config = config
+        #: The protected disks (their journals are sealed in every pause); the engine closes it.
+        self._disks = disks
         self._on_stopped = on_stopped
         self._tracker_factory = tracker_factory
         self._may_release = may_release
@@ -198,6 +202,7 @@ class PrimaryEngine:
         self._all_pages: Any = None
         #: The epoch number of the next stage, and the last shipped one not yet acked (or 0).
         self._next = 0
+        self._held_at_start = 0  # the epoch the backup held at the handshake (0: nothing)
         self._unacked = 0
         self._unacked_end = 0.0
         self._unacked_pages = 0
@@ -293,9 +298,11 @@ class PrimaryEngine:
         for i in range(npages):
             self._all_pages[i] = i
         self._saver = DeviceStateSaver(self.qmp, keep_ignore_shared=True, logger=self.log)
-        self._sender = EpochSender(self.link, self._ram, io_timeout=max(10.0, cfg.ack_timeout * 4))
+        self._sender = EpochSender(self.link, self._ram, io_timeout=max(10.0, cfg.ack_timeout * 4),
+                                   disk_sizes=self._disks.sizes if self._disks is not None else ())
         held = self._sender.handshake(cfg.handshake_timeout)
         self._next = held + 1
+        self._held_at_start = held
         self._last_counters = self._sender.counters()
 
     # -- initial synchronisation -------------------------------------------------------------
@@ -308,12 +315,32 @@ class PrimaryEngine:
         self._stopped_flag = False
         self.qmp.execute("cont")
 
-    def _stage(self, pages: Any, count: int, blob: bytes = b"", first: int = 0) -> int:
+    def _stage(self, pages: Any, count: int, blob: bytes = b"", first: int = 0,
+               disks: list[DiskPart] | None = None) -> int:
         assert self._sender is not None
         epoch = self._next
         view = memoryview(pages).cast("B")[8 * first: 8 * (first + count)]
-        self._sender.stage(epoch, view, blob, timeout=self.config.ack_timeout + 30.0)
+        self._sender.stage(epoch, view, blob, timeout=self.config.ack_timeout + 30.0, disks=disks or ())
         self._next += 1
+        return epoch
+
+    def _seal_disks(self) -> list[DiskPart] | None:
+        """The disks' records since the last seal, for the epoch staged next."""
+        return self._disks.seal(self._next) if self._disks is not None else None
+
+    def _ship_disks_running(self, epoch: int) -> int:
+        """Synchronisation while the VM runs: what the images hold (chunks), then what the
+        journals recorded since the last seal. Returns the last epoch shipped."""
+        assert self._sender is not None
+        if self._disks is None:
+            return epoch
+        while parts := self._disks.sync_chunk():
+            epoch = self._stage(self._pages, 0, disks=parts)
+            self._sender.ship()
+        parts = self._disks.seal(self._next)
+        if parts:
+            epoch = self._stage(self._pages, 0, disks=parts)
+            self._sender.ship()
         return epoch
 
     def _ship_running(self, pages: Any, count: int) -> int:
@@ -339,10 +366,17 @@ class PrimaryEngine:
         self._vm_stop()
         try:
             tracker.arm()
+            if self._disks is not None:
+                # Each disk: every allocated block of a backup that holds nothing, else only
+                # what changed since its last acknowledged epoch.
+                disk_bytes = self._disks.begin_sync(full=self._held_at_start == 0)
+                self.log.info("disks: synchronising %d bytes (%s)", disk_bytes,
+                              "full" if self._held_at_start == 0 else "changed blocks only")
         finally:
             self._vm_cont()
         rep.first_epoch = self._next
         epoch = self._ship_running(self._all_pages, npages)
+        epoch = self._ship_disks_running(epoch)
         self._shipped(epoch, self._clock(), npages)
         rep.pages_sent += npages
         rep.rounds = 1
@@ -365,6 +399,7 @@ class PrimaryEngine:
                 break  # the VM stays stopped: the final round below
             self._vm_cont()
             epoch = self._ship_running(self._all_pages if h.full_resync else self._pages, count)
+            epoch = self._ship_disks_running(epoch)
             self._shipped(epoch, self._clock(), count)
             rep.pages_sent += count
             total_goal += count
@@ -384,7 +419,7 @@ class PrimaryEngine:
             if self._output is not None:
                 self._output.boundary()
                 self._held_output = True
-            epoch = self._stage(pages, count, saved.blob)
+            epoch = self._stage(pages, count, saved.blob, disks=self._seal_disks())
             if self._on_stopped is not None:
                 self._on_stopped(epoch)
         finally:
@@ -434,6 +469,8 @@ class PrimaryEngine:
             saved_bytes=counters["saved_bytes"] - last.get("saved_bytes", 0),
         )
         self.last_acked = epoch
+        if self._disks is not None:
+            self._disks.acked(epoch)
         if epoch == self._unacked:
             self._unacked = 0
         if epoch == self._resync_epoch and self.machine.state is S.SYNCING:
@@ -506,17 +543,18 @@ class PrimaryEngine:
                     packets = after - (before or 0)
             t3 = clock()
             saved = saver.save()
+            parts = self._seal_disks()
             t4 = clock()
             if h.full_resync:
                 self.log.warning("tracker asks for a full resync: sending all %d pages", tracker.npages)
                 if self.machine.state is S.PROTECTED:
                     self._move(S.SYNCING, expect=S.PROTECTED)
                 count = tracker.npages
-                epoch = self._stage(self._all_pages, count, saved.blob)
+                epoch = self._stage(self._all_pages, count, saved.blob, disks=parts)
                 self._resync_epoch = epoch
             else:
                 count = h.count
-                epoch = self._stage(self._pages, count, saved.blob)
+                epoch = self._stage(self._pages, count, saved.blob, disks=parts)
             t5 = clock()
             if self._on_stopped is not None:
                 self._on_stopped(epoch)
@@ -695,6 +733,9 @@ class PrimaryEngine:
             with contextlib.suppress(BufferError):
                 self._ram.close()
             self._ram = None
+        if self._disks is not None:
+            self._disks.close()  # the servers and their journals go on (and keep the bitmaps)
+            self._disks = None
 
     def _ensure_running(self, problems: list[str]) -> None:
         """Resume the VM if the engine left it paused; QEMU refusing ``cont`` (not a lost
@@ -763,7 +804,11 @@ class BackupEngine:
         qemu_log: str | None = None,
         tag: str = "vm",
         io_timeout: float = 30.0,
+        disks: Sequence[tuple[str, int]] = (),
     ) -> None:
+        """``disks``: the replica images (path, size), in the primary's disk order; each epoch's
+        disk records are applied to them together with its pages and device state."""
+        self.disks = tuple(disks)
         self.qmp = qmp
         self.ram_path = ram_path
         self.link = link
@@ -800,7 +845,7 @@ class BackupEngine:
             self.populate_s = time.perf_counter() - t0
         finally:
             os.close(fd)
-        self._rx = EpochReceiver(self._ram, self.device_state_path)
+        self._rx = EpochReceiver(self._ram, self.device_state_path, disks=self.disks)
         self._rx.start(self.link, io_timeout=self.io_timeout)
         self.stats.set_state(self.machine.state.value)
         self._watch = threading.Thread(target=self._watch_link, name="cuju-standby-watch", daemon=True)

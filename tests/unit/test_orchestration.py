@@ -21,7 +21,7 @@ from cuju_libvirt.cujud import orchestrator, records
 from cuju_libvirt.cujud.qemu_process import ended_on_signal, log_offset, ram_backing
 from cuju_libvirt.cujud.standby import Standby, is_standby_xml, standby_xml
 from cuju_libvirt.domain_xml import parse_domain
-from cuju_libvirt.errors import CujuError
+from cuju_libvirt.errors import CujuError, StateError
 from cuju_libvirt.ft_engine.state import FTState
 from cuju_libvirt.rig.domains import domain_xml
 
@@ -236,3 +236,12 @@ def test_the_pairing_backoff_waits_what_the_log_says(monkeypatch: pytest.MonkeyP
     for waited, wanted in zip(waits[:4], [0.2, 0.4, 0.8, 0.8], strict=True):
         assert waited >= wanted - 0.02, (waits, said)
     assert said[:4] == pytest.approx([0.2, 0.4, 0.8, 0.8])
+
+
+def test_an_ft_link_of_another_generation_is_refused(tmp_path: Path) -> None:
+    """The generation travels in the FT-link handshake: a link made for an older pairing
+    (a stale primary) never feeds this standby."""
+    sb, _ = make_standby(tmp_path, verdicts=[])
+    with pytest.raises(StateError, match=r"generation 3 .* paired at generation 4"):
+        sb._linked(None, 3)  # type: ignore[arg-type]
+    assert sb.link is None

@@ -27,7 +27,8 @@ def test_table_has_one_row_per_domain_with_rate_lag_and_failover() -> None:
             domain(domain="db", uuid="u-2", state="degraded", protected=False, epochs_per_s=None, lag_s=None,
                    failovers=2, last_failover_timestamp=NOW - 90, last_failover_duration_s=0.4),
         ],
-        "peers": [{"node": "hostb", "connected": True, "rtt_last_ms": 0.21, "last_seen_s_ago": 0.1},
+        "peers": [{"node": "hostb", "connected": True, "rtt_last_ms": 0.21, "last_seen_s_ago": 0.1,
+                   "security": "TLS (TLSv1.3, certificates)"},
                   {"node": "hostc", "connected": False, "last_error": "connection refused"}],
     }
     lines = render(status, NOW).splitlines()
@@ -37,6 +38,7 @@ def test_table_has_one_row_per_domain_with_rate_lag_and_failover() -> None:
     assert web[:6] == ["web", "primary", "hostb", "protected", "41.7", "12.3"] and "never" in web
     assert "degraded (UNPROTECTED)" in db and "90.0 s ago, took 400.0 ms (2 total)" in db
     assert "peer hostb: connected, heartbeat rtt 0.21 ms" in lines[-2]
+    assert lines[-2].endswith("s ago, TLS (TLSv1.3, certificates)")
     assert lines[-1] == "peer hostc: NOT CONNECTED (connection refused)"
 
 
