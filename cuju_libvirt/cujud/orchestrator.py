@@ -60,6 +60,7 @@ from cuju_libvirt.ft_engine.devstate import (
     describe_machine,
 )
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
+from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.qmp import QMPClient
@@ -164,6 +165,7 @@ class PrimaryDomain:
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
                 "generation": self.generation,
             }, timeout=STANDBY_CREATE_TIMEOUT)
+            link_keys = self._link_keys(reply)
             sock = socket.create_connection((self.spec.link_host, self.spec.link_port), timeout=10)
             sock.sendall(bytes.fromhex(str(reply["token"])) + self.generation.to_bytes(8, "big"))
             sock.settimeout(None)
@@ -181,12 +183,13 @@ class PrimaryDomain:
         counters = self.orch.counter_dir()
         cfg = PrimaryConfig(
             ram_path=ram.path, ram_size=ram.size, tracker=self.spec.tracker, epoch_ms=self.spec.epoch_ms,
-            output_commit=self.spec.output_commit, max_packets=self.spec.max_epoch_packets,
+            epoch_policy=self.spec.epoch_policy, output_commit=self.spec.output_commit,
+            max_packets=self.spec.max_epoch_packets,
             counter_dir=str(counters), ack_timeout=self.spec.heartbeat_timeout_ms / 1e3, tag=self.name,
             standby_sections=standby.sections if standby is not None else None,
         )
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
-                                    machine=self.machine, may_release=self._may_release)
+                                    machine=self.machine, may_release=self._may_release, link_keys=link_keys)
         self.stats.set_initial_sync(0.0)
         self._starting = True
         try:
@@ -202,6 +205,16 @@ class PrimaryDomain:
                       generation=self.generation)
         self.log.info("PROTECTED by %s: initial sync of %d pages in %.2f s (%d rounds); epochs of %d ms",
                       self.peer, report.pages_sent, report.seconds, report.rounds, self.engine.epoch_ms)
+
+    def _link_keys(self, reply: dict[str, Any]) -> bytes | None:
+        """This side's FT-link keys from the backup's secret; None: the link runs in the clear."""
+        secret = reply.get("link_secret")
+        if secret is None:
+            if self.orch.cfg.peer_tls == "on":
+                raise CujuError(f"{self.peer} offers no FT-link encryption although this host runs "
+                                "peer_tls: on; set peer_tls: 'on' on every host")
+            return None
+        return LinkKeys.derive(bytes.fromhex(str(secret))).primary
 
     def _check_standby(self, reply: dict[str, Any]) -> MachineProfile | None:
         """Compare the peer's standby with this QEMU (machine type, memory backends, RAM blocks)
@@ -453,7 +466,8 @@ class Orchestrator:
             "takeover": self._ctl_takeover,
         }.items():
             server.register(method, handler)
-        handlers.requests["standby-create"] = lambda conn, body: self.standbys.create(conn.remote, body)
+        handlers.requests["standby-create"] = lambda conn, body: self.standbys.create(
+            conn.remote, body, encrypt_link=conn.encrypted)
         handlers.requests["standby-abandon"] = lambda conn, body: self.standbys.abandon(body)
         handlers.requests["holds"] = lambda conn, body: {"holds": self.standbys.holds(str(body["uuid"]))}
         handlers.notes["primary-crashed"] = self._note_crashed

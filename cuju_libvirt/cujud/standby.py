@@ -47,8 +47,10 @@ from cuju_libvirt.cujud.coord import OwnershipStore
 from cuju_libvirt.cujud.qemu_process import qemu_pid, ram_backing
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.errors import CoordError, CujuError, StateError
+from cuju_libvirt.ft_engine import linkkeys
 from cuju_libvirt.ft_engine.devstate import MachineProfile, standby_profile
 from cuju_libvirt.ft_engine.epoch import BackupEngine
+from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.qmp import QMPClient
@@ -191,6 +193,8 @@ class Standby:
         self.profile: MachineProfile | None = None
         self.link: socket.socket | None = None
         self.token = ""
+        #: The FT link's secret (None: the link runs in the clear); set before create().
+        self.link_secret: bytes | None = None
         self.abandoned = False
         self.taken_over = False
         self._done = threading.Event()
@@ -238,6 +242,7 @@ class Standby:
                 qmp=self.qmp, ram_path=self.ram_path, link=sock, device_state_path=str(state_path),
                 stats=self.stats, machine=self.machine, tag=self.name, io_timeout=30.0,
                 standby=self.profile,
+                link_keys=None if self.link_secret is None else LinkKeys.derive(self.link_secret).backup,
             )
             self.engine.start()
             self._last_progress = time.monotonic()
@@ -407,7 +412,9 @@ class StandbyManager:
 
     # -- peer requests -----------------------------------------------------------------------
 
-    def create(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+    def create(self, peer: str, body: dict[str, Any], *, encrypt_link: bool = False) -> dict[str, Any]:
+        """A standby for the peer's domain; ``encrypt_link`` (the request came over TLS) adds a
+        fresh FT-link secret to the reply (:mod:`~cuju_libvirt.ft_engine.linkkeys`)."""
         name, uuid = str(body["name"]), str(body["uuid"])
         generation = int(body.get("generation", 0))
         if generation and self.witness is None:
@@ -425,12 +432,16 @@ class StandbyManager:
         # A standby here means the VM runs on the peer: an old takeover record is stale. A
         # ceded record stays: this host must still not start the VM on its own.
         records.remove(self.state_dir, records.TAKEOVERS, uuid)
+        sb.link_secret = linkkeys.new_secret() if encrypt_link else None
         token = sb.create()
         with self._lock:
             self.standbys[uuid] = sb
         self._register(sb.stats, sb.machine)
         assert sb.profile is not None
-        return {"token": token, "machine": sb.profile.to_json()}
+        reply: dict[str, Any] = {"token": token, "machine": sb.profile.to_json()}
+        if sb.link_secret is not None:
+            reply["link_secret"] = sb.link_secret.hex()
+        return reply
 
     def abandon(self, body: dict[str, Any]) -> dict[str, Any]:
         uuid = str(body["uuid"])
