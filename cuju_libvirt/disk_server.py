@@ -94,12 +94,14 @@ def start(
     export_size: int | None = None,
     capacity: int = DEFAULT_JOURNAL_CAPACITY,
     socket_mode: int = 0o600,
+    owner: tuple[int, int] | None = None,
     timeout: float = 10.0,
     nbdkit: str = "nbdkit",
 ) -> int:
     """Start (or find running) the server of ``image``; return its pid once it accepts connections.
 
-    ``export_size`` exports more than the image holds (a qcow2 file that must grow).
+    ``export_size`` exports more than the image holds (a qcow2 file that must grow);
+    ``owner`` (uid, gid) gets the socket (QEMU's user when QEMU does not run as root).
     Idempotent: a live server of the same journal is kept (a second ``prepare``).
     """
     pid = running_pid(paths)
@@ -138,6 +140,8 @@ def start(
             raise DiskServerError(f"disk {target}: nbdkit started but {paths.socket} did not appear")
         time.sleep(0.01)
     os.chmod(paths.socket, socket_mode)
+    if owner is not None:
+        os.chown(paths.socket, *owner)
     log.info("disk %s: block server %d serves %s on %s", target, pid, image, paths.socket)
     return pid
 

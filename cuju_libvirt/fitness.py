@@ -7,8 +7,8 @@ use these functions, so a domain is judged the same way everywhere. Pure: no lib
 
 Why each rule exists (docs/ft-element.md has the user-facing version):
 
-* guest RAM must be file-backed and shared: the device-state save skips shared RAM
-  (``x-ignore-shared``) and the trackers and the standby work on that file;
+* guest RAM must be file-backed and shared: the device-state save carries no RAM at all,
+  the data plane replicates that file, and the trackers and the standby work on it;
 * device DMA that no tracker sees (PCI/USB passthrough, vDPA, NVMe userspace driver,
   vhost-user back-ends, ivshmem, virtio-pmem/nvdimm/virtio-mem backends outside the RAM
   file) would make the replica silently wrong: errors;
