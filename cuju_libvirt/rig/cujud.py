@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,15 +119,25 @@ class Cujud:
         return None
 
     def wait_domain(self, name: str, state: str, timeout: float = 120.0) -> dict[str, Any]:
+        return self.wait_for(name, lambda e: e["state"] == state, repr(state), timeout)
+
+    def wait_failed_over(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Until this host runs ``name`` after a failover (whatever its re-protection is doing)."""
+        return self.wait_for(name, lambda e: e["role"] == "primary" and (e["failovers"] or 0) >= 1,
+                             "failed over here", timeout, interval=0.01)
+
+    def wait_for(self, name: str, test: Callable[[dict[str, Any]], bool], what: str, timeout: float = 120.0,
+                 interval: float = 0.1) -> dict[str, Any]:
+        """This cujud's ``status`` entry of ``name`` once ``test`` holds for it."""
         deadline = time.monotonic() + timeout
         entry: dict[str, Any] | None = None
         while time.monotonic() < deadline:
             with contextlib.suppress(CujuError, OSError):
                 entry = self.domain(name)
-                if entry is not None and entry["state"] == state:
+                if entry is not None and test(entry):
                     return entry
-            time.sleep(0.1)
-        raise RigError(f"{name} on {self.host.label}: not {state!r} within {timeout:.0f} s "
+            time.sleep(interval)
+        raise RigError(f"{name} on {self.host.label}: not {what} within {timeout:.0f} s "
                        f"(last status {entry}; see {self.log_path})")
 
     def peer_connected(self) -> bool:
