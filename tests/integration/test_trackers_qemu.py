@@ -102,8 +102,9 @@ def test_uffd_sync_writer_guest_sandboxed() -> None:
     with DirectGuest(name="trackers-uffd-sync", memory_mib=cfg.min_memory_mib + 1, disk=boot_image(cfg),
                      extra_args=LIBVIRT_SANDBOX) as g:
         g.wait_serial(r"cuju-boot writer\r\n\d+\r\n")
-        report = run_ground_truth(g, _uffd(g, "sync"), EPOCHS, run_s=0.01, differ="c")
-        _check(report, min_changed=EPOCHS * 50)
+        report = run_ground_truth(g, _uffd(g, "sync"), EPOCHS, run_s=0.02, differ="c")
+        # Each first write waits for our fault thread (10-40 us here): the guest writes slower.
+        _check(report, min_changed=EPOCHS * 20)
         assert g.status() == "running"
         g.wait_serial(r"cuju-boot writer\r\n\d+\r\n")  # still alive and counting
 
