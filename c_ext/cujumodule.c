@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <unistd.h>
 
+#include "aead.h"
 #include "checksum.h"
 #include "diskjournal.h"
 #include "replicator.h"
@@ -596,6 +597,8 @@ repl_exc_name(int code)
         return "ProtocolError";
     case CUJU_E_CHECKSUM:
         return "ChecksumError";
+    case CUJU_E_AUTH:
+        return "LinkAuthError";
     case CUJU_E_PEER:
         return "PeerAbortError";
     case CUJU_E_APPLY:
@@ -725,6 +728,18 @@ repl_check_region(const Py_buffer *region, unsigned int page_size)
     return 0;
 }
 
+/* Link keys: None (cleartext) or exactly LINK_KEYS_LEN bytes (aead.h). */
+static int
+repl_check_keys(Py_buffer *keys)
+{
+    if (keys->buf != NULL && keys->len != CUJU_LINK_KEYS_LEN) {
+        PyErr_Format(PyExc_ValueError, "link_keys must be %d bytes (tx key, tx iv, rx key, rx iv), got %zd",
+                     CUJU_LINK_KEYS_LEN, keys->len);
+        return -1;
+    }
+    return 0;
+}
+
 /* A sequence of disk sizes (bytes) -> at most CUJU_DJ_MAX_DISKS u64s. */
 static int
 repl_disk_sizes(PyObject *obj, uint64_t *sizes, unsigned *n)
@@ -780,12 +795,13 @@ sender_raise(SenderObject *self, int code, const char *fallback)
 static int
 Sender_init(SenderObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "region", "page_size", "session_id", "io_timeout", "disk_sizes", NULL};
+    static char *kwlist[] = {"fd", "region", "page_size", "session_id", "io_timeout", "disk_sizes", "link_keys",
+                             NULL};
     int fd, dfd = -1, ms, rc;
     unsigned int page_size = 4096;
     unsigned long long session_id = 0;
     PyObject *io_timeout = Py_None, *disk_sizes = NULL;
-    Py_buffer region = {0};
+    Py_buffer region = {0}, keys = {0};
     uint64_t sizes[CUJU_DJ_MAX_DISKS];
     unsigned ndisks = 0;
 
@@ -793,9 +809,11 @@ Sender_init(SenderObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "Sender is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iy*|$IKOO:Sender", kwlist, &fd, &region, &page_size,
-                                     &session_id, &io_timeout, &disk_sizes))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iy*|$IKOOz*:Sender", kwlist, &fd, &region, &page_size,
+                                     &session_id, &io_timeout, &disk_sizes, &keys))
         return -1;
+    if (repl_check_keys(&keys) < 0)
+        goto error;
     if (repl_timeout_ms(io_timeout, &ms) < 0)
         goto error;
     if (repl_disk_sizes(disk_sizes, sizes, &ndisks) < 0)
@@ -815,13 +833,24 @@ Sender_init(SenderObject *self, PyObject *args, PyObject *kwds)
             repl_raise(rc, 0, 0, NULL);
         goto error;
     }
+    if (keys.buf != NULL && cuju_sender_set_keys(self->s, keys.buf) != CUJU_OK) {
+        PyErr_NoMemory();
+        cuju_sender_free(self->s);  /* closes dfd */
+        self->s = NULL;
+        dfd = -1;
+        goto error;
+    }
     self->region = region;
+    if (keys.obj)
+        PyBuffer_Release(&keys);
     return 0;
 
 error:
     if (dfd >= 0)
         close(dfd);
     PyBuffer_Release(&region);
+    if (keys.obj)
+        PyBuffer_Release(&keys);
     return -1;
 }
 
@@ -1194,18 +1223,28 @@ error:
 static PyObject *
 Receiver_start(ReceiverObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "io_timeout", "handshake_timeout", NULL};
+    static char *kwlist[] = {"fd", "io_timeout", "handshake_timeout", "link_keys", NULL};
     int fd, dfd, io_ms, hs_ms, rc;
     PyObject *io_t = Py_None, *hs_t = Py_None;
+    Py_buffer keys = {0};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OO:start", kwlist, &fd, &io_t, &hs_t))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OO$z*:start", kwlist, &fd, &io_t, &hs_t, &keys))
         return NULL;
-    if (repl_timeout_ms(io_t, &io_ms) < 0 || repl_timeout_ms(hs_t, &hs_ms) < 0)
-        return NULL;
-    if (self->r == NULL || self->closed || self->started) {
+    rc = repl_check_keys(&keys);
+    if (rc == 0 && (repl_timeout_ms(io_t, &io_ms) < 0 || repl_timeout_ms(hs_t, &hs_ms) < 0))
+        rc = -1;
+    if (rc == 0 && (self->r == NULL || self->closed || self->started)) {
         PyErr_SetString(PyExc_ValueError, "a Receiver serves one connection: create a new one");
-        return NULL;
+        rc = -1;
     }
+    if (rc == 0 && keys.buf != NULL && cuju_receiver_set_keys(self->r, keys.buf) != CUJU_OK) {
+        PyErr_SetString(PyExc_ValueError, "the Receiver's link keys are already set");
+        rc = -1;
+    }
+    if (keys.obj)
+        PyBuffer_Release(&keys);
+    if (rc < 0)
+        return NULL;
     dfd = repl_dup_fd(fd);
     if (dfd < 0)
         return NULL;
@@ -1699,6 +1738,10 @@ repl_exec(PyObject *m, PyObject *features)
         cuju_add_feature(features, "disks") < 0)
         return -1;
     if (repl_add_int(m, "MAX_DEVICE_STATE", (long)CUJU_WIRE_MAX_DEVSTATE) < 0)
+        return -1;
+    if (cuju_add_feature(features, "link_aead") < 0)
+        return -1;
+    if (repl_add_int(m, "LINK_KEYS_LEN", (long)CUJU_LINK_KEYS_LEN) < 0)
         return -1;
     return cuju_add_feature(features, "replicate");
 }

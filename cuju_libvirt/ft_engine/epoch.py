@@ -188,9 +188,12 @@ class PrimaryEngine:
         tracker_factory: Callable[[T.VmStopped], T.Tracker] | None = None,
         may_release: Callable[[BaseException], bool] | None = None,
         disks: DiskSet | None = None,
+        link_keys: bytes | None = None,
     ) -> None:
         """``on_stopped(epoch)`` (tests, benchmarks) runs in every pause after staging ``epoch``;
         ``tracker_factory`` replaces :func:`~.trackers.select_tracker` (tests).
+
+        ``link_keys`` (the primary's side of :class:`.linkkeys.LinkKeys`) encrypts the FT link.
 
         ``may_release(err)`` (cujud) is asked, on the epoch thread, when protection fails:
         True lets the held output go and the VM run on unprotected (the default); False
@@ -200,6 +203,8 @@ class PrimaryEngine:
         self.config = config
         #: The protected disks (their journals are sealed in every pause); the engine closes it.
         self._disks = disks
+        #: The primary's side of :class:`.linkkeys.LinkKeys`: the FT link runs encrypted.
+        self._link_keys = link_keys
         self._on_stopped = on_stopped
         self._tracker_factory = tracker_factory
         self._may_release = may_release
@@ -327,7 +332,8 @@ class PrimaryEngine:
         self._saver = DeviceStateSaver(self.qmp, path=cfg.devstate_path, expect_sections=cfg.standby_sections,
                                        logger=self.log)
         self._sender = EpochSender(self.link, self._ram, io_timeout=max(10.0, cfg.ack_timeout * 4),
-                                   disk_sizes=self._disks.sizes if self._disks is not None else ())
+                                   disk_sizes=self._disks.sizes if self._disks is not None else (),
+                                   link_keys=self._link_keys)
         held = self._sender.handshake(cfg.handshake_timeout)
         self._next = held + 1
         self._held_at_start = held
@@ -847,10 +853,13 @@ class BackupEngine:
         io_timeout: float = 30.0,
         standby: MachineProfile | None = None,
         disks: Sequence[tuple[str, int]] = (),
+        link_keys: bytes | None = None,
     ) -> None:
         """``disks``: the replica images (path, size), in the primary's disk order; each epoch's
-        disk records are applied to them together with its pages and device state."""
+        disk records are applied to them together with its pages and device state.
+        ``link_keys``: the backup's side of :class:`.linkkeys.LinkKeys` (encrypted link)."""
         self.disks = tuple(disks)
+        self._link_keys = link_keys
         self.qmp = qmp
         #: The standby QEMU's profile (device sections included); listed at :meth:`start` if None.
         self.standby = standby
@@ -892,7 +901,7 @@ class BackupEngine:
         if self.standby is None or not self.standby.sections:
             self.standby = standby_profile(self.qmp)
         self._rx = EpochReceiver(self._ram, self.device_state_path, disks=self.disks)
-        self._rx.start(self.link, io_timeout=self.io_timeout)
+        self._rx.start(self.link, io_timeout=self.io_timeout, link_keys=self._link_keys)
         self.stats.set_state(self.machine.state.value)
         self._watch = threading.Thread(target=self._watch_link, name="cuju-standby-watch", daemon=True)
         self._watch.start()
