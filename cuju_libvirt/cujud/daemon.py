@@ -230,6 +230,8 @@ class Daemon:
         if old is not None and not old.closed.is_set():
             old.close("replaced by a new connection from the same peer")
         LOG.info("peer %s connected (%s)", link.name, conn.address)
+        if self.orchestrator is not None:
+            self.orchestrator.peer_connected(link.name)
 
         def lost(c: peer.PeerConnection) -> None:
             with link.lock:
@@ -303,6 +305,10 @@ class Daemon:
                 "last_failover_duration_s": snap.last_failover_duration_s,
                 "last_failover_timestamp": snap.last_failover_timestamp,
                 "wire_bytes": snap.wire_bytes_total, "pages": snap.pages_total,
+                "disk_sync": [
+                    {"target": d.target, "synced_bytes": d.synced_bytes, "total_bytes": d.total_bytes}
+                    for d in snap.disk_sync
+                ],
             })
         return out
 

@@ -50,3 +50,14 @@ def test_initial_sync_progress_bar() -> None:
 
 def test_no_domains_says_so() -> None:
     assert "no protected domains on this host" in render({"node": "a", "domains": []}, NOW)
+
+
+def test_disks_still_syncing_get_a_line_each() -> None:
+    disks = [
+        {"target": "vda", "synced_bytes": 512 * 2**20, "total_bytes": 2 * 2**30},
+        {"target": "sdb", "synced_bytes": 2**20, "total_bytes": 2**20},  # in sync: no line
+    ]
+    text = render({"node": "a", "domains": [domain(disk_sync=disks)]}, NOW)
+    lines = [line for line in text.splitlines() if " disk " in line]
+    assert lines == ["  web disk vda: syncing [#####...............]  25% (512.0 MiB of 2.0 GiB)"]
+    assert " disk " not in render({"node": "a", "domains": [domain()]}, NOW)
