@@ -19,7 +19,9 @@ import libvirt
 
 from cuju_libvirt.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREADABLE, CLIError
 from cuju_libvirt.cli._common import (
+    add_disk_options,
     add_ft_options,
+    apply_disk_options,
     handle_xml_errors,
     print_lines,
     report_problems,
@@ -210,6 +212,8 @@ def cmd_enable(args: argparse.Namespace) -> int:
             problems, spec = _prepare_and_define(conn, dom, base, spec, args.force)
         else:
             problems = check_fitness(base, spec)
+        if args.disk_replica:
+            spec = apply_disk_options(spec, args.disk_replica)
         report_problems(problems)
         if errors(problems) and not args.force:
             fixable = any(p.preparable for p in errors(problems))
@@ -335,6 +339,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     common(p)
     add_ft_options(p, peer_required=False)
     p.add_argument("--prepare", action="store_true", help="redefine the domain with the safe changes first")
+    add_disk_options(p)
     p.add_argument(
         "--force", action="store_true",
         help="set the element even if the domain cannot be protected (cujud will not protect it "

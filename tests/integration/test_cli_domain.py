@@ -228,6 +228,11 @@ def test_prepare_serves_disks_only_once_the_rest_is_fit_and_disable_gives_them_b
     code, _, err = cli(capsys, "enable", "db1", "--epoch-ms", "10", "--prepare", "--force")
     assert code == 0 and "serving <disk>" not in err
     assert dx.parse_domain(dom.XMLDesc(inactive)) == spec.replace(epoch_ms=10)
+    # a replica override goes through the metadata API with the records
+    code, _, err = cli(capsys, "enable", "db1", "--disk-replica", "vdb=/srv/r/data.img", "--force")
+    assert code == 0, err
+    stored_spec = dx.parse_domain(dom.XMLDesc(inactive))
+    assert stored_spec is not None and stored_spec.disk("vdb").replica == "/srv/r/data.img"  # type: ignore[union-attr]
     # disable redefines the domain with the original disks
     code, _, err = cli(capsys, "disable", "db1")
     assert code == 0, err
