@@ -223,7 +223,8 @@ class PrimaryDomain:
         counters = self.orch.counter_dir()
         cfg = PrimaryConfig(
             ram_path=ram.path, ram_size=ram.size, tracker=self.spec.tracker, epoch_ms=self.spec.epoch_ms,
-            epoch_policy=self.spec.epoch_policy, output_commit=self.spec.output_commit,
+            epoch_policy=self.spec.epoch_policy, max_epoch_ms=self.spec.max_epoch_ms,
+            output_commit=self.spec.output_commit,
             max_packets=self.spec.max_epoch_packets,
             counter_dir=str(counters), ack_timeout=self.spec.heartbeat_timeout_ms / 1e3, tag=self.name,
             standby_sections=standby.sections if standby is not None else None,
