@@ -63,6 +63,12 @@ def spec_from_args(args: argparse.Namespace, existing: FTSpec | None) -> FTSpec:
 
 def add_disk_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--serve-disks", action="store_true",
+        help="with --prepare: also rewrite every writable disk that can be served to the "
+        "replicating block server's NBD export, recording the original in <cuju:ft> (cujud "
+        "does not replicate such disks yet: a standby cannot open them; docs/failover.md)",
+    )
+    parser.add_argument(
         "--disk-replica", action="append", default=[], metavar="DEV=PATH",
         help="where the backup keeps the copy of prepared disk DEV (an absolute path on the "
         "backup host; 'DEV=' goes back to the default, disk_replica_dir/UUID/DEV.FORMAT of "

@@ -157,7 +157,7 @@ def _existing_spec(xml: str, replacing: bool) -> FTSpec | None:
 
 
 def _prepare_and_define(
-    conn: Any, dom: Any, xml: str, spec: FTSpec, force: bool
+    conn: Any, dom: Any, xml: str, spec: FTSpec, *, force: bool, serve_disks: bool
 ) -> tuple[list[Problem], FTSpec]:
     """Redefine the domain with the safe changes; returns the problems of what libvirt kept
     and the element to set (with the records of the disks prepare rewrote).
@@ -181,7 +181,7 @@ def _prepare_and_define(
         return problems, spec
     doc = load_domain(_xml(dom, inactive=True))
     set_ft_in(doc.root, spec)
-    disk_changes = prepare_in(doc.root)
+    disk_changes = prepare_in(doc.root, disks=serve_disks)
     if disk_changes:
         element = find_ft(doc.root)
         assert element is not None
@@ -209,7 +209,9 @@ def cmd_enable(args: argparse.Namespace) -> int:
         if args.prepare:
             if not persistent:
                 raise CLIError(f"--prepare needs a persistent domain; '{dom.name()}' is transient")
-            problems, spec = _prepare_and_define(conn, dom, base, spec, args.force)
+            problems, spec = _prepare_and_define(
+                conn, dom, base, spec, force=args.force, serve_disks=args.serve_disks
+            )
         else:
             problems = check_fitness(base, spec)
         if args.disk_replica:

@@ -123,7 +123,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
     spec = spec_from_args(args, current)
     set_ft_in(doc.root, spec)
     if args.prepare:
-        changes = prepare_in(doc.root)
+        changes = prepare_in(doc.root, disks=args.serve_disks)
         if args.disk_replica:
             element = find_ft(doc.root)
             assert element is not None
@@ -213,10 +213,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "  - <driver name='qemu'/> on virtio NICs (other driver attributes are kept)\n"
             "  - cujud's direct QMP socket in <qemu:commandline> (libvirt then reports the\n"
             "    domain as tainted: custom-argv)\n"
-            "  - every writable disk that can be served (file or block, raw or qcow2) is\n"
-            "    rewritten to the replicating block server's NBD export over a UNIX socket\n"
-            "    (/run/cuju-libvirt/nbd/UUID/DEV.sock, error_policy='stop'); the <disk> as it\n"
-            "    was is recorded in <cuju:ft> and 'disable' gives it back\n"
+            "  - with --serve-disks: every writable disk that can be served (file or block,\n"
+            "    raw or qcow2) is rewritten to the replicating block server's NBD export over a\n"
+            "    UNIX socket (/run/cuju-libvirt/nbd/UUID/DEV.sock, error_policy='stop'); the\n"
+            "    <disk> as it was is recorded in <cuju:ft> and 'disable' gives it back (opt-in:\n"
+            "    cujud does not replicate such disks yet, see docs/failover.md)\n"
             "If the domain still cannot be protected (a <hostdev>, vhost-user, ...), nothing is\n"
             "written and the exit status is 1."
         ),

@@ -190,6 +190,36 @@ def test_primary_isolated_from_everyone_fences_and_the_backup_takes_over(
 
 
 @pytest.mark.timeout(300)
+def test_backup_isolated_from_everyone_stays_paused_and_the_primary_runs_on(
+    ft_rig: Rig, etcd: EtcdCluster, linux_guest: LinuxGuest, observer: Observer, pair: tuple[Cujud, Cujud]
+) -> None:
+    """Host b loses the FT link and the LAN (and with it etcd). In two-host mode b would take
+    over after the timeout and a would fence; with the witness b cannot win the record, so its
+    standby stays paused, while a wins it and runs on. When the partition heals b reads that
+    it lost and drops its standby: one stream, nothing lost or repeated, a never fenced."""
+    rig, (ca, cb) = ft_rig, pair
+    name = "wit-bisolate"
+    try:
+        uuid = start_protected(rig, linux_guest, observer, name, pair)
+        cut_at = time.monotonic()
+        rig.b.set_links(False)
+        rec = still_counting(observer, cut_at, 2 * PPS, timeout=30)
+        assert judge_run(rec, Rules()).ok
+        assert store(etcd).read(uuid).record.owner == "cuju-a"  # type: ignore[union-attr]
+        time.sleep(2 * HEARTBEAT_TIMEOUT_MS / 1e3)
+        assert (cb.domain(name) or {}).get("state") != "primary_after_failover"
+        rig.b.set_links(True)
+        rec = still_counting(observer, time.monotonic(), 2 * PPS)
+        verdict = judge_run(rec, Rules())
+        assert verdict.ok, verdict.as_dict()
+        assert "FENCED" not in ca.log_path.read_text()
+        assert "TAKING OVER" not in cb.log_path.read_text()
+    finally:
+        rig.b.set_links(True)
+        cleanup_protected(rig, name)
+
+
+@pytest.mark.timeout(300)
 def test_etcd_leader_killed_during_a_failover(
     ft_rig: Rig, etcd: EtcdCluster, linux_guest: LinuxGuest, observer: Observer, pair: tuple[Cujud, Cujud]
 ) -> None:

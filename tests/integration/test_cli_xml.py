@@ -312,7 +312,8 @@ def test_changing_a_setting_keeps_the_disk_records(run: Runner, tmp_path: Path) 
 
 def test_prepare_serves_the_disks_and_disable_gives_them_back(run: Runner, tmp_path: Path) -> None:
     original = read_fixture("several-disks.xml")
-    result = run("xml", "enable", write(tmp_path, "db1.xml", original), "--peer", "hostb", "--prepare")
+    source = write(tmp_path, "db1.xml", original)
+    result = run("xml", "enable", source, "--peer", "hostb", "--prepare", "--serve-disks")
     assert result.code == 0, result.err
     assert result.err.count("changed: serving <disk>") == 5
     socket = "/run/cuju-libvirt/nbd/3f2c6a1e-8b4d-4c1a-9e2f-6d7a8b9c0d1e/sdb.sock"
@@ -334,7 +335,8 @@ def test_prepare_serves_the_disks_and_disable_gives_them_back(run: Runner, tmp_p
 def test_disk_replica_overrides_and_show(run: Runner, tmp_path: Path) -> None:
     source = write(tmp_path, "db1.xml", read_fixture("several-disks.xml"))
     result = run(
-        "xml", "enable", source, "--peer", "hostb", "--prepare", "--disk-replica", "vda=/srv/r/db1-root.qcow2"
+        "xml", "enable", source, "--peer", "hostb", "--prepare", "--serve-disks",
+        "--disk-replica", "vda=/srv/r/db1-root.qcow2",
     )
     assert result.code == 0, result.err
     spec = dx.parse_domain(result.out)

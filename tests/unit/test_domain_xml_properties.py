@@ -293,11 +293,11 @@ def domains_with_disks(draw: st.DrawFn) -> str:
 @settings(max_examples=50)  # each example prepares a whole domain: keep the unit tier fast
 @given(domains_with_disks(), specs)
 def test_prepare_then_disable_gives_back_every_disk(xml: str, spec: dx.FTSpec) -> None:
-    prepared = ft.prepare(dx.set_ft(xml, spec))
+    prepared = ft.prepare(dx.set_ft(xml, spec), disks=True)
     recorded = dx.parse_domain(prepared.xml)
     assert recorded is not None and recorded.replace(disks=()) == spec
     assert len(recorded.disks) >= 1
-    assert ft.prepare(prepared.xml).changes == []
+    assert ft.prepare(prepared.xml, disks=True).changes == []
     disabled = dx.remove_ft(prepared.xml)
     if "<uuid>" not in xml:  # prepare added the <uuid> naming the sockets; it stays
         doc = dx.load_domain(disabled)
