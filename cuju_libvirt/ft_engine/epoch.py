@@ -45,6 +45,7 @@ from typing import Any
 from cuju_libvirt.errors import CujuError, ReplicationError, StateError
 from cuju_libvirt.ft_engine import trackers as T
 from cuju_libvirt.ft_engine.devstate import (
+    DevicesChangedError,
     DeviceStateSaver,
     LoadTimings,
     MachineProfile,
@@ -72,6 +73,9 @@ MAX_EPOCH_MS = 10_000
 PACKET_POLL_S = 0.001
 #: Pages per epoch while the initial synchronisation copies a running VM (16 MiB).
 SYNC_CHUNK_PAGES = 4096
+#: How much earlier than the ``stop`` command's send time a STOP event may be stamped and
+#: still count as caused by it (QEMU stamps events in whole microseconds).
+_CLOCK_SLACK = 2e-6
 #: When QEMU refuses to resume a VM the engine paused (e.g. it cannot reopen a disk image),
 #: ``cont`` is tried again after these delays (s) before the VM is reported left paused.
 RESUME_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)
@@ -206,6 +210,8 @@ class PrimaryEngine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopped_flag = False  # the tracker's guard: True only while we hold the VM stopped
+        #: The VM was already paused by someone else at the engine's last ``stop``.
+        self._foreign_pause = False
         self._tracker: T.Tracker | None = None
         self._saver: DeviceStateSaver | None = None
         self._output: OutputCommit | None = None
@@ -322,12 +328,29 @@ class PrimaryEngine:
     # -- initial synchronisation -------------------------------------------------------------
 
     def _vm_stop(self) -> None:
+        """Stop the VM; note whether it was this ``stop`` that stopped it.
+
+        QEMU emits a STOP event only when a ``stop`` really stops a running VM, before its
+        reply and stamped with the host's wall clock. No STOP stamped at or after the moment
+        the command was sent means somebody else had paused the VM (``virsh suspend``, a
+        libvirt job, an I/O error with ``werror=stop``): the engine then never resumes it.
+        """
+        sent = time.time() - _CLOCK_SLACK
         self.qmp.execute("stop")
         self._stopped_flag = True
+        ours = any(_event_time(ev) >= sent for ev in self.qmp.events("STOP"))
+        if not ours and not self._foreign_pause:
+            self.log.info("the VM was paused by someone else (virsh suspend or a libvirt job): it stays "
+                          "paused and protected; epochs go on without resuming it")
+        elif ours and self._foreign_pause:
+            self.log.info("the VM was resumed: epochs resume it again after each pause")
+        self._foreign_pause = not ours
 
     def _vm_cont(self) -> None:
+        """Resume the VM unless somebody else had paused it (see :meth:`_vm_stop`)."""
         self._stopped_flag = False
-        self.qmp.execute("cont")
+        if not self._foreign_pause:
+            self.qmp.execute("cont")
 
     def _stage(self, pages: Any, count: int, blob: bytes = b"", first: int = 0,
                disks: list[DiskPart] | None = None) -> int:
@@ -636,7 +659,10 @@ class PrimaryEngine:
         if self.vm_ended is not None:
             self._vm_gone(err)
             return
-        self.log.error("%s: %s; the VM continues unprotected", what, err)
+        if isinstance(err, DevicesChangedError):  # an operator's hot-plug: expected, not a fault
+            self.log.warning("%s; the VM continues unprotected until then", err)
+        else:
+            self.log.error("%s: %s; the VM continues unprotected", what, err)
         self.log.debug("details", exc_info=err)
         problems: list[str] = []
         self._release_resources(problems, orderly=False)
@@ -761,6 +787,9 @@ class PrimaryEngine:
             try:
                 status = self.qmp.execute("query-status")["status"]
                 if status != "paused":
+                    return
+                if self._foreign_pause:
+                    self.log.info("the VM stays paused: it was paused by someone else, not by the engine")
                     return
                 self._stopped_flag = False
                 self.qmp.execute("cont")
@@ -992,3 +1021,9 @@ class BackupEngine:
             with contextlib.suppress(BufferError):
                 self._ram.close()
             self._ram = None
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    """A QMP event's wall-clock stamp in seconds (0 if it has none)."""
+    stamp = event.get("timestamp") or {}
+    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
