@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     return {
         "runs": len(runs),
         "passed": sum(1 for r in runs if r["ok"]),
-        "primary_pause_ms": max(pauses) if pauses else None,
+        "primary_pause_ms": round(max(pauses), 1) if pauses else None,
         "primary_pause_ms_median": med,
         "primary_pause_ms_p99": p99,
         "lost_or_repeated": sum(counted) if len(counted) == len(runs) else None,

@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-mib", type=int, default=256, help="guest RAM in MiB (default 256)")
     parser.add_argument("--run-ms", type=float, default=20.0,
                         help="how long the guest runs between pauses, in ms (default 20)")
+    parser.add_argument("--ratio-mib", type=int, default=4096,
+                        help="with --engine: also measure at this RAM size in the same run and report the "
+                             "ratio of the medians (default 4096 -> ram_ratio_4g_256m; 0: off)")
     parser.add_argument("--engine", action="store_true",
                         help="measure the real epoch engine instead (PrimaryEngine + BackupEngine over "
                              "loopback, C gather, pipelined shipping; epoch length = --run-ms)")

@@ -75,7 +75,7 @@ def one_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int
                          and any(t > killed for _, t in r.tcp_chunks), 60)
             verdict = judge_run(obs.recording(), Rules(max_gap=max_gap, failover_at=killed))
             taken = cb.domain(name)
-            ok = verdict.ok and taken is not None and taken["state"] == "primary_after_failover"
+            ok = verdict.ok and taken is not None and taken["role"] == "primary" and taken["failovers"] == 1
             return {"ok": ok, "failover_ms": verdict.failover_ms, "problems": list(verdict.problems),
                     "gap": max((g.missing for g in verdict.gaps), default=0), "max_gap": max_gap,
                     "standby_ms": None if taken is None or taken["last_failover_duration_s"] is None
@@ -107,8 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             if args.witness == "none":
                 return _report(runs, args.epoch_ms)
             with in_rig(rig, 3) as etcd, cujud_pair(rig, etcd_endpoints=etcd.endpoints) as cujuds:
-                witnessed = [one_run(rig, cujuds, guest, i, epoch_ms=args.epoch_ms, rng=rng)
-                             for i in range(args.runs)]
+                witnessed = [one_run(rig, cujuds, guest, args.runs + i, epoch_ms=args.epoch_ms, rng=rng)
+                             for i in range(args.runs)]  # names of their own: staged files stay
     report, baseline = _report(witnessed, args.epoch_ms), _report(runs, args.epoch_ms)
     med, base = report["failover_ms_median"], baseline["failover_ms_median"]
     both = isinstance(med, float | int) and isinstance(base, float | int)

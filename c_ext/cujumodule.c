@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <unistd.h>
 
+#include "aead.h"
 #include "checksum.h"
 #include "diskjournal.h"
 #include "replicator.h"
@@ -176,14 +177,14 @@ trk_scan_harvest(void *t, uint64_t *out, uint64_t cap, bool *resync)
 static PyObject *
 UffdTracker_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"uffd", "pid", "start", "length", "walkers", NULL};
-    int fd, pid, own = -1, err, walkers = 1;
+    static char *kwlist[] = {"uffd", "pid", "start", "length", "walkers", "sync", NULL};
+    int fd, pid, own = -1, err, walkers = 1, sync = 0;
     unsigned long long start, length;
     uint64_t missing = 0;
     UffdTrackerObject *self = NULL;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiKK|i:UffdTracker", kwlist, &fd, &pid, &start, &length,
-                                     &walkers))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiKK|ip:UffdTracker", kwlist, &fd, &pid, &start, &length,
+                                     &walkers, &sync))
         return NULL;
     self = (UffdTrackerObject *)type->tp_alloc(type, 0);
     if (self == NULL)
@@ -195,7 +196,8 @@ UffdTracker_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         goto error;
     }
     Py_BEGIN_ALLOW_THREADS
-    err = uffd_tracker_open(&self->t, own, pid, start, length, walkers, &missing);
+    err = uffd_tracker_open(&self->t, own, pid, start, length, walkers,
+                            sync ? UFFD_MODE_SYNC : UFFD_MODE_ASYNC, &missing);
     Py_END_ALLOW_THREADS
     if (err < 0) {
         if (err == -EPROTONOSUPPORT) {
@@ -247,6 +249,18 @@ UffdTracker_harvest(UffdTrackerObject *self, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *
+UffdTracker_settle(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->op_lock);
+    if (self->open)
+        uffd_tracker_settle(&self->t);
+    pthread_mutex_unlock(&self->op_lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 UffdTracker_close(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
 {
     Py_BEGIN_ALLOW_THREADS
@@ -262,7 +276,7 @@ UffdTracker_close(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 UffdTracker_stats(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
 {
-    unsigned long long rem = 0, other = 0;
+    unsigned long long rem = 0, other = 0, faults = 0, reprotected = 0, hot = 0;
     int terr = 0;
     PyObject *features;
     if (self->open) {
@@ -270,13 +284,18 @@ UffdTracker_stats(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
         rem = self->t.events_remove;
         other = self->t.events_other;
         terr = self->t.thread_errno;
+        faults = self->t.faults;
+        reprotected = self->t.reprotected;
+        hot = self->t.hot;
         pthread_mutex_unlock(&self->t.lock);
     }
     features = trk_feature_list(self->open ? self->t.features : 0);
     if (features == NULL)
         return NULL;
-    return Py_BuildValue("{sKsKsisN}", "events_remove", rem, "events_other", other,
-                         "event_thread_errno", terr, "features", features);
+    return Py_BuildValue("{sKsKsisNsssKsKsK}", "events_remove", rem, "events_other", other,
+                         "event_thread_errno", terr, "features", features,
+                         "mode", self->t.mode == UFFD_MODE_SYNC ? "sync" : "async", "faults", faults,
+                         "reprotected", reprotected, "hot_pages", hot);
 }
 
 static PyObject *
@@ -302,6 +321,8 @@ static PyMethodDef UffdTracker_methods[] = {
      "Register the range for write-protect and protect all of it."},
     {"harvest", (PyCFunction)(void (*)(void))UffdTracker_harvest, METH_VARARGS | METH_KEYWORDS,
      "harvest(out) -> (count, resync): written/removed page indexes into the uint64 buffer out."},
+    {"settle", (PyCFunction)UffdTracker_settle, METH_NOARGS,
+     "Sync mode, VM stopped after a harvest: pages protected again since need not be reported next."},
     {"close", (PyCFunction)UffdTracker_close, METH_NOARGS, "Stop the event thread and close the uffd."},
     {"stats", (PyCFunction)UffdTracker_stats, METH_NOARGS, "Event counters and negotiated features."},
     {NULL, NULL, 0, NULL},
@@ -319,8 +340,10 @@ static PyType_Slot UffdTracker_slots[] = {
     {Py_tp_dealloc, UffdTracker_dealloc},
     {Py_tp_methods, UffdTracker_methods},
     {Py_tp_getset, UffdTracker_getset},
-    {Py_tp_doc, "UffdTracker(uffd, pid, start, length, walkers=1): userfaultfd WP-async + PAGEMAP_SCAN\n"
-                "tracker; harvests split the page-table walk over `walkers` threads.\n"
+    {Py_tp_doc, "UffdTracker(uffd, pid, start, length, walkers=1, sync=False): userfaultfd write-protect\n"
+                "tracker. Async (default): WP_ASYNC + PAGEMAP_SCAN, harvests split the page-table walk over\n"
+                "`walkers` threads. sync=True: write faults are resolved by the event thread and recorded,\n"
+                "harvests read bitmaps (no page-table walk); the uffd must not be UFFD_USER_MODE_ONLY.\n"
                 "uffd is duplicated (the caller keeps and closes its own fd)."},
     {0, NULL},
 };
@@ -574,6 +597,8 @@ repl_exc_name(int code)
         return "ProtocolError";
     case CUJU_E_CHECKSUM:
         return "ChecksumError";
+    case CUJU_E_AUTH:
+        return "LinkAuthError";
     case CUJU_E_PEER:
         return "PeerAbortError";
     case CUJU_E_APPLY:
@@ -703,6 +728,18 @@ repl_check_region(const Py_buffer *region, unsigned int page_size)
     return 0;
 }
 
+/* Link keys: None (cleartext) or exactly LINK_KEYS_LEN bytes (aead.h). */
+static int
+repl_check_keys(Py_buffer *keys)
+{
+    if (keys->buf != NULL && keys->len != CUJU_LINK_KEYS_LEN) {
+        PyErr_Format(PyExc_ValueError, "link_keys must be %d bytes (tx key, tx iv, rx key, rx iv), got %zd",
+                     CUJU_LINK_KEYS_LEN, keys->len);
+        return -1;
+    }
+    return 0;
+}
+
 /* A sequence of disk sizes (bytes) -> at most CUJU_DJ_MAX_DISKS u64s. */
 static int
 repl_disk_sizes(PyObject *obj, uint64_t *sizes, unsigned *n)
@@ -758,12 +795,13 @@ sender_raise(SenderObject *self, int code, const char *fallback)
 static int
 Sender_init(SenderObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "region", "page_size", "session_id", "io_timeout", "disk_sizes", NULL};
+    static char *kwlist[] = {"fd", "region", "page_size", "session_id", "io_timeout", "disk_sizes", "link_keys",
+                             NULL};
     int fd, dfd = -1, ms, rc;
     unsigned int page_size = 4096;
     unsigned long long session_id = 0;
     PyObject *io_timeout = Py_None, *disk_sizes = NULL;
-    Py_buffer region = {0};
+    Py_buffer region = {0}, keys = {0};
     uint64_t sizes[CUJU_DJ_MAX_DISKS];
     unsigned ndisks = 0;
 
@@ -771,9 +809,11 @@ Sender_init(SenderObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "Sender is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iy*|$IKOO:Sender", kwlist, &fd, &region, &page_size,
-                                     &session_id, &io_timeout, &disk_sizes))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iy*|$IKOOz*:Sender", kwlist, &fd, &region, &page_size,
+                                     &session_id, &io_timeout, &disk_sizes, &keys))
         return -1;
+    if (repl_check_keys(&keys) < 0)
+        goto error;
     if (repl_timeout_ms(io_timeout, &ms) < 0)
         goto error;
     if (repl_disk_sizes(disk_sizes, sizes, &ndisks) < 0)
@@ -793,13 +833,24 @@ Sender_init(SenderObject *self, PyObject *args, PyObject *kwds)
             repl_raise(rc, 0, 0, NULL);
         goto error;
     }
+    if (keys.buf != NULL && cuju_sender_set_keys(self->s, keys.buf) != CUJU_OK) {
+        PyErr_NoMemory();
+        cuju_sender_free(self->s);  /* closes dfd */
+        self->s = NULL;
+        dfd = -1;
+        goto error;
+    }
     self->region = region;
+    if (keys.obj)
+        PyBuffer_Release(&keys);
     return 0;
 
 error:
     if (dfd >= 0)
         close(dfd);
     PyBuffer_Release(&region);
+    if (keys.obj)
+        PyBuffer_Release(&keys);
     return -1;
 }
 
@@ -1172,18 +1223,28 @@ error:
 static PyObject *
 Receiver_start(ReceiverObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "io_timeout", "handshake_timeout", NULL};
+    static char *kwlist[] = {"fd", "io_timeout", "handshake_timeout", "link_keys", NULL};
     int fd, dfd, io_ms, hs_ms, rc;
     PyObject *io_t = Py_None, *hs_t = Py_None;
+    Py_buffer keys = {0};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OO:start", kwlist, &fd, &io_t, &hs_t))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OO$z*:start", kwlist, &fd, &io_t, &hs_t, &keys))
         return NULL;
-    if (repl_timeout_ms(io_t, &io_ms) < 0 || repl_timeout_ms(hs_t, &hs_ms) < 0)
-        return NULL;
-    if (self->r == NULL || self->closed || self->started) {
+    rc = repl_check_keys(&keys);
+    if (rc == 0 && (repl_timeout_ms(io_t, &io_ms) < 0 || repl_timeout_ms(hs_t, &hs_ms) < 0))
+        rc = -1;
+    if (rc == 0 && (self->r == NULL || self->closed || self->started)) {
         PyErr_SetString(PyExc_ValueError, "a Receiver serves one connection: create a new one");
-        return NULL;
+        rc = -1;
     }
+    if (rc == 0 && keys.buf != NULL && cuju_receiver_set_keys(self->r, keys.buf) != CUJU_OK) {
+        PyErr_SetString(PyExc_ValueError, "the Receiver's link keys are already set");
+        rc = -1;
+    }
+    if (keys.obj)
+        PyBuffer_Release(&keys);
+    if (rc < 0)
+        return NULL;
     dfd = repl_dup_fd(fd);
     if (dfd < 0)
         return NULL;
@@ -1677,6 +1738,10 @@ repl_exec(PyObject *m, PyObject *features)
         cuju_add_feature(features, "disks") < 0)
         return -1;
     if (repl_add_int(m, "MAX_DEVICE_STATE", (long)CUJU_WIRE_MAX_DEVSTATE) < 0)
+        return -1;
+    if (cuju_add_feature(features, "link_aead") < 0)
+        return -1;
+    if (repl_add_int(m, "LINK_KEYS_LEN", (long)CUJU_LINK_KEYS_LEN) < 0)
         return -1;
     return cuju_add_feature(features, "replicate");
 }

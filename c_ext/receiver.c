@@ -31,6 +31,7 @@
 #include <unistd.h>
 #include <libgen.h>
 
+#include "aead.h"
 #include "checksum.h"
 #include "diskjournal.h"
 #include "replicator.h"
@@ -72,6 +73,7 @@ struct cuju_receiver {
 
     /* Set by start, then immutable. */
     int fd;                         /* owned socket; -1 before start */
+    struct cuju_link link;          /* fd and record-layer keys (set_keys before start) */
     int io_timeout_ms;
     int hs_timeout_ms;
 
@@ -539,13 +541,13 @@ static int send_ack(struct cuju_receiver *r, uint64_t epoch, int *eno)
     uint8_t f[CUJU_FRAME_HDR_LEN + CUJU_ACK_LEN];
     cuju_frame_header(f, CUJU_FRAME_ACK, CUJU_ACK_LEN);
     cuju_put_le64(f + 16, epoch);
-    return cuju_send_all(r->fd, f, sizeof(f), r->io_timeout_ms, eno);
+    return cuju_link_send(&r->link, f, sizeof(f), r->io_timeout_ms, eno);
 }
 
 /* Refuse the peer: ERROR frame, record the failure. */
 static void refuse(struct cuju_receiver *r, int code, const char *msg)
 {
-    cuju_send_error_frame(r->fd, code, msg);
+    cuju_link_send_error(&r->link, code, msg);
     rfail(r, code, 0, 0, "%s", msg);
 }
 
@@ -554,7 +556,7 @@ static int handshake(struct cuju_receiver *r)
     uint8_t f[CUJU_FRAME_HDR_LEN + CUJU_HELLO_LEN];
     char msg[CUJU_ERRMSG_LEN];
     int eno = 0;
-    int rc = cuju_recv_all(r->fd, f, CUJU_FRAME_HDR_LEN, r->hs_timeout_ms, &eno);
+    int rc = cuju_link_recv(&r->link, f, CUJU_FRAME_HDR_LEN, r->hs_timeout_ms, &eno);
     if (rc != CUJU_OK) {
         rfail(r, rc, eno, 0, "waiting for the primary's HELLO: %s", cuju_strerror(rc));
         return rc;
@@ -567,7 +569,7 @@ static int handshake(struct cuju_receiver *r)
         refuse(r, CUJU_E_FRAME, "HELLO frame with bad flags or length");
         return CUJU_E_FRAME;
     }
-    rc = cuju_recv_all(r->fd, f + 16, CUJU_HELLO_LEN, r->hs_timeout_ms, &eno);
+    rc = cuju_link_recv(&r->link, f + 16, CUJU_HELLO_LEN, r->hs_timeout_ms, &eno);
     if (rc != CUJU_OK) {
         rfail(r, rc, eno, 0, "reading HELLO: %s", cuju_strerror(rc));
         return rc;
@@ -599,7 +601,7 @@ static int handshake(struct cuju_receiver *r)
     r->session_id = cuju_get_le64(f + 40);
     cuju_frame_header(f, CUJU_FRAME_HELLO_REPLY, CUJU_HELLO_LEN);
     cuju_put_le64(f + 48, r->last_committed);    /* == applied: open replayed everything */
-    rc = cuju_send_all(r->fd, f, sizeof(f), r->io_timeout_ms, &eno);
+    rc = cuju_link_send(&r->link, f, sizeof(f), r->io_timeout_ms, &eno);
     if (rc != CUJU_OK)
         rfail(r, rc, eno, 0, "sending HELLO reply: %s", cuju_strerror(rc));
     return rc;
@@ -625,7 +627,7 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
     uint64_t t0 = cuju_now_ns(), hash_ns = 0, th;
     uint8_t head[CUJU_FRAME_HDR_LEN + CUJU_EPOCH_HDR_LEN];
     memcpy(head, hdr, CUJU_FRAME_HDR_LEN);
-    rc = cuju_recv_all(r->fd, head + CUJU_FRAME_HDR_LEN, CUJU_EPOCH_HDR_LEN, r->io_timeout_ms, &eno);
+    rc = cuju_link_recv(&r->link, head + CUJU_FRAME_HDR_LEN, CUJU_EPOCH_HDR_LEN, r->io_timeout_ms, &eno);
     if (rc != CUJU_OK)
         goto io_error;
     uint64_t total, epoch, npages, ndata, devlen, disklen;
@@ -640,7 +642,7 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
             eno = errno;
             snprintf(msg, sizeof(msg), "backup journal cannot grow to %llu bytes: %s",
                      (unsigned long long)total, strerror(eno));
-            cuju_send_error_frame(r->fd, CUJU_E_JOURNAL, msg);
+            cuju_link_send_error(&r->link, CUJU_E_JOURNAL, msg);
             rfail(r, CUJU_E_JOURNAL, eno, 0, "%s", msg);
             return CUJU_E_JOURNAL;
         }
@@ -656,7 +658,7 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
     }
     /* Page table first: reject bad indexes before taking the data. */
     uint8_t *table = f + CUJU_FRAME_HDR_LEN + CUJU_EPOCH_HDR_LEN;
-    rc = cuju_recv_all(r->fd, table, 8 * npages, r->io_timeout_ms, &eno);
+    rc = cuju_link_recv(&r->link, table, 8 * npages, r->io_timeout_ms, &eno);
     if (rc != CUJU_OK)
         goto io_error;
     th = cuju_now_ns();
@@ -670,7 +672,7 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
     size_t off = CUJU_FRAME_HDR_LEN + CUJU_EPOCH_HDR_LEN + 8 * npages, body = total - 8;
     while (off < total) {
         size_t end = off + RECV_CHUNK < total ? off + RECV_CHUNK : total;
-        rc = cuju_recv_all(r->fd, f + off, end - off, r->io_timeout_ms, &eno);
+        rc = cuju_link_recv(&r->link, f + off, end - off, r->io_timeout_ms, &eno);
         if (rc != CUJU_OK)
             goto io_error;
         th = cuju_now_ns();
@@ -742,7 +744,7 @@ static void *recv_main(void *arg)
     if (handshake(r) != CUJU_OK)
         goto out;
     for (;;) {
-        int rc = cuju_recv_all(r->fd, f, CUJU_FRAME_HDR_LEN, -1, &eno);
+        int rc = cuju_link_recv(&r->link, f, CUJU_FRAME_HDR_LEN, -1, &eno);
         if (rc != CUJU_OK) {
             pthread_mutex_lock(&r->lock);
             int quiet = r->stopping;
@@ -765,7 +767,7 @@ static void *recv_main(void *arg)
         if (type == CUJU_FRAME_CLOSE && len == 0)
             break;      /* orderly end: the apply thread drains, wait() reports OK */
         if (type == CUJU_FRAME_ERROR && len >= 8 && len <= 8 + CUJU_WIRE_MAX_ERRMSG) {
-            rc = cuju_recv_all(r->fd, f + 16, len, r->io_timeout_ms, &eno);
+            rc = cuju_link_recv(&r->link, f + 16, len, r->io_timeout_ms, &eno);
             uint32_t n = rc == CUJU_OK ? cuju_get_le32(f + 20) : 0;
             if (n > len - 8)
                 n = (uint32_t)(len - 8);
@@ -846,11 +848,19 @@ static void *apply_main(void *arg)
     return NULL;
 }
 
+int cuju_receiver_set_keys(struct cuju_receiver *r, const uint8_t *keys)
+{
+    if (r->started)
+        return CUJU_E_ARG;
+    return cuju_link_set_keys(&r->link, keys);
+}
+
 int cuju_receiver_start(struct cuju_receiver *r, int fd, int io_timeout_ms, int handshake_timeout_ms)
 {
     if (r->started)
         return CUJU_E_ARG;
     r->fd = fd;
+    r->link.fd = fd;
     r->io_timeout_ms = io_timeout_ms;
     r->hs_timeout_ms = handshake_timeout_ms;
     cuju_tune_socket(fd);
@@ -959,6 +969,7 @@ void cuju_receiver_free(struct cuju_receiver *r)
         munmap(r->jmem, r->jlen);
     if (r->jfd >= 0)
         close(r->jfd);
+    cuju_link_clear(&r->link);
     for (unsigned i = 0; i < r->ndisks; i++)
         if (r->disk_fds[i] >= 0)
             close(r->disk_fds[i]);

@@ -9,6 +9,8 @@
  *   cuju_sender_new(fd, region, region_size, page_size, session_id, disks,
  *       io_timeout_ms) takes ownership of fd (the caller passes a dup); disks
  *       is cuju_disk_geometry() of the replicated disks (0: none).
+ *   cuju_sender_set_keys(s, keys) optional, before the handshake: encrypt the
+ *       link (aead.h; CUJU_LINK_KEYS_LEN bytes, this side's tx first).
  *   cuju_sender_handshake(s, timeout_ms, &last_applied) sends HELLO, checks
  *       the reply, starts the send and ack threads.
  *   cuju_sender_stage(s, epoch, idx, n, dev, devlen, parts, nparts, timeout_ms)
@@ -25,6 +27,7 @@
  *       journal_path, durable, disks, &r) opens or creates the journal and
  *       replays committed but unapplied epochs (wire.h explains why); disks
  *       lists the replica images (fds owned by the receiver from then on).
+ *   cuju_receiver_set_keys(r, keys) optional, before start (as for the sender).
  *   cuju_receiver_start(r, fd, io_timeout_ms, handshake_timeout_ms) takes fd,
  *       starts the receive thread (handshake, then epochs) and the apply
  *       thread.
@@ -86,6 +89,7 @@ uint64_t cuju_disk_geometry(unsigned n, const uint64_t *sizes);
 
 int cuju_sender_new(int fd, const uint8_t *region, uint64_t region_size, uint32_t page_size,
                     uint64_t session_id, uint64_t disks, int io_timeout_ms, struct cuju_sender **out);
+int cuju_sender_set_keys(struct cuju_sender *s, const uint8_t *keys);
 int cuju_sender_handshake(struct cuju_sender *s, int timeout_ms, uint64_t *last_applied);
 int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx, size_t n,
                       const uint8_t *dev, size_t devlen, const struct cuju_disk_part *parts, size_t nparts,
@@ -126,6 +130,7 @@ struct cuju_receiver;
 int cuju_receiver_open(uint8_t *region, uint64_t region_size, uint32_t page_size, const char *devstate_path,
                        const char *journal_path, int durable, const struct cuju_disk_set *disks,
                        struct cuju_receiver **out, char *msg, size_t msglen);
+int cuju_receiver_set_keys(struct cuju_receiver *r, const uint8_t *keys);
 int cuju_receiver_start(struct cuju_receiver *r, int fd, int io_timeout_ms, int handshake_timeout_ms);
 /* CUJU_OK when the session ended cleanly (CLOSE), CUJU_E_TIMEOUT when still
  * running after timeout_ms (< 0: forever), the failure code otherwise. */
@@ -144,7 +149,9 @@ int cuju_send_all(int fd, const void *buf, size_t len, int io_timeout_ms, int *e
 int cuju_recv_all(int fd, void *buf, size_t len, int io_timeout_ms, int *err_errno);
 void cuju_tune_socket(int fd);
 /* An ERROR frame with code and text, best effort. */
-void cuju_send_error_frame(int fd, int code, const char *msg);
+/* An ERROR frame (wire.h) into f (CUJU_FRAME_HDR_LEN + 8 + CUJU_WIRE_MAX_ERRMSG
+ * bytes); returns its length. */
+size_t cuju_error_frame(uint8_t *f, int code, const char *msg);
 void cuju_frame_header(uint8_t *p, uint32_t type, uint64_t length);
 
 #endif

@@ -16,6 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "aead.h"
 #include "checksum.h"
 #include "diskjournal.h"
 #include "replicator.h"
@@ -40,8 +41,9 @@ struct cuju_sender {
     pthread_cond_t cond;            /* any state change below; broadcast */
     pthread_mutex_t caller_lock;    /* serialises stage/ship among caller threads */
 
-    /* Immutable after cuju_sender_new. */
+    /* Immutable after cuju_sender_new (link keys: set before the handshake). */
     int fd;
+    struct cuju_link link;
     const uint8_t *region;
     uint64_t region_size;
     uint64_t region_pages;
@@ -130,6 +132,7 @@ int cuju_sender_new(int fd, const uint8_t *region, uint64_t region_size, uint32_
     if (s == NULL)
         return CUJU_E_NOMEM;
     s->fd = fd;
+    s->link.fd = fd;
     s->region = region;
     s->region_size = region_size;
     s->page_size = page_size;
@@ -162,6 +165,13 @@ int cuju_sender_new(int fd, const uint8_t *region, uint64_t region_size, uint32_
 static void *send_main(void *arg);
 static void *ack_main(void *arg);
 
+int cuju_sender_set_keys(struct cuju_sender *s, const uint8_t *keys)
+{
+    if (s->threads_started)
+        return CUJU_E_ARG;
+    return cuju_link_set_keys(&s->link, keys);
+}
+
 int cuju_sender_handshake(struct cuju_sender *s, int timeout_ms, uint64_t *last_applied)
 {
     uint8_t f[CUJU_FRAME_HDR_LEN + CUJU_HELLO_LEN];
@@ -176,12 +186,12 @@ int cuju_sender_handshake(struct cuju_sender *s, int timeout_ms, uint64_t *last_
     cuju_put_le64(f + 32, s->region_size);
     cuju_put_le64(f + 40, s->session_id);
     cuju_put_le64(f + 48, s->disks);
-    rc = cuju_send_all(s->fd, f, sizeof(f), timeout_ms, &eno);
+    rc = cuju_link_send(&s->link, f, sizeof(f), timeout_ms, &eno);
     if (rc != CUJU_OK) {
         fail(s, rc, eno, 0, "sending HELLO: %s", cuju_strerror(rc));
         return rc;
     }
-    rc = cuju_recv_all(s->fd, f, CUJU_FRAME_HDR_LEN, timeout_ms, &eno);
+    rc = cuju_link_recv(&s->link, f, CUJU_FRAME_HDR_LEN, timeout_ms, &eno);
     if (rc != CUJU_OK) {
         fail(s, rc, eno, 0, "waiting for the backup's HELLO reply: %s", cuju_strerror(rc));
         return rc;
@@ -190,7 +200,7 @@ int cuju_sender_handshake(struct cuju_sender *s, int timeout_ms, uint64_t *last_
     uint64_t len = cuju_get_le64(f + 8);
     if (type == CUJU_FRAME_ERROR && flags == 0 && len >= 8 && len <= 8 + CUJU_WIRE_MAX_ERRMSG) {
         uint8_t e[8 + CUJU_WIRE_MAX_ERRMSG + 1];
-        rc = cuju_recv_all(s->fd, e, len, timeout_ms, &eno);
+        rc = cuju_link_recv(&s->link, e, len, timeout_ms, &eno);
         if (rc != CUJU_OK) {
             fail(s, rc, eno, 0, "reading the backup's ERROR frame: %s", cuju_strerror(rc));
             return rc;
@@ -207,7 +217,7 @@ int cuju_sender_handshake(struct cuju_sender *s, int timeout_ms, uint64_t *last_
              (unsigned long long)len);
         return CUJU_E_FRAME;
     }
-    rc = cuju_recv_all(s->fd, f + 16, CUJU_HELLO_LEN, timeout_ms, &eno);
+    rc = cuju_link_recv(&s->link, f + 16, CUJU_HELLO_LEN, timeout_ms, &eno);
     if (rc != CUJU_OK) {
         fail(s, rc, eno, 0, "reading the HELLO reply: %s", cuju_strerror(rc));
         return rc;
@@ -442,7 +452,7 @@ static void *send_main(void *arg)
                 pthread_mutex_unlock(&s->lock);
                 uint8_t f[CUJU_FRAME_HDR_LEN];
                 cuju_frame_header(f, CUJU_FRAME_CLOSE, 0);
-                int rc = cuju_send_all(s->fd, f, sizeof(f), s->io_timeout_ms, &eno);
+                int rc = cuju_link_send(&s->link, f, sizeof(f), s->io_timeout_ms, &eno);
                 if (rc != CUJU_OK)
                     fail(s, rc, eno, 0, "sending CLOSE: %s", cuju_strerror(rc));
             }
@@ -464,7 +474,7 @@ static void *send_main(void *arg)
                 cuju_put_le64(b->mem + body, cuju_csum_final(&h));
                 end = b->len;
             }
-            rc = cuju_send_all(s->fd, b->mem + off, end - off, s->io_timeout_ms, &eno);
+            rc = cuju_link_send(&s->link, b->mem + off, end - off, s->io_timeout_ms, &eno);
             if (rc != CUJU_OK)
                 break;
             off = end;
@@ -513,7 +523,7 @@ static void *ack_main(void *arg)
     int eno = 0;
 
     for (;;) {
-        int rc = cuju_recv_all(s->fd, f, CUJU_FRAME_HDR_LEN, -1, &eno);
+        int rc = cuju_link_recv(&s->link, f, CUJU_FRAME_HDR_LEN, -1, &eno);
         if (rc != CUJU_OK) {
             pthread_mutex_lock(&s->lock);
             int quiet = s->stopping || (rc == CUJU_E_EOF && s->close_sent &&
@@ -530,7 +540,7 @@ static void *ack_main(void *arg)
             break;
         }
         if (type == CUJU_FRAME_ACK && len == CUJU_ACK_LEN) {
-            rc = cuju_recv_all(s->fd, f + 16, 8, s->io_timeout_ms, &eno);
+            rc = cuju_link_recv(&s->link, f + 16, 8, s->io_timeout_ms, &eno);
             if (rc != CUJU_OK) {
                 fail(s, rc, eno, 0, "reading an ACK: %s", cuju_strerror(rc));
                 break;
@@ -562,7 +572,7 @@ static void *ack_main(void *arg)
             continue;
         }
         if (type == CUJU_FRAME_ERROR && len >= 8 && len <= 8 + CUJU_WIRE_MAX_ERRMSG) {
-            rc = cuju_recv_all(s->fd, f + 16, len, s->io_timeout_ms, &eno);
+            rc = cuju_link_recv(&s->link, f + 16, len, s->io_timeout_ms, &eno);
             if (rc != CUJU_OK) {
                 fail(s, rc, eno, 0, "reading the backup's ERROR frame: %s", cuju_strerror(rc));
                 break;
@@ -678,6 +688,7 @@ void cuju_sender_free(struct cuju_sender *s)
     for (int i = 0; i < 2; i++)
         if (s->buf[i].mem)
             munmap(s->buf[i].mem, s->buf[i].cap);
+    cuju_link_clear(&s->link);
     pthread_mutex_destroy(&s->lock);
     pthread_mutex_destroy(&s->caller_lock);
     pthread_cond_destroy(&s->cond);

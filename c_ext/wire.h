@@ -96,6 +96,15 @@
  *     n bytes        UTF-8 text for the log, not NUL-terminated
  * After sending ERROR the sender of it closes the connection.
  *
+ * Encryption
+ * ----------
+ * When the two ends agreed keys (over the TLS peer channel: see aead.h and
+ * cuju_libvirt/ft_engine/linkkeys.py), every byte above, HELLO included,
+ * travels inside AES-256-GCM records of aead.h; the frames are unchanged. A
+ * record that fails authentication ends the connection (CUJU_E_AUTH) before
+ * its bytes reach the frame layer, so a tampered epoch is never committed.
+ * The CRC stays: it covers what the journal replays after a crash.
+ *
  * Close (sender -> receiver), frame type CLOSE, payload 0: orderly end of the
  * session after the last epoch; the receiver finishes applying and returns.
  *
@@ -193,6 +202,7 @@ enum cuju_err {
     CUJU_E_CLOSED    = 14,  /* the object was closed */
     CUJU_E_NOMEM     = 15,
     CUJU_E_ARG       = 16,  /* the caller's arguments are invalid */
+    CUJU_E_AUTH      = 17,  /* an encrypted record failed authentication (aead.h) */
     CUJU_E__COUNT
 };
 

@@ -61,6 +61,7 @@ DEFAULT_LINK_PORT = 7791
 Tracker = Literal["auto", "uffd", "scan"]
 Failover = Literal["auto", "manual"]
 PeerUnavailable = Literal["start-unprotected", "refuse-start"]
+EpochPolicy = Literal["output", "fixed"]
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
@@ -149,7 +150,15 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         "link", "link", "endpoint", None,
         f"FT-link data endpoint on the peer, ADDR[:PORT]; default: the peer's host, port {DEFAULT_LINK_PORT}",
     ),
-    Attribute("epoch-ms", "epoch_ms", "int", 20, "epoch length in milliseconds", bounds=(5, 1000)),
+    Attribute("epoch-ms", "epoch_ms", "int", 20,
+              "epoch length in milliseconds (with epoch-policy='output': the longest an epoch lasts)",
+              bounds=(5, 1000)),
+    Attribute(
+        "epoch-policy", "epoch_policy", "choice", "output",
+        "when an epoch ends: output (as soon as held network output waits for it, at the latest "
+        "after epoch-ms) or fixed (every epoch-ms)",
+        choices=("output", "fixed"),
+    ),
     Attribute(
         "tracker", "tracker", "choice", "auto",
         "dirty-page tracker: uffd (userfaultfd write-protect), scan (compare with a shadow copy), "
@@ -222,6 +231,7 @@ class FTSpec:
     peer: str
     link: str | None = None
     epoch_ms: int = 20
+    epoch_policy: EpochPolicy = "output"
     tracker: Tracker = "auto"
     output_commit: bool = True
     max_epoch_packets: int = 5000

@@ -538,6 +538,23 @@ def _rule_disks(ctx: _Context) -> None:
             )
 
 
+def _rule_disk_replication(ctx: _Context) -> None:
+    # The data path's pieces are in place (block server, journal, disk section of the epoch
+    # stream) but cujud does not drive them for a protected domain yet: say so, once, until
+    # it does. Remove this rule (and its test) when cujud ships the journals and the backup
+    # serves the replicas on the same sockets.
+    prepared = [target_of(d) for d in ctx.devices("disk") if is_nbd_export(d)]
+    if prepared:
+        ctx.warn(
+            "disk-replication", f"<disk> {', '.join(str(t) for t in prepared)}",
+            "these disks are served by the journaling block server, but cujud does not yet ship "
+            "their journals to the backup, and the backup host serves no replica on their "
+            "sockets: a standby of this domain cannot open them",
+            "keep such a domain unprotected until cujud's disk replication is in place "
+            "(docs/failover.md, \"Disks\")",
+        )
+
+
 def _check_prepared(ctx: _Context, disk: etree._Element, record: FTDisk | None, uuid: str | None) -> None:
     name = _disk_name(disk)
     target = target_of(disk) or "?"
@@ -597,6 +614,7 @@ RULES: tuple[Callable[[_Context], None], ...] = (
     _rule_balloon,
     _rule_qmp_socket,
     _rule_disks,
+    _rule_disk_replication,
     _rule_nvram,
     _rule_element,
 )

@@ -230,6 +230,8 @@ class Daemon:
         if old is not None and not old.closed.is_set():
             old.close("replaced by a new connection from the same peer")
         LOG.info("peer %s connected (%s)", link.name, conn.address)
+        if self.orchestrator is not None:
+            self.orchestrator.peer_connected(link.name)
 
         def lost(c: peer.PeerConnection) -> None:
             with link.lock:

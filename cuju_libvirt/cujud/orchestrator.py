@@ -43,15 +43,23 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+from lxml import etree
 
 from cuju_libvirt import config, fitness
 from cuju_libvirt.cujud import control, coord, peer, records
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
-from cuju_libvirt.cujud.qemu_process import alive, ended_on_signal, log_offset, qemu_pid, ram_backing
-from cuju_libvirt.cujud.standby import StandbyManager
+from cuju_libvirt.cujud.qemu_process import (
+    alive,
+    ended_on_signal,
+    log_offset,
+    owner_ids,
+    qemu_pid,
+    ram_backing,
+)
+from cuju_libvirt.cujud.standby import Standby, StandbyManager
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
-from cuju_libvirt.domain_xml import FTSpec, parse_domain
+from cuju_libvirt.domain_xml import DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
 from cuju_libvirt.errors import CoordError, CujuError, MonitorError, StateError
 from cuju_libvirt.ft_engine.devstate import (
     MachineProfile,
@@ -60,6 +68,7 @@ from cuju_libvirt.ft_engine.devstate import (
     describe_machine,
 )
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
+from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.qmp import QMPClient
@@ -83,20 +92,34 @@ STANDBY_CREATE_TIMEOUT = 120.0
 QEMU_USER = "libvirt-qemu"
 #: After its monitor broke, how long QEMU may take to exit before it counts as alive (s).
 QEMU_EXIT_WAIT = 1.0
+#: The states in which a running VM is unprotected and its protection loop pairs it.
+UNPROTECTED_STATES = (S.UNPROTECTED, S.DEGRADED, S.PRIMARY_AFTER_FAILOVER)
 
 
 class PrimaryDomain:
-    """A domain that runs on this host and is (to be) protected by a standby on ``peer``."""
+    """A domain that runs on this host and is (to be) protected by a standby on ``peer``.
 
-    def __init__(self, orch: Orchestrator, name: str, uuid: str, spec: FTSpec, peer_name: str) -> None:
+    ``spec_link`` says whether the FT link is the one ``<cuju:ft link=...>`` names (the
+    element's own peer); otherwise the backup's cujud tells its FT-link address when it
+    creates the standby. A VM that failed over to this host is re-protected with the
+    machine and statistics of its former standby (``machine``, ``stats``): its failover
+    history stays in ``status`` and the metrics.
+    """
+
+    def __init__(self, orch: Orchestrator, name: str, uuid: str, spec: FTSpec, peer_name: str, *,
+                 spec_link: bool = True, machine: FTMachine | None = None,
+                 stats: DomainStats | None = None) -> None:
         self.orch = orch
         self.name = name
         self.uuid = uuid
         self.spec = spec
         self.peer = peer_name
-        self.machine = FTMachine(name, Role.PRIMARY)
-        self.stats = DomainStats(name, uuid, "primary", peer=peer_name, tracker=spec.tracker,
-                                 epoch_ms=spec.epoch_ms)
+        self.spec_link = spec_link
+        self.machine = machine or FTMachine(name, Role.PRIMARY)
+        self.stats = stats or DomainStats(name, uuid, "primary", peer=peer_name, tracker=spec.tracker,
+                                          epoch_ms=spec.epoch_ms)
+        self.stats.role, self.stats.peer = "primary", peer_name
+        self.stats.tracker, self.stats.epoch_ms = spec.tracker, spec.epoch_ms
         self.log = LOG.getChild(name.replace(".", "_"))
         self.engine: PrimaryEngine | None = None
         self.qmp: QMPClient | None = None
@@ -105,6 +128,8 @@ class PrimaryDomain:
         self.generation = 0
         self.ended = threading.Event()
         self._wake = threading.Event()
+        #: Set by :meth:`peer_back`: the next attempt starts at once, the backoff from its start.
+        self._fresh = False
         self._log_offset = 0
         self._thread: threading.Thread | None = None
         #: True while may_release decides (the engine is still "running" then) ...
@@ -122,17 +147,24 @@ class PrimaryDomain:
             self._thread.start()
         self._wake.set()
 
+    def peer_back(self) -> None:
+        """The peer's cujud (re)connected: if this VM runs unprotected, try to pair now."""
+        self._fresh = True
+        self._wake.set()
+
     def _protect_loop(self) -> None:
         """One per domain, for its whole life here: (re-)protect whenever it is unprotected."""
         delay = BACKOFF_MIN
         while not self.ended.is_set() and not self.orch.stopping.is_set():
             engine = self.engine
             busy = engine is not None and (engine.running or engine.fenced or self._deciding)
-            if busy or self.machine.state not in (S.UNPROTECTED, S.DEGRADED):
+            if busy or self.machine.state not in UNPROTECTED_STATES:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 delay = BACKOFF_MIN if self.machine.state is S.PROTECTED else delay
                 continue
+            if self._fresh:
+                self._fresh, delay = False, BACKOFF_MIN
             try:
                 self._pair_once()
                 continue
@@ -142,10 +174,11 @@ class PrimaryDomain:
                 self.log.debug("details", exc_info=True)
             # The whole delay, whatever wakes the loop meanwhile: a failed attempt's own clean-up
             # (the engine's verdict asks for a re-protection) must not turn the back-off into a
-            # busy loop of standby creations on the peer.
+            # busy loop of standby creations on the peer. Only the peer's cujud coming back
+            # (peer_back) starts a new attempt at once.
             retry_at = time.monotonic() + delay
             while (left := retry_at - time.monotonic()) > 0 and not self.ended.is_set() \
-                    and not self.orch.stopping.is_set():
+                    and not self.orch.stopping.is_set() and not self._fresh:
                 self._wake.wait(left)
                 self._wake.clear()
             delay = min(delay * 2, BACKOFF_MAX)
@@ -162,7 +195,7 @@ class PrimaryDomain:
             pxml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) \
                 if dom.isPersistent() else xml
         first = self.machine.state is S.UNPROTECTED
-        self.machine.move(S.PAIRING, expect=(S.UNPROTECTED, S.DEGRADED))
+        self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
         sock: socket.socket | None = None
         try:
             self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer)
@@ -172,7 +205,8 @@ class PrimaryDomain:
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
                 "generation": self.generation,
             }, timeout=STANDBY_CREATE_TIMEOUT)
-            sock = socket.create_connection((self.spec.link_host, self.spec.link_port), timeout=10)
+            link_keys = self._link_keys(reply)
+            sock = socket.create_connection(self._link_address(reply), timeout=10)
             sock.sendall(bytes.fromhex(str(reply["token"])) + self.generation.to_bytes(8, "big"))
             sock.settimeout(None)
             self.qmp = QMPClient(fitness.qmp_socket_path(self.name))
@@ -186,15 +220,17 @@ class PrimaryDomain:
             raise CujuError(f"pairing with {self.peer} failed: {err}") from err
         self.pid = pid
         self._log_offset = log_offset(self.name)
+        self._own_unlabelled_disks(xml, pid)
         counters = self.orch.counter_dir()
         cfg = PrimaryConfig(
             ram_path=ram.path, ram_size=ram.size, tracker=self.spec.tracker, epoch_ms=self.spec.epoch_ms,
-            output_commit=self.spec.output_commit, max_packets=self.spec.max_epoch_packets,
+            epoch_policy=self.spec.epoch_policy, output_commit=self.spec.output_commit,
+            max_packets=self.spec.max_epoch_packets,
             counter_dir=str(counters), ack_timeout=self.spec.heartbeat_timeout_ms / 1e3, tag=self.name,
             standby_sections=standby.sections if standby is not None else None,
         )
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
-                                    machine=self.machine, may_release=self._may_release)
+                                    machine=self.machine, may_release=self._may_release, link_keys=link_keys)
         self.stats.set_initial_sync(0.0)
         self._starting = True
         try:
@@ -210,6 +246,55 @@ class PrimaryDomain:
                       generation=self.generation)
         self.log.info("PROTECTED by %s: initial sync of %d pages in %.2f s (%d rounds); epochs of %d ms",
                       self.peer, report.pages_sent, report.seconds, report.rounds, self.engine.epoch_ms)
+
+    def _own_unlabelled_disks(self, xml: str, pid: int) -> None:
+        """Give QEMU the writable disk images its libvirt never labelled.
+
+        A VM that failed over here runs on images whose ``<source>`` carries the standby's
+        ``relabel='no'``: the old primary host's libvirt owned their labels and gave them back
+        (to root) when its QEMU died. QEMU reopens its images on ``cont`` after each epoch's
+        device-state save, so before this host protects the VM, the images must be QEMU's, as
+        libvirt's DAC driver would have made them at a start here. Called once the peer has
+        created the standby (the old primary host's libvirt is then done with the images).
+        """
+        root = etree.fromstring(xml.encode())
+        uid, gid = owner_ids(pid)
+        for disk in root.iterfind("devices/disk"):
+            source = disk.find("source")
+            path = source.get("file") if source is not None else None
+            if (source is None or not path or disk.find("readonly") is not None
+                    or not any(x.get("relabel") == "no" for x in source.iterfind("seclabel"))):
+                continue
+            try:
+                st = os.stat(path)
+                if (st.st_uid, st.st_gid) != (uid, gid):
+                    os.chown(path, uid, gid)
+                    self.log.info("disk image %s given to QEMU's user (%d:%d): its libvirt never labelled "
+                                  "it here", path, uid, gid)
+            except OSError as err:
+                raise CujuError(f"cannot give the disk image {path} to QEMU's user: {err}") from err
+
+    def _link_address(self, reply: dict[str, Any]) -> tuple[str, int]:
+        """Where the FT link goes: the element's ``link`` for its own peer, else what the backup said."""
+        if self.spec_link:
+            return self.spec.link_host, self.spec.link_port
+        told = reply.get("ft_address")
+        if not isinstance(told, str) or not told:
+            raise CujuError(f"{self.peer} listens for the FT link on a wildcard address (ft_listen) and "
+                            "<cuju:ft link=...> names another host; fix: set ft_listen on "
+                            f"{self.peer} to its FT-link address")
+        endpoint = parse_endpoint(told, DEFAULT_LINK_PORT)
+        return endpoint.host, endpoint.port
+
+    def _link_keys(self, reply: dict[str, Any]) -> bytes | None:
+        """This side's FT-link keys from the backup's secret; None: the link runs in the clear."""
+        secret = reply.get("link_secret")
+        if secret is None:
+            if self.orch.cfg.peer_tls == "on":
+                raise CujuError(f"{self.peer} offers no FT-link encryption although this host runs "
+                                "peer_tls: on; set peer_tls: 'on' on every host")
+            return None
+        return LinkKeys.derive(bytes.fromhex(str(secret))).primary
 
     def _check_standby(self, reply: dict[str, Any]) -> MachineProfile | None:
         """Compare the peer's standby with this QEMU (machine type, memory backends, RAM blocks)
@@ -248,7 +333,7 @@ class PrimaryDomain:
                 if self.engine is not None:
                     self.engine.vm_ended = how  # the engine then says so in one INFO line
                 self.log.info("QEMU ended (%s): stopping protection, the standby is dropped", how)
-                self._ask_abandon(how, quiet=True)
+                self._ask_abandon(how, quiet=True, vm_ended=True)
                 self.orch.witness_stopped(self)
                 self._finish()
             return True  # nothing left to hold: the QEMU is gone
@@ -324,11 +409,13 @@ class PrimaryDomain:
             self.log.error("could not tell %s (%s): it takes over when both paths are silent", self.peer, err)
         self._finish()
 
-    def _ask_abandon(self, reason: str, *, quiet: bool = False) -> dict[str, Any] | None:
+    def _ask_abandon(self, reason: str, *, quiet: bool = False,
+                     vm_ended: bool = False) -> dict[str, Any] | None:
+        """``vm_ended``: the VM was stopped on purpose here, so the peer may start it again."""
         try:
             conn = self.orch.links.connection(self.peer)
-            return conn.request("standby-abandon", {"uuid": self.uuid, "reason": reason},
-                                timeout=min(2.0, self.orch.cfg.request_timeout))
+            body = {"uuid": self.uuid, "reason": reason, "vm_ended": vm_ended}
+            return conn.request("standby-abandon", body, timeout=min(2.0, self.orch.cfg.request_timeout))
         except CujuError as err:
             if not quiet:
                 self.log.error("cannot reach %s to drop its standby: %s", self.peer, err)
@@ -390,6 +477,7 @@ class PrimaryDomain:
     def _finish(self) -> None:
         if records.read(self.orch.state_dir, records.CEDED, self.uuid) is None:
             records.remove(self.orch.state_dir, records.PROTECTED, self.uuid)
+        self.orch.standbys.released(self.uuid)  # it ran here after a failover: not any more
         self.ended.set()
         self._wake.set()
         for state in (S.STOPPING, S.STOPPED):
@@ -407,7 +495,7 @@ class PrimaryDomain:
         engine = self.engine
         if engine is not None and (engine.running or engine.fenced):
             return
-        self._ask_abandon("the domain stopped", quiet=True)
+        self._ask_abandon("the domain stopped", quiet=True, vm_ended=True)
         self.orch.witness_stopped(self)
         self._finish()
 
@@ -455,6 +543,7 @@ class Orchestrator:
             libvirt_conn=libvirt, state_dir=cfg.state_dir, ft_host=cfg.ft_listen.host,
             ft_port=cfg.ft_listen.port, peer_silent_for=links.silent_for,
             register=domains.add, unregister=self._unregister, notify_peer=self._notify_peer,
+            runs_here=self._runs_here, on_taken_over=self._after_takeover,
             witness=self.witness, node=cfg.node_name,
         )
         libvirt.add_state_listener(self._libvirt_state)
@@ -466,7 +555,8 @@ class Orchestrator:
             "takeover": self._ctl_takeover,
         }.items():
             server.register(method, handler)
-        handlers.requests["standby-create"] = lambda conn, body: self.standbys.create(conn.remote, body)
+        handlers.requests["standby-create"] = lambda conn, body: self.standbys.create(
+            conn.remote, body, encrypt_link=conn.encrypted)
         handlers.requests["standby-abandon"] = lambda conn, body: self.standbys.abandon(body)
         handlers.requests["holds"] = lambda conn, body: {"holds": self.standbys.holds(str(body["uuid"]))}
         handlers.notes["primary-crashed"] = self._note_crashed
@@ -496,8 +586,46 @@ class Orchestrator:
         with translate(f"looking up domain {uuid}"):
             return self.libvirt.conn.lookupByUUIDString(uuid)
 
+    def _runs_here(self, uuid: str) -> bool:
+        with self._lock:
+            return uuid in self.primaries
+
+    def peer_connected(self, name: str) -> None:
+        """A peer's cujud (re)connected: VMs that wait for it as their backup pair now."""
+        with self._lock:
+            waiting = [p for p in self.primaries.values() if p.peer == name]
+        for p in waiting:
+            p.peer_back()
+
+    def _after_takeover(self, sb: Standby) -> None:
+        """A standby of this host took its VM over: re-protect the VM, with the old primary
+        host as its backup (it is refused there until that host's cujud answers again)."""
+        spec = parse_domain(sb.persistent_xml)
+        if spec is None:
+            return
+        if sb.qmp is not None:  # the new primary engine opens its own monitor connection
+            sb.qmp.close()
+            sb.qmp = None
+        p = PrimaryDomain(self, sb.name, sb.uuid, spec, sb.peer, spec_link=False, machine=sb.machine,
+                          stats=sb.stats)
+        with self._lock:
+            if sb.uuid in self.primaries or self.stopping.is_set():
+                return
+            self.primaries[sb.uuid] = p
+        p.log.info("running here after the failover: re-protecting it with %s as the backup", sb.peer)
+        p.start()
+
+    def names_this_host(self, spec: FTSpec) -> bool:
+        """True if ``<cuju:ft peer=...>`` names this host itself (the VM runs on its former backup)."""
+        host = spec.peer_host
+        return host in (self.cfg.node_name, socket.gethostname(), self.cfg.listen.host)
+
     def resolve_peer(self, spec: FTSpec) -> str:
-        """The configured peer that ``<cuju:ft peer=...>`` names (by node name or address)."""
+        """The configured peer that ``<cuju:ft peer=...>`` names (by node name or address). An
+        element that names this host itself (the VM failed over here and was restarted) means
+        the one other host when exactly one peer is configured."""
+        if self.names_this_host(spec) and len(self.links) == 1:
+            return next(iter(self.links))
         host = spec.peer_host
         for name, link in self.links.items():
             if host in (name, link.address.host):
@@ -670,7 +798,7 @@ class Orchestrator:
         with self._lock:
             if uuid in self.primaries:
                 return {"scheduled": False, "reason": "already protected or being protected"}
-            p = PrimaryDomain(self, name, uuid, spec, peer_name)
+            p = PrimaryDomain(self, name, uuid, spec, peer_name, spec_link=not self.names_this_host(spec))
             self.primaries[uuid] = p
         self.domains.add(p.stats, p.machine)
         p.start()

@@ -422,6 +422,11 @@ class PeerConnection:
     def __repr__(self) -> str:
         return f"<PeerConnection {self.local}->{self.remote} {self.address}>"
 
+    @property
+    def encrypted(self) -> bool:
+        """The channel runs inside TLS: secrets (FT-link keys) may travel in it."""
+        return isinstance(self.sock, tlsmod.TLSStream)
+
     def start(self) -> None:
         for name, target in (("rx", self._reader), ("hb", self._heartbeat_loop)):
             t = threading.Thread(target=target, name=f"cujud-peer-{self.remote}-{name}", daemon=True)

@@ -47,8 +47,10 @@ from cuju_libvirt.cujud.coord import OwnershipStore
 from cuju_libvirt.cujud.qemu_process import qemu_pid, ram_backing
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.errors import CoordError, CujuError, StateError
+from cuju_libvirt.ft_engine import linkkeys
 from cuju_libvirt.ft_engine.devstate import MachineProfile, standby_profile
 from cuju_libvirt.ft_engine.epoch import BackupEngine
+from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.qmp import QMPClient
@@ -85,8 +87,11 @@ def standby_xml(xml: str) -> str:
     cmd = root.find(f"{q}commandline")
     if cmd is None:
         cmd = etree.SubElement(root, f"{q}commandline", nsmap={"qemu": QEMU_NS})
-    for value in INCOMING_ARGS:
-        etree.SubElement(cmd, f"{q}arg").set("value", value)
+    # A VM that failed over to its standby keeps the standby's -incoming in its live XML
+    # until its next start: re-protected from there, it must not get a second one.
+    if INCOMING_ARGS[0] not in [arg.get("value") for arg in cmd.iterfind(f"{q}arg")]:
+        for value in INCOMING_ARGS:
+            etree.SubElement(cmd, f"{q}arg").set("value", value)
     return etree.tostring(root, encoding="unicode")
 
 
@@ -191,6 +196,8 @@ class Standby:
         self.profile: MachineProfile | None = None
         self.link: socket.socket | None = None
         self.token = ""
+        #: The FT link's secret (None: the link runs in the clear); set before create().
+        self.link_secret: bytes | None = None
         self.abandoned = False
         self.taken_over = False
         self._done = threading.Event()
@@ -238,6 +245,7 @@ class Standby:
                 qmp=self.qmp, ram_path=self.ram_path, link=sock, device_state_path=str(state_path),
                 stats=self.stats, machine=self.machine, tag=self.name, io_timeout=30.0,
                 standby=self.profile,
+                link_keys=None if self.link_secret is None else LinkKeys.derive(self.link_secret).backup,
             )
             self.engine.start()
             self._last_progress = time.monotonic()
@@ -304,6 +312,8 @@ class Standby:
             self._done.set()
             records.write(self.manager.state_dir, records.TAKEOVERS, self.uuid, domain=self.name,
                           peer=self.peer, reason=reason, generation=self.generation)
+            # this host holds the VM now: a 'ceded' record from when it lost it is stale
+            records.remove(self.manager.state_dir, records.CEDED, self.uuid)
             if verdict == "unknown":
                 self.manager.settle_later(self)
             report = self.engine.failover()
@@ -355,9 +365,14 @@ class Standby:
         self.gone.set()
 
     def _destroy_domain(self) -> None:
+        """Destroy the standby's QEMU (never after a takeover: then it is the VM). On the
+        old primary host of a re-protected VM the domain is also defined there: destroying
+        the standby leaves that definition inactive, as it was before."""
+        if self.taken_over:
+            return
         with contextlib.suppress(Exception):
-            dom = self.manager.libvirt.conn.lookupByName(self.name)
-            if not dom.isPersistent():
+            dom = self.manager.libvirt.conn.lookupByUUIDString(self.uuid)
+            if dom.isActive() and is_standby_xml(dom.XMLDesc(0).encode()):
                 dom.destroy()
 
 
@@ -378,7 +393,9 @@ class StandbyManager:
     def __init__(self, *, libvirt_conn: LibvirtConnection, state_dir: Path, ft_host: str, ft_port: int,
                  peer_silent_for: Callable[[str], float], register: Callable[[DomainStats, FTMachine], None],
                  unregister: Callable[[str], None], notify_peer: Callable[[str, str, dict[str, Any]], None],
-                 witness: OwnershipStore | None = None, node: str = "") -> None:
+                 witness: OwnershipStore | None = None, node: str = "",
+                 runs_here: Callable[[str], bool] = lambda _uuid: False,
+                 on_taken_over: Callable[[Standby], None] = lambda _sb: None) -> None:
         self.libvirt = libvirt_conn
         self.state_dir = state_dir
         self.peer_silent_for = peer_silent_for
@@ -388,7 +405,13 @@ class StandbyManager:
         self.witness = witness
         self.node = node
         self._closing = threading.Event()
+        #: True if this host's cujud runs ``uuid`` as a primary (a standby of it here is refused).
+        self._runs_here = runs_here
+        #: Called (on the taking-over thread) once a standby runs the VM: re-protection starts.
+        self._on_taken_over = on_taken_over
         self.ft = FTListener(ft_host, ft_port)
+        #: The FT-link address a primary connects to (None when ft_listen is a wildcard).
+        self.ft_address = None if ft_host in ("", "0.0.0.0", "::") else f"{ft_host}:{self.ft.port}"
         self.standbys: dict[str, Standby] = {}
         self.failed_over: dict[str, Standby] = {}
         self._lock = threading.Lock()
@@ -407,7 +430,9 @@ class StandbyManager:
 
     # -- peer requests -----------------------------------------------------------------------
 
-    def create(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+    def create(self, peer: str, body: dict[str, Any], *, encrypt_link: bool = False) -> dict[str, Any]:
+        """A standby for the peer's domain; ``encrypt_link`` (the request came over TLS) adds a
+        fresh FT-link secret to the reply (:mod:`~cuju_libvirt.ft_engine.linkkeys`)."""
         name, uuid = str(body["name"]), str(body["uuid"])
         generation = int(body.get("generation", 0))
         if generation and self.witness is None:
@@ -415,22 +440,54 @@ class StandbyManager:
                             "this cujud has no etcd_endpoints: configure the same etcd on every host")
         with self._lock:
             old = self.standbys.get(uuid)
+            if uuid in self.failed_over or self._runs_here(uuid):
+                raise StateError(f"{name} runs on this host: it cannot be the backup of a copy on {peer}")
         if old is not None:
             old.abandon("replaced by a new standby of the same domain")
             old.gone.wait(60)
+        self._clear_stale_copy(name, uuid, peer)
         sb = Standby(self, name=name, uuid=uuid, peer=peer, xml=str(body["xml"]),
                      persistent_xml=str(body["persistent_xml"]),
                      timeout_s=int(body["heartbeat_timeout_ms"]) / 1e3,
                      auto_failover=body.get("failover", "auto") == "auto", generation=generation)
-        # A standby here means the VM runs on the peer: an old takeover record is stale. A
-        # ceded record stays: this host must still not start the VM on its own.
+        # A standby here means the VM runs on the peer: an old takeover record is stale, and
+        # so is a 'protected' record (this host is not its primary any more). This host must
+        # not start the VM on its own while the peer may run it: 'ceded' says so to the hook
+        # (also after a reboot, when the standby is gone), until a takeover here or the
+        # primary's word that the VM ended on purpose.
         records.remove(self.state_dir, records.TAKEOVERS, uuid)
+        records.remove(self.state_dir, records.PROTECTED, uuid)
+        if records.read(self.state_dir, records.CEDED, uuid) is None:
+            records.write(self.state_dir, records.CEDED, uuid, domain=name, peer=peer,
+                          reason=f"it runs on {peer}, protected by a standby here")
+        sb.link_secret = linkkeys.new_secret() if encrypt_link else None
         token = sb.create()
         with self._lock:
             self.standbys[uuid] = sb
         self._register(sb.stats, sb.machine)
         assert sb.profile is not None
-        return {"token": token, "machine": sb.profile.to_json()}
+        reply: dict[str, Any] = {"token": token, "machine": sb.profile.to_json(),
+                                 "ft_address": self.ft_address}
+        if sb.link_secret is not None:
+            reply["link_secret"] = sb.link_secret.hex()
+        return reply
+
+    def _clear_stale_copy(self, name: str, uuid: str, peer: str) -> None:
+        """Before a standby of ``uuid`` is created here: refuse if this host runs the VM, and
+        destroy a standby that no cujud tracks (its cujud died; only its creator may resume it)."""
+        try:
+            dom = self.libvirt.conn.lookupByUUIDString(uuid)
+            active = bool(dom.isActive())
+            live = dom.XMLDesc(0).encode() if active else b""
+        except libvirt.libvirtError:
+            return  # not known here: nothing stale
+        took_over = records.read(self.state_dir, records.TAKEOVERS, uuid) is not None
+        if active and (took_over or not is_standby_xml(live)):
+            raise StateError(f"{name} runs on this host: it cannot be the backup of a copy on {peer}")
+        if active:
+            LOG.warning("destroying an orphaned standby of %s before a new one (its cujud is gone)", name)
+            with translate(f"destroying the orphaned standby of {name}"):
+                dom.destroy()
 
     def abandon(self, body: dict[str, Any]) -> dict[str, Any]:
         uuid = str(body["uuid"])
@@ -438,8 +495,13 @@ class StandbyManager:
             sb = self.standbys.get(uuid)
         if sb is None:
             taken = records.read(self.state_dir, records.TAKEOVERS, uuid) is not None
-            return {"abandoned": not taken, "taken_over": taken}
-        return sb.abandon(str(body.get("reason", "the primary gave up on this standby")))
+            answer = {"abandoned": not taken, "taken_over": taken}
+        else:
+            answer = sb.abandon(str(body.get("reason", "the primary gave up on this standby")))
+        if answer.get("abandoned") and body.get("vm_ended"):
+            # stopped on purpose on the peer: it runs nowhere, this host may start it again
+            records.remove(self.state_dir, records.CEDED, uuid)
+        return answer
 
     def holds(self, uuid: str) -> bool:
         """True if this host took the domain over (the old primary must not start it)."""
@@ -508,6 +570,13 @@ class StandbyManager:
         with self._lock:
             self.standbys.pop(sb.uuid, None)
             self.failed_over[sb.uuid] = sb
+        self._on_taken_over(sb)
+
+    def released(self, uuid: str) -> None:
+        """This host no longer runs ``uuid`` (it stopped or moved on after a failover here)."""
+        with self._lock:
+            self.failed_over.pop(uuid, None)
+        records.remove(self.state_dir, records.TAKEOVERS, uuid)
 
     def _libvirt_state(self, state: LinkState) -> None:
         if state is LinkState.CONNECTED:

@@ -17,8 +17,12 @@ One epoch N (the VM ran since the end of epoch N-1's pause)::
          --> stage N (gather dirty pages) + device state --> cont     (the pause)
     ship N (a C thread sends it while epoch N+1 runs)
 
-An epoch ends when its time is up *and* epoch N-1 is acknowledged, or earlier when the
-packets it holds approach :attr:`PrimaryConfig.max_packets`. Pipelining is one epoch deep:
+When an epoch ends is :attr:`PrimaryConfig.epoch_policy`: ``"fixed"``, when its time
+(``epoch_ms``) is up; ``"output"`` (the default), as soon as output commit holds a packet
+for it, at the latest when its time is up (``epoch_ms`` is then the longest interval:
+it bounds the lag and the replay). Either way an epoch also waits for epoch N-1's
+acknowledgement, and ends earlier when the packets it holds approach
+:attr:`PrimaryConfig.max_packets`. Pipelining is one epoch deep:
 N is on the wire while N+1 runs; N+1 cannot close before N is acknowledged (F2 of the
 output commit holds one epoch).
 
@@ -79,6 +83,8 @@ _CLOCK_SLACK = 2e-6
 #: When QEMU refuses to resume a VM the engine paused (e.g. it cannot reopen a disk image),
 #: ``cont`` is tried again after these delays (s) before the VM is reported left paused.
 RESUME_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)
+#: When an epoch ends (PrimaryConfig.epoch_policy, <cuju:ft epoch-policy>).
+EPOCH_POLICIES = ("output", "fixed")
 
 
 class EngineError(ReplicationError):
@@ -93,6 +99,9 @@ class PrimaryConfig:
     ram_size: int
     tracker: str = "auto"
     epoch_ms: int = 20
+    #: "output": end an epoch as soon as it holds output (at the latest after epoch_ms);
+    #: "fixed": every epoch_ms. "output" needs output commit and counter_dir, else acts as "fixed".
+    epoch_policy: str = "output"
     output_commit: bool = True
     #: Netdev ids to hold (None: every NIC's netdev, discovered over QMP).
     netdevs: list[str] | None = None
@@ -117,6 +126,8 @@ class PrimaryConfig:
     def __post_init__(self) -> None:
         if not MIN_EPOCH_MS <= self.epoch_ms <= MAX_EPOCH_MS:
             raise ValueError(f"epoch_ms {self.epoch_ms} must be in {MIN_EPOCH_MS}..{MAX_EPOCH_MS}")
+        if self.epoch_policy not in EPOCH_POLICIES:
+            raise ValueError(f"epoch_policy {self.epoch_policy!r} must be one of {', '.join(EPOCH_POLICIES)}")
         if not 1 <= self.max_packets < QUEUE_LIMIT:
             raise ValueError(f"max_packets {self.max_packets} must be in 1..{QUEUE_LIMIT - 1}")
         if self.ram_size <= 0 or self.ram_size % PAGE_SIZE:
@@ -181,9 +192,12 @@ class PrimaryEngine:
         tracker_factory: Callable[[T.VmStopped], T.Tracker] | None = None,
         may_release: Callable[[BaseException], bool] | None = None,
         disks: DiskSet | None = None,
+        link_keys: bytes | None = None,
     ) -> None:
         """``on_stopped(epoch)`` (tests, benchmarks) runs in every pause after staging ``epoch``;
         ``tracker_factory`` replaces :func:`~.trackers.select_tracker` (tests).
+
+        ``link_keys`` (the primary's side of :class:`.linkkeys.LinkKeys`) encrypts the FT link.
 
         ``may_release(err)`` (cujud) is asked, on the epoch thread, when protection fails:
         True lets the held output go and the VM run on unprotected (the default); False
@@ -193,6 +207,8 @@ class PrimaryEngine:
         self.config = config
         #: The protected disks (their journals are sealed in every pause); the engine closes it.
         self._disks = disks
+        #: The primary's side of :class:`.linkkeys.LinkKeys`: the FT link runs encrypted.
+        self._link_keys = link_keys
         self._on_stopped = on_stopped
         self._tracker_factory = tracker_factory
         self._may_release = may_release
@@ -319,7 +335,8 @@ class PrimaryEngine:
         self._saver = DeviceStateSaver(self.qmp, path=cfg.devstate_path, expect_sections=cfg.standby_sections,
                                        logger=self.log)
         self._sender = EpochSender(self.link, self._ram, io_timeout=max(10.0, cfg.ack_timeout * 4),
-                                   disk_sizes=self._disks.sizes if self._disks is not None else ())
+                                   disk_sizes=self._disks.sizes if self._disks is not None else (),
+                                   link_keys=self._link_keys)
         held = self._sender.handshake(cfg.handshake_timeout)
         self._next = held + 1
         self._held_at_start = held
@@ -527,6 +544,13 @@ class PrimaryEngine:
         cfg = self.config
         started = self._clock()
         counting = self._output is not None and cfg.counter_dir is not None
+        # "output": a held packet ends the epoch (once N-1 is acknowledged): a reply waits for
+        # one pause and one ack, not for the rest of the epoch. Needs the packet counter.
+        end_on_output = counting and cfg.epoch_policy == "output"
+        if cfg.epoch_policy == "output" and not counting:
+            self.log.info("epoch policy 'output' without a packet counter (output commit %s): epochs end "
+                          "every %d ms", "off" if self._output is None else "without counter_dir",
+                          self._epoch_ms)
         sender = self._sender
         assert sender is not None
         while not self._stopping.is_set():
@@ -551,6 +575,8 @@ class PrimaryEngine:
                     pending = self._output.pending_packets() or 0
                     if pending >= cfg.max_packets:
                         self.log.debug("epoch ends early: %d packets held", pending)
+                        break
+                    if end_on_output and pending > 0:
                         break
                     time.sleep(min(PACKET_POLL_S, deadline - now))
                 else:
@@ -592,6 +618,8 @@ class PrimaryEngine:
             else:
                 count = h.count
                 epoch = self._stage(self._pages, count, saved.blob, disks=parts)
+            if isinstance(tracker, T.Settling):
+                tracker.settle()  # pages it protected again meanwhile need not go next epoch
             t5 = clock()
             if self._on_stopped is not None:
                 self._on_stopped(epoch)
@@ -851,10 +879,13 @@ class BackupEngine:
         io_timeout: float = 30.0,
         standby: MachineProfile | None = None,
         disks: Sequence[tuple[str, int]] = (),
+        link_keys: bytes | None = None,
     ) -> None:
         """``disks``: the replica images (path, size), in the primary's disk order; each epoch's
-        disk records are applied to them together with its pages and device state."""
+        disk records are applied to them together with its pages and device state.
+        ``link_keys``: the backup's side of :class:`.linkkeys.LinkKeys` (encrypted link)."""
         self.disks = tuple(disks)
+        self._link_keys = link_keys
         self.qmp = qmp
         #: The standby QEMU's profile (device sections included); listed at :meth:`start` if None.
         self.standby = standby
@@ -896,7 +927,7 @@ class BackupEngine:
         if self.standby is None or not self.standby.sections:
             self.standby = standby_profile(self.qmp)
         self._rx = EpochReceiver(self._ram, self.device_state_path, disks=self.disks)
-        self._rx.start(self.link, io_timeout=self.io_timeout)
+        self._rx.start(self.link, io_timeout=self.io_timeout, link_keys=self._link_keys)
         self.stats.set_state(self.machine.state.value)
         self._watch = threading.Thread(target=self._watch_link, name="cuju-standby-watch", daemon=True)
         self._watch.start()

@@ -114,18 +114,22 @@ class EpochSender:
         session_id: int | None = None,
         io_timeout: float | None = 30.0,
         disk_sizes: Sequence[int] = (),
+        link_keys: bytes | None = None,
     ) -> None:
         self.session_id = new_session_id() if session_id is None else session_id
         self.disk_sizes = tuple(disk_sizes)
+        #: The link runs in AES-256-GCM records (``link_keys``: :class:`.linkkeys.LinkKeys`).
+        self.encrypted = link_keys is not None
         self._tx = _cuju.Sender(
             sock.fileno(), region, page_size=page_size, session_id=self.session_id, io_timeout=io_timeout,
-            disk_sizes=self.disk_sizes,
+            disk_sizes=self.disk_sizes, link_keys=link_keys,
         )
 
     def handshake(self, timeout: float | None = 10.0) -> int:
         """Exchange HELLO with the backup; return the epoch it holds (0: none)."""
         held = self._tx.handshake(timeout)
-        log.info("FT link up (session %016x); backup holds epoch %d", self.session_id, held)
+        log.info("FT link up (session %016x, %s); backup holds epoch %d", self.session_id,
+                 "AES-256-GCM" if self.encrypted else "NOT encrypted", held)
         return held
 
     def stage(
@@ -225,10 +229,14 @@ class EpochReceiver(Closing):
         return self._rx.last_applied
 
     def start(
-        self, sock: socket.socket, io_timeout: float | None = 30.0, handshake_timeout: float | None = 10.0
+        self, sock: socket.socket, io_timeout: float | None = 30.0, handshake_timeout: float | None = 10.0,
+        *, link_keys: bytes | None = None,
     ) -> None:
-        """Serve the session on ``sock`` in C threads; returns at once."""
-        self._rx.start(sock.fileno(), io_timeout, handshake_timeout)
+        """Serve the session on ``sock`` in C threads; returns at once.
+
+        ``link_keys`` (:class:`.linkkeys.LinkKeys`, the backup's side) encrypts the link.
+        """
+        self._rx.start(sock.fileno(), io_timeout, handshake_timeout, link_keys=link_keys)
 
     def wait(self, timeout: float | None = None) -> bool:
         """True when the primary ended the session with CLOSE, False if still running after ``timeout``.

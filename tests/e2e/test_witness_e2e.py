@@ -158,7 +158,7 @@ def test_primary_isolated_from_everyone_fences_and_the_backup_takes_over(
         max_gap = one_epoch_gap(ca, name)
         cut_at = time.monotonic()
         rig.a.set_links(False)
-        cb.wait_domain(name, "primary_after_failover", timeout=20)
+        cb.wait_failed_over(name, timeout=20)
         rec = store(etcd).read(uuid).record  # type: ignore[union-attr]
         assert rec.owner == "cuju-b"
         ca.wait_domain(name, "failed", timeout=20)  # fenced: stopped, output held
@@ -193,16 +193,19 @@ def test_etcd_leader_killed_during_a_failover(
         rig.a.crash()
         time.sleep(HEARTBEAT_TIMEOUT_MS / 1e3 * 0.9)
         etcd.kill_member(leader)
-        cb.wait_domain(name, "primary_after_failover", timeout=20)
+        cb.wait_failed_over(name, timeout=20)
         rec = still_counting(observer, crashed_at + 0.7, 2 * PPS)
         verdict = judge_run(rec, Rules(max_gap=max_gap, failover_at=crashed_at))
         assert verdict.ok, verdict.as_dict()
         print(f"host crash + etcd leader killed: {verdict.failover_ms:.0f} ms to the first datagram from b")
         assert store(etcd).read(uuid).record.owner == "cuju-b"  # type: ignore[union-attr]
         rig.a.reboot()
-        ca.start()
         refused = rig.a.run(["virsh", "-c", "qemu:///system", "start", name], check=False)
-        assert refused.returncode != 0 and "cuju-b" in refused.stderr, refused.stderr
+        assert refused.returncode != 0 and "was protected" in refused.stderr, refused.stderr
+        ca.start()  # back, host a becomes the backup by itself; it never runs a copy of its own
+        cb.wait_domain(name, "protected", timeout=120)
+        assert ca.wait_domain(name, "standby", timeout=30)["peer"] == "cuju-b"
+        assert store(etcd).read(uuid).record.backup == "cuju-a"  # type: ignore[union-attr]
     finally:
         cleanup_protected(rig, name)
 
@@ -233,7 +236,7 @@ def test_etcd_down_a_healthy_pair_carries_on_and_a_crash_fails_over_on_the_prima
         assert pid is not None
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        cb.wait_domain(name, "primary_after_failover", timeout=20)
+        cb.wait_failed_over(name, timeout=20)
         rec = still_counting(observer, killed_at + 0.3, 2 * PPS)
         verdict = judge_run(rec, Rules(max_gap=max_gap, failover_at=killed_at))
         assert verdict.ok, verdict.as_dict()
@@ -264,7 +267,7 @@ def test_cujud_killed_on_the_primary_and_restarted_destroys_its_stale_copy(
         killed_at = time.monotonic()
         ca.proc.kill()
         ca.proc.wait(10)
-        cb.wait_domain(name, "primary_after_failover", timeout=20)
+        cb.wait_failed_over(name, timeout=20)
         assert store(etcd).read(uuid).record.owner == "cuju-b"  # type: ignore[union-attr]
         assert runs(rig.a, name)  # the old copy still runs (its output held)
         ca.start()

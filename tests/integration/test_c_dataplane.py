@@ -19,7 +19,7 @@ import pytest
 
 C_EXT = Path(__file__).resolve().parents[2] / "c_ext"
 SOURCES = ["tests/test_replicator.c", "checksum.c", "netio.c", "sender.c", "receiver.c", "streamcopy.c",
-           "diskjournal.c"]
+           "diskjournal.c", "aead.c"]
 SANITIZED = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-fno-omit-frame-pointer",
              "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-pthread"]
 
@@ -33,7 +33,7 @@ def test_c_dataplane_under_sanitizers(tmp_path: Path) -> None:
     build = subprocess.run(
         [gcc, "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-fno-omit-frame-pointer",
          "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-pthread",
-         f"-I{C_EXT}", "-o", str(binary), *(str(C_EXT / s) for s in SOURCES)],
+         f"-I{C_EXT}", "-o", str(binary), *(str(C_EXT / s) for s in SOURCES), "-lcrypto"],
         capture_output=True, text=True, check=False,
     )
     assert build.returncode == 0, build.stderr

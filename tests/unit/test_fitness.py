@@ -417,8 +417,13 @@ def test_prepare_serves_every_writable_disk_on_every_bus_and_keeps_the_rest() ->
             assert {**old_driver.attrib, **policies} == dict(driver.attrib)
     for untouched in ("sdd", "vdc", "vdd"):  # cdrom, read-only, shareable
         assert disk_c14n(after[untouched]) == disk_c14n(before[untouched])
-    warnings = [str(p) for p in result.problems]
+    warnings = [str(p) for p in result.problems if p.code == "disk"]
     assert len(warnings) == 1 and warnings[0].startswith("warning: <disk> vdd") and "shareable" in warnings[0]
+    # until cujud ships the journals, one warning says what is not in place yet
+    (pending,) = [p for p in result.problems if p.code == "disk-replication"]
+    assert pending.subject == "<disk> vda, vdb, sda, sdb, sdc" and not pending.is_error
+    assert "cujud does not yet ship their journals" in pending.message
+    assert [p.code for p in result.problems] == ["disk", "disk-replication"]
 
 
 def test_validate_warns_only_for_disks_that_are_not_prepared() -> None:

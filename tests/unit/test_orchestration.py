@@ -19,7 +19,7 @@ from lxml import etree
 
 from cuju_libvirt.cujud import orchestrator, records
 from cuju_libvirt.cujud.qemu_process import ended_on_signal, log_offset, ram_backing
-from cuju_libvirt.cujud.standby import Standby, is_standby_xml, standby_xml
+from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml, standby_xml
 from cuju_libvirt.domain_xml import parse_domain
 from cuju_libvirt.errors import CujuError, StateError
 from cuju_libvirt.ft_engine.state import FTState
@@ -46,6 +46,8 @@ def test_standby_xml_adds_incoming_defer_and_is_recognised() -> None:
     assert sb.index("-qmp") < sb.index("-incoming") < sb.index("defer")
     plain = standby_xml(domain_xml("vm", kernel="/boot/vmlinuz"))  # no <qemu:commandline> yet
     assert is_standby_xml(plain.encode()) and "xmlns:qemu" in plain
+    # the live XML of a VM that failed over still has it: re-protected, it gets no second one
+    assert standby_xml(sb).count("-incoming") == 1 and standby_xml(sb).count("defer") == 1
 
 
 def test_records_round_trip_and_refuse_odd_uuids(tmp_path: Path) -> None:
@@ -120,9 +122,10 @@ class FakeEngine:
         self.closed = True
 
 
-def make_standby(tmp_path: Path, verdicts: list[str] | None = None) -> tuple[Standby, list[str]]:
+def make_standby(tmp_path: Path, verdicts: list[str] | None = None, *,
+                 persistent: bool = False) -> tuple[Standby, list[str]]:
     """A standby with fakes around it; ``verdicts``: what the witness answers, claim by claim
-    (none: no witness)."""
+    (none: no witness); ``persistent``: the domain is also defined on this host."""
     events: list[str] = []
 
     def claim(sb: Standby, quiet: bool = False) -> str:
@@ -131,8 +134,11 @@ def make_standby(tmp_path: Path, verdicts: list[str] | None = None) -> tuple[Sta
         events.append("claim")
         return verdicts.pop(0)
 
-    dom = SimpleNamespace(isPersistent=lambda: False, destroy=lambda: events.append("destroy"))
-    conn = SimpleNamespace(defineXML=lambda xml: events.append("define"), lookupByName=lambda name: dom)
+    live = standby_xml(domain_xml("vm", kernel="/boot/vmlinuz"))
+    dom = SimpleNamespace(isPersistent=lambda: persistent, isActive=lambda: True, XMLDesc=lambda flags: live,
+                          destroy=lambda: events.append("destroy"))
+    conn = SimpleNamespace(defineXML=lambda xml: events.append("define"), lookupByName=lambda name: dom,
+                           lookupByUUIDString=lambda uuid: dom)
     manager: Any = SimpleNamespace(
         libvirt=SimpleNamespace(conn=conn), state_dir=tmp_path, ft=SimpleNamespace(forget=lambda t: None),
         taken_over=lambda sb: events.append("taken_over"), forget=lambda sb: events.append("forget"),
@@ -166,6 +172,51 @@ def test_a_taken_over_standby_is_never_promised_away(tmp_path: Path) -> None:
     assert sb.engine is not None and sb.engine.failovers == 1  # type: ignore[attr-defined]
     assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is not None
     assert events == ["define", "taken_over"] and sb.stats.role == "primary"
+
+
+def test_a_standby_on_the_old_primary_host_is_destroyed_though_the_domain_is_defined_there(
+    tmp_path: Path,
+) -> None:
+    """Re-protected after a failover, the standby runs on the host that still has the domain's
+    definition: dropping it must destroy its QEMU all the same (the definition stays)."""
+    sb, events = make_standby(tmp_path, persistent=True)
+    assert sb.abandon("the primary runs on") == {"abandoned": True}
+    assert sb.gone.wait(5)
+    assert events.count("destroy") == 1
+
+
+def test_a_takeover_makes_the_ceded_record_of_an_earlier_failover_stale(tmp_path: Path) -> None:
+    sb, _events = make_standby(tmp_path, persistent=True)
+    records.write(tmp_path, records.CEDED, sb.uuid, peer="hosta", reason="an earlier failover")
+    assert sb.take_over("primary declared dead")["taken_over"] is True
+    assert records.read(tmp_path, records.CEDED, sb.uuid) is None  # this host holds the VM now
+    assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is not None
+
+
+def fake_manager(tmp_path: Path, *, active: bool, xml: str) -> tuple[Any, list[str]]:
+    events: list[str] = []
+    dom = SimpleNamespace(isActive=lambda: active, XMLDesc=lambda flags: xml,
+                          destroy=lambda: events.append("destroy"))
+    return SimpleNamespace(libvirt=SimpleNamespace(conn=SimpleNamespace(lookupByUUIDString=lambda u: dom)),
+                           state_dir=tmp_path), events
+
+
+def test_a_new_standby_is_refused_where_the_vm_runs_and_replaces_an_orphaned_one(tmp_path: Path) -> None:
+    uuid = "0f1e2d3c-0000-4000-8000-000000000003"
+    plain = domain_xml("vm", kernel="/boot/vmlinuz")
+    running, events = fake_manager(tmp_path, active=True, xml=plain)
+    with pytest.raises(StateError, match="runs on this host"):
+        StandbyManager._clear_stale_copy(running, "vm", uuid, "hostb")
+    # a VM that failed over here keeps -incoming in its live XML: the takeover record tells it apart
+    taken, events2 = fake_manager(tmp_path, active=True, xml=standby_xml(plain))
+    records.write(tmp_path, records.TAKEOVERS, uuid, peer="hostb")
+    with pytest.raises(StateError, match="runs on this host"):
+        StandbyManager._clear_stale_copy(taken, "vm", uuid, "hostb")
+    records.remove(tmp_path, records.TAKEOVERS, uuid)
+    StandbyManager._clear_stale_copy(taken, "vm", uuid, "hostb")  # an orphaned standby: destroyed
+    inactive, events3 = fake_manager(tmp_path, active=False, xml=plain)
+    StandbyManager._clear_stale_copy(inactive, "vm", uuid, "hostb")  # only defined here: nothing to do
+    assert events == [] and events2 == ["destroy"] and events3 == []
 
 
 def _join_drops() -> None:
