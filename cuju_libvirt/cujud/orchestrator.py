@@ -87,6 +87,8 @@ STOP_CAUSES = {
 }
 #: How long a dead QEMU's cause may stay unknown before it counts as a crash (s).
 CLASSIFY_WAIT = 0.25
+#: How long libvirt may take to name the operation behind a "terminating on signal" (s).
+DELIBERATE_WAIT = 2.0
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 STANDBY_CREATE_TIMEOUT = 120.0
 QEMU_USER = "libvirt-qemu"
@@ -388,7 +390,8 @@ class PrimaryDomain:
         the operation (libvirt itself sends the SIGTERM after a save or a guest poweroff, so
         the signal alone does not); QEMU's "terminating on signal" line is the fallback."""
         sig = ended_on_signal(self.name, self._log_offset)
-        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT)
+        # With a signal line the exit was deliberate: give libvirt longer to say by whom.
+        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT if sig is None else DELIBERATE_WAIT)
         if event is not None and event.detail_name in DELIBERATE_STOPS:
             cause = STOP_CAUSES.get(event.detail_name, event.detail_name.lower())
             signal_note = f", QEMU got signal {sig}" if sig is not None else ""

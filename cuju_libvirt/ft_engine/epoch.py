@@ -228,6 +228,9 @@ class PrimaryEngine:
         self._stopped_flag = False  # the tracker's guard: True only while we hold the VM stopped
         #: The VM was already paused by someone else at the engine's last ``stop``.
         self._foreign_pause = False
+        #: While paused by someone else: the device state of the last epoch that captured the
+        #: pause (idle epochs send it again); None otherwise.
+        self._last_blob: bytes | None = None
         self._tracker: T.Tracker | None = None
         self._saver: DeviceStateSaver | None = None
         self._output: OutputCommit | None = None
@@ -362,6 +365,9 @@ class PrimaryEngine:
         elif ours and self._foreign_pause:
             self.log.info("the VM was resumed: epochs resume it again after each pause")
         self._foreign_pause = not ours
+        # Every event buffered now came before this stop completed (QEMU answers a command
+        # only after its own events); a RESUME seen later came after it: _check_not_resumed.
+        self.qmp.events("RESUME")
 
     def _vm_cont(self) -> None:
         """Resume the VM unless somebody else had paused it (see :meth:`_vm_stop`)."""
@@ -592,6 +598,8 @@ class PrimaryEngine:
         clock = self._clock
         t0 = clock()
         self._vm_stop()
+        if self._foreign_pause and self._last_blob is not None:
+            return self._idle_epoch(t0)
         try:
             t1 = clock()
             h = tracker.harvest(self._pages)
@@ -623,10 +631,12 @@ class PrimaryEngine:
             t5 = clock()
             if self._on_stopped is not None:
                 self._on_stopped(epoch)
+            self._check_not_resumed()
         finally:
             self._vm_cont()
         end = clock()
         saver.check_devices(saved.blob)  # a hot-plugged device: never ship a blob the standby cannot load
+        self._last_blob = saved.blob if self._foreign_pause else None
         self._sender.ship()
         self._shipped(epoch, end, count)
         self.epochs += 1
@@ -636,6 +646,30 @@ class PrimaryEngine:
         self.times.add(end - t0, stop=t1 - t0, harvest=t2 - t1, boundary=t3 - t2, devstate=t4 - t3,
                        stage=t5 - t4, cont=end - t5)
         self.qmp.events()  # drop the STOP/RESUME/MIGRATION events of this pause
+        return end
+
+    def _check_not_resumed(self) -> None:
+        """Raise if somebody resumed the VM while the engine held it stopped (``virsh resume``
+        of a domain libvirt saw paused by the epoch): its pages and device state may then be
+        from different moments, so this epoch must never ship; protection starts afresh."""
+        if self.qmp.events("RESUME"):
+            raise EngineError("the VM was resumed by someone else during an epoch's pause (virsh resume "
+                              "of a domain libvirt saw paused by the epoch?): that epoch is discarded")
+
+    def _idle_epoch(self, t0: float) -> float:
+        """An epoch of a VM that somebody else keeps paused: nothing in it changes, so the
+        last device state goes out again with no pages (the backup's heartbeat). The VM is not
+        touched; a resume meanwhile is caught by the next epoch's own ``stop``."""
+        assert self._sender is not None and self._last_blob is not None
+        self._stopped_flag = False
+        parts = self._seal_disks()
+        epoch = self._stage(self._pages, 0, self._last_blob, disks=parts)
+        end = self._clock()
+        self._sender.ship()
+        self._shipped(epoch, end, 0)
+        self.epochs += 1
+        self.stats.record_epoch(pause_s=0.0, dirty_pages=0, device_state_bytes=len(self._last_blob))
+        self.qmp.events()
         return end
 
     # -- stopping and failing ------------------------------------------------------------------
