@@ -526,7 +526,8 @@ def _rule_disks(ctx: _Context) -> None:
             "disk", _disk_name(disk),
             "disk writes are not epoch-protected yet: after a failover the disk may hold writes "
             "of the lost epoch, and the standby on the peer opens the same source",
-            f"{_PREPARE} (serves it through the replicating block server; the backup keeps a copy)",
+            f"{_PREPARE} --serve-disks (serves it through the replicating block server, for the "
+            "backup to keep a copy; cujud does not replicate it yet: docs/failover.md)",
             preparable=True,
         )
     for target, record in records.items():
@@ -834,8 +835,9 @@ def _prepare_uuid(root: etree._Element, changes: list[str]) -> str:
     return uuid
 
 
-def _prepare_disks(root: etree._Element, changes: list[str]) -> None:
-    """Serve every servable writable disk over NBD and record its original in ``<cuju:ft>``.
+def _prepare_disks(root: etree._Element, changes: list[str], serve: bool) -> None:
+    """Serve every servable writable disk over NBD and record its original in ``<cuju:ft>``
+    (only with ``serve``); disks prepared before are kept right (socket, error policies).
 
     Needs the element (the records live in it): without one, disks are left alone.
     """
@@ -849,7 +851,7 @@ def _prepare_disks(root: etree._Element, changes: list[str]) -> None:
         d for d in root.iterfind("devices/disk") if d.get("type") not in ("vhostuser", "nvme", "vhostvdpa")
     ]
     pending = [d for d in disks if is_writable(d) and (
-        (not is_nbd_export(d) and target_of(d) not in targets and unservable(d) is None)
+        (serve and not is_nbd_export(d) and target_of(d) not in targets and unservable(d) is None)
         or (is_nbd_export(d) and target_of(d) in targets)
     )]
     if not pending:
@@ -884,27 +886,32 @@ def _prepare_disks(root: etree._Element, changes: list[str]) -> None:
         set_ft_in(root, spec.replace(disks=tuple(records)))
 
 
-def prepare_in(root: etree._Element) -> list[str]:
-    """Make the safe changes in a parsed ``<domain>`` tree; returns what was changed."""
+def prepare_in(root: etree._Element, *, disks: bool = False) -> list[str]:
+    """Make the safe changes in a parsed ``<domain>`` tree; returns what was changed.
+
+    ``disks``: also serve the writable disks through the replicating block server (opt-in
+    while cujud does not replicate them yet: a standby could not open them).
+    """
     changes: list[str] = []
     _prepare_memory(root, changes)
     _prepare_nics(root, changes)
     _prepare_qmp(root, changes)
-    _prepare_disks(root, changes)
+    _prepare_disks(root, changes, serve=disks)
     for change in changes:
         LOG.debug("prepare %s: %s", (root.findtext("name") or "?").strip(), change)
     return changes
 
 
-def prepare(xml: AnyStr, spec: FTSpec | None = None) -> PrepareResult[AnyStr]:
+def prepare(xml: AnyStr, spec: FTSpec | None = None, *, disks: bool = False) -> PrepareResult[AnyStr]:
     """The domain XML with the safe changes made, what changed, and the problems left.
 
     Safe changes: guest RAM file-backed and shared (other ``<memoryBacking>`` children are
     kept), ``<driver name='qemu'/>`` on virtio NICs (other driver attributes are kept), and
-    the direct QMP socket in ``<qemu:commandline>``. Devices that cannot be protected are
-    left alone and reported in ``problems``.
+    the direct QMP socket in ``<qemu:commandline>``; with ``disks``, every writable disk
+    that can be served rewritten to its NBD export (the original recorded in the element).
+    Devices that cannot be protected are left alone and reported in ``problems``.
     """
     doc = load_domain(xml)
-    changes = prepare_in(doc.root)
+    changes = prepare_in(doc.root, disks=disks)
     problems = check_fitness_in(doc.root, spec)
     return PrepareResult(xml=doc.dump(), changes=changes, problems=problems)  # type: ignore[arg-type]
