@@ -78,8 +78,18 @@ LOG = logging.getLogger(__name__)
 S = FTState
 #: libvirt STOPPED details that mean somebody stopped the domain on purpose.
 DELIBERATE_STOPS = frozenset({"SHUTDOWN", "DESTROYED", "SAVED", "MIGRATED", "FROM_SNAPSHOT"})
+#: What each of them means to an operator.
+STOP_CAUSES = {
+    "SHUTDOWN": "the guest powered off (or virsh shutdown)",
+    "DESTROYED": "virsh destroy",
+    "SAVED": "virsh save / managedsave",
+    "MIGRATED": "virsh migrate",
+    "FROM_SNAPSHOT": "a snapshot was reverted",
+}
 #: How long a dead QEMU's cause may stay unknown before it counts as a crash (s).
 CLASSIFY_WAIT = 0.25
+#: How long libvirt may take to name the operation behind a "terminating on signal" (s).
+DELIBERATE_WAIT = 2.0
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 STANDBY_CREATE_TIMEOUT = 120.0
 QEMU_USER = "libvirt-qemu"
@@ -419,12 +429,18 @@ class PrimaryDomain:
         self._reprotect_after_engine()
 
     def _classify_exit(self) -> str:
+        """Why QEMU is gone, in the words an operator looks for. libvirt's STOPPED detail names
+        the operation (libvirt itself sends the SIGTERM after a save or a guest poweroff, so
+        the signal alone does not); QEMU's "terminating on signal" line is the fallback."""
         sig = ended_on_signal(self.name, self._log_offset)
+        # With a signal line the exit was deliberate: give libvirt longer to say by whom.
+        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT if sig is None else DELIBERATE_WAIT)
+        if event is not None and event.detail_name in DELIBERATE_STOPS:
+            cause = STOP_CAUSES.get(event.detail_name, event.detail_name.lower())
+            signal_note = f", QEMU got signal {sig}" if sig is not None else ""
+            return f"deliberate: {cause} (libvirt: STOPPED/{event.detail_name}{signal_note})"
         if sig is not None:
             return f"deliberate: QEMU terminated on signal {sig}"
-        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT)
-        if event is not None and event.detail_name in DELIBERATE_STOPS:
-            return f"deliberate: libvirt reports STOPPED/{event.detail_name}"
         if event is not None:
             return f"crash: libvirt reports STOPPED/{event.detail_name}"
         return f"crash: QEMU vanished without a signal line and no libvirt event within {CLASSIFY_WAIT} s"
