@@ -47,6 +47,7 @@ from lxml import etree
 
 from cuju_libvirt import config, fitness
 from cuju_libvirt.cujud import control, coord, peer, records
+from cuju_libvirt.cujud.disks import primary_disks
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
 from cuju_libvirt.cujud.qemu_process import (
@@ -77,8 +78,18 @@ LOG = logging.getLogger(__name__)
 S = FTState
 #: libvirt STOPPED details that mean somebody stopped the domain on purpose.
 DELIBERATE_STOPS = frozenset({"SHUTDOWN", "DESTROYED", "SAVED", "MIGRATED", "FROM_SNAPSHOT"})
+#: What each of them means to an operator.
+STOP_CAUSES = {
+    "SHUTDOWN": "the guest powered off (or virsh shutdown)",
+    "DESTROYED": "virsh destroy",
+    "SAVED": "virsh save / managedsave",
+    "MIGRATED": "virsh migrate",
+    "FROM_SNAPSHOT": "a snapshot was reverted",
+}
 #: How long a dead QEMU's cause may stay unknown before it counts as a crash (s).
 CLASSIFY_WAIT = 0.25
+#: How long libvirt may take to name the operation behind a "terminating on signal" (s).
+DELIBERATE_WAIT = 2.0
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 STANDBY_CREATE_TIMEOUT = 120.0
 QEMU_USER = "libvirt-qemu"
@@ -107,6 +118,9 @@ class PrimaryDomain:
         self.spec = spec
         self.peer = peer_name
         self.spec_link = spec_link
+        #: The backup is chosen by this cujud (the element names this host: the VM failed over
+        #: here), again before every attempt: :meth:`Orchestrator.place`.
+        self.placed = not spec_link
         self.machine = machine or FTMachine(name, Role.PRIMARY)
         self.stats = stats or DomainStats(name, uuid, "primary", peer=peer_name, tracker=spec.tracker,
                                           epoch_ms=spec.epoch_ms)
@@ -157,7 +171,11 @@ class PrimaryDomain:
                 continue
             if self._fresh:
                 self._fresh, delay = False, BACKOFF_MIN
+            if self._vm_gone():
+                return
             try:
+                if self.placed:
+                    self._choose_peer()
                 self._pair_once()
                 continue
             except CujuError as err:
@@ -189,13 +207,16 @@ class PrimaryDomain:
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
         sock: socket.socket | None = None
+        disks = None
         try:
+            disks = primary_disks(self.uuid, self.spec.disks)
             self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer)
             self.log.info("asking %s for a standby", self.peer)
             reply = conn.request("standby-create", {
                 "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
                 "generation": self.generation,
+                "disk_sizes": list(disks.sizes) if disks is not None else [],
             }, timeout=STANDBY_CREATE_TIMEOUT)
             link_keys = self._link_keys(reply)
             sock = socket.create_connection(self._link_address(reply), timeout=10)
@@ -209,6 +230,8 @@ class PrimaryDomain:
             self._ask_abandon("pairing failed", quiet=True)
             if sock is not None:
                 sock.close()
+            if disks is not None:
+                disks.close()
             raise CujuError(f"pairing with {self.peer} failed: {err}") from err
         self.pid = pid
         self._log_offset = log_offset(self.name)
@@ -223,7 +246,8 @@ class PrimaryDomain:
             standby_sections=standby.sections if standby is not None else None,
         )
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
-                                    machine=self.machine, may_release=self._may_release, link_keys=link_keys)
+                                    machine=self.machine, may_release=self._may_release, link_keys=link_keys,
+                                    disks=disks)
         self.stats.set_initial_sync(0.0)
         self._starting = True
         try:
@@ -266,6 +290,34 @@ class PrimaryDomain:
                                   "it here", path, uid, gid)
             except OSError as err:
                 raise CujuError(f"cannot give the disk image {path} to QEMU's user: {err}") from err
+
+    def _vm_gone(self) -> bool:
+        """True (and protection ended) once the VM no longer runs here while unprotected.
+
+        The hook does not report the stop of a VM that failed over here: its live XML still
+        carries the standby's ``-incoming`` until its next start, which the hook leaves alone.
+        """
+        if qemu_pid(self.name) is not None:
+            return False
+        try:
+            if self.orch.lookup(self.uuid).isActive():
+                return False
+        except (CujuError, libvirt.libvirtError):
+            pass
+        self.log.info("the VM no longer runs here: protection ends")
+        self._ask_abandon("the domain stopped", quiet=True, vm_ended=True)
+        self.orch.witness_stopped(self)
+        self._finish()
+        return True
+
+    def _choose_peer(self) -> None:
+        chosen = self.orch.place(self.uuid, prefer=self.peer)
+        if chosen is None:
+            raise CujuError(f"no peer host is connected to hold its standby (peers: "
+                            f"{', '.join(sorted(self.orch.links)) or 'none'})")
+        if chosen != self.peer:
+            self.log.info("the standby goes to %s (%s does not answer)", chosen, self.peer)
+            self.peer = self.stats.peer = chosen
 
     def _link_address(self, reply: dict[str, Any]) -> tuple[str, int]:
         """Where the FT link goes: the element's ``link`` for its own peer, else what the backup said."""
@@ -377,12 +429,18 @@ class PrimaryDomain:
         self._reprotect_after_engine()
 
     def _classify_exit(self) -> str:
+        """Why QEMU is gone, in the words an operator looks for. libvirt's STOPPED detail names
+        the operation (libvirt itself sends the SIGTERM after a save or a guest poweroff, so
+        the signal alone does not); QEMU's "terminating on signal" line is the fallback."""
         sig = ended_on_signal(self.name, self._log_offset)
+        # With a signal line the exit was deliberate: give libvirt longer to say by whom.
+        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT if sig is None else DELIBERATE_WAIT)
+        if event is not None and event.detail_name in DELIBERATE_STOPS:
+            cause = STOP_CAUSES.get(event.detail_name, event.detail_name.lower())
+            signal_note = f", QEMU got signal {sig}" if sig is not None else ""
+            return f"deliberate: {cause} (libvirt: STOPPED/{event.detail_name}{signal_note})"
         if sig is not None:
             return f"deliberate: QEMU terminated on signal {sig}"
-        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT)
-        if event is not None and event.detail_name in DELIBERATE_STOPS:
-            return f"deliberate: libvirt reports STOPPED/{event.detail_name}"
         if event is not None:
             return f"crash: libvirt reports STOPPED/{event.detail_name}"
         return f"crash: QEMU vanished without a signal line and no libvirt event within {CLASSIFY_WAIT} s"
@@ -532,6 +590,7 @@ class Orchestrator:
             ft_port=cfg.ft_listen.port, peer_silent_for=links.silent_for,
             register=domains.add, unregister=self._unregister, notify_peer=self._notify_peer,
             runs_here=self._runs_here, on_taken_over=self._after_takeover,
+            disk_replica_dir=cfg.disk_replica_dir,
             witness=self.witness, node=cfg.node_name,
         )
         libvirt.add_state_listener(self._libvirt_state)
@@ -579,11 +638,30 @@ class Orchestrator:
             return uuid in self.primaries
 
     def peer_connected(self, name: str) -> None:
-        """A peer's cujud (re)connected: VMs that wait for it as their backup pair now."""
+        """A peer's cujud (re)connected: VMs that wait for it as their backup (or for any
+        backup, when this cujud places theirs) pair now."""
         with self._lock:
-            waiting = [p for p in self.primaries.values() if p.peer == name]
+            waiting = [p for p in self.primaries.values() if p.peer == name or p.placed]
         for p in waiting:
             p.peer_back()
+
+    def place(self, uuid: str, prefer: str | None = None) -> str | None:
+        """The peer to hold the standby of ``uuid`` (None: no peer is connected).
+
+        ``prefer`` (the VM's last backup, or the old primary host after a failover) while it
+        is connected; otherwise the connected peer that holds the fewest standbys of this
+        host's other VMs, by name on a tie. Never this host: only peers are candidates.
+        """
+        connected = []
+        for name in sorted(self.links):
+            with contextlib.suppress(CujuError):
+                self.links.connection(name)
+                connected.append(name)
+        if prefer in connected:
+            return prefer
+        with self._lock:
+            load = [p.peer for p in self.primaries.values() if p.uuid != uuid]
+        return min(connected, key=lambda n: (load.count(n), n), default=None)
 
     def _after_takeover(self, sb: Standby) -> None:
         """A standby of this host took its VM over: re-protect the VM, with the old primary
@@ -600,7 +678,8 @@ class Orchestrator:
             if sb.uuid in self.primaries or self.stopping.is_set():
                 return
             self.primaries[sb.uuid] = p
-        p.log.info("running here after the failover: re-protecting it with %s as the backup", sb.peer)
+        p.log.info("running here after the failover: re-protecting it (backup: %s while it answers, "
+                   "else another peer)", sb.peer)
         p.start()
 
     def names_this_host(self, spec: FTSpec) -> bool:
@@ -610,10 +689,10 @@ class Orchestrator:
 
     def resolve_peer(self, spec: FTSpec) -> str:
         """The configured peer that ``<cuju:ft peer=...>`` names (by node name or address). An
-        element that names this host itself (the VM failed over here and was restarted) means
-        the one other host when exactly one peer is configured."""
-        if self.names_this_host(spec) and len(self.links) == 1:
-            return next(iter(self.links))
+        element that names this host itself (the VM failed over here and was restarted) leaves
+        the choice to :meth:`place` (the one other host when only one peer is configured)."""
+        if self.names_this_host(spec) and self.links:
+            return self.place("", prefer=None) or sorted(self.links)[0]
         host = spec.peer_host
         for name, link in self.links.items():
             if host in (name, link.address.host):
