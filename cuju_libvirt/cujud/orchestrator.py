@@ -47,6 +47,7 @@ from lxml import etree
 
 from cuju_libvirt import config, fitness
 from cuju_libvirt.cujud import control, coord, peer, records
+from cuju_libvirt.cujud.disks import primary_disks
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
 from cuju_libvirt.cujud.qemu_process import (
@@ -206,13 +207,16 @@ class PrimaryDomain:
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
         sock: socket.socket | None = None
+        disks = None
         try:
+            disks = primary_disks(self.uuid, self.spec.disks)
             self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer)
             self.log.info("asking %s for a standby", self.peer)
             reply = conn.request("standby-create", {
                 "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
                 "generation": self.generation,
+                "disk_sizes": list(disks.sizes) if disks is not None else [],
             }, timeout=STANDBY_CREATE_TIMEOUT)
             link_keys = self._link_keys(reply)
             sock = socket.create_connection(self._link_address(reply), timeout=10)
@@ -226,6 +230,8 @@ class PrimaryDomain:
             self._ask_abandon("pairing failed", quiet=True)
             if sock is not None:
                 sock.close()
+            if disks is not None:
+                disks.close()
             raise CujuError(f"pairing with {self.peer} failed: {err}") from err
         self.pid = pid
         self._log_offset = log_offset(self.name)
@@ -240,7 +246,8 @@ class PrimaryDomain:
             standby_sections=standby.sections if standby is not None else None,
         )
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
-                                    machine=self.machine, may_release=self._may_release, link_keys=link_keys)
+                                    machine=self.machine, may_release=self._may_release, link_keys=link_keys,
+                                    disks=disks)
         self.stats.set_initial_sync(0.0)
         self._starting = True
         try:
@@ -583,6 +590,7 @@ class Orchestrator:
             ft_port=cfg.ft_listen.port, peer_silent_for=links.silent_for,
             register=domains.add, unregister=self._unregister, notify_peer=self._notify_peer,
             runs_here=self._runs_here, on_taken_over=self._after_takeover,
+            disk_replica_dir=cfg.disk_replica_dir,
             witness=self.witness, node=cfg.node_name,
         )
         libvirt.add_state_listener(self._libvirt_state)
