@@ -54,7 +54,8 @@ FEATURES: dict[str, bool] = {
 }
 #: What protection does not cover yet (``status`` shows it; docs/failover.md has the details).
 LIMITS = ("disk writes are not held per epoch: a failover keeps the writes the dead primary made after the "
-          "last committed epoch (see docs/failover.md)")
+          "last committed epoch; serial output (<serial>, <console>) is not held either: after a failover "
+          "the lines of the lost epoch can appear twice (see docs/failover.md)")
 #: Seconds between two samples of each domain's epoch count (for the epoch rate in ``status``).
 RATE_SAMPLE_INTERVAL = 1.0
 
@@ -225,6 +226,8 @@ class Daemon:
         if old is not None and not old.closed.is_set():
             old.close("replaced by a new connection from the same peer")
         LOG.info("peer %s connected (%s)", link.name, conn.address)
+        if self.orchestrator is not None:
+            self.orchestrator.peer_connected(link.name)
 
         def lost(c: peer.PeerConnection) -> None:
             with link.lock:

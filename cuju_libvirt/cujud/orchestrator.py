@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import pwd
+import signal
 import socket
 import threading
 import time
@@ -42,11 +43,12 @@ from cuju_libvirt.cujud import control, peer, records
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
 from cuju_libvirt.cujud.qemu_process import alive, ended_on_signal, log_offset, qemu_pid, ram_backing
-from cuju_libvirt.cujud.standby import StandbyManager
-from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, translate
+from cuju_libvirt.cujud.standby import StandbyManager, is_standby_xml
+from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.domain_xml import FTSpec, parse_domain
-from cuju_libvirt.errors import CujuError, MonitorError, StateError
+from cuju_libvirt.errors import CujuError, DomainXMLError, MonitorError, StateError
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
+from cuju_libvirt.ft_engine.output import leftover_filters, remove_leftovers
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.qmp import QMPClient
@@ -62,6 +64,16 @@ STANDBY_CREATE_TIMEOUT = 120.0
 QEMU_USER = "libvirt-qemu"
 #: After its monitor broke, how long QEMU may take to exit before it counts as alive (s).
 QEMU_EXIT_WAIT = 1.0
+#: How long a connection to the peer's FT-link listener may take before the link counts as down (s).
+LINK_PROBE_TIMEOUT = 2.0
+#: With QEMU's signal line in its log (a deliberate stop), how long to wait for libvirt's
+#: STOPPED event that names the cause (s); the VM is gone, so there is no hurry.
+CAUSE_WAIT = 2.0
+#: Names of the causes libvirt's STOPPED details stand for.
+STOP_CAUSES = {
+    "DESTROYED": "virsh destroy", "SAVED": "virsh save", "MIGRATED": "migrated to another host",
+    "FROM_SNAPSHOT": "a snapshot was reverted", "FAILED": "QEMU failed", "CRASHED": "the guest crashed",
+}
 
 
 class PrimaryDomain:
@@ -82,6 +94,8 @@ class PrimaryDomain:
         self.pid = 0
         self.ended = threading.Event()
         self._wake = threading.Event()
+        #: Set when something changed that makes an attempt worth making now (the peer connected).
+        self._retry_now = threading.Event()
         self._log_offset = 0
         self._thread: threading.Thread | None = None
         #: True while may_release decides (the engine is still "running" then) ...
@@ -121,11 +135,17 @@ class PrimaryDomain:
             # (the engine's verdict asks for a re-protection) must not turn the back-off into a
             # busy loop of standby creations on the peer.
             retry_at = time.monotonic() + delay
+            self._retry_now.clear()
             while (left := retry_at - time.monotonic()) > 0 and not self.ended.is_set() \
-                    and not self.orch.stopping.is_set():
+                    and not self.orch.stopping.is_set() and not self._retry_now.is_set():
                 self._wake.wait(left)
                 self._wake.clear()
             delay = min(delay * 2, BACKOFF_MAX)
+
+    def retry_now(self) -> None:
+        """Cut the back-off short: something changed (the peer connected again)."""
+        self._retry_now.set()
+        self._wake.set()
 
     def _pair_once(self) -> None:
         conn = self.orch.links.connection(self.peer)
@@ -133,6 +153,8 @@ class PrimaryDomain:
         if pid is None:
             raise CujuError(f"{self.name} has no running QEMU")
         ram = ram_backing(pid)
+        if not self._settle():
+            return  # not this host's to protect any more (ceded) or the domain ends
         dom = self.orch.lookup(self.uuid)
         with translate(f"reading the XML of {self.name}"):
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
@@ -142,11 +164,15 @@ class PrimaryDomain:
         self.machine.move(S.PAIRING, expect=(S.UNPROTECTED, S.DEGRADED))
         sock: socket.socket | None = None
         try:
+            self._probe_link()
             self.log.info("asking %s for a standby", self.peer)
             reply = conn.request("standby-create", {
                 "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
             }, timeout=STANDBY_CREATE_TIMEOUT)
+            # From here on a standby may come to hold the VM's state: a cujud that dies now
+            # leaves this record, and its successor asks the peer before anything leaves.
+            records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer)
             sock = socket.create_connection((self.spec.link_host, self.spec.link_port), timeout=10)
             sock.sendall(bytes.fromhex(str(reply["token"])))
             sock.settimeout(None)
@@ -179,9 +205,73 @@ class PrimaryDomain:
         finally:
             self._starting = False
             sock.close()  # the engine holds its own duplicate
-        records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer)
         self.log.info("PROTECTED by %s: initial sync of %d pages in %.2f s (%d rounds); epochs of %d ms",
                       self.peer, report.pages_sent, report.seconds, report.rounds, self.engine.epoch_ms)
+
+    def _probe_link(self) -> None:
+        """Fail at once when the FT link is down: an attempt that cannot connect must not make
+        the peer start a standby domain, only to destroy it again."""
+        address = (self.spec.link_host, self.spec.link_port)
+        try:
+            with socket.create_connection(address, timeout=LINK_PROBE_TIMEOUT):
+                pass
+        except OSError as err:
+            raise CujuError(f"the FT link to {self.spec.link_host}:{self.spec.link_port} is down "
+                            f"({err.strerror or err}); no standby was asked for") from err
+
+    def _settle(self) -> bool:
+        """Clear what an earlier session of this domain left behind before pairing anew.
+
+        A cujud that was killed (or stopped without the peer's promise) leaves its
+        ``protected`` record and its output filters in QEMU, holding the output of epochs
+        the peer may have resumed. Then the VM is held stopped (FENCED) until the peer
+        answers ``standby-abandon``: abandoned -> the held output leaves, the filters go, the
+        VM runs and is protected anew; taken over -> the local copy is destroyed and the
+        domain ``ceded``. Returns False when the domain is not this host's to protect.
+        """
+        if records.read(self.orch.state_dir, records.CEDED, self.uuid) is not None:
+            self._cede("this host had ceded the VM to its peer (state_dir/ceded) before cujud restarted")
+            return False
+        record = records.read(self.orch.state_dir, records.PROTECTED, self.uuid)
+        qmp = QMPClient(fitness.qmp_socket_path(self.name))
+        try:
+            leftovers = leftover_filters(qmp, self.name)
+            if record is None and not leftovers:
+                return True
+            status = str(qmp.execute("query-status")["status"])
+            if status == "running":
+                qmp.execute("stop")
+            with contextlib.suppress(StateError):
+                self.machine.move(S.FAILED, expect=(S.UNPROTECTED, S.DEGRADED))
+            left = (["its 'protected' record"] if record is not None else []) + \
+                ([f"{len(leftovers)} output filters in QEMU"] if leftovers else [])
+            self.log.info("an earlier cujud left %s: the VM is held stopped, its output held, until %s says "
+                          "whether it took the VM over", " and ".join(left), self.peer)
+            told = False
+            while not self.ended.is_set() and not self.orch.stopping.is_set():
+                answer = self._ask_abandon("cujud restarted and settles the earlier session", quiet=True)
+                if answer is not None and answer.get("taken_over"):
+                    qmp.close()
+                    self._cede("the peer took the VM over while cujud was down")
+                    return False
+                if answer is not None and answer.get("abandoned"):
+                    remove_leftovers(qmp, leftovers)
+                    if status in ("running", "paused", "postmigrate"):  # ours (or the dead engine's) pause
+                        qmp.execute("cont")
+                    with contextlib.suppress(StateError):
+                        self.machine.move(S.DEGRADED, expect=S.FAILED)
+                    self.log.info("%s did not take the VM over: its held output is released, it runs again; "
+                                  "protecting it anew", self.peer)
+                    return True
+                if not told:
+                    self.log.error("FENCED: %s cannot be asked whether it took the VM over (an earlier cujud "
+                                   "left it protected); the VM stays stopped until %s answers",
+                                   self.peer, self.peer)
+                    told = True
+                time.sleep(0.5)
+            return False
+        finally:
+            qmp.close()
 
     # -- when protection fails ---------------------------------------------------------------------
 
@@ -194,6 +284,8 @@ class PrimaryDomain:
             self._deciding = False
 
     def _decide(self, err: BaseException) -> bool:
+        if self.ended.is_set() and alive(self.pid):
+            return True  # cujud stops: shutdown() already has the peer's promise
         if isinstance(err, MonitorError) or isinstance(err.__cause__, MonitorError):
             # QEMU closes its monitor a moment before it exits: give it that moment
             deadline = time.monotonic() + QEMU_EXIT_WAIT
@@ -201,11 +293,11 @@ class PrimaryDomain:
                 time.sleep(0.005)
         if not alive(self.pid):
             how = self._classify_exit()
+            if self.engine is not None:
+                self.engine.vm_ended = how  # the engine then says so in one INFO line, no clean-up in QEMU
             if how.startswith("crash"):
                 self._crashed(how)
             else:
-                if self.engine is not None:
-                    self.engine.vm_ended = how  # the engine then says so in one INFO line
                 self.log.info("QEMU ended (%s): stopping protection, the standby is dropped", how)
                 self._ask_abandon(how, quiet=True)
                 self._finish()
@@ -223,35 +315,49 @@ class PrimaryDomain:
         return False
 
     def _classify_exit(self) -> str:
+        """Why QEMU ended: 'deliberate: CAUSE' or 'crash: CAUSE' (see the module docstring)."""
         sig = ended_on_signal(self.name, self._log_offset)
+        event = self.orch.wait_stop_event(self.uuid, CAUSE_WAIT if sig is not None else CLASSIFY_WAIT)
+        detail = event.detail_name if event is not None else None
+        if detail == "SHUTDOWN":
+            return f"deliberate: {self.orch.shutdown_cause(self.uuid)}"
+        if detail in DELIBERATE_STOPS:
+            return f"deliberate: {STOP_CAUSES.get(detail, detail)}"
         if sig is not None:
-            return f"deliberate: QEMU terminated on signal {sig}"
-        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT)
-        if event is not None and event.detail_name in DELIBERATE_STOPS:
-            return f"deliberate: libvirt reports STOPPED/{event.detail_name}"
-        if event is not None:
-            return f"crash: libvirt reports STOPPED/{event.detail_name}"
-        return f"crash: QEMU vanished without a signal line and no libvirt event within {CLASSIFY_WAIT} s"
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = "unknown signal"
+            return f"deliberate: QEMU terminated on signal {sig} ({name})"
+        if detail is not None:
+            return f"crash: {STOP_CAUSES.get(detail, f'libvirt reports STOPPED/{detail}')}"
+        return (f"crash: QEMU was killed (SIGKILL) or crashed: no signal line from QEMU and no libvirt event "
+                f"within {CLASSIFY_WAIT} s")
 
     def _crashed(self, how: str) -> None:
-        self.log.error("primary QEMU died (%s): the standby on %s takes over", how, self.peer)
+        self.log.info("the primary QEMU died (%s): the standby on %s takes over; this host cedes the VM",
+                      how, self.peer)
         records.write(self.orch.state_dir, records.CEDED, self.uuid, domain=self.name, peer=self.peer,
                       reason=how)
         try:
             self.orch.links.connection(self.peer).notify("primary-crashed", {"uuid": self.uuid, "how": how})
         except CujuError as err:
-            self.log.error("could not tell %s (%s): it takes over when both paths are silent", self.peer, err)
+            self.log.warning("could not tell %s (%s): it takes over when both paths are silent",
+                             self.peer, err)
         self._finish()
 
     def _ask_abandon(self, reason: str, *, quiet: bool = False) -> dict[str, Any] | None:
         try:
             conn = self.orch.links.connection(self.peer)
-            return conn.request("standby-abandon", {"uuid": self.uuid, "reason": reason},
-                                timeout=min(2.0, self.orch.cfg.request_timeout))
+            answer = conn.request("standby-abandon", {"uuid": self.uuid, "reason": reason},
+                                  timeout=min(2.0, self.orch.cfg.request_timeout))
         except CujuError as err:
             if not quiet:
                 self.log.error("cannot reach %s to drop its standby: %s", self.peer, err)
             return None
+        if answer.get("abandoned"):  # the peer will never resume it: nothing left to ask at a restart
+            records.remove(self.orch.state_dir, records.PROTECTED, self.uuid)
+        return answer
 
     def _wait_engine_done(self) -> PrimaryEngine | None:
         engine = self.engine
@@ -319,19 +425,28 @@ class PrimaryDomain:
 
     def shutdown(self) -> None:
         """cujud stops. Held output may leave only once the peer promised never to resume
-        its standby: ask first; without that promise the filters stay in QEMU and keep the
-        VM's output held (the VM is then effectively fenced until an operator acts)."""
+        its standby: ask first; with the promise, protection ends in order (last epoch
+        acknowledged or given up, filters removed, the ``protected`` record removed, the VM
+        running); without it the filters stay in QEMU with the VM's output held, and the
+        record stays: the next cujud settles it with the peer (:meth:`_settle`)."""
         self.ended.set()
         self._wake.set()
         engine = self.engine
-        if engine is not None and engine.running:
+        if engine is not None and (engine.running or self._starting):
             answer = self._ask_abandon("cujud on the primary host stops")
             if answer is not None and answer.get("abandoned"):
-                with contextlib.suppress(CujuError):
+                engine.expect_end("cujud stops")
+                try:
                     engine.stop(10)
+                except CujuError as err:
+                    self.log.error("protection did not end in order: %s", err)
+                else:
+                    self.log.info("cujud stops: protection ended (the peer dropped its standby); the VM runs "
+                                  "on unprotected")
             else:
                 self.log.error("cujud stops without %s's promise not to take over: the VM's output stays "
-                               "HELD in QEMU's filters; destroy the VM here or restart cujud", self.peer)
+                               "HELD in QEMU's filters until cujud runs again and settles it with %s",
+                               self.peer, self.peer)
         self._close_qmp()
 
 
@@ -350,8 +465,10 @@ class Orchestrator:
         self.primaries: dict[str, PrimaryDomain] = {}
         self._lock = threading.Lock()
         self._stops: dict[str, tuple[float, LifecycleEvent]] = {}
+        self._shutdowns: dict[str, tuple[float, LifecycleEvent]] = {}
         self._stop_cond = threading.Condition()
         libvirt.add_lifecycle_listener(self._lifecycle)
+        libvirt.add_state_listener(self._libvirt_state)
         self.standbys = StandbyManager(
             libvirt_conn=libvirt, state_dir=cfg.state_dir, ft_host=cfg.ft_listen.host,
             ft_port=cfg.ft_listen.port, peer_silent_for=links.silent_for,
@@ -414,6 +531,13 @@ class Orchestrator:
                         f"(peers: {known}); "
                         "fix: use a name or address listed under 'peers' in cujud.yaml")
 
+    def peer_connected(self, name: str) -> None:
+        """Peer ``name`` connected (again): the domains it is to protect try now, not after their back-off."""
+        with self._lock:
+            waiting = [p for p in self.primaries.values() if p.peer == name]
+        for p in waiting:
+            p.retry_now()
+
     def _notify_peer(self, name: str, kind: str, body: dict[str, Any]) -> None:
         self.links.connection(name).notify(kind, body)
 
@@ -427,9 +551,63 @@ class Orchestrator:
                 del self.primaries[p.uuid]
         self._unregister(p.uuid)
 
+    def _libvirt_state(self, state: LinkState) -> None:
+        if state is LinkState.CONNECTED:
+            threading.Thread(target=self._adopt_running, name="cujud-adopt", daemon=True).start()
+
+    def _adopt_running(self) -> None:
+        """Take back the protected domains that run here (cujud or libvirtd restarted): each is
+        settled with the peer (:meth:`PrimaryDomain._settle`) and protected again. Domains
+        that no longer run lose their rows."""
+        try:
+            domains = self.libvirt.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except (libvirt.libvirtError, CujuError) as err:
+            LOG.warning("could not list the running domains to take back protected ones: %s", err)
+            return
+        running: set[str] = set()
+        for dom in domains:
+            try:
+                name, uuid, xml = dom.name(), dom.UUIDString(), dom.XMLDesc(0)
+            except libvirt.libvirtError:
+                continue
+            running.add(uuid)
+            if is_standby_xml(xml.encode()) or self.standbys.knows(uuid):
+                continue
+            with self._lock:
+                if uuid in self.primaries:
+                    continue
+            try:
+                spec = parse_domain(xml)
+                if spec is None:
+                    continue
+                LOG.info("%s runs here with <cuju:ft>: taking it back", name)
+                self._protect(name, uuid, spec)
+            except (CujuError, DomainXMLError) as err:
+                LOG.warning("%s runs with <cuju:ft> but cannot be protected: %s", name, err)
+        with self._lock:
+            gone = [p for p in self.primaries.values() if p.uuid not in running]
+        for p in gone:
+            threading.Thread(target=p.stopped, daemon=True).start()
+
+    def shutdown_cause(self, uuid: str) -> str:
+        """Who shut ``uuid`` down, from libvirt's SHUTDOWN event (GUEST or HOST) of the last seconds."""
+        seen = self._shutdowns.get(uuid)
+        detail = seen[1].detail_name if seen is not None and time.monotonic() - seen[0] < 60.0 else ""
+        if detail == "GUEST":
+            return "the guest powered off"
+        if detail == "HOST":
+            return "shut down from the host (virsh shutdown)"
+        return "the guest was shut down"
+
     def _lifecycle(self, event: LifecycleEvent) -> None:
+        if event.event_name == "SHUTDOWN":
+            self._shutdowns[event.uuid] = (time.monotonic(), event)
         if event.event_name != "STOPPED":
             return
+        with self._lock:
+            p = self.primaries.get(event.uuid)
+        if p is not None:  # a domain that stops while no engine runs (in back-off, say): its row goes
+            threading.Thread(target=p.stopped, daemon=True).start()
         with self._stop_cond:
             self._stops[event.uuid] = (time.monotonic(), event)
             self._stop_cond.notify_all()
@@ -494,6 +672,9 @@ class Orchestrator:
         spec = parse_domain(xml)
         if spec is None:
             raise CujuError(f"{name} has no <cuju:ft> element: nothing to protect")
+        return self._protect(name, uuid, spec)
+
+    def _protect(self, name: str, uuid: str, spec: FTSpec) -> dict[str, Any]:
         peer_name = self.resolve_peer(spec)
         with self._lock:
             if uuid in self.primaries:

@@ -210,6 +210,9 @@ class PrimaryEngine:
         self.last_acked = 0
         #: The exception that ended protection, if any.
         self.failure: BaseException | None = None
+        #: Set by :meth:`expect_end` (to the reason) when the end of protection is expected
+        #: (cujud stops after the peer's promise): the failure that ends the loop is then logged at INFO.
+        self.ending: str | None = None
         #: Set (to the reason) by ``may_release`` when the VM's QEMU is gone on purpose
         #: (``virsh destroy``, shutdown): the loop's failure is then the VM's end, not a fault.
         self.vm_ended: str | None = None
@@ -536,6 +539,11 @@ class PrimaryEngine:
 
     # -- stopping and failing ------------------------------------------------------------------
 
+    def expect_end(self, reason: str) -> None:
+        """The end of protection is expected (the backup is being dropped on purpose): a
+        failure of the loop from now on (the link closing) is no fault, and says so at INFO."""
+        self.ending = reason
+
     def stop(self, timeout: float = 30.0) -> None:
         """End protection cleanly: the last shipped epoch is acknowledged, held outputs leave,
         filters go, x-ignore-shared is off, the tracker is closed; the VM keeps running."""
@@ -583,7 +591,10 @@ class PrimaryEngine:
         if self.vm_ended is not None:
             self._vm_gone(err)
             return
-        self.log.error("%s: %s; the VM continues unprotected", what, err)
+        if self.ending is not None:
+            self.log.info("FT ends (%s): %s; the VM continues unprotected", self.ending, err)
+        else:
+            self.log.error("%s: %s; the VM continues unprotected", what, err)
         self.log.debug("details", exc_info=err)
         problems: list[str] = []
         self._release_resources(problems, orderly=False)

@@ -127,6 +127,11 @@ def test_sigkill_of_the_primary_qemu_fails_over_to_host_b(
         assert after["role"] == "primary"
         refused = rig.a.run(["virsh", "-c", "qemu:///system", "start", name], check=False)
         assert refused.returncode != 0 and "ceded" in refused.stderr, refused.stderr
+        # an ordinary crash failover: INFO lines on the old primary, no ERROR (nothing needs a person),
+        # and the cause named (issue 13 item 9)
+        said = ca.log_path.read_text(errors="replace").splitlines()
+        assert [line for line in said if " ERROR " in line] == []
+        assert any("SIGKILL" in line and "takes over" in line for line in said), said[-20:]
     finally:
         cleanup_protected(rig, name)
 

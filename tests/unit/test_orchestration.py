@@ -193,3 +193,34 @@ def test_the_pairing_backoff_waits_what_the_log_says(monkeypatch: pytest.MonkeyP
     for waited, wanted in zip(waits[:4], [0.2, 0.4, 0.8, 0.8], strict=True):
         assert waited >= wanted - 0.02, (waits, said)
     assert said[:4] == pytest.approx([0.2, 0.4, 0.8, 0.8])
+
+
+def test_a_peer_that_connects_again_cuts_the_back_off_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a peer outage the back-off may have reached 30 s; the peer's new connection is
+    news, and the next attempt follows it at once."""
+    monkeypatch.setattr(orchestrator, "BACKOFF_MIN", 5.0)
+    spec = parse_domain(domain_xml("vm", disk="/images/vm.img", metadata=[
+        '<cuju:ft xmlns:cuju="https://cuju-ft.github.io/libvirt/ft/1.0" peer="hostb"/>']))
+    assert spec is not None
+    orch: Any = SimpleNamespace(stopping=threading.Event())
+    p = orchestrator.PrimaryDomain(orch, "vm", "0f1e2d3c-0000-4000-8000-000000000004", spec, "hostb")
+    attempts: list[float] = []
+
+    def failing_pairing() -> None:
+        attempts.append(time.monotonic())
+        raise CujuError("peer hostb is not connected")
+
+    monkeypatch.setattr(p, "_pair_once", failing_pairing)
+    p.start()
+    deadline = time.monotonic() + 5
+    while not attempts and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    p.retry_now()
+    while len(attempts) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    orch.stopping.set()
+    p.retry_now()
+    assert p._thread is not None
+    p._thread.join(5)
+    assert len(attempts) >= 2 and attempts[1] - attempts[0] < 1.0, attempts
