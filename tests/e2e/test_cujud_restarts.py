@@ -10,7 +10,9 @@ peer, never two running copies, and the observer never sees a number twice.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,5 +190,39 @@ def test_a_restarted_cujud_cedes_a_copy_the_backup_took_over_after_its_sigkill(
         # item 7: a domain that no longer runs here has no status row (nor metrics)
         rig.b.virsh("destroy", name)
         wait(lambda: cb.domain(name) is None, 15, "host b's status forgets the VM destroyed there")
+    finally:
+        cleanup_protected(rig, name)
+
+
+@pytest.mark.timeout(300)
+def test_a_libvirtd_restart_on_the_backup_host_keeps_the_standby_ready_to_take_over(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """Deliver 3: libvirtd on host b restarts while it holds the standby. The standby is not
+    taken for an orphan, not created again, and a later failover still works."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "ft-lvb"
+    try:
+        start_protected(rig, linux_guest, observer, name, cujuds)
+        created = standbys_created(cb)
+        standby = rig.b.qemu_pid(name)
+        rig.b.restart_libvirtd()
+        time.sleep(5.0)
+        assert rig.b.qemu_pid(name) == standby, "the standby QEMU did not survive libvirtd's restart"
+        assert standbys_created(cb) == created
+        assert cb.domain(name)["state"] == "standby"  # type: ignore[index]
+        assert ca.domain(name)["state"] == "protected"  # type: ignore[index]
+
+        rate = (ca.domain(name) or {}).get("epochs_per_s")
+        max_gap = one_epoch_packets(PPS, epoch_ms_from_rate(EPOCH_MS, rate))
+        pid = rig.a.qemu_pid(name)
+        assert pid is not None
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        cb.wait_domain(name, "primary_after_failover", timeout=30)
+        rec = still_counting(observer, killed_at + 0.5, 2 * PPS)
+        verdict = judge_run(rec, Rules(max_gap=max_gap, failover_at=killed_at))
+        assert verdict.ok, verdict.as_dict()
+        assert runs(rig.b, name)
     finally:
         cleanup_protected(rig, name)
