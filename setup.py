@@ -17,6 +17,7 @@ setup(
             include_dirs=["c_ext"],
             extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
             extra_link_args=["-pthread"],
+            libraries=["crypto"],  # OpenSSL libcrypto: AES-256-GCM of the FT link (aead.c)
         )
     ],
 )

@@ -1,4 +1,4 @@
-"""Per-epoch device-state save (x-ignore-shared, migrate fd:) and failover load, at two RAM sizes."""
+"""Per-epoch device-state save (xen-save-devices-state) and failover load, at two RAM sizes."""
 
 from __future__ import annotations
 
@@ -11,20 +11,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cuju_libvirt.ft_engine.devstate import DeviceStateSaver, SavedState, load_device_state, resume_standby
+from cuju_libvirt.ft_engine.devstate import (
+    DeviceStateSaver,
+    SavedState,
+    load_device_state,
+    resume_standby,
+    standby_profile,
+)
 from cuju_libvirt.rig.guests import boot_image, read_counter
 from cuju_libvirt.rig.qemu_direct import DirectGuest
 
 DESCRIPTION = (
-    "Time the per-epoch device-state save of a stopped boot-sector guest (TCG, direct QMP socket) "
-    "at several RAM sizes, with x-ignore-shared toggled per save and kept on, against a bare "
-    "stop+cont on the same socket (the baseline); then the failover load into a standby started "
-    "with -incoming defer."
+    "Time the per-epoch device-state save (xen-save-devices-state into a tmpfs file, read back) "
+    "of a stopped boot-sector guest (TCG, direct QMP socket) at several RAM sizes, against a bare "
+    "stop+cont on the same socket (the baseline, interleaved); then the failover load into a "
+    "standby started with -incoming defer."
 )
-
-
-#: Epochs of one mode before switching to the next (modes interleave to share the same noise).
-BLOCK = 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +79,7 @@ def _epochs(guest: DirectGuest, saver: DeviceStateSaver, epochs: int) -> dict[st
     bare: list[float] = []
     with_save: list[float] = []
     cont_after_save: list[float] = []
+    check_devices: list[float] = []
     saves: list[SavedState] = []
     for _ in range(epochs):
         t0 = clock()
@@ -93,19 +96,24 @@ def _epochs(guest: DirectGuest, saver: DeviceStateSaver, epochs: int) -> dict[st
         t2 = clock()
         with_save.append(t2 - t0)
         cont_after_save.append(t2 - t1)
+        saver.check_devices(saves[-1].blob)  # the engine does this after cont, off the pause
+        check_devices.append(clock() - t2)
         qmp.events()
         time.sleep(0.003)
-    return {"bare": bare, "with_save": with_save, "cont_after_save": cont_after_save, "saves": saves}
+    return {"bare": bare, "with_save": with_save, "cont_after_save": cont_after_save, "saves": saves,
+            "check_devices": check_devices}
 
 
 def _phases(saves: list[SavedState]) -> dict[str, float]:
-    names = ("check", "caps_on", "getfd", "migrate", "drain", "confirm", "caps_off", "total")
+    names = ("check", "save", "read", "total")
     return {
         name: round(statistics.median(getattr(s.timings, name) for s in saves) * 1e3, 3) for name in names
     }
 
 
-def _failovers(image: Path, memory: int, count: int) -> dict[str, Any]:
+def _failovers(image: Path, standby_image: Path, memory: int, count: int) -> dict[str, Any]:
+    """Fail over ``count`` times to a fresh standby. The primary stays alive (paused), and a
+    save no longer releases its image lock, so the standby gets a disk copy of its own."""
     load: list[float] = []
     cont: list[float] = []
     total: list[float] = []
@@ -118,12 +126,14 @@ def _failovers(image: Path, memory: int, count: int) -> dict[str, Any]:
             blob = saver.save().blob
             counter = read_counter(primary.ram_path)
             standby = DirectGuest(
-                name="checkpoint-bsby", memory_mib=memory, disk=image, disk_snapshot=False, incoming=True
+                name="checkpoint-bsby", memory_mib=memory, disk=standby_image, disk_snapshot=False,
+                incoming=True,
             )
             with standby as backup:
                 _copy_ram(primary.ram_path, backup.ram_path)
+                profile = standby_profile(backup.qmp)  # cujud takes it when it creates the standby
                 t0 = time.perf_counter()
-                loaded = load_device_state(backup.qmp, blob, qemu_log=backup.stderr_path)
+                loaded = load_device_state(backup.qmp, blob, qemu_log=backup.stderr_path, standby=profile)
                 resumed = resume_standby(backup.qmp)
                 total.append(time.perf_counter() - t0)
                 load.append(loaded.total)
@@ -146,70 +156,37 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="checkpoint-bench-") as tmp:
         # Private raw copies, used without snapshot=on: a qcow2 overlay makes every cont after a
         # save slower (block devices are re-activated), and the shared cache file may be locked.
-        images = [Path(tmp) / "a.img", Path(tmp) / "b.img"]
+        images = [Path(tmp) / "a.img", Path(tmp) / "b.img", Path(tmp) / "c.img"]
         for image in images:
             shutil.copyfile(boot_image(), image)
         return _run(args, images)
 
 
-def _merge(into: dict[str, list[Any]], block: dict[str, list[Any]]) -> None:
-    for key, values in block.items():
-        into.setdefault(key, []).extend(values)
-
-
 def _run(args: argparse.Namespace, images: list[Path]) -> dict[str, object]:
     sizes: dict[str, Any] = {}
     for memory in args.memory_mib:
-        toggled: dict[str, list[Any]] = {}
-        kept: dict[str, list[Any]] = {}
-        plain: dict[str, list[Any]] = {}
-        guest_a = DirectGuest(name="checkpoint-bench", memory_mib=memory, disk=images[0], disk_snapshot=False)
-        guest_b = DirectGuest(
-            name="checkpoint-bench-nv",
-            memory_mib=memory,
-            disk=images[1],
-            disk_snapshot=False,
-            extra_args=["-machine", "suppress-vmdesc=on"],
-        )
-        with guest_a as vm_a, guest_b as vm_b:
-            for vm in (vm_a, vm_b):
-                vm.wait_serial(r"cuju-boot counter\r\n\d+\r\n", timeout=60)
-            saver_a = DeviceStateSaver(vm_a.qmp)
-            saver_b = DeviceStateSaver(vm_b.qmp)
-            # Blocks of each mode in turn, the idle guest paused: all modes see the same noise.
-            for _ in range(-(-args.epochs // BLOCK)):
-                vm_b.stop()
-                _merge(toggled, _epochs(vm_a, saver_a, BLOCK))
-                with DeviceStateSaver(vm_a.qmp, keep_ignore_shared=True) as keeper:
-                    _merge(kept, _epochs(vm_a, keeper, BLOCK))
-                vm_a.stop()
-                vm_b.cont()
-                _merge(plain, _epochs(vm_b, saver_b, BLOCK))
-                vm_a.cont()
-            running = vm_a.status() == "running" and vm_b.status() == "running"
-        bare = _ms(toggled["bare"] + kept["bare"])
-        epoch_toggle = _ms(toggled["with_save"])
-        blob_sizes = sorted({len(s.blob) for s in toggled["saves"] + kept["saves"]})
+        guest = DirectGuest(name="checkpoint-bench", memory_mib=memory, disk=images[0], disk_snapshot=False)
+        with guest as vm:
+            vm.wait_serial(r"cuju-boot counter\r\n\d+\r\n", timeout=60)
+            with DeviceStateSaver(vm.qmp) as saver:
+                samples = _epochs(vm, saver, args.epochs)
+            running = vm.status() == "running"
+        bare = _ms(samples["bare"])
+        epoch = _ms(samples["with_save"])
+        blob_sizes = sorted({len(s.blob) for s in samples["saves"]})
         sizes[str(memory)] = {
             "blob_bytes": blob_sizes[-1],
             "blob_bytes_min": blob_sizes[0],
-            "save": _ms([s.timings.total for s in toggled["saves"]]),
-            "save_keep_on": _ms([s.timings.total for s in kept["saves"]]),
-            "save_no_vmdesc": _ms([s.timings.total for s in plain["saves"]]),
-            "blob_bytes_no_vmdesc": max(len(s.blob) for s in plain["saves"]),
-            "save_phases_median_ms": _phases(toggled["saves"]),
-            "save_phases_median_ms_no_vmdesc": _phases(plain["saves"]),
-            "toggle_cost_ms": _ms([s.timings.caps_on + s.timings.caps_off for s in toggled["saves"]])[
-                "median_ms"
-            ],
+            "save": _ms([s.timings.total for s in samples["saves"]]),
+            "save_phases_median_ms": _phases(samples["saves"]),
+            "check_devices": _ms(samples["check_devices"]),
             "stop_cont_baseline": bare,
-            "epoch_stop_save_cont": epoch_toggle,
-            "epoch_stop_save_cont_keep_on": _ms(kept["with_save"]),
-            "epoch_stop_save_cont_no_vmdesc": _ms(plain["with_save"]),
-            "cont_after_save": _ms(toggled["cont_after_save"] + kept["cont_after_save"]),
-            "save_over_baseline_ms": round(epoch_toggle["median_ms"] - bare["median_ms"], 3),
+            "epoch_stop_save_cont": epoch,
+            "cont_after_save": _ms(samples["cont_after_save"]),
+            "save_over_baseline_ms": round(epoch["median_ms"] - bare["median_ms"], 3),
+            "epoch_over_baseline_ratio": round(epoch["median_ms"] / bare["median_ms"], 3),
             "guests_running_after": running,
-            **_failovers(images[0], memory, args.failovers),
+            **_failovers(images[1], images[2], memory, args.failovers),
         }
     blobs = [entry["blob_bytes"] for entry in sizes.values()]
     return {

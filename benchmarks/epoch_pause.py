@@ -16,8 +16,8 @@ from cuju_libvirt.rig.qemu_direct import DirectGuest
 
 DESCRIPTION = (
     "Pause per epoch of the memory-writer boot-sector guest (TCG, direct QMP socket): QMP stop, "
-    "harvest, gather of the dirty pages into a staging buffer, device-state save (migrate fd: with "
-    "x-ignore-shared kept on), QMP cont; per phase. Baseline in the same run: a bare stop+cont "
+    "harvest, gather of the dirty pages into a staging buffer, device-state save "
+    "(xen-save-devices-state), QMP cont; per phase. Baseline in the same run: a bare stop+cont "
     "every few epochs."
 )
 
@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-mib", type=int, default=256, help="guest RAM in MiB (default 256)")
     parser.add_argument("--run-ms", type=float, default=20.0,
                         help="how long the guest runs between pauses, in ms (default 20)")
+    parser.add_argument("--ratio-mib", type=int, default=4096,
+                        help="with --engine: also measure at this RAM size in the same run and report the "
+                             "ratio of the medians (default 4096 -> ram_ratio_4g_256m; 0: off)")
     parser.add_argument("--engine", action="store_true",
                         help="measure the real epoch engine instead (PrimaryEngine + BackupEngine over "
                              "loopback, C gather, pipelined shipping; epoch length = --run-ms)")
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         qmp = g.qmp
         tracker = T.select_tracker(args.tracker, pid=g.pid, ram_path=g.ram_path,
                                    vm_stopped=lambda: stopped["v"])
-        saver = DeviceStateSaver(qmp, keep_ignore_shared=True)
+        saver = DeviceStateSaver(qmp)
         with open(g.ram_path, "rb") as f:
             ram_map = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)
         ram = memoryview(ram_map)

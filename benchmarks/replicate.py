@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from cuju_libvirt import _cuju
+from cuju_libvirt.ft_engine import linkkeys
+from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.replicator import (
     PAGE_SIZE,
     EpochReceiver,
@@ -44,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device-state-kib", type=int, default=0, help="device-state blob per epoch in KiB (default 0)"
     )
+    parser.add_argument(
+        "--tls", action="store_true",
+        help="also run every case over an encrypted link (AES-256-GCM records, c_ext/aead.h), "
+             "interleaved with the plain one: keys pages_per_s_tls, ratio_tls_vs_plain",
+    )
 
 
 def _pair() -> tuple[socket.socket, socket.socket]:
@@ -69,16 +76,16 @@ def _dirty_sets(
 class _Session:
     """One long-lived FT link (as the engine keeps): a sender and a receiver in C threads."""
 
-    def __init__(self, region: mmap.mmap, workdir: Path) -> None:
+    def __init__(self, region: mmap.mmap, workdir: Path, keys: LinkKeys | None = None) -> None:
         # The standby's RAM is populated (it holds the previous epoch), so fault it in.
         self.standby = mmap.mmap(-1, len(region))
         zeros = bytes(16 << 20)
         for off in range(0, len(region), len(zeros)):
             self.standby[off : off + len(zeros)] = zeros[: len(region) - off]
         self.client, self.server = _pair()
-        self.rx = EpochReceiver(self.standby, str(workdir / "state"))
-        self.rx.start(self.server)
-        self.tx = EpochSender(self.client, region)
+        self.rx = EpochReceiver(self.standby, str(workdir / ("state-tls" if keys else "state")))
+        self.rx.start(self.server, link_keys=keys.backup if keys else None)
+        self.tx = EpochSender(self.client, region, link_keys=keys.primary if keys else None)
         self.epoch = self.tx.handshake(timeout=5)
 
     def run(self, dirty: list[list[int]], device_state: bytes) -> dict[str, float]:
@@ -170,12 +177,16 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     workdir = Path(tempfile.mkdtemp(prefix="dataplane-bench-", dir="/dev/shm"))
     cases: dict[str, dict[str, float]] = {}
     session: _Session | None = None
+    tls: _Session | None = None
     raw: _RawLink | None = None
     try:
         session = _Session(region, workdir)
+        tls = _Session(region, workdir, LinkKeys.derive(linkkeys.new_secret())) if args.tls else None
         raw = _RawLink()
         # Warm-up: fault in both staging buffers, both journal slots and the socket buffers.
         session.run(_dirty_sets(max(SIZES), "random", 4, region_pages, rng), device_state)
+        if tls is not None:
+            tls.run(_dirty_sets(max(SIZES), "random", 4, region_pages, rng), device_state)
         warm = FRAME_OVERHEAD + max(SIZES) * (8 + PAGE_SIZE)
         raw.push(memoryview(bytes(region[:warm])), warm, 4)
         for size in SIZES:
@@ -186,10 +197,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             for pattern in PATTERNS:
                 runs = []
                 raws = []
-                for _ in range(args.repeats):  # interleaved: both see the same machine load
+                tls_runs = []
+                for _ in range(args.repeats):  # interleaved: all see the same machine load
                     dirty = _dirty_sets(size, pattern, epochs, region_pages, rng)
                     runs.append(session.run(dirty, device_state))
                     raws.append(raw.push(payload, frame_len, epochs))
+                    if tls is not None:
+                        tls_runs.append(tls.run(dirty, device_state))
                 best = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
                 raw_s = statistics.median(raws)
                 # Each run and its baseline ran back to back: the median of the paired ratios
@@ -207,17 +221,26 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                         "wire_bytes_per_epoch": int(best["wire_bytes"] / epochs),
                     }
                 )
+                if tls_runs:
+                    tls_s = statistics.median(r["seconds"] for r in tls_runs)
+                    case["pages_per_s_tls"] = round(pages / tls_s)
+                    case["ratio_tls_vs_plain"] = round(statistics.median(
+                        run["seconds"] / t["seconds"] for run, t in zip(runs, tls_runs, strict=True)), 3)
                 cases[f"{pattern}_{size}"] = case
     finally:
         if session is not None:
             session.close()
+        if tls is not None:
+            tls.close()
         if raw is not None:
             raw.close()
         shutil.rmtree(workdir, ignore_errors=True)
-        del session
+        del session, tls
         region.close()
     head = cases["random_10000"]
+    tls_keys = {k: head[k] for k in ("pages_per_s_tls", "ratio_tls_vs_plain") if k in head}
     return {
+        **tls_keys,
         "pages_per_s": head["pages_per_s"],
         "raw_pages_per_s": head["raw_pages_per_s"],
         "ratio_vs_raw": head["ratio_vs_raw"],

@@ -10,7 +10,9 @@
 #include <stddef.h>
 #include <unistd.h>
 
+#include "aead.h"
 #include "checksum.h"
+#include "diskjournal.h"
 #include "replicator.h"
 
 /* --- helpers both blocks below use ----------------------------------------- */
@@ -175,14 +177,14 @@ trk_scan_harvest(void *t, uint64_t *out, uint64_t cap, bool *resync)
 static PyObject *
 UffdTracker_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"uffd", "pid", "start", "length", "walkers", NULL};
-    int fd, pid, own = -1, err, walkers = 1;
+    static char *kwlist[] = {"uffd", "pid", "start", "length", "walkers", "sync", NULL};
+    int fd, pid, own = -1, err, walkers = 1, sync = 0;
     unsigned long long start, length;
     uint64_t missing = 0;
     UffdTrackerObject *self = NULL;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiKK|i:UffdTracker", kwlist, &fd, &pid, &start, &length,
-                                     &walkers))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiKK|ip:UffdTracker", kwlist, &fd, &pid, &start, &length,
+                                     &walkers, &sync))
         return NULL;
     self = (UffdTrackerObject *)type->tp_alloc(type, 0);
     if (self == NULL)
@@ -194,7 +196,8 @@ UffdTracker_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         goto error;
     }
     Py_BEGIN_ALLOW_THREADS
-    err = uffd_tracker_open(&self->t, own, pid, start, length, walkers, &missing);
+    err = uffd_tracker_open(&self->t, own, pid, start, length, walkers,
+                            sync ? UFFD_MODE_SYNC : UFFD_MODE_ASYNC, &missing);
     Py_END_ALLOW_THREADS
     if (err < 0) {
         if (err == -EPROTONOSUPPORT) {
@@ -246,6 +249,18 @@ UffdTracker_harvest(UffdTrackerObject *self, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *
+UffdTracker_settle(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->op_lock);
+    if (self->open)
+        uffd_tracker_settle(&self->t);
+    pthread_mutex_unlock(&self->op_lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 UffdTracker_close(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
 {
     Py_BEGIN_ALLOW_THREADS
@@ -261,7 +276,7 @@ UffdTracker_close(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 UffdTracker_stats(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
 {
-    unsigned long long rem = 0, other = 0;
+    unsigned long long rem = 0, other = 0, faults = 0, reprotected = 0, hot = 0;
     int terr = 0;
     PyObject *features;
     if (self->open) {
@@ -269,13 +284,18 @@ UffdTracker_stats(UffdTrackerObject *self, PyObject *Py_UNUSED(ignored))
         rem = self->t.events_remove;
         other = self->t.events_other;
         terr = self->t.thread_errno;
+        faults = self->t.faults;
+        reprotected = self->t.reprotected;
+        hot = self->t.hot;
         pthread_mutex_unlock(&self->t.lock);
     }
     features = trk_feature_list(self->open ? self->t.features : 0);
     if (features == NULL)
         return NULL;
-    return Py_BuildValue("{sKsKsisN}", "events_remove", rem, "events_other", other,
-                         "event_thread_errno", terr, "features", features);
+    return Py_BuildValue("{sKsKsisNsssKsKsK}", "events_remove", rem, "events_other", other,
+                         "event_thread_errno", terr, "features", features,
+                         "mode", self->t.mode == UFFD_MODE_SYNC ? "sync" : "async", "faults", faults,
+                         "reprotected", reprotected, "hot_pages", hot);
 }
 
 static PyObject *
@@ -301,6 +321,8 @@ static PyMethodDef UffdTracker_methods[] = {
      "Register the range for write-protect and protect all of it."},
     {"harvest", (PyCFunction)(void (*)(void))UffdTracker_harvest, METH_VARARGS | METH_KEYWORDS,
      "harvest(out) -> (count, resync): written/removed page indexes into the uint64 buffer out."},
+    {"settle", (PyCFunction)UffdTracker_settle, METH_NOARGS,
+     "Sync mode, VM stopped after a harvest: pages protected again since need not be reported next."},
     {"close", (PyCFunction)UffdTracker_close, METH_NOARGS, "Stop the event thread and close the uffd."},
     {"stats", (PyCFunction)UffdTracker_stats, METH_NOARGS, "Event counters and negotiated features."},
     {NULL, NULL, 0, NULL},
@@ -318,8 +340,10 @@ static PyType_Slot UffdTracker_slots[] = {
     {Py_tp_dealloc, UffdTracker_dealloc},
     {Py_tp_methods, UffdTracker_methods},
     {Py_tp_getset, UffdTracker_getset},
-    {Py_tp_doc, "UffdTracker(uffd, pid, start, length, walkers=1): userfaultfd WP-async + PAGEMAP_SCAN\n"
-                "tracker; harvests split the page-table walk over `walkers` threads.\n"
+    {Py_tp_doc, "UffdTracker(uffd, pid, start, length, walkers=1, sync=False): userfaultfd write-protect\n"
+                "tracker. Async (default): WP_ASYNC + PAGEMAP_SCAN, harvests split the page-table walk over\n"
+                "`walkers` threads. sync=True: write faults are resolved by the event thread and recorded,\n"
+                "harvests read bitmaps (no page-table walk); the uffd must not be UFFD_USER_MODE_ONLY.\n"
                 "uffd is duplicated (the caller keeps and closes its own fd)."},
     {0, NULL},
 };
@@ -573,6 +597,8 @@ repl_exc_name(int code)
         return "ProtocolError";
     case CUJU_E_CHECKSUM:
         return "ChecksumError";
+    case CUJU_E_AUTH:
+        return "LinkAuthError";
     case CUJU_E_PEER:
         return "PeerAbortError";
     case CUJU_E_APPLY:
@@ -702,6 +728,52 @@ repl_check_region(const Py_buffer *region, unsigned int page_size)
     return 0;
 }
 
+/* Link keys: None (cleartext) or exactly LINK_KEYS_LEN bytes (aead.h). */
+static int
+repl_check_keys(Py_buffer *keys)
+{
+    if (keys->buf != NULL && keys->len != CUJU_LINK_KEYS_LEN) {
+        PyErr_Format(PyExc_ValueError, "link_keys must be %d bytes (tx key, tx iv, rx key, rx iv), got %zd",
+                     CUJU_LINK_KEYS_LEN, keys->len);
+        return -1;
+    }
+    return 0;
+}
+
+/* A sequence of disk sizes (bytes) -> at most CUJU_DJ_MAX_DISKS u64s. */
+static int
+repl_disk_sizes(PyObject *obj, uint64_t *sizes, unsigned *n)
+{
+    *n = 0;
+    if (obj == NULL || obj == Py_None)
+        return 0;
+    PyObject *seq = PySequence_Fast(obj, "disk_sizes must be a sequence of sizes in bytes");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    if (len > (Py_ssize_t)CUJU_DJ_MAX_DISKS) {
+        PyErr_Format(PyExc_ValueError, "%zd disks: at most %u can be replicated", len, CUJU_DJ_MAX_DISKS);
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < len; i++) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (v == (unsigned long long)-1 && PyErr_Occurred())
+            goto error;
+        if (v == 0 || v % 512) {
+            PyErr_Format(PyExc_ValueError, "disk %zd: size %llu must be a positive multiple of 512", i, v);
+            goto error;
+        }
+        sizes[i] = v;
+    }
+    *n = (unsigned)len;
+    Py_DECREF(seq);
+    return 0;
+
+error:
+    Py_DECREF(seq);
+    return -1;
+}
+
 /* ---- Sender ---- */
 
 typedef struct {
@@ -723,28 +795,36 @@ sender_raise(SenderObject *self, int code, const char *fallback)
 static int
 Sender_init(SenderObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "region", "page_size", "session_id", "io_timeout", NULL};
+    static char *kwlist[] = {"fd", "region", "page_size", "session_id", "io_timeout", "disk_sizes", "link_keys",
+                             NULL};
     int fd, dfd = -1, ms, rc;
     unsigned int page_size = 4096;
     unsigned long long session_id = 0;
-    PyObject *io_timeout = Py_None;
-    Py_buffer region = {0};
+    PyObject *io_timeout = Py_None, *disk_sizes = NULL;
+    Py_buffer region = {0}, keys = {0};
+    uint64_t sizes[CUJU_DJ_MAX_DISKS];
+    unsigned ndisks = 0;
 
     if (self->s != NULL) {
         PyErr_SetString(PyExc_TypeError, "Sender is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iy*|$IKO:Sender", kwlist, &fd, &region, &page_size,
-                                     &session_id, &io_timeout))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iy*|$IKOOz*:Sender", kwlist, &fd, &region, &page_size,
+                                     &session_id, &io_timeout, &disk_sizes, &keys))
         return -1;
+    if (repl_check_keys(&keys) < 0)
+        goto error;
     if (repl_timeout_ms(io_timeout, &ms) < 0)
+        goto error;
+    if (repl_disk_sizes(disk_sizes, sizes, &ndisks) < 0)
         goto error;
     if (repl_check_region(&region, page_size) < 0)
         goto error;
     dfd = repl_dup_fd(fd);
     if (dfd < 0)
         goto error;
-    rc = cuju_sender_new(dfd, region.buf, (uint64_t)region.len, page_size, session_id, ms, &self->s);
+    rc = cuju_sender_new(dfd, region.buf, (uint64_t)region.len, page_size, session_id,
+                         cuju_disk_geometry(ndisks, sizes), ms, &self->s);
     if (rc != CUJU_OK) {
         if (rc == CUJU_E_ARG)
             PyErr_Format(PyExc_ValueError, "page_size %u / region size %zd not supported "
@@ -753,13 +833,24 @@ Sender_init(SenderObject *self, PyObject *args, PyObject *kwds)
             repl_raise(rc, 0, 0, NULL);
         goto error;
     }
+    if (keys.buf != NULL && cuju_sender_set_keys(self->s, keys.buf) != CUJU_OK) {
+        PyErr_NoMemory();
+        cuju_sender_free(self->s);  /* closes dfd */
+        self->s = NULL;
+        dfd = -1;
+        goto error;
+    }
     self->region = region;
+    if (keys.obj)
+        PyBuffer_Release(&keys);
     return 0;
 
 error:
     if (dfd >= 0)
         close(dfd);
     PyBuffer_Release(&region);
+    if (keys.obj)
+        PyBuffer_Release(&keys);
     return -1;
 }
 
@@ -819,20 +910,43 @@ repl_get_indexes(PyObject *obj, Py_buffer *view)
 static PyObject *
 Sender_stage(SenderObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"epoch", "dirty_indexes", "device_state", "timeout", NULL};
+    static char *kwlist[] = {"epoch", "dirty_indexes", "device_state", "timeout", "disks", NULL};
     unsigned long long epoch;
-    PyObject *idx_obj, *timeout = Py_None;
+    PyObject *idx_obj, *timeout = Py_None, *disks = NULL, *dseq = NULL;
     Py_buffer idx = {0}, dev = {0};
+    Py_buffer dbuf[CUJU_DJ_MAX_DISKS];
+    struct cuju_disk_part parts[CUJU_DJ_MAX_DISKS];
+    Py_ssize_t nparts = 0;
     int ms, rc;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KOy*|O:stage", kwlist, &epoch, &idx_obj, &dev, &timeout))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KOy*|OO:stage", kwlist, &epoch, &idx_obj, &dev, &timeout,
+                                     &disks))
         return NULL;
     if (repl_timeout_ms(timeout, &ms) < 0 || !sender_ready(self))
         goto error;
     if (repl_get_indexes(idx_obj, &idx) < 0)
         goto error;
+    if (disks != NULL && disks != Py_None) {
+        dseq = PySequence_Fast(disks, "disks must be a sequence of (disk index, records buffer)");
+        if (dseq == NULL)
+            goto error;
+        if (PySequence_Fast_GET_SIZE(dseq) > (Py_ssize_t)CUJU_DJ_MAX_DISKS) {
+            PyErr_Format(PyExc_ValueError, "at most %u disk parts per epoch", CUJU_DJ_MAX_DISKS);
+            goto error;
+        }
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(dseq); i++) {
+            unsigned int d;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(dseq, i), "Iy*:disks", &d, &dbuf[nparts]))
+                goto error;
+            parts[nparts].disk = d;
+            parts[nparts].records = dbuf[nparts].buf;
+            parts[nparts].len = (uint64_t)dbuf[nparts].len;
+            nparts++;
+        }
+    }
     Py_BEGIN_ALLOW_THREADS
-    rc = cuju_sender_stage(self->s, epoch, idx.buf, (size_t)idx.len / 8, dev.buf, (size_t)dev.len, ms);
+    rc = cuju_sender_stage(self->s, epoch, idx.buf, (size_t)idx.len / 8, dev.buf, (size_t)dev.len, parts,
+                           (size_t)nparts, ms);
     Py_END_ALLOW_THREADS
     switch (rc) {
     case CUJU_OK:
@@ -841,8 +955,9 @@ Sender_stage(SenderObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "a dirty page index lies outside the region; nothing was staged");
         goto error;
     case CUJU_E_ARG:
-        PyErr_Format(PyExc_ValueError, "too many pages or device state over %llu bytes, or no handshake yet",
-                     (unsigned long long)CUJU_WIRE_MAX_DEVSTATE);
+        PyErr_Format(PyExc_ValueError, "too many pages, device state over %llu bytes, disk records not a "
+                     "multiple of 8 bytes, over %llu bytes or for an unknown disk, or no handshake yet",
+                     (unsigned long long)CUJU_WIRE_MAX_DEVSTATE, (unsigned long long)CUJU_WIRE_MAX_DISK);
         goto error;
     case CUJU_E_SEQUENCE:
         PyErr_Format(PyExc_ValueError, "epoch %llu out of sequence: epochs run consecutively from above the "
@@ -852,11 +967,17 @@ Sender_stage(SenderObject *self, PyObject *args, PyObject *kwds)
         sender_raise(self, rc, "staging failed");
         goto error;
     }
+    for (Py_ssize_t i = 0; i < nparts; i++)
+        PyBuffer_Release(&dbuf[i]);
+    Py_XDECREF(dseq);
     PyBuffer_Release(&idx);
     PyBuffer_Release(&dev);
     Py_RETURN_NONE;
 
 error:
+    for (Py_ssize_t i = 0; i < nparts; i++)
+        PyBuffer_Release(&dbuf[i]);
+    Py_XDECREF(dseq);
     if (idx.obj)
         PyBuffer_Release(&idx);
     PyBuffer_Release(&dev);
@@ -909,7 +1030,7 @@ Sender_wait_ack(SenderObject *self, PyObject *args, PyObject *kwds)
 #define C(f) REPL_COUNTER(struct cuju_sender_stats, f)
 static const struct repl_counter sender_counters[] = {
     C(epochs_staged), C(epochs_shipped), C(epochs_acked), C(pages), C(zero_pages),
-    C(devstate_bytes), C(wire_bytes), C(saved_bytes), C(stage_ns), C(last_stage_ns),
+    C(devstate_bytes), C(disk_bytes), C(wire_bytes), C(saved_bytes), C(stage_ns), C(last_stage_ns),
     C(send_ns), C(last_send_ns), C(ack_wait_ns), C(last_ack_wait_ns), C(last_staged_epoch),
     C(last_shipped_epoch), C(last_acked_epoch), C(errors),
 };
@@ -1023,27 +1144,58 @@ receiver_raise(ReceiverObject *self, int code, const char *fallback)
 static int
 Receiver_init(ReceiverObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"region", "device_state_path", "journal_path", "page_size", "durable", NULL};
+    static char *kwlist[] = {"region", "device_state_path", "journal_path", "page_size", "durable", "disks",
+                             NULL};
     Py_buffer region = {0};
-    PyObject *dev_o = NULL, *jnl_o = NULL;
+    PyObject *dev_o = NULL, *jnl_o = NULL, *disks = NULL, *dseq = NULL;
     unsigned int page_size = 4096;
     int durable = 0, rc;
     char msg[CUJU_ERRMSG_LEN] = "";
+    int fds[CUJU_DJ_MAX_DISKS];
+    uint64_t sizes[CUJU_DJ_MAX_DISKS];
+    struct cuju_disk_set dset = {0, fds, sizes};
 
     if (self->r != NULL) {
         PyErr_SetString(PyExc_TypeError, "Receiver is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "w*O&O&|$Ip:Receiver", kwlist, &region, PyUnicode_FSConverter,
-                                     &dev_o, PyUnicode_FSConverter, &jnl_o, &page_size, &durable))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "w*O&O&|$IpO:Receiver", kwlist, &region, PyUnicode_FSConverter,
+                                     &dev_o, PyUnicode_FSConverter, &jnl_o, &page_size, &durable, &disks))
         goto error;
     if (repl_check_region(&region, page_size) < 0)
         goto error;
+    if (disks != NULL && disks != Py_None) {
+        dseq = PySequence_Fast(disks, "disks must be a sequence of (fd, size) of the replica images");
+        if (dseq == NULL)
+            goto error;
+        if (PySequence_Fast_GET_SIZE(dseq) > (Py_ssize_t)CUJU_DJ_MAX_DISKS) {
+            PyErr_Format(PyExc_ValueError, "at most %u disks", CUJU_DJ_MAX_DISKS);
+            goto error;
+        }
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(dseq); i++) {
+            int fd;
+            unsigned long long size;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(dseq, i), "iK:disks", &fd, &size))
+                goto error;
+            if (size == 0 || size % 512) {
+                PyErr_Format(PyExc_ValueError, "disk %zd: size %llu must be a positive multiple of 512", i, size);
+                goto error;
+            }
+            int d = repl_dup_fd(fd);
+            if (d < 0)
+                goto error;
+            fds[dset.n] = d;
+            sizes[dset.n] = size;
+            dset.n++;
+        }
+    }
     const char *dev = PyBytes_AS_STRING(dev_o), *jnl = PyBytes_AS_STRING(jnl_o);
     Py_BEGIN_ALLOW_THREADS
-    rc = cuju_receiver_open(region.buf, (uint64_t)region.len, page_size, dev, jnl, durable, &self->r, msg,
+    rc = cuju_receiver_open(region.buf, (uint64_t)region.len, page_size, dev, jnl, durable, &dset, &self->r, msg,
                             sizeof(msg));
     Py_END_ALLOW_THREADS
+    if (rc == CUJU_OK)
+        dset.n = 0;     /* the receiver owns them now */
     if (rc != CUJU_OK) {
         if (rc == CUJU_E_ARG)
             PyErr_SetString(PyExc_ValueError, msg);
@@ -1052,11 +1204,15 @@ Receiver_init(ReceiverObject *self, PyObject *args, PyObject *kwds)
         goto error;
     }
     self->region = region;
+    Py_XDECREF(dseq);
     Py_DECREF(dev_o);
     Py_DECREF(jnl_o);
     return 0;
 
 error:
+    for (unsigned i = 0; i < dset.n; i++)
+        close(fds[i]);
+    Py_XDECREF(dseq);
     Py_XDECREF(dev_o);
     Py_XDECREF(jnl_o);
     if (region.obj)
@@ -1067,18 +1223,28 @@ error:
 static PyObject *
 Receiver_start(ReceiverObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "io_timeout", "handshake_timeout", NULL};
+    static char *kwlist[] = {"fd", "io_timeout", "handshake_timeout", "link_keys", NULL};
     int fd, dfd, io_ms, hs_ms, rc;
     PyObject *io_t = Py_None, *hs_t = Py_None;
+    Py_buffer keys = {0};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OO:start", kwlist, &fd, &io_t, &hs_t))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OO$z*:start", kwlist, &fd, &io_t, &hs_t, &keys))
         return NULL;
-    if (repl_timeout_ms(io_t, &io_ms) < 0 || repl_timeout_ms(hs_t, &hs_ms) < 0)
-        return NULL;
-    if (self->r == NULL || self->closed || self->started) {
+    rc = repl_check_keys(&keys);
+    if (rc == 0 && (repl_timeout_ms(io_t, &io_ms) < 0 || repl_timeout_ms(hs_t, &hs_ms) < 0))
+        rc = -1;
+    if (rc == 0 && (self->r == NULL || self->closed || self->started)) {
         PyErr_SetString(PyExc_ValueError, "a Receiver serves one connection: create a new one");
-        return NULL;
+        rc = -1;
     }
+    if (rc == 0 && keys.buf != NULL && cuju_receiver_set_keys(self->r, keys.buf) != CUJU_OK) {
+        PyErr_SetString(PyExc_ValueError, "the Receiver's link keys are already set");
+        rc = -1;
+    }
+    if (keys.obj)
+        PyBuffer_Release(&keys);
+    if (rc < 0)
+        return NULL;
     dfd = repl_dup_fd(fd);
     if (dfd < 0)
         return NULL;
@@ -1120,7 +1286,7 @@ Receiver_wait(ReceiverObject *self, PyObject *args, PyObject *kwds)
 #define C(f) REPL_COUNTER(struct cuju_receiver_stats, f)
 static const struct repl_counter receiver_counters[] = {
     C(epochs_received), C(epochs_applied), C(epochs_replayed), C(pages), C(zero_pages),
-    C(wire_bytes), C(devstate_bytes), C(receive_ns), C(last_receive_ns), C(verify_ns),
+    C(wire_bytes), C(devstate_bytes), C(disk_records), C(disk_bytes), C(receive_ns), C(last_receive_ns), C(verify_ns),
     C(last_verify_ns), C(apply_ns), C(last_apply_ns), C(last_acked_epoch), C(last_applied_epoch),
     C(errors),
 };
@@ -1225,6 +1391,264 @@ static PyType_Spec Receiver_spec = {
     .slots = Receiver_slots,
 };
 
+/* ---- DiskJournal (cujud's side of diskjournal.h) ---- */
+
+typedef struct {
+    PyObject_HEAD
+    struct cuju_dj *dj;         /* GIL: NULL once closed */
+    Py_ssize_t exports;         /* GIL: buffers handed out over the mapping */
+} DiskJournalObject;
+
+static int
+dj_ready(DiskJournalObject *self)
+{
+    if (self->dj == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the disk journal is closed");
+        return 0;
+    }
+    return 1;
+}
+
+static int
+DiskJournal_init(DiskJournalObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"path", NULL};
+    PyObject *path = NULL;
+    char msg[256] = "";
+    int rc;
+    if (self->dj != NULL) {
+        PyErr_SetString(PyExc_TypeError, "DiskJournal is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&:DiskJournal", kwlist, PyUnicode_FSConverter, &path))
+        return -1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = cuju_dj_open(PyBytes_AS_STRING(path), &self->dj, msg, sizeof(msg));
+    Py_END_ALLOW_THREADS
+    Py_DECREF(path);
+    if (rc != CUJU_OK) {
+        repl_raise(rc, 0, 0, msg);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+DiskJournal_info(DiskJournalObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!dj_ready(self))
+        return NULL;
+    const struct cuju_dj_header *h = self->dj->h;
+    PyObject *bufs = Py_BuildValue(
+        "((KKIK)(KKIK))", (unsigned long long)h->buf[0].used, (unsigned long long)h->buf[0].records,
+        h->buf[0].overflow, (unsigned long long)h->buf[0].epoch, (unsigned long long)h->buf[1].used,
+        (unsigned long long)h->buf[1].records, h->buf[1].overflow, (unsigned long long)h->buf[1].epoch);
+    if (bufs == NULL)
+        return NULL;
+    return Py_BuildValue(
+        "{sKsKsKsKsKsKsKsIsNsKsKsKsKsKsKsK}", "disk_size", (unsigned long long)h->disk_size, "capacity",
+        (unsigned long long)h->capacity, "block_size", (unsigned long long)h->block_size, "bitmap_bytes",
+        (unsigned long long)h->bitmap_bytes, "nblocks", (unsigned long long)cuju_dj_nblocks(self->dj),
+        "server_pid", (unsigned long long)h->server_pid, "generation", (unsigned long long)h->generation,
+        "active", __atomic_load_n(&h->active, __ATOMIC_SEQ_CST), "buffers", bufs, "writes",
+        (unsigned long long)h->n_writes, "zeroes", (unsigned long long)h->n_zeroes, "trims",
+        (unsigned long long)h->n_trims, "flushes", (unsigned long long)h->n_flushes, "bytes_written",
+        (unsigned long long)h->bytes_written, "overflows", (unsigned long long)h->n_overflows, "seals",
+        (unsigned long long)h->seals);
+}
+
+static PyObject *
+DiskJournal_seal(DiskJournalObject *self, PyObject *args)
+{
+    unsigned long long epoch;
+    int idx;
+    if (!PyArg_ParseTuple(args, "K:seal", &epoch) || !dj_ready(self))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    idx = cuju_dj_seal(self->dj, epoch);
+    Py_END_ALLOW_THREADS
+    if (idx == -1) {
+        PyErr_SetString(PyExc_ValueError, "seal(): the other buffer still holds an unacknowledged epoch "
+                        "(reset() it first)");
+        return NULL;
+    }
+    if (idx < 0) {
+        repl_raise(CUJU_E_JOURNAL, 0, 0, "the block server did not finish an append within 2 s "
+                   "(it died in the middle of one?)");
+        return NULL;
+    }
+    return PyLong_FromLong(idx);
+}
+
+static PyObject *
+DiskJournal_reset(DiskJournalObject *self, PyObject *args)
+{
+    int idx;
+    if (!PyArg_ParseTuple(args, "i:reset", &idx) || !dj_ready(self))
+        return NULL;
+    if (cuju_dj_reset(self->dj, idx) != CUJU_OK) {
+        PyErr_Format(PyExc_ValueError, "reset(%d): not a sealed buffer (0 or 1, not the active one)", idx);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* (offset in the mapping, bytes) of buffer idx's records / bitmap. */
+static PyObject *
+DiskJournal_spans(DiskJournalObject *self, PyObject *args)
+{
+    int idx;
+    if (!PyArg_ParseTuple(args, "i:spans", &idx) || !dj_ready(self))
+        return NULL;
+    if (idx < 0 || idx > 1) {
+        PyErr_SetString(PyExc_ValueError, "buffer index must be 0 or 1");
+        return NULL;
+    }
+    struct cuju_dj *dj = self->dj;
+    uint64_t used = __atomic_load_n(&dj->h->buf[idx].used, __ATOMIC_ACQUIRE);
+    return Py_BuildValue("(nKnKI)", (Py_ssize_t)(cuju_dj_records(dj, idx) - dj->mem), (unsigned long long)used,
+                         (Py_ssize_t)(cuju_dj_bitmap(dj, idx) - dj->mem), (unsigned long long)dj->h->bitmap_bytes,
+                         dj->h->buf[idx].overflow);
+}
+
+static PyObject *
+DiskJournal_close(DiskJournalObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->dj == NULL)
+        Py_RETURN_NONE;
+    if (self->exports > 0) {
+        PyErr_SetString(PyExc_BufferError, "the disk journal still has memoryviews over it");
+        return NULL;
+    }
+    cuju_dj_close(self->dj);
+    self->dj = NULL;
+    Py_RETURN_NONE;
+}
+
+static int
+DiskJournal_getbuffer(DiskJournalObject *self, Py_buffer *view, int flags)
+{
+    if (!dj_ready(self)) {
+        view->obj = NULL;
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->dj->mem, (Py_ssize_t)self->dj->len, 0, flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void
+DiskJournal_releasebuffer(DiskJournalObject *self, Py_buffer *Py_UNUSED(view))
+{
+    self->exports--;
+}
+
+static void
+DiskJournal_dealloc(DiskJournalObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    cuju_dj_close(self->dj);
+    self->dj = NULL;
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef DiskJournal_methods[] = {
+    {"info", (PyCFunction)DiskJournal_info, METH_NOARGS, "info() -> dict: geometry, buffers, server counters"},
+    {"seal", (PyCFunction)DiskJournal_seal, METH_VARARGS,
+     "seal(epoch) -> int\n\nSwitch the server to the other buffer; return the sealed one's index."},
+    {"reset", (PyCFunction)DiskJournal_reset, METH_VARARGS, "reset(idx)\n\nForget a sealed buffer."},
+    {"spans", (PyCFunction)DiskJournal_spans, METH_VARARGS,
+     "spans(idx) -> (records_offset, records_len, bitmap_offset, bitmap_len, overflow)\n\nWhere buffer idx "
+     "lies in the mapping (memoryview(journal))."},
+    {"close", (PyCFunction)DiskJournal_close, METH_NOARGS, "close()"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot DiskJournal_slots[] = {
+    {Py_tp_doc, "DiskJournal(path)\n\nThe epoch journal of one disk's block server (diskjournal.h), mapped;\n"
+                "the buffer protocol exposes the whole mapping."},
+    {Py_tp_init, DiskJournal_init},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, DiskJournal_dealloc},
+    {Py_tp_methods, DiskJournal_methods},
+    {Py_bf_getbuffer, DiskJournal_getbuffer},
+    {Py_bf_releasebuffer, DiskJournal_releasebuffer},
+    {0, NULL},
+};
+
+static PyType_Spec DiskJournal_spec = {
+    .name = "cuju_libvirt._cuju.DiskJournal",
+    .basicsize = sizeof(DiskJournalObject),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = DiskJournal_slots,
+};
+
+static PyObject *
+repl_disk_build(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"bitmap", "block_size", "disk_size", "image_fd", "cursor", "out", NULL};
+    Py_buffer bm = {0}, out = {0};
+    unsigned long long bs, size, cursor;
+    int fd, rc, eno = 0;
+    uint64_t len = 0, cur;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*KKiKw*:disk_build", kwlist, &bm, &bs, &size, &fd, &cursor,
+                                     &out))
+        return NULL;
+    uint64_t nblocks = bs ? (size + bs - 1) / bs : 0;
+    if (bs < 4096 || (bs & (bs - 1)) || (uint64_t)bm.len * 8 < nblocks || ((uintptr_t)out.buf & 7)) {
+        PyErr_SetString(PyExc_ValueError, "disk_build: block_size must be a power of two >= 4096, the bitmap "
+                        "must cover the disk and out must be 8-byte aligned");
+        goto error;
+    }
+    cur = cursor;
+    Py_BEGIN_ALLOW_THREADS
+    rc = cuju_dj_build_from_bitmap(bm.buf, nblocks, bs, size, fd, &cur, out.buf, (uint64_t)out.len, &len, &eno);
+    Py_END_ALLOW_THREADS
+    if (rc != CUJU_OK) {
+        errno = eno;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto error;
+    }
+    PyBuffer_Release(&bm);
+    PyBuffer_Release(&out);
+    return Py_BuildValue("(KK)", (unsigned long long)len, (unsigned long long)cur);
+
+error:
+    if (bm.obj)
+        PyBuffer_Release(&bm);
+    if (out.obj)
+        PyBuffer_Release(&out);
+    return NULL;
+}
+
+static PyObject *
+repl_disk_mark_allocated(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"image_fd", "disk_size", "block_size", "bitmap", NULL};
+    Py_buffer bm = {0};
+    unsigned long long bs, size;
+    int fd, rc, eno = 0;
+    uint64_t nset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKKw*:disk_mark_allocated", kwlist, &fd, &size, &bs, &bm))
+        return NULL;
+    if (bs < 4096 || (bs & (bs - 1)) || (uint64_t)bm.len * 8 < (size + bs - 1) / bs) {
+        PyBuffer_Release(&bm);
+        PyErr_SetString(PyExc_ValueError, "disk_mark_allocated: bad block size or bitmap too small");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = cuju_dj_mark_allocated(fd, size, bs, bm.buf, &nset, &eno);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&bm);
+    if (rc != CUJU_OK) {
+        errno = eno;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromUnsignedLongLong(nset);
+}
+
 /* ---- module functions ---- */
 
 static PyObject *
@@ -1287,7 +1711,13 @@ repl_raw_recv(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
     {"raw_send", (PyCFunction)(void (*)(void))repl_raw_send, METH_VARARGS | METH_KEYWORDS, \
      "raw_send(fd, buffer, timeout=None)\n\nWrite all of buffer to fd (benchmark baseline)."}, \
     {"raw_recv", (PyCFunction)(void (*)(void))repl_raw_recv, METH_VARARGS | METH_KEYWORDS, \
-     "raw_recv(fd, buffer, timeout=None)\n\nFill buffer from fd (benchmark baseline)."},
+     "raw_recv(fd, buffer, timeout=None)\n\nFill buffer from fd (benchmark baseline)."}, \
+    {"disk_build", (PyCFunction)(void (*)(void))repl_disk_build, METH_VARARGS | METH_KEYWORDS, \
+     "disk_build(bitmap, block_size, disk_size, image_fd, cursor, out) -> (nbytes, next_cursor)\n\n" \
+     "Disk records for the blocks set in bitmap, read from the image (diskjournal.h)."}, \
+    {"disk_mark_allocated", (PyCFunction)(void (*)(void))repl_disk_mark_allocated, \
+     METH_VARARGS | METH_KEYWORDS, "disk_mark_allocated(image_fd, disk_size, block_size, bitmap) -> int\n\n" \
+     "Set the bits of every block holding data (SEEK_DATA/SEEK_HOLE); returns bits newly set."},
 
 static int
 repl_add_int(PyObject *m, const char *name, long v)
@@ -1298,9 +1728,20 @@ repl_add_int(PyObject *m, const char *name, long v)
 static int
 repl_exec(PyObject *m, PyObject *features)
 {
-    if (cuju_add_type(m, &Sender_spec, "Sender") < 0 || cuju_add_type(m, &Receiver_spec, "Receiver") < 0)
+    if (cuju_add_type(m, &Sender_spec, "Sender") < 0 || cuju_add_type(m, &Receiver_spec, "Receiver") < 0 ||
+        cuju_add_type(m, &DiskJournal_spec, "DiskJournal") < 0)
+        return -1;
+    if (repl_add_int(m, "MAX_DISK_SECTION", (long)CUJU_WIRE_MAX_DISK) < 0 ||
+        repl_add_int(m, "DISK_RECORD_LEN", (long)CUJU_DJ_REC_LEN) < 0 ||
+        repl_add_int(m, "DISK_PART_LEN", (long)CUJU_DJ_PART_LEN) < 0 ||
+        repl_add_int(m, "MAX_DISKS", (long)CUJU_DJ_MAX_DISKS) < 0 ||
+        cuju_add_feature(features, "disks") < 0)
         return -1;
     if (repl_add_int(m, "MAX_DEVICE_STATE", (long)CUJU_WIRE_MAX_DEVSTATE) < 0)
+        return -1;
+    if (cuju_add_feature(features, "link_aead") < 0)
+        return -1;
+    if (repl_add_int(m, "LINK_KEYS_LEN", (long)CUJU_LINK_KEYS_LEN) < 0)
         return -1;
     return cuju_add_feature(features, "replicate");
 }

@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "checksum.h"
 #include "replicator.h"
 
 static const char *const errnames[CUJU_E__COUNT] = {
@@ -29,6 +30,7 @@ static const char *const errnames[CUJU_E__COUNT] = {
     [CUJU_E_CLOSED] = "closed",
     [CUJU_E_NOMEM] = "out of memory",
     [CUJU_E_ARG] = "invalid argument",
+    [CUJU_E_AUTH] = "FT link record failed authentication (tampered, replayed, reordered or not from our peer)",
 };
 
 const char *cuju_strerror(int code)
@@ -130,9 +132,8 @@ void cuju_frame_header(uint8_t *p, uint32_t type, uint64_t length)
     cuju_put_le64(p + 8, length);
 }
 
-void cuju_send_error_frame(int fd, int code, const char *msg)
+size_t cuju_error_frame(uint8_t *f, int code, const char *msg)
 {
-    uint8_t f[CUJU_FRAME_HDR_LEN + 8 + CUJU_WIRE_MAX_ERRMSG];
     size_t n = msg ? strlen(msg) : 0;
     if (n > CUJU_WIRE_MAX_ERRMSG)
         n = CUJU_WIRE_MAX_ERRMSG;
@@ -141,6 +142,19 @@ void cuju_send_error_frame(int fd, int code, const char *msg)
     cuju_put_le32(f + 20, (uint32_t)n);
     if (n)
         memcpy(f + 24, msg, n);
-    int e = 0;
-    (void)cuju_send_all(fd, f, 24 + n, 200, &e);
+    return 24 + n;
+}
+
+uint64_t cuju_disk_geometry(unsigned n, const uint64_t *sizes)
+{
+    if (n == 0)
+        return 0;
+    uint8_t b[8];
+    cuju_put_le64(b, n);
+    uint32_t crc = cuju_crc32c(0, b, 8);
+    for (unsigned i = 0; i < n; i++) {
+        cuju_put_le64(b, sizes[i]);
+        crc = cuju_crc32c(crc, b, 8);
+    }
+    return ((uint64_t)n << 32) | crc;
 }

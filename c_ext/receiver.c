@@ -11,7 +11,8 @@
  *         u64 region_size        u64 applied_epoch (offset 24)
  *         at 64 + 32*i, slot i = 0, 1:
  *             u64 epoch   u64 frame_len   u64 checksum   u64 seed
- *     slot i at 4096 + i * slot_cap: one EPOCH frame, byte for byte.
+ *     slot i at 4096 + i * slot_cap: one EPOCH frame, byte for byte (with its
+ *     disk section: replaying a slot replays the epoch's disk writes too).
  * The meta page is updated with aligned 8-byte release stores, each field
  * once its predecessors are in place: a slot's epoch field last (commit),
  * applied_epoch after the apply (see wire.h). A slot whose epoch is greater
@@ -30,7 +31,9 @@
 #include <unistd.h>
 #include <libgen.h>
 
+#include "aead.h"
 #include "checksum.h"
+#include "diskjournal.h"
 #include "replicator.h"
 #include "streamcopy.h"
 
@@ -57,6 +60,12 @@ struct cuju_receiver {
     int durable;
     uint64_t crash_epoch;           /* fault injection, see open: 0 = off */
     uint64_t crash_pages;
+    uint64_t crash_disk_epoch;      /* fault injection: CUJU_TEST_CRASH_IN_DISK_APPLY */
+    uint64_t crash_disk_records;
+    unsigned ndisks;                /* replica images, owned */
+    int *disk_fds;
+    uint64_t *disk_sizes;
+    uint64_t disk_geom;             /* cuju_disk_geometry of them */
     int jfd;
     uint8_t *jmem;                  /* the whole journal, MAP_SHARED */
     size_t jlen;
@@ -64,6 +73,7 @@ struct cuju_receiver {
 
     /* Set by start, then immutable. */
     int fd;                         /* owned socket; -1 before start */
+    struct cuju_link link;          /* fd and record-layer keys (set_keys before start) */
     int io_timeout_ms;
     int hs_timeout_ms;
 
@@ -137,15 +147,22 @@ static void set_msg(char *msg, size_t msglen, const char *fmt, ...)
 /* Validate the 56-byte frame + epoch header; on success *total is the frame
  * length and the counts are returned. */
 static int check_epoch_header(struct cuju_receiver *r, const uint8_t *f, uint64_t *total, uint64_t *epoch,
-                              uint64_t *npages, uint64_t *ndata, uint64_t *devlen, char *msg, size_t msglen)
+                              uint64_t *npages, uint64_t *ndata, uint64_t *devlen, uint64_t *disklen, char *msg,
+                              size_t msglen)
 {
     uint64_t len = cuju_get_le64(f + 8);
     *epoch = cuju_get_le64(f + 16);
     *npages = cuju_get_le64(f + 24);
     *ndata = cuju_get_le64(f + 32);
     *devlen = cuju_get_le64(f + 40);
-    if (cuju_get_le32(f + 4) != 0 || cuju_get_le64(f + 48) != 0) {
-        set_msg(msg, msglen, "EPOCH frame with non-zero flags or reserved field");
+    *disklen = cuju_get_le64(f + 48);
+    if (cuju_get_le32(f + 4) != 0) {
+        set_msg(msg, msglen, "EPOCH frame with non-zero flags");
+        return CUJU_E_FRAME;
+    }
+    if (*disklen > (r->ndisks ? CUJU_WIRE_MAX_DISK : 0) || *disklen % 8) {
+        set_msg(msg, msglen, "EPOCH disk section of %llu bytes (this backup replicates %u disk(s))",
+                (unsigned long long)*disklen, r->ndisks);
         return CUJU_E_FRAME;
     }
     if (*npages > r->region_pages || *ndata > *npages || *devlen > CUJU_WIRE_MAX_DEVSTATE) {
@@ -154,7 +171,7 @@ static int check_epoch_header(struct cuju_receiver *r, const uint8_t *f, uint64_
                 (unsigned long long)*devlen);
         return CUJU_E_FRAME;
     }
-    uint64_t want = cuju_epoch_payload_len(*npages, *ndata, r->page_size, *devlen);
+    uint64_t want = cuju_epoch_payload_len(*npages, *ndata, r->page_size, *devlen, *disklen);
     if (len != want || CUJU_FRAME_HDR_LEN + want > r->slot_cap) {
         set_msg(msg, msglen, "EPOCH frame length %llu, its counts give %llu", (unsigned long long)len,
                 (unsigned long long)want);
@@ -261,10 +278,10 @@ error:
 
 /* Copy one verified frame into the region and the device-state file, then
  * record it as applied. */
-static int apply_frame(struct cuju_receiver *r, const uint8_t *f, uint64_t *npz, int *eno)
+static int apply_frame(struct cuju_receiver *r, const uint8_t *f, uint64_t *npz, uint64_t *ndisk, int *eno)
 {
     uint64_t epoch = cuju_get_le64(f + 16), npages = cuju_get_le64(f + 24), ndata = cuju_get_le64(f + 32);
-    uint64_t devlen = cuju_get_le64(f + 40);
+    uint64_t devlen = cuju_get_le64(f + 40), disklen = cuju_get_le64(f + 48);
     const uint8_t *table = f + CUJU_FRAME_HDR_LEN + CUJU_EPOCH_HDR_LEN;
     const uint8_t *data = table + 8 * npages;
     const uint32_t ps = r->page_size;
@@ -288,7 +305,22 @@ static int apply_frame(struct cuju_receiver *r, const uint8_t *f, uint64_t *npz,
         }
     }
     cuju_stream_fence();    /* the pages are in place before anything says so */
-    int rc = write_devstate(r, data + ndata * ps, devlen, eno);
+    /* The disks of the same epoch: checked before the commit (receive) or
+     * the replay; an epoch's records are absolute, so re-applying is safe. */
+    uint64_t nrec = 0;
+    int rc = cuju_dj_apply_section(data + ndata * ps + devlen, disklen, r->disk_fds,
+                                   epoch == r->crash_disk_epoch ? r->crash_disk_records : 0, &nrec, eno);
+    if (rc != CUJU_OK)
+        return rc;
+    if (r->durable) {
+        for (unsigned i = 0; i < r->ndisks; i++)
+            if (fdatasync(r->disk_fds[i]) < 0) {
+                *eno = errno;
+                return CUJU_E_APPLY;
+            }
+    }
+    *ndisk = nrec;
+    rc = write_devstate(r, data + ndata * ps, devlen, eno);
     if (rc != CUJU_OK)
         return rc;
     if (r->durable)
@@ -305,7 +337,8 @@ static int apply_frame(struct cuju_receiver *r, const uint8_t *f, uint64_t *npz,
 static int journal_open(struct cuju_receiver *r, const char *path, char *msg, size_t msglen)
 {
     uint64_t cap = CUJU_FRAME_HDR_LEN + cuju_epoch_payload_len(r->region_pages, r->region_pages, r->page_size,
-                                                               CUJU_WIRE_MAX_DEVSTATE);
+                                                               CUJU_WIRE_MAX_DEVSTATE,
+                                                               r->ndisks ? CUJU_WIRE_MAX_DISK : 0);
     r->slot_cap = (size_t)((cap + 4095) & ~(uint64_t)4095);
     r->jlen = META_LEN + 2 * r->slot_cap;
     r->jfd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
@@ -370,8 +403,8 @@ static int replay(struct cuju_receiver *r, char *msg, size_t msglen)
         const uint8_t *f = slot_mem(r, pick);
         uint64_t flen = *meta64(r, OFF_SLOT(pick) + 8), sum = *meta64(r, OFF_SLOT(pick) + 16);
         uint64_t seed = *meta64(r, OFF_SLOT(pick) + 24);
-        uint64_t total, epoch, npages, ndata, devlen;
-        int rc = check_epoch_header(r, f, &total, &epoch, &npages, &ndata, &devlen, msg, msglen);
+        uint64_t total, epoch, npages, ndata, devlen, disklen;
+        int rc = check_epoch_header(r, f, &total, &epoch, &npages, &ndata, &devlen, &disklen, msg, msglen);
         if (rc == CUJU_OK && (total != flen || epoch != best))
             rc = CUJU_E_JOURNAL;
         if (rc == CUJU_OK)
@@ -380,15 +413,18 @@ static int replay(struct cuju_receiver *r, char *msg, size_t msglen)
             rc = CUJU_E_JOURNAL;
         if (rc == CUJU_OK)
             rc = check_trailer(f + total - CUJU_TRAILER_LEN, epoch, sum, msg, msglen);
+        if (rc == CUJU_OK)
+            rc = cuju_dj_check_section(f + total - CUJU_TRAILER_LEN - disklen, disklen, r->ndisks, r->disk_sizes,
+                                       msg, msglen);
         if (rc != CUJU_OK) {
             set_msg(msg, msglen, "journal slot %d (epoch %llu) is corrupt; the replica needs a full resync", pick,
                     (unsigned long long)best);
             return CUJU_E_JOURNAL;
         }
-        uint64_t nz = 0;
+        uint64_t nz = 0, nrec = 0;
         int eno = 0;
         uint64_t t0 = cuju_now_ns();
-        rc = apply_frame(r, f, &nz, &eno);
+        rc = apply_frame(r, f, &nz, &nrec, &eno);
         if (rc != CUJU_OK) {
             set_msg(msg, msglen, "replaying epoch %llu from the journal: %s (%s)", (unsigned long long)epoch,
                     cuju_strerror(rc), strerror(eno));
@@ -399,6 +435,8 @@ static int replay(struct cuju_receiver *r, char *msg, size_t msglen)
         r->st.epochs_applied++;
         r->st.pages += npages;
         r->st.zero_pages += nz;
+        r->st.disk_records += nrec;
+        r->st.disk_bytes += disklen;
         applied = epoch;
     }
     r->st.last_applied_epoch = applied;
@@ -408,10 +446,15 @@ static int replay(struct cuju_receiver *r, char *msg, size_t msglen)
 }
 
 int cuju_receiver_open(uint8_t *region, uint64_t region_size, uint32_t page_size, const char *devstate_path,
-                       const char *journal_path, int durable, struct cuju_receiver **out, char *msg,
-                       size_t msglen)
+                       const char *journal_path, int durable, const struct cuju_disk_set *disks,
+                       struct cuju_receiver **out, char *msg, size_t msglen)
 {
     int rc;
+    unsigned nd = disks ? disks->n : 0;
+    if (nd > CUJU_DJ_MAX_DISKS) {
+        set_msg(msg, msglen, "%u disks: at most %u can be replicated", nd, CUJU_DJ_MAX_DISKS);
+        return CUJU_E_ARG;
+    }
     if (page_size < CUJU_WIRE_MIN_PAGE || page_size > CUJU_WIRE_MAX_PAGE || (page_size & (page_size - 1)) ||
         region_size == 0 || region_size % page_size || region_size > CUJU_WIRE_MAX_REGION) {
         set_msg(msg, msglen, "page size %u / region size %llu not supported", page_size,
@@ -430,6 +473,23 @@ int cuju_receiver_open(uint8_t *region, uint64_t region_size, uint32_t page_size
     r->page_size = page_size;
     r->region_pages = region_size / page_size;
     r->durable = durable;
+    if (nd) {
+        r->disk_fds = calloc(nd, sizeof(int));
+        r->disk_sizes = calloc(nd, sizeof(uint64_t));
+        if (r->disk_fds == NULL || r->disk_sizes == NULL) {
+            free(r->disk_fds);
+            free(r->disk_sizes);
+            r->disk_fds = NULL;
+            free(r);
+            return CUJU_E_NOMEM;
+        }
+        for (unsigned i = 0; i < nd; i++) {
+            r->disk_fds[i] = disks->fds[i];
+            r->disk_sizes[i] = disks->sizes[i];
+        }
+        r->ndisks = nd;
+        r->disk_geom = cuju_disk_geometry(nd, r->disk_sizes);
+    }
     size_t pl = strlen(devstate_path);
     r->devstate_path = strdup(devstate_path);
     r->devstate_tmp = malloc(pl + 5);
@@ -450,6 +510,15 @@ int cuju_receiver_open(uint8_t *region, uint64_t region_size, uint32_t page_size
             r->crash_pages = cp;
         }
     }
+    /* CUJU_TEST_CRASH_IN_DISK_APPLY=E:R: exit after R disk records of epoch E. */
+    crash = getenv("CUJU_TEST_CRASH_IN_DISK_APPLY");
+    if (crash != NULL) {
+        unsigned long long ce = 0, cr = 0;
+        if (sscanf(crash, "%llu:%llu", &ce, &cr) == 2 && cr > 0) {
+            r->crash_disk_epoch = ce;
+            r->crash_disk_records = cr;
+        }
+    }
     rc = journal_open(r, journal_path, msg, msglen);
     if (rc != CUJU_OK)
         goto error;
@@ -460,6 +529,7 @@ int cuju_receiver_open(uint8_t *region, uint64_t region_size, uint32_t page_size
     return CUJU_OK;
 
 error:
+    r->ndisks = 0;      /* on failure the caller keeps its fds */
     cuju_receiver_free(r);
     return rc;
 }
@@ -471,13 +541,13 @@ static int send_ack(struct cuju_receiver *r, uint64_t epoch, int *eno)
     uint8_t f[CUJU_FRAME_HDR_LEN + CUJU_ACK_LEN];
     cuju_frame_header(f, CUJU_FRAME_ACK, CUJU_ACK_LEN);
     cuju_put_le64(f + 16, epoch);
-    return cuju_send_all(r->fd, f, sizeof(f), r->io_timeout_ms, eno);
+    return cuju_link_send(&r->link, f, sizeof(f), r->io_timeout_ms, eno);
 }
 
 /* Refuse the peer: ERROR frame, record the failure. */
 static void refuse(struct cuju_receiver *r, int code, const char *msg)
 {
-    cuju_send_error_frame(r->fd, code, msg);
+    cuju_link_send_error(&r->link, code, msg);
     rfail(r, code, 0, 0, "%s", msg);
 }
 
@@ -486,7 +556,7 @@ static int handshake(struct cuju_receiver *r)
     uint8_t f[CUJU_FRAME_HDR_LEN + CUJU_HELLO_LEN];
     char msg[CUJU_ERRMSG_LEN];
     int eno = 0;
-    int rc = cuju_recv_all(r->fd, f, CUJU_FRAME_HDR_LEN, r->hs_timeout_ms, &eno);
+    int rc = cuju_link_recv(&r->link, f, CUJU_FRAME_HDR_LEN, r->hs_timeout_ms, &eno);
     if (rc != CUJU_OK) {
         rfail(r, rc, eno, 0, "waiting for the primary's HELLO: %s", cuju_strerror(rc));
         return rc;
@@ -499,7 +569,7 @@ static int handshake(struct cuju_receiver *r)
         refuse(r, CUJU_E_FRAME, "HELLO frame with bad flags or length");
         return CUJU_E_FRAME;
     }
-    rc = cuju_recv_all(r->fd, f + 16, CUJU_HELLO_LEN, r->hs_timeout_ms, &eno);
+    rc = cuju_link_recv(&r->link, f + 16, CUJU_HELLO_LEN, r->hs_timeout_ms, &eno);
     if (rc != CUJU_OK) {
         rfail(r, rc, eno, 0, "reading HELLO: %s", cuju_strerror(rc));
         return rc;
@@ -521,14 +591,17 @@ static int handshake(struct cuju_receiver *r)
         refuse(r, CUJU_E_GEOMETRY, msg);
         return CUJU_E_GEOMETRY;
     }
-    if (cuju_get_le64(f + 48) != 0) {
-        refuse(r, CUJU_E_FRAME, "HELLO reserved field is not zero");
-        return CUJU_E_FRAME;
+    if (cuju_get_le64(f + 48) != r->disk_geom) {
+        snprintf(msg, sizeof(msg), "primary replicates %u disk(s) (geometry %016llx), this backup %u (%016llx): "
+                 "the disk lists or sizes differ", (unsigned)(cuju_get_le64(f + 48) >> 32),
+                 (unsigned long long)cuju_get_le64(f + 48), r->ndisks, (unsigned long long)r->disk_geom);
+        refuse(r, CUJU_E_GEOMETRY, msg);
+        return CUJU_E_GEOMETRY;
     }
     r->session_id = cuju_get_le64(f + 40);
     cuju_frame_header(f, CUJU_FRAME_HELLO_REPLY, CUJU_HELLO_LEN);
     cuju_put_le64(f + 48, r->last_committed);    /* == applied: open replayed everything */
-    rc = cuju_send_all(r->fd, f, sizeof(f), r->io_timeout_ms, &eno);
+    rc = cuju_link_send(&r->link, f, sizeof(f), r->io_timeout_ms, &eno);
     if (rc != CUJU_OK)
         rfail(r, rc, eno, 0, "sending HELLO reply: %s", cuju_strerror(rc));
     return rc;
@@ -554,11 +627,11 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
     uint64_t t0 = cuju_now_ns(), hash_ns = 0, th;
     uint8_t head[CUJU_FRAME_HDR_LEN + CUJU_EPOCH_HDR_LEN];
     memcpy(head, hdr, CUJU_FRAME_HDR_LEN);
-    rc = cuju_recv_all(r->fd, head + CUJU_FRAME_HDR_LEN, CUJU_EPOCH_HDR_LEN, r->io_timeout_ms, &eno);
+    rc = cuju_link_recv(&r->link, head + CUJU_FRAME_HDR_LEN, CUJU_EPOCH_HDR_LEN, r->io_timeout_ms, &eno);
     if (rc != CUJU_OK)
         goto io_error;
-    uint64_t total, epoch, npages, ndata, devlen;
-    rc = check_epoch_header(r, head, &total, &epoch, &npages, &ndata, &devlen, msg, sizeof(msg));
+    uint64_t total, epoch, npages, ndata, devlen, disklen;
+    rc = check_epoch_header(r, head, &total, &epoch, &npages, &ndata, &devlen, &disklen, msg, sizeof(msg));
     if (rc != CUJU_OK)
         goto refuse;
     /* The journal is sparse: allocate the slot's blocks before touching them
@@ -569,7 +642,7 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
             eno = errno;
             snprintf(msg, sizeof(msg), "backup journal cannot grow to %llu bytes: %s",
                      (unsigned long long)total, strerror(eno));
-            cuju_send_error_frame(r->fd, CUJU_E_JOURNAL, msg);
+            cuju_link_send_error(&r->link, CUJU_E_JOURNAL, msg);
             rfail(r, CUJU_E_JOURNAL, eno, 0, "%s", msg);
             return CUJU_E_JOURNAL;
         }
@@ -585,7 +658,7 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
     }
     /* Page table first: reject bad indexes before taking the data. */
     uint8_t *table = f + CUJU_FRAME_HDR_LEN + CUJU_EPOCH_HDR_LEN;
-    rc = cuju_recv_all(r->fd, table, 8 * npages, r->io_timeout_ms, &eno);
+    rc = cuju_link_recv(&r->link, table, 8 * npages, r->io_timeout_ms, &eno);
     if (rc != CUJU_OK)
         goto io_error;
     th = cuju_now_ns();
@@ -599,7 +672,7 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
     size_t off = CUJU_FRAME_HDR_LEN + CUJU_EPOCH_HDR_LEN + 8 * npages, body = total - 8;
     while (off < total) {
         size_t end = off + RECV_CHUNK < total ? off + RECV_CHUNK : total;
-        rc = cuju_recv_all(r->fd, f + off, end - off, r->io_timeout_ms, &eno);
+        rc = cuju_link_recv(&r->link, f + off, end - off, r->io_timeout_ms, &eno);
         if (rc != CUJU_OK)
             goto io_error;
         th = cuju_now_ns();
@@ -612,6 +685,10 @@ static int receive_epoch(struct cuju_receiver *r, const uint8_t *hdr)
     uint64_t t1 = cuju_now_ns();
     uint64_t sum = cuju_csum_final(&h);
     rc = check_trailer(f + total - CUJU_TRAILER_LEN, epoch, sum, msg, sizeof(msg));
+    if (rc != CUJU_OK)
+        goto refuse;
+    rc = cuju_dj_check_section(f + total - CUJU_TRAILER_LEN - disklen, disklen, r->ndisks, r->disk_sizes, msg,
+                               sizeof(msg));
     if (rc != CUJU_OK)
         goto refuse;
     uint64_t t2 = cuju_now_ns();
@@ -667,7 +744,7 @@ static void *recv_main(void *arg)
     if (handshake(r) != CUJU_OK)
         goto out;
     for (;;) {
-        int rc = cuju_recv_all(r->fd, f, CUJU_FRAME_HDR_LEN, -1, &eno);
+        int rc = cuju_link_recv(&r->link, f, CUJU_FRAME_HDR_LEN, -1, &eno);
         if (rc != CUJU_OK) {
             pthread_mutex_lock(&r->lock);
             int quiet = r->stopping;
@@ -690,7 +767,7 @@ static void *recv_main(void *arg)
         if (type == CUJU_FRAME_CLOSE && len == 0)
             break;      /* orderly end: the apply thread drains, wait() reports OK */
         if (type == CUJU_FRAME_ERROR && len >= 8 && len <= 8 + CUJU_WIRE_MAX_ERRMSG) {
-            rc = cuju_recv_all(r->fd, f + 16, len, r->io_timeout_ms, &eno);
+            rc = cuju_link_recv(&r->link, f + 16, len, r->io_timeout_ms, &eno);
             uint32_t n = rc == CUJU_OK ? cuju_get_le32(f + 20) : 0;
             if (n > len - 8)
                 n = (uint32_t)(len - 8);
@@ -737,10 +814,10 @@ static void *apply_main(void *arg)
         r->slot_state[i] = SLOT_APPLYING;
         pthread_mutex_unlock(&r->lock);
 
-        uint64_t t0 = cuju_now_ns(), nz = 0;
+        uint64_t t0 = cuju_now_ns(), nz = 0, nrec = 0;
         int eno = 0;
         const uint8_t *f = slot_mem(r, i);
-        int rc = apply_frame(r, f, &nz, &eno);
+        int rc = apply_frame(r, f, &nz, &nrec, &eno);
         uint64_t dt = cuju_now_ns() - t0;
         if (rc != CUJU_OK) {
             rfail(r, rc, eno, 0, "applying epoch %llu: %s (%s)", (unsigned long long)cuju_get_le64(f + 16),
@@ -756,6 +833,8 @@ static void *apply_main(void *arg)
         r->st.pages += cuju_get_le64(f + 24);
         r->st.zero_pages += nz;
         r->st.devstate_bytes += cuju_get_le64(f + 40);
+        r->st.disk_records += nrec;
+        r->st.disk_bytes += cuju_get_le64(f + 48);
         r->st.apply_ns += dt;
         r->st.last_apply_ns = dt;
         r->st.last_applied_epoch = cuju_get_le64(f + 16);
@@ -769,11 +848,19 @@ static void *apply_main(void *arg)
     return NULL;
 }
 
+int cuju_receiver_set_keys(struct cuju_receiver *r, const uint8_t *keys)
+{
+    if (r->started)
+        return CUJU_E_ARG;
+    return cuju_link_set_keys(&r->link, keys);
+}
+
 int cuju_receiver_start(struct cuju_receiver *r, int fd, int io_timeout_ms, int handshake_timeout_ms)
 {
     if (r->started)
         return CUJU_E_ARG;
     r->fd = fd;
+    r->link.fd = fd;
     r->io_timeout_ms = io_timeout_ms;
     r->hs_timeout_ms = handshake_timeout_ms;
     cuju_tune_socket(fd);
@@ -882,6 +969,12 @@ void cuju_receiver_free(struct cuju_receiver *r)
         munmap(r->jmem, r->jlen);
     if (r->jfd >= 0)
         close(r->jfd);
+    cuju_link_clear(&r->link);
+    for (unsigned i = 0; i < r->ndisks; i++)
+        if (r->disk_fds[i] >= 0)
+            close(r->disk_fds[i]);
+    free(r->disk_fds);
+    free(r->disk_sizes);
     free(r->devstate_path);
     free(r->devstate_tmp);
     pthread_mutex_destroy(&r->lock);

@@ -6,12 +6,17 @@
  * every waiter.
  *
  * Sender (primary)
- *   cuju_sender_new(fd, region, region_size, page_size, session_id, io_timeout_ms)
- *       takes ownership of fd (the caller passes a dup).
+ *   cuju_sender_new(fd, region, region_size, page_size, session_id, disks,
+ *       io_timeout_ms) takes ownership of fd (the caller passes a dup); disks
+ *       is cuju_disk_geometry() of the replicated disks (0: none).
+ *   cuju_sender_set_keys(s, keys) optional, before the handshake: encrypt the
+ *       link (aead.h; CUJU_LINK_KEYS_LEN bytes, this side's tx first).
  *   cuju_sender_handshake(s, timeout_ms, &last_applied) sends HELLO, checks
  *       the reply, starts the send and ack threads.
- *   cuju_sender_stage(s, epoch, idx, n, dev, devlen, timeout_ms) gathers the
- *       pages into a free staging buffer (waits while both are busy).
+ *   cuju_sender_stage(s, epoch, idx, n, dev, devlen, parts, nparts, timeout_ms)
+ *       gathers the pages, the device state and the disk records (parts,
+ *       sealed journals of diskjournal.h) into a free staging buffer (waits
+ *       while both are busy).
  *   cuju_sender_ship(s) queues the staged epoch for the send thread.
  *   cuju_sender_wait_ack(s, epoch, timeout_ms) waits until `epoch` is acked.
  *   cuju_sender_close(s, orderly) (CLOSE frame when orderly), joins threads.
@@ -19,8 +24,10 @@
  *
  * Receiver (backup)
  *   cuju_receiver_open(region, region_size, page_size, devstate_path,
- *       journal_path, durable, &r) opens or creates the journal and replays
- *       committed but unapplied epochs (wire.h explains why).
+ *       journal_path, durable, disks, &r) opens or creates the journal and
+ *       replays committed but unapplied epochs (wire.h explains why); disks
+ *       lists the replica images (fds owned by the receiver from then on).
+ *   cuju_receiver_set_keys(r, keys) optional, before start (as for the sender).
  *   cuju_receiver_start(r, fd, io_timeout_ms, handshake_timeout_ms) takes fd,
  *       starts the receive thread (handshake, then epochs) and the apply
  *       thread.
@@ -46,6 +53,7 @@ struct cuju_sender_stats {
     uint64_t pages;             /* caller thread: page records staged */
     uint64_t zero_pages;        /* caller thread: ZERO records staged */
     uint64_t devstate_bytes;    /* caller thread */
+    uint64_t disk_bytes;        /* caller thread: bytes of disk sections staged */
     uint64_t wire_bytes;        /* send thread: bytes written to the socket */
     uint64_t saved_bytes;       /* caller thread: page bytes the encoder did not send */
     uint64_t stage_ns;          /* caller thread: total gather time */
@@ -62,11 +70,30 @@ struct cuju_sender_stats {
 
 struct cuju_sender;
 
+/* One disk's records for an epoch (diskjournal.h), copied by stage. */
+struct cuju_disk_part {
+    uint32_t disk;              /* index in the receiver's replica list */
+    const uint8_t *records;
+    uint64_t len;               /* bytes, a multiple of 8 */
+};
+
+/* The replica images of a receiver: fds are owned by the receiver. */
+struct cuju_disk_set {
+    unsigned n;                 /* <= CUJU_DJ_MAX_DISKS */
+    int *fds;
+    uint64_t *sizes;
+};
+
+/* The HELLO's disks field (wire.h) for n disks of these sizes. */
+uint64_t cuju_disk_geometry(unsigned n, const uint64_t *sizes);
+
 int cuju_sender_new(int fd, const uint8_t *region, uint64_t region_size, uint32_t page_size,
-                    uint64_t session_id, int io_timeout_ms, struct cuju_sender **out);
+                    uint64_t session_id, uint64_t disks, int io_timeout_ms, struct cuju_sender **out);
+int cuju_sender_set_keys(struct cuju_sender *s, const uint8_t *keys);
 int cuju_sender_handshake(struct cuju_sender *s, int timeout_ms, uint64_t *last_applied);
 int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx, size_t n,
-                      const uint8_t *dev, size_t devlen, int timeout_ms);
+                      const uint8_t *dev, size_t devlen, const struct cuju_disk_part *parts, size_t nparts,
+                      int timeout_ms);
 int cuju_sender_ship(struct cuju_sender *s);
 /* CUJU_OK when acked, CUJU_E_TIMEOUT when not yet, another code on failure. */
 int cuju_sender_wait_ack(struct cuju_sender *s, uint64_t epoch, int timeout_ms);
@@ -85,6 +112,8 @@ struct cuju_receiver_stats {
     uint64_t zero_pages;        /* apply thread: ZERO records applied */
     uint64_t wire_bytes;        /* receive thread: bytes read from the socket */
     uint64_t devstate_bytes;    /* apply thread */
+    uint64_t disk_records;      /* apply thread (and replay): disk records applied */
+    uint64_t disk_bytes;        /* apply thread (and replay): bytes of disk sections applied */
     uint64_t receive_ns;        /* receive thread: first to last byte of EPOCH frames */
     uint64_t last_receive_ns;
     uint64_t verify_ns;         /* receive thread: checksum and table checks */
@@ -99,8 +128,9 @@ struct cuju_receiver_stats {
 struct cuju_receiver;
 
 int cuju_receiver_open(uint8_t *region, uint64_t region_size, uint32_t page_size, const char *devstate_path,
-                       const char *journal_path, int durable, struct cuju_receiver **out, char *msg,
-                       size_t msglen);
+                       const char *journal_path, int durable, const struct cuju_disk_set *disks,
+                       struct cuju_receiver **out, char *msg, size_t msglen);
+int cuju_receiver_set_keys(struct cuju_receiver *r, const uint8_t *keys);
 int cuju_receiver_start(struct cuju_receiver *r, int fd, int io_timeout_ms, int handshake_timeout_ms);
 /* CUJU_OK when the session ended cleanly (CLOSE), CUJU_E_TIMEOUT when still
  * running after timeout_ms (< 0: forever), the failure code otherwise. */
@@ -119,7 +149,9 @@ int cuju_send_all(int fd, const void *buf, size_t len, int io_timeout_ms, int *e
 int cuju_recv_all(int fd, void *buf, size_t len, int io_timeout_ms, int *err_errno);
 void cuju_tune_socket(int fd);
 /* An ERROR frame with code and text, best effort. */
-void cuju_send_error_frame(int fd, int code, const char *msg);
+/* An ERROR frame (wire.h) into f (CUJU_FRAME_HDR_LEN + 8 + CUJU_WIRE_MAX_ERRMSG
+ * bytes); returns its length. */
+size_t cuju_error_frame(uint8_t *f, int code, const char *msg);
 void cuju_frame_header(uint8_t *p, uint32_t type, uint64_t length);
 
 #endif

@@ -16,7 +16,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "aead.h"
 #include "checksum.h"
+#include "diskjournal.h"
 #include "replicator.h"
 #include "streamcopy.h"
 
@@ -39,13 +41,15 @@ struct cuju_sender {
     pthread_cond_t cond;            /* any state change below; broadcast */
     pthread_mutex_t caller_lock;    /* serialises stage/ship among caller threads */
 
-    /* Immutable after cuju_sender_new. */
+    /* Immutable after cuju_sender_new (link keys: set before the handshake). */
     int fd;
+    struct cuju_link link;
     const uint8_t *region;
     uint64_t region_size;
     uint64_t region_pages;
     uint32_t page_size;
     uint64_t session_id;
+    uint64_t disks;                 /* the HELLO's disks field */
     int io_timeout_ms;
 
     struct stagebuf buf[2];
@@ -119,7 +123,7 @@ static int cond_wait_ms(struct cuju_sender *s, const struct timespec *deadline)
 }
 
 int cuju_sender_new(int fd, const uint8_t *region, uint64_t region_size, uint32_t page_size,
-                    uint64_t session_id, int io_timeout_ms, struct cuju_sender **out)
+                    uint64_t session_id, uint64_t disks, int io_timeout_ms, struct cuju_sender **out)
 {
     if (page_size < CUJU_WIRE_MIN_PAGE || page_size > CUJU_WIRE_MAX_PAGE || (page_size & (page_size - 1)) ||
         region_size == 0 || region_size % page_size || region_size > CUJU_WIRE_MAX_REGION)
@@ -128,17 +132,19 @@ int cuju_sender_new(int fd, const uint8_t *region, uint64_t region_size, uint32_
     if (s == NULL)
         return CUJU_E_NOMEM;
     s->fd = fd;
+    s->link.fd = fd;
     s->region = region;
     s->region_size = region_size;
     s->page_size = page_size;
     s->region_pages = region_size / page_size;
     s->session_id = session_id;
+    s->disks = disks;
     s->io_timeout_ms = io_timeout_ms;
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->caller_lock, NULL);
     pthread_cond_init(&s->cond, NULL);
     size_t cap = CUJU_FRAME_HDR_LEN + cuju_epoch_payload_len(s->region_pages, s->region_pages, page_size,
-                                                             CUJU_WIRE_MAX_DEVSTATE);
+                                                             CUJU_WIRE_MAX_DEVSTATE, disks ? CUJU_WIRE_MAX_DISK : 0);
     for (int i = 0; i < 2; i++) {
         /* Reserved, not committed: only the pages an epoch touches use memory. */
         void *m = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -159,6 +165,13 @@ int cuju_sender_new(int fd, const uint8_t *region, uint64_t region_size, uint32_
 static void *send_main(void *arg);
 static void *ack_main(void *arg);
 
+int cuju_sender_set_keys(struct cuju_sender *s, const uint8_t *keys)
+{
+    if (s->threads_started)
+        return CUJU_E_ARG;
+    return cuju_link_set_keys(&s->link, keys);
+}
+
 int cuju_sender_handshake(struct cuju_sender *s, int timeout_ms, uint64_t *last_applied)
 {
     uint8_t f[CUJU_FRAME_HDR_LEN + CUJU_HELLO_LEN];
@@ -172,13 +185,13 @@ int cuju_sender_handshake(struct cuju_sender *s, int timeout_ms, uint64_t *last_
     cuju_put_le32(f + 28, s->page_size);
     cuju_put_le64(f + 32, s->region_size);
     cuju_put_le64(f + 40, s->session_id);
-    cuju_put_le64(f + 48, 0);
-    rc = cuju_send_all(s->fd, f, sizeof(f), timeout_ms, &eno);
+    cuju_put_le64(f + 48, s->disks);
+    rc = cuju_link_send(&s->link, f, sizeof(f), timeout_ms, &eno);
     if (rc != CUJU_OK) {
         fail(s, rc, eno, 0, "sending HELLO: %s", cuju_strerror(rc));
         return rc;
     }
-    rc = cuju_recv_all(s->fd, f, CUJU_FRAME_HDR_LEN, timeout_ms, &eno);
+    rc = cuju_link_recv(&s->link, f, CUJU_FRAME_HDR_LEN, timeout_ms, &eno);
     if (rc != CUJU_OK) {
         fail(s, rc, eno, 0, "waiting for the backup's HELLO reply: %s", cuju_strerror(rc));
         return rc;
@@ -187,7 +200,7 @@ int cuju_sender_handshake(struct cuju_sender *s, int timeout_ms, uint64_t *last_
     uint64_t len = cuju_get_le64(f + 8);
     if (type == CUJU_FRAME_ERROR && flags == 0 && len >= 8 && len <= 8 + CUJU_WIRE_MAX_ERRMSG) {
         uint8_t e[8 + CUJU_WIRE_MAX_ERRMSG + 1];
-        rc = cuju_recv_all(s->fd, e, len, timeout_ms, &eno);
+        rc = cuju_link_recv(&s->link, e, len, timeout_ms, &eno);
         if (rc != CUJU_OK) {
             fail(s, rc, eno, 0, "reading the backup's ERROR frame: %s", cuju_strerror(rc));
             return rc;
@@ -204,7 +217,7 @@ int cuju_sender_handshake(struct cuju_sender *s, int timeout_ms, uint64_t *last_
              (unsigned long long)len);
         return CUJU_E_FRAME;
     }
-    rc = cuju_recv_all(s->fd, f + 16, CUJU_HELLO_LEN, timeout_ms, &eno);
+    rc = cuju_link_recv(&s->link, f + 16, CUJU_HELLO_LEN, timeout_ms, &eno);
     if (rc != CUJU_OK) {
         fail(s, rc, eno, 0, "reading the HELLO reply: %s", cuju_strerror(rc));
         return rc;
@@ -261,7 +274,8 @@ static int page_is_zero(const uint8_t *p, uint32_t len)
 }
 
 int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx, size_t n,
-                      const uint8_t *dev, size_t devlen, int timeout_ms)
+                      const uint8_t *dev, size_t devlen, const struct cuju_disk_part *parts, size_t nparts,
+                      int timeout_ms)
 {
     int rc = CUJU_OK;
     struct timespec dl, *dlp = NULL;
@@ -303,7 +317,20 @@ int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx
     pthread_mutex_unlock(&s->lock);
 
     /* The buffer is ours (FREE, and only this caller moves it out of FREE). */
-    if (n > s->region_pages || devlen > CUJU_WIRE_MAX_DEVSTATE) {
+    if (n > s->region_pages || devlen > CUJU_WIRE_MAX_DEVSTATE || (nparts && !s->disks)) {
+        rc = CUJU_E_ARG;
+        goto out;
+    }
+    uint64_t disklen = 0;
+    for (size_t i = 0; i < nparts; i++) {
+        if (parts[i].len % 8 || parts[i].len > CUJU_WIRE_MAX_DISK || parts[i].disk >= (s->disks >> 32)) {
+            rc = CUJU_E_ARG;
+            goto out;
+        }
+        if (parts[i].len)
+            disklen += CUJU_DJ_PART_LEN + parts[i].len;
+    }
+    if (disklen > CUJU_WIRE_MAX_DISK) {
         rc = CUJU_E_ARG;
         goto out;
     }
@@ -341,16 +368,25 @@ int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx
     if (devlen)
         memcpy(p, dev, devlen);
     p += devlen;
+    for (size_t i = 0; i < nparts; i++) {
+        if (parts[i].len == 0)
+            continue;
+        cuju_put_le32(p, parts[i].disk);
+        cuju_put_le32(p + 4, 0);
+        cuju_put_le64(p + 8, parts[i].len);
+        memcpy(p + CUJU_DJ_PART_LEN, parts[i].records, parts[i].len);
+        p += CUJU_DJ_PART_LEN + parts[i].len;
+    }
     cuju_put_le64(p, CUJU_WIRE_END_MAGIC);
     cuju_put_le64(p + 8, epoch);
     cuju_put_le64(p + 16, 0);   /* checksum: the send thread fills it in */
-    uint64_t plen = cuju_epoch_payload_len(n, ndata, ps, devlen);
+    uint64_t plen = cuju_epoch_payload_len(n, ndata, ps, devlen, disklen);
     cuju_frame_header(m, CUJU_FRAME_EPOCH, plen);
     cuju_put_le64(m + 16, epoch);
     cuju_put_le64(m + 24, n);
     cuju_put_le64(m + 32, ndata);
     cuju_put_le64(m + 40, devlen);
-    cuju_put_le64(m + 48, 0);
+    cuju_put_le64(m + 48, disklen);
     b->len = CUJU_FRAME_HDR_LEN + plen;
     b->epoch = epoch;
     uint64_t dt = cuju_now_ns() - t0;
@@ -365,6 +401,7 @@ int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx
     s->st.zero_pages += nzero;
     s->st.saved_bytes += nzero * ps;
     s->st.devstate_bytes += devlen;
+    s->st.disk_bytes += disklen;
     s->st.stage_ns += dt;
     s->st.last_stage_ns = dt;
     s->st.last_staged_epoch = epoch;
@@ -415,7 +452,7 @@ static void *send_main(void *arg)
                 pthread_mutex_unlock(&s->lock);
                 uint8_t f[CUJU_FRAME_HDR_LEN];
                 cuju_frame_header(f, CUJU_FRAME_CLOSE, 0);
-                int rc = cuju_send_all(s->fd, f, sizeof(f), s->io_timeout_ms, &eno);
+                int rc = cuju_link_send(&s->link, f, sizeof(f), s->io_timeout_ms, &eno);
                 if (rc != CUJU_OK)
                     fail(s, rc, eno, 0, "sending CLOSE: %s", cuju_strerror(rc));
             }
@@ -437,7 +474,7 @@ static void *send_main(void *arg)
                 cuju_put_le64(b->mem + body, cuju_csum_final(&h));
                 end = b->len;
             }
-            rc = cuju_send_all(s->fd, b->mem + off, end - off, s->io_timeout_ms, &eno);
+            rc = cuju_link_send(&s->link, b->mem + off, end - off, s->io_timeout_ms, &eno);
             if (rc != CUJU_OK)
                 break;
             off = end;
@@ -486,7 +523,7 @@ static void *ack_main(void *arg)
     int eno = 0;
 
     for (;;) {
-        int rc = cuju_recv_all(s->fd, f, CUJU_FRAME_HDR_LEN, -1, &eno);
+        int rc = cuju_link_recv(&s->link, f, CUJU_FRAME_HDR_LEN, -1, &eno);
         if (rc != CUJU_OK) {
             pthread_mutex_lock(&s->lock);
             int quiet = s->stopping || (rc == CUJU_E_EOF && s->close_sent &&
@@ -503,7 +540,7 @@ static void *ack_main(void *arg)
             break;
         }
         if (type == CUJU_FRAME_ACK && len == CUJU_ACK_LEN) {
-            rc = cuju_recv_all(s->fd, f + 16, 8, s->io_timeout_ms, &eno);
+            rc = cuju_link_recv(&s->link, f + 16, 8, s->io_timeout_ms, &eno);
             if (rc != CUJU_OK) {
                 fail(s, rc, eno, 0, "reading an ACK: %s", cuju_strerror(rc));
                 break;
@@ -535,7 +572,7 @@ static void *ack_main(void *arg)
             continue;
         }
         if (type == CUJU_FRAME_ERROR && len >= 8 && len <= 8 + CUJU_WIRE_MAX_ERRMSG) {
-            rc = cuju_recv_all(s->fd, f + 16, len, s->io_timeout_ms, &eno);
+            rc = cuju_link_recv(&s->link, f + 16, len, s->io_timeout_ms, &eno);
             if (rc != CUJU_OK) {
                 fail(s, rc, eno, 0, "reading the backup's ERROR frame: %s", cuju_strerror(rc));
                 break;
@@ -651,6 +688,7 @@ void cuju_sender_free(struct cuju_sender *s)
     for (int i = 0; i < 2; i++)
         if (s->buf[i].mem)
             munmap(s->buf[i].mem, s->buf[i].cap);
+    cuju_link_clear(&s->link);
     pthread_mutex_destroy(&s->lock);
     pthread_mutex_destroy(&s->caller_lock);
     pthread_cond_destroy(&s->cond);

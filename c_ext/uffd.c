@@ -16,6 +16,14 @@
 
 #define SCAN_VEC_LEN 4096
 
+/* Sync mode, lock held: page p's word of unprot/report/cooled may be non-zero now. */
+static inline void
+touch_summary(struct uffd_tracker *t, uint64_t p)
+{
+    uint64_t w = p / 64;
+    t->summary_bm[w / 64] |= 1ULL << (w % 64);
+}
+
 int
 uffd_create(bool user_mode_only)
 {
@@ -71,8 +79,18 @@ record_removed(struct uffd_tracker *t, uint64_t from, uint64_t to)
     pthread_mutex_lock(&t->lock);
     t->events_remove++;
     t->any_removed = true;
-    for (uint64_t p = first; p < last; p++)
-        t->removed_bm[p / 64] |= 1ULL << (p % 64);
+    for (uint64_t p = first; p < last; p++) {
+        uint64_t bit = 1ULL << (p % 64);
+        t->removed_bm[p / 64] |= bit;
+        if (t->mode == UFFD_MODE_SYNC) {
+            /* A punched hole may have lost its protection marker: treat the page
+             * as writable until it is protected again. */
+            t->unprot_bm[p / 64] |= bit;
+            t->report_bm[p / 64] |= bit;
+            t->age[p] = 0;
+            touch_summary(t, p);
+        }
+    }
     pthread_mutex_unlock(&t->lock);
 }
 
@@ -93,9 +111,60 @@ overlaps(const struct uffd_tracker *t, uint64_t from, uint64_t to)
     return from < t->start + t->length && to > t->start;
 }
 
-/* Read every queued event; returns 0, or -errno when the fd is unusable. */
 static int
-drain_events(struct uffd_tracker *t)
+writeprotect(const struct uffd_tracker *t, uint64_t first, uint64_t npages, bool protect)
+{
+    struct uffdio_writeprotect wp = {
+        .range = {.start = t->start + first * t->page_size, .len = npages * t->page_size},
+        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+    for (int tries = 0; tries < 100; tries++) {
+        if (ioctl(t->uffd, UFFDIO_WRITEPROTECT, &wp) == 0)
+            return 0;
+        if (errno != EAGAIN && errno != EINTR)
+            return -errno;
+    }
+    return -EAGAIN;
+}
+
+/* Sync mode: the target's thread waits on a write fault at page p. Record the page
+ * first, then un-protect it (which wakes the thread). If that fails the thread would
+ * fault for ever: un-protect the whole range and give up tracking (every harvest
+ * from now on asks for a full resync). */
+static void
+resolve_fault(struct uffd_tracker *t, uint64_t addr)
+{
+    uint64_t p = (addr - t->start) / t->page_size;
+    uint64_t bit = 1ULL << (p % 64);
+
+    if (addr < t->start || p >= t->length / t->page_size) {
+        mark_resync(t, 0);
+        return;
+    }
+    pthread_mutex_lock(&t->lock);
+    t->unprot_bm[p / 64] |= bit;
+    t->report_bm[p / 64] |= bit;
+    if (t->cooled_bm[p / 64] & bit) /* it was protected again too early */
+        t->hold[p] = t->hold[p] >= UFFD_HOLD_MAX / 2 ? UFFD_HOLD_MAX : (uint8_t)(t->hold[p] * 2);
+    t->age[p] = 0;
+    touch_summary(t, p);
+    t->faults++;
+    pthread_mutex_unlock(&t->lock);
+    int err = writeprotect(t, p, 1, false);
+    if (err < 0) {
+        pthread_mutex_lock(&t->lock);
+        t->broken = true;
+        t->resync = true;
+        t->thread_errno = -err;
+        pthread_mutex_unlock(&t->lock);
+        writeprotect(t, 0, t->length / t->page_size, false);
+    }
+}
+
+/* Read every queued event; caller holds read_lock. Returns 0, or -errno when
+ * the fd is unusable. */
+static int
+drain_events_locked(struct uffd_tracker *t)
 {
     struct uffd_msg msgs[64];
 
@@ -124,13 +193,107 @@ drain_events(struct uffd_tracker *t)
                 if (overlaps(t, m->arg.remap.from, m->arg.remap.from + m->arg.remap.len))
                     mark_resync(t, 0);
                 break;
+            case UFFD_EVENT_PAGEFAULT:
+                if (t->mode == UFFD_MODE_SYNC && (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)) {
+                    resolve_fault(t, m->arg.pagefault.address & ~(t->page_size - 1));
+                    break;
+                }
+                /* A fault we did not ask for (async mode resolves WP faults in the
+                 * kernel): wake the thread, the tracker's assumptions no longer hold. */
+                mark_resync(t, 0);
+                {
+                    struct uffdio_range wake = {.start = m->arg.pagefault.address & ~(t->page_size - 1),
+                                                .len = t->page_size};
+                    ioctl(t->uffd, UFFDIO_WAKE, &wake);
+                }
+                break;
             default:
-                /* A page fault message or an event we did not ask for: the
-                 * tracker's assumptions no longer hold. */
+                /* An event we did not ask for: the tracker's assumptions no longer hold. */
                 mark_resync(t, 0);
                 break;
             }
         }
+    }
+}
+
+/* Read every queued event and record it before returning (under read_lock);
+ * returns 0, or -errno when the fd is unusable. */
+static int
+drain_events(struct uffd_tracker *t)
+{
+    pthread_mutex_lock(&t->read_lock);
+    int err = drain_events_locked(t);
+    pthread_mutex_unlock(&t->read_lock);
+    return err;
+}
+
+/* Sync mode, event thread: protect up to `budget` queued pages again (runs of
+ * consecutive pages in one ioctl). Returns true while work is left. */
+static bool
+cool_some(struct uffd_tracker *t, uint64_t budget)
+{
+    uint64_t npages = t->length / t->page_size;
+
+    for (;;) {
+        uint64_t first, n = 0;
+        pthread_mutex_lock(&t->lock);
+        /* Skip entries that are no longer writable (a re-arm cleared them). */
+        while (t->cool_done < t->cool_len) {
+            uint64_t p = t->cool_queue[t->cool_done];
+            if ((t->unprot_bm[p / 64] >> (p % 64)) & 1)
+                break;
+            t->cool_done++;
+        }
+        if (t->cool_done >= t->cool_len || budget == 0 || t->broken) {
+            bool left = t->cool_done < t->cool_len && !t->broken;
+            pthread_mutex_unlock(&t->lock);
+            return left;
+        }
+        first = t->cool_queue[t->cool_done];
+        while (t->cool_done + n < t->cool_len && n < budget && t->cool_queue[t->cool_done + n] == first + n &&
+               ((t->unprot_bm[(first + n) / 64] >> ((first + n) % 64)) & 1))
+            n++;
+        pthread_mutex_unlock(&t->lock);
+        if (first + n > npages)
+            return false;
+        /* Protect first, then clear the bits: a fault after the ioctl is handled
+         * by this same thread afterwards and sets them again. */
+        int err = writeprotect(t, first, n, true);
+        pthread_mutex_lock(&t->lock);
+        t->cool_done += n;
+        if (err == 0) {
+            for (uint64_t p = first; p < first + n; p++) {
+                uint64_t bit = 1ULL << (p % 64);
+                t->unprot_bm[p / 64] &= ~bit;
+                t->cooled_bm[p / 64] |= bit;
+                t->age[p] = 0;
+                touch_summary(t, p);
+            }
+            t->reprotected += n;
+        } else {
+            /* Still writable: stays in unprot_bm, so it is reported; try later. */
+            for (uint64_t p = first; p < first + n; p++)
+                t->age[p] = 0;
+        }
+        pthread_mutex_unlock(&t->lock);
+        budget = budget > n ? budget - n : 0;
+    }
+}
+
+/* The event thread cannot go on. In sync mode nobody would resolve the next write
+ * fault and the target would hang: un-protect the whole range first (and wake
+ * whoever waits); every harvest from now on asks for a full resync. */
+static void
+give_up(struct uffd_tracker *t, int err)
+{
+    mark_resync(t, err);
+    if (t->mode == UFFD_MODE_SYNC) {
+        struct uffdio_range all = {.start = t->start, .len = t->length};
+        pthread_mutex_lock(&t->lock);
+        t->broken = true;
+        pthread_mutex_unlock(&t->lock);
+        writeprotect(t, 0, t->length / t->page_size, false);
+        ioctl(t->uffd, UFFDIO_WAKE, &all);
     }
 }
 
@@ -139,37 +302,50 @@ event_thread(void *arg)
 {
     struct uffd_tracker *t = arg;
     sigset_t all;
+    bool work = false;
 
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
     for (;;) {
-        struct pollfd p[2] = {{.fd = t->uffd, .events = POLLIN}, {.fd = t->stop_pipe[0], .events = POLLIN}};
-        int r = poll(p, 2, -1);
+        struct pollfd p[3] = {{.fd = t->uffd, .events = POLLIN}, {.fd = t->stop_pipe[0], .events = POLLIN},
+                              {.fd = t->work_pipe[0], .events = POLLIN}};
+        int r = poll(p, t->mode == UFFD_MODE_SYNC ? 3 : 2, work ? 0 : -1);
+        if (r >= 0 && t->mode == UFFD_MODE_SYNC) {
+            if (p[2].revents & POLLIN) {
+                char buf[64];
+                while (read(t->work_pipe[0], buf, sizeof(buf)) > 0) {
+                }
+                work = true;
+            }
+        }
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            mark_resync(t, errno);
+            give_up(t, errno);
             return NULL;
         }
         if (p[1].revents)
             return NULL;
         if (p[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
-            mark_resync(t, EIO);
+            give_up(t, EIO);
             return NULL;
         }
         if (p[0].revents & POLLIN) {
             int err = drain_events(t);
             if (err < 0) {
-                mark_resync(t, -err);
+                give_up(t, -err);
                 return NULL;
             }
         }
+        /* Faults first, then a slice of the re-protection work. */
+        if (work)
+            work = cool_some(t, 256);
     }
 }
 
 int
 uffd_tracker_open(struct uffd_tracker *t, int uffd, int pid, uint64_t start, uint64_t length,
-                  int nwalkers, uint64_t *missing)
+                  int nwalkers, enum uffd_mode mode, uint64_t *missing)
 {
     struct uffdio_api api = {.api = UFFD_API};
     char path[64];
@@ -178,12 +354,13 @@ uffd_tracker_open(struct uffd_tracker *t, int uffd, int pid, uint64_t start, uin
 
     memset(t, 0, sizeof(*t));
     t->uffd = uffd;
-    t->pagemap_fd = t->stop_pipe[0] = t->stop_pipe[1] = -1;
+    t->pagemap_fd = t->stop_pipe[0] = t->stop_pipe[1] = t->work_pipe[0] = t->work_pipe[1] = -1;
     t->page_size = (uint64_t)ps;
+    t->mode = mode;
     t->start = start;
     t->length = length;
     *missing = 0;
-    if (pthread_mutex_init(&t->lock, NULL) != 0) {
+    if (pthread_mutex_init(&t->lock, NULL) != 0 || pthread_mutex_init(&t->read_lock, NULL) != 0) {
         close(uffd);
         t->uffd = -1;
         return -ENOMEM;
@@ -209,27 +386,48 @@ uffd_tracker_open(struct uffd_tracker *t, int uffd, int pid, uint64_t start, uin
     /* Ask for exactly what we need plus the optional extras the kernel offers.
      * The kernel rejects unknown bits with EINVAL, so probe first. */
     struct uffd_caps caps;
+    uint64_t required = mode == UFFD_MODE_SYNC ? CUJU_UFFD_REQUIRED_SYNC : CUJU_UFFD_REQUIRED;
     if (uffd_probe(&caps, true) == 0 && caps.features) {
-        *missing = CUJU_UFFD_REQUIRED & ~caps.features;
+        *missing = required & ~caps.features;
         if (*missing) {
             err = -EPROTONOSUPPORT;
             goto error;
         }
-        if (!caps.pagemap_scan) {
+        if (!caps.pagemap_scan && mode == UFFD_MODE_ASYNC) {
             err = -ENOTTY;
             goto error;
         }
-        api.features = CUJU_UFFD_REQUIRED | (CUJU_UFFD_OPTIONAL & caps.features);
+        api.features = required | (CUJU_UFFD_OPTIONAL & caps.features);
     } else {
-        api.features = CUJU_UFFD_REQUIRED;
+        api.features = required;
     }
     if (ioctl(uffd, UFFDIO_API, &api) < 0) {
         err = -errno;
         if (err == -EINVAL)
-            *missing = CUJU_UFFD_REQUIRED;
+            *missing = required;
         goto error;
     }
     t->features = api.features;
+    if (mode == UFFD_MODE_SYNC) {
+        uint64_t npages = length / t->page_size;
+        t->unprot_bm = calloc((npages + 63) / 64, sizeof(uint64_t));
+        t->report_bm = calloc((npages + 63) / 64, sizeof(uint64_t));
+        t->cooled_bm = calloc((npages + 63) / 64, sizeof(uint64_t));
+        t->summary_bm = calloc(((npages + 63) / 64 + 63) / 64, sizeof(uint64_t));
+        t->age = calloc(npages, 1);
+        t->hold = malloc(npages);
+        t->cool_queue = malloc(npages * sizeof(uint64_t));
+        if (!t->unprot_bm || !t->report_bm || !t->cooled_bm || !t->summary_bm || !t->age || !t->hold ||
+            !t->cool_queue) {
+            err = -ENOMEM;
+            goto error;
+        }
+        memset(t->hold, 1, npages);
+        if (pipe2(t->work_pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
+            err = -errno;
+            goto error;
+        }
+    }
 
     t->vec_len = SCAN_VEC_LEN;
     t->vec = calloc(t->vec_len, sizeof(*t->vec));
@@ -304,6 +502,17 @@ uffd_tracker_arm(struct uffd_tracker *t)
     memset(t->removed_bm, 0, t->bm_words * sizeof(uint64_t));
     t->any_removed = false;
     t->resync = false;
+    if (t->mode == UFFD_MODE_SYNC) {
+        uint64_t npages = t->length / t->page_size;
+        memset(t->unprot_bm, 0, t->bm_words * sizeof(uint64_t));
+        memset(t->report_bm, 0, t->bm_words * sizeof(uint64_t));
+        memset(t->cooled_bm, 0, t->bm_words * sizeof(uint64_t));
+        memset(t->summary_bm, 0, (t->bm_words + 63) / 64 * sizeof(uint64_t));
+        memset(t->age, 0, npages);
+        memset(t->hold, 1, npages);
+        t->cool_len = t->cool_done = 0;
+        t->broken = false;
+    }
     pthread_mutex_unlock(&t->lock);
     return 0;
 }
@@ -418,6 +627,97 @@ walk_parallel(struct uffd_tracker *t, uint64_t *out, uint64_t cap, uint64_t *n, 
     return err;
 }
 
+struct sync_pass {
+    uint64_t *out, cap, n; /* reported pages */
+    uint64_t hot, queued;
+};
+
+/* Sync mode, lock held: one word of the bitmaps (pages w*64 .. w*64+63). Returns
+ * true when the word is all zero in every bitmap afterwards. */
+static bool
+harvest_word(struct uffd_tracker *t, uint64_t w, struct sync_pass *sp)
+{
+    uint64_t npages = t->length / t->page_size;
+    uint64_t rep = t->report_bm[w], un = t->unprot_bm[w], cooled = t->cooled_bm[w];
+    bool empty = un == 0;
+
+    t->report_bm[w] = un; /* still writable: reported again next time */
+    t->cooled_bm[w] = 0;
+    while (rep) {
+        uint64_t p = w * 64 + (uint64_t)__builtin_ctzll(rep);
+        rep &= rep - 1;
+        if (sp->n < sp->cap)
+            sp->out[sp->n] = p;
+        sp->n++;
+    }
+    /* Protected again and quiet since: it may stay protected longer next time. */
+    cooled &= ~un;
+    while (cooled) {
+        uint64_t p = w * 64 + (uint64_t)__builtin_ctzll(cooled);
+        cooled &= cooled - 1;
+        if (t->hold[p] > 1)
+            t->hold[p] /= 2;
+    }
+    /* Writable pages whose hold ran out are queued for re-protection. */
+    while (un) {
+        uint64_t p = w * 64 + (uint64_t)__builtin_ctzll(un);
+        un &= un - 1;
+        sp->hot++;
+        if (p >= npages || t->age[p] == UINT8_MAX) /* already queued */
+            continue;
+        if (++t->age[p] >= t->hold[p]) {
+            t->age[p] = UINT8_MAX;
+            t->cool_queue[t->cool_len++] = p;
+            sp->queued++;
+        }
+    }
+    return empty;
+}
+
+/* Sync mode: no page-table walk. Emit report_bm, carry the writable pages over
+ * into the next report, queue the pages whose hold ran out for re-protection (the
+ * event thread does it while the VM runs). Visits only the bitmap words the
+ * summary marks: O(dirty + hot) plus one summary bit per 4,096 pages. */
+static int64_t
+harvest_sync(struct uffd_tracker *t, uint64_t *out, uint64_t cap, bool *resync)
+{
+    struct sync_pass sp = {.out = out, .cap = cap};
+    int err = drain_events(t);
+    if (err < 0)
+        mark_resync(t, -err);
+
+    pthread_mutex_lock(&t->lock);
+    *resync = t->resync || t->thread_errno != 0 || t->broken;
+    t->resync = false;
+    t->any_removed = false; /* removed pages are in report_bm already */
+    /* Unfinished re-protection work keeps its place at the front of the queue. */
+    if (t->cool_done > 0) {
+        memmove(t->cool_queue, t->cool_queue + t->cool_done, (t->cool_len - t->cool_done) * sizeof(uint64_t));
+        t->cool_len -= t->cool_done;
+        t->cool_done = 0;
+    }
+    for (uint64_t sw = 0; sw < (t->bm_words + 63) / 64; sw++) {
+        uint64_t words = t->summary_bm[sw];
+        while (words) {
+            uint64_t bit = words & -words;
+            uint64_t w = sw * 64 + (uint64_t)__builtin_ctzll(words);
+            words &= words - 1;
+            if (harvest_word(t, w, &sp))
+                t->summary_bm[sw] &= ~bit;
+        }
+    }
+    t->hot = sp.hot;
+    pthread_mutex_unlock(&t->lock);
+    if (sp.queued && write(t->work_pipe[1], "w", 1) < 0) {
+        /* The pipe is full: the event thread has a wake-up pending anyway. */
+    }
+    if (sp.n > cap) {
+        *resync = true;
+        sp.n = cap;
+    }
+    return (int64_t)sp.n;
+}
+
 int64_t
 uffd_tracker_harvest(struct uffd_tracker *t, uint64_t *out, uint64_t cap, bool *resync)
 {
@@ -428,6 +728,8 @@ uffd_tracker_harvest(struct uffd_tracker *t, uint64_t *out, uint64_t cap, bool *
     *resync = false;
     if (!t->armed)
         return -EBADFD;
+    if (t->mode == UFFD_MODE_SYNC)
+        return harvest_sync(t, out, cap, resync);
 
     /* Events already queued belong to this epoch: read them before scanning. The
      * event thread may read concurrently; both paths go through the lock. */
@@ -493,6 +795,25 @@ uffd_tracker_harvest(struct uffd_tracker *t, uint64_t *out, uint64_t cap, bool *
 }
 
 void
+uffd_tracker_settle(struct uffd_tracker *t)
+{
+    if (t->mode != UFFD_MODE_SYNC || !t->armed)
+        return;
+    /* Pages protected since the harvest were protected while the VM stood still:
+     * nothing wrote them in between, so the next harvest need not report them. */
+    pthread_mutex_lock(&t->lock);
+    for (uint64_t sw = 0; sw < (t->bm_words + 63) / 64; sw++) {
+        uint64_t words = t->summary_bm[sw];
+        while (words) {
+            uint64_t w = sw * 64 + (uint64_t)__builtin_ctzll(words);
+            words &= words - 1;
+            t->report_bm[w] &= ~(t->cooled_bm[w] & ~t->unprot_bm[w]);
+        }
+    }
+    pthread_mutex_unlock(&t->lock);
+}
+
+void
 uffd_tracker_close(struct uffd_tracker *t)
 {
     if (t->thread_started) {
@@ -507,6 +828,9 @@ uffd_tracker_close(struct uffd_tracker *t)
         if (t->stop_pipe[i] >= 0)
             close(t->stop_pipe[i]);
         t->stop_pipe[i] = -1;
+        if (t->work_pipe[i] >= 0)
+            close(t->work_pipe[i]);
+        t->work_pipe[i] = -1;
     }
     if (t->pagemap_fd >= 0)
         close(t->pagemap_fd);
@@ -523,6 +847,16 @@ uffd_tracker_close(struct uffd_tracker *t)
     t->bitmap = NULL;
     free(t->removed_bm);
     t->removed_bm = NULL;
+    free(t->unprot_bm);
+    free(t->report_bm);
+    free(t->cooled_bm);
+    free(t->summary_bm);
+    t->summary_bm = NULL;
+    free(t->age);
+    free(t->hold);
+    free(t->cool_queue);
+    t->unprot_bm = t->report_bm = t->cooled_bm = t->cool_queue = NULL;
+    t->age = t->hold = NULL;
     for (int i = 0; i < CUJU_UFFD_MAX_WALKERS; i++) {
         free(t->walker_vec[i]);
         free(t->walker_out[i]);
@@ -530,4 +864,5 @@ uffd_tracker_close(struct uffd_tracker *t)
         t->walker_out[i] = NULL;
     }
     pthread_mutex_destroy(&t->lock);
+    pthread_mutex_destroy(&t->read_lock);
 }

@@ -14,7 +14,7 @@
  * Every frame starts with a 16-byte frame header:
  *
  *     u32 type     CUJU_FRAME_* below
- *     u32 flags    must be 0 in version 1 (a non-zero value is CUJU_E_FRAME)
+ *     u32 flags    must be 0 in versions 1 and 2 (a non-zero value is CUJU_E_FRAME)
  *     u64 length   bytes of payload after this header; exact or bounded per
  *                  type (see "Limits"); anything else is CUJU_E_FRAME
  *
@@ -26,12 +26,17 @@
  *        u32 page_size    bytes per page (power of two, 4096 .. 2 MiB)
  *        u64 region_size  bytes of guest RAM replicated (multiple of page_size)
  *        u64 session_id   random, chosen by the sender; seeds every checksum
- *        u64 reserved     0
+ *        u64 disks        0 without replicated disks, else the disk count in
+ *                         bits 32..63 and, in bits 0..31, the CRC-32C (zlib
+ *                         convention, from 0) of the count and every disk's
+ *                         size in bytes, each as a little-endian u64, in
+ *                         disk order (cuju_disk_geometry)
  * 2. receiver -> HELLO_REPLY (same 40-byte layout, session_id echoed) with the
  *    last field replaced by
  *        u64 last_applied the epoch the backup's region holds now (0 = none)
- *    or -> ERROR and close, when magic, version, page size or region size do
- *    not match its own (CUJU_E_MAGIC / CUJU_E_VERSION / CUJU_E_GEOMETRY).
+ *    or -> ERROR and close, when magic, version, page size, region size or
+ *    disks do not match its own (CUJU_E_MAGIC / CUJU_E_VERSION /
+ *    CUJU_E_GEOMETRY).
  *    The sender checks the reply the same way.
  *
  * Epoch (sender -> receiver), frame type EPOCH
@@ -43,7 +48,8 @@
  *         u64 npages        page records that follow (<= region pages)
  *         u64 ndata         records whose encoding is FULL (<= npages)
  *         u64 devstate_len  bytes of device state (<= CUJU_WIRE_MAX_DEVSTATE)
- *         u64 reserved      0
+ *         u64 disk_len      bytes of the disk section (<= CUJU_WIRE_MAX_DISK,
+ *                           a multiple of 8; 0 without disks)
  *     page table: npages x u64 records
  *         bits  0..47  page index (< region_size / page_size, CUJU_E_INDEX)
  *         bits 48..55  0
@@ -53,6 +59,10 @@
  *     page data: ndata x page_size bytes
  *     device state: devstate_len bytes (QEMU's migration stream of devices,
  *                   opaque here)
+ *     disk section: disk_len bytes, the epoch's writes, write-zeroes and
+ *                   trims of every replicated disk, as parts of records laid
+ *                   out in diskjournal.h; the receiver checks every record
+ *                   against its replica list before committing the epoch
  *     end-of-epoch trailer, 24 bytes:
  *         u64 magic      CUJU_WIRE_END_MAGIC ("CUJU-END")
  *         u64 epoch      the same epoch number again
@@ -60,7 +70,8 @@
  *                        bits zero; seeded with session_id; over every byte
  *                        of the frame from the first byte of the frame header
  *                        up to and including the trailer's epoch field
- *     length = 40 + 8*npages + ndata*page_size + devstate_len + 24, exactly.
+ *     length = 40 + 8*npages + ndata*page_size + devstate_len + disk_len + 24,
+ *     exactly.
  * Records are applied in table order; a page listed twice ends with the later
  * record's content.
  *
@@ -69,7 +80,7 @@
  * For each dirty page index, in the order given: if the page's first 8 bytes
  * are zero the whole page is tested and, when all zero, sent as a ZERO record
  * (saving page_size bytes, counted in saved_bytes); every other page is copied
- * whole (FULL). Version 1 sends no sub-page deltas: neither dirty tracker
+ * whole (FULL). Versions 1 and 2 send no sub-page deltas: neither dirty tracker
  * hands the sender the previous content of a page (only the `scan` tracker
  * keeps a shadow), and a delta against content the backup may not hold after
  * a reconnect would corrupt the replica silently. A later version may add a
@@ -85,6 +96,15 @@
  *     n bytes        UTF-8 text for the log, not NUL-terminated
  * After sending ERROR the sender of it closes the connection.
  *
+ * Encryption
+ * ----------
+ * When the two ends agreed keys (over the TLS peer channel: see aead.h and
+ * cuju_libvirt/ft_engine/linkkeys.py), every byte above, HELLO included,
+ * travels inside AES-256-GCM records of aead.h; the frames are unchanged. A
+ * record that fails authentication ends the connection (CUJU_E_AUTH) before
+ * its bytes reach the frame layer, so a tampered epoch is never committed.
+ * The CRC stays: it covers what the journal replays after a crash.
+ *
  * Close (sender -> receiver), frame type CLOSE, payload 0: orderly end of the
  * session after the last epoch; the receiver finishes applying and returns.
  *
@@ -97,9 +117,11 @@
  * any check is never applied and ends the connection. Then it COMMITS the
  * epoch by writing the slot's (length, checksum, epoch) into the journal's
  * meta page (epoch last), sends ACK, and hands the slot to the apply thread,
- * which copies pages into the region, writes the device state to
- * "<path>.tmp" and renames it over <path>, and only then records
- * applied_epoch in the meta page. The next epoch is received into the other
+ * which copies pages into the region, applies the disk section to the
+ * replica images, writes the device state to "<path>.tmp" and renames it
+ * over <path>, and only then records applied_epoch in the meta page. Memory,
+ * disks and device state of an epoch are thus acknowledged together (one
+ * frame, one commit) and applied together (one replayable slot). The next epoch is received into the other
  * slot meanwhile (pipelined; the receive thread waits for a slot whose epoch
  * is applied).
  *
@@ -155,6 +177,7 @@ enum cuju_page_encoding {
 #define CUJU_WIRE_MAX_PAGE       (2u << 20)
 #define CUJU_WIRE_MAX_REGION     (UINT64_C(1) << 42)   /* 4 TiB */
 #define CUJU_WIRE_MAX_DEVSTATE   (UINT64_C(256) << 20) /* 256 MiB */
+#define CUJU_WIRE_MAX_DISK       (UINT64_C(1) << 30)   /* 1 GiB per epoch */
 #define CUJU_WIRE_MAX_ERRMSG     256u
 #define CUJU_WIRE_INDEX_MASK     ((UINT64_C(1) << 48) - 1)
 #define CUJU_WIRE_RESERVED_MASK  (UINT64_C(0xff) << 48)
@@ -179,6 +202,7 @@ enum cuju_err {
     CUJU_E_CLOSED    = 14,  /* the object was closed */
     CUJU_E_NOMEM     = 15,
     CUJU_E_ARG       = 16,  /* the caller's arguments are invalid */
+    CUJU_E_AUTH      = 17,  /* an encrypted record failed authentication (aead.h) */
     CUJU_E__COUNT
 };
 
@@ -215,11 +239,13 @@ static inline uint64_t cuju_get_le64(const uint8_t *p)
 /* Bytes of an EPOCH payload with these counts; 0 when it would exceed
  * `max` (or overflow), so callers compare against a computed limit. */
 static inline uint64_t cuju_epoch_payload_len(uint64_t npages, uint64_t ndata, uint32_t page_size,
-                                              uint64_t devstate_len)
+                                              uint64_t devstate_len, uint64_t disk_len)
 {
-    /* Callers bound npages by region pages (< 2^42 / 4096) and devstate_len
-     * by CUJU_WIRE_MAX_DEVSTATE first, so none of this overflows. */
-    return CUJU_EPOCH_HDR_LEN + 8 * npages + ndata * (uint64_t)page_size + devstate_len + CUJU_TRAILER_LEN;
+    /* Callers bound npages by region pages (< 2^42 / 4096), devstate_len by
+     * CUJU_WIRE_MAX_DEVSTATE and disk_len by CUJU_WIRE_MAX_DISK first, so
+     * none of this overflows. */
+    return CUJU_EPOCH_HDR_LEN + 8 * npages + ndata * (uint64_t)page_size + devstate_len + disk_len +
+           CUJU_TRAILER_LEN;
 }
 
 #endif

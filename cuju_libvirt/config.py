@@ -286,14 +286,28 @@ SETTINGS: tuple[Setting[Any], ...] = (
     Setting("peers", PeerMap(), lambda: {},
             "Peer hosts: node name to control address. Both hosts list each other.",
             default_doc="{} (no peer)"),
+    Setting("peer_tls", Text(("on", "off")), "off",
+            "on: the peer channel runs inside mutual TLS 1.3, hosts authorised by certificate "
+            "(tls_* keys; docs/security.md); off: pre-shared key (psk_file), authenticated but "
+            "not encrypted. A host with TLS on refuses a peer without it."),
+    Setting("tls_ca_file", AbsPath(), Path("/etc/pki/cuju-libvirt/ca-cert.pem"),
+            "CA certificate that signs every host of the cluster (peer_tls: on)."),
+    Setting("tls_cert_file", AbsPath(), Path("/etc/pki/cuju-libvirt/host-cert.pem"),
+            "This host's certificate; its subjectAltName DNS entry is node_name (peer_tls: on)."),
+    Setting("tls_key_file", AbsPath(), Path("/etc/pki/cuju-libvirt/private/host-key.pem"),
+            "This host's private key (mode 0600, root; peer_tls: on)."),
     Setting("psk_file", AbsPath(), Path("/etc/cuju-libvirt/psk"),
-            "Pre-shared key for the peer channel (the same file on both hosts, at least "
-            f"{MIN_PSK_BYTES} bytes, owned by root, mode 0600 or stricter)."),
+            "Pre-shared key for the peer channel when peer_tls is off (the same file on both "
+            f"hosts, at least {MIN_PSK_BYTES} bytes, owned by root, mode 0600 or stricter)."),
     Setting("libvirt_uri", Text(), "qemu:///system", "The local libvirt daemon cujud manages."),
     Setting("control_socket", AbsPath(), Path("/run/cuju-libvirt/cujud.sock"),
             "UNIX socket for the hook and the CLI (mode 0600, root only)."),
     Setting("run_dir", AbsPath(), Path("/run/cuju-libvirt"), "Run-time files (sockets)."),
     Setting("state_dir", AbsPath(), Path("/var/lib/cuju-libvirt"), "Persistent state."),
+    Setting("disk_replica_dir", AbsPath(), Path("/var/lib/cuju-libvirt/replicas"),
+            "Where this host keeps, as the backup, the copies of protected disks: "
+            "`DIR/UUID/DEV.FORMAT`, unless the disk's `<cuju:disk replica>` names a path "
+            "(docs/ft-element.md). Needs room for every protected disk of the peer."),
     Setting("metrics_listen", Endpoint(METRICS_PORT), Address("0.0.0.0", METRICS_PORT),
             "Address of the Prometheus exporter."),
     Setting("log_level", Text(LOG_LEVELS, upper=True), "INFO", "Least severe level logged."),
@@ -344,6 +358,11 @@ class Config:
     etcd_endpoints: tuple[str, ...] = ()
     etcd_timeout: float = 1.0
     etcd_prefix: str = "/cuju/v1"
+    peer_tls: str = "off"
+    tls_ca_file: Path = Path("/etc/pki/cuju-libvirt/ca-cert.pem")
+    tls_cert_file: Path = Path("/etc/pki/cuju-libvirt/host-cert.pem")
+    tls_key_file: Path = Path("/etc/pki/cuju-libvirt/private/host-key.pem")
+    disk_replica_dir: Path = Path("/var/lib/cuju-libvirt/replicas")
     sources: Mapping[str, str] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
 

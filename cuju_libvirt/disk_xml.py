@@ -30,7 +30,7 @@ from typing import Literal, NamedTuple
 
 from lxml import etree
 
-from cuju_libvirt._xml import safe_parser
+from cuju_libvirt._xml import indent_of, safe_parser
 from cuju_libvirt.errors import FTElementError
 
 DiskFormat = Literal["raw", "qcow2"]
@@ -325,3 +325,67 @@ def replica_problem(path: str) -> str | None:
     if len(path.encode()) > 4095:
         return "longer than PATH_MAX"
     return None
+
+
+# --- the rewrite ----------------------------------------------------------------------------
+
+#: Children of a file/block ``<source>`` that keep their meaning on the NBD source.
+_KEPT_SOURCE_CHILDREN = ("encryption", "slices")
+ERROR_POLICIES = (("error_policy", "stop"), ("rerror_policy", "stop"))
+
+
+def serve_over_nbd(disk: etree._Element, socket_path: str) -> list[str]:
+    """Rewrite a servable ``<disk>`` in place to the NBD export at ``socket_path``.
+
+    Keeps everything but ``type`` and ``<source>`` (``<encryption>`` and ``<slices>`` move
+    into the new source); adds ``error_policy='stop' rerror_policy='stop'`` to ``<driver>``
+    (created with the image's format if missing) so that a block-server restart pauses the
+    VM instead of failing its I/O. Returns what was dropped (``<source>`` attributes and
+    children that have no meaning on an NBD source).
+    """
+    target = str(target_of(disk))
+    fmt = _format_of(disk)
+    old = disk.find("source")
+    assert old is not None
+    dropped = [f"{name!s}='{value!s}'" for name, value in old.attrib.items() if name not in ("file", "dev")]
+    new = etree.Element("source")
+    new.set("protocol", "nbd")
+    new.set("name", target)
+    host = etree.SubElement(new, "host")
+    host.set("transport", "unix")
+    host.set("socket", socket_path)
+    kept = [c for c in old if isinstance(c.tag, str) and c.tag in _KEPT_SOURCE_CHILDREN]
+    dropped += [f"<{c.tag}>" for c in old if isinstance(c.tag, str) and c.tag not in _KEPT_SOURCE_CHILDREN]
+    for child in kept:
+        new.append(child)
+    _indent_like(new, old)
+    new.tail = old.tail
+    disk.replace(old, new)
+    disk.set("type", "network")
+    driver = disk.find("driver")
+    if driver is None:
+        driver = etree.Element("driver")
+        driver.set("name", "qemu")
+        driver.set("type", fmt)
+        driver.tail = _space_before(disk, disk.index(new))
+        disk.insert(disk.index(new), driver)
+    for name, value in ERROR_POLICIES:
+        driver.set(name, value)
+    return dropped
+
+
+def _space_before(parent: etree._Element, index: int) -> str | None:
+    return parent.text if index == 0 else parent[index - 1].tail
+
+
+def _indent_like(new: etree._Element, old: etree._Element) -> None:
+    """Lay out the children of ``new`` one level below the line of ``old`` (nothing if compact)."""
+    line = indent_of(old)
+    parent = old.getparent()
+    above = indent_of(parent) if parent is not None else None
+    if line is None:
+        return
+    step = line[len(above) :] if above is not None and line.startswith(above) and line != above else "  "
+    new.text = "\n" + line + step
+    for i, child in enumerate(new):
+        child.tail = "\n" + line + (step if i < len(new) - 1 else "")

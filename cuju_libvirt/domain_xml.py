@@ -38,12 +38,12 @@ from cuju_libvirt._xml import Document, close_indent, indent_of, insert_child, i
 from cuju_libvirt.disk_xml import (
     NBD_SOCKET_DIR,
     TARGET_PATTERN,
-    FTDisk,
     record_element,
     record_text,
     replica_problem,
     target_of,
 )
+from cuju_libvirt.disk_xml import FTDisk as FTDisk  # noqa: PLC0414  (re-exported: FTSpec.disks)
 from cuju_libvirt.errors import FTElementError, NotADomainXMLError
 
 #: XML namespace of the element (also exported as ``cuju_libvirt.FT_NAMESPACE``).
@@ -61,6 +61,7 @@ DEFAULT_LINK_PORT = 7791
 Tracker = Literal["auto", "uffd", "scan"]
 Failover = Literal["auto", "manual"]
 PeerUnavailable = Literal["start-unprotected", "refuse-start"]
+EpochPolicy = Literal["output", "fixed"]
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
@@ -149,7 +150,15 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         "link", "link", "endpoint", None,
         f"FT-link data endpoint on the peer, ADDR[:PORT]; default: the peer's host, port {DEFAULT_LINK_PORT}",
     ),
-    Attribute("epoch-ms", "epoch_ms", "int", 20, "epoch length in milliseconds", bounds=(5, 1000)),
+    Attribute("epoch-ms", "epoch_ms", "int", 20,
+              "epoch length in milliseconds (with epoch-policy='output': the longest an epoch lasts)",
+              bounds=(5, 1000)),
+    Attribute(
+        "epoch-policy", "epoch_policy", "choice", "output",
+        "when an epoch ends: output (as soon as held network output waits for it, at the latest "
+        "after epoch-ms) or fixed (every epoch-ms)",
+        choices=("output", "fixed"),
+    ),
     Attribute(
         "tracker", "tracker", "choice", "auto",
         "dirty-page tracker: uffd (userfaultfd write-protect), scan (compare with a shadow copy), "
@@ -222,6 +231,7 @@ class FTSpec:
     peer: str
     link: str | None = None
     epoch_ms: int = 20
+    epoch_policy: EpochPolicy = "output"
     tracker: Tracker = "auto"
     output_commit: bool = True
     max_epoch_packets: int = 5000
@@ -728,16 +738,19 @@ def _placement(element: etree._Element) -> tuple[str | None, str]:
     return own, step
 
 
-def remove_ft_in(root: etree._Element) -> bool:
+def remove_ft_in(root: etree._Element, restore_disks: bool = True) -> bool:
     """Remove the element from a ``<domain>`` tree (and ``<metadata>`` if left empty).
 
-    Returns False when there was no element. An element in another namespace version is
-    refused (:class:`FTElementError`) rather than removed silently.
+    The prepared disks get their recorded originals back (:func:`restore_disks_in`) unless
+    ``restore_disks`` is False (the caller puts the element back later). Returns False when
+    there was no element. An element in another namespace version is refused
+    (:class:`FTElementError`) rather than removed silently.
     """
     element = find_ft(root)
     if element is None:
         return False
-    restore_disks_in(root, disks_from_element(element))
+    if restore_disks:
+        restore_disks_in(root, disks_from_element(element))
     metadata = element.getparent()
     assert metadata is not None
     remove_child(element)
@@ -771,7 +784,10 @@ def restore_disks_in(root: etree._Element, disks: tuple[FTDisk, ...]) -> list[st
     that is there but is no longer the NBD export (edited since) is refused: giving the
     record back would undo that edit, dropping the record would lose the original.
     """
-    by_target = {target_of(d): d for d in root.iterfind("devices/disk")}
+    by_target: dict[str | None, etree._Element] = {}
+    for disk in root.iterfind("devices/disk"):  # an export wins over a clash of target devs
+        if is_nbd_export(disk) or target_of(disk) not in by_target:
+            by_target[target_of(disk)] = disk
     problems: list[str] = []
     for record in disks:
         current = by_target.get(record.target)

@@ -16,6 +16,7 @@ Every error the package raises on purpose derives from :class:`CujuError`::
      |    +-- ProtocolError      the peer broke the wire format (magic, version,
      |    |    |                 geometry, frame, page index, sequence)
      |    |    +-- ChecksumError     an epoch arrived corrupted
+     |    |         +-- LinkAuthError an encrypted FT-link record failed authentication
      |    +-- PeerAbortError     the FT-link peer reported an error and closed the link
      |    +-- ApplyError         the backup could not write the replica
      |    +-- JournalError       the backup's journal is unusable: full resync needed
@@ -123,6 +124,11 @@ class ProtocolError(ReplicationError):
 
 class ChecksumError(ProtocolError):
     """An epoch's checksum did not match: it was corrupted in transit; it was not applied."""
+
+
+class LinkAuthError(ChecksumError):
+    """An encrypted FT-link record failed authentication (tampered, replayed, reordered,
+    injected or not from our peer): the connection ended, nothing of it was applied."""
 
 
 class PeerAbortError(ReplicationError):

@@ -7,8 +7,8 @@ use these functions, so a domain is judged the same way everywhere. Pure: no lib
 
 Why each rule exists (docs/ft-element.md has the user-facing version):
 
-* guest RAM must be file-backed and shared: the device-state save skips shared RAM
-  (``x-ignore-shared``) and the trackers and the standby work on that file;
+* guest RAM must be file-backed and shared: the device-state save carries no RAM at all,
+  the data plane replicates that file, and the trackers and the standby work on it;
 * device DMA that no tracker sees (PCI/USB passthrough, vDPA, NVMe userspace driver,
   vhost-user back-ends, ivshmem, virtio-pmem/nvdimm/virtio-mem backends outside the RAM
   file) would make the replica silently wrong: errors;
@@ -17,8 +17,10 @@ Why each rule exists (docs/ft-element.md has the user-facing version):
 * encrypted guest RAM (``<launchSecurity>``) cannot be read or replicated: an error;
 * devices bound to this host (smartcard readers, host input devices, redirected USB) cannot
   follow the VM: errors;
-* disks and the EFI variable store are not epoch-protected yet: warnings; so is an
-  architecture the failover path is not tested on.
+* writable disks are protected once prepared (served to QEMU by the epoch-journaling
+  block server over NBD, see :mod:`cuju_libvirt.disk_xml`); a disk that is not prepared,
+  or cannot be served, gets a warning naming it: its writes are not epoch-protected. So
+  does the EFI variable store, and an architecture the failover path is not tested on.
 """
 
 from __future__ import annotations
@@ -26,14 +28,28 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import uuid as uuid_module
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import AnyStr, Generic
 
 from lxml import etree
 
-from cuju_libvirt._xml import close_indent, insert_child
-from cuju_libvirt.domain_xml import FTSpec, find_ft, load_domain, spec_from_element
+from cuju_libvirt._xml import close_indent, indent_of, insert_child
+from cuju_libvirt.disk_xml import (
+    ERROR_POLICIES,
+    FTDisk,
+    is_uuid,
+    is_writable,
+    serve_over_nbd,
+    target_of,
+    unservable,
+)
+
+# re-exported: the one socket-path helper both sides of the disk data path use
+from cuju_libvirt.disk_xml import NBD_SOCKET_DIR as NBD_SOCKET_DIR  # noqa: PLC0414
+from cuju_libvirt.disk_xml import nbd_socket_path as nbd_socket_path  # noqa: PLC0414
+from cuju_libvirt.domain_xml import FTSpec, find_ft, is_nbd_export, load_domain, set_ft_in, spec_from_element
 
 LOG = logging.getLogger(__name__)
 
@@ -104,8 +120,8 @@ class _Context:
     def error(self, code: str, subject: str, message: str, fix: str, preparable: bool = False) -> None:
         self.problems.append(Problem(Severity.ERROR, code, subject, message, fix, preparable))
 
-    def warn(self, code: str, subject: str, message: str, fix: str) -> None:
-        self.problems.append(Problem(Severity.WARNING, code, subject, message, fix))
+    def warn(self, code: str, subject: str, message: str, fix: str, preparable: bool = False) -> None:
+        self.problems.append(Problem(Severity.WARNING, code, subject, message, fix, preparable))
 
     def devices(self, tag: str) -> Iterator[etree._Element]:
         yield from self.root.iterfind(f"devices/{tag}")
@@ -135,7 +151,7 @@ def _disk_name(disk: etree._Element) -> str:
     where = ""
     if source is not None:
         for key in ("file", "dev", "name", "volume", "dir", "path"):
-            if source.get(key):
+            if source.get(key) and not (key == "name" and source.get(key) == dev):
                 where = f" ({source.get(key)})"
                 break
     return f"<disk> {dev or '?'}{where}"
@@ -470,17 +486,92 @@ def _rule_balloon(ctx: _Context) -> None:
             )
 
 
+def domain_uuid(root: etree._Element) -> str | None:
+    """The domain's ``<uuid>`` in lower case, None if it has none (or not a valid one)."""
+    text = (root.findtext("uuid") or "").strip().lower()
+    return text if is_uuid(text) else None
+
+
 def _rule_disks(ctx: _Context) -> None:
+    records = {d.target: d for d in ctx.spec.disks} if ctx.spec is not None else {}
+    uuid = domain_uuid(ctx.root)
+    seen: set[str] = set()
     for disk in ctx.devices("disk"):
-        if disk.get("type") in ("vhostuser", "nvme", "vhostvdpa"):
+        if disk.get("type") in ("vhostuser", "nvme", "vhostvdpa") or not is_writable(disk):
+            continue  # reported by the passthrough / vhost-user rules; cdroms and read-only disks
+        target = target_of(disk) or ""
+        seen.add(target)
+        if is_nbd_export(disk):
+            _check_prepared(ctx, disk, records.get(target), uuid)
             continue
-        if disk.get("device", "disk") not in ("disk", "lun") or disk.find("readonly") is not None:
+        if target in records:
+            ctx.error(
+                "disk-record", _disk_name(disk),
+                f"<cuju:ft> records this disk as prepared, but it is no longer the NBD export "
+                f"(the block server would serve {records[target].source}, not what the disk says now)",
+                f"remove <cuju:disk target='{target}'> from <cuju:ft>, then {_PREPARE}",
+            )
+            continue
+        problem = unservable(disk)
+        if problem is not None:
+            why, fix = problem
+            ctx.warn(
+                "disk", _disk_name(disk),
+                f"disk writes are not epoch-protected: {why}; after a failover the standby opens "
+                "the same source, which may hold writes of the lost epoch",
+                fix,
+            )
             continue
         ctx.warn(
             "disk", _disk_name(disk),
             "disk writes are not epoch-protected yet: after a failover the disk may hold writes "
             "of the lost epoch, and the standby on the peer opens the same source",
-            "keep it on storage both hosts reach; make it <readonly/> if the guest only reads it",
+            f"{_PREPARE} (serves it through the replicating block server; the backup keeps a copy)",
+            preparable=True,
+        )
+    for target, record in records.items():
+        if target not in seen:
+            ctx.warn(
+                "disk-record", f"<cuju:disk target='{target}'>",
+                f"records a disk ({record.source}) that the domain no longer has",
+                f"remove <cuju:disk target='{target}'> from <cuju:ft>",
+            )
+
+
+def _check_prepared(ctx: _Context, disk: etree._Element, record: FTDisk | None, uuid: str | None) -> None:
+    name = _disk_name(disk)
+    target = target_of(disk) or "?"
+    if record is None:
+        ctx.error(
+            "disk-record", name,
+            "the disk is an NBD export of cuju-libvirt's block server, but <cuju:ft> has no record "
+            "of the original disk: the server does not know what to serve, and disable cannot give it back",
+            "put the original <disk> back by hand, then "
+            f"{_PREPARE}",
+        )
+        return
+    host = disk.find("source/host")
+    socket = host.get("socket") if host is not None else None
+    if uuid is None:
+        ctx.error(
+            "disk-socket", name,
+            "the domain has no <uuid>, which names the directory of its NBD sockets",
+            f"{_PREPARE} (adds a <uuid>)", preparable=True,
+        )
+    elif socket != nbd_socket_path(uuid, target):
+        ctx.error(
+            "disk-socket", name,
+            f"the NBD socket is {socket}, but the block server of this domain listens on "
+            f"{nbd_socket_path(uuid, target)} (was the domain copied under a new <uuid>?)",
+            f"{_PREPARE} (points the disk at the right socket)", preparable=True,
+        )
+    driver = disk.find("driver")
+    if driver is None or any(driver.get(k) != v for k, v in ERROR_POLICIES):
+        ctx.error(
+            "disk-error-policy", name,
+            "without error_policy='stop' rerror_policy='stop' a restart of the block server fails "
+            "the guest's I/O instead of pausing the VM",
+            f"{_PREPARE} or set both on the disk's <driver>", preparable=True,
         )
 
 
@@ -706,12 +797,82 @@ class PrepareResult(Generic[AnyStr]):
         return not errors(self.problems)
 
 
+def _prepare_uuid(root: etree._Element, changes: list[str]) -> str:
+    uuid = domain_uuid(root)
+    if uuid is not None:
+        return uuid
+    uuid = str(uuid_module.uuid4())
+    element = root.find("uuid")
+    if element is not None:
+        old = (element.text or "").strip()
+        element.text = uuid
+        changes.append(f"replaced the invalid <uuid> '{old}' by {uuid} (it names the NBD socket directory)")
+        return uuid
+    element = etree.Element("uuid")
+    element.text = uuid
+    names = [i for i, child in enumerate(root) if child.tag == "name"]
+    insert_child(root, element, names[0] + 1 if names and names[0] + 1 < len(root) else None)
+    changes.append(f"added <uuid>{uuid}</uuid> (libvirt would pick one at define; it names the NBD sockets)")
+    return uuid
+
+
+def _prepare_disks(root: etree._Element, changes: list[str]) -> None:
+    """Serve every servable writable disk over NBD and record its original in ``<cuju:ft>``.
+
+    Needs the element (the records live in it): without one, disks are left alone.
+    """
+    element = find_ft(root)
+    if element is None:
+        return
+    spec = spec_from_element(element)
+    records = list(spec.disks)
+    targets = {d.target for d in records}
+    disks = [
+        d for d in root.iterfind("devices/disk") if d.get("type") not in ("vhostuser", "nvme", "vhostvdpa")
+    ]
+    pending = [d for d in disks if is_writable(d) and (
+        (not is_nbd_export(d) and target_of(d) not in targets and unservable(d) is None)
+        or (is_nbd_export(d) and target_of(d) in targets)
+    )]
+    if not pending:
+        return
+    uuid = _prepare_uuid(root, changes)
+    for disk in pending:
+        target = str(target_of(disk))
+        socket = nbd_socket_path(uuid, target)
+        if is_nbd_export(disk):
+            host = disk.find("source/host")
+            assert host is not None
+            if host.get("socket") != socket:
+                was = host.get("socket")
+                changes.append(f"pointed <disk> {target} at its NBD socket {socket} (was {was})")
+                host.set("socket", socket)
+            driver = disk.find("driver")
+            if driver is not None and any(driver.get(k) != v for k, v in ERROR_POLICIES):
+                for name, value in ERROR_POLICIES:
+                    driver.set(name, value)
+                changes.append(f"set error_policy='stop' rerror_policy='stop' on <disk> {target}")
+            continue
+        record = FTDisk.from_disk(disk, indent_of(disk))
+        dropped = serve_over_nbd(disk, socket)
+        records.append(record)
+        lost = f"; dropped from its <source>: {', '.join(dropped)}" if dropped else ""
+        changes.append(
+            f"serving <disk> {target} ({record.format} {record.source_type} {record.source}, bus "
+            f"{record.bus}) through the replicating block server: NBD export '{target}' at {socket}, "
+            f"error_policy='stop'; the original is recorded in <cuju:ft>{lost}"
+        )
+    if len(records) != len(spec.disks):
+        set_ft_in(root, spec.replace(disks=tuple(records)))
+
+
 def prepare_in(root: etree._Element) -> list[str]:
     """Make the safe changes in a parsed ``<domain>`` tree; returns what was changed."""
     changes: list[str] = []
     _prepare_memory(root, changes)
     _prepare_nics(root, changes)
     _prepare_qmp(root, changes)
+    _prepare_disks(root, changes)
     for change in changes:
         LOG.debug("prepare %s: %s", (root.findtext("name") or "?").strip(), change)
     return changes

@@ -38,4 +38,10 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ setup.py -nt "$stamp" ] 
     .venv/bin/pip install -q -e ".[test]"
     touch "$stamp"
 fi
+# The block server's nbdkit plugin (c_ext/nbdkit): loaded by nbdkit, not by Python.
+plugin=cuju_libvirt/libexec/nbdkit-cujudisk-plugin.so
+if [ ! -f "$plugin" ] || [ -n "$(find c_ext/nbdkit c_ext/diskjournal.c c_ext/diskjournal.h c_ext/wire.h -newer "$plugin" -print -quit)" ]; then
+    log "building the nbdkit plugin $plugin"
+    make -s -C c_ext/nbdkit
+fi
 log "ready: $ROOT/.venv"

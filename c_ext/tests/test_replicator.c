@@ -114,11 +114,11 @@ static void test_equality(const char *dir)
     tcp_pair(&a, &b);
     struct cuju_receiver *r;
     char msg[CUJU_ERRMSG_LEN];
-    CHECK(cuju_receiver_open(stby, pages * PS, PS, state, jnl, 0, &r, msg, sizeof(msg)) == CUJU_OK, "open: %s",
+    CHECK(cuju_receiver_open(stby, pages * PS, PS, state, jnl, 0, NULL, &r, msg, sizeof(msg)) == CUJU_OK, "open: %s",
           msg);
     CHECK(cuju_receiver_start(r, b, 5000, 5000) == CUJU_OK, "receiver start");
     struct cuju_sender *s;
-    CHECK(cuju_sender_new(a, prim, pages * PS, PS, 42, 5000, &s) == CUJU_OK, "sender new");
+    CHECK(cuju_sender_new(a, prim, pages * PS, PS, 42, 0, 5000, &s) == CUJU_OK, "sender new");
     uint64_t held = 99;
     CHECK(cuju_sender_handshake(s, 5000, &held) == CUJU_OK && held == 0, "handshake");
 
@@ -148,7 +148,7 @@ static void test_equality(const char *dir)
         }
         devlen = rnd() % sizeof(dev);
         fill_random(dev, devlen & ~(size_t)7);
-        CHECK(cuju_sender_stage(s, e, idx, n, dev, devlen, 5000) == CUJU_OK, "stage %llu", (unsigned long long)e);
+        CHECK(cuju_sender_stage(s, e, idx, n, dev, devlen, NULL, 0, 5000) == CUJU_OK, "stage %llu", (unsigned long long)e);
         CHECK(cuju_sender_ship(s) == CUJU_OK, "ship");
         if (e > 1)
             CHECK(cuju_sender_wait_ack(s, e - 1, 5000) == CUJU_OK, "ack %llu", (unsigned long long)e - 1);
@@ -176,7 +176,7 @@ static void test_equality(const char *dir)
 static size_t build_epoch(uint8_t *f, uint64_t epoch, const uint64_t *recs, size_t n, const uint8_t *data,
                           size_t ndata, uint64_t seed)
 {
-    size_t len = CUJU_FRAME_HDR_LEN + cuju_epoch_payload_len(n, ndata, PS, 0);
+    size_t len = CUJU_FRAME_HDR_LEN + cuju_epoch_payload_len(n, ndata, PS, 0, 0);
     cuju_frame_header(f, CUJU_FRAME_EPOCH, len - CUJU_FRAME_HDR_LEN);
     cuju_put_le64(f + 16, epoch);
     cuju_put_le64(f + 24, n);
@@ -204,7 +204,7 @@ static int serve_frame(const char *dir, uint8_t *guarded, size_t pages, const ui
     int sv[2];
     socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
     struct cuju_receiver *r;
-    if (cuju_receiver_open(guarded, pages * PS, PS, state, jnl, 0, &r, msg, sizeof(msg)) != CUJU_OK) {
+    if (cuju_receiver_open(guarded, pages * PS, PS, state, jnl, 0, NULL, &r, msg, sizeof(msg)) != CUJU_OK) {
         fprintf(stderr, "open: %s\n", msg);
         exit(2);
     }
@@ -337,16 +337,16 @@ static int bench(const char *dir, int epochs)
     struct cuju_receiver *r;
     struct cuju_sender *s;
     uint64_t held;
-    if (cuju_receiver_open(stby, pages * PS, PS, state, jnl, 0, &r, msg, sizeof(msg)) != CUJU_OK ||
+    if (cuju_receiver_open(stby, pages * PS, PS, state, jnl, 0, NULL, &r, msg, sizeof(msg)) != CUJU_OK ||
         cuju_receiver_start(r, b, 10000, 10000) != CUJU_OK ||
-        cuju_sender_new(a, prim, pages * PS, PS, 1, 10000, &s) != CUJU_OK ||
+        cuju_sender_new(a, prim, pages * PS, PS, 1, 0, 10000, &s) != CUJU_OK ||
         cuju_sender_handshake(s, 10000, &held) != CUJU_OK)
         return 2;
     struct rusage ru0, ru1, ru2;
     getrusage(RUSAGE_SELF, &ru0);
     uint64_t t0 = cuju_now_ns();
     for (int e = 1; e <= epochs; e++) {
-        if (cuju_sender_stage(s, (uint64_t)e, idx + n * (size_t)(e - 1), n, NULL, 0, 10000) != CUJU_OK ||
+        if (cuju_sender_stage(s, (uint64_t)e, idx + n * (size_t)(e - 1), n, NULL, 0, NULL, 0, 10000) != CUJU_OK ||
             cuju_sender_ship(s) != CUJU_OK || (e > 1 && cuju_sender_wait_ack(s, (uint64_t)e - 1, 10000)))
             return 3;
     }

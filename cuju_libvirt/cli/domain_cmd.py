@@ -30,11 +30,16 @@ from cuju_libvirt.domain_xml import (
     FT_NAMESPACE,
     FT_PREFIX,
     FTSpec,
+    disks_from_element,
+    find_ft,
     libvirt_metadata_xml,
     load_domain,
     parse_domain,
     parse_libvirt_metadata,
     remove_ft_in,
+    restore_disks_in,
+    set_ft_in,
+    spec_from_element,
 )
 from cuju_libvirt.errors import FTElementError, LibvirtError
 from cuju_libvirt.fitness import Problem, check_fitness, check_fitness_in, errors, prepare_in
@@ -149,24 +154,48 @@ def _existing_spec(xml: str, replacing: bool) -> FTSpec | None:
         return None
 
 
-def _prepare_and_define(conn: Any, dom: Any, xml: str, spec: FTSpec, force: bool) -> list[Problem]:
-    """Redefine the domain with the safe changes; returns the problems of what libvirt kept."""
+def _prepare_and_define(
+    conn: Any, dom: Any, xml: str, spec: FTSpec, force: bool
+) -> tuple[list[Problem], FTSpec]:
+    """Redefine the domain with the safe changes; returns the problems of what libvirt kept
+    and the element to set (with the records of the disks prepare rewrote).
+
+    Two steps: the changes outside the disks first, judged on what libvirt kept; the disks
+    only once that is fit (or forced), defined together with the element that records their
+    originals, so that a defined domain never has a rewritten disk without its record.
+    """
     doc = load_domain(xml)
-    remove_ft_in(doc.root)  # the element is set through the metadata API afterwards
+    remove_ft_in(doc.root, restore_disks=False)  # the element is set through the metadata API afterwards
     changes = prepare_in(doc.root)
     remaining = errors(check_fitness_in(doc.root, spec))
     if remaining and not force:
         report_problems(remaining)
         raise CLIError(f"'{dom.name()}' cannot be protected even after --prepare: nothing changed")
     if changes:
-        LOG.info("redefining %s with %d prepared change(s)", dom.name(), len(changes))
-        try:
-            conn.defineXML(doc.to_str())
-        except libvirt.libvirtError as err:
-            raise _libvirt_error(err, f"cannot redefine '{dom.name()}' with the prepared XML") from err
-        print_lines([f"changed: {change}" for change in changes])
+        _define(conn, dom, doc.to_str(), changes)
     # Judge what libvirt actually kept (drivers may drop what they do not support).
-    return check_fitness(_xml(dom, inactive=True), spec)
+    problems = check_fitness(_xml(dom, inactive=True), spec)
+    if errors(problems) and not force:
+        return problems, spec
+    doc = load_domain(_xml(dom, inactive=True))
+    set_ft_in(doc.root, spec)
+    disk_changes = prepare_in(doc.root)
+    if disk_changes:
+        element = find_ft(doc.root)
+        assert element is not None
+        spec = spec_from_element(element)
+        _define(conn, dom, doc.to_str(), disk_changes)
+        problems = check_fitness(_xml(dom, inactive=True), spec)
+    return problems, spec
+
+
+def _define(conn: Any, dom: Any, xml: str, changes: list[str]) -> None:
+    LOG.info("redefining %s with %d prepared change(s)", dom.name(), len(changes))
+    try:
+        conn.defineXML(xml)
+    except libvirt.libvirtError as err:
+        raise _libvirt_error(err, f"cannot redefine '{dom.name()}' with the prepared XML") from err
+    print_lines([f"changed: {change}" for change in changes])
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
@@ -178,7 +207,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
         if args.prepare:
             if not persistent:
                 raise CLIError(f"--prepare needs a persistent domain; '{dom.name()}' is transient")
-            problems = _prepare_and_define(conn, dom, base, spec, args.force)
+            problems, spec = _prepare_and_define(conn, dom, base, spec, args.force)
         else:
             problems = check_fitness(base, spec)
         report_problems(problems)
@@ -214,14 +243,36 @@ def cmd_disable(args: argparse.Namespace) -> int:
         if dom.isActive():
             scopes.append((libvirt.VIR_DOMAIN_AFFECT_LIVE, "running domain"))
         for flags, label in scopes:
-            if read_metadata_raw(dom, flags):
-                _set_metadata(dom, None, flags)
+            if not read_metadata_raw(dom, flags):
+                continue
+            if flags == libvirt.VIR_DOMAIN_AFFECT_CONFIG and _restore_disks(conn, dom):
                 removed.append(label)
+                continue
+            _set_metadata(dom, None, flags)
+            removed.append(label)
         if removed:
             print(f"'{dom.name()}': <cuju:ft> removed from the {' and the '.join(removed)}")
         else:
             print(f"'{dom.name()}': no <cuju:ft>: nothing to do")
     return EXIT_OK
+
+
+def _restore_disks(conn: Any, dom: Any) -> bool:
+    """Redefine the domain without the element and with its prepared disks given back.
+
+    False (nothing done) when the persistent element records no disk. A running domain
+    keeps its NBD disks until it is restarted: the block server must keep serving them.
+    """
+    doc = load_domain(_xml(dom, inactive=True))
+    element = find_ft(doc.root)
+    if element is None or not disks_from_element(element):
+        return False
+    restored = restore_disks_in(doc.root, disks_from_element(element))
+    remove_ft_in(doc.root, restore_disks=False)
+    _define(conn, dom, doc.to_str(), restored)
+    if dom.isActive():
+        print_lines([f"'{dom.name()}' runs with its disks served over NBD until it is restarted"])
+    return True
 
 
 def read_metadata_raw(dom: Any, flags: int) -> bool:
@@ -270,7 +321,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "then picks it up); otherwise it applies from the next start.\n\n"
             "--prepare first redefines the domain with the safe changes that 'xml enable\n"
             "--prepare' makes (memory backing, NIC driver, direct QMP socket), then checks what\n"
-            "libvirt kept. Running domains see those changes at their next start."
+            "libvirt kept; once that is fit, it redefines it again with every writable disk\n"
+            "that can be served rewritten to the replicating block server's NBD export,\n"
+            "recording the originals in <cuju:ft>. Running domains see those changes at their\n"
+            "next start."
         ),
         epilog=(
             "examples:\n  cuju-libvirt enable vm1 --peer hostb\n"
@@ -292,7 +346,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "disable", help="stop protecting a defined domain (removes <cuju:ft>)", formatter_class=raw,
         description=(
             "Remove <cuju:ft> from a defined domain's persistent configuration and, if it runs,\n"
-            "from the running domain. Changes made by --prepare stay. Idempotent."
+            "from the running domain. Disks that --prepare served over NBD get their recorded\n"
+            "<disk> back in the persistent configuration (a running domain keeps its NBD disks\n"
+            "until it is restarted); the other changes made by --prepare stay. Idempotent."
         ),
         epilog="examples:\n  cuju-libvirt disable vm1\n\n" + _EXIT,
     )

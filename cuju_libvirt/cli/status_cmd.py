@@ -83,13 +83,16 @@ def render(status: Mapping[str, Any], now: float) -> str:
         widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
         for r in rows:
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+        for d in domains:
+            lines.extend(_disk_lines(d))
     peers: Sequence[Mapping[str, Any]] = status.get("peers") or []
     for p in peers:
         if p.get("connected"):
             rtt = p.get("rtt_last_ms")
             rtt_text = "-" if rtt is None else f"{rtt:.2f} ms"
+            security = f", {p['security']}" if p.get("security") else ""
             lines.append(f"peer {p.get('node')}: connected, heartbeat rtt {rtt_text}, "
-                         f"last seen {p.get('last_seen_s_ago')} s ago")
+                         f"last seen {p.get('last_seen_s_ago')} s ago{security}")
         else:
             why = f" ({p['last_error']})" if p.get("last_error") else ""
             lines.append(f"peer {p.get('node')}: NOT CONNECTED{why}")
@@ -125,6 +128,32 @@ def _failover(d: Mapping[str, Any], now: float) -> str:
     took = d.get("last_failover_duration_s")
     took_text = "" if took is None else f", took {_duration(took)}"
     return f"{_duration(max(0.0, now - at))} ago{took_text} ({count} total)"
+
+
+def _disk_lines(d: Mapping[str, Any]) -> list[str]:
+    """One line per disk still being copied to the backup (nothing once every disk is in sync)."""
+    lines = []
+    for disk in d.get("disk_sync") or []:
+        synced, total = int(disk.get("synced_bytes") or 0), int(disk.get("total_bytes") or 0)
+        if synced >= total:
+            continue
+        ratio = synced / total
+        filled = int(ratio * BAR_WIDTH)
+        lines.append(
+            f"  {d.get('domain', '?')} disk {disk.get('target', '?')}: syncing "
+            f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {ratio * 100:3.0f}% "
+            f"({_size(synced)} of {_size(total)})"
+        )
+    return lines
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 def _sync(d: Mapping[str, Any]) -> str:

@@ -16,7 +16,15 @@ from cuju_libvirt.cli._common import (
     show_spec,
     spec_from_args,
 )
-from cuju_libvirt.domain_xml import find_ft, load_domain, remove_ft_in, set_ft_in, spec_from_element
+from cuju_libvirt.domain_xml import (
+    disks_from_element,
+    find_ft,
+    load_domain,
+    remove_ft_in,
+    restore_disks_in,
+    set_ft_in,
+    spec_from_element,
+)
 from cuju_libvirt.errors import FTElementError
 from cuju_libvirt.fitness import check_fitness_in, errors, prepare_in
 
@@ -114,7 +122,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
     set_ft_in(doc.root, spec)
     if args.prepare:
         changes = prepare_in(doc.root)
-        problems = check_fitness_in(doc.root, spec)
+        problems = check_fitness_in(doc.root)  # the element now also records the prepared disks
         print_lines([f"changed: {change}" for change in changes])
         report_problems(problems)
         if errors(problems):
@@ -135,8 +143,11 @@ def cmd_enable(args: argparse.Namespace) -> int:
 @handle_xml_errors
 def cmd_disable(args: argparse.Namespace) -> int:
     doc = load_domain(read_input(args.file), _label(args.file))
-    if not remove_ft_in(doc.root):
+    element = find_ft(doc.root)
+    restored = restore_disks_in(doc.root, disks_from_element(element)) if element is not None else []
+    if not remove_ft_in(doc.root, restore_disks=False):
         print_lines(["no <cuju:ft> element: document unchanged"])
+    print_lines([f"changed: {change}" for change in restored])
     _write(doc.to_bytes())
     return EXIT_OK
 
@@ -193,6 +204,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "  - <driver name='qemu'/> on virtio NICs (other driver attributes are kept)\n"
             "  - cujud's direct QMP socket in <qemu:commandline> (libvirt then reports the\n"
             "    domain as tainted: custom-argv)\n"
+            "  - every writable disk that can be served (file or block, raw or qcow2) is\n"
+            "    rewritten to the replicating block server's NBD export over a UNIX socket\n"
+            "    (/run/cuju-libvirt/nbd/UUID/DEV.sock, error_policy='stop'); the <disk> as it\n"
+            "    was is recorded in <cuju:ft> and 'disable' gives it back\n"
             "If the domain still cannot be protected (a <hostdev>, vhost-user, ...), nothing is\n"
             "written and the exit status is 1."
         ),
@@ -215,7 +230,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Write FILE to standard output without <cuju:ft>. A <metadata> left empty is\n"
             "removed too, so that 'enable' then 'disable' gives back the original document.\n"
-            "Changes made by 'enable --prepare' are not undone."
+            "Disks that 'enable --prepare' served over NBD get their recorded <disk> back;\n"
+            "its other changes (memory backing, NIC driver, QMP socket, <uuid>) stay."
         ),
         epilog="examples:\n  cuju-libvirt xml disable vm-ft.xml > vm.xml\n\nexit status:\n  0  written\n"
         "  1  the element is in an unsupported form (e.g. two elements)\n"

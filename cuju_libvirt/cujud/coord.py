@@ -56,10 +56,11 @@ import base64
 import http.client
 import json
 import logging
+import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
 from typing import Any
@@ -199,11 +200,15 @@ class TxnResult:
 class EtcdClient:
     """A small etcd v3 client over the JSON gateway; thread-safe (no shared connection)."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 1.0) -> None:
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = 1.0,
+                 connect: Callable[[str, int, float], socket.socket] | None = None) -> None:
+        """``connect(host, port, timeout)`` opens the TCP connection (default: directly; tests
+        use it to reach members inside a network namespace)."""
         if not endpoints:
             raise ValueError("EtcdClient needs at least one endpoint")
         self.endpoints = [self._parse(e) for e in endpoints]
         self.timeout = timeout
+        self._connect = connect
         self._next = 0
         self._lock = threading.Lock()
 
@@ -257,10 +262,12 @@ class EtcdClient:
             if attempt % len(self.endpoints) == 0:
                 time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
-    @staticmethod
-    def _post(host: str, port: int, path: str, data: bytes, timeout: float) -> tuple[int, dict[str, Any]]:
+    def _post(self, host: str, port: int, path: str, data: bytes,
+              timeout: float) -> tuple[int, dict[str, Any]]:
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
         try:
+            if self._connect is not None:
+                conn.sock = self._connect(host, port, timeout)
             conn.request("POST", f"/v3/{path}", body=data, headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             raw = resp.read()

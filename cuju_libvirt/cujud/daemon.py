@@ -34,6 +34,7 @@ import tenacity
 
 from cuju_libvirt import __version__, config, logsetup
 from cuju_libvirt.cujud import control, exporter, peer
+from cuju_libvirt.cujud import tls as tlsmod
 from cuju_libvirt.cujud.links import PeerLink, PeerLinks, wall_clock
 from cuju_libvirt.cujud.orchestrator import Orchestrator
 from cuju_libvirt.cujud.virt import LibvirtConnection, LinkState
@@ -68,9 +69,10 @@ EXIT_INTERNAL = 70
 class Daemon:
     """The running cujud: owns every server, connection and thread it starts."""
 
-    def __init__(self, cfg: config.Config, psk: bytes) -> None:
+    def __init__(self, cfg: config.Config, psk: bytes, *, tls: tlsmod.Contexts | None = None) -> None:
         self.cfg = cfg
         self._psk = psk
+        self._tls = tls
         self.started = time.monotonic()
         self.stopping = threading.Event()
         self.executor = ThreadPoolExecutor(8, thread_name_prefix="cujud-work")
@@ -114,8 +116,11 @@ class Daemon:
                 self.cfg.listen.host, self.cfg.listen.port, node=self.cfg.node_name, psk=self._psk,
                 peers=self.cfg.peers, handlers=self.peer_handlers, options=self.options,
                 executor=self.executor, on_connection=self._adopt,
+                tls=None if self._tls is None else self._tls.server,
             )
-            LOG.info("peer channel listening on %s as node %r", self.cfg.listen, self.cfg.node_name)
+            LOG.info("peer channel listening on %s as node %r (%s)", self.cfg.listen, self.cfg.node_name,
+                     "mutual TLS 1.3" if self._tls is not None
+                     else "pre-shared key: authenticated, NOT encrypted; set peer_tls: on")
             for link in self.links.values():
                 if link.dials:
                     t = threading.Thread(target=self._dial_loop, args=(link,), name=f"cujud-dial-{link.name}",
@@ -172,7 +177,7 @@ class Daemon:
             return peer.connect(
                 link.address.host, link.address.port, node=self.cfg.node_name, psk=self._psk,
                 expect_peer=link.name, handlers=self.peer_handlers, options=self.options,
-                executor=self.executor,
+                executor=self.executor, tls=None if self._tls is None else self._tls.client,
             )
 
         def note_failure(state: tenacity.RetryCallState) -> None:
@@ -301,6 +306,10 @@ class Daemon:
                 "last_failover_duration_s": snap.last_failover_duration_s,
                 "last_failover_timestamp": snap.last_failover_timestamp,
                 "wire_bytes": snap.wire_bytes_total, "pages": snap.pages_total,
+                "disk_sync": [
+                    {"target": d.target, "synced_bytes": d.synced_bytes, "total_bytes": d.total_bytes}
+                    for d in snap.disk_sync
+                ],
             })
         return out
 
@@ -390,6 +399,14 @@ def _sd_notify(state: str) -> None:
         sock.sendto(state.encode(), address)
 
 
+def load_credentials(cfg: config.Config) -> tuple[bytes, tlsmod.Contexts | None]:
+    """What authenticates this host on the peer channel: certificates (TLS) or the PSK."""
+    if cfg.peer_tls == "on":
+        return b"", tlsmod.Contexts.load(ca_file=cfg.tls_ca_file, cert_file=cfg.tls_cert_file,
+                                         key_file=cfg.tls_key_file)
+    return config.read_psk(cfg.psk_file), None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # until the configuration is known: warnings and errors on stderr
@@ -399,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             sys.stdout.write(config.render(cfg))
             return EXIT_OK
-        psk = config.read_psk(cfg.psk_file)
+        psk, tls = load_credentials(cfg)
         if args.check_config:
             print(f"cujud: configuration OK ({', '.join(map(str, cfg.files)) or 'defaults only'})")
             return EXIT_OK
@@ -423,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
-    daemon = Daemon(cfg, psk)
+    daemon = Daemon(cfg, psk, tls=tls)
     try:
         daemon.start()
     except CujuError as err:

@@ -21,6 +21,13 @@ Primary side, per domain (:class:`PrimaryDomain`)::
 Held output leaves only for acknowledged epochs, or once the peer has *promised* (under its
 standby's lock) never to take over in this session. That is the whole split-brain rule:
 see docs/failover.md for what it covers and what it does not.
+
+With the cluster witness (``etcd_endpoints``; docs/cluster.md) a pairing first takes a new
+generation of the VM's ownership record, and held output may also leave once this host won
+the record's compare-and-swap (the peer, which must win the same record to resume, then
+never can). On a failure with QEMU alive the primary races that claim before it asks the
+peer: won -> release and run on unprotected, lost -> destroy the copy, no answer -> the
+two-host rule above.
 """
 
 from __future__ import annotations
@@ -37,17 +44,32 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+from lxml import etree
 
 from cuju_libvirt import config, fitness
-from cuju_libvirt.cujud import control, peer, records
+from cuju_libvirt.cujud import control, coord, peer, records
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
-from cuju_libvirt.cujud.qemu_process import alive, ended_on_signal, log_offset, qemu_pid, ram_backing
-from cuju_libvirt.cujud.standby import StandbyManager, is_standby_xml
+from cuju_libvirt.cujud.qemu_process import (
+    alive,
+    ended_on_signal,
+    log_offset,
+    owner_ids,
+    qemu_pid,
+    ram_backing,
+)
+from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
-from cuju_libvirt.domain_xml import FTSpec, parse_domain
-from cuju_libvirt.errors import CujuError, DomainXMLError, MonitorError, StateError
+from cuju_libvirt.domain_xml import DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
+from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError
+from cuju_libvirt.ft_engine.devstate import (
+    MachineProfile,
+    StandbyMismatchError,
+    compare_machines,
+    describe_machine,
+)
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
+from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.output import leftover_filters, remove_leftovers
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
@@ -74,28 +96,44 @@ STOP_CAUSES = {
     "DESTROYED": "virsh destroy", "SAVED": "virsh save", "MIGRATED": "migrated to another host",
     "FROM_SNAPSHOT": "a snapshot was reverted", "FAILED": "QEMU failed", "CRASHED": "the guest crashed",
 }
+#: The states in which a running VM is unprotected and its protection loop pairs it.
+UNPROTECTED_STATES = (S.UNPROTECTED, S.DEGRADED, S.PRIMARY_AFTER_FAILOVER)
 
 
 class PrimaryDomain:
-    """A domain that runs on this host and is (to be) protected by a standby on ``peer``."""
+    """A domain that runs on this host and is (to be) protected by a standby on ``peer``.
 
-    def __init__(self, orch: Orchestrator, name: str, uuid: str, spec: FTSpec, peer_name: str) -> None:
+    ``spec_link`` says whether the FT link is the one ``<cuju:ft link=...>`` names (the
+    element's own peer); otherwise the backup's cujud tells its FT-link address when it
+    creates the standby. A VM that failed over to this host is re-protected with the
+    machine and statistics of its former standby (``machine``, ``stats``): its failover
+    history stays in ``status`` and the metrics.
+    """
+
+    def __init__(self, orch: Orchestrator, name: str, uuid: str, spec: FTSpec, peer_name: str, *,
+                 spec_link: bool = True, machine: FTMachine | None = None,
+                 stats: DomainStats | None = None) -> None:
         self.orch = orch
         self.name = name
         self.uuid = uuid
         self.spec = spec
         self.peer = peer_name
-        self.machine = FTMachine(name, Role.PRIMARY)
-        self.stats = DomainStats(name, uuid, "primary", peer=peer_name, tracker=spec.tracker,
-                                 epoch_ms=spec.epoch_ms)
+        self.spec_link = spec_link
+        self.machine = machine or FTMachine(name, Role.PRIMARY)
+        self.stats = stats or DomainStats(name, uuid, "primary", peer=peer_name, tracker=spec.tracker,
+                                          epoch_ms=spec.epoch_ms)
+        self.stats.role, self.stats.peer = "primary", peer_name
+        self.stats.tracker, self.stats.epoch_ms = spec.tracker, spec.epoch_ms
         self.log = LOG.getChild(name.replace(".", "_"))
         self.engine: PrimaryEngine | None = None
         self.qmp: QMPClient | None = None
         self.pid = 0
+        #: The ownership generation of the current pairing (0: no witness).
+        self.generation = 0
         self.ended = threading.Event()
         self._wake = threading.Event()
-        #: Set when something changed that makes an attempt worth making now (the peer connected).
-        self._retry_now = threading.Event()
+        #: Set by :meth:`peer_back`: the next attempt starts at once, the backoff from its start.
+        self._fresh = False
         self._log_offset = 0
         self._thread: threading.Thread | None = None
         #: True while may_release decides (the engine is still "running" then) ...
@@ -113,17 +151,24 @@ class PrimaryDomain:
             self._thread.start()
         self._wake.set()
 
+    def peer_back(self) -> None:
+        """The peer's cujud (re)connected: if this VM runs unprotected, try to pair now."""
+        self._fresh = True
+        self._wake.set()
+
     def _protect_loop(self) -> None:
         """One per domain, for its whole life here: (re-)protect whenever it is unprotected."""
         delay = BACKOFF_MIN
         while not self.ended.is_set() and not self.orch.stopping.is_set():
             engine = self.engine
             busy = engine is not None and (engine.running or engine.fenced or self._deciding)
-            if busy or self.machine.state not in (S.UNPROTECTED, S.DEGRADED):
+            if busy or self.machine.state not in UNPROTECTED_STATES:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 delay = BACKOFF_MIN if self.machine.state is S.PROTECTED else delay
                 continue
+            if self._fresh:
+                self._fresh, delay = False, BACKOFF_MIN
             try:
                 self._pair_once()
                 continue
@@ -133,19 +178,14 @@ class PrimaryDomain:
                 self.log.debug("details", exc_info=True)
             # The whole delay, whatever wakes the loop meanwhile: a failed attempt's own clean-up
             # (the engine's verdict asks for a re-protection) must not turn the back-off into a
-            # busy loop of standby creations on the peer.
+            # busy loop of standby creations on the peer. Only the peer's cujud coming back
+            # (peer_back) starts a new attempt at once.
             retry_at = time.monotonic() + delay
-            self._retry_now.clear()
             while (left := retry_at - time.monotonic()) > 0 and not self.ended.is_set() \
-                    and not self.orch.stopping.is_set() and not self._retry_now.is_set():
+                    and not self.orch.stopping.is_set() and not self._fresh:
                 self._wake.wait(left)
                 self._wake.clear()
             delay = min(delay * 2, BACKOFF_MAX)
-
-    def retry_now(self) -> None:
-        """Cut the back-off short: something changed (the peer connected again)."""
-        self._retry_now.set()
-        self._wake.set()
 
     def _pair_once(self) -> None:
         conn = self.orch.links.connection(self.peer)
@@ -161,22 +201,28 @@ class PrimaryDomain:
             pxml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) \
                 if dom.isPersistent() else xml
         first = self.machine.state is S.UNPROTECTED
-        self.machine.move(S.PAIRING, expect=(S.UNPROTECTED, S.DEGRADED))
+        self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
         sock: socket.socket | None = None
         try:
-            self._probe_link()
+            if self.spec_link:  # the address is known before the peer is asked
+                self._probe_link()
+            self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer)
             self.log.info("asking %s for a standby", self.peer)
             reply = conn.request("standby-create", {
                 "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
+                "generation": self.generation,
             }, timeout=STANDBY_CREATE_TIMEOUT)
             # From here on a standby may come to hold the VM's state: a cujud that dies now
             # leaves this record, and its successor asks the peer before anything leaves.
-            records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer)
-            sock = socket.create_connection((self.spec.link_host, self.spec.link_port), timeout=10)
-            sock.sendall(bytes.fromhex(str(reply["token"])))
+            records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer,
+                          generation=self.generation)
+            link_keys = self._link_keys(reply)
+            sock = socket.create_connection(self._link_address(reply), timeout=10)
+            sock.sendall(bytes.fromhex(str(reply["token"])) + self.generation.to_bytes(8, "big"))
             sock.settimeout(None)
             self.qmp = QMPClient(fitness.qmp_socket_path(self.name))
+            standby = self._check_standby(reply)
         except (CujuError, OSError, KeyError, ValueError) as err:
             self.machine.move(S.UNPROTECTED if first else S.DEGRADED, expect=S.PAIRING)
             self._close_qmp()
@@ -186,14 +232,17 @@ class PrimaryDomain:
             raise CujuError(f"pairing with {self.peer} failed: {err}") from err
         self.pid = pid
         self._log_offset = log_offset(self.name)
+        self._own_unlabelled_disks(xml, pid)
         counters = self.orch.counter_dir()
         cfg = PrimaryConfig(
             ram_path=ram.path, ram_size=ram.size, tracker=self.spec.tracker, epoch_ms=self.spec.epoch_ms,
-            output_commit=self.spec.output_commit, max_packets=self.spec.max_epoch_packets,
+            epoch_policy=self.spec.epoch_policy, output_commit=self.spec.output_commit,
+            max_packets=self.spec.max_epoch_packets,
             counter_dir=str(counters), ack_timeout=self.spec.heartbeat_timeout_ms / 1e3, tag=self.name,
+            standby_sections=standby.sections if standby is not None else None,
         )
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
-                                    machine=self.machine, may_release=self._may_release)
+                                    machine=self.machine, may_release=self._may_release, link_keys=link_keys)
         self.stats.set_initial_sync(0.0)
         self._starting = True
         try:
@@ -205,6 +254,8 @@ class PrimaryDomain:
         finally:
             self._starting = False
             sock.close()  # the engine holds its own duplicate
+        records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer,
+                      generation=self.generation)
         self.log.info("PROTECTED by %s: initial sync of %d pages in %.2f s (%d rounds); epochs of %d ms",
                       self.peer, report.pages_sent, report.seconds, report.rounds, self.engine.epoch_ms)
 
@@ -242,7 +293,7 @@ class PrimaryDomain:
             if status == "running":
                 qmp.execute("stop")
             with contextlib.suppress(StateError):
-                self.machine.move(S.FAILED, expect=(S.UNPROTECTED, S.DEGRADED))
+                self.machine.move(S.FAILED, expect=UNPROTECTED_STATES)
             left = (["its 'protected' record"] if record is not None else []) + \
                 ([f"{len(leftovers)} output filters in QEMU"] if leftovers else [])
             self.log.info("an earlier cujud left %s: the VM is held stopped, its output held, until %s says "
@@ -273,6 +324,68 @@ class PrimaryDomain:
         finally:
             qmp.close()
 
+    def _own_unlabelled_disks(self, xml: str, pid: int) -> None:
+        """Give QEMU the writable disk images its libvirt never labelled.
+
+        A VM that failed over here runs on images whose ``<source>`` carries the standby's
+        ``relabel='no'``: the old primary host's libvirt owned their labels and gave them back
+        (to root) when its QEMU died. QEMU reopens its images on ``cont`` after each epoch's
+        device-state save, so before this host protects the VM, the images must be QEMU's, as
+        libvirt's DAC driver would have made them at a start here. Called once the peer has
+        created the standby (the old primary host's libvirt is then done with the images).
+        """
+        root = etree.fromstring(xml.encode())
+        uid, gid = owner_ids(pid)
+        for disk in root.iterfind("devices/disk"):
+            source = disk.find("source")
+            path = source.get("file") if source is not None else None
+            if (source is None or not path or disk.find("readonly") is not None
+                    or not any(x.get("relabel") == "no" for x in source.iterfind("seclabel"))):
+                continue
+            try:
+                st = os.stat(path)
+                if (st.st_uid, st.st_gid) != (uid, gid):
+                    os.chown(path, uid, gid)
+                    self.log.info("disk image %s given to QEMU's user (%d:%d): its libvirt never labelled "
+                                  "it here", path, uid, gid)
+            except OSError as err:
+                raise CujuError(f"cannot give the disk image {path} to QEMU's user: {err}") from err
+
+    def _link_address(self, reply: dict[str, Any]) -> tuple[str, int]:
+        """Where the FT link goes: the element's ``link`` for its own peer, else what the backup said."""
+        if self.spec_link:
+            return self.spec.link_host, self.spec.link_port
+        told = reply.get("ft_address")
+        if not isinstance(told, str) or not told:
+            raise CujuError(f"{self.peer} listens for the FT link on a wildcard address (ft_listen) and "
+                            "<cuju:ft link=...> names another host; fix: set ft_listen on "
+                            f"{self.peer} to its FT-link address")
+        endpoint = parse_endpoint(told, DEFAULT_LINK_PORT)
+        return endpoint.host, endpoint.port
+
+    def _link_keys(self, reply: dict[str, Any]) -> bytes | None:
+        """This side's FT-link keys from the backup's secret; None: the link runs in the clear."""
+        secret = reply.get("link_secret")
+        if secret is None:
+            if self.orch.cfg.peer_tls == "on":
+                raise CujuError(f"{self.peer} offers no FT-link encryption although this host runs "
+                                "peer_tls: on; set peer_tls: 'on' on every host")
+            return None
+        return LinkKeys.derive(bytes.fromhex(str(secret))).primary
+
+    def _check_standby(self, reply: dict[str, Any]) -> MachineProfile | None:
+        """Compare the peer's standby with this QEMU (machine type, memory backends, RAM blocks)
+        before a single page is synced; its device sections are checked by the first save."""
+        if "machine" not in reply:
+            self.log.warning("%s sent no profile of its standby (an older cujud?): not compared", self.peer)
+            return None
+        assert self.qmp is not None
+        standby = MachineProfile.from_json(reply["machine"])
+        problems = compare_machines(describe_machine(self.qmp), standby)
+        if problems:
+            raise StandbyMismatchError(problems)
+        return standby
+
     # -- when protection fails ---------------------------------------------------------------------
 
     def _may_release(self, err: BaseException) -> bool:
@@ -299,9 +412,20 @@ class PrimaryDomain:
                 self._crashed(how)
             else:
                 self.log.info("QEMU ended (%s): stopping protection, the standby is dropped", how)
-                self._ask_abandon(how, quiet=True)
+                self._ask_abandon(how, quiet=True, vm_ended=True)
+                self.orch.witness_stopped(self)
                 self._finish()
             return True  # nothing left to hold: the QEMU is gone
+        won = self._claim()
+        if won:
+            self.log.warning("backup lost (%s); the witness made this host the sole owner (generation %d): "
+                             "running UNPROTECTED, re-protecting with backoff", err, self.generation)
+            threading.Thread(target=self._after_claim_won, daemon=True).start()
+            return True
+        if won is not None:
+            threading.Thread(target=self._cede, args=("the witness gave the VM to the peer",),
+                             daemon=True).start()
+            return False
         answer = self._ask_abandon(f"protection failed: {err}")
         if answer is not None and answer.get("abandoned"):
             self.log.warning("backup lost (%s); the peer dropped its standby: running UNPROTECTED, "
@@ -313,6 +437,30 @@ class PrimaryDomain:
             return False
         threading.Thread(target=self._resolve_fence, name=f"cujud-fence-{self.name}", daemon=True).start()
         return False
+
+    def _claim(self, *, quiet: bool = False) -> bool | None:
+        """Race the peer for the ownership record: True won, False lost, None no witness or
+        no answer (then the two-host rule decides)."""
+        store = self.orch.witness
+        if store is None or not self.generation:
+            return None
+        try:
+            claim = store.claim(self.uuid, self.orch.node, self.generation)
+        except CoordError as err:
+            if not quiet:
+                self.log.error("the witness (etcd) gives no answer (%s): the two-host rule decides", err)
+            return None
+        if claim.won:
+            self.generation = claim.record.generation
+            return True
+        self.log.error("the witness gives %s to %s (generation %d, %s)", self.name, claim.record.owner,
+                       claim.record.generation, claim.record.mode)
+        return False
+
+    def _after_claim_won(self) -> None:
+        """The peer may be alive (only the FT link broke): it drops its standby when told."""
+        self._ask_abandon("the primary won the ownership record", quiet=True)
+        self._reprotect_after_engine()
 
     def _classify_exit(self) -> str:
         """Why QEMU ended: 'deliberate: CAUSE' or 'crash: CAUSE' (see the module docstring)."""
@@ -346,11 +494,13 @@ class PrimaryDomain:
                              self.peer, err)
         self._finish()
 
-    def _ask_abandon(self, reason: str, *, quiet: bool = False) -> dict[str, Any] | None:
+    def _ask_abandon(self, reason: str, *, quiet: bool = False,
+                     vm_ended: bool = False) -> dict[str, Any] | None:
+        """``vm_ended``: the VM was stopped on purpose here, so the peer may start it again."""
         try:
             conn = self.orch.links.connection(self.peer)
-            answer = conn.request("standby-abandon", {"uuid": self.uuid, "reason": reason},
-                                  timeout=min(2.0, self.orch.cfg.request_timeout))
+            body = {"uuid": self.uuid, "reason": reason, "vm_ended": vm_ended}
+            answer = conn.request("standby-abandon", body, timeout=min(2.0, self.orch.cfg.request_timeout))
         except CujuError as err:
             if not quiet:
                 self.log.error("cannot reach %s to drop its standby: %s", self.peer, err)
@@ -377,6 +527,18 @@ class PrimaryDomain:
         self.log.error("FENCED: %s is unreachable and may have taken over; the VM stays stopped with "
                        "its output held until %s answers", self.peer, self.peer)
         while not self.ended.is_set() and not self.orch.stopping.is_set():
+            won = self._claim(quiet=True)
+            if won and engine is not None:
+                self.log.warning("the witness made this host the sole owner (generation %d): unfencing",
+                                 self.generation)
+                engine.unfence()
+                self._close_qmp()
+                self._ask_abandon("the primary won the ownership record", quiet=True)
+                self._wake.set()
+                return
+            if won is False:
+                self._cede("the witness gave the VM to the peer while this host was fenced")
+                return
             answer = self._ask_abandon("a fenced primary asks", quiet=True)
             if answer is not None and answer.get("abandoned") and engine is not None:
                 engine.unfence()
@@ -403,6 +565,7 @@ class PrimaryDomain:
     def _finish(self) -> None:
         if records.read(self.orch.state_dir, records.CEDED, self.uuid) is None:
             records.remove(self.orch.state_dir, records.PROTECTED, self.uuid)
+        self.orch.standbys.released(self.uuid)  # it ran here after a failover: not any more
         self.ended.set()
         self._wake.set()
         for state in (S.STOPPING, S.STOPPED):
@@ -420,7 +583,8 @@ class PrimaryDomain:
         engine = self.engine
         if engine is not None and (engine.running or engine.fenced):
             return
-        self._ask_abandon("the domain stopped", quiet=True)
+        self._ask_abandon("the domain stopped", quiet=True, vm_ended=True)
+        self.orch.witness_stopped(self)
         self._finish()
 
     def shutdown(self) -> None:
@@ -468,12 +632,19 @@ class Orchestrator:
         self._shutdowns: dict[str, tuple[float, LifecycleEvent]] = {}
         self._stop_cond = threading.Condition()
         libvirt.add_lifecycle_listener(self._lifecycle)
-        libvirt.add_state_listener(self._libvirt_state)
+        self.node = cfg.node_name
+        #: The cluster witness (None: two-host mode, docs/failover.md).
+        self.witness = coord.OwnershipStore(
+            coord.EtcdClient(cfg.etcd_endpoints, timeout=cfg.etcd_timeout), cfg.etcd_prefix,
+        ) if cfg.etcd_endpoints else None
         self.standbys = StandbyManager(
             libvirt_conn=libvirt, state_dir=cfg.state_dir, ft_host=cfg.ft_listen.host,
             ft_port=cfg.ft_listen.port, peer_silent_for=links.silent_for,
             register=domains.add, unregister=self._unregister, notify_peer=self._notify_peer,
+            runs_here=self._runs_here, on_taken_over=self._after_takeover,
+            witness=self.witness, node=cfg.node_name,
         )
+        libvirt.add_state_listener(self._libvirt_state)
 
     def install(self, server: control.ControlServer, handlers: peer.Handlers) -> None:
         for method, handler in {
@@ -482,7 +653,8 @@ class Orchestrator:
             "takeover": self._ctl_takeover,
         }.items():
             server.register(method, handler)
-        handlers.requests["standby-create"] = lambda conn, body: self.standbys.create(conn.remote, body)
+        handlers.requests["standby-create"] = lambda conn, body: self.standbys.create(
+            conn.remote, body, encrypt_link=conn.encrypted)
         handlers.requests["standby-abandon"] = lambda conn, body: self.standbys.abandon(body)
         handlers.requests["holds"] = lambda conn, body: {"holds": self.standbys.holds(str(body["uuid"]))}
         handlers.notes["primary-crashed"] = self._note_crashed
@@ -512,8 +684,46 @@ class Orchestrator:
         with translate(f"looking up domain {uuid}"):
             return self.libvirt.conn.lookupByUUIDString(uuid)
 
+    def _runs_here(self, uuid: str) -> bool:
+        with self._lock:
+            return uuid in self.primaries
+
+    def peer_connected(self, name: str) -> None:
+        """A peer's cujud (re)connected: VMs that wait for it as their backup pair now."""
+        with self._lock:
+            waiting = [p for p in self.primaries.values() if p.peer == name]
+        for p in waiting:
+            p.peer_back()
+
+    def _after_takeover(self, sb: Standby) -> None:
+        """A standby of this host took its VM over: re-protect the VM, with the old primary
+        host as its backup (it is refused there until that host's cujud answers again)."""
+        spec = parse_domain(sb.persistent_xml)
+        if spec is None:
+            return
+        if sb.qmp is not None:  # the new primary engine opens its own monitor connection
+            sb.qmp.close()
+            sb.qmp = None
+        p = PrimaryDomain(self, sb.name, sb.uuid, spec, sb.peer, spec_link=False, machine=sb.machine,
+                          stats=sb.stats)
+        with self._lock:
+            if sb.uuid in self.primaries or self.stopping.is_set():
+                return
+            self.primaries[sb.uuid] = p
+        p.log.info("running here after the failover: re-protecting it with %s as the backup", sb.peer)
+        p.start()
+
+    def names_this_host(self, spec: FTSpec) -> bool:
+        """True if ``<cuju:ft peer=...>`` names this host itself (the VM runs on its former backup)."""
+        host = spec.peer_host
+        return host in (self.cfg.node_name, socket.gethostname(), self.cfg.listen.host)
+
     def resolve_peer(self, spec: FTSpec) -> str:
-        """The configured peer that ``<cuju:ft peer=...>`` names (by node name or address)."""
+        """The configured peer that ``<cuju:ft peer=...>`` names (by node name or address). An
+        element that names this host itself (the VM failed over here and was restarted) means
+        the one other host when exactly one peer is configured."""
+        if self.names_this_host(spec) and len(self.links) == 1:
+            return next(iter(self.links))
         host = spec.peer_host
         for name, link in self.links.items():
             if host in (name, link.address.host):
@@ -531,12 +741,60 @@ class Orchestrator:
                         f"(peers: {known}); "
                         "fix: use a name or address listed under 'peers' in cujud.yaml")
 
-    def peer_connected(self, name: str) -> None:
-        """Peer ``name`` connected (again): the domains it is to protect try now, not after their back-off."""
-        with self._lock:
-            waiting = [p for p in self.primaries.values() if p.peer == name]
-        for p in waiting:
-            p.retry_now()
+    # -- the witness ---------------------------------------------------------------------------
+
+    def witness_protect(self, uuid: str, name: str, backup: str) -> int:
+        """A new ownership generation for pairing ``name`` with ``backup``; 0 without a witness."""
+        if self.witness is None:
+            return 0
+        try:
+            return self.witness.protect(uuid, name, self.node, backup).generation
+        except CoordError as err:
+            raise CujuError(f"the witness (etcd) did not record the pairing: {err}") from err
+
+    def witness_stopped(self, p: PrimaryDomain) -> None:
+        """The VM stopped on purpose: record it (best effort), so any host may start it again."""
+        if self.witness is None:
+            return
+        try:
+            self.witness.release(p.uuid, self.node, mode="stopped")
+        except CoordError as err:
+            p.log.warning("could not record the stop with the witness: %s", err)
+
+    def witness_owner(self, uuid: str) -> coord.Ownership | None:
+        """The ownership record of ``uuid``; None without a witness, a record or an answer."""
+        if self.witness is None:
+            return None
+        try:
+            found = self.witness.read(uuid)
+        except CoordError as err:
+            LOG.warning("the witness (etcd) gives no answer about %s: %s", uuid, err)
+            return None
+        return None if found is None else found.record
+
+    def _fence_stale_copies(self) -> None:
+        """Running VMs this host protected before cujud (re)started whose ownership record has
+        moved on: another host took them over; destroy the copy here, never adopt it."""
+        with translate("listing the running domains"):
+            domains = self.libvirt.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        for dom in domains:
+            with contextlib.suppress(libvirt.libvirtError, CujuError):
+                uuid = dom.UUIDString()
+                mine = records.read(self.state_dir, records.PROTECTED, uuid)
+                with self._lock:
+                    if mine is None or uuid in self.primaries:
+                        continue
+                rec = self.witness_owner(uuid)
+                if rec is None or rec.owner == self.node:
+                    continue
+                LOG.error("%s runs here from generation %s, but the witness gives it to %s (generation %d): "
+                          "destroying the stale copy; this host will refuse to start it", dom.name(),
+                          mine.get("generation", "?"), rec.owner, rec.generation)
+                records.write(self.state_dir, records.CEDED, uuid, domain=dom.name(), peer=rec.owner,
+                              reason=f"the witness gave it to {rec.owner} (generation {rec.generation})")
+                with translate(f"destroying {dom.name()}"):
+                    dom.destroy()
+                records.remove(self.state_dir, records.PROTECTED, uuid)
 
     def _notify_peer(self, name: str, kind: str, body: dict[str, Any]) -> None:
         self.links.connection(name).notify(kind, body)
@@ -553,7 +811,17 @@ class Orchestrator:
 
     def _libvirt_state(self, state: LinkState) -> None:
         if state is LinkState.CONNECTED:
-            threading.Thread(target=self._adopt_running, name="cujud-adopt", daemon=True).start()
+            threading.Thread(target=self._take_back, name="cujud-adopt", daemon=True).start()
+
+    def _take_back(self) -> None:
+        """At every (re)connection to libvirtd: first destroy the copies the witness gave to
+        another host, then take back the protected domains that run here."""
+        if self.witness is not None:
+            try:
+                self._fence_stale_copies()
+            except CujuError as err:
+                LOG.warning("could not check the running domains against the witness: %s", err)
+        self._adopt_running()
 
     def _adopt_running(self) -> None:
         """Take back the protected domains that run here (cujud or libvirtd restarted): each is
@@ -571,7 +839,10 @@ class Orchestrator:
             except libvirt.libvirtError:
                 continue
             running.add(uuid)
-            if is_standby_xml(xml.encode()) or self.standbys.knows(uuid):
+            if self.standbys.knows(uuid):
+                continue
+            # a standby's XML, unless this host took that VM over (its live XML keeps -incoming)
+            if is_standby_xml(xml.encode()) and records.read(self.state_dir, records.TAKEOVERS, uuid) is None:
                 continue
             with self._lock:
                 if uuid in self.primaries:
@@ -640,6 +911,18 @@ class Orchestrator:
         if spec is None:
             return {"start": True, "protect": False, "reason": "no <cuju:ft> element"}
         was_protected = records.read(self.state_dir, records.PROTECTED, uuid) if uuid else None
+        if was_protected is not None:
+            owner = self.witness_owner(uuid)
+            if owner is not None and owner.owner != self.node and owner.mode != "stopped":
+                records.write(self.state_dir, records.CEDED, uuid, domain=was_protected.get("domain"),
+                              peer=owner.owner, reason=f"the witness gave it to {owner.owner} "
+                                                       f"(generation {owner.generation})")
+                return {"start": False, "protect": False,
+                        "reason": f"the witness (etcd) records {owner.owner} as the owner of this VM "
+                                  f"(generation {owner.generation}): it runs there"}
+            if owner is not None:
+                records.remove(self.state_dir, records.PROTECTED, uuid)
+                was_protected = None
         try:
             name = self.resolve_peer(spec)
             conn = self.links.connection(name)
@@ -679,7 +962,7 @@ class Orchestrator:
         with self._lock:
             if uuid in self.primaries:
                 return {"scheduled": False, "reason": "already protected or being protected"}
-            p = PrimaryDomain(self, name, uuid, spec, peer_name)
+            p = PrimaryDomain(self, name, uuid, spec, peer_name, spec_link=not self.names_this_host(spec))
             self.primaries[uuid] = p
         self.domains.add(p.stats, p.machine)
         p.start()
@@ -712,7 +995,7 @@ class Orchestrator:
         found = [sb for sb in list(self.standbys.standbys.values()) if domain in (sb.name, sb.uuid)]
         if not found:
             raise CujuError(f"{domain!r} has no standby on this host")
-        return found[0].take_over("an operator asked for it (cuju-libvirt takeover)")
+        return found[0].take_over("an operator asked for it (cuju-libvirt takeover)", by_word=True)
 
     # -- peer notes ------------------------------------------------------------------------------
 

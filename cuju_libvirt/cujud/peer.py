@@ -36,8 +36,21 @@ Wire format (``cuju-peer/1``), over TCP:
 
 Timeouts: the handshake must finish within ``handshake_timeout`` in total; after it,
 a peer silent for ``idle_timeout`` is dropped, and a frame once begun must arrive in
-full within ``frame_timeout`` (a slow sender cannot hold a connection open). TLS with
-certificates is not offered: the PSK scheme needs no PKI and is what cujud uses.
+full within ``frame_timeout`` (a slow sender cannot hold a connection open).
+
+With ``peer_tls: on`` (:mod:`.tls`) the same framing runs inside mutual TLS 1.3 and the
+handshake above is replaced by ``cuju-peer-tls/1``: after the TLS handshake (both sides
+present a certificate of the cluster's CA)::
+
+      C -> S  {"msg": "hello", "proto": "cuju-peer-tls/1", "node": C}
+      S -> C  {"msg": "welcome", "node": S}, or {"msg": "refused", "reason": ...} and close
+
+The server accepts ``C`` only if the client's certificate names ``C`` and ``C`` is one of
+its peers; the client accepts ``S`` only if the server's certificate names ``S`` (and it
+is the peer it dialled). Frames then carry the JSON body alone: TLS encrypts them and
+detects tampering, replay, reordering and truncation. Nothing secret ever travels in a
+cleartext frame. The pre-shared-key scheme stays as the lesser mode (``peer_tls: off``):
+authenticated and tamper-evident, but readable by anyone on the path.
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -60,6 +74,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
+from cuju_libvirt.cujud import tls as tlsmod
 from cuju_libvirt.errors import CujuError, PeerAuthError, PeerError
 from cuju_libvirt.logsetup import log_failure
 
@@ -74,6 +89,8 @@ _LEN = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
 
 Body = dict[str, Any]
+#: What ``connect``/``PeerServer`` take as a socket: a plain one, or TLS over one.
+Stream = socket.socket | tlsmod.TLSStream
 
 
 @dataclass(frozen=True)
@@ -90,16 +107,24 @@ class PeerOptions:
 # --- framing -----------------------------------------------------------------------------------
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float, what: str) -> bytes:
+def _readable(sock: Stream, timeout: float) -> bool:
+    if isinstance(sock, tlsmod.TLSStream) and sock.pending():
+        return True  # decrypted bytes wait in the stream: the socket may have nothing more
+    ready, _, _ = select.select([sock], [], [], timeout)
+    return bool(ready)
+
+
+def _recv_exact(sock: Stream, n: int, deadline: float, what: str) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise PeerError(f"timed out reading {what} ({len(buf)} of {n} bytes arrived)")
-        ready, _, _ = select.select([sock], [], [], remaining)
-        if not ready:
+        if not _readable(sock, remaining):
             continue
         chunk = sock.recv(min(n - len(buf), 1 << 16))
+        if chunk is None:  # TLS: part of a record arrived
+            continue
         if not chunk:
             raise PeerError(f"connection closed inside {what}" if buf else "connection closed by the peer")
         buf += chunk
@@ -107,18 +132,21 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float, what: str) -> byte
 
 
 def read_frame(
-    sock: socket.socket, max_size: int, first_byte_deadline: float, frame_timeout: float
+    sock: Stream, max_size: int, first_byte_deadline: float, frame_timeout: float
 ) -> bytes:
     """Read one length-prefixed frame. The header must start before ``first_byte_deadline``."""
     head = _recv_exact(sock, 1, first_byte_deadline, "a frame header")
     head += _recv_exact(sock, _LEN.size - 1, time.monotonic() + frame_timeout, "a frame header")
     (size,) = _LEN.unpack(head)
+    if head[:2] == b"\x16\x03" and size > max_size:  # a TLS handshake record, not our frame
+        raise PeerAuthError("the peer speaks TLS and this host does not: set peer_tls to the same "
+                            "value on both hosts (on: mutual TLS, the recommended mode)")
     if size > max_size:
         raise PeerError(f"frame of {size} bytes exceeds the limit of {max_size}")
     return _recv_exact(sock, size, time.monotonic() + frame_timeout, f"a frame of {size} bytes")
 
 
-def write_frame(sock: socket.socket, payload: bytes) -> None:
+def write_frame(sock: Stream, payload: bytes) -> None:
     sock.sendall(_LEN.pack(len(payload)) + payload)
 
 
@@ -179,6 +207,16 @@ class Session:
             raise PeerAuthError(f"message out of order (sequence {seq}, expected {self.recv_seq})")
         self.recv_seq += 1
         return body
+
+
+class TLSSession:
+    """The session of a TLS connection: TLS seals the frames, so bodies pass as they are."""
+
+    def seal(self, body: bytes) -> bytes:
+        return body
+
+    def open(self, payload: bytes) -> bytes:
+        return payload
 
 
 def _hex_field(msg: Body, name: str, size: int) -> bytes:
@@ -271,6 +309,52 @@ def server_handshake(
     return session, client
 
 
+def tls_client_handshake(
+    stream: tlsmod.TLSStream, node: str, *, expect_peer: str | None, deadline: float,
+    frame_timeout: float = 5.0,
+) -> tuple[TLSSession, str]:
+    """TLS handshake, then ``cuju-peer-tls/1`` as the client; returns the server's node name."""
+    stream.handshake(deadline)
+    names = tlsmod.cert_names(stream.peer_cert())
+    if expect_peer is not None and expect_peer not in names:
+        raise PeerAuthError(f"the peer's certificate names {', '.join(names) or 'nobody'}, "
+                            f"not the peer we dialled ({expect_peer!r})")
+    write_frame(stream, _encode({"msg": "hello", "proto": tlsmod.PROTOCOL, "node": node}))
+    reply = _decode(read_frame(stream, MAX_HANDSHAKE_FRAME, deadline, frame_timeout))
+    if reply.get("msg") == "refused":
+        raise PeerAuthError(f"the peer refused us: {str(reply.get('reason'))[:200]}")
+    _expect(reply, "welcome")
+    server = _name_field(reply)
+    if server not in names:
+        raise PeerAuthError(f"the peer calls itself {server!r} but its certificate names "
+                            f"{', '.join(names) or 'nobody'}")
+    return TLSSession(), server
+
+
+def tls_server_handshake(
+    stream: tlsmod.TLSStream, node: str, *, allowed: Callable[[str], bool], deadline: float,
+    frame_timeout: float = 5.0,
+) -> tuple[TLSSession, str]:
+    """TLS handshake, then ``cuju-peer-tls/1`` as the server; returns the client's node name."""
+    stream.handshake(deadline)
+    names = tlsmod.cert_names(stream.peer_cert())
+    hello = _decode(read_frame(stream, MAX_HANDSHAKE_FRAME, deadline, frame_timeout))
+    _expect(hello, "hello")
+    if hello.get("proto") != tlsmod.PROTOCOL:
+        write_frame(stream, _encode({"msg": "refused", "reason": f"this cujud speaks {tlsmod.PROTOCOL}"}))
+        raise PeerError(f"unsupported protocol {str(hello.get('proto'))[:40]!r}")
+    client = _name_field(hello)
+    if client not in names:
+        reason = f"your certificate names {', '.join(names) or 'nobody'}, not {client!r}"
+        write_frame(stream, _encode({"msg": "refused", "reason": reason}))
+        raise PeerAuthError(f"node {client!r} presented a certificate for {', '.join(names) or 'nobody'}")
+    if not allowed(client):
+        write_frame(stream, _encode({"msg": "refused", "reason": f"node {client!r} is not in my peers"}))
+        raise PeerAuthError(f"node {client!r} has a valid certificate but is not in the configured peers")
+    write_frame(stream, _encode({"msg": "welcome", "node": node}))
+    return TLSSession(), client
+
+
 # --- connections -----------------------------------------------------------------------------------
 
 
@@ -304,11 +388,14 @@ class PeerConnection:
     """An authenticated connection: requests with timeouts, one-way notes, heartbeats."""
 
     def __init__(
-        self, sock: socket.socket, session: Session, *, local: str, remote: str, address: str,
+        self, sock: Stream, session: Session | TLSSession, *, local: str, remote: str, address: str,
         handlers: Handlers, options: PeerOptions, executor: ThreadPoolExecutor,
     ) -> None:
         self.sock = sock
         self.session = session
+        #: How the channel is protected, for status and logs.
+        self.security = (f"TLS ({sock.version()}, certificates)" if isinstance(sock, tlsmod.TLSStream)
+                         else "pre-shared key (authenticated, not encrypted)")
         self.local = local
         self.remote = remote
         self.address = address
@@ -334,6 +421,11 @@ class PeerConnection:
 
     def __repr__(self) -> str:
         return f"<PeerConnection {self.local}->{self.remote} {self.address}>"
+
+    @property
+    def encrypted(self) -> bool:
+        """The channel runs inside TLS: secrets (FT-link keys) may travel in it."""
+        return isinstance(self.sock, tlsmod.TLSStream)
 
     def start(self) -> None:
         for name, target in (("rx", self._reader), ("hb", self._heartbeat_loop)):
@@ -525,6 +617,7 @@ class PeerConnection:
         return {
             "node": self.remote,
             "address": self.address,
+            "security": self.security,
             "connected": not self.closed.is_set(),
             "connected_for_s": round(time.monotonic() - self.connected_at, 3),
             "last_seen_s_ago": round(time.monotonic() - self.last_seen, 3),
@@ -545,27 +638,36 @@ def _peer_name(addr: Any) -> str:
 
 def connect(
     host: str, port: int, *, node: str, psk: bytes, expect_peer: str | None, handlers: Handlers,
-    options: PeerOptions, executor: ThreadPoolExecutor,
+    options: PeerOptions, executor: ThreadPoolExecutor, tls: ssl.SSLContext | None = None,
 ) -> PeerConnection:
-    """Dial a peer, authenticate, and return the started connection."""
+    """Dial a peer, authenticate (TLS when *tls* is a client context, else *psk*), start it."""
     deadline = time.monotonic() + options.handshake_timeout
     try:
         sock = socket.create_connection((host, port), timeout=options.handshake_timeout)
     except OSError as err:
         raise PeerError(f"cannot connect to {host}:{port}: {err.strerror or err}") from err
     address = _peer_name(sock.getpeername())
+    stream: Stream = sock
+    session: Session | TLSSession
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session, server = client_handshake(
-            sock, node, psk, expect_peer=expect_peer, deadline=deadline, frame_timeout=options.frame_timeout
-        )
+        if tls is not None:
+            stream = tlsmod.TLSStream(sock, tls, server=False)
+            session, server = tls_client_handshake(
+                stream, node, expect_peer=expect_peer, deadline=deadline, frame_timeout=options.frame_timeout
+            )
+        else:
+            session, server = client_handshake(
+                sock, node, psk, expect_peer=expect_peer, deadline=deadline,
+                frame_timeout=options.frame_timeout,
+            )
     except (PeerError, OSError) as err:
         sock.close()
         if isinstance(err, PeerError):
             raise
         raise PeerError(f"handshake with {address} failed: {err}") from err
     conn = PeerConnection(
-        sock, session, local=node, remote=server, address=address, handlers=handlers, options=options,
+        stream, session, local=node, remote=server, address=address, handlers=handlers, options=options,
         executor=executor,
     )
     conn.start()
@@ -578,10 +680,11 @@ class PeerServer:
     def __init__(
         self, host: str, port: int, *, node: str, psk: bytes, peers: Mapping[str, object] | None,
         handlers: Handlers, options: PeerOptions, executor: ThreadPoolExecutor,
-        on_connection: Callable[[PeerConnection], None],
+        on_connection: Callable[[PeerConnection], None], tls: ssl.SSLContext | None = None,
     ) -> None:
         self.node = node
         self._psk = psk
+        self._tls = tls
         self._peers = peers
         self.handlers = handlers
         self.options = options
@@ -631,10 +734,19 @@ class PeerServer:
             deadline = time.monotonic() + self.options.handshake_timeout
             sock.settimeout(self.options.frame_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            session, client = server_handshake(
-                sock, self.node, self._psk, allowed=self._allowed, deadline=deadline,
-                frame_timeout=self.options.frame_timeout,
-            )
+            session: Session | TLSSession
+            stream: Stream = sock
+            if self._tls is not None:
+                stream = tls_stream = tlsmod.TLSStream(sock, self._tls, server=True)
+                session, client = tls_server_handshake(
+                    tls_stream, self.node, allowed=self._allowed, deadline=deadline,
+                    frame_timeout=self.options.frame_timeout,
+                )
+            else:
+                session, client = server_handshake(
+                    sock, self.node, self._psk, allowed=self._allowed, deadline=deadline,
+                    frame_timeout=self.options.frame_timeout,
+                )
         except (PeerError, OSError) as err:
             kind = "authentication failed" if isinstance(err, PeerAuthError) else "handshake failed"
             LOG.warning("peer %s: %s: %s; connection closed", address, kind, err)
@@ -646,10 +758,10 @@ class PeerServer:
             sock.close()
             return
         conn = PeerConnection(
-            sock, session, local=self.node, remote=client, address=address, handlers=self.handlers,
+            stream, session, local=self.node, remote=client, address=address, handlers=self.handlers,
             options=self.options, executor=self._executor,
         )
-        LOG.info("peer %s at %s authenticated", client, address)
+        LOG.info("peer %s at %s authenticated (%s)", client, address, conn.security)
         self._on_connection(conn)
         conn.start()
 

@@ -93,3 +93,14 @@ def ended_on_signal(domain: str, since: int, log_dir: Path = LIBVIRT_QEMU_LOG_DI
         return None
     found = _SIGNAL_LINE.findall(data)
     return int(found[-1]) if found else None
+
+
+def owner_ids(pid: int) -> tuple[int, int]:
+    """The effective uid and gid QEMU ``pid`` runs as (``/proc/PID/status``)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        uid = int(re.search(r"^Uid:\s+\d+\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+        gid = int(re.search(r"^Gid:\s+\d+\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    except (OSError, AttributeError, ValueError) as err:
+        raise CujuError(f"cannot read the user of QEMU process {pid}: {err}") from err
+    return uid, gid

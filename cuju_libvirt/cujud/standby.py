@@ -16,6 +16,14 @@ connection). The primary's cujud also reports a crash of its QEMU at once
 Every decision about one standby is taken under its lock, so an ``abandon`` (the primary
 gave up on this standby and will release its held output) and a takeover exclude each
 other: whichever comes first wins, and the other side is told.
+
+With the cluster witness (``etcd_endpoints``, :mod:`cuju_libvirt.cujud.coord`) a standby is
+paired at a *generation* (in ``standby-create`` and in the FT-link handshake) and resumes
+only after winning the ownership record's compare-and-swap at that generation; a lost race
+drops it. When etcd does not answer, silence alone never resumes it (the primary may have
+won the record and released its output): it waits and asks again, and refuses to promise
+anything meanwhile. The primary's own word (``primary-crashed``) or an operator's still
+resume it without an answer, as in two-host mode; the record is brought up to date later.
 """
 
 from __future__ import annotations
@@ -36,10 +44,14 @@ from lxml import etree
 
 from cuju_libvirt import fitness
 from cuju_libvirt.cujud import records
+from cuju_libvirt.cujud.coord import OwnershipStore
 from cuju_libvirt.cujud.qemu_process import qemu_pid, ram_backing
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
-from cuju_libvirt.errors import CujuError, StateError
+from cuju_libvirt.errors import CoordError, CujuError, StateError
+from cuju_libvirt.ft_engine import linkkeys
+from cuju_libvirt.ft_engine.devstate import MachineProfile, standby_profile
 from cuju_libvirt.ft_engine.epoch import BackupEngine
+from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.qmp import QMPClient
@@ -47,14 +59,20 @@ from cuju_libvirt.qmp import QMPClient
 LOG = logging.getLogger(__name__)
 S = FTState
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-#: Marks a standby's XML; the hook sees it and leaves such a domain alone.
-INCOMING_ARGS = ("-incoming", "defer")
+#: Marks a standby's XML (the hook sees it and leaves such a domain alone). The device-state
+#: blob has no configuration section (``xen-save-devices-state``): the standby must not expect one.
+INCOMING_ARGS = ("-incoming", "defer", "-global", "migration.send-configuration=off")
 TOKEN_BYTES = 32
+#: The FT-link handshake: the one-time token, then the pairing's generation (8 bytes, big-endian).
+GENERATION_BYTES = 8
+HELLO_BYTES = TOKEN_BYTES + GENERATION_BYTES
 DETECT_INTERVAL = 0.005
 #: FT-link connections may take this long to send their token (s) ...
 HANDSHAKE_TIMEOUT = 2.0
 #: ... and at most this many may be in that handshake at once (as on the peer channel).
 MAX_PENDING = 16
+#: How often an undecided claim (no answer from etcd) is asked again (s).
+CLAIM_RETRY = 0.25
 
 
 def standby_xml(xml: str) -> str:
@@ -75,8 +93,11 @@ def standby_xml(xml: str) -> str:
     cmd = root.find(f"{q}commandline")
     if cmd is None:
         cmd = etree.SubElement(root, f"{q}commandline", nsmap={"qemu": QEMU_NS})
-    for value in INCOMING_ARGS:
-        etree.SubElement(cmd, f"{q}arg").set("value", value)
+    # A VM that failed over to its standby keeps the standby's -incoming in its live XML
+    # until its next start: re-protected from there, it must not get a second one.
+    if INCOMING_ARGS[0] not in [arg.get("value") for arg in cmd.iterfind(f"{q}arg")]:
+        for value in INCOMING_ARGS:
+            etree.SubElement(cmd, f"{q}arg").set("value", value)
     return etree.tostring(root, encoding="unicode")
 
 
@@ -102,7 +123,7 @@ class FTListener:
         self._server.setblocking(False)
         self.handshake_timeout = handshake_timeout
         self.max_pending = max_pending
-        self._pending: dict[bytes, Callable[[socket.socket], None]] = {}
+        self._pending: dict[bytes, Callable[[socket.socket, int], None]] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -118,7 +139,7 @@ class FTListener:
     def port(self) -> int:
         return int(self._server.getsockname()[1])
 
-    def expect(self, on_connect: Callable[[socket.socket], None]) -> str:
+    def expect(self, on_connect: Callable[[socket.socket, int], None]) -> str:
         token = secrets.token_bytes(TOKEN_BYTES)
         with self._lock:
             self._pending[token] = on_connect
@@ -181,18 +202,19 @@ class FTListener:
 
     def _read_token(self, sel: selectors.BaseSelector,
                     greeting: dict[socket.socket, tuple[Any, float, bytearray]], sock: socket.socket) -> None:
-        addr, _, token = greeting[sock]
+        """Read what arrived of the hello (token, then generation); hand a complete, valid one over."""
+        addr, _, hello = greeting[sock]
         try:
-            chunk = sock.recv(TOKEN_BYTES - len(token))
+            chunk = sock.recv(HELLO_BYTES - len(hello))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
             chunk, why = b"", str(err)
         else:
-            why = "closed before its token"
+            why = "closed before its token and generation"
         if chunk:
-            token += chunk
-            if len(token) < TOKEN_BYTES:
+            hello += chunk
+            if len(hello) < HELLO_BYTES:
                 return
         del greeting[sock]
         sel.unregister(sock)
@@ -200,20 +222,22 @@ class FTListener:
             LOG.debug("FT link connection from %s dropped: %s", addr, why)
             sock.close()
             return
+        token, generation = bytes(hello[:TOKEN_BYTES]), int.from_bytes(hello[TOKEN_BYTES:], "big")
         with self._lock:
-            handler = self._pending.pop(bytes(token), None)
+            handler = self._pending.pop(token, None)
         if handler is None:
             LOG.warning("FT link connection from %s refused: unknown or used token", addr)
             sock.close()
             return
         sock.setblocking(True)
-        threading.Thread(target=self._hand_over, args=(handler, sock, addr), name="cujud-ft-link",
+        threading.Thread(target=self._hand_over, args=(handler, sock, addr, generation), name="cujud-ft-link",
                          daemon=True).start()
 
     @staticmethod
-    def _hand_over(handler: Callable[[socket.socket], None], sock: socket.socket, addr: Any) -> None:
+    def _hand_over(handler: Callable[[socket.socket, int], None], sock: socket.socket, addr: Any,
+                   generation: int) -> None:
         try:
-            handler(sock)
+            handler(sock, generation)
         except Exception as err:
             LOG.error("FT link connection from %s: %s", addr, err)
             LOG.debug("details", exc_info=True)
@@ -235,7 +259,7 @@ class Standby:
     """One hot standby on this host and the decisions about it (under :attr:`lock`)."""
 
     def __init__(self, manager: StandbyManager, *, name: str, uuid: str, peer: str, xml: str,
-                 persistent_xml: str, timeout_s: float, auto_failover: bool) -> None:
+                 persistent_xml: str, timeout_s: float, auto_failover: bool, generation: int = 0) -> None:
         self.manager = manager
         self.name = name
         self.uuid = uuid
@@ -244,14 +268,22 @@ class Standby:
         self.persistent_xml = persistent_xml
         self.timeout_s = timeout_s
         self.auto_failover = auto_failover
+        #: The ownership generation this standby was paired at (0: no witness).
+        self.generation = generation
+        #: A claim was sent and etcd gave no answer: it may have been applied. Until a later
+        #: claim answers, this standby neither resumes nor promises to stay down.
+        self.undecided = False
         self.lock = threading.RLock()
         self.machine = FTMachine(name, Role.BACKUP)
         self.stats = DomainStats(name, uuid, "backup", peer=peer)
         self.log = LOG.getChild(name.replace(".", "_"))
         self.engine: BackupEngine | None = None
         self.qmp: QMPClient | None = None
+        self.profile: MachineProfile | None = None
         self.link: socket.socket | None = None
         self.token = ""
+        #: The FT link's secret (None: the link runs in the clear); set before create().
+        self.link_secret: bytes | None = None
         self.abandoned = False
         self.taken_over = False
         self._done = threading.Event()
@@ -273,6 +305,8 @@ class Standby:
                 raise CujuError(f"standby {self.name} started but its QEMU pid file is missing")
             ram = ram_backing(pid)
             self.qmp = _connect_qmp(fitness.qmp_socket_path(self.name), 10.0)
+            # What the primary compares with its own QEMU before it syncs a single page.
+            self.profile = standby_profile(self.qmp)
             self.ram_path = ram.path
             self.token = self.manager.ft.expect(self._linked)
         except BaseException:
@@ -282,10 +316,13 @@ class Standby:
                       ram.path, ram.size >> 20)
         return self.token
 
-    def _linked(self, sock: socket.socket) -> None:
+    def _linked(self, sock: socket.socket, generation: int) -> None:
         with self.lock:
             if self.abandoned:
                 raise StateError(f"standby {self.name} was abandoned before its link arrived")
+            if generation != self.generation:
+                raise StateError(f"FT link of generation {generation} for the standby of {self.name}, "
+                                 f"paired at generation {self.generation}: refused")
             assert self.qmp is not None
             self.link = sock
             state_path = self.manager.state_dir / "standby" / f"{self.uuid}.devstate"
@@ -293,6 +330,8 @@ class Standby:
             self.engine = BackupEngine(
                 qmp=self.qmp, ram_path=self.ram_path, link=sock, device_state_path=str(state_path),
                 stats=self.stats, machine=self.machine, tag=self.name, io_timeout=30.0,
+                standby=self.profile,
+                link_keys=None if self.link_secret is None else LinkKeys.derive(self.link_secret).backup,
             )
             self.engine.start()
             self._last_progress = time.monotonic()
@@ -313,11 +352,13 @@ class Standby:
                 self._last_progress = now
             ft_silent = now - self._last_progress >= self.timeout_s
             ctl_silent = self.manager.peer_silent_for(self.peer) >= self.timeout_s
-            if ft_silent and ctl_silent:
+            if (ft_silent and ctl_silent) or self.undecided:
                 why = (f"no epoch on the FT link and no frame on the peer channel for "
                        f"{self.timeout_s * 1e3:.0f} ms")
                 if self.machine.state is S.STANDBY and self.auto_failover:
-                    self.take_over(f"primary declared dead: {why}")
+                    if self.take_over(f"primary declared dead: {why}").get("undecided"):
+                        self._done.wait(CLAIM_RETRY)
+                        continue
                 elif self.machine.state is S.STANDBY:
                     self.log.error("primary declared dead (%s); failover='manual': waiting for an operator",
                                    why)
@@ -329,18 +370,38 @@ class Standby:
 
     # -- decisions -------------------------------------------------------------------------------
 
-    def take_over(self, reason: str) -> dict[str, Any]:
-        """Fail over: resume the standby from the last committed epoch, make it a normal domain."""
+    def take_over(self, reason: str, *, by_word: bool = False) -> dict[str, Any]:
+        """Fail over: resume the standby from the last committed epoch, make it a normal domain.
+
+        With the witness, only after winning the ownership record; ``by_word`` (the primary's
+        cujud reported its QEMU dead, or an operator asked) resumes also when etcd does not
+        answer, as two-host mode does."""
         with self.lock:
             if self.taken_over:
                 return {"taken_over": True}
             if self.abandoned or self.engine is None:
                 return {"taken_over": False, "reason": "the standby was abandoned or never linked"}
+            verdict = self.manager.claim(self, quiet=self.undecided)
+            if verdict == "lost":
+                self.undecided = False
+                self.abandon("the witness gave the VM to another host: this copy must never resume")
+                return {"taken_over": False, "reason": "the witness gave the VM to another host"}
+            if verdict == "unknown" and not by_word:
+                if not self.undecided:
+                    self.log.error("%s, but the witness (etcd) does not answer: the standby stays paused "
+                                   "(it never resumes on a guess) and asks again", reason)
+                self.undecided = True
+                return {"taken_over": False, "undecided": True}
+            self.undecided = False
             self.log.warning("TAKING OVER: %s", reason)
             self.taken_over = True  # before the first step: an abandon from now on is refused
             self._done.set()
             records.write(self.manager.state_dir, records.TAKEOVERS, self.uuid, domain=self.name,
-                          peer=self.peer, reason=reason)
+                          peer=self.peer, reason=reason, generation=self.generation)
+            # this host holds the VM now: a 'ceded' record from when it lost it is stale
+            records.remove(self.manager.state_dir, records.CEDED, self.uuid)
+            if verdict == "unknown":
+                self.manager.settle_later(self)
             report = self.engine.failover()
             self.stats.role = "primary"  # the VM runs here now (unprotected until a new standby)
             try:
@@ -360,6 +421,8 @@ class Standby:
                 return {"abandoned": False, "taken_over": True}
             if self.abandoned:
                 return {"abandoned": True}
+            if self.undecided:  # our claim may have been applied: promise nothing yet
+                return {"abandoned": False, "taken_over": False, "undecided": True}
             self.abandoned = True
             self._done.set()
             self.log.info("dropping the standby: %s", reason)
@@ -388,9 +451,14 @@ class Standby:
         self.gone.set()
 
     def _destroy_domain(self) -> None:
+        """Destroy the standby's QEMU (never after a takeover: then it is the VM). On the
+        old primary host of a re-protected VM the domain is also defined there: destroying
+        the standby leaves that definition inactive, as it was before."""
+        if self.taken_over:
+            return
         with contextlib.suppress(Exception):
-            dom = self.manager.libvirt.conn.lookupByName(self.name)
-            if not dom.isPersistent():
+            dom = self.manager.libvirt.conn.lookupByUUIDString(self.uuid)
+            if dom.isActive() and is_standby_xml(dom.XMLDesc(0).encode()):
                 dom.destroy()
 
 
@@ -410,15 +478,26 @@ class StandbyManager:
 
     def __init__(self, *, libvirt_conn: LibvirtConnection, state_dir: Path, ft_host: str, ft_port: int,
                  peer_silent_for: Callable[[str], float], register: Callable[[DomainStats, FTMachine], None],
-                 unregister: Callable[[str], None], notify_peer: Callable[[str, str, dict[str, Any]], None]
-                 ) -> None:
+                 unregister: Callable[[str], None], notify_peer: Callable[[str, str, dict[str, Any]], None],
+                 witness: OwnershipStore | None = None, node: str = "",
+                 runs_here: Callable[[str], bool] = lambda _uuid: False,
+                 on_taken_over: Callable[[Standby], None] = lambda _sb: None) -> None:
         self.libvirt = libvirt_conn
         self.state_dir = state_dir
         self.peer_silent_for = peer_silent_for
         self._register = register
         self._unregister = unregister
         self._notify_peer = notify_peer
+        self.witness = witness
+        self.node = node
+        self._closing = threading.Event()
+        #: True if this host's cujud runs ``uuid`` as a primary (a standby of it here is refused).
+        self._runs_here = runs_here
+        #: Called (on the taking-over thread) once a standby runs the VM: re-protection starts.
+        self._on_taken_over = on_taken_over
         self.ft = FTListener(ft_host, ft_port)
+        #: The FT-link address a primary connects to (None when ft_listen is a wildcard).
+        self.ft_address = None if ft_host in ("", "0.0.0.0", "::") else f"{ft_host}:{self.ft.port}"
         self.standbys: dict[str, Standby] = {}
         self.failed_over: dict[str, Standby] = {}
         self._lock = threading.Lock()
@@ -427,6 +506,7 @@ class StandbyManager:
 
     def close(self) -> None:
         """Drop every standby (the peer channel is still up: a primary that asks is told)."""
+        self._closing.set()
         self.ft.close()
         standbys = list(self.standbys.values())
         for sb in standbys:
@@ -436,25 +516,64 @@ class StandbyManager:
 
     # -- peer requests -----------------------------------------------------------------------
 
-    def create(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+    def create(self, peer: str, body: dict[str, Any], *, encrypt_link: bool = False) -> dict[str, Any]:
+        """A standby for the peer's domain; ``encrypt_link`` (the request came over TLS) adds a
+        fresh FT-link secret to the reply (:mod:`~cuju_libvirt.ft_engine.linkkeys`)."""
         name, uuid = str(body["name"]), str(body["uuid"])
+        generation = int(body.get("generation", 0))
+        if generation and self.witness is None:
+            raise CujuError(f"{peer} pairs {name} under the cluster witness (generation {generation}) but "
+                            "this cujud has no etcd_endpoints: configure the same etcd on every host")
         with self._lock:
             old = self.standbys.get(uuid)
+            if uuid in self.failed_over or self._runs_here(uuid):
+                raise StateError(f"{name} runs on this host: it cannot be the backup of a copy on {peer}")
         if old is not None:
             old.abandon("replaced by a new standby of the same domain")
             old.gone.wait(60)
+        self._clear_stale_copy(name, uuid, peer)
         sb = Standby(self, name=name, uuid=uuid, peer=peer, xml=str(body["xml"]),
                      persistent_xml=str(body["persistent_xml"]),
                      timeout_s=int(body["heartbeat_timeout_ms"]) / 1e3,
-                     auto_failover=body.get("failover", "auto") == "auto")
-        # A standby here means the VM runs on the peer: an old takeover record is stale. A
-        # ceded record stays: this host must still not start the VM on its own.
+                     auto_failover=body.get("failover", "auto") == "auto", generation=generation)
+        # A standby here means the VM runs on the peer: an old takeover record is stale, and
+        # so is a 'protected' record (this host is not its primary any more). This host must
+        # not start the VM on its own while the peer may run it: 'ceded' says so to the hook
+        # (also after a reboot, when the standby is gone), until a takeover here or the
+        # primary's word that the VM ended on purpose.
         records.remove(self.state_dir, records.TAKEOVERS, uuid)
+        records.remove(self.state_dir, records.PROTECTED, uuid)
+        if records.read(self.state_dir, records.CEDED, uuid) is None:
+            records.write(self.state_dir, records.CEDED, uuid, domain=name, peer=peer,
+                          reason=f"it runs on {peer}, protected by a standby here")
+        sb.link_secret = linkkeys.new_secret() if encrypt_link else None
         token = sb.create()
         with self._lock:
             self.standbys[uuid] = sb
         self._register(sb.stats, sb.machine)
-        return {"token": token}
+        assert sb.profile is not None
+        reply: dict[str, Any] = {"token": token, "machine": sb.profile.to_json(),
+                                 "ft_address": self.ft_address}
+        if sb.link_secret is not None:
+            reply["link_secret"] = sb.link_secret.hex()
+        return reply
+
+    def _clear_stale_copy(self, name: str, uuid: str, peer: str) -> None:
+        """Before a standby of ``uuid`` is created here: refuse if this host runs the VM, and
+        destroy a standby that no cujud tracks (its cujud died; only its creator may resume it)."""
+        try:
+            dom = self.libvirt.conn.lookupByUUIDString(uuid)
+            active = bool(dom.isActive())
+            live = dom.XMLDesc(0).encode() if active else b""
+        except libvirt.libvirtError:
+            return  # not known here: nothing stale
+        took_over = records.read(self.state_dir, records.TAKEOVERS, uuid) is not None
+        if active and (took_over or not is_standby_xml(live)):
+            raise StateError(f"{name} runs on this host: it cannot be the backup of a copy on {peer}")
+        if active:
+            LOG.warning("destroying an orphaned standby of %s before a new one (its cujud is gone)", name)
+            with translate(f"destroying the orphaned standby of {name}"):
+                dom.destroy()
 
     def abandon(self, body: dict[str, Any]) -> dict[str, Any]:
         uuid = str(body["uuid"])
@@ -462,8 +581,13 @@ class StandbyManager:
             sb = self.standbys.get(uuid)
         if sb is None:
             taken = records.read(self.state_dir, records.TAKEOVERS, uuid) is not None
-            return {"abandoned": not taken, "taken_over": taken}
-        return sb.abandon(str(body.get("reason", "the primary gave up on this standby")))
+            answer = {"abandoned": not taken, "taken_over": taken}
+        else:
+            answer = sb.abandon(str(body.get("reason", "the primary gave up on this standby")))
+        if answer.get("abandoned") and body.get("vm_ended"):
+            # stopped on purpose on the peer: it runs nowhere, this host may start it again
+            records.remove(self.state_dir, records.CEDED, uuid)
+        return answer
 
     def holds(self, uuid: str) -> bool:
         """True if this host took the domain over (the old primary must not start it)."""
@@ -483,9 +607,46 @@ class StandbyManager:
         if sb is None:
             return
         if sb.machine.state is S.STANDBY and sb.auto_failover:
-            sb.take_over(f"the primary's cujud reports its QEMU crashed ({body.get('how', '?')})")
+            sb.take_over(f"the primary's cujud reports its QEMU crashed ({body.get('how', '?')})",
+                         by_word=True)
         elif sb.machine.state is not S.STANDBY:
             sb.abandon("the primary crashed before the standby was consistent")
+
+    # -- the witness -----------------------------------------------------------------------------
+
+    def claim(self, sb: Standby, *, quiet: bool = False) -> str:
+        """Race for ``sb``'s ownership record: ``won``, ``lost``, ``unknown`` (no answer) or
+        ``unwitnessed`` (no witness configured, or the pair was made without one)."""
+        if self.witness is None or not sb.generation:
+            return "unwitnessed"
+        try:
+            claim = self.witness.claim(sb.uuid, self.node, sb.generation)
+        except CoordError as err:
+            if not quiet:
+                sb.log.warning("claiming the ownership record (generation %d): %s", sb.generation, err)
+            return "unknown"
+        if not claim.won:
+            sb.log.warning("the witness gives %s to %s (generation %d, %s): this standby loses",
+                           sb.name, claim.record.owner, claim.record.generation, claim.record.mode)
+            return "lost"
+        sb.log.info("the witness made this host the owner of %s (generation %d)", sb.name,
+                    claim.record.generation)
+        sb.generation = claim.record.generation
+        return "won"
+
+    def settle_later(self, sb: Standby) -> None:
+        """After a takeover on the primary's word without an answer from etcd: bring the
+        record up to date once etcd answers (a returning old primary then reads the truth)."""
+        def settle() -> None:
+            while not self._closing.wait(1.0):
+                verdict = self.claim(sb, quiet=True)
+                if verdict in {"won", "unwitnessed"}:
+                    return
+                if verdict == "lost":
+                    sb.log.error("the witness records another owner of %s than this host, which runs it "
+                                 "since the primary's cujud reported its crash: check both hosts", sb.name)
+                    return
+        threading.Thread(target=settle, name=f"cujud-settle-{sb.name}", daemon=True).start()
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 
@@ -500,6 +661,13 @@ class StandbyManager:
         with self._lock:
             self.standbys.pop(sb.uuid, None)
             self.failed_over[sb.uuid] = sb
+        self._on_taken_over(sb)
+
+    def released(self, uuid: str) -> None:
+        """This host no longer runs ``uuid`` (it stopped or moved on after a failover here)."""
+        with self._lock:
+            self.failed_over.pop(uuid, None)
+        records.remove(self.state_dir, records.TAKEOVERS, uuid)
 
     def _libvirt_state(self, state: LinkState) -> None:
         if state is LinkState.CONNECTED:

@@ -8,7 +8,7 @@ Primary (:class:`PrimaryEngine`)::
     eng = PrimaryEngine(PrimaryConfig(...), qmp=qmp, pid=pid, link=sock, stats=st, machine=m)
     eng.start()          # initial sync of the RUNNING guest, then the epoch loop on a thread
     eng.epoch_ms = 10    # changeable at run time
-    eng.stop()           # VM keeps running, filters removed, x-ignore-shared off, tracker closed
+    eng.stop()           # VM keeps running, filters removed, tracker closed
 
 One epoch N (the VM ran since the end of epoch N-1's pause)::
 
@@ -17,8 +17,12 @@ One epoch N (the VM ran since the end of epoch N-1's pause)::
          --> stage N (gather dirty pages) + device state --> cont     (the pause)
     ship N (a C thread sends it while epoch N+1 runs)
 
-An epoch ends when its time is up *and* epoch N-1 is acknowledged, or earlier when the
-packets it holds approach :attr:`PrimaryConfig.max_packets`. Pipelining is one epoch deep:
+When an epoch ends is :attr:`PrimaryConfig.epoch_policy`: ``"fixed"``, when its time
+(``epoch_ms``) is up; ``"output"`` (the default), as soon as output commit holds a packet
+for it, at the latest when its time is up (``epoch_ms`` is then the longest interval:
+it bounds the lag and the replay). Either way an epoch also waits for epoch N-1's
+acknowledgement, and ends earlier when the packets it holds approach
+:attr:`PrimaryConfig.max_packets`. Pipelining is one epoch deep:
 N is on the wire while N+1 runs; N+1 cannot close before N is acknowledged (F2 of the
 output commit holds one epoch).
 
@@ -37,17 +41,26 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cuju_libvirt.errors import CujuError, ReplicationError, StateError
 from cuju_libvirt.ft_engine import trackers as T
-from cuju_libvirt.ft_engine.devstate import DeviceStateSaver, LoadTimings, ResumeTimings, load_device_state
+from cuju_libvirt.ft_engine.devstate import (
+    DeviceStateSaver,
+    LoadTimings,
+    MachineProfile,
+    ResumeTimings,
+    Section,
+    load_device_state,
+    standby_profile,
+)
 from cuju_libvirt.ft_engine.devstate import resume_standby as _resume_standby
+from cuju_libvirt.ft_engine.disks import DiskSet
 from cuju_libvirt.ft_engine.output import QUEUE_LIMIT, OutputCommit
-from cuju_libvirt.ft_engine.replicator import PAGE_SIZE, EpochReceiver, EpochSender
+from cuju_libvirt.ft_engine.replicator import PAGE_SIZE, DiskPart, EpochReceiver, EpochSender
 from cuju_libvirt.ft_engine.state import FTMachine, FTState
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.qmp import QMPClient, QMPError
@@ -66,6 +79,8 @@ SYNC_CHUNK_PAGES = 4096
 #: When QEMU refuses to resume a VM the engine paused (e.g. it cannot reopen a disk image),
 #: ``cont`` is tried again after these delays (s) before the VM is reported left paused.
 RESUME_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)
+#: When an epoch ends (PrimaryConfig.epoch_policy, <cuju:ft epoch-policy>).
+EPOCH_POLICIES = ("output", "fixed")
 
 
 class EngineError(ReplicationError):
@@ -80,6 +95,9 @@ class PrimaryConfig:
     ram_size: int
     tracker: str = "auto"
     epoch_ms: int = 20
+    #: "output": end an epoch as soon as it holds output (at the latest after epoch_ms);
+    #: "fixed": every epoch_ms. "output" needs output commit and counter_dir, else acts as "fixed".
+    epoch_policy: str = "output"
     output_commit: bool = True
     #: Netdev ids to hold (None: every NIC's netdev, discovered over QMP).
     netdevs: list[str] | None = None
@@ -95,10 +113,17 @@ class PrimaryConfig:
     #: ... or after this many tracked rounds.
     max_sync_rounds: int = 8
     tag: str = "vm"
+    #: The file QEMU writes each epoch's device state to (None: next to the QMP socket).
+    devstate_path: str | None = None
+    #: The standby's device sections (:func:`~cuju_libvirt.ft_engine.devstate.standby_profile`):
+    #: the first device-state save is checked against them. None: not checked.
+    standby_sections: tuple[Section, ...] | None = None
 
     def __post_init__(self) -> None:
         if not MIN_EPOCH_MS <= self.epoch_ms <= MAX_EPOCH_MS:
             raise ValueError(f"epoch_ms {self.epoch_ms} must be in {MIN_EPOCH_MS}..{MAX_EPOCH_MS}")
+        if self.epoch_policy not in EPOCH_POLICIES:
+            raise ValueError(f"epoch_policy {self.epoch_policy!r} must be one of {', '.join(EPOCH_POLICIES)}")
         if not 1 <= self.max_packets < QUEUE_LIMIT:
             raise ValueError(f"max_packets {self.max_packets} must be in 1..{QUEUE_LIMIT - 1}")
         if self.ram_size <= 0 or self.ram_size % PAGE_SIZE:
@@ -162,9 +187,13 @@ class PrimaryEngine:
         on_stopped: Callable[[int], None] | None = None,
         tracker_factory: Callable[[T.VmStopped], T.Tracker] | None = None,
         may_release: Callable[[BaseException], bool] | None = None,
+        disks: DiskSet | None = None,
+        link_keys: bytes | None = None,
     ) -> None:
         """``on_stopped(epoch)`` (tests, benchmarks) runs in every pause after staging ``epoch``;
         ``tracker_factory`` replaces :func:`~.trackers.select_tracker` (tests).
+
+        ``link_keys`` (the primary's side of :class:`.linkkeys.LinkKeys`) encrypts the FT link.
 
         ``may_release(err)`` (cujud) is asked, on the epoch thread, when protection fails:
         True lets the held output go and the VM run on unprotected (the default); False
@@ -172,6 +201,10 @@ class PrimaryEngine:
         filters (:attr:`fenced` is True, the machine ``FAILED``) until :meth:`unfence`.
         """
         self.config = config
+        #: The protected disks (their journals are sealed in every pause); the engine closes it.
+        self._disks = disks
+        #: The primary's side of :class:`.linkkeys.LinkKeys`: the FT link runs encrypted.
+        self._link_keys = link_keys
         self._on_stopped = on_stopped
         self._tracker_factory = tracker_factory
         self._may_release = may_release
@@ -198,6 +231,7 @@ class PrimaryEngine:
         self._all_pages: Any = None
         #: The epoch number of the next stage, and the last shipped one not yet acked (or 0).
         self._next = 0
+        self._held_at_start = 0  # the epoch the backup held at the handshake (0: nothing)
         self._unacked = 0
         self._unacked_end = 0.0
         self._unacked_pages = 0
@@ -295,10 +329,14 @@ class PrimaryEngine:
         self._all_pages = T.page_buffer(npages)
         for i in range(npages):
             self._all_pages[i] = i
-        self._saver = DeviceStateSaver(self.qmp, keep_ignore_shared=True, logger=self.log)
-        self._sender = EpochSender(self.link, self._ram, io_timeout=max(10.0, cfg.ack_timeout * 4))
+        self._saver = DeviceStateSaver(self.qmp, path=cfg.devstate_path, expect_sections=cfg.standby_sections,
+                                       logger=self.log)
+        self._sender = EpochSender(self.link, self._ram, io_timeout=max(10.0, cfg.ack_timeout * 4),
+                                   disk_sizes=self._disks.sizes if self._disks is not None else (),
+                                   link_keys=self._link_keys)
         held = self._sender.handshake(cfg.handshake_timeout)
         self._next = held + 1
+        self._held_at_start = held
         self._last_counters = self._sender.counters()
 
     # -- initial synchronisation -------------------------------------------------------------
@@ -311,12 +349,32 @@ class PrimaryEngine:
         self._stopped_flag = False
         self.qmp.execute("cont")
 
-    def _stage(self, pages: Any, count: int, blob: bytes = b"", first: int = 0) -> int:
+    def _stage(self, pages: Any, count: int, blob: bytes = b"", first: int = 0,
+               disks: list[DiskPart] | None = None) -> int:
         assert self._sender is not None
         epoch = self._next
         view = memoryview(pages).cast("B")[8 * first: 8 * (first + count)]
-        self._sender.stage(epoch, view, blob, timeout=self.config.ack_timeout + 30.0)
+        self._sender.stage(epoch, view, blob, timeout=self.config.ack_timeout + 30.0, disks=disks or ())
         self._next += 1
+        return epoch
+
+    def _seal_disks(self) -> list[DiskPart] | None:
+        """The disks' records since the last seal, for the epoch staged next."""
+        return self._disks.seal(self._next) if self._disks is not None else None
+
+    def _ship_disks_running(self, epoch: int) -> int:
+        """Synchronisation while the VM runs: what the images hold (chunks), then what the
+        journals recorded since the last seal. Returns the last epoch shipped."""
+        assert self._sender is not None
+        if self._disks is None:
+            return epoch
+        while parts := self._disks.sync_chunk():
+            epoch = self._stage(self._pages, 0, disks=parts)
+            self._sender.ship()
+        parts = self._disks.seal(self._next)
+        if parts:
+            epoch = self._stage(self._pages, 0, disks=parts)
+            self._sender.ship()
         return epoch
 
     def _ship_running(self, pages: Any, count: int) -> int:
@@ -342,10 +400,17 @@ class PrimaryEngine:
         self._vm_stop()
         try:
             tracker.arm()
+            if self._disks is not None:
+                # Each disk: every allocated block of a backup that holds nothing, else only
+                # what changed since its last acknowledged epoch.
+                disk_bytes = self._disks.begin_sync(full=self._held_at_start == 0)
+                self.log.info("disks: synchronising %d bytes (%s)", disk_bytes,
+                              "full" if self._held_at_start == 0 else "changed blocks only")
         finally:
             self._vm_cont()
         rep.first_epoch = self._next
         epoch = self._ship_running(self._all_pages, npages)
+        epoch = self._ship_disks_running(epoch)
         self._shipped(epoch, self._clock(), npages)
         rep.pages_sent += npages
         rep.rounds = 1
@@ -368,6 +433,7 @@ class PrimaryEngine:
                 break  # the VM stays stopped: the final round below
             self._vm_cont()
             epoch = self._ship_running(self._all_pages if h.full_resync else self._pages, count)
+            epoch = self._ship_disks_running(epoch)
             self._shipped(epoch, self._clock(), count)
             rep.pages_sent += count
             total_goal += count
@@ -387,7 +453,7 @@ class PrimaryEngine:
             if self._output is not None:
                 self._output.boundary()
                 self._held_output = True
-            epoch = self._stage(pages, count, saved.blob)
+            epoch = self._stage(pages, count, saved.blob, disks=self._seal_disks())
             if self._on_stopped is not None:
                 self._on_stopped(epoch)
         finally:
@@ -437,6 +503,8 @@ class PrimaryEngine:
             saved_bytes=counters["saved_bytes"] - last.get("saved_bytes", 0),
         )
         self.last_acked = epoch
+        if self._disks is not None:
+            self._disks.acked(epoch)
         if epoch == self._unacked:
             self._unacked = 0
         if epoch == self._resync_epoch and self.machine.state is S.SYNCING:
@@ -456,6 +524,13 @@ class PrimaryEngine:
         cfg = self.config
         started = self._clock()
         counting = self._output is not None and cfg.counter_dir is not None
+        # "output": a held packet ends the epoch (once N-1 is acknowledged): a reply waits for
+        # one pause and one ack, not for the rest of the epoch. Needs the packet counter.
+        end_on_output = counting and cfg.epoch_policy == "output"
+        if cfg.epoch_policy == "output" and not counting:
+            self.log.info("epoch policy 'output' without a packet counter (output commit %s): epochs end "
+                          "every %d ms", "off" if self._output is None else "without counter_dir",
+                          self._epoch_ms)
         sender = self._sender
         assert sender is not None
         while not self._stopping.is_set():
@@ -480,6 +555,8 @@ class PrimaryEngine:
                     pending = self._output.pending_packets() or 0
                     if pending >= cfg.max_packets:
                         self.log.debug("epoch ends early: %d packets held", pending)
+                        break
+                    if end_on_output and pending > 0:
                         break
                     time.sleep(min(PACKET_POLL_S, deadline - now))
                 else:
@@ -509,23 +586,27 @@ class PrimaryEngine:
                     packets = after - (before or 0)
             t3 = clock()
             saved = saver.save()
+            parts = self._seal_disks()
             t4 = clock()
             if h.full_resync:
                 self.log.warning("tracker asks for a full resync: sending all %d pages", tracker.npages)
                 if self.machine.state is S.PROTECTED:
                     self._move(S.SYNCING, expect=S.PROTECTED)
                 count = tracker.npages
-                epoch = self._stage(self._all_pages, count, saved.blob)
+                epoch = self._stage(self._all_pages, count, saved.blob, disks=parts)
                 self._resync_epoch = epoch
             else:
                 count = h.count
-                epoch = self._stage(self._pages, count, saved.blob)
+                epoch = self._stage(self._pages, count, saved.blob, disks=parts)
+            if isinstance(tracker, T.Settling):
+                tracker.settle()  # pages it protected again meanwhile need not go next epoch
             t5 = clock()
             if self._on_stopped is not None:
                 self._on_stopped(epoch)
         finally:
             self._vm_cont()
         end = clock()
+        saver.check_devices(saved.blob)  # a hot-plugged device: never ship a blob the standby cannot load
         self._sender.ship()
         self._shipped(epoch, end, count)
         self.epochs += 1
@@ -546,7 +627,7 @@ class PrimaryEngine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """End protection cleanly: the last shipped epoch is acknowledged, held outputs leave,
-        filters go, x-ignore-shared is off, the tracker is closed; the VM keeps running."""
+        filters go, the tracker is closed; the VM keeps running."""
         thread = self._thread
         self._stopping.set()
         if thread is not None:
@@ -665,7 +746,7 @@ class PrimaryEngine:
 
     def _release_resources(self, problems: list[str], *, orderly: bool, run_vm: bool = True,
                            qemu_alive: bool = True) -> None:
-        """VM running, filters removed (held packets released), x-ignore-shared off, all closed
+        """VM running, filters removed (held packets released), device-state file removed, all closed
         (only the engine's own resources when ``qemu_alive`` is False: QEMU is gone).
 
         Releasing the packets of unacknowledged epochs is right here: whoever calls this
@@ -676,8 +757,8 @@ class PrimaryEngine:
         every later packet of the primary would conflict with it just the same.
         """
         self._stopping.set()
-        if not qemu_alive:  # filters and capabilities went with the QEMU
-            self._output, self._held_output, self._saver = None, False, None
+        if not qemu_alive:  # the filters went with the QEMU
+            self._output, self._held_output = None, False
         if run_vm and qemu_alive:
             self._ensure_running(problems)
         if self._output is not None:
@@ -691,7 +772,7 @@ class PrimaryEngine:
             try:
                 self._saver.close()
             except CujuError as err:
-                problems.append(f"x-ignore-shared: {err}")
+                problems.append(f"device-state file: {err}")
             self._saver = None
         if self._tracker is not None:
             self._tracker.close()
@@ -706,6 +787,9 @@ class PrimaryEngine:
             with contextlib.suppress(BufferError):
                 self._ram.close()
             self._ram = None
+        if self._disks is not None:
+            self._disks.close()  # the servers and their journals go on (and keep the bitmaps)
+            self._disks = None
 
     def _ensure_running(self, problems: list[str]) -> None:
         """Resume the VM if the engine left it paused; QEMU refusing ``cont`` (not a lost
@@ -715,7 +799,7 @@ class PrimaryEngine:
         for delay in (*RESUME_RETRY_DELAYS, None):
             try:
                 status = self.qmp.execute("query-status")["status"]
-                if status not in ("paused", "postmigrate"):
+                if status != "paused":
                     return
                 self._stopped_flag = False
                 self.qmp.execute("cont")
@@ -755,11 +839,12 @@ class FailoverReport:
 class BackupEngine:
     """The standby side: receive epochs into the standby's RAM file; fail over on request.
 
-    ``qmp`` is the standby QEMU's direct monitor (started with ``-incoming defer``,
-    paused); ``ram_path`` its guest RAM file (written in place, never replaced);
-    ``link`` the accepted FT-link socket; ``device_state_path`` where committed device
-    state is kept (its journal next to it). A fresh standby starts from nothing: stale
-    device state and journal files at those paths are removed.
+    ``qmp`` is the standby QEMU's direct monitor (started paused with ``-incoming defer
+    -global migration.send-configuration=off``); ``ram_path`` its guest RAM file
+    (written in place, never replaced); ``link`` the accepted FT-link socket;
+    ``device_state_path`` where committed device state is kept (its journal next to it).
+    A fresh standby starts from nothing: stale device state and journal files at those
+    paths are removed. ``standby`` is the standby's profile (listed at start if None).
     """
 
     def __init__(
@@ -774,8 +859,18 @@ class BackupEngine:
         qemu_log: str | None = None,
         tag: str = "vm",
         io_timeout: float = 30.0,
+        standby: MachineProfile | None = None,
+        disks: Sequence[tuple[str, int]] = (),
+        link_keys: bytes | None = None,
     ) -> None:
+        """``disks``: the replica images (path, size), in the primary's disk order; each epoch's
+        disk records are applied to them together with its pages and device state.
+        ``link_keys``: the backup's side of :class:`.linkkeys.LinkKeys` (encrypted link)."""
+        self.disks = tuple(disks)
+        self._link_keys = link_keys
         self.qmp = qmp
+        #: The standby QEMU's profile (device sections included); listed at :meth:`start` if None.
+        self.standby = standby
         self.ram_path = ram_path
         self.link = link
         self.device_state_path = device_state_path
@@ -811,8 +906,10 @@ class BackupEngine:
             self.populate_s = time.perf_counter() - t0
         finally:
             os.close(fd)
-        self._rx = EpochReceiver(self._ram, self.device_state_path)
-        self._rx.start(self.link, io_timeout=self.io_timeout)
+        if self.standby is None or not self.standby.sections:
+            self.standby = standby_profile(self.qmp)
+        self._rx = EpochReceiver(self._ram, self.device_state_path, disks=self.disks)
+        self._rx.start(self.link, io_timeout=self.io_timeout, link_keys=self._link_keys)
         self.stats.set_state(self.machine.state.value)
         self._watch = threading.Thread(target=self._watch_link, name="cuju-standby-watch", daemon=True)
         self._watch.start()
@@ -902,7 +999,7 @@ class BackupEngine:
         self.stats.set_state(S.TAKING_OVER.value)
         try:
             blob = Path(self.device_state_path).read_bytes()
-            loaded = load_device_state(self.qmp, blob, qemu_log=self.qemu_log)
+            loaded = load_device_state(self.qmp, blob, qemu_log=self.qemu_log, standby=self.standby)
             if before_resume is not None:
                 before_resume(epoch)
             resumed = _resume_standby(self.qmp)

@@ -20,6 +20,12 @@ Backup::
     rx.start(conn)                              # receive -> verify -> commit -> ack -> apply
     rx.wait()
 
+Replicated disks (``c_ext/diskjournal.h``): the sender names their sizes
+(``disk_sizes``), each epoch carries the disks' sealed journal records
+(``stage(..., disks=[(index, records), ...])``), and the receiver applies them to
+its replica images (``EpochReceiver(..., disks=[(path, size), ...])``) in the
+same journaled step as the epoch's pages and device state.
+
 The extension works on duplicates of the sockets' descriptors; the caller may
 close its socket objects once handed over.
 """
@@ -32,7 +38,7 @@ import mmap
 import os
 import secrets
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Self, TypeAlias
 
@@ -48,6 +54,10 @@ WriteBuffer: TypeAlias = "bytearray | memoryview | mmap.mmap | array.array[int]"
 PAGE_SIZE = 4096
 #: Largest device-state blob one epoch may carry (bytes).
 MAX_DEVICE_STATE: int = _cuju.MAX_DEVICE_STATE
+#: Largest disk section (all disks' records) one epoch may carry (bytes).
+MAX_DISK_SECTION: int = _cuju.MAX_DISK_SECTION
+#: One disk's records for an epoch: (disk index, buffer of records as in diskjournal.h).
+DiskPart: TypeAlias = "tuple[int, bytes | bytearray | memoryview]"
 #: Socket buffer size asked for on FT-link sockets (the kernel may cap it).
 LINK_SOCKET_BUFFER = 4 << 20
 
@@ -103,16 +113,23 @@ class EpochSender:
         page_size: int = PAGE_SIZE,
         session_id: int | None = None,
         io_timeout: float | None = 30.0,
+        disk_sizes: Sequence[int] = (),
+        link_keys: bytes | None = None,
     ) -> None:
         self.session_id = new_session_id() if session_id is None else session_id
+        self.disk_sizes = tuple(disk_sizes)
+        #: The link runs in AES-256-GCM records (``link_keys``: :class:`.linkkeys.LinkKeys`).
+        self.encrypted = link_keys is not None
         self._tx = _cuju.Sender(
-            sock.fileno(), region, page_size=page_size, session_id=self.session_id, io_timeout=io_timeout
+            sock.fileno(), region, page_size=page_size, session_id=self.session_id, io_timeout=io_timeout,
+            disk_sizes=self.disk_sizes, link_keys=link_keys,
         )
 
     def handshake(self, timeout: float | None = 10.0) -> int:
         """Exchange HELLO with the backup; return the epoch it holds (0: none)."""
         held = self._tx.handshake(timeout)
-        log.info("FT link up (session %016x); backup holds epoch %d", self.session_id, held)
+        log.info("FT link up (session %016x, %s); backup holds epoch %d", self.session_id,
+                 "AES-256-GCM" if self.encrypted else "NOT encrypted", held)
         return held
 
     def stage(
@@ -121,14 +138,17 @@ class EpochSender:
         dirty_indexes: ReadBuffer,
         device_state: ReadBuffer = b"",
         timeout: float | None = None,
+        disks: Sequence[DiskPart] = (),
     ) -> None:
-        """Gather the dirty pages and the device state of ``epoch`` (call while the VM is paused).
+        """Gather the dirty pages, the device state and the disk records of ``epoch`` (call
+        while the VM is paused).
 
         ``dirty_indexes`` is a buffer of unsigned 64-bit page numbers (see
-        :func:`page_indexes`). Raises ``ValueError`` for an index outside the
-        region or an epoch out of sequence; nothing is staged then.
+        :func:`page_indexes`); ``disks`` the sealed journal records per disk (copied).
+        Raises ``ValueError`` for an index outside the region, an epoch out of sequence
+        or a disk the sender was not created with; nothing is staged then.
         """
-        self._tx.stage(epoch, dirty_indexes, device_state, timeout)
+        self._tx.stage(epoch, dirty_indexes, device_state, timeout, disks or None)
 
     def ship(self) -> None:
         """Queue the staged epoch; a C thread checksums and sends it."""
@@ -172,16 +192,32 @@ class EpochReceiver(Closing):
         *,
         page_size: int = PAGE_SIZE,
         durable: bool = False,
+        disks: Sequence[tuple[str, int]] = (),
     ) -> None:
+        """``disks``: the replica images, (path, size in bytes) in the primary's disk order;
+        each must exist with exactly that size (see :func:`~.disks.prepare_replica`)."""
         self.device_state_path = device_state_path
         self.journal_path = journal_path or device_state_path + ".journal"
         for what, path in (("device_state_path", device_state_path), ("journal_path", self.journal_path)):
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
                 raise ValueError(f"{what} {path!r}: directory {parent!r} does not exist; create it first")
-        self._rx = _cuju.Receiver(
-            region, device_state_path, self.journal_path, page_size=page_size, durable=durable
-        )
+        fds: list[int] = []
+        try:
+            for path, size in disks:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                fds.append(fd)
+                actual = os.fstat(fd).st_size
+                if actual != size:
+                    raise ValueError(f"replica {path!r} has {actual} bytes, the primary's disk {size}; "
+                                     "resize it or remove it for a full resync")
+            self._rx = _cuju.Receiver(
+                region, device_state_path, self.journal_path, page_size=page_size, durable=durable,
+                disks=[(fd, size) for fd, (_, size) in zip(fds, disks, strict=True)],
+            )
+        finally:
+            for fd in fds:  # the receiver holds duplicates
+                os.close(fd)
         replayed = self._rx.counters()["epochs_replayed"]
         if replayed:
             log.warning("replayed %d committed epoch(s) from %s; replica at epoch %d",
@@ -193,10 +229,14 @@ class EpochReceiver(Closing):
         return self._rx.last_applied
 
     def start(
-        self, sock: socket.socket, io_timeout: float | None = 30.0, handshake_timeout: float | None = 10.0
+        self, sock: socket.socket, io_timeout: float | None = 30.0, handshake_timeout: float | None = 10.0,
+        *, link_keys: bytes | None = None,
     ) -> None:
-        """Serve the session on ``sock`` in C threads; returns at once."""
-        self._rx.start(sock.fileno(), io_timeout, handshake_timeout)
+        """Serve the session on ``sock`` in C threads; returns at once.
+
+        ``link_keys`` (:class:`.linkkeys.LinkKeys`, the backup's side) encrypts the link.
+        """
+        self._rx.start(sock.fileno(), io_timeout, handshake_timeout, link_keys=link_keys)
 
     def wait(self, timeout: float | None = None) -> bool:
         """True when the primary ended the session with CLOSE, False if still running after ``timeout``.

@@ -70,6 +70,23 @@ class Histogram:
 
 
 @dataclass(frozen=True)
+class DiskSync:
+    """Progress of the copy of one protected disk to the backup (initial sync or resync)."""
+
+    target: str  # the disk's <target dev>
+    synced_bytes: int  # bytes of the disk the backup's replica already holds
+    total_bytes: int  # bytes to copy in this sync (the disk's size for an initial sync)
+
+    @property
+    def ratio(self) -> float:
+        return 1.0 if self.total_bytes == 0 else self.synced_bytes / self.total_bytes
+
+    @property
+    def done(self) -> bool:
+        return self.synced_bytes >= self.total_bytes
+
+
+@dataclass(frozen=True)
 class StatsSnapshot:
     """One consistent reading of a domain's statistics (see :class:`DomainStats`)."""
 
@@ -98,6 +115,8 @@ class StatsSnapshot:
     pause_seconds: HistogramSnapshot
     ack_latency_seconds: HistogramSnapshot
     dirty_pages: HistogramSnapshot
+    #: Copy progress of each protected disk, in the order the data path reported them.
+    disk_sync: tuple[DiskSync, ...] = ()
 
 
 @dataclass
@@ -127,6 +146,7 @@ class DomainStats:
         self._last_failover_s: float | None = None
         self._last_failover_ts: float | None = None
         self._sync_ratio = 0.0
+        self._disk_sync: dict[str, DiskSync] = {}
         self.pause = Histogram(PAUSE_BUCKETS)
         self.ack_latency = Histogram(ACK_BUCKETS)
         self.dirty = Histogram(DIRTY_PAGES_BUCKETS)
@@ -175,6 +195,13 @@ class DomainStats:
         with self._lock:
             self._sync_ratio = min(1.0, max(0.0, ratio))
 
+    def set_disk_sync(self, target: str, synced_bytes: int, total_bytes: int) -> None:
+        """The disk data path's progress copying disk ``target`` to the backup."""
+        if not 0 <= synced_bytes <= total_bytes:
+            raise ValueError(f"disk {target}: synced_bytes {synced_bytes} outside 0..{total_bytes}")
+        with self._lock:
+            self._disk_sync[target] = DiskSync(target, synced_bytes, total_bytes)
+
     def record_failover(self, duration_s: float) -> None:
         with self._lock:
             self._failovers_total += 1
@@ -215,5 +242,6 @@ class DomainStats:
                 pause_seconds=self.pause.snapshot(),
                 ack_latency_seconds=self.ack_latency.snapshot(),
                 dirty_pages=self.dirty.snapshot(),
+                disk_sync=tuple(self._disk_sync.values()),
             )
         return snap

@@ -3,9 +3,13 @@
 Two trackers implement :class:`Tracker`:
 
 ``uffd`` (:class:`UffdTracker`)
-    userfaultfd write-protect in async mode on the guest-RAM mapping *inside QEMU*,
-    harvested with the ``PAGEMAP_SCAN`` ioctl, which reports written pages and
-    re-protects them atomically. Cost grows with the number of dirty pages. The
+    userfaultfd write-protect on the guest-RAM mapping *inside QEMU*, in one of two
+    modes. ``async``: the kernel resolves write faults itself and the harvest walks
+    every page-table entry with the ``PAGEMAP_SCAN`` ioctl, which reports written pages
+    and re-protects them atomically: the pause grows with guest RAM. ``sync``: every
+    first write to a protected page is a fault that a C thread of cujud records and
+    resolves; the harvest reads bitmaps and re-protection runs while the VM runs: the
+    pause follows the dirty set (see c_ext/uffd.h for the rules). The
     userfaultfd is obtained by attaching to the running QEMU from outside (one
     ``userfaultfd()`` injected with ptrace, taken with ``pidfd_getfd``): no change to
     the domain XML, works with libvirt's seccomp sandbox and with QEMU running as
@@ -57,6 +61,10 @@ log = logging.getLogger(__name__)
 
 TrackerSetting = Literal["auto", "uffd", "scan"]
 TRACKER_SETTINGS: tuple[TrackerSetting, ...] = ("auto", "uffd", "scan")
+#: How the uffd tracker learns of writes (see the module docstring).
+UffdMode = Literal["async", "sync"]
+UFFD_MODES: tuple[UffdMode, ...] = ("async", "sync")
+_CAP_SYS_PTRACE = 19
 
 #: Called before every arm/harvest; must return True only while the VM is stopped.
 VmStopped = Callable[[], bool]
@@ -97,6 +105,14 @@ class Tracker(Protocol):
 
     def close(self) -> None:
         """Release everything; idempotent."""
+
+
+@runtime_checkable
+class Settling(Protocol):
+    """A tracker with work it can finish between the harvest and ``cont`` (``uffd`` sync)."""
+
+    def settle(self) -> None:
+        """VM still stopped after a harvest: account for what happened since; never waits."""
 
 
 def page_buffer(npages: int) -> array.array[int]:
@@ -170,36 +186,57 @@ class _GuardedTracker(Closing):
 
 
 class UffdTracker(_GuardedTracker):
-    """userfaultfd WP-async + PAGEMAP_SCAN on QEMU's guest-RAM mapping."""
+    """userfaultfd write-protect on QEMU's guest-RAM mapping (``mode`` async or sync)."""
 
     name = "uffd"
 
-    def __init__(self, backend: _cuju.UffdTracker, vm_stopped: VmStopped, what: str) -> None:
+    def __init__(self, backend: _cuju.UffdTracker, vm_stopped: VmStopped, what: str,
+                 mode: UffdMode = "async") -> None:
         super().__init__(backend, vm_stopped, what)
         self._uffd = backend
+        self.mode: UffdMode = mode
 
     @classmethod
     def attach(cls, pid: int, ram_path: str | os.PathLike[str], vm_stopped: VmStopped,
-               *, user_mode_only: bool | None = None, walkers: int = 1) -> UffdTracker:
+               *, user_mode_only: bool | None = None, walkers: int = 1,
+               mode: UffdMode = "async") -> UffdTracker:
         """Attach to running process ``pid`` (QEMU) and track its mapping of ``ram_path``.
 
         ``user_mode_only`` defaults to "QEMU does not run as root". ``walkers`` threads
-        split each harvest's page-table walk (worth it on hosts with idle cores; on the
-        2-core development machine it did not help). Not armed yet.
+        split each harvest's page-table walk in ``async`` mode (worth it on hosts with
+        idle cores; on the 2-core development machine it did not help). ``sync`` mode
+        needs a userfaultfd that also waits on kernel-mode writes (O_DIRECT reads into
+        guest RAM, KVM, vhost), i.e. QEMU allowed to create one without
+        ``UFFD_USER_MODE_ONLY`` (see :func:`sync_unfit_reason`). Not armed yet.
         """
+        if mode not in UFFD_MODES:
+            raise ValueError(f"uffd mode {mode!r} is not one of {', '.join(UFFD_MODES)}")
         start, length = find_ram_mapping(pid, ram_path)
-        if user_mode_only is None:
+        if mode == "sync":
+            reason = sync_unfit_reason(pid)
+            if reason is not None:
+                raise TrackerUnavailableError(f"uffd tracker (sync mode) for pid {pid}: {reason}")
+            if user_mode_only:
+                raise ValueError("sync mode cannot use UFFD_USER_MODE_ONLY: kernel-mode writes would fail")
+            user_mode_only = False
+        elif user_mode_only is None:
             user_mode_only = _effective_uid(pid) != 0
         fd = _attach_any_thread(pid, user_mode_only)
         try:
-            backend = _cuju.UffdTracker(fd, pid, start, length, walkers)
+            backend = _cuju.UffdTracker(fd, pid, start, length, walkers, sync=mode == "sync")
         except OSError as err:
             raise TrackerUnavailableError(f"uffd tracker for pid {pid}: {err}") from err
         finally:
             os.close(fd)
-        log.debug("uffd tracker attached to pid %d, mapping %#x+%#x of %s (user_mode_only=%s)",
-                  pid, start, length, ram_path, user_mode_only)
-        return cls(backend, vm_stopped, f"pid {pid}")
+        log.debug("uffd tracker (%s) attached to pid %d, mapping %#x+%#x of %s (user_mode_only=%s)",
+                  mode, pid, start, length, ram_path, user_mode_only)
+        return cls(backend, vm_stopped, f"pid {pid}", mode)
+
+    def settle(self) -> None:
+        """Sync mode: call after the harvest, VM still stopped (before ``cont``): the pages
+        the tracker protected again meanwhile are not reported once more. Never waits."""
+        self._check("settle")
+        self._uffd.settle()
 
     def stats(self) -> _cuju.UffdStats:
         return self._uffd.stats()
@@ -276,6 +313,35 @@ def find_ram_mapping(pid: int, ram_path: str | os.PathLike[str]) -> tuple[int, i
             f"pid {pid} maps {ram_path} {len(found)} times; cannot tell which mapping is guest RAM"
         )
     return found[0]
+
+
+def sync_unfit_reason(pid: int) -> str | None:
+    """Why QEMU ``pid`` cannot get a userfaultfd for ``sync`` mode, or None.
+
+    Sync mode makes every writer of a protected page wait for cujud, kernel-mode
+    writers too (``O_DIRECT`` reads into guest RAM, KVM's ``get_user_pages``, vhost);
+    a ``UFFD_USER_MODE_ONLY`` userfaultfd would fail those writes with EFAULT instead.
+    The kernel grants a full one to a creator with CAP_SYS_PTRACE, or to anyone while
+    ``vm.unprivileged_userfaultfd`` is 1.
+    """
+    try:
+        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+            if f.read().strip() == "1":
+                return None
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    if int(line.split()[1], 16) >> _CAP_SYS_PTRACE & 1:
+                        return None
+                    break
+    except OSError as err:
+        return f"cannot read the capabilities of pid {pid}: {err}"
+    return (f"QEMU (pid {pid}, uid {_effective_uid(pid)}) may only create a user-mode-only "
+            "userfaultfd, with which kernel-mode writes into guest RAM would fail; use mode 'async' "
+            "(or run QEMU with CAP_SYS_PTRACE)")
 
 
 def _effective_uid(pid: int) -> int:
@@ -390,15 +456,20 @@ _SELFTEST_PAGES = 64
 
 
 def _selftest_round(t: _cuju.UffdTracker, out: array.array[int], want: set[int], label: str,
-                    done: list[str]) -> None:
+                    done: list[str], *, carried: set[int] | None = None) -> set[int]:
+    """Harvest and check: ``want`` exactly, or (sync mode, ``carried`` given) ``want`` plus
+    possibly pages of ``carried`` (written earlier and still writable). Returns the pages."""
     count, resync = t.harvest(out)
+    t.settle()
     got = set(out[:count])
     if resync:
         raise _SelfTestFailure(f"{label}: harvest asked for a full resync")
-    if got != want:
-        missed, extra = sorted(want - got), sorted(got - want)
+    allowed = want | (carried or set())
+    if not want <= got or not got <= allowed:
+        missed, extra = sorted(want - got), sorted(got - allowed)
         raise _SelfTestFailure(f"{label}: missed pages {missed}, unexpected pages {extra}")
     done.append(label)
+    return got
 
 
 def _direct_read_into(m: mmap.mmap, offset: int, length: int, workdir: str) -> bool:
@@ -419,13 +490,13 @@ def _direct_read_into(m: mmap.mmap, offset: int, length: int, workdir: str) -> b
     return n == length
 
 
-def _run_self_test(user_mode_only: bool) -> SelfTestResult:
+def _run_self_test(user_mode_only: bool, sync: bool = False) -> SelfTestResult:
     probe = _cuju.uffd_probe(user_mode_only)
     if probe["uffd_errno"]:
         return SelfTestResult(False, f"userfaultfd() unavailable ({os.strerror(probe['uffd_errno'])})", ())
     if probe["missing"]:
         return SelfTestResult(False, f"kernel lacks userfaultfd features {', '.join(probe['missing'])}", ())
-    if not probe["pagemap_scan"]:
+    if not probe["pagemap_scan"] and not sync:
         return SelfTestResult(False, "kernel lacks the PAGEMAP_SCAN ioctl", ())
     ps = mmap.PAGESIZE
     size = _SELFTEST_PAGES * ps
@@ -438,11 +509,13 @@ def _run_self_test(user_mode_only: bool) -> SelfTestResult:
         import ctypes  # noqa: PLC0415 - only the self-test needs a raw address
 
         start = ctypes.addressof(ctypes.c_char.from_buffer(m))
-        fd = _cuju.uffd_create(user_mode_only)
+        fd = _cuju.uffd_create(user_mode_only and not sync)
         try:
-            t = _cuju.UffdTracker(fd, os.getpid(), start, size)
+            t = _cuju.UffdTracker(fd, os.getpid(), start, size, sync=sync)
         finally:
             os.close(fd)
+        # Sync mode reports a page once more while it is still writable after a fault.
+        carry: Callable[[set[int]], set[int] | None] = (lambda got: got) if sync else (lambda got: None)
         try:
             out = page_buffer(_SELFTEST_PAGES)
             for p in range(0, _SELFTEST_PAGES, 2):  # half populated, half never touched
@@ -463,7 +536,7 @@ def _run_self_test(user_mode_only: bool) -> SelfTestResult:
             th.start()
             th.join()
             _ = sum(m[p * ps] for p in reads)
-            _selftest_round(t, out, mine | theirs, "writes from two threads", done)
+            last = _selftest_round(t, out, mine | theirs, "writes from two threads", done)
 
             # Kernel-mode writes into the mapping: read() and O_DIRECT.
             with tempfile.TemporaryDirectory(prefix="trackers-selftest-") as workdir:
@@ -483,16 +556,18 @@ def _run_self_test(user_mode_only: bool) -> SelfTestResult:
                             want |= {50, 51}
                             label += " and O_DIRECT read"
                             break
-                _selftest_round(t, out, want, label, done)
+                last = _selftest_round(t, out, want, label, done, carried=carry(last))
 
             # Discards: MADV_REMOVE zeroes pages without a write; DONTNEED drops them.
             m[33 * ps] = 9
             m[34 * ps] = 9
-            t.harvest(out)
+            count, _ = t.harvest(out)
+            t.settle()
+            last = set(out[:count]) | (last if sync else set())
             m.madvise(mmap.MADV_REMOVE, 33 * ps, ps)
             m.madvise(mmap.MADV_DONTNEED, 34 * ps, ps)
-            _selftest_round(t, out, {33, 34}, "madvise REMOVE/DONTNEED", done)
-            _selftest_round(t, out, set(), "nothing after a harvest", done)
+            last = _selftest_round(t, out, {33, 34}, "madvise REMOVE/DONTNEED", done, carried=carry(last))
+            _selftest_round(t, out, set(), "nothing after a harvest", done, carried=carry(last))
         finally:
             t.close()
             view.release()
@@ -507,10 +582,10 @@ def _run_self_test(user_mode_only: bool) -> SelfTestResult:
 
 
 @functools.cache
-def self_test(user_mode_only: bool = True) -> SelfTestResult:
+def self_test(user_mode_only: bool = True, sync: bool = False) -> SelfTestResult:
     """Check, on a scratch mapping of this process, that the kernel classifies pages the
     way the ``uffd`` tracker assumes (written, not written, removed). Cached per process."""
-    result = _run_self_test(user_mode_only)
+    result = _run_self_test(user_mode_only, sync)
     log.debug("uffd self-test: %s; passed: %s", result.reason, ", ".join(result.checks) or "none")
     return result
 
@@ -520,10 +595,14 @@ def self_test(user_mode_only: bool = True) -> SelfTestResult:
 
 def select_tracker(setting: str, *, pid: int, ram_path: str | os.PathLike[str], vm_stopped: VmStopped,
                    logger: logging.Logger | None = None, scan_threads: int | None = None,
-                   self_test_fn: Callable[[], SelfTestResult] = self_test) -> Tracker:
+                   self_test_fn: Callable[[], SelfTestResult] = self_test,
+                   uffd_mode: UffdMode | None = None) -> Tracker:
     """The tracker for QEMU ``pid`` whose guest RAM is the file ``ram_path``.
 
-    Logs one line on ``logger`` naming the tracker that is active and why.
+    ``uffd`` runs in ``sync`` mode (the pause follows the dirty set) when QEMU may
+    create a full userfaultfd (:func:`sync_unfit_reason`) and the sync self-test passes,
+    else in ``async`` mode; ``uffd_mode`` forces one. Logs one line on ``logger`` naming
+    the tracker that is active and why.
     """
     logger = logger or log
     if setting not in TRACKER_SETTINGS:
@@ -542,12 +621,13 @@ def select_tracker(setting: str, *, pid: int, ram_path: str | os.PathLike[str], 
     if reason is None:
         reason = uffd_unfit_reason(pid, ram_path)
     if reason is None:
+        mode, why = _uffd_mode(pid, uffd_mode)
         try:
-            tracker = UffdTracker.attach(pid, ram_path, vm_stopped)
+            tracker = UffdTracker.attach(pid, ram_path, vm_stopped, mode=mode)
         except TrackerUnavailableError as err:
             reason = str(err)
         else:
-            logger.info("dirty tracker: uffd (tracker=%r, %s)", setting, result.reason)
+            logger.info("dirty tracker: uffd (tracker=%r, %s mode%s, %s)", setting, mode, why, result.reason)
             return tracker
     if setting == "uffd":
         raise TrackerUnavailableError(
@@ -556,6 +636,19 @@ def select_tracker(setting: str, *, pid: int, ram_path: str | os.PathLike[str], 
     tracker = ScanTracker.open(ram_path, vm_stopped, nthreads=scan_threads)
     logger.info("dirty tracker: scan (tracker='auto', uffd unavailable: %s)", reason)
     return tracker
+
+
+def _uffd_mode(pid: int, forced: UffdMode | None) -> tuple[UffdMode, str]:
+    """(mode, why it is not the preferred one, for the log line)."""
+    if forced is not None:
+        return forced, ""
+    reason = sync_unfit_reason(pid)
+    if reason is None:
+        sync = self_test(True, sync=True)
+        if sync.ok:
+            return "sync", ""
+        reason = f"sync self-test: {sync.reason}"
+    return "async", f": {reason}"
 
 
 def ram_file_pages(ram_path: str | os.PathLike[str]) -> int:

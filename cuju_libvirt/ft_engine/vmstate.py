@@ -1,61 +1,56 @@
-"""Read just enough of a QEMU migration stream to vet a device-state blob before it is used.
+"""Read just enough of a QEMU device-state blob to vet it before it is used.
 
-A device-state blob is what ``migrate fd:`` writes for a stopped VM with the
-``x-ignore-shared`` capability on: the whole migration stream, minus the pages of shared
-RAM blocks. Loading a bad blob into a standby QEMU 7.2 is fatal to that QEMU (a failed
-incoming migration exits the process), so the backup checks a blob *before* feeding it:
-framing, machine type, the capability that proves RAM was skipped, and the RAM-block list
-(compared with the standby by :func:`cuju_libvirt.ft_engine.devstate.check_standby`).
+A device-state blob is what ``xen-save-devices-state`` writes for a stopped VM: every
+savevm section that is not RAM, nothing of QEMU's migration machinery (no configuration
+section, no RAM section, no trailing JSON description). Loading a bad blob into a standby
+QEMU 7.2 is fatal to that QEMU (a failed incoming migration exits the process), so the
+backup checks a blob *before* feeding it: the framing, and the list of device sections,
+which must be exactly the standby's (an unknown or missing section is what makes QEMU's
+load fail; see :func:`cuju_libvirt.ft_engine.devstate.check_standby`).
 
-The parts of the stream read here (QEMU ``migration/savevm.c``, ``migration/ram.c``; all
-integers big-endian)::
+The layout (QEMU ``migration/savevm.c`` ``qemu_save_device_state``; integers big-endian)::
 
     u32 magic "QEVM"   u32 version (3)
-    u8  QEMU_VM_CONFIGURATION (0x07)
-        u32 len, machine type (e.g. "pc-i440fx-7.2")
-        { u8 QEMU_VM_SUBSECTION (0x05), u8 len, name, u32 version, fields }*
-            "configuration/capabilities":    u32 count, { u8 len, capability name }*
-            "configuration/target-page-bits": u32
-            "configuration/uuid":             16 bytes
-    u8  QEMU_VM_SECTION_START (0x01), u32 section id, u8 len, "ram", u32 instance, u32 version
-        u64 (total RAM bytes | RAM_SAVE_FLAG_MEM_SIZE 0x04)
-        { u8 len, block name, u64 used length, [u64 guest-physical address if x-ignore-shared] }*
-    ... device sections (no length prefix: not walked) ...
+    { u8  QEMU_VM_SECTION_FULL (0x04), u32 section id, u8 len, idstr, u32 instance id,
+          u32 version id,
+          fields ... (no length prefix),
+      u8  QEMU_VM_SECTION_FOOTER (0x7e), u32 section id }*
     u8  QEMU_VM_EOF (0x00)
-    u8  QEMU_VM_VMDESCRIPTION (0x06), u32 len, JSON {"page_size": ..., "devices": [...]}
 
-The JSON device description at the very end is what makes truncation detectable: its
-declared length must reach exactly the end of the blob. A machine with
-``suppress-vmdesc=on`` omits it (~100 KB less to write per save; ``python -m benchmarks
-devstate`` measures what that saves); its blobs end with a section footer (``0x7e``, u32 section id) and
-``QEMU_VM_EOF``, which is all that can be checked: a cut exactly at a section end goes
-unnoticed, so such blobs must travel with their own length and checksum (the data
-plane's epoch framing). Pass ``vmdesc=False`` for those.
+Sections carry no length, so they are walked by their footers: a section ends at the first
+``0x7e <its id>`` that is followed by either a valid section header or the final
+``QEMU_VM_EOF``. Every machine type since QEMU 2.4 sends footers
+(``migration.send-section-footer``); without them a blob is refused. A blob cut anywhere
+fails the walk: its last byte must be ``QEMU_VM_EOF`` right after a footer. The data
+plane's epoch framing (length and checksum) is the first line of defence; this is the second.
 """
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from cuju_libvirt.errors import ReplicationError
 
 QEMU_VM_FILE_MAGIC = 0x5145564D
 QEMU_VM_FILE_VERSION = 3
 QEMU_VM_EOF = 0x00
-QEMU_VM_SECTION_FOOTER = 0x7E
-QEMU_VM_SECTION_START = 0x01
-QEMU_VM_SUBSECTION = 0x05
+QEMU_VM_SECTION_FULL = 0x04
 QEMU_VM_VMDESCRIPTION = 0x06
-QEMU_VM_CONFIGURATION = 0x07
-RAM_SAVE_FLAG_MEM_SIZE = 0x04
-#: The capability that makes QEMU skip shared RAM blocks; it must be in every blob.
-IGNORE_SHARED = "x-ignore-shared"
+QEMU_VM_SECTION_FOOTER = 0x7E
+#: What the standby appends after the blob: an empty JSON device description, so that a
+#: QEMU that expects one after QEMU_VM_EOF (``suppress-vmdesc=off``) finds it and stays quiet.
+EMPTY_VMDESC = bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", 2) + b"{}"
 
-_VMDESC_START = b'{"page_size":'
 _U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
+_HEADER = struct.Struct(">BIB")  # section type, section id, idstr length
+_IDS = struct.Struct(">II")  # instance id, version id
+#: Sanity bounds for a section header found after a footer (QEMU's real values are tiny).
+_MAX_INSTANCE = 1 << 20
+_MAX_VERSION = 1 << 16
+#: Footer searches one walk may take before the blob counts as corrupt.
+_MAX_STEPS = 100_000
 
 
 class DeviceStateError(ReplicationError):
@@ -71,17 +66,19 @@ class DeviceStateError(ReplicationError):
 
 
 class BlobFormatError(DeviceStateError):
-    """A device-state blob is malformed, truncated, or was saved without ``x-ignore-shared``."""
+    """A device-state blob is malformed or truncated."""
 
 
 @dataclass(frozen=True)
-class RamBlock:
-    """One RAM block as the source listed it: QEMU's block name, used length, address."""
+class Section:
+    """One device section: QEMU's idstr (e.g. ``0000:00:03.0/virtio-net``), instance, version."""
 
     name: str
-    length: int
-    #: Guest-physical address (only sent with x-ignore-shared; None otherwise).
-    gpa: int | None
+    instance: int
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.instance}] v{self.version}"
 
 
 @dataclass(frozen=True)
@@ -89,183 +86,96 @@ class BlobInfo:
     """What a blob says about the machine that produced it."""
 
     size: int
-    machine_type: str
-    capabilities: frozenset[str]
-    ram_blocks: tuple[RamBlock, ...]
-    #: (device section name, instance id) in stream order, from the trailing description;
-    #: empty unless parsed with ``devices=True``.
-    devices: tuple[tuple[str, int], ...]
-    #: Length of the trailing JSON device description.
-    vmdesc_size: int
+    #: The device sections in stream order.
+    sections: tuple[Section, ...]
 
 
-class _Reader:
-    """Bounds-checked big-endian reads over a blob; every overrun is a BlobFormatError."""
-
-    def __init__(self, data: memoryview) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, count: int, what: str) -> memoryview:
-        end = self.pos + count
-        if end > len(self.data):
-            raise BlobFormatError(
-                f"device-state blob truncated: {what} at offset {self.pos} needs {count} bytes, "
-                f"the blob has {len(self.data)}"
-            )
-        piece = self.data[self.pos : end]
-        self.pos = end
-        return piece
-
-    def u8(self, what: str) -> int:
-        return self.take(1, what)[0]
-
-    def u32(self, what: str) -> int:
-        value: int = _U32.unpack(self.take(4, what))[0]
-        return value
-
-    def u64(self, what: str) -> int:
-        value: int = _U64.unpack(self.take(8, what))[0]
-        return value
-
-    def text(self, count: int, what: str) -> str:
-        raw = bytes(self.take(count, what))
-        try:
-            return raw.decode("ascii")
-        except UnicodeDecodeError as err:
-            raise BlobFormatError(f"device-state blob: {what} is not ASCII: {raw[:64]!r}") from err
+def _header(data: bytes, at: int) -> tuple[int, Section, int] | None:
+    """The section header at ``at`` as (section id, section, end offset), or None if not one."""
+    if at + _HEADER.size > len(data):
+        return None
+    kind, section_id, length = _HEADER.unpack_from(data, at)
+    name_at = at + _HEADER.size
+    end = name_at + length + _IDS.size
+    if kind != QEMU_VM_SECTION_FULL or length == 0 or end > len(data):
+        return None
+    raw = data[name_at : name_at + length]
+    if not all(0x20 < byte < 0x7F for byte in raw):
+        return None
+    instance, version = _IDS.unpack_from(data, name_at + length)
+    if instance >= _MAX_INSTANCE or version >= _MAX_VERSION:
+        return None
+    return section_id, Section(raw.decode("ascii"), instance, version), end
 
 
-def vmdesc_offset(data: bytes) -> int:
-    """Offset of the trailing JSON device description; raises BlobFormatError if it is not whole.
-
-    Cheap (one backward search, no JSON parsing): the primary runs it after every save.
-    """
-    start = data.rfind(_VMDESC_START)
-    if start < 6:
-        raise BlobFormatError(
-            f"device-state blob of {len(data)} bytes has no device description at its end: it is "
-            "truncated (or the machine sets suppress-vmdesc=on: then parse it with vmdesc=False)"
-        )
-    declared = _U32.unpack_from(data, start - 4)[0]
-    present = len(data) - start
-    if data[start - 5] != QEMU_VM_VMDESCRIPTION or data[start - 6] != QEMU_VM_EOF or declared != present:
-        raise BlobFormatError(
-            f"device-state blob of {len(data)} bytes is truncated or corrupt: its device description "
-            f"declares {declared} bytes, {present} are present"
-        )
-    return start
-
-
-def check_end(data: bytes, *, vmdesc: bool = True) -> int:
-    """Check how the blob ends; return where the device sections end (the vmdesc offset, or the size).
-
-    ``vmdesc`` says whether the source machine writes the trailing device description
-    (``suppress-vmdesc=off``, the default of every current machine type).
-    """
-    if vmdesc:
-        return vmdesc_offset(data)
-    if len(data) < 6 or data[-1] != QEMU_VM_EOF or data[-6] != QEMU_VM_SECTION_FOOTER:
-        raise BlobFormatError(
-            f"device-state blob of {len(data)} bytes does not end with a section footer and "
-            "QEMU_VM_EOF: it is truncated"
-        )
-    return len(data)
-
-
-def parse_blob(blob: bytes, *, devices: bool = False, vmdesc: bool = True) -> BlobInfo:
-    """Check a device-state blob and return what it says; raise :class:`BlobFormatError` if unusable.
-
-    ``devices`` also parses the trailing JSON device description (a millisecond or so for a
-    typical ~100 KB description); framing is always checked. ``vmdesc=False`` for blobs of
-    machines with ``suppress-vmdesc=on`` (then ``devices`` stays empty).
-    """
-    view = memoryview(blob)
-    reader = _Reader(view)
-    magic = reader.u32("file magic")
-    version = reader.u32("file version")
+def parse_blob(blob: bytes) -> BlobInfo:
+    """Walk a device-state blob; return its sections or raise :class:`BlobFormatError`."""
+    data = bytes(blob)
+    if len(data) < 9:
+        raise BlobFormatError(f"device-state blob of {len(data)} bytes is truncated (no header)")
+    magic, version = struct.unpack_from(">II", data)
     if magic != QEMU_VM_FILE_MAGIC:
-        raise BlobFormatError(f"not a QEMU migration stream: magic {magic:#010x}, expected 'QEVM'")
+        raise BlobFormatError(f"not a QEMU device-state stream: magic {magic:#010x}, expected 'QEVM'")
     if version != QEMU_VM_FILE_VERSION:
-        raise BlobFormatError(f"unsupported QEMU migration stream version {version} (expected 3)")
-    machine, capabilities = _configuration(reader)
-    if IGNORE_SHARED not in capabilities:
+        raise BlobFormatError(f"unsupported QEMU device-state stream version {version} (expected 3)")
+    last = len(data) - 1
+    if data[last] != QEMU_VM_EOF:
         raise BlobFormatError(
-            f"device-state blob was saved without {IGNORE_SHARED}: it would carry (or expect) all of "
-            "guest RAM; save it with DeviceStateSaver"
+            f"device-state blob of {len(data)} bytes does not end with QEMU_VM_EOF: it is truncated"
         )
-    ram_blocks = _ram_section(reader, with_gpa=True)
-    desc_at = check_end(blob, vmdesc=vmdesc)
-    device_list: tuple[tuple[str, int], ...] = ()
-    if devices and vmdesc:
-        device_list = _device_list(view[desc_at:])
-    return BlobInfo(
-        size=len(view),
-        machine_type=machine,
-        capabilities=capabilities,
-        ram_blocks=ram_blocks,
-        devices=device_list,
-        vmdesc_size=len(view) - desc_at,
+    if last == 8:
+        return BlobInfo(len(data), ())
+    first = _header(data, 8)
+    if first is None:
+        raise BlobFormatError(
+            "device-state blob: no section header at offset 8 (a migration stream? save it with "
+            "DeviceStateSaver)"
+        )
+    return BlobInfo(len(data), _walk(data, first))
+
+
+def _walk(data: bytes, first: tuple[int, Section, int]) -> tuple[Section, ...]:
+    """The sections from ``first`` on, split at footers that lead on to the final EOF.
+
+    Depth-first: a footer-like byte sequence inside a section's data is taken for its end
+    only if everything after it also walks to the end; otherwise the next one is tried.
+    """
+    last = len(data) - 1
+    # One frame per section being walked: [section id, section, where to look for its footer].
+    frames: list[list[Any]] = [[first[0], first[1], first[2]]]
+    budget = _MAX_STEPS
+    while frames:
+        budget -= 1
+        if budget < 0:
+            break
+        frame = frames[-1]
+        section_id, _section, search = frame
+        hit = data.find(bytes([QEMU_VM_SECTION_FOOTER]) + _U32.pack(section_id), search)
+        if hit < 0:
+            frames.pop()  # this split led nowhere: the section before it ends later
+            continue
+        frame[2] = hit + 1
+        after = hit + 5
+        if after == last:
+            return tuple(f[1] for f in frames)
+        following = _header(data, after)
+        if following is not None:
+            frames.append([following[0], following[1], following[2]])
+    raise BlobFormatError(
+        f"device-state blob of {len(data)} bytes does not split into sections ending at QEMU_VM_EOF: "
+        f"truncated or corrupt after section {first[1]}, or the machine sends no section footers"
     )
 
 
-def _configuration(reader: _Reader) -> tuple[str, frozenset[str]]:
-    marker = reader.u8("configuration marker")
-    if marker != QEMU_VM_CONFIGURATION:
+def check_end(blob: bytes) -> None:
+    """The cheap check the primary runs after every save: magic and the final footer + EOF."""
+    if (
+        len(blob) < 14
+        or _U32.unpack_from(blob)[0] != QEMU_VM_FILE_MAGIC
+        or blob[-1] != QEMU_VM_EOF
+        or blob[-6] != QEMU_VM_SECTION_FOOTER
+    ):
         raise BlobFormatError(
-            f"device-state blob has no configuration section (byte {marker:#04x}): the machine type "
-            "must send it (every pc/q35 type since QEMU 2.9 does)"
+            f"device-state blob of {len(blob)} bytes does not start with 'QEVM' or does not end with a "
+            "section footer and QEMU_VM_EOF: it is truncated"
         )
-    machine = reader.text(reader.u32("machine type length"), "machine type")
-    capabilities: set[str] = set()
-    while reader.pos < len(reader.data) and reader.data[reader.pos] == QEMU_VM_SUBSECTION:
-        reader.pos += 1
-        name = reader.text(reader.u8("subsection name length"), "subsection name")
-        reader.u32(f"{name} version")
-        if name == "configuration/capabilities":
-            for index in range(reader.u32("capability count")):
-                capabilities.add(reader.text(reader.u8("capability name length"), f"capability {index}"))
-        elif name == "configuration/target-page-bits":
-            reader.u32("target page bits")
-        elif name == "configuration/uuid":
-            reader.take(16, "uuid")
-        else:
-            raise BlobFormatError(f"unknown configuration subsection {name!r}: newer QEMU than this parser")
-    return machine, frozenset(capabilities)
-
-
-def _ram_section(reader: _Reader, *, with_gpa: bool) -> tuple[RamBlock, ...]:
-    marker = reader.u8("first section marker")
-    reader.u32("section id")
-    name = reader.text(reader.u8("section name length"), "section name")
-    reader.u32("section instance")
-    reader.u32("section version")
-    if marker != QEMU_VM_SECTION_START or name != "ram":
-        raise BlobFormatError(f"expected the 'ram' section start after the configuration, found {name!r}")
-    header = reader.u64("RAM size header")
-    if not header & RAM_SAVE_FLAG_MEM_SIZE:
-        raise BlobFormatError(f"RAM section does not start with its block list (header {header:#x})")
-    total = header & ~0xFFF
-    blocks: list[RamBlock] = []
-    listed = 0
-    while listed < total:
-        block = reader.text(reader.u8("RAM block name length"), "RAM block name")
-        length = reader.u64(f"RAM block {block} length")
-        gpa = reader.u64(f"RAM block {block} address") if with_gpa else None
-        blocks.append(RamBlock(block, length, gpa))
-        listed += length
-    if listed != total:
-        raise BlobFormatError(
-            f"RAM block list sums to {listed} bytes, the header says {total}: unsupported stream layout "
-            "(postcopy or huge pages?)"
-        )
-    return tuple(blocks)
-
-
-def _device_list(vmdesc: memoryview) -> tuple[tuple[str, int], ...]:
-    try:
-        desc = json.loads(bytes(vmdesc))
-        entries = [(str(dev["name"]), int(dev["instance_id"])) for dev in desc["devices"]]
-    except (ValueError, KeyError, TypeError) as err:
-        raise BlobFormatError(f"device description at the end of the blob is not valid: {err}") from err
-    return tuple(entries)

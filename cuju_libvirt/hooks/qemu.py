@@ -9,13 +9,18 @@ cost one read of stdin and one ``bytes in`` test (the shim does it before import
 operation       what the hook does
 ==============  ============================================================================
 prepare begin   validate ``<cuju:ft>`` and the domain's fitness, create the direct-QMP socket
-                directory for QEMU's user, ask cujud whether the domain may start here (not
-                while the peer holds it after a failover) and can be protected now (cujud
-                runs, the peer is connected). If not: ``on-peer-unavailable`` decides —
-                ``refuse-start`` exits 1 with a one-line reason (``virsh start`` shows it),
-                ``start-unprotected`` exits 0 and says so in the log.
+                directory for QEMU's user, start the block server of every prepared disk
+                (``<cuju:disk>``: QEMU reaches it over NBD; the hook starts it itself, so
+                that the VM starts whether cujud runs or not, and the server is nbdkit's
+                own daemon, no child of the hook, cujud or libvirtd), ask cujud whether the
+                domain may start here (not while the peer holds it after a failover) and can
+                be protected now (cujud runs, the peer is connected). If not:
+                ``on-peer-unavailable`` decides — ``refuse-start`` exits 1 with a one-line
+                reason (``virsh start`` shows it), ``start-unprotected`` exits 0 and says so
+                in the log.
 started begin   ask cujud to protect the domain (cujud does the work on its own threads)
 stopped end     tell cujud; cujud tells a deliberate stop from a crash itself
+release end     stop the disks' block servers (their journals stay for a later resync)
 reconnect begin ask cujud to (re-)protect the domain after a libvirtd restart
 ==============  ============================================================================
 
@@ -35,9 +40,11 @@ from pathlib import Path
 
 from lxml import etree
 
+from cuju_libvirt import disk_server
 from cuju_libvirt.cujud import records
 from cuju_libvirt.cujud.control import ControlClient
 from cuju_libvirt.cujud.standby import is_standby_xml
+from cuju_libvirt.disk_xml import FTDisk
 from cuju_libvirt.domain_xml import parse_domain
 from cuju_libvirt.errors import CujuError
 from cuju_libvirt.fitness import QMP_SOCKET_DIR, check_fitness, errors
@@ -79,6 +86,26 @@ def make_qmp_dir() -> None:
         os.chown(path, user.pw_uid, user.pw_gid)
 
 
+def _socket_owner() -> tuple[int, int] | None:
+    try:
+        user = pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        return None  # QEMU runs as root here
+    return user.pw_uid, user.pw_gid
+
+
+def start_disk_servers(uuid: str, disks: Sequence[FTDisk]) -> None:
+    """The block server of each prepared disk, serving the primary's image (idempotent)."""
+    for d in disks:
+        disk_server.start(disk_server.ServerPaths.of(uuid, d.target), d.source, target=d.target,
+                          owner=_socket_owner())
+
+
+def stop_disk_servers(uuid: str, disks: Sequence[FTDisk]) -> None:
+    for d in disks:
+        disk_server.stop(disk_server.ServerPaths.of(uuid, d.target))
+
+
 def _uuid(xml: bytes) -> str:
     root = etree.fromstring(xml)
     return (root.findtext("uuid") or "").strip()
@@ -101,6 +128,12 @@ def prepare(domain: str, xml: bytes) -> int:
         _log(domain, f"refusing to start: this host ceded it to {ceded.get('peer')} after a failover "
                      f"({ceded.get('reason')}); it runs there", stderr=True)
         return 1
+    if spec.disks:
+        try:
+            start_disk_servers(uuid, spec.disks)
+        except CujuError as err:
+            _log(domain, f"refusing to start: its disks cannot be served: {err}", stderr=True)
+            return 1
     why = ""
     problems = errors(check_fitness(xml, spec))
     if problems:
@@ -139,6 +172,17 @@ def notify(domain: str, method: str, xml: bytes) -> int:
     return 0
 
 
+def release(domain: str, xml: bytes) -> int:
+    """QEMU is gone: its disks' servers go too (a standby's are cujud's)."""
+    if is_standby_xml(xml):
+        return 0
+    spec = parse_domain(xml)
+    if spec is not None and spec.disks:
+        stop_disk_servers(_uuid(xml), spec.disks)
+        _log(domain, f"stopped the block servers of {', '.join(d.target for d in spec.disks)}")
+    return 0
+
+
 def run(argv: Sequence[str], xml: bytes) -> int:
     """The hook's work for ``argv`` = DOMAIN OPERATION SUB-OPERATION EXTRA; its exit status."""
     if len(argv) < 3 or FT_NAMESPACE_BYTES not in xml:
@@ -151,6 +195,8 @@ def run(argv: Sequence[str], xml: bytes) -> int:
             return notify(domain, "protect", xml)
         if (operation, sub) == ("stopped", "end"):
             return notify(domain, "hook-stopped", xml)
+        if (operation, sub) == ("release", "end"):
+            return release(domain, xml)
     except Exception as err:  # never a traceback into libvirt's log; never block a start by accident
         _log(domain, f"{operation} {sub}: internal error: {err}", stderr=True)
         return 1 if operation == "prepare" else 0

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from cuju_libvirt.rig.hosts import FIRST_GUEST_ADDRESS, LAN_BRIDGE, Host, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, kernel_cmdline
 from cuju_libvirt.rig.nodes import LAN_PREFIXLEN
 from cuju_libvirt.rig.observer import Observer
+from cuju_libvirt.rig.pki import PKI
 
 __all__ = [
     "HOOK_NAME", "Cujud", "cujud_pair", "protected_counter_xml", "protected_linux_xml", "write_hook_shim",
@@ -118,15 +119,25 @@ class Cujud:
         return None
 
     def wait_domain(self, name: str, state: str, timeout: float = 120.0) -> dict[str, Any]:
+        return self.wait_for(name, lambda e: e["state"] == state, repr(state), timeout)
+
+    def wait_failed_over(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Until this host runs ``name`` after a failover (whatever its re-protection is doing)."""
+        return self.wait_for(name, lambda e: e["role"] == "primary" and (e["failovers"] or 0) >= 1,
+                             "failed over here", timeout, interval=0.01)
+
+    def wait_for(self, name: str, test: Callable[[dict[str, Any]], bool], what: str, timeout: float = 120.0,
+                 interval: float = 0.1) -> dict[str, Any]:
+        """This cujud's ``status`` entry of ``name`` once ``test`` holds for it."""
         deadline = time.monotonic() + timeout
         entry: dict[str, Any] | None = None
         while time.monotonic() < deadline:
             with contextlib.suppress(CujuError, OSError):
                 entry = self.domain(name)
-                if entry is not None and entry["state"] == state:
+                if entry is not None and test(entry):
                     return entry
-            time.sleep(0.1)
-        raise RigError(f"{name} on {self.host.label}: not {state!r} within {timeout:.0f} s "
+            time.sleep(interval)
+        raise RigError(f"{name} on {self.host.label}: not {what} within {timeout:.0f} s "
                        f"(last status {entry}; see {self.log_path})")
 
     def peer_connected(self) -> bool:
@@ -135,13 +146,37 @@ class Cujud:
         return False
 
 
+def _tls_settings(rig: Rig) -> dict[Host, dict[str, str]]:
+    """A CA for this rig and a certificate per host (node name in its SAN), in the hosts'
+    /etc/cuju-libvirt/pki; the cujud settings that use them (``peer_tls: on``)."""
+    pki = PKI(rig.root / "pki")
+    out: dict[Host, dict[str, str]] = {}
+    for host in (rig.a, rig.b):
+        creds = pki.host(host.hostname)
+        inside = Path("/etc/cuju-libvirt/pki")
+        target = host.outside(str(inside))
+        (target / "private").mkdir(parents=True, exist_ok=True)
+        for src, rel in ((creds.ca_file, "ca-cert.pem"), (creds.cert_file, "host-cert.pem"),
+                         (creds.key_file, "private/host-key.pem")):
+            shutil.copy(src, target / rel)
+        (target / "private/host-key.pem").chmod(0o600)
+        out[host] = {"peer_tls": "on", "tls_ca_file": str(inside / "ca-cert.pem"),
+                     "tls_cert_file": str(inside / "host-cert.pem"),
+                     "tls_key_file": str(inside / "private/host-key.pem")}
+    return out
+
+
 @contextlib.contextmanager
-def cujud_pair(rig: Rig, logs: Path | None = None, **settings: Any) -> Iterator[tuple[Cujud, Cujud]]:
+def cujud_pair(rig: Rig, logs: Path | None = None, *, tls: bool = False,
+               **settings: Any) -> Iterator[tuple[Cujud, Cujud]]:
     """cujud on hosts a and b, peered; stopped (SIGTERM, then SIGKILL) on exit, their logs
-    (and libvirt's QEMU logs) copied into ``logs`` if given."""
+    (and libvirt's QEMU logs) copied into ``logs`` if given. ``tls``: mutual TLS on the peer
+    channel with a CA of the rig's own, and so an encrypted FT link."""
     psk = secrets.token_hex(32) + "\n"
     merged = {**DEFAULT_SETTINGS, **settings}
-    ca, cb = Cujud(rig.a, rig.b, psk, merged), Cujud(rig.b, rig.a, psk, merged)
+    per_host = _tls_settings(rig) if tls else {rig.a: {}, rig.b: {}}
+    ca = Cujud(rig.a, rig.b, psk, {**merged, **per_host[rig.a]})
+    cb = Cujud(rig.b, rig.a, psk, {**merged, **per_host[rig.b]})
     try:
         ca.start()
         cb.start()

@@ -193,7 +193,7 @@ def kill_primary(demo: Demo) -> None:
     demo.killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     cb = demo.the_cujuds[1]
-    entry = cb.wait_domain(DOMAIN, "primary_after_failover", timeout=30)
+    entry = cb.wait_failed_over(DOMAIN, timeout=30)
     seen = time.monotonic() - demo.killed_at
     demo.out(f"  host b took over {seen * 1e3:.0f} ms after the kill (resume itself: "
              f"{(entry['last_failover_duration_s'] or 0) * 1e3:.0f} ms)")
@@ -213,12 +213,22 @@ def on_host_b(demo: Demo) -> None:
         raise RigError(f"the counter went back from {before} to {demo.counters[0]}")
     demo.out(f"  the counter continued on host b: {before} before the kill (last sample on a), "
              f"{demo.counters[0]} .. {demo.counters[-1]} on b")
-    out = subprocess.run([tool("virsh"), "-c", rig.a.uri, "start", DOMAIN], capture_output=True, text=True,
-                         check=False, timeout=60)
-    demo.out(f"  $ virsh -c {rig.a.uri} start {DOMAIN}")
-    demo.out(f"    {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.stdout.strip()}")
-    if out.returncode == 0:
-        raise RigError("host a started the VM again while host b runs it")
+
+
+def reprotected(demo: Demo) -> None:
+    rig = demo.the_rig
+    ca, cb = demo.the_cujuds
+    cb.wait_domain(DOMAIN, "protected", timeout=120)
+    ca.wait_domain(DOMAIN, "standby", timeout=30)
+    demo.out(f"  protected again {time.monotonic() - demo.killed_at:.1f} s after the kill, "
+             "nobody typed anything")
+    demo.status(rig.b)
+    demo.status(rig.a)
+    ceded = sorted(rig.a.outside("/var/lib/cuju-libvirt/ceded").glob("*.json"))
+    if not ceded:
+        raise RigError("host a has no ceded record: its hook would let it start the VM on its own")
+    demo.out(f"  host a keeps its ceded record ({ceded[0].name}): its hook refuses 'virsh start' of the VM "
+             "while host b runs it")
 
 
 def watch(demo: Demo, samples: int = 5, interval: float = 0.5, host: Host | None = None) -> None:
@@ -256,6 +266,7 @@ STEPS: list[tuple[str, Callable[[Demo], None]]] = [
     ("Watch it count", watch),
     ("Kill the primary's QEMU (SIGKILL)", kill_primary),
     ("The VM runs on host b, its counter continuing", on_host_b),
+    ("Protected again by itself: host a is the backup now", reprotected),
 ]
 
 

@@ -114,9 +114,12 @@ def protected_pair(
     a, b = link_pair()
     pstats, bstats = DomainStats("eng", "u", "primary"), DomainStats("eng", "u", "backup")
     pm, bm = FTMachine("eng", Role.PRIMARY), FTMachine("eng", Role.BACKUP)
+    # The primary populates its whole RAM mapping before its HELLO: for multi-GiB guests on a
+    # loaded machine that takes longer than the backup's default 30 s of patience.
+    io_timeout = max(30.0, primary.memory_mib / 1024 * 30.0)
     backup = BackupEngine(qmp=standby.qmp, ram_path=str(standby.ram_path), link=b,
                           device_state_path=str(state_dir / "state"), stats=bstats, machine=bm,
-                          qemu_log=str(standby.stderr_path))
+                          qemu_log=str(standby.stderr_path), io_timeout=io_timeout)
     engine = PrimaryEngine(config, qmp=primary.qmp, pid=primary.pid, link=a, stats=pstats, machine=pm,
                            on_stopped=on_stopped, tracker_factory=tracker_factory)
     try:

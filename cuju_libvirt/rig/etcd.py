@@ -31,11 +31,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cuju_libvirt.cujud.coord import EtcdClient
 from cuju_libvirt.errors import CoordError, RigError
-from cuju_libvirt.rig.sandbox import find_tool, pid_alive
+from cuju_libvirt.rig.guest_net import socket_in
+from cuju_libvirt.rig.nodes import LAN_PREFIXLEN, NamespaceNode
+from cuju_libvirt.rig.sandbox import Keeper, find_tool, pid_alive, tool
+from cuju_libvirt.rig.teardown import PREFIX
+
+if TYPE_CHECKING:
+    from cuju_libvirt.rig.hosts import Rig
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,9 @@ HEARTBEAT_MS = 20
 ELECTION_MS = 200
 CLIENT_PORT, PEER_PORT = 2379, 2380
 DATA_BASE, DATA_PREFIX = "/dev/shm", "cuju-etcd-"
+#: LAN addresses of rig members: .31, .32, ... (the rig uses .1 and .1x, guests .100 and up).
+RIG_MEMBER_ADDRESS = "198.19.0.{}"
+RIG_MEMBER_FIRST = 31
 
 Spawn = Callable[[Sequence[str], Any], "subprocess.Popen[bytes]"]
 
@@ -121,6 +130,12 @@ class EtcdCluster:
     heartbeat_ms: int = HEARTBEAT_MS
     election_ms: int = ELECTION_MS
     data_dir: Path | None = None
+    #: Where the data directory is made (default ``/dev/shm``; the rig's root for rig members).
+    data_base: Path | None = None
+    #: The namespaces of rig members (:func:`in_rig`), by member name.
+    nodes: dict[str, EtcdNode] = field(default_factory=dict)
+    #: The network namespace clients connect from (rig members are not reachable from here).
+    netns: str | None = None
 
     @classmethod
     def loopback(cls, size: int = 3, **kwargs: Any) -> EtcdCluster:
@@ -138,8 +153,13 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [m.client_url for m in self.members]
 
-    def client(self, timeout: float = 1.0) -> EtcdClient:
-        return EtcdClient(self.endpoints, timeout=timeout)
+    def client(self, timeout: float = 1.0, endpoints: Sequence[str] | None = None) -> EtcdClient:
+        """A client of ``endpoints`` (default: all members) that connects from :attr:`netns`."""
+        netns = self.netns
+        connect = None if netns is None else (
+            lambda host, port, t: socket_in(netns, lambda: socket.create_connection((host, port), t)))
+        return EtcdClient(self.endpoints if endpoints is None else endpoints, timeout=timeout,
+                          connect=connect)
 
     def __enter__(self) -> EtcdCluster:
         try:
@@ -159,7 +179,7 @@ class EtcdCluster:
         if binary is None:
             raise RigError("etcd is not installed: apt-get install etcd-server (scripts/debian-packages.txt)")
         sweep_stale()
-        self.data_dir = Path(tempfile.mkdtemp(prefix=DATA_PREFIX, dir=DATA_BASE))
+        self.data_dir = Path(tempfile.mkdtemp(prefix=DATA_PREFIX, dir=self.data_base or DATA_BASE))
         (self.data_dir / "owner.pid").write_text(str(os.getpid()))
         for m in self.members:
             self.start_member(m, new=True)
@@ -204,10 +224,10 @@ class EtcdCluster:
                 if m.proc is not None and m.proc.poll() is not None:
                     raise RigError(f"etcd member {m.name} exited ({m.proc.returncode}): {self._tail(m)}")
             try:
-                leaders = {EtcdClient([m.client_url], timeout=0.5).status().get("leader")
+                leaders = {self.client(0.5, [m.client_url]).status().get("leader")
                            for m in self.members if m.running}
                 if len(leaders) == 1 and "0" not in leaders and None not in leaders:
-                    EtcdClient([m.client_url for m in self.members if m.running], timeout=1.0).get("/health")
+                    self.client(1.0, [m.client_url for m in self.members if m.running]).get("/health")
                     return time.monotonic() - t0
                 last = f"leaders seen: {sorted(str(x) for x in leaders)}"
             except CoordError as err:
@@ -221,14 +241,14 @@ class EtcdCluster:
             if not m.running:
                 continue
             with contextlib.suppress(CoordError):
-                status = EtcdClient([m.client_url], timeout=0.5).status()
+                status = self.client(0.5, [m.client_url]).status()
                 leader_id = str(status.get("leader"))
                 if leader_id == str(status["header"]["member_id"]):
                     return m
                 for other in self.members:
                     if other.running and other is not m:
                         with contextlib.suppress(CoordError):
-                            st = EtcdClient([other.client_url], timeout=0.5).status()
+                            st = self.client(0.5, [other.client_url]).status()
                             if str(st["header"]["member_id"]) == leader_id:
                                 return other
         raise RigError("no etcd member reports a leader")
@@ -252,3 +272,39 @@ class EtcdCluster:
 
     def iter_running(self) -> Iterator[Member]:
         return (m for m in self.members if m.running)
+
+
+class EtcdNode(NamespaceNode):
+    """A network namespace of its own for one etcd member, on the rig's LAN (``eth0``)."""
+
+    def __init__(self, rig: Rig, index: int) -> None:
+        self.label = f"rig {rig.id} etcd{index}"
+        self.cgroup = rig.cgroup
+        self.address = RIG_MEMBER_ADDRESS.format(RIG_MEMBER_FIRST + index)
+        self.keeper: Keeper | None = Keeper.spawn(
+            f"{PREFIX}{rig.id}-etcd{index}", rig.cgroup, ("net",), setup="ip link set lo up",
+            stderr_path=rig.root / f"etcd{index}-keeper.log")
+        ip, port = tool("ip"), f"port-e{index}"
+        lan_pid = rig.lan._keeper().pid
+        subprocess.run([ip, "link", "add", "eth0", "netns", str(self.keeper.pid), "type", "veth",
+                        "peer", "name", port, "netns", str(lan_pid)], check=True, capture_output=True)
+        rig.lan.run([ip, "-batch", "-"], input=f"link set {port} master br0\nlink set {port} up\n")
+        self.run([ip, "-batch", "-"],
+                 input=f"addr add {self.address}/{LAN_PREFIXLEN} dev eth0\nlink set eth0 up\n")
+
+    def spawn(self, argv: Sequence[str], out: Any) -> subprocess.Popen[bytes]:
+        return self.popen(argv, stdout=out, stderr=subprocess.STDOUT)
+
+    def set_link(self, up: bool) -> None:
+        """Cut (``up=False``) or restore this member's only link: a partition of the member."""
+        self.run([tool("ip"), "link", "set", "eth0", "up" if up else "down"])
+
+
+def in_rig(rig: Rig, size: int = 3, **kwargs: Any) -> EtcdCluster:
+    """A cluster of ``size`` members, each in a namespace of its own on ``rig``'s LAN (not
+    started: use it as a context manager). Everything it runs is in the rig's cgroup."""
+    nodes = [EtcdNode(rig, i) for i in range(size)]
+    cluster = EtcdCluster.in_nodes([(f"e{i}", n.address, n.spawn) for i, n in enumerate(nodes)],
+                                   data_base=rig.root, netns=rig.lan.netns_path, **kwargs)
+    cluster.nodes = {m.name: n for m, n in zip(cluster.members, nodes, strict=True)}
+    return cluster

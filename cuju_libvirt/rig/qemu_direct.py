@@ -204,10 +204,12 @@ class DirectGuest:
             argv += ["-initrd", str(self.initrd)]
         if self.append is not None:
             argv += ["-append", self.append]
-        if self.paused:
+        if self.paused or self.incoming:
             argv.append("-S")
         if self.incoming:
-            argv += ["-incoming", "defer"]
+            # As cujud's standbys: paused after the load, no configuration section expected
+            # (device-state blobs from xen-save-devices-state have none).
+            argv += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
         argv += self.extra_args
         return argv
 

@@ -490,8 +490,9 @@ def test_demo_runs_and_cleans_up() -> None:
                           timeout=290, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
-    expected = ("== 1/10", "== 10/10", "can be protected", "protected by <cuju:ft>",
-                "Domain 'demo-vm' started", "host b took over", "the counter continued on host b", "ceded")
+    expected = ("== 1/11", "== 11/11", "can be protected", "protected by <cuju:ft>",
+                "Domain 'demo-vm' started", "host b took over", "the counter continued on host b",
+                "protected again", "ceded record")
     for step in expected:
         assert step in out, step
     counters = [int(m) for m in re.findall(r"counter in guest RAM:\s+(\d+)", out)]

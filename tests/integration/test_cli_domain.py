@@ -14,6 +14,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from lxml import etree
 
 from cuju_libvirt import domain_xml as dx
 from cuju_libvirt.cli import domain_cmd, main
@@ -195,3 +196,48 @@ def test_unknown_domain_and_unreachable_uri_exit_2(conn: Any, capsys: pytest.Cap
     _, err = capsys.readouterr()
     assert code == 2 and "cannot connect to test:///nonexistent/xmlcli.xml" in err
     assert "Traceback" not in err
+
+
+def _disks(xml: str) -> dict[str, Any]:
+    root = etree.fromstring(xml)
+    return {d.find("target").get("dev"): d for d in root.iterfind("devices/disk")}
+
+
+def test_prepare_serves_disks_only_once_the_rest_is_fit_and_disable_gives_them_back(
+    conn: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dom = define(conn, "several-disks.xml")
+    inactive = libvirt.VIR_DOMAIN_XML_INACTIVE
+    # the test driver drops <qemu:commandline>: unfit after the first step, so the disks stay
+    code, _, err = cli(capsys, "enable", "db1", "--peer", "hostb", "--prepare")
+    assert code == 1 and "error: <qemu:commandline>" in err
+    assert "serving <disk>" not in err
+    assert not any(dx.is_nbd_export(d) for d in _disks(dom.XMLDesc(inactive)).values())
+    before = {t: _canonical(d) for t, d in _disks(dom.XMLDesc(inactive)).items()}
+    # forced: the disks are rewritten in the same redefine that records their originals
+    code, _, err = cli(capsys, "enable", "db1", "--peer", "hostb", "--prepare", "--force")
+    assert code == 0, err
+    assert err.count("changed: serving <disk>") == 5
+    xml = dom.XMLDesc(inactive)
+    spec = dx.parse_domain(xml)
+    assert spec is not None and [d.target for d in spec.disks] == ["vda", "vdb", "sda", "sdb", "sdc"]
+    assert dx.parse_libvirt_metadata(stored(dom, CONFIG) or "") == spec
+    exported = sorted(t for t, d in _disks(xml).items() if dx.is_nbd_export(d))
+    assert exported == ["sda", "sdb", "sdc", "vda", "vdb"]
+    # changing a setting keeps the records; running enable --prepare again changes nothing
+    code, _, err = cli(capsys, "enable", "db1", "--epoch-ms", "10", "--prepare", "--force")
+    assert code == 0 and "serving <disk>" not in err
+    assert dx.parse_domain(dom.XMLDesc(inactive)) == spec.replace(epoch_ms=10)
+    # disable redefines the domain with the original disks
+    code, _, err = cli(capsys, "disable", "db1")
+    assert code == 0, err
+    assert err.count("changed: restored <disk>") == 5
+    xml = dom.XMLDesc(inactive)
+    assert dx.parse_domain(xml) is None
+    assert {t: _canonical(d) for t, d in _disks(xml).items()} == before
+
+
+def _canonical(disk: Any) -> bytes:
+    clone = etree.fromstring(etree.tostring(disk, with_tail=False))
+    etree.cleanup_namespaces(clone)
+    return etree.tostring(clone, method="c14n")

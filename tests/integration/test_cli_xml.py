@@ -157,7 +157,7 @@ def test_show_json_echoes_every_option_enable_set(run: Runner, tmp_path: Path) -
     options = {
         "peer": "[2001:db8::7]:7800", "link": "198.18.0.2:7000", "epoch-ms": "12", "tracker": "uffd",
         "output-commit": "off", "max-epoch-packets": "1000", "failover": "manual",
-        "heartbeat-timeout-ms": "900", "on-peer-unavailable": "refuse-start",
+        "heartbeat-timeout-ms": "900", "on-peer-unavailable": "refuse-start", "epoch-policy": "fixed",
     }
     argv = [arg for key, value in options.items() for arg in (f"--{key}", value)]
     enabled = run("xml", "enable", source, *argv)
@@ -308,3 +308,24 @@ def test_changing_a_setting_keeps_the_disk_records(run: Runner, tmp_path: Path) 
     result = run("xml", "enable", write(tmp_path, "vm.xml", document), "--epoch-ms", "10")
     assert result.code == 0, result.err
     assert dx.parse_domain(result.out) == spec.replace(epoch_ms=10)
+
+
+def test_prepare_serves_the_disks_and_disable_gives_them_back(run: Runner, tmp_path: Path) -> None:
+    original = read_fixture("several-disks.xml")
+    result = run("xml", "enable", write(tmp_path, "db1.xml", original), "--peer", "hostb", "--prepare")
+    assert result.code == 0, result.err
+    assert result.err.count("changed: serving <disk>") == 5
+    socket = "/run/cuju-libvirt/nbd/3f2c6a1e-8b4d-4c1a-9e2f-6d7a8b9c0d1e/sdb.sock"
+    assert f"NBD export 'sdb' at {socket}" in result.err
+    prepared = write(tmp_path, "db1-ft.xml", result.out)
+    # validate: the warning is gone for the prepared disks, still there for the shareable one
+    checked = run("xml", "validate", prepared)
+    assert checked.code == 0, checked.err
+    assert checked.err.count("not epoch-protected") == 1 and "<disk> vdd" in checked.err
+    plain = write(tmp_path, "db1-plain.xml", dx.set_ft(original, dx.FTSpec(peer="b")))
+    before = run("xml", "validate", plain)
+    assert before.err.count("disk writes are not epoch-protected yet") == 5
+    disabled = run("xml", "disable", prepared)
+    assert disabled.code == 0, disabled.err
+    assert disabled.err.count("changed: restored <disk>") == 5
+    assert c14n(disabled.out) == c14n(prepare(original).xml)

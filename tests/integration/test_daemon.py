@@ -18,6 +18,7 @@ import pytest
 
 from cuju_libvirt.cujud.control import ControlClient
 from cuju_libvirt.errors import ControlError
+from cuju_libvirt.rig.pki import PKI, HostCredentials, PKIUnavailable
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,7 +46,7 @@ class Cujud:
     """One cujud process, started from a launcher script whose name is its process name."""
 
     def __init__(self, workdir: Path, name: str, key: bytes, peers: dict[str, int], port: int, *,
-                 log_level: str = "DEBUG") -> None:
+                 log_level: str = "DEBUG", extra: str = "") -> None:
         self.name = name
         self.dir = workdir / name
         self.dir.mkdir()
@@ -62,7 +63,7 @@ class Cujud:
             f"peers:\n{peer_lines}psk_file: {psk}\nrun_dir: {self.run_dir}\n"
             f"control_socket: {self.socket}\nstate_dir: {self.dir / 'state'}\n"
             f"libvirt_uri: test:///default\nlog_level: {log_level}\nheartbeat_interval: 0.05\n"
-            "peer_timeout: 1.0\nreconnect_min: 0.1\nreconnect_max: 0.5\n"
+            "peer_timeout: 1.0\nreconnect_min: 0.1\nreconnect_max: 0.5\n" + extra
         )
         self.launcher = self.dir / f"daemon-cujud-{name}"  # the process shows under this name
         self.launcher.write_text(
@@ -267,3 +268,51 @@ def test_address_in_use_fails_cleanly(workdir: Path) -> None:
     assert "cujud could not start: cannot listen on 127.0.0.1:" in out.stderr
     assert "Traceback" not in out.stderr
     assert not a.run_dir.exists()  # the control socket it had created is gone again
+
+
+def tls_config(creds: HostCredentials) -> str:
+    return (f"peer_tls: 'on'\ntls_ca_file: {creds.ca_file}\ntls_cert_file: {creds.cert_file}\n"
+            f"tls_key_file: {creds.key_file}\n")
+
+
+def test_two_daemons_over_mutual_tls_and_a_plain_peer_refused(workdir: Path) -> None:
+    try:
+        pki = PKI(workdir / "pki")
+    except PKIUnavailable as err:
+        pytest.skip(str(err))
+    pa, pb = free_port(), free_port()
+    a = Cujud(workdir, "a", KEY_A, {"b": pb}, pa, extra=tls_config(pki.host("a")))
+    b = Cujud(workdir, "b", KEY_A, {"a": pa}, pb, extra=tls_config(pki.host("b")))
+    try:
+        a.start()
+        b.start()
+        a.wait_ready()
+        b.wait_ready()
+        assert wait_until(lambda: peer_status(a, "b")["connected"] and peer_status(b, "a")["connected"])
+        assert peer_status(a, "b")["security"].startswith("TLS (TLSv1.3, certificates)")
+        assert a.call("peer-ping", {"peer": "b"})["peer"] == "b"
+        assert a.call("config")["values"]["peer_tls"] == "on"
+        assert "(mutual TLS 1.3)" in a.text()
+        assert b.terminate() == 0
+        # b comes back without TLS (same PSK as before): a refuses it, and b says why
+        plain = Cujud(workdir, "b-plain", KEY_A, {"a": pa}, pb)
+        plain.config.write_text(plain.config.read_text().replace("node_name: b-plain", "node_name: b"))
+        plain.start()
+        plain.wait_ready()
+        assert wait_until(lambda: "the peer speaks TLS and this host does not" in plain.text())
+        assert wait_until(lambda: "is it configured with peer_tls: on?" in a.text())
+        assert not peer_status(a, "b")["connected"]
+        assert "NOT encrypted" in plain.text()
+        plain.kill()
+    finally:
+        a.kill()
+        b.kill()
+    assert "Traceback" not in a.text()
+
+
+def test_tls_on_without_certificates_names_the_key_and_the_fix(workdir: Path) -> None:
+    a = Cujud(workdir, "a", KEY_A, {}, free_port(),
+              extra=f"peer_tls: 'on'\ntls_ca_file: {workdir / 'missing-ca.pem'}\n")
+    done = run_cujud("--config", str(a.config), "--check-config")
+    assert done.returncode == 1
+    assert "tls_ca_file" in done.stderr and "does not exist" in done.stderr and "peer_tls: off" in done.stderr

@@ -2,7 +2,8 @@
 
 A primary runs the boot-sector guest; at each checkpoint it is stopped, its RAM file copied
 (standing in for the data plane) and its device state saved, then it runs on. The primary
-is SIGKILLed after a random checkpoint; the standby, started with ``-incoming defer``,
+is SIGKILLed after a random checkpoint; the standby, started with ``-incoming defer``
+(and ``-global migration.send-configuration=off``: the blob has no configuration section),
 gets that checkpoint's RAM and blob and must continue exactly from there: the counter in
 its RAM file and the text on its COM1 pick up where the checkpoint left them.
 """
@@ -23,15 +24,20 @@ import pytest
 from cuju_libvirt.errors import StateError
 from cuju_libvirt.ft_engine.devstate import (
     BlobFormatError,
+    DevicesChangedError,
     DeviceStateError,
     DeviceStateSaver,
+    MachineProfile,
     StandbyMismatchError,
     check_standby,
+    compare_machines,
+    describe_machine,
     load_device_state,
     resume_standby,
+    standby_profile,
+    unreplicated_ram,
 )
-from cuju_libvirt.ft_engine.vmstate import IGNORE_SHARED, parse_blob
-from cuju_libvirt.qmp import QMPError
+from cuju_libvirt.ft_engine.vmstate import parse_blob
 from cuju_libvirt.rig.guests import (
     COUNTER_GPA,
     PAGE_SIZE,
@@ -62,7 +68,7 @@ def take_checkpoint(guest: DirectGuest, saver: DeviceStateSaver, epoch: int) -> 
     guest.stop()
     ram = guest.read_ram(0, guest.ram_size)
     saved = saver.save()
-    assert guest.status() == "postmigrate"
+    assert guest.status() == "paused"
     serial = guest.serial_text()
     counter = struct.unpack_from("<I", ram, COUNTER_GPA)[0]
     guest.cont()
@@ -78,9 +84,10 @@ def write_ram(guest: DirectGuest, ram: bytes) -> None:
         os.close(fd)
 
 
-def ignore_shared_on(guest: DirectGuest) -> bool:
+def migration_untouched(guest: DirectGuest) -> bool:
+    """No capability on, no migration ever started: what libvirt expects of its QEMU."""
     caps = guest.qmp.execute("query-migrate-capabilities")
-    return any(c["capability"] == IGNORE_SHARED and c["state"] for c in caps)
+    return not any(c["state"] for c in caps) and guest.qmp.execute("query-migrate") == {}
 
 
 def kill_primary(guest: DirectGuest) -> None:
@@ -123,7 +130,7 @@ def test_counter_continues_exactly_from_a_random_checkpoint(seed: int, image: Pa
         for epoch in range(epochs):
             last = take_checkpoint(primary, saver, epoch)
             sizes.add(len(last.blob))
-            assert not ignore_shared_on(primary), "x-ignore-shared must be off between saves"
+            assert migration_untouched(primary), "a device-state save must not drive migration"
             write_ram(backup, last.ram)
             time.sleep(rng.uniform(0.01, 0.05))
         assert last is not None and last.counter > 0
@@ -206,105 +213,123 @@ def test_blob_size_does_not_grow_with_ram(image: Path) -> None:
             guest.stop()
             with DeviceStateSaver(guest.qmp) as saver:
                 blob = saver.save().blob
-            info = parse_blob(blob, devices=True)
-            assert {b.name: b.length for b in info.ram_blocks}["pc.ram"] == memory << 20
+                path = saver.path
+            assert not os.path.exists(path), "close() removes the device-state file"
+            info = parse_blob(blob)
+            assert "globalstate" in [s.name for s in info.sections]
+            assert not [s for s in info.sections if s.name == "ram"], "no RAM section at all"
             sizes[memory] = len(blob)
-    # Only the RAM block list differs (its length field); the stream is the same size.
     assert sizes[16] == sizes[256], sizes
-    assert sizes[16] < 1 << 20
+    assert sizes[16] < 1 << 17
 
 
-def test_save_refuses_a_running_vm_and_a_second_save_in_one_cycle(image: Path) -> None:
+def test_save_refuses_a_running_vm_and_leaves_no_migration_state(image: Path) -> None:
     with DirectGuest(name="checkpoint-state", memory_mib=MEMORY_MIB, disk=image) as guest:
         guest.wait_serial(r"cuju-boot counter\r\n\d+\r\n", timeout=15)
         saver = DeviceStateSaver(guest.qmp)
         with pytest.raises(StateError, match="stopped"):
             saver.save()
         assert guest.status() == "running"
-        assert not ignore_shared_on(guest)
         guest.stop()
-        saver.save()
-        with pytest.raises(StateError, match="already saved"):
-            saver.save()
-        assert guest.status() == "postmigrate"
+        first = saver.save()
+        second = saver.save()  # no postmigrate: any number of saves per stop/cont cycle
+        assert guest.status() == "paused"
+        assert first.blob[:8] == second.blob[:8]
+        assert migration_untouched(guest)
         guest.cont()
         before = read_counter(guest.ram_path)
         assert wait_counter_above(guest, before) > before
-        assert saver.saves == 1
+        assert saver.saves == 2
+        saver.close()
 
 
-def test_keep_ignore_shared_mode_turns_it_off_at_close(image: Path) -> None:
-    with DirectGuest(name="checkpoint-keep", memory_mib=MEMORY_MIB, disk=image) as guest:
+def test_qemu_refusing_the_save_leaves_the_vm_stopped(image: Path, tmp_path: Path) -> None:
+    with DirectGuest(name="checkpoint-blocked", memory_mib=MEMORY_MIB, disk=image) as guest:
         guest.wait_serial(r"cuju-boot counter\r\n\d+\r\n", timeout=15)
-        with DeviceStateSaver(guest.qmp, keep_ignore_shared=True) as saver:
-            for _ in range(3):
-                guest.stop()
-                saved = saver.save()
-                assert saved.timings.caps_on == saved.timings.caps_off == 0
-                assert ignore_shared_on(guest)
-                guest.cont()
-            parse_blob(saved.blob)
-        assert not ignore_shared_on(guest)
+        saver = DeviceStateSaver(guest.qmp, path=tmp_path / "missing-dir" / "state")
+        guest.stop()
+        with pytest.raises(DeviceStateError, match="missing-dir") as caught:
+            saver.save()
+        assert caught.value.qemu_message
+        assert guest.status() == "paused"
+        guest.cont()
+        assert guest.status() == "running"
 
 
-def test_qemu_refusing_the_save_leaves_the_vm_stopped_and_the_capability_off(image: Path) -> None:
-    # ivshmem-plain without master=on is a migration blocker: QEMU refuses `migrate`.
-    shm = "/dev/shm/checkpoint-ivshmem-" + str(os.getpid())
-    extra = [
-        "-object", f"memory-backend-file,id=checkpoint-shm,size=1M,mem-path={shm},share=on",
-        "-device", "ivshmem-plain,memdev=checkpoint-shm",
-    ]  # fmt: skip
-    try:
-        with DirectGuest(
-            name="checkpoint-blocked", memory_mib=MEMORY_MIB, disk=image, extra_args=extra
-        ) as guest:
-            guest.wait_serial(r"cuju-boot counter\r\n\d+\r\n", timeout=15)
-            saver = DeviceStateSaver(guest.qmp)
-            guest.stop()
-            with pytest.raises(DeviceStateError, match="ivshmem") as caught:
-                saver.save()
-            assert caught.value.qemu_message
-            assert guest.status() == "paused"
-            assert not ignore_shared_on(guest)
-            with pytest.raises(QMPError, match="not found"):
-                guest.qmp.execute("closefd", {"fdname": saver.fdname})
-            guest.cont()
-            assert guest.status() == "running"
-    finally:
-        if os.path.exists(shm):
-            os.unlink(shm)
+@pytest.mark.parametrize(
+    ("args", "block"),
+    [
+        (["-vga", "std"], "vga.vram"),
+        (["-device", "qxl-vga"], "qxl.vram"),
+        (["-device", "virtio-vga"], "vga.vram"),
+    ],
+    ids=["std-vga", "qxl", "virtio-vga"],
+)
+def test_video_memory_outside_guest_ram_is_refused(image: Path, args: list[str], block: str) -> None:
+    with DirectGuest(name="checkpoint-vga", memory_mib=MEMORY_MIB, disk=image, extra_args=args) as guest:
+        with pytest.raises(DeviceStateError, match="model type='none'") as caught:
+            DeviceStateSaver(guest.qmp)
+        assert block in str(caught.value) and "video memory" in str(caught.value)
+
+
+def test_read_only_blocks_and_ramfb_are_accepted(image: Path) -> None:
+    args = ["-device", "ramfb", "-device", "virtio-net-pci,netdev=n0", "-netdev", "user,id=n0"]
+    with DirectGuest(name="checkpoint-roms", memory_mib=MEMORY_MIB, disk=image, extra_args=args) as guest:
+        profile = describe_machine(guest.qmp)
+        names = {name for name, _used, _max in profile.ram_blocks}
+        assert {"pc.bios", "pc.rom", "0000:00:02.0/virtio-net-pci.rom"} <= names
+        assert unreplicated_ram(profile) == []
+
+
+def test_a_hot_plugged_device_is_caught_in_the_next_blob(image: Path) -> None:
+    with DirectGuest(name="checkpoint-plug", memory_mib=MEMORY_MIB, disk=image) as guest:
+        guest.wait_serial(r"cuju-boot counter\r\n\d+\r\n", timeout=15)
+        saver = DeviceStateSaver(guest.qmp)
+        guest.stop()
+        saver.check_devices(saver.save().blob)
+        guest.cont()
+        guest.qmp.execute("device_add", {"driver": "i6300esb", "id": "plugged"})
+        guest.stop()
+        blob = saver.save().blob
+        with pytest.raises(DevicesChangedError, match=r"added .*i6300esb") as caught:
+            saver.check_devices(blob)
+        assert [s.name for s in caught.value.added] == ["0000:00:02.0/i6300esb_wdt"]
+        guest.cont()
+        saver.close()
 
 
 @pytest.fixture(scope="module")
-def good_checkpoint(image: Path) -> Checkpoint:
+def good_checkpoint(image: Path) -> tuple[Checkpoint, MachineProfile]:
     with DirectGuest(name="checkpoint-src", memory_mib=MEMORY_MIB, disk=image) as primary:
         primary.wait_serial(r"cuju-boot counter\r\n\d+\r\n", timeout=15)
-        return take_checkpoint(primary, DeviceStateSaver(primary.qmp), 0)
+        saver = DeviceStateSaver(primary.qmp)
+        return take_checkpoint(primary, saver, 0), saver.profile
 
 
 def test_truncated_blob_is_refused_and_the_standby_still_takes_a_good_one(
-    good_checkpoint: Checkpoint, image: Path
+    good_checkpoint: tuple[Checkpoint, MachineProfile], image: Path
 ) -> None:
-    blob = good_checkpoint.blob
-    for cut in (0, 8, 200, len(blob) // 2, len(blob) - 1):
+    ckpt = good_checkpoint[0]
+    blob = ckpt.blob
+    for cut in (0, 8, 200, len(blob) // 2, len(blob) - 1, *range(9, len(blob) - 1, 37)):
         with pytest.raises(BlobFormatError):
             parse_blob(blob[:cut])
     with standby("checkpoint-trunc", image) as backup:
-        write_ram(backup, good_checkpoint.ram)
+        write_ram(backup, ckpt.ram)
         with pytest.raises(BlobFormatError, match="truncated"):
             load_device_state(backup.qmp, blob[: len(blob) - 1000])
         assert backup.status() == "inmigrate" and backup.alive()
-        assert not ignore_shared_on(backup)
         load_device_state(backup.qmp, blob)
         resume_standby(backup.qmp)
-        assert wait_counter_above(backup, good_checkpoint.counter) > good_checkpoint.counter
+        assert wait_counter_above(backup, ckpt.counter) > ckpt.counter
+        assert "vmdescription" not in backup.stderr_path.read_text(), "the load must not warn"
 
 
 def test_unverified_truncated_blob_ends_the_standby_with_qemus_reason(
-    good_checkpoint: Checkpoint, image: Path
+    good_checkpoint: tuple[Checkpoint, MachineProfile], image: Path
 ) -> None:
     with standby("checkpoint-trunc2", image) as backup:
-        blob = good_checkpoint.blob
+        blob = good_checkpoint[0].blob
         with pytest.raises(DeviceStateError, match="exited while loading") as caught:
             load_device_state(backup.qmp, blob[: len(blob) // 2], qemu_log=backup.stderr_path, verify=False)
         assert caught.value.qemu_message and "migration" in caught.value.qemu_message
@@ -326,76 +351,69 @@ def test_unverified_truncated_blob_ends_the_standby_with_qemus_reason(
     ],
     ids=["ram-size", "machine-type", "firmware"],
 )
-def test_standby_of_another_machine_config_is_refused_before_loading(
-    good_checkpoint: Checkpoint, image: Path, memory_mib: int, extra: list[str], problem: str
+def test_standby_of_another_machine_config_is_refused_when_pairing(
+    good_checkpoint: tuple[Checkpoint, MachineProfile], image: Path, memory_mib: int, extra: list[str],
+    problem: str,
 ) -> None:
     missing = [arg for arg in extra if arg.startswith("/") and not os.path.exists(arg)]
     if missing:
         pytest.skip(f"{missing[0]} not installed (Debian package seabios)")
+    ckpt, primary = good_checkpoint
     backup_vm = DirectGuest(
         name="checkpoint-other", memory_mib=memory_mib, disk=image, incoming=True, extra_args=extra
     )
     with backup_vm as backup:
-        write_ram(backup, good_checkpoint.ram[: backup.ram_size])
-        with pytest.raises(StandbyMismatchError) as caught:
-            load_device_state(backup.qmp, good_checkpoint.blob)
-        assert any(problem in p for p in caught.value.problems), caught.value.problems
+        write_ram(backup, ckpt.ram[: backup.ram_size])
+        problems = compare_machines(primary, standby_profile(backup.qmp))
+        assert any(problem in p for p in problems), problems
         assert backup.status() == "inmigrate" and backup.alive()
-        assert read_counter(backup.ram_path) == good_checkpoint.counter, "the standby must not have run"
+        assert read_counter(backup.ram_path) == ckpt.counter, "the standby must not have run"
 
 
-def test_standby_that_is_not_waiting_for_state_is_refused(good_checkpoint: Checkpoint, image: Path) -> None:
+def test_standby_that_is_not_waiting_for_state_is_refused(
+    good_checkpoint: tuple[Checkpoint, MachineProfile], image: Path
+) -> None:
     with DirectGuest(name="checkpoint-paused", memory_mib=MEMORY_MIB, disk=image, paused=True) as other:
         before = other.status()
         with pytest.raises(StandbyMismatchError, match="-incoming defer"):
-            check_standby(other.qmp, parse_blob(good_checkpoint.blob))
+            check_standby(other.qmp, parse_blob(good_checkpoint[0].blob))
         assert other.status() == before
 
 
-def test_blob_from_a_machine_with_another_device_is_refused_with_qemus_reason(image: Path) -> None:
+def test_blob_from_a_machine_with_another_device_is_refused_before_qemu_sees_it(image: Path) -> None:
     with DirectGuest(
         name="checkpoint-dev", memory_mib=MEMORY_MIB, disk=image, extra_args=["-device", "i6300esb"]
     ) as primary:
         primary.wait_serial(r"cuju-boot counter\r\n\d+\r\n", timeout=15)
         other = take_checkpoint(primary, DeviceStateSaver(primary.qmp), 0)
-    assert ("0000:00:02.0/i6300esb_wdt", 0) in parse_blob(other.blob, devices=True).devices
+    assert "0000:00:02.0/i6300esb_wdt" in [s.name for s in parse_blob(other.blob).sections]
     with standby("checkpoint-nodev", image) as backup:
         write_ram(backup, other.ram)
-        # Same machine type and RAM blocks: only QEMU can tell, and it exits doing so.
-        check_standby(backup.qmp, parse_blob(other.blob))
+        profile = standby_profile(backup.qmp)
+        with pytest.raises(StandbyMismatchError, match=r"i6300esb_wdt.* only on the primary"):
+            load_device_state(backup.qmp, other.blob, qemu_log=backup.stderr_path, standby=profile)
+        assert backup.alive() and backup.status() == "inmigrate"
+        # Unverified, QEMU itself refuses the unknown section, and exits doing so.
         with pytest.raises(DeviceStateError, match="exited while loading") as caught:
-            load_device_state(backup.qmp, other.blob, qemu_log=backup.stderr_path)
+            load_device_state(backup.qmp, other.blob, qemu_log=backup.stderr_path, verify=False)
         assert caught.value.qemu_message and "i6300esb" in caught.value.qemu_message
         time.sleep(0.2)
         assert not backup.alive()
 
 
-def test_failover_without_vmdesc_and_its_weaker_truncation_check(image: Path) -> None:
-    no_vmdesc = ["-machine", "suppress-vmdesc=on"]
+def test_the_first_save_is_checked_against_the_standby_sections(image: Path) -> None:
     with (
-        DirectGuest(
-            name="checkpoint-nvpri", memory_mib=MEMORY_MIB, disk=image, extra_args=no_vmdesc
-        ) as primary,
-        DirectGuest(
-            name="checkpoint-nvsby", memory_mib=MEMORY_MIB, disk=image, incoming=True, extra_args=no_vmdesc
-        ) as backup,
+        DirectGuest(name="checkpoint-fpri", memory_mib=MEMORY_MIB, disk=image,
+                    extra_args=["-device", "i6300esb"]) as primary,
+        standby("checkpoint-fsby", image) as backup,
     ):
         primary.wait_serial(r"cuju-boot counter\r\n\d+\r\n", timeout=15)
-        saver = DeviceStateSaver(primary.qmp)
-        assert not saver.vmdesc
-        ckpt = take_checkpoint(primary, saver, 0)
-        assert parse_blob(ckpt.blob, vmdesc=False).devices == ()
-        with pytest.raises(BlobFormatError):
-            parse_blob(ckpt.blob)  # a blob with vmdesc was expected
-        write_ram(backup, ckpt.ram)
-        kill_primary(primary)
-        with pytest.raises(BlobFormatError, match="truncated"):
-            load_device_state(backup.qmp, ckpt.blob[: len(ckpt.blob) // 2])
-        assert backup.status() == "inmigrate"
-        load_device_state(backup.qmp, ckpt.blob, qemu_log=backup.stderr_path)
-        assert backup.read_ram(0, backup.ram_size) == ckpt.ram
-        resume_standby(backup.qmp)
-        assert wait_counter_above(backup, ckpt.counter + 20) > ckpt.counter + 20
+        saver = DeviceStateSaver(primary.qmp, expect_sections=standby_profile(backup.qmp).sections)
+        primary.stop()
+        with pytest.raises(StandbyMismatchError, match="i6300esb"):
+            saver.save()
+        primary.cont()
+        saver.close()
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from cuju_libvirt.cujud.standby import TOKEN_BYTES, FTListener
+from cuju_libvirt.cujud.standby import GENERATION_BYTES, TOKEN_BYTES, FTListener
 
 IDLE = 400
 
@@ -33,8 +33,11 @@ def test_hundreds_of_idle_connections_cost_no_thread_and_do_not_keep_a_primary_o
     linked = threading.Event()
     got: list[socket.socket] = []
 
-    def on_connect(sock: socket.socket) -> None:
+    generations: list[int] = []
+
+    def on_connect(sock: socket.socket, generation: int) -> None:
         got.append(sock)
+        generations.append(generation)
         linked.set()
 
     try:
@@ -54,12 +57,12 @@ def test_hundreds_of_idle_connections_cost_no_thread_and_do_not_keep_a_primary_o
             primary = _connect(listener.port)
             if primary is not None:
                 with contextlib.suppress(OSError):
-                    primary.sendall(bytes.fromhex(token))
+                    primary.sendall(bytes.fromhex(token) + (7).to_bytes(GENERATION_BYTES, "big"))
                 linked.wait(0.5)
                 if not linked.is_set():
                     primary.close()
         assert linked.is_set(), "a valid token was kept out by idle connections"
-        assert len(bytes.fromhex(token)) == TOKEN_BYTES
+        assert len(bytes.fromhex(token)) == TOKEN_BYTES and generations == [7]
         assert listener.refused > 0 and listener.refused + listener.timed_out <= IDLE + 10
 
         # idle connections in their handshake are closed after the timeout

@@ -4,6 +4,7 @@ path): what it lets start, what it refuses and with which line, and the shim's f
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -14,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from cuju_libvirt import fitness
+from cuju_libvirt import disk_server, fitness
 from cuju_libvirt.cujud import records
 from cuju_libvirt.cujud.control import ControlServer, Params
-from cuju_libvirt.domain_xml import FTSpec, set_ft
+from cuju_libvirt.domain_xml import FTSpec, parse_domain, set_ft
 from cuju_libvirt.hooks import qemu as hook
 from cuju_libvirt.hooks import shim_text
 from cuju_libvirt.rig.domains import domain_xml
@@ -130,3 +131,35 @@ def test_the_shim_exits_fast_for_a_domain_without_the_element(tmp_path: Path) ->
         assert proc.returncode == 0 and proc.stdout == b"" and proc.stderr == b""
     # no package import on this path: the interpreter's own start-up is the cost (~8 ms here)
     assert statistics.median(times) < 0.1, times
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("nbdkit") is None or not disk_server.PLUGIN.is_file(),
+                    reason="needs nbdkit and the plugin (scripts/setup.sh)")
+def test_prepare_starts_the_disk_servers_and_release_stops_them(sandbox: Path) -> None:
+    """Without cujud: the VM's disks must still be served (it starts unprotected)."""
+    image = sandbox / "vda.img"
+    with image.open("wb") as f:
+        f.truncate(4 << 20)
+    xml = domain_xml("hooked", memory_mib=64, kernel="/boot/vmlinuz", disk=image, uuid=UUID)
+    xml = set_ft(xml, FTSpec(peer="hostb"))
+    prepared = fitness.prepare(xml).xml.encode()
+    spec = parse_domain(prepared)
+    assert spec is not None and [d.target for d in spec.disks] == ["hda"]
+    paths = disk_server.ServerPaths.of(UUID, "hda")  # the rig boots from IDE
+    try:
+        assert hook.run(["hooked", "prepare", "begin", "-"], prepared) == 0
+        pid = disk_server.running_pid(paths)
+        assert pid is not None and Path(paths.socket).exists()
+        assert hook.run(["hooked", "prepare", "begin", "-"], prepared) == 0  # idempotent
+        assert disk_server.running_pid(paths) == pid
+        io = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 4096 4096",
+                             f"nbd+unix:///hda?socket={paths.socket}"],
+                            capture_output=True, text=True, timeout=30, check=False)
+        assert io.returncode == 0, io.stderr
+        assert image.read_bytes()[4096:8192] == b"\x5a" * 4096
+        assert hook.run(["hooked", "release", "end", "-"], prepared) == 0
+        assert disk_server.running_pid(paths) is None and not Path(paths.socket).exists()
+    finally:
+        disk_server.stop(paths)
+        shutil.rmtree(Path(paths.socket).parent, ignore_errors=True)

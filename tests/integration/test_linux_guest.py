@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from cuju_libvirt.ft_engine.devstate import DeviceStateSaver, load_device_state
 from cuju_libvirt.rig.guest_net import GuestNetwork, socket_in
 from cuju_libvirt.rig.linux_guest import MODULES, LinuxGuest, build_linux_guest, kernel_cmdline, parse_serial
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
@@ -209,18 +210,9 @@ class TestNetworkedGuest:
         state, ram = work / "device-state", work / "ram"
         observer.wait_for(lambda r: len(r.tcp_data) >= 800, 30.0)
         qmp = net_guest.qmp
-        qmp.execute(
-            "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
-        )
         net_guest.stop()
-        with open(state, "wb") as out:
-            qmp.execute("getfd", {"fdname": "lgstate"}, fd=out.fileno())
-            qmp.execute("migrate", {"uri": "fd:lgstate"})
-            deadline = time.monotonic() + 60
-            while (status := qmp.execute("query-migrate").get("status")) not in ("completed", "failed"):
-                assert time.monotonic() < deadline, status
-                time.sleep(0.05)
-        assert status == "completed"
+        with DeviceStateSaver(qmp) as saver:
+            state.write_bytes(saver.save().blob)
         shutil.copyfile(net_guest.ram_path, ram)
         counted = [int(r["n"]) for r in reports(net_guest, "count")]
         os.killpg(net_guest.pid, signal.SIGKILL)  # the "primary" dies
@@ -240,17 +232,7 @@ class TestNetworkedGuest:
                 backup.start()
             with open(ram, "rb") as src, open(backup.ram_path, "r+b") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-            backup.qmp.execute(
-                "migrate-set-capabilities",
-                {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
-            )
-            with open(state, "rb") as inp:
-                backup.qmp.execute("getfd", {"fdname": "lgstate"}, fd=inp.fileno())
-                backup.qmp.execute("migrate-incoming", {"uri": "fd:lgstate"})
-                deadline = time.monotonic() + 60
-                while backup.status() not in ("paused", "postmigrate", "running"):
-                    assert time.monotonic() < deadline, backup.status()
-                    time.sleep(0.05)
+            load_device_state(backup.qmp, state.read_bytes(), qemu_log=backup.stderr_path)
             backup.cont()
             # The backup's console starts empty: its first count continues the primary's.
             resumed = wait_reports(backup, "count", 3)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.errors import LinkError, ProtocolError, ReplicationError
+from cuju_libvirt.errors import LinkAuthError, LinkError, ProtocolError, ReplicationError
+from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
 
 from .replication_support import PAGE, Workload, receiving, region_file, resume
@@ -150,7 +151,8 @@ def _run_until_failure(tx: EpochSender, wl: Workload, primary: mmap.mmap, first:
     return epoch
 
 
-def _fault_run(shm_dir: Path, seed: int, cut_at: int | None, flip_at: int | None) -> None:
+def _fault_run(shm_dir: Path, seed: int, cut_at: int | None, flip_at: int | None,
+               link_keys: LinkKeys | None = None) -> None:
     rng = random.Random(seed)
     wl = Workload(seed=seed, pages=PAGES)
     primary = mmap.mmap(-1, PAGES * PAGE)
@@ -162,16 +164,18 @@ def _fault_run(shm_dir: Path, seed: int, cut_at: int | None, flip_at: int | None
     client = socket.create_connection(proxy.address, timeout=5)
     server, _ = listener.accept()
     rx = EpochReceiver(standby, str(state))
-    tx = EpochSender(client, primary)
+    tx = EpochSender(client, primary, link_keys=link_keys.primary if link_keys else None)
     try:
-        rx.start(server)
+        rx.start(server, link_keys=link_keys.backup if link_keys else None)
         assert tx.handshake(5) == 0
         staged = _run_until_failure(tx, wl, primary, 1, 40)
         acked = tx.counters()["last_acked_epoch"]
         # The fault must have ended the session on the backup with the right class of error.
         with pytest.raises(ReplicationError) as info:
             rx.wait(10)
-        if flip_at is not None:
+        if flip_at is not None and link_keys is not None:
+            assert isinstance(info.value, LinkAuthError), info.value
+        elif flip_at is not None:
             assert isinstance(info.value, ProtocolError), info.value
         else:
             assert isinstance(info.value, LinkError), info.value

@@ -53,6 +53,7 @@ def test_status_json_and_table(base: Path) -> None:
         assert d["protected"] is True
         assert 5 < d["epochs_per_s"] < 60 and 0 <= d["lag_s"] < 0.5 and d["initial_sync_ratio"] == 1.0
         assert d["failovers"] == 0 and d["epochs_committed"] > 0
+        assert d["disk_sync"] == []  # a diskless guest; the disk data path fills it per disk
 
         table = cli("status", "--socket", sock)
         assert table.returncode == 0, table.stderr

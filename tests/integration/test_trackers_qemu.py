@@ -63,8 +63,8 @@ def qemu_as_libvirt_qemu() -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _uffd(guest: DirectGuest) -> Maker:
-    return lambda vm_stopped: T.UffdTracker.attach(guest.pid, guest.ram_path, vm_stopped)
+def _uffd(guest: DirectGuest, mode: T.UffdMode = "async") -> Maker:
+    return lambda vm_stopped: T.UffdTracker.attach(guest.pid, guest.ram_path, vm_stopped, mode=mode)
 
 
 def _scan(guest: DirectGuest) -> Maker:
@@ -91,6 +91,19 @@ def test_uffd_writer_guest_sandboxed_as_libvirt_qemu(qemu_as_libvirt_qemu: str) 
         report = run_ground_truth(g, _uffd(g), EPOCHS, run_s=0.01)
         _check(report, min_changed=EPOCHS * 50)
         assert proc_status_field(g.pid, "TracerPid") == 0
+        assert g.status() == "running"
+        g.wait_serial(r"cuju-boot writer\r\n\d+\r\n")  # still alive and counting
+
+
+@pytest.mark.timeout(150)
+def test_uffd_sync_writer_guest_sandboxed() -> None:
+    """Sync mode (root QEMU, libvirt's sandbox): the vCPU thread waits on each first write."""
+    cfg = WriterConfig()
+    with DirectGuest(name="trackers-uffd-sync", memory_mib=cfg.min_memory_mib + 1, disk=boot_image(cfg),
+                     extra_args=LIBVIRT_SANDBOX) as g:
+        g.wait_serial(r"cuju-boot writer\r\n\d+\r\n")
+        report = run_ground_truth(g, _uffd(g, "sync"), EPOCHS, run_s=0.01, differ="c")
+        _check(report, min_changed=EPOCHS * 50)
         assert g.status() == "running"
         g.wait_serial(r"cuju-boot writer\r\n\d+\r\n")  # still alive and counting
 
@@ -160,7 +173,7 @@ def test_select_auto_picks_uffd_on_qemu(caplog: pytest.LogCaptureFixture) -> Non
         finally:
             t.close()
         msgs = [r.getMessage() for r in caplog.records]
-        assert msgs == ["dirty tracker: uffd (tracker='auto', self-test passed (5 checks))"], msgs
+        assert msgs == ["dirty tracker: uffd (tracker='auto', sync mode, self-test passed (5 checks))"], msgs
 
 
 @pytest.mark.slow
@@ -205,18 +218,21 @@ _WORKLOAD_PROOF = {
 
 def _run_linux_case(which: str, mode: str, extra: list[str], epochs: int,
                     setup: Callable[[DirectGuest], None] | None = None, **params: str | int) -> None:
-    """Boot the Linux guest paused, arm before its first instruction, run the epochs."""
+    """Boot the Linux guest paused, arm before its first instruction, run the epochs.
+    ``which``: ``uffd`` (async mode), ``uffd_sync`` or ``scan``."""
     g = _linux(mode, extra, **params)
     g.paused = True
     with g:
-        maker = _uffd(g) if which == "uffd" else _scan(g)
+        maker = _scan(g) if which == "scan" else _uffd(g, "sync" if which == "uffd_sync" else "async")
         if setup is not None:
             setup(g)
         # The C differ keeps 200 epochs of 128 MiB affordable; scan needs the Python one.
-        report = run_ground_truth(g, maker, epochs, run_s=0.05, differ="c" if which == "uffd" else "python")
+        report = run_ground_truth(g, maker, epochs, run_s=0.05, differ="python" if which == "scan" else "c")
         _check(report, min_changed=epochs)
         g.wait_serial(r"cuju-init: ready", timeout=60)
         g.wait_serial(_WORKLOAD_PROOF[mode], timeout=60)  # the workload really ran
+        errors = [line for line in g.serial_text().splitlines() if f"cuju-{mode}: error=" in line]
+        assert not errors, f"the workload failed in the guest: {errors[:3]}"
         g.stop()
         if mode == "balloon":
             actual = int(g.qmp.execute("query-balloon")["actual"])
@@ -224,8 +240,9 @@ def _run_linux_case(which: str, mode: str, extra: list[str], epochs: int,
 
 
 @pytest.mark.timeout(300)
-def test_linux_boot_and_stress_uffd() -> None:
-    _run_linux_case("uffd", "stress", [], EPOCHS, stress_mb=32)
+@pytest.mark.parametrize("which", ["uffd", "uffd_sync"])
+def test_linux_boot_and_stress_uffd(which: str) -> None:
+    _run_linux_case(which, "stress", [], EPOCHS, stress_mb=32)
 
 
 @pytest.mark.slow
@@ -235,23 +252,26 @@ def test_linux_boot_and_stress_scan() -> None:
 
 
 @pytest.mark.timeout(300)
-def test_linux_balloon_uffd() -> None:
+@pytest.mark.parametrize("which", ["uffd", "uffd_sync"])
+def test_linux_balloon_uffd(which: str) -> None:
     """Inflating the balloon discards guest pages without writing them (UFFD_EVENT_REMOVE)."""
 
     def inflate(g: DirectGuest) -> None:
         g.qmp.execute("balloon", {"value": 64 << 20})
 
-    _run_linux_case("uffd", "balloon", ["-device", "virtio-balloon-pci,id=balloon0"], EPOCHS, setup=inflate,
+    _run_linux_case(which, "balloon", ["-device", "virtio-balloon-pci,id=balloon0"], EPOCHS, setup=inflate,
                     report_ms=200)
 
 
 @pytest.mark.timeout(300)
-def test_linux_disk_reads_uffd(tmp_path: Path) -> None:
-    """virtio-blk DMA (QEMU's threads writing guest RAM), O_DIRECT and buffered."""
+@pytest.mark.parametrize("which", ["uffd", "uffd_sync"])
+def test_linux_disk_reads_uffd(tmp_path: Path, which: str) -> None:
+    """virtio-blk DMA (QEMU's threads writing guest RAM), O_DIRECT and buffered. In sync mode
+    the O_DIRECT reads are kernel-mode writes into protected pages: they must wait, not fail."""
     disk = tmp_path / "trackers-disk.img"
     with open(disk, "wb") as f:
         for blk in range(4096):  # 16 MiB carrying the agent's test pattern
             f.write((b"CUJUBLK\0" + blk.to_bytes(8, "little")).ljust(4096, b"\xa5"))
     extra = ["-drive", f"file={disk},if=none,id=trackers-d0,format=raw,cache=none",
              "-device", "virtio-blk-pci,drive=trackers-d0"]
-    _run_linux_case("uffd", "diskread", extra, EPOCHS, diskmode="both")
+    _run_linux_case(which, "diskread", extra, EPOCHS, diskmode="both")

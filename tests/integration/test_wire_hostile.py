@@ -153,7 +153,7 @@ def epochs(draw: st.DrawFn) -> bytes:
             frame = frame[: draw(st.integers(0, len(frame) - 1))]
         elif mutation in ("field", "index", "encoding"):
             if mutation == "field":
-                # type, flags, length, epoch, npages, ndata, devlen, reserved
+                # type, flags, length, epoch, npages, ndata, devlen, disk_len
                 off = draw(st.sampled_from([0, 4, 8, 16, 24, 32, 40, 48]))
                 width = 4 if off < 8 else 8
                 ones = (1 << (8 * width)) - 1
@@ -212,7 +212,7 @@ def test_receiver_survives_arbitrary_bytes_after_hello(shm_dir: Path, junk: byte
     ("hello", "code"),
     [
         (wm.hello(PAGE, PAGES * PAGE, SESSION, magic=0xDEADBEEF), wm.E_MAGIC),
-        (wm.hello(PAGE, PAGES * PAGE, SESSION, version=2), wm.E_VERSION),
+        (wm.hello(PAGE, PAGES * PAGE, SESSION, version=wm.WIRE_VERSION + 1), wm.E_VERSION),
         (wm.hello(PAGE, PAGES * PAGE, SESSION, version=0), wm.E_VERSION),
         (wm.hello(8192, PAGES * PAGE, SESSION), wm.E_GEOMETRY),
         (wm.hello(PAGE, 2 * PAGES * PAGE, SESSION), wm.E_GEOMETRY),
@@ -266,7 +266,8 @@ def _fake_backup(reply: bytes) -> tuple[EpochSender, socket.socket, mmap.mmap]:
         (wm.frame_header(wm.HELLO_REPLY, 40)
          + struct.pack("<QIIQQQ", wm.MAGIC, 9, PAGE, PAGES * PAGE, SESSION, 0),
          ProtocolError, wm.E_VERSION),
-        (wm.frame_header(wm.HELLO_REPLY, 40) + struct.pack("<QIIQQQ", wm.MAGIC, 1, PAGE, PAGE, SESSION, 0),
+        (wm.frame_header(wm.HELLO_REPLY, 40)
+         + struct.pack("<QIIQQQ", wm.MAGIC, wm.WIRE_VERSION, PAGE, PAGE, SESSION, 0),
          ProtocolError, wm.E_GEOMETRY),
         (wm.frame_header(wm.ACK, 8) + bytes(8), ProtocolError, wm.E_FRAME),
         (wm.frame_header(wm.ERROR, 8 + 5) + struct.pack("<II", 6, 5) + b"nope!", PeerAbortError, wm.E_PEER),
@@ -291,7 +292,7 @@ def test_sender_refuses_wrong_backups(reply: bytes, exc: type[ReplicationError],
 @pytest.mark.timeout(30)
 def test_sender_refuses_an_ack_for_an_epoch_never_sent() -> None:
     reply = wm.frame_header(wm.HELLO_REPLY, 40) + struct.pack(
-        "<QIIQQQ", wm.MAGIC, 1, PAGE, PAGES * PAGE, SESSION, 0
+        "<QIIQQQ", wm.MAGIC, wm.WIRE_VERSION, PAGE, PAGES * PAGE, SESSION, 0
     )
     tx, b, region = _fake_backup(reply)
     try:

@@ -30,8 +30,14 @@ def frame_header(ftype: int, length: int, flags: int = 0) -> bytes:
     return struct.pack("<IIQ", ftype, flags, length)
 
 
-def hello(page_size: int, region_size: int, session: int, version: int = 1, magic: int = MAGIC) -> bytes:
-    payload = struct.pack("<QIIQQQ", magic, version, page_size, region_size, session, 0)
+WIRE_VERSION = 2
+
+
+def hello(
+    page_size: int, region_size: int, session: int, version: int = WIRE_VERSION, *, magic: int = MAGIC,
+    disks: int = 0,
+) -> bytes:
+    payload = struct.pack("<QIIQQQ", magic, version, page_size, region_size, session, disks)
     return frame_header(HELLO, 40) + payload
 
 
@@ -96,8 +102,9 @@ def receive(stream: bytes, region: bytes, page_size: int, session: int) -> Outco
         eh = take(40)
         if eh is None:
             return fail(E_EOF, refused=False)
-        epoch, npages, ndata, devlen, reserved = struct.unpack("<QQQQQ", eh)
-        if flags or reserved:
+        epoch, npages, ndata, devlen, disk_len = struct.unpack("<QQQQQ", eh)
+        # A backup without replicated disks takes no disk section.
+        if flags or disk_len:
             return fail(E_FRAME)
         if npages > pages or ndata > npages or devlen > MAX_DEVSTATE:
             return fail(E_FRAME)

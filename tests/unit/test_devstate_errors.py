@@ -1,132 +1,118 @@
 """DeviceStateSaver error paths that real QEMU cannot be made to take on demand.
 
-A scripted stand-in for QEMU's monitor takes the pipe's write end with ``getfd`` (as QEMU
-does, keeping its own copy), writes part of a stream at ``migrate``, then closes it and
-reports the migration failed. The saver must surface QEMU's reason, cancel, drop nothing
-on the floor and turn x-ignore-shared off again. The real-QEMU paths are in
-tests/integration/test_devstate.py.
+A scripted stand-in for QEMU's monitor writes (part of) a device-state file at
+``xen-save-devices-state``, or refuses it. The saver must surface QEMU's reason, never
+touch a migration command or capability, and refuse a machine whose guest-writable RAM
+would not be replicated. The real-QEMU paths are in tests/integration/test_devstate.py.
 """
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
 from cuju_libvirt.errors import StateError
 from cuju_libvirt.ft_engine.devstate import DeviceStateError, DeviceStateSaver
-from cuju_libvirt.ft_engine.vmstate import IGNORE_SHARED
 from cuju_libvirt.qmp import QMPClient, QMPError
+
+GOOD = (
+    b"QEVM\x00\x00\x00\x03" + b"\x04\x00\x00\x00\x00\x05timer\x00\x00\x00\x00\x00\x00\x00\x02"
+    + b"payload" + b"\x7e\x00\x00\x00\x00" + b"\x00"
+)
+RAMBLOCKS = """  Block Name    PSize   Offset   Used   Total
+      pc.ram    4 KiB  0x0000000000000000 0x0000000001000000 0x0000000001000000
+     pc.bios    4 KiB  0x0000000001000000 0x0000000000040000 0x0000000000040000
+"""
 
 
 class FakeMonitor:
-    def __init__(self, *, migration_end: str = "failed", write: bytes = b"QEVM" * 100) -> None:
+    def __init__(self, tmp: Path, *, write: bytes = GOOD, refuse: str | None = None) -> None:
+        self.path = str(tmp / "qmp.sock")
         self.status = "paused"
-        self.caps = False
-        self.migration = "none"
-        self.migration_end = migration_end
         self.write = write
-        self.qemu_fd: int | None = None
+        self.refuse = refuse
+        self.ramblocks = RAMBLOCKS
+        self.memdevs = [{"id": "pc.ram", "share": True, "size": 1 << 24}]
         self.calls: list[str] = []
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None, *, fd: int | None = None) -> Any:
         self.calls.append(command)
         if command == "query-memdev":
-            return [{"id": "pc.ram", "share": True, "size": 1 << 24}]
-        if command == "query-migrate":
-            return (
-                {} if self.migration == "none" else {"status": self.migration, "error-desc": "disk on fire"}
-            )
-        if command == "query-migrate-capabilities":
-            return [{"capability": IGNORE_SHARED, "state": self.caps}]
+            return self.memdevs
         if command == "qom-get":
-            return False
+            return "pc-i440fx-7.2-machine"
+        if command == "human-monitor-command":
+            return self.ramblocks
         if command == "query-status":
             return {"status": self.status}
-        if command == "migrate-set-capabilities":
-            self.caps = bool(arguments and arguments["capabilities"][0]["state"])
-            return {}
-        if command == "getfd":
-            assert fd is not None
-            self.qemu_fd = os.dup(fd)
-            return {}
-        if command == "migrate":
-            assert self.qemu_fd is not None
-            os.write(self.qemu_fd, self.write)
-            os.close(self.qemu_fd)
-            self.qemu_fd = None
-            self.migration = self.migration_end
-            self.status = "postmigrate"
-            return {}
-        if command == "migrate_cancel":
+        if command == "xen-save-devices-state":
+            assert arguments is not None and arguments["live"] is False
+            if self.refuse:
+                raise QMPError(command, "GenericError", self.refuse)
+            Path(arguments["filename"]).write_bytes(self.write)
             return {}
         raise QMPError(command, "CommandNotFound", f"fake has no {command}")
 
 
 def saver_for(fake: FakeMonitor) -> DeviceStateSaver:
-    return DeviceStateSaver(cast(QMPClient, fake), timeout=2.0)
+    return DeviceStateSaver(cast(QMPClient, fake))
 
 
-def test_a_failed_migration_surfaces_qemus_reason_and_restores_the_capability() -> None:
-    fake = FakeMonitor(migration_end="failed")
+def test_a_good_save_reads_the_file_back_and_close_removes_it(tmp_path: Path) -> None:
+    fake = FakeMonitor(tmp_path)
     saver = saver_for(fake)
-    with pytest.raises(DeviceStateError, match="disk on fire") as caught:
-        saver.save()
-    assert caught.value.qemu_message == "disk on fire"
-    assert fake.caps is False
-    assert "migrate_cancel" in fake.calls
-    assert saver.saves == 0
+    assert saver.path == str(tmp_path / "qmp.sock.devstate")
+    assert saver.save().blob == GOOD
+    assert [s.name for s in saver.sections or ()] == ["timer"]
+    fake.write = GOOD.replace(b"payload", b"PAYLOAD!")  # QEMU truncates and rewrites the same file
+    assert saver.save().blob == fake.write
+    saver.close()
+    assert not Path(saver.path).exists()
+    assert not [c for c in fake.calls if "migrat" in c], "no migration command, ever"
 
 
-def test_a_completed_migration_with_a_cut_stream_is_not_a_blob() -> None:
-    fake = FakeMonitor(migration_end="completed")
-    with pytest.raises(DeviceStateError, match="incomplete"):
+def test_a_refused_save_keeps_qemus_words(tmp_path: Path) -> None:
+    fake = FakeMonitor(tmp_path, refuse="Could not open 'x': Permission denied")
+    with pytest.raises(DeviceStateError, match="Permission denied") as caught:
         saver_for(fake).save()
-    assert fake.caps is False
-
-
-class RefusingMonitor(FakeMonitor):
-    def execute(self, command: str, arguments: dict[str, Any] | None = None, *, fd: int | None = None) -> Any:
-        if command == "migrate":
-            self.calls.append(command)
-            raise QMPError(command, "GenericError", "a migration blocker says no")
-        if command == "closefd":
-            self.calls.append(command)
-            assert self.qemu_fd is not None
-            os.close(self.qemu_fd)
-            self.qemu_fd = None
-            return {}
-        return super().execute(command, arguments, fd=fd)
-
-
-def test_a_refused_migrate_keeps_qemus_words_and_releases_the_fd() -> None:
-    fake = RefusingMonitor()
-    with pytest.raises(DeviceStateError, match="blocker says no") as caught:
-        saver_for(fake).save()
-    assert caught.value.qemu_message == "a migration blocker says no"
-    assert fake.calls[-2:] == ["closefd", "migrate-set-capabilities"]
-    assert fake.caps is False and fake.qemu_fd is None
+    assert caught.value.qemu_message == "Could not open 'x': Permission denied"
     assert fake.status == "paused"
 
 
-def test_a_running_vm_changes_nothing() -> None:
-    fake = FakeMonitor()
+def test_a_cut_file_is_not_a_blob(tmp_path: Path) -> None:
+    fake = FakeMonitor(tmp_path, write=GOOD[:-3])
+    with pytest.raises(DeviceStateError, match="incomplete"):
+        saver_for(fake).save()
+
+
+def test_a_running_vm_changes_nothing(tmp_path: Path) -> None:
+    fake = FakeMonitor(tmp_path)
     saver = saver_for(fake)
     fake.status = "running"
     with pytest.raises(StateError):
         saver.save()
-    assert "migrate-set-capabilities" not in fake.calls, "nothing may change when the VM runs"
+    assert "xen-save-devices-state" not in fake.calls, "nothing may be saved while the VM runs"
 
 
-def test_unshared_ram_is_refused_up_front() -> None:
-    fake = FakeMonitor()
-    fake.execute = (  # type: ignore[method-assign]
-        lambda command, arguments=None, *, fd=None: (
-            [{"id": "pc.ram", "share": False, "size": 1}]
-            if command == "query-memdev"
-            else FakeMonitor.execute(fake, command, arguments, fd=fd)
-        )
-    )
+def test_unshared_ram_is_refused_up_front(tmp_path: Path) -> None:
+    fake = FakeMonitor(tmp_path)
+    fake.memdevs = [{"id": "pc.ram", "share": False, "size": 1 << 24}]
     with pytest.raises(DeviceStateError, match="not shared"):
         saver_for(fake)
+
+
+def test_writable_memory_outside_the_ram_file_is_refused_by_name(tmp_path: Path) -> None:
+    fake = FakeMonitor(tmp_path)
+    fake.ramblocks = RAMBLOCKS + (
+        "  0000:00:02.0/vga.vram    4 KiB  0x0000000001080000 0x0000000001000000 0x0000000001000000\n"
+        "          system.flash1    4 KiB  0x0000000002080000 0x0000000000084000 0x0000000000084000\n"
+        "  0000:00:02.0/vga.rom    4 KiB  0x0000000003080000 0x0000000000010000 0x0000000000010000\n"
+    )
+    with pytest.raises(DeviceStateError) as caught:
+        saver_for(fake)
+    text = str(caught.value)
+    assert "vga.vram (16384 KiB of video memory)" in text
+    assert "system.flash1" in text
+    assert "vga.rom" not in text and "pc.bios" not in text

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
 from cuju_libvirt import domain_xml as dx
 from cuju_libvirt import fitness as ft
+from cuju_libvirt._xml import remove_child
 from cuju_libvirt.errors import FTElementError, NotADomainXMLError
 from tests.domains import c14n
 
@@ -250,3 +251,44 @@ def test_garbage_raises_only_our_errors(data: bytes | str) -> None:
         ft.check_fitness(data)
     except (NotADomainXMLError, FTElementError):
         pass
+
+
+@st.composite
+def domains_with_disks(draw: st.DrawFn) -> str:
+    indent = draw(st.sampled_from(["\n  ", "\n\t", "\n    ", ""]))
+    step = indent[1:] if indent else ""
+    disks = []
+    for text in draw(st.lists(original_disks(), min_size=1, max_size=4)):
+        target = etree.fromstring(text).find("target").get("dev")  # type: ignore[union-attr]
+        if all(f"dev='{target}'" not in d for d in disks):
+            disks.append(text)
+    if draw(st.booleans()):
+        cdrom = "<source file='/iso/x.iso'/><target dev='hdzzz'/><readonly/>"  # no generated dev clashes
+        disks.append(f"<disk type='file' device='cdrom'>{cdrom}</disk>")
+
+    def nest(text: str) -> str:  # indent a <disk> one level below <devices>
+        return text.replace("\n", "\n" + step + step) if indent else text
+
+    inner = "".join(indent + step + nest(d) for d in disks) + indent
+    uuid = "<uuid>0c1b8a57-9a1f-4b43-9e3e-4d7e0a7b0a11</uuid>" if draw(st.booleans()) else ""
+    parts = ["<name>vm</name>", uuid, "<memory unit='KiB'>1048576</memory>", f"<devices>{inner}</devices>"]
+    closing = "\n" if indent else ""
+    return "<domain type='kvm'>" + "".join(indent + p for p in parts if p) + f"{closing}</domain>"
+
+
+@settings(max_examples=50)  # each example prepares a whole domain: keep the unit tier fast
+@given(domains_with_disks(), specs)
+def test_prepare_then_disable_gives_back_every_disk(xml: str, spec: dx.FTSpec) -> None:
+    prepared = ft.prepare(dx.set_ft(xml, spec))
+    recorded = dx.parse_domain(prepared.xml)
+    assert recorded is not None and recorded.replace(disks=()) == spec
+    assert len(recorded.disks) >= 1
+    assert ft.prepare(prepared.xml).changes == []
+    disabled = dx.remove_ft(prepared.xml)
+    if "<uuid>" not in xml:  # prepare added the <uuid> naming the sockets; it stays
+        doc = dx.load_domain(disabled)
+        uuid = doc.root.find("uuid")
+        assert uuid is not None
+        remove_child(uuid)
+        disabled = doc.dump()
+    assert c14n(disabled) == c14n(ft.prepare(xml).xml)

@@ -7,6 +7,7 @@ from lxml import etree
 
 from cuju_libvirt import domain_xml as dx
 from cuju_libvirt import fitness as ft
+from cuju_libvirt._xml import remove_child
 from cuju_libvirt.rig.domains import direct_qmp_args, domain_xml
 from tests.domains import LIBVIRT_DOMAIN_RNG, UNFIT, c14n, fixture_names, read_fixture
 
@@ -261,8 +262,11 @@ def test_prepared_fixtures_validate_unless_unfit(name: str) -> None:
     enabled = dx.set_ft(read_fixture(name), dx.FTSpec.defaults("hostb"))
     result = ft.prepare(enabled)
     assert result.fit == (name not in UNFIT), [str(p) for p in result.problems]
-    # prepare never touches the element
-    assert dx.parse_domain(result.xml) == dx.FTSpec.defaults("hostb")
+    # prepare touches the element only to record the disks it rewrote
+    prepared = dx.parse_domain(result.xml)
+    assert prepared is not None and prepared.replace(disks=()) == dx.FTSpec.defaults("hostb")
+    exports = [d for d in etree.fromstring(result.xml).iterfind("devices/disk") if dx.is_nbd_export(d)]
+    assert [d.find("target").get("dev") for d in exports] == [r.target for r in prepared.disks]  # type: ignore[union-attr]
 
 
 @pytest.mark.skipif(not LIBVIRT_DOMAIN_RNG.exists(), reason="libvirt's domain.rng is not installed")
@@ -340,6 +344,186 @@ def test_the_rigs_domain_builder_produces_protectable_domains() -> None:
     )
     assert codes(ft.check_fitness(plain), ft.Severity.ERROR) == ["qmp-socket"]
     assert ft.prepare(plain).fit
+
+
+# --- disks: prepare serves them over NBD, disable gives them back ----------------------------
+
+UUID = "3f2c6a1e-8b4d-4c1a-9e2f-6d7a8b9c0d1e"
+
+
+def disks_by_target(xml: str | bytes) -> dict[str, etree._Element]:
+    root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml)
+    return {d.find("target").get("dev"): d for d in root.iterfind("devices/disk")}  # type: ignore[union-attr]
+
+
+def disk_c14n(disk: etree._Element) -> bytes:
+    """Canonical form of one <disk>, without the namespace declarations in scope where it is."""
+    clone = etree.fromstring(etree.tostring(disk, with_tail=False))
+    etree.cleanup_namespaces(clone)
+    return etree.tostring(clone, method="c14n")
+
+
+@pytest.mark.parametrize("name", fixture_names())
+def test_enable_prepare_then_disable_gives_back_every_disk(name: str) -> None:
+    """The round trip is exact: what disable gives back is the original with only the
+    non-disk changes of prepare (which stay, as documented), canonically equal."""
+    original = read_fixture(name)
+    prepared = ft.prepare(dx.set_ft(original, dx.FTSpec.defaults("hostb"))).xml
+    disabled = dx.remove_ft(prepared)
+    spec = dx.parse_domain(prepared)
+    if etree.fromstring(original).find("uuid") is None and spec is not None and spec.disks:
+        # prepare gave the domain the <uuid> that names its NBD sockets; like its other
+        # changes outside the disks, it stays
+        doc = dx.load_domain(disabled)
+        uuid = doc.root.find("uuid")
+        assert uuid is not None
+        remove_child(uuid)
+        disabled = doc.dump()
+    assert c14n(disabled) == c14n(ft.prepare(dx.remove_ft(original)).xml)
+    before, after = disks_by_target(original), disks_by_target(disabled)
+    assert before.keys() == after.keys()
+    for target, disk in before.items():
+        assert disk_c14n(after[target]) == disk_c14n(disk), target
+
+
+def test_prepare_serves_every_writable_disk_on_every_bus_and_keeps_the_rest() -> None:
+    original = read_fixture("several-disks.xml")
+    result = ft.prepare(dx.set_ft(original, dx.FTSpec.defaults("hostb")))
+    assert result.fit, [str(p) for p in result.problems]
+    spec = dx.parse_domain(result.xml)
+    assert spec is not None
+    assert [(d.target, d.bus, d.format, d.source_type) for d in spec.disks] == [
+        ("vda", "virtio", "qcow2", "file"), ("vdb", "virtio", "raw", "block"), ("sda", "scsi", "raw", "file"),
+        ("sdb", "sata", "qcow2", "file"), ("sdc", "sata", "raw", "file"),
+    ]
+    before, after = disks_by_target(original), disks_by_target(result.xml)
+    for record in spec.disks:
+        disk = after[record.target]
+        assert dx.is_nbd_export(disk)
+        host = disk.find("source/host")
+        assert host is not None and host.get("socket") == ft.nbd_socket_path(UUID, record.target)
+        assert host.get("socket") == f"/run/cuju-libvirt/nbd/{UUID}/{record.target}.sock"
+        driver = disk.find("driver")
+        assert driver is not None
+        assert (driver.get("error_policy"), driver.get("rerror_policy")) == ("stop", "stop")
+        assert driver.get("type") == record.format
+        # everything but type, <source> and the policies is kept as it was, in order
+        old = before[record.target]
+        kept = [disk_c14n(c) for c in old if c.tag not in ("source", "driver")]
+        assert [disk_c14n(c) for c in disk if c.tag not in ("source", "driver")] == kept
+        old_driver = old.find("driver")
+        if old_driver is not None:
+            policies = {"error_policy": "stop", "rerror_policy": "stop"}
+            assert {**old_driver.attrib, **policies} == dict(driver.attrib)
+    for untouched in ("sdd", "vdc", "vdd"):  # cdrom, read-only, shareable
+        assert disk_c14n(after[untouched]) == disk_c14n(before[untouched])
+    warnings = [str(p) for p in result.problems]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: <disk> vdd") and "shareable" in warnings[0]
+
+
+def test_validate_warns_only_for_disks_that_are_not_prepared() -> None:
+    enabled = dx.set_ft(read_fixture("several-disks.xml"), dx.FTSpec.defaults("hostb"))
+    before = [p for p in ft.check_fitness(enabled) if p.code == "disk"]
+    assert sorted(p.subject.split()[1] for p in before if "not epoch-protected yet" in p.message) == [
+        "sda", "sdb", "sdc", "vda", "vdb"
+    ]
+    assert all(p.preparable for p in before if "yet" in p.message)
+    prepared = ft.prepare(enabled).xml
+    after = [p for p in ft.check_fitness(prepared) if p.code == "disk"]
+    assert [p.subject.split()[1] for p in after] == ["vdd"]
+    assert "not epoch-protected yet" not in str(after[0])
+
+
+def test_disks_that_cannot_be_served_stay_and_are_named_with_the_fix() -> None:
+    original = read_fixture("unservable-disks.xml")
+    result = ft.prepare(dx.set_ft(original, dx.FTSpec.defaults("hostb")))
+    assert result.fit
+    assert dx.parse_domain(result.xml).disks == ()  # type: ignore[union-attr]
+    found = {p.subject.split()[1]: str(p) for p in result.problems if p.code == "disk"}
+    expected = {
+        "vda": "virsh vol-path", "vdb": "protocol rbd", "sda": "device='disk'", "vdc": "qemu-img convert",
+        "vdd": "backing chain", "vde": "remove <transient/>",
+    }
+    assert found.keys() == expected.keys()
+    for target, needle in expected.items():
+        assert needle in found[target] and "not epoch-protected" in found[target], found[target]
+    before, after = disks_by_target(original), disks_by_target(result.xml)
+    assert all(disk_c14n(after[t]) == disk_c14n(d) for t, d in before.items())
+
+
+def test_without_the_element_prepare_leaves_disks_alone() -> None:
+    original = read_fixture("several-disks.xml")
+    result = ft.prepare(original)
+    assert not any(dx.is_nbd_export(d) for d in disks_by_target(result.xml).values())
+
+
+def test_prepare_with_disks_is_idempotent_and_adds_a_missing_uuid() -> None:
+    no_uuid = read_fixture("several-disks.xml").replace(f"  <uuid>{UUID}</uuid>\n".encode(), b"")
+    once = ft.prepare(dx.set_ft(no_uuid, dx.FTSpec.defaults("hostb")))
+    uuid = etree.fromstring(once.xml).findtext("uuid")
+    assert uuid is not None and any(c.startswith("added <uuid>") for c in once.changes)
+    assert disks_by_target(once.xml)["vda"].find("source/host").get("socket") == (  # type: ignore[union-attr]
+        f"/run/cuju-libvirt/nbd/{uuid}/vda.sock"
+    )
+    twice = ft.prepare(once.xml)
+    assert twice.changes == []
+    assert c14n(twice.xml) == c14n(once.xml)
+
+
+def _prepared() -> bytes:
+    return ft.prepare(dx.set_ft(read_fixture("several-disks.xml"), dx.FTSpec.defaults("hostb"))).xml
+
+
+def test_a_copied_domain_gets_its_sockets_repointed() -> None:
+    other = "00000000-1111-4222-8333-444444444444"
+    copied = _prepared().replace(f"<uuid>{UUID}</uuid>".encode(), f"<uuid>{other}</uuid>".encode())
+    problems = [p for p in ft.check_fitness(copied) if p.code == "disk-socket"]
+    assert len(problems) == 5 and all(p.is_error and p.preparable for p in problems)
+    assert "was the domain copied under a new <uuid>?" in problems[0].message
+    fixed = ft.prepare(copied)
+    assert fixed.fit and len([c for c in fixed.changes if c.startswith("pointed <disk>")]) == 5
+    assert f"/nbd/{other}/vda.sock" in fixed.xml.decode()
+
+
+def _disk(doc: etree._Element, target: str) -> etree._Element:
+    return next(d for d in doc.iterfind("devices/disk") if d.find("target").get("dev") == target)  # type: ignore[union-attr]
+
+
+def test_an_export_without_record_and_a_record_without_export_are_errors() -> None:
+    doc = etree.fromstring(_prepared())
+    element = dx.find_ft(doc)
+    assert element is not None
+    element.remove(element[0])  # drop the record of vda
+    problems = ft.errors(ft.check_fitness(etree.tostring(doc)))
+    assert [(p.code, p.subject) for p in problems] == [("disk-record", "<disk> vda")]
+    assert "no record of the original disk" in problems[0].message
+    # the other way: vdb edited back to its block device behind prepare's back
+    doc = etree.fromstring(_prepared())
+    exported = _disk(doc, "vdb")
+    original = disks_by_target(read_fixture("several-disks.xml"))["vdb"]
+    original.tail = exported.tail
+    doc.find("devices").replace(exported, original)  # type: ignore[union-attr]
+    problems = ft.errors(ft.check_fitness(etree.tostring(doc)))
+    assert [(p.code, p.subject) for p in problems] == [("disk-record", "<disk> vdb (/dev/vg0/db1-data)")]
+    assert "no longer the NBD export" in problems[0].message
+
+
+def test_error_policies_are_required_on_a_prepared_disk() -> None:
+    relaxed = _prepared().replace(b' error_policy="stop" rerror_policy="stop"', b"", 1)
+    problems = ft.errors(ft.check_fitness(relaxed))
+    assert [(p.code, p.preparable) for p in problems] == [("disk-error-policy", True)]
+    assert "pausing the VM" in problems[0].message
+    assert ft.prepare(relaxed).fit
+
+
+def test_a_record_of_a_detached_disk_is_a_warning() -> None:
+    prepared = _prepared()
+    doc = etree.fromstring(prepared)
+    devices = doc.find("devices")
+    assert devices is not None
+    devices.remove(_disk(doc, "sdc"))
+    problems = [p for p in ft.check_fitness(etree.tostring(doc)) if p.code == "disk-record"]
+    assert [(p.severity, p.subject) for p in problems] == [(ft.Severity.WARNING, "<cuju:disk target='sdc'>")]
 
 
 @pytest.mark.parametrize("kind", ["sev", "sev-snp", "s390-pv", "tdx"])

@@ -20,10 +20,10 @@ from lxml import etree
 
 from cuju_libvirt.cujud import orchestrator, records
 from cuju_libvirt.cujud.qemu_process import ended_on_signal, log_offset, ram_backing
-from cuju_libvirt.cujud.standby import Standby, is_standby_xml, standby_xml
+from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml, standby_xml
 from cuju_libvirt.cujud.virt import LifecycleEvent
 from cuju_libvirt.domain_xml import parse_domain
-from cuju_libvirt.errors import CujuError
+from cuju_libvirt.errors import CujuError, StateError
 from cuju_libvirt.ft_engine.state import FTState
 from cuju_libvirt.rig.domains import domain_xml
 
@@ -48,6 +48,8 @@ def test_standby_xml_adds_incoming_defer_and_is_recognised() -> None:
     assert sb.index("-qmp") < sb.index("-incoming") < sb.index("defer")
     plain = standby_xml(domain_xml("vm", kernel="/boot/vmlinuz"))  # no <qemu:commandline> yet
     assert is_standby_xml(plain.encode()) and "xmlns:qemu" in plain
+    # the live XML of a VM that failed over still has it: re-protected, it gets no second one
+    assert standby_xml(sb).count("-incoming") == 1 and standby_xml(sb).count("defer") == 1
 
 
 def test_records_round_trip_and_refuse_odd_uuids(tmp_path: Path) -> None:
@@ -122,16 +124,31 @@ class FakeEngine:
         self.closed = True
 
 
-def make_standby(tmp_path: Path) -> tuple[Standby, list[str]]:
+def make_standby(tmp_path: Path, verdicts: list[str] | None = None, *,
+                 persistent: bool = False) -> tuple[Standby, list[str]]:
+    """A standby with fakes around it; ``verdicts``: what the witness answers, claim by claim
+    (none: no witness); ``persistent``: the domain is also defined on this host."""
     events: list[str] = []
-    dom = SimpleNamespace(isPersistent=lambda: False, destroy=lambda: events.append("destroy"))
-    conn = SimpleNamespace(defineXML=lambda xml: events.append("define"), lookupByName=lambda name: dom)
+
+    def claim(sb: Standby, quiet: bool = False) -> str:
+        if verdicts is None:
+            return "unwitnessed"
+        events.append("claim")
+        return verdicts.pop(0)
+
+    live = standby_xml(domain_xml("vm", kernel="/boot/vmlinuz"))
+    dom = SimpleNamespace(isPersistent=lambda: persistent, isActive=lambda: True, XMLDesc=lambda flags: live,
+                          destroy=lambda: events.append("destroy"))
+    conn = SimpleNamespace(defineXML=lambda xml: events.append("define"), lookupByName=lambda name: dom,
+                           lookupByUUIDString=lambda uuid: dom)
     manager: Any = SimpleNamespace(
         libvirt=SimpleNamespace(conn=conn), state_dir=tmp_path, ft=SimpleNamespace(forget=lambda t: None),
         taken_over=lambda sb: events.append("taken_over"), forget=lambda sb: events.append("forget"),
+        claim=claim, settle_later=lambda sb: events.append("settle_later"),
     )
     sb = Standby(manager, name="vm", uuid="0f1e2d3c-0000-4000-8000-000000000002", peer="hosta",
-                 xml="<domain/>", persistent_xml="<domain/>", timeout_s=0.5, auto_failover=True)
+                 xml="<domain/>", persistent_xml="<domain/>", timeout_s=0.5, auto_failover=True,
+                 generation=0 if verdicts is None else 4)
     sb.engine = FakeEngine()  # type: ignore[assignment]
     sb.machine.move(FTState.STANDBY)
     return sb, events
@@ -157,6 +174,83 @@ def test_a_taken_over_standby_is_never_promised_away(tmp_path: Path) -> None:
     assert sb.engine is not None and sb.engine.failovers == 1  # type: ignore[attr-defined]
     assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is not None
     assert events == ["define", "taken_over"] and sb.stats.role == "primary"
+
+
+def test_a_standby_on_the_old_primary_host_is_destroyed_though_the_domain_is_defined_there(
+    tmp_path: Path,
+) -> None:
+    """Re-protected after a failover, the standby runs on the host that still has the domain's
+    definition: dropping it must destroy its QEMU all the same (the definition stays)."""
+    sb, events = make_standby(tmp_path, persistent=True)
+    assert sb.abandon("the primary runs on") == {"abandoned": True}
+    assert sb.gone.wait(5)
+    assert events.count("destroy") == 1
+
+
+def test_a_takeover_makes_the_ceded_record_of_an_earlier_failover_stale(tmp_path: Path) -> None:
+    sb, _events = make_standby(tmp_path, persistent=True)
+    records.write(tmp_path, records.CEDED, sb.uuid, peer="hosta", reason="an earlier failover")
+    assert sb.take_over("primary declared dead")["taken_over"] is True
+    assert records.read(tmp_path, records.CEDED, sb.uuid) is None  # this host holds the VM now
+    assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is not None
+
+
+def fake_manager(tmp_path: Path, *, active: bool, xml: str) -> tuple[Any, list[str]]:
+    events: list[str] = []
+    dom = SimpleNamespace(isActive=lambda: active, XMLDesc=lambda flags: xml,
+                          destroy=lambda: events.append("destroy"))
+    return SimpleNamespace(libvirt=SimpleNamespace(conn=SimpleNamespace(lookupByUUIDString=lambda u: dom)),
+                           state_dir=tmp_path), events
+
+
+def test_a_new_standby_is_refused_where_the_vm_runs_and_replaces_an_orphaned_one(tmp_path: Path) -> None:
+    uuid = "0f1e2d3c-0000-4000-8000-000000000003"
+    plain = domain_xml("vm", kernel="/boot/vmlinuz")
+    running, events = fake_manager(tmp_path, active=True, xml=plain)
+    with pytest.raises(StateError, match="runs on this host"):
+        StandbyManager._clear_stale_copy(running, "vm", uuid, "hostb")
+    # a VM that failed over here keeps -incoming in its live XML: the takeover record tells it apart
+    taken, events2 = fake_manager(tmp_path, active=True, xml=standby_xml(plain))
+    records.write(tmp_path, records.TAKEOVERS, uuid, peer="hostb")
+    with pytest.raises(StateError, match="runs on this host"):
+        StandbyManager._clear_stale_copy(taken, "vm", uuid, "hostb")
+    records.remove(tmp_path, records.TAKEOVERS, uuid)
+    StandbyManager._clear_stale_copy(taken, "vm", uuid, "hostb")  # an orphaned standby: destroyed
+    inactive, events3 = fake_manager(tmp_path, active=False, xml=plain)
+    StandbyManager._clear_stale_copy(inactive, "vm", uuid, "hostb")  # only defined here: nothing to do
+    assert events == [] and events2 == ["destroy"] and events3 == []
+
+
+def _join_drops() -> None:
+    for t in threading.enumerate():
+        if t.name.startswith("cujud-drop"):
+            t.join(5)
+
+
+def test_a_standby_that_loses_the_witness_race_is_dropped_never_resumed(tmp_path: Path) -> None:
+    sb, events = make_standby(tmp_path, verdicts=["lost"])
+    assert sb.take_over("primary declared dead")["taken_over"] is False
+    _join_drops()
+    assert sb.engine is not None and sb.engine.failovers == 0  # type: ignore[attr-defined]
+    assert sb.abandoned and "destroy" in events
+    assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is None
+
+
+def test_no_answer_from_the_witness_never_resumes_on_silence_nor_promises(tmp_path: Path) -> None:
+    """The claim may have been applied: until an answer, no resume and no promise to the primary."""
+    sb, events = make_standby(tmp_path, verdicts=["unknown", "unknown", "won"])
+    assert sb.take_over("primary declared dead") == {"taken_over": False, "undecided": True}
+    assert sb.abandon("a fenced primary asks") == {"abandoned": False, "taken_over": False, "undecided": True}
+    assert sb.take_over("primary declared dead")["undecided"]
+    assert sb.engine is not None and sb.engine.failovers == 0  # type: ignore[attr-defined]
+    assert sb.take_over("primary declared dead") == {"taken_over": True, "epoch": 7}
+    assert events == ["claim", "claim", "claim", "define", "taken_over"]
+
+
+def test_the_primarys_word_resumes_without_the_witness_and_settles_later(tmp_path: Path) -> None:
+    sb, events = make_standby(tmp_path, verdicts=["unknown"])
+    assert sb.take_over("the primary's cujud reports its QEMU crashed", by_word=True)["taken_over"] is True
+    assert events == ["claim", "settle_later", "define", "taken_over"]
 
 
 def test_the_pairing_backoff_waits_what_the_log_says(monkeypatch: pytest.MonkeyPatch,
@@ -197,37 +291,6 @@ def test_the_pairing_backoff_waits_what_the_log_says(monkeypatch: pytest.MonkeyP
     assert said[:4] == pytest.approx([0.2, 0.4, 0.8, 0.8])
 
 
-def test_a_peer_that_connects_again_cuts_the_back_off_short(monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a peer outage the back-off may have reached 30 s; the peer's new connection is
-    news, and the next attempt follows it at once."""
-    monkeypatch.setattr(orchestrator, "BACKOFF_MIN", 5.0)
-    spec = parse_domain(domain_xml("vm", disk="/images/vm.img", metadata=[
-        '<cuju:ft xmlns:cuju="https://cuju-ft.github.io/libvirt/ft/1.0" peer="hostb"/>']))
-    assert spec is not None
-    orch: Any = SimpleNamespace(stopping=threading.Event())
-    p = orchestrator.PrimaryDomain(orch, "vm", "0f1e2d3c-0000-4000-8000-000000000004", spec, "hostb")
-    attempts: list[float] = []
-
-    def failing_pairing() -> None:
-        attempts.append(time.monotonic())
-        raise CujuError("peer hostb is not connected")
-
-    monkeypatch.setattr(p, "_pair_once", failing_pairing)
-    p.start()
-    deadline = time.monotonic() + 5
-    while not attempts and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)
-    p.retry_now()
-    while len(attempts) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    orch.stopping.set()
-    p.retry_now()
-    assert p._thread is not None
-    p._thread.join(5)
-    assert len(attempts) >= 2 and attempts[1] - attempts[0] < 1.0, attempts
-
-
 @pytest.mark.parametrize(("signal_line", "events", "cause"), [
     (None, [], "SIGKILL"),
     (None, [("STOPPED", "CRASHED")], "crash: the guest crashed"),
@@ -263,3 +326,12 @@ def test_the_end_of_a_qemu_is_logged_with_its_cause(
     how = p._classify_exit()
     assert cause in how, how
     assert how.startswith("crash" if signal_line is None else "deliberate")
+
+
+def test_an_ft_link_of_another_generation_is_refused(tmp_path: Path) -> None:
+    """The generation travels in the FT-link handshake: a link made for an older pairing
+    (a stale primary) never feeds this standby."""
+    sb, _ = make_standby(tmp_path, verdicts=[])
+    with pytest.raises(StateError, match=r"generation 3 .* paired at generation 4"):
+        sb._linked(None, 3)  # type: ignore[arg-type]
+    assert sb.link is None

@@ -72,3 +72,18 @@ def test_failover_and_progress_are_recorded() -> None:
     snap = stats.snapshot()
     assert snap.failovers_total == 1 and snap.last_failover_duration_s == 0.25
     assert snap.last_failover_timestamp is not None and snap.state == "primary-after-failover"
+
+
+def test_disk_sync_progress_is_kept_per_disk_in_report_order() -> None:
+    stats = DomainStats("vm", "u", "primary")
+    assert stats.snapshot().disk_sync == ()
+    stats.set_disk_sync("vda", 0, 4096)
+    stats.set_disk_sync("sdb", 10, 10)
+    stats.set_disk_sync("vda", 1024, 4096)
+    snap = stats.snapshot()
+    assert [(d.target, d.synced_bytes, d.total_bytes) for d in snap.disk_sync] == [
+        ("vda", 1024, 4096), ("sdb", 10, 10)
+    ]
+    assert snap.disk_sync[0].ratio == 0.25 and not snap.disk_sync[0].done and snap.disk_sync[1].done
+    with pytest.raises(ValueError, match="disk vda"):
+        stats.set_disk_sync("vda", 5000, 4096)

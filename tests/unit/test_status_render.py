@@ -27,7 +27,8 @@ def test_table_has_one_row_per_domain_with_rate_lag_and_failover() -> None:
             domain(domain="db", uuid="u-2", state="degraded", protected=False, epochs_per_s=None, lag_s=None,
                    failovers=2, last_failover_timestamp=NOW - 90, last_failover_duration_s=0.4),
         ],
-        "peers": [{"node": "hostb", "connected": True, "rtt_last_ms": 0.21, "last_seen_s_ago": 0.1},
+        "peers": [{"node": "hostb", "connected": True, "rtt_last_ms": 0.21, "last_seen_s_ago": 0.1,
+                   "security": "TLS (TLSv1.3, certificates)"},
                   {"node": "hostc", "connected": False, "last_error": "connection refused"}],
     }
     lines = render(status, NOW).splitlines()
@@ -37,6 +38,7 @@ def test_table_has_one_row_per_domain_with_rate_lag_and_failover() -> None:
     assert web[:6] == ["web", "primary", "hostb", "protected", "41.7", "12.3"] and "never" in web
     assert "degraded (UNPROTECTED)" in db and "90.0 s ago, took 400.0 ms (2 total)" in db
     assert "peer hostb: connected, heartbeat rtt 0.21 ms" in lines[-2]
+    assert lines[-2].endswith("s ago, TLS (TLSv1.3, certificates)")
     assert lines[-1] == "peer hostc: NOT CONNECTED (connection refused)"
 
 
@@ -48,3 +50,14 @@ def test_initial_sync_progress_bar() -> None:
 
 def test_no_domains_says_so() -> None:
     assert "no protected domains on this host" in render({"node": "a", "domains": []}, NOW)
+
+
+def test_disks_still_syncing_get_a_line_each() -> None:
+    disks = [
+        {"target": "vda", "synced_bytes": 512 * 2**20, "total_bytes": 2 * 2**30},
+        {"target": "sdb", "synced_bytes": 2**20, "total_bytes": 2**20},  # in sync: no line
+    ]
+    text = render({"node": "a", "domains": [domain(disk_sync=disks)]}, NOW)
+    lines = [line for line in text.splitlines() if " disk " in line]
+    assert lines == ["  web disk vda: syncing [#####...............]  25% (512.0 MiB of 2.0 GiB)"]
+    assert " disk " not in render({"node": "a", "domains": [domain()]}, NOW)

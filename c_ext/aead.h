@@ -1,0 +1,66 @@
+/* The FT link's record layer: every byte of a connection, when keys are set,
+ * travels in AES-256-GCM records (OpenSSL libcrypto). Plain C, no Python.
+ *
+ * Record (either direction), on the wire:
+ *     u32 n          LITTLE-ENDIAN plaintext length, 1 .. CUJU_AEAD_MAX_RECORD
+ *     n bytes        ciphertext
+ *     16 bytes       GCM tag over the ciphertext, with the 4 length bytes as
+ *                    additional authenticated data
+ * Nonce of record i (counting from 0 in each direction of one connection):
+ * the direction's 12-byte IV with i XORed, big-endian, into its last 8 bytes.
+ * Sequence numbers are implicit: a record that was dropped, replayed,
+ * reordered, truncated, injected or changed in any bit fails its tag, and the
+ * connection ends with CUJU_E_AUTH; nothing of it reaches the frame layer
+ * (wire.h), so such an epoch is never committed or applied.
+ *
+ * Keys: each direction has its own 32-byte key and 12-byte IV, derived by the
+ * caller (cuju_libvirt.ft_engine.linkkeys) from a secret that is fresh for
+ * every connection, so a (key, nonce) pair is never used twice, across
+ * reconnects included. Without keys the layer is the identity (plaintext).
+ *
+ * Threads: sends of one link may come from several threads (records are
+ * encrypted and written under the direction's lock, so seq order is wire
+ * order); receives come from one thread at a time.
+ */
+#ifndef CUJU_AEAD_H
+#define CUJU_AEAD_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define CUJU_AEAD_KEY_LEN 32
+#define CUJU_AEAD_IV_LEN 12
+#define CUJU_AEAD_TAG_LEN 16
+#define CUJU_AEAD_HDR_LEN 4
+/* 256 KiB of plaintext per record: 20 bytes of overhead per 64 pages. */
+#define CUJU_AEAD_MAX_RECORD (256u * 1024u)
+/* tx key, tx iv, rx key, rx iv: what cuju_link_set_keys takes. */
+#define CUJU_LINK_KEYS_LEN (2 * (CUJU_AEAD_KEY_LEN + CUJU_AEAD_IV_LEN))
+
+struct cuju_aead;   /* one direction's cipher state and record buffer */
+
+/* A connection: its socket and, once keys are set, both directions' state. */
+struct cuju_link {
+    int fd;                 /* immutable after setup */
+    struct cuju_aead *tx;   /* NULL: cleartext; immutable after setup */
+    struct cuju_aead *rx;   /* idem */
+};
+
+/* Set both directions' keys (CUJU_LINK_KEYS_LEN bytes: tx key, tx iv, rx key,
+ * rx iv) before the first byte is sent or received. CUJU_E_NOMEM, or
+ * CUJU_E_ARG when keys are already set. */
+int cuju_link_set_keys(struct cuju_link *l, const uint8_t *keys);
+/* Free the cipher states (the fd is the owner's). */
+void cuju_link_clear(struct cuju_link *l);
+int cuju_link_encrypted(const struct cuju_link *l);
+
+/* Exact send / receive through the record layer (or straight to the socket
+ * without keys); the same codes and timeout rules as cuju_send_all and
+ * cuju_recv_all, plus CUJU_E_AUTH and CUJU_E_FRAME for bad records. */
+int cuju_link_send(struct cuju_link *l, const void *buf, size_t len, int io_timeout_ms, int *err_errno);
+int cuju_link_recv(struct cuju_link *l, void *buf, size_t len, int io_timeout_ms, int *err_errno);
+/* An ERROR frame (wire.h), best effort. */
+void cuju_link_send_error(struct cuju_link *l, int code, const char *msg);
+
+#endif

@@ -1,0 +1,372 @@
+/* Brute-force test of the epoch disk journal (diskjournal.h), no Python.
+ *
+ *   test_diskjournal SCRATCH_DIR [ROUNDS]
+ *
+ * 1. Model check: random writes, write-zeroes and trims (any offset, any
+ *    length, some across the disk's odd-sized end) go to an image file, the
+ *    journal and a model disk in memory, as the block server does. At random
+ *    epoch boundaries the journal is sealed; the sealed records (or, when the
+ *    buffer overflowed, records built from its bitmap and the image) are
+ *    checked and applied to a replica file, which must then equal the model
+ *    byte for byte. Two disks share each section. Every section is applied a
+ *    second time (journal replay) and must change nothing.
+ * 2. Seal race: a writer thread appends numbered records while the main
+ *    thread seals at random (no pause at all); the sealed buffers, in seal
+ *    order, must hold every record exactly once, in order.
+ * 3. Hostile sections: truncations and flipped fields are refused.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "diskjournal.h"
+#include "wire.h"
+
+#define CHECK(cond, ...)                                                        \
+    do {                                                                        \
+        if (!(cond)) {                                                          \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                \
+            fprintf(stderr, __VA_ARGS__);                                       \
+            fprintf(stderr, "\n");                                              \
+            exit(1);                                                            \
+        }                                                                       \
+    } while (0)
+
+static uint64_t rng_state = 88172645463325252ull;
+static uint64_t rnd(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+
+struct disk {
+    uint64_t size;
+    uint8_t *model;
+    int image, replica;
+    struct cuju_dj *dj;
+    uint64_t ops;
+};
+
+static void pwrite_full(int fd, const void *b, size_t n, uint64_t off)
+{
+    CHECK(pwrite(fd, b, n, (off_t)off) == (ssize_t)n, "pwrite: %s", strerror(errno));
+}
+
+/* One server operation: image first, then the journal (as cujudisk.c). */
+static void server_op(struct disk *d, uint8_t *scratch)
+{
+    uint64_t kind = rnd() % 10;
+    uint64_t len = 1 + rnd() % (kind < 7 ? 20000 : 300000);
+    if (rnd() % 4 == 0)
+        len = (len + 511) & ~UINT64_C(511);
+    if (len > d->size)
+        len = d->size;
+    uint64_t off = rnd() % (d->size - len + 1);
+    if (rnd() % 8 == 0)
+        off = d->size - len;    /* the odd-sized end */
+    if (kind < 7) {
+        for (uint64_t i = 0; i < len; i++)
+            scratch[i] = (uint8_t)(rnd() | 1);
+        pwrite_full(d->image, scratch, len, off);
+        cuju_dj_record_write(d->dj, off, len, scratch);
+        memcpy(d->model + off, scratch, len);
+    } else if (kind < 9) {
+        /* tmpfs has no ZERO_RANGE: write zeros, as the server falls back to */
+        if (fallocate(d->image, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) != 0) {
+            memset(scratch, 0, len);
+            pwrite_full(d->image, scratch, len, off);
+        }
+        cuju_dj_record_zero(d->dj, off, len, 0);
+        memset(d->model + off, 0, len);
+    } else {
+        CHECK(fallocate(d->image, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0,
+              "punch: %s", strerror(errno));
+        cuju_dj_record_zero(d->dj, off, len, 1);
+        memset(d->model + off, 0, len);
+    }
+    d->ops++;
+}
+
+static void compare(struct disk *d, int which, uint64_t epoch)
+{
+    uint8_t *got = malloc(d->size);
+    CHECK(got != NULL, "malloc");
+    CHECK(pread(d->replica, got, d->size, 0) == (ssize_t)d->size, "pread replica");
+    if (memcmp(got, d->model, d->size) == 0) {
+        free(got);
+        return;
+    }
+    for (uint64_t i = 0; i < d->size; i++)
+        CHECK(got[i] == d->model[i], "disk %d epoch %llu: replica differs from the model at byte %llu "
+              "(%02x vs %02x)", which, (unsigned long long)epoch, (unsigned long long)i, got[i], d->model[i]);
+    free(got);
+}
+
+/* Append disk `which`'s part for the sealed buffer to section at *len. */
+static void add_part(struct disk *d, unsigned which, int idx, uint8_t *section, uint64_t cap, uint64_t *len,
+                     uint64_t *overflowed)
+{
+    uint8_t *p = section + *len;
+    uint64_t n = 0;
+    if (d->dj->h->buf[idx].overflow) {
+        uint64_t cursor = 0;
+        int eno = 0;
+        (*overflowed)++;
+        CHECK(cuju_dj_build_from_bitmap(cuju_dj_bitmap(d->dj, idx), cuju_dj_nblocks(d->dj), d->dj->h->block_size,
+                                        d->size, d->image, &cursor, p + CUJU_DJ_PART_LEN,
+                                        cap - *len - CUJU_DJ_PART_LEN, &n, &eno) == CUJU_OK,
+              "build from bitmap: %s", strerror(eno));
+        CHECK(cursor == cuju_dj_nblocks(d->dj), "section buffer too small for the bitmap");
+    } else {
+        n = d->dj->h->buf[idx].used;
+        CHECK(*len + CUJU_DJ_PART_LEN + n <= cap, "section buffer too small");
+        memcpy(p + CUJU_DJ_PART_LEN, cuju_dj_records(d->dj, idx), n);
+    }
+    cuju_put_le32(p, which);
+    cuju_put_le32(p + 4, 0);
+    cuju_put_le64(p + 8, n);
+    *len += CUJU_DJ_PART_LEN + n;
+}
+
+static void model_check(const char *dir, int rounds)
+{
+    char path[512];
+    struct disk d[2];
+    const uint64_t sizes[2] = {(UINT64_C(3) << 20) + 512 * 7, UINT64_C(1) << 20};
+    uint8_t *scratch = malloc(300000);
+    uint64_t cap = UINT64_C(64) << 20;
+    uint8_t *section = aligned_alloc(8, cap);
+    CHECK(scratch && section, "malloc");
+    for (int i = 0; i < 2; i++) {
+        char msg[256];
+        d[i].size = sizes[i];
+        d[i].model = calloc(1, sizes[i]);
+        d[i].ops = 0;
+        snprintf(path, sizeof(path), "%s/image%d", dir, i);
+        d[i].image = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+        snprintf(path, sizeof(path), "%s/replica%d", dir, i);
+        d[i].replica = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+        CHECK(d[i].model && d[i].image >= 0 && d[i].replica >= 0, "open");
+        CHECK(ftruncate(d[i].image, (off_t)sizes[i]) == 0 && ftruncate(d[i].replica, (off_t)sizes[i]) == 0,
+              "truncate");
+        snprintf(path, sizeof(path), "%s/journal%d", dir, i);
+        /* Disk 1 gets a tiny journal: it overflows often and takes the
+         * bitmap path. */
+        CHECK(cuju_dj_create(path, sizes[i], i ? 256 << 10 : 0, i ? 4096 : 0, &d[i].dj, msg, sizeof(msg)) == 0,
+              "create: %s", msg);
+    }
+    uint64_t overflowed = 0, records = 0;
+    for (int e = 1; e <= rounds; e++) {
+        int nops = (int)(rnd() % (e % 7 ? 30 : 200));
+        for (int k = 0; k < nops; k++)
+            server_op(&d[rnd() % 2], scratch);
+        /* A restarted server keeps the journal (same geometry). */
+        if (rnd() % 50 == 0) {
+            char msg[256];
+            uint64_t gen = d[0].dj->h->generation;
+            cuju_dj_close(d[0].dj);
+            snprintf(path, sizeof(path), "%s/journal0", dir);
+            CHECK(cuju_dj_create(path, sizes[0], 0, 0, &d[0].dj, msg, sizeof(msg)) == 0, "reopen: %s", msg);
+            CHECK(d[0].dj->h->generation == gen + 1, "generation after reopen");
+        }
+        uint64_t len = 0;
+        int idx[2];
+        for (unsigned i = 0; i < 2; i++) {
+            idx[i] = cuju_dj_seal(d[i].dj, (uint64_t)e);
+            CHECK(idx[i] >= 0, "seal %d", e);
+            add_part(&d[i], i, idx[i], section, cap, &len, &overflowed);
+        }
+        char msg[256];
+        CHECK(cuju_dj_check_section(section, len, 2, sizes, msg, sizeof(msg)) == CUJU_OK, "check: %s", msg);
+        int fds[2] = {d[0].replica, d[1].replica}, eno = 0;
+        uint64_t nrec = 0;
+        for (int twice = 0; twice < 2; twice++) {
+            CHECK(cuju_dj_apply_section(section, len, fds, 0, &nrec, &eno) == CUJU_OK, "apply: %s", strerror(eno));
+            for (int i = 0; i < 2; i++)
+                compare(&d[i], i, (uint64_t)e);
+        }
+        records += nrec;
+        /* The epoch is acknowledged: its buffers may be reused. */
+        for (int i = 0; i < 2; i++) {
+            CHECK(cuju_dj_reset(d[i].dj, idx[i]) == CUJU_OK, "reset");
+            CHECK(cuju_dj_reset(d[i].dj, idx[i] ^ 1) == CUJU_E_ARG, "reset of the active buffer must fail");
+        }
+        /* Sealing into a buffer that was not reset is refused. */
+        if (e == 1) {
+            int a = cuju_dj_seal(d[0].dj, 1000);
+            CHECK(a >= 0, "seal");
+            CHECK(cuju_dj_seal(d[0].dj, 1001) == -1, "a second seal without reset must be refused");
+            CHECK(d[0].dj->h->buf[a].used == 0, "nothing written between");
+            CHECK(cuju_dj_reset(d[0].dj, a) == CUJU_OK, "reset");
+        }
+    }
+    CHECK(overflowed > 0, "the overflow path was never taken");
+    printf("model: %d epochs, %llu + %llu ops, %llu records, %llu overflowed epochs: replica == model\n", rounds,
+           (unsigned long long)d[0].ops, (unsigned long long)d[1].ops, (unsigned long long)records,
+           (unsigned long long)overflowed);
+
+    /* Sparse-aware initial sync: a fresh replica from the allocated map. */
+    uint8_t *bm = calloc(1, d[0].dj->h->bitmap_bytes);
+    uint64_t nset = 0, cursor = 0, n = 0;
+    int eno = 0;
+    CHECK(cuju_dj_mark_allocated(d[0].image, d[0].size, d[0].dj->h->block_size, bm, &nset, &eno) == CUJU_OK,
+          "mark allocated");
+    snprintf(path, sizeof(path), "%s/fresh", dir);
+    int fresh = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    CHECK(fresh >= 0 && ftruncate(fresh, (off_t)d[0].size) == 0, "fresh replica");
+    int fds[1] = {fresh};
+    uint64_t chunks = 0;
+    while (cursor < cuju_dj_nblocks(d[0].dj)) {
+        /* Small chunks, as the running sync sends them. */
+        CHECK(cuju_dj_build_from_bitmap(bm, cuju_dj_nblocks(d[0].dj), d[0].dj->h->block_size, d[0].size, d[0].image,
+                                        &cursor, section + CUJU_DJ_PART_LEN, 200000, &n, &eno) == CUJU_OK,
+              "build");
+        cuju_put_le32(section, 0);
+        cuju_put_le32(section + 4, 0);
+        cuju_put_le64(section + 8, n);
+        char msg[256];
+        CHECK(cuju_dj_check_section(section, CUJU_DJ_PART_LEN + n, 1, sizes, msg, sizeof(msg)) == CUJU_OK,
+              "check: %s", msg);
+        uint64_t nrec;
+        CHECK(cuju_dj_apply_section(section, CUJU_DJ_PART_LEN + n, fds, 0, &nrec, &eno) == CUJU_OK, "apply");
+        chunks++;
+    }
+    d[0].replica = fresh;
+    compare(&d[0], 0, 0);
+    printf("initial sync: %llu of %llu blocks allocated, %llu chunks: replica == model\n", (unsigned long long)nset,
+           (unsigned long long)cuju_dj_nblocks(d[0].dj), (unsigned long long)chunks);
+    free(bm);
+    close(fresh);
+    for (int i = 0; i < 2; i++) {
+        cuju_dj_close(d[i].dj);
+        close(d[i].image);
+        free(d[i].model);
+    }
+    free(scratch);
+    free(section);
+}
+
+/* ---- seal race ---- */
+
+struct race {
+    struct cuju_dj *dj;
+    uint64_t n;
+    volatile int done;
+};
+
+static void *writer(void *arg)
+{
+    struct race *r = arg;
+    for (uint64_t i = 0; i < r->n; i++) {
+        uint64_t v = i;
+        /* offset = sequence number * 8: the record names itself */
+        cuju_dj_record_write(r->dj, (i * 8) % (r->dj->h->disk_size - 8), 8, &v);
+    }
+    r->done = 1;
+    return NULL;
+}
+
+static void seal_race(const char *dir)
+{
+    char path[512], msg[256];
+    struct race r = {.n = 2000000};
+    snprintf(path, sizeof(path), "%s/race", dir);
+    CHECK(cuju_dj_create(path, UINT64_C(1) << 30, UINT64_C(64) << 20, 0, &r.dj, msg, sizeof(msg)) == 0, "%s", msg);
+    pthread_t t;
+    pthread_create(&t, NULL, writer, &r);
+    uint64_t next = 0, seals = 0;
+    for (;;) {
+        int done = r.done;
+        int idx = cuju_dj_seal(r.dj, seals + 1);
+        CHECK(idx >= 0, "seal");
+        seals++;
+        const uint8_t *p = cuju_dj_records(r.dj, idx);
+        uint64_t used = r.dj->h->buf[idx].used;
+        CHECK(!r.dj->h->buf[idx].overflow, "race buffer overflowed");
+        for (uint64_t at = 0; at < used; at += cuju_dj_write_len(8)) {
+            uint64_t v;
+            memcpy(&v, p + at + CUJU_DJ_REC_LEN, 8);
+            CHECK(v == next, "seal race: record %llu where %llu was due (lost or duplicated)",
+                  (unsigned long long)v, (unsigned long long)next);
+            next++;
+        }
+        CHECK(cuju_dj_reset(r.dj, idx) == CUJU_OK, "reset");
+        if (done)
+            break;
+        if (rnd() % 4 == 0)
+            usleep((useconds_t)(rnd() % 50));
+    }
+    pthread_join(t, NULL);
+    int idx = cuju_dj_seal(r.dj, seals + 1);
+    CHECK(idx >= 0 && r.dj->h->buf[idx].used == 0, "records after the writer ended");
+    CHECK(next == r.n, "seal race: %llu of %llu records seen", (unsigned long long)next, (unsigned long long)r.n);
+    printf("seal race: %llu records over %llu seals, none lost or duplicated\n", (unsigned long long)next,
+           (unsigned long long)seals);
+    cuju_dj_close(r.dj);
+}
+
+/* ---- hostile sections ---- */
+
+static void hostile(void)
+{
+    const uint64_t sizes[1] = {1 << 20};
+    uint8_t s[128] = {0};
+    char msg[256];
+    /* a valid part: WRITE 8 bytes at 0 */
+    cuju_put_le32(s, 0);
+    cuju_put_le64(s + 8, CUJU_DJ_REC_LEN + 8);
+    cuju_put_le32(s + 16, CUJU_DJ_WRITE);
+    cuju_put_le64(s + 24, 0);
+    cuju_put_le64(s + 32, 8);
+    uint64_t len = CUJU_DJ_PART_LEN + CUJU_DJ_REC_LEN + 8;
+    CHECK(cuju_dj_check_section(s, len, 1, sizes, msg, sizeof(msg)) == CUJU_OK, "valid: %s", msg);
+    for (uint64_t cut = 8; cut < len; cut += 8)
+        CHECK(cuju_dj_check_section(s, cut, 1, sizes, msg, sizeof(msg)) != CUJU_OK, "truncated at %llu accepted",
+              (unsigned long long)cut);
+    uint8_t t[128];
+    struct { size_t at; uint64_t v; int w; } bad[] = {
+        {0, 1, 4},                      /* disk 1 of 1 */
+        {4, 1, 4},                      /* part flags */
+        {8, 4, 8},                      /* part length not a multiple of 8 */
+        {8, 1000, 8},                   /* part longer than the section */
+        {16, 9, 4},                     /* unknown kind */
+        {20, 1, 4},                     /* record flags */
+        {24, (1 << 20) - 4, 8},         /* runs past the disk end */
+        {24, UINT64_MAX - 3, 8},        /* offset overflow */
+        {32, 0, 8},                     /* empty record */
+        {32, 16, 8},                    /* data runs past the part */
+        {32, UINT64_MAX, 8},            /* huge length */
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        memcpy(t, s, sizeof(t));
+        if (bad[i].w == 4)
+            cuju_put_le32(t + bad[i].at, (uint32_t)bad[i].v);
+        else
+            cuju_put_le64(t + bad[i].at, bad[i].v);
+        CHECK(cuju_dj_check_section(t, len, 1, sizes, msg, sizeof(msg)) != CUJU_OK, "hostile case %zu accepted",
+              i);
+    }
+    CHECK(cuju_dj_check_section(s, len, 0, sizes, msg, sizeof(msg)) == CUJU_E_INDEX, "no disks configured");
+    printf("hostile sections: %zu cases refused\n", sizeof(bad) / sizeof(bad[0]) + 2);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s SCRATCH_DIR [ROUNDS]\n", argv[0]);
+        return 2;
+    }
+    int rounds = argc > 2 ? atoi(argv[2]) : 400;
+    model_check(argv[1], rounds);
+    seal_race(argv[1]);
+    hostile();
+    printf("ok\n");
+    return 0;
+}
