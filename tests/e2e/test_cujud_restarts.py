@@ -197,8 +197,10 @@ def test_a_restarted_cujud_cedes_a_copy_the_backup_took_over_after_its_sigkill(
         wait(lambda: not _alive(stale), 30, "the restarted cujud destroys the taken-over copy")
         assert records.read(state_dir(rig.a), records.CEDED, uuid) is not None
         # host a shows the VM at most as host b's backup now (b re-protects it), never as primary
-        entry = ca.domain(name)
-        assert entry is None or entry["role"] == "backup", entry
+        def not_primary_here() -> bool:
+            entry = ca.domain(name)
+            return entry is None or entry["role"] == "backup"
+        wait(not_primary_here, 15, "host a's status stops showing the VM as its primary")
         assert cb.domain(name)["role"] == "primary"  # type: ignore[index]
         assert rig.a.virsh("domstate", name, check=False).strip() != "running"
         rec = still_counting(observer, time.monotonic(), PPS)
