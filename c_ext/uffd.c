@@ -87,7 +87,8 @@ record_removed(struct uffd_tracker *t, uint64_t from, uint64_t to)
              * as writable until it is protected again. */
             t->unprot_bm[p / 64] |= bit;
             t->report_bm[p / 64] |= bit;
-            t->age[p] = 0;
+            if (t->age[p] != UINT8_MAX) /* a queued page stays queued exactly once */
+                t->age[p] = 0;
             touch_summary(t, p);
         }
     }
@@ -665,7 +666,7 @@ harvest_word(struct uffd_tracker *t, uint64_t w, struct sync_pass *sp)
         sp->hot++;
         if (p >= npages || t->age[p] == UINT8_MAX) /* already queued */
             continue;
-        if (++t->age[p] >= t->hold[p]) {
+        if (++t->age[p] >= t->hold[p] && t->cool_len < npages) {
             t->age[p] = UINT8_MAX;
             t->cool_queue[t->cool_len++] = p;
             sp->queued++;

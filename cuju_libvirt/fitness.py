@@ -526,7 +526,8 @@ def _rule_disks(ctx: _Context) -> None:
             "disk", _disk_name(disk),
             "disk writes are not epoch-protected yet: after a failover the disk may hold writes "
             "of the lost epoch, and the standby on the peer opens the same source",
-            f"{_PREPARE} (serves it through the replicating block server; the backup keeps a copy)",
+            f"{_PREPARE} --serve-disks (serves it through the replicating block server, for the "
+            "backup to keep a copy; cujud does not replicate it yet: docs/failover.md)",
             preparable=True,
         )
     for target, record in records.items():
@@ -536,6 +537,23 @@ def _rule_disks(ctx: _Context) -> None:
                 f"records a disk ({record.source}) that the domain no longer has",
                 f"remove <cuju:disk target='{target}'> from <cuju:ft>",
             )
+
+
+def _rule_disk_replication(ctx: _Context) -> None:
+    # The data path's pieces are in place (block server, journal, disk section of the epoch
+    # stream) but cujud does not drive them for a protected domain yet: say so, once, until
+    # it does. Remove this rule (and its test) when cujud ships the journals and the backup
+    # serves the replicas on the same sockets.
+    prepared = [target_of(d) for d in ctx.devices("disk") if is_nbd_export(d)]
+    if prepared:
+        ctx.warn(
+            "disk-replication", f"<disk> {', '.join(str(t) for t in prepared)}",
+            "these disks are served by the journaling block server, but cujud does not yet ship "
+            "their journals to the backup, and the backup host serves no replica on their "
+            "sockets: a standby of this domain cannot open them",
+            "keep such a domain unprotected until cujud's disk replication is in place "
+            "(docs/failover.md, \"Disks\")",
+        )
 
 
 def _check_prepared(ctx: _Context, disk: etree._Element, record: FTDisk | None, uuid: str | None) -> None:
@@ -597,6 +615,7 @@ RULES: tuple[Callable[[_Context], None], ...] = (
     _rule_balloon,
     _rule_qmp_socket,
     _rule_disks,
+    _rule_disk_replication,
     _rule_nvram,
     _rule_element,
 )
@@ -816,8 +835,9 @@ def _prepare_uuid(root: etree._Element, changes: list[str]) -> str:
     return uuid
 
 
-def _prepare_disks(root: etree._Element, changes: list[str]) -> None:
-    """Serve every servable writable disk over NBD and record its original in ``<cuju:ft>``.
+def _prepare_disks(root: etree._Element, changes: list[str], serve: bool) -> None:
+    """Serve every servable writable disk over NBD and record its original in ``<cuju:ft>``
+    (only with ``serve``); disks prepared before are kept right (socket, error policies).
 
     Needs the element (the records live in it): without one, disks are left alone.
     """
@@ -831,7 +851,7 @@ def _prepare_disks(root: etree._Element, changes: list[str]) -> None:
         d for d in root.iterfind("devices/disk") if d.get("type") not in ("vhostuser", "nvme", "vhostvdpa")
     ]
     pending = [d for d in disks if is_writable(d) and (
-        (not is_nbd_export(d) and target_of(d) not in targets and unservable(d) is None)
+        (serve and not is_nbd_export(d) and target_of(d) not in targets and unservable(d) is None)
         or (is_nbd_export(d) and target_of(d) in targets)
     )]
     if not pending:
@@ -866,27 +886,32 @@ def _prepare_disks(root: etree._Element, changes: list[str]) -> None:
         set_ft_in(root, spec.replace(disks=tuple(records)))
 
 
-def prepare_in(root: etree._Element) -> list[str]:
-    """Make the safe changes in a parsed ``<domain>`` tree; returns what was changed."""
+def prepare_in(root: etree._Element, *, disks: bool = False) -> list[str]:
+    """Make the safe changes in a parsed ``<domain>`` tree; returns what was changed.
+
+    ``disks``: also serve the writable disks through the replicating block server (opt-in
+    while cujud does not replicate them yet: a standby could not open them).
+    """
     changes: list[str] = []
     _prepare_memory(root, changes)
     _prepare_nics(root, changes)
     _prepare_qmp(root, changes)
-    _prepare_disks(root, changes)
+    _prepare_disks(root, changes, serve=disks)
     for change in changes:
         LOG.debug("prepare %s: %s", (root.findtext("name") or "?").strip(), change)
     return changes
 
 
-def prepare(xml: AnyStr, spec: FTSpec | None = None) -> PrepareResult[AnyStr]:
+def prepare(xml: AnyStr, spec: FTSpec | None = None, *, disks: bool = False) -> PrepareResult[AnyStr]:
     """The domain XML with the safe changes made, what changed, and the problems left.
 
     Safe changes: guest RAM file-backed and shared (other ``<memoryBacking>`` children are
     kept), ``<driver name='qemu'/>`` on virtio NICs (other driver attributes are kept), and
-    the direct QMP socket in ``<qemu:commandline>``. Devices that cannot be protected are
-    left alone and reported in ``problems``.
+    the direct QMP socket in ``<qemu:commandline>``; with ``disks``, every writable disk
+    that can be served rewritten to its NBD export (the original recorded in the element).
+    Devices that cannot be protected are left alone and reported in ``problems``.
     """
     doc = load_domain(xml)
-    changes = prepare_in(doc.root)
+    changes = prepare_in(doc.root, disks=disks)
     problems = check_fitness_in(doc.root, spec)
     return PrepareResult(xml=doc.dump(), changes=changes, problems=problems)  # type: ignore[arg-type]

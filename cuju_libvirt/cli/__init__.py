@@ -25,7 +25,7 @@ from cuju_libvirt.errors import CujuError
 LOG = logging.getLogger(__name__)
 
 #: Modules under cuju_libvirt.cli that contribute sub-commands, in --help order.
-COMMAND_MODULES = ("xml_cmd", "domain_cmd", "config_cmd", "tracker_cmd", "status_cmd", "ft_cmd")
+COMMAND_MODULES = ("xml_cmd", "domain_cmd", "config_cmd", "tracker_cmd", "status_cmd", "ft_cmd", "doctor_cmd")
 
 EXIT_OK = 0
 EXIT_REFUSED = 1

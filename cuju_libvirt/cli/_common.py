@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
 from functools import wraps
 
 from cuju_libvirt.cli import EXIT_REFUSED, EXIT_UNREADABLE, CLIError
+from cuju_libvirt.disk_xml import FTDisk
 from cuju_libvirt.domain_xml import ATTRIBUTE_BY_NAME, ATTRIBUTES, FTSpec
 from cuju_libvirt.errors import DomainUnfitError, FTElementError, NotADomainXMLError
 from cuju_libvirt.fitness import Problem
@@ -59,6 +61,48 @@ def spec_from_args(args: argparse.Namespace, existing: FTSpec | None) -> FTSpec:
     return FTSpec.from_attributes(merged).replace(disks=existing.disks if existing is not None else ())
 
 
+def add_disk_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--serve-disks", action="store_true",
+        help="with --prepare: also rewrite every writable disk that can be served to the "
+        "replicating block server's NBD export, recording the original in <cuju:ft> (cujud "
+        "does not replicate such disks yet: a standby cannot open them; docs/failover.md)",
+    )
+    parser.add_argument(
+        "--disk-replica", action="append", default=[], metavar="DEV=PATH",
+        help="where the backup keeps the copy of prepared disk DEV (an absolute path on the "
+        "backup host; 'DEV=' goes back to the default, disk_replica_dir/UUID/DEV.FORMAT of "
+        "cujud.yaml); repeatable",
+    )
+
+
+def apply_disk_options(spec: FTSpec, overrides: Sequence[str]) -> FTSpec:
+    """``spec`` with the ``--disk-replica DEV=PATH`` overrides applied to its disk records."""
+    wanted: dict[str, str | None] = {}
+    for text in overrides:
+        dev, sep, path = text.partition("=")
+        if not sep or not dev:
+            raise CLIError(f"--disk-replica {text!r}: write DEV=PATH (e.g. vda=/srv/replicas/web.qcow2)",
+                           EXIT_UNREADABLE)
+        wanted[dev] = path or None
+    missing = [dev for dev in wanted if spec.disk(dev) is None]
+    if missing:
+        prepared = ", ".join(d.target for d in spec.disks) or "none"
+        raise CLIError(
+            f"--disk-replica: disk {', '.join(missing)} is not prepared (no <cuju:disk> record; "
+            f"prepared: {prepared}); fix: add --prepare, or name a prepared disk", EXIT_REFUSED,
+        )
+    disks = tuple(
+        dataclasses.replace(d, replica=wanted[d.target]) if d.target in wanted else d for d in spec.disks
+    )
+    return spec.replace(disks=disks)
+
+
+def disk_dict(disk: FTDisk) -> dict[str, str | None]:
+    return {"target": disk.target, "source": disk.source, "source_type": disk.source_type,
+            "format": disk.format, "bus": disk.bus, "replica": disk.replica}
+
+
 def print_lines(lines: Sequence[object]) -> None:
     for line in lines:
         print(f"cuju-libvirt: {line}", file=sys.stderr)
@@ -71,7 +115,12 @@ def report_problems(problems: Sequence[Problem]) -> None:
 def show_spec(spec: FTSpec | None, as_json: bool, what: str) -> None:
     """Print the effective settings (defaults filled in) for people or as one JSON object."""
     if as_json:
-        print(json.dumps(spec.to_dict() if spec is not None else None, indent=None))
+        data: dict[str, object] | None = None
+        if spec is not None:
+            data = dict(spec.to_dict())
+            if spec.disks:
+                data["disks"] = [disk_dict(d) for d in spec.disks]
+        print(json.dumps(data, indent=None))
         return
     if spec is None:
         print(f"{what}: not protected (no <cuju:ft> element)")
@@ -83,6 +132,10 @@ def show_spec(spec: FTSpec | None, as_json: bool, what: str) -> None:
         note = "" if name in explicit else "  (default)"
         print(f"  {name:<{width}}  {value}{note}")
     print(f"  {'':<{width}}  cujud at {spec.peer_endpoint}, FT link to {spec.link_endpoint}")
+    for d in spec.disks:
+        replica = d.replica or "default (disk_replica_dir of the backup's cujud.yaml)"
+        print(f"  disk {d.target}: {d.format} {d.source_type} {d.source} on {d.bus}, "
+              f"served over NBD; replica {replica}")
 
 
 def handle_xml_errors(func: Handler) -> Handler:
@@ -103,7 +156,9 @@ def handle_xml_errors(func: Handler) -> Handler:
 
 __all__ = [
     "ATTRIBUTE_BY_NAME",
+    "add_disk_options",
     "add_ft_options",
+    "apply_disk_options",
     "handle_xml_errors",
     "print_lines",
     "report_problems",

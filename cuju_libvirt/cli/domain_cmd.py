@@ -19,7 +19,9 @@ import libvirt
 
 from cuju_libvirt.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREADABLE, CLIError
 from cuju_libvirt.cli._common import (
+    add_disk_options,
     add_ft_options,
+    apply_disk_options,
     handle_xml_errors,
     print_lines,
     report_problems,
@@ -155,7 +157,7 @@ def _existing_spec(xml: str, replacing: bool) -> FTSpec | None:
 
 
 def _prepare_and_define(
-    conn: Any, dom: Any, xml: str, spec: FTSpec, force: bool
+    conn: Any, dom: Any, xml: str, spec: FTSpec, *, force: bool, serve_disks: bool
 ) -> tuple[list[Problem], FTSpec]:
     """Redefine the domain with the safe changes; returns the problems of what libvirt kept
     and the element to set (with the records of the disks prepare rewrote).
@@ -179,7 +181,7 @@ def _prepare_and_define(
         return problems, spec
     doc = load_domain(_xml(dom, inactive=True))
     set_ft_in(doc.root, spec)
-    disk_changes = prepare_in(doc.root)
+    disk_changes = prepare_in(doc.root, disks=serve_disks)
     if disk_changes:
         element = find_ft(doc.root)
         assert element is not None
@@ -207,9 +209,13 @@ def cmd_enable(args: argparse.Namespace) -> int:
         if args.prepare:
             if not persistent:
                 raise CLIError(f"--prepare needs a persistent domain; '{dom.name()}' is transient")
-            problems, spec = _prepare_and_define(conn, dom, base, spec, args.force)
+            problems, spec = _prepare_and_define(
+                conn, dom, base, spec, force=args.force, serve_disks=args.serve_disks
+            )
         else:
             problems = check_fitness(base, spec)
+        if args.disk_replica:
+            spec = apply_disk_options(spec, args.disk_replica)
         report_problems(problems)
         if errors(problems) and not args.force:
             fixable = any(p.preparable for p in errors(problems))
@@ -335,6 +341,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     common(p)
     add_ft_options(p, peer_required=False)
     p.add_argument("--prepare", action="store_true", help="redefine the domain with the safe changes first")
+    add_disk_options(p)
     p.add_argument(
         "--force", action="store_true",
         help="set the element even if the domain cannot be protected (cujud will not protect it "

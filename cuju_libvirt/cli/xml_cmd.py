@@ -9,7 +9,9 @@ import sys
 from cuju_libvirt._xml import MAX_XML_BYTES
 from cuju_libvirt.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREADABLE, CLIError
 from cuju_libvirt.cli._common import (
+    add_disk_options,
     add_ft_options,
+    apply_disk_options,
     handle_xml_errors,
     print_lines,
     report_problems,
@@ -121,7 +123,11 @@ def cmd_enable(args: argparse.Namespace) -> int:
     spec = spec_from_args(args, current)
     set_ft_in(doc.root, spec)
     if args.prepare:
-        changes = prepare_in(doc.root)
+        changes = prepare_in(doc.root, disks=args.serve_disks)
+        if args.disk_replica:
+            element = find_ft(doc.root)
+            assert element is not None
+            set_ft_in(doc.root, apply_disk_options(spec_from_element(element), args.disk_replica))
         problems = check_fitness_in(doc.root)  # the element now also records the prepared disks
         print_lines([f"changed: {change}" for change in changes])
         report_problems(problems)
@@ -129,6 +135,9 @@ def cmd_enable(args: argparse.Namespace) -> int:
             print_lines(["not written: the domain cannot be protected; fix the errors above by hand"])
             return EXIT_REFUSED
     else:
+        if args.disk_replica:
+            spec = apply_disk_options(spec, args.disk_replica)
+            set_ft_in(doc.root, spec)
         problems = check_fitness_in(doc.root, spec)
         report_problems(problems)
         if errors(problems):
@@ -204,10 +213,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "  - <driver name='qemu'/> on virtio NICs (other driver attributes are kept)\n"
             "  - cujud's direct QMP socket in <qemu:commandline> (libvirt then reports the\n"
             "    domain as tainted: custom-argv)\n"
-            "  - every writable disk that can be served (file or block, raw or qcow2) is\n"
-            "    rewritten to the replicating block server's NBD export over a UNIX socket\n"
-            "    (/run/cuju-libvirt/nbd/UUID/DEV.sock, error_policy='stop'); the <disk> as it\n"
-            "    was is recorded in <cuju:ft> and 'disable' gives it back\n"
+            "  - with --serve-disks: every writable disk that can be served (file or block,\n"
+            "    raw or qcow2) is rewritten to the replicating block server's NBD export over a\n"
+            "    UNIX socket (/run/cuju-libvirt/nbd/UUID/DEV.sock, error_policy='stop'); the\n"
+            "    <disk> as it was is recorded in <cuju:ft> and 'disable' gives it back (opt-in:\n"
+            "    cujud does not replicate such disks yet, see docs/failover.md)\n"
             "If the domain still cannot be protected (a <hostdev>, vhost-user, ...), nothing is\n"
             "written and the exit status is 1."
         ),
@@ -223,6 +233,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("file", metavar="FILE", help=_FILE_HELP)
     add_ft_options(p, peer_required=False)
     p.add_argument("--prepare", action="store_true", help="also make the safe changes FT needs (see above)")
+    add_disk_options(p)
     p.set_defaults(handler=cmd_enable)
 
     p = sub.add_parser(

@@ -203,6 +203,8 @@ class PrimaryEngine:
         self.config = config
         #: The protected disks (their journals are sealed in every pause); the engine closes it.
         self._disks = disks
+        if disks is not None:
+            disks.set_progress(stats.set_disk_sync)  # `cuju-libvirt status` shows it per disk
         #: The primary's side of :class:`.linkkeys.LinkKeys`: the FT link runs encrypted.
         self._link_keys = link_keys
         self._on_stopped = on_stopped
@@ -312,8 +314,11 @@ class PrimaryEngine:
             size = os.fstat(fd).st_size
             if size != cfg.ram_size:
                 raise EngineError(f"RAM file {cfg.ram_path}: {size} bytes, not ram_size {cfg.ram_size}")
-            # Populated: the gather then takes no page fault per page (the pages exist already).
-            self._ram = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ)
+            # Not populated here: the initial sync reads every page through this mapping while
+            # the VM runs, so no gather inside a pause takes a page fault anyway; populating
+            # first delayed the HELLO past the backup's handshake timeout for multi-GiB guests
+            # (18 s for 4 GiB on the loaded development machine).
+            self._ram = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             os.close(fd)
         npages = cfg.ram_size // PAGE_SIZE

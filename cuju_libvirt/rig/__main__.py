@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="install FILE as /etc/libvirt/hooks/qemu.d/NAME in both hosts before libvirtd starts "
         "(repeatable)",
     )
+    up.add_argument("--hosts", type=int, default=2, metavar="N",
+                    help="number of libvirt hosts a, b, c, ... (2-8, default 2; from 3 on, the FT link "
+                         "is a bridge)")
     up.add_argument("--json", action="store_true", help="print the rig's state as JSON instead of text")
     up.set_defaults(handler=cmd_up)
 
@@ -148,7 +151,7 @@ def _describe(rig: Rig) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    rig = Rig(base=args.base, rig_id=args.rig_id, hooks=dict(args.hook), owned=False)
+    rig = Rig(base=args.base, rig_id=args.rig_id, hooks=dict(args.hook), owned=False, host_count=args.hosts)
     rig.up()
     if args.json:
         print(json.dumps(read_state(rig.root), indent=2))

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ from cuju_libvirt.rig.observer import Observer
 from cuju_libvirt.rig.pki import PKI
 
 __all__ = [
-    "HOOK_NAME", "Cujud", "cujud_pair", "protected_counter_xml", "protected_linux_xml", "write_hook_shim",
+    "HOOK_NAME", "Cujud", "cujud_cluster", "cujud_pair", "protected_counter_xml", "protected_linux_xml",
+    "write_hook_shim",
 ]
 
 CONTROL_SOCKET = "/run/cuju-libvirt/cujud.sock"
@@ -62,8 +63,10 @@ def write_hook_shim(directory: Path) -> Path:
 class Cujud:
     """One cujud process on one rig host."""
 
-    def __init__(self, host: Host, peer: Host, psk: str, settings: Mapping[str, Any]) -> None:
+    def __init__(self, host: Host, peer: Host | Sequence[Host], psk: str,
+                 settings: Mapping[str, Any]) -> None:
         self.host = host
+        peers = [peer] if isinstance(peer, Host) else list(peer)
         self.log_path = host.outside("/var/log/cuju-libvirt/cujud.log")
         etc = host.outside("/etc/cuju-libvirt")
         etc.mkdir(parents=True, exist_ok=True)
@@ -73,7 +76,7 @@ class Cujud:
         cfg = {
             "node_name": host.hostname, "listen": f"{host.lan_address}:7790",
             "ft_listen": f"{host.ft_address}:7791", "metrics_listen": f"{host.lan_address}:{METRICS_PORT}",
-            "peers": {peer.hostname: f"{peer.lan_address}:7790"}, **settings,
+            "peers": {p.hostname: f"{p.lan_address}:7790" for p in peers}, **settings,
         }
         (etc / "cujud.yaml").write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -145,13 +148,20 @@ class Cujud:
             return any(p.get("connected") for p in self.call("peers")["peers"])
         return False
 
+    def peers_connected(self) -> bool:
+        """True when every configured peer is connected."""
+        with contextlib.suppress(CujuError, OSError):
+            peers = self.call("peers")["peers"]
+            return bool(peers) and all(p.get("connected") for p in peers)
+        return False
 
-def _tls_settings(rig: Rig) -> dict[Host, dict[str, str]]:
+
+def _tls_settings(rig: Rig, hosts: Sequence[Host]) -> dict[Host, dict[str, str]]:
     """A CA for this rig and a certificate per host (node name in its SAN), in the hosts'
     /etc/cuju-libvirt/pki; the cujud settings that use them (``peer_tls: on``)."""
     pki = PKI(rig.root / "pki")
     out: dict[Host, dict[str, str]] = {}
-    for host in (rig.a, rig.b):
+    for host in hosts:
         creds = pki.host(host.hostname)
         inside = Path("/etc/cuju-libvirt/pki")
         target = host.outside(str(inside))
@@ -172,22 +182,34 @@ def cujud_pair(rig: Rig, logs: Path | None = None, *, tls: bool = False,
     """cujud on hosts a and b, peered; stopped (SIGTERM, then SIGKILL) on exit, their logs
     (and libvirt's QEMU logs) copied into ``logs`` if given. ``tls``: mutual TLS on the peer
     channel with a CA of the rig's own, and so an encrypted FT link."""
+    with cujud_cluster(rig, [rig.a, rig.b], logs, tls=tls, **settings) as (ca, cb):
+        yield ca, cb
+
+
+@contextlib.contextmanager
+def cujud_cluster(rig: Rig, hosts: Sequence[Host] | None = None, logs: Path | None = None, *,
+                  tls: bool = False, **settings: Any) -> Iterator[tuple[Cujud, ...]]:
+    """cujud on ``hosts`` (default: every host of the rig), each listing all the others as
+    peers, all connected before this yields (in the order of ``hosts``); stopped on exit, their
+    logs copied into ``logs/NAME`` if given. ``tls`` as in :func:`cujud_pair`."""
+    members = list(hosts if hosts is not None else rig.hosts.values())
     psk = secrets.token_hex(32) + "\n"
     merged = {**DEFAULT_SETTINGS, **settings}
-    per_host = _tls_settings(rig) if tls else {rig.a: {}, rig.b: {}}
-    ca = Cujud(rig.a, rig.b, psk, {**merged, **per_host[rig.a]})
-    cb = Cujud(rig.b, rig.a, psk, {**merged, **per_host[rig.b]})
+    per_host = _tls_settings(rig, members) if tls else {h: {} for h in members}
+    cujuds = tuple(Cujud(h, [p for p in members if p is not h], psk, {**merged, **per_host[h]})
+                   for h in members)
     try:
-        ca.start()
-        cb.start()
+        for c in cujuds:
+            c.start()
         deadline = time.monotonic() + 20
-        while not (ca.peer_connected() and cb.peer_connected()):
+        while not all(c.peers_connected() for c in cujuds):
             if time.monotonic() > deadline:
-                raise RigError(f"the two cujud did not connect (see {ca.log_path}, {cb.log_path})")
+                raise RigError("the cujud did not all connect (see "
+                               f"{', '.join(str(c.log_path) for c in cujuds)})")
             time.sleep(0.1)
-        yield ca, cb
+        yield cujuds
     finally:
-        for c in (ca, cb):
+        for c in cujuds:
             c.stop()
             if logs is not None:
                 _keep_logs(c.host, logs / c.host.name)

@@ -79,6 +79,7 @@ from cuju_libvirt.rig.nodes import (
     FIRST_GUEST_ADDRESS,
     FT_IFACE,
     FT_PREFIXLEN,
+    FT_SWITCH_BRIDGE,
     HOST_SPECS,
     LAN_BRIDGE,
     LAN_PREFIXLEN,
@@ -87,6 +88,7 @@ from cuju_libvirt.rig.nodes import (
     HostSpec,
     Lan,
     NamespaceNode,
+    host_specs,
 )
 from cuju_libvirt.rig.sandbox import (
     Cgroup,
@@ -124,7 +126,8 @@ def capabilities_cache_dir() -> Path:
 
 
 class Rig:
-    """Two libvirt hosts (:attr:`a`, :attr:`b`) joined by an FT link and a LAN (:attr:`lan`).
+    """Libvirt hosts (:attr:`a`, :attr:`b`, ... in :attr:`hosts`) joined by an FT link and a
+    LAN (:attr:`lan`); two by default, ``host_count`` up to 8 (then the FT link is a bridge).
 
     ``Rig().up()`` brings it up and returns it; :meth:`down` removes every trace of it (also
     a context manager). ``hooks`` maps file names to executables installed into
@@ -140,7 +143,9 @@ class Rig:
         rig_id: str | None = None,
         hooks: Mapping[str, str | os.PathLike[str]] | None = None,
         owned: bool = True,
+        host_count: int = 2,
     ) -> None:
+        self.specs = host_specs(host_count)
         self.id = rig_id or secrets.token_hex(3)
         if not re.fullmatch(r"[a-z0-9]{1,12}", self.id):
             raise RigError(f"rig id {self.id!r}: use 1-12 lower-case letters and digits")
@@ -168,6 +173,13 @@ class Rig:
     def b(self) -> Host:
         return self.hosts["b"]
 
+    def host(self, name: str) -> Host:
+        """Host ``name`` ("a", "b", "c", ...)."""
+        try:
+            return self.hosts[name]
+        except KeyError:
+            raise RigError(f"rig {self.id} has no host {name!r} (hosts: {', '.join(self.hosts)})") from None
+
     def __enter__(self) -> Rig:
         return self.up()
 
@@ -190,17 +202,17 @@ class Rig:
         """
         check_capabilities()
         t0 = time.monotonic()
-        log.info("rig %s: bringing up two libvirt hosts under %s", self.id, self.root)
+        log.info("rig %s: bringing up %d libvirt hosts under %s", self.id, len(self.specs), self.root)
         try:
             self._make_root()
             if self.owned:
                 self._start_reaper()
             self._write_state()
             kvm = self._make_kvm_node()
-            names = [(s.lan_address, s.hostname) for s in HOST_SPECS]
-            names += [(s.ft_address, f"{s.hostname}-ft") for s in HOST_SPECS]
+            names = [(s.lan_address, s.hostname) for s in self.specs]
+            names += [(s.ft_address, f"{s.hostname}-ft") for s in self.specs]
             names.append((OBSERVER_ADDRESS, "observer"))
-            for spec in HOST_SPECS:
+            for spec in self.specs:
                 host = Host(self.id, spec, self.root / spec.name, self.cgroup)
                 host.prepare(str(uuid.uuid4()))
                 host.write_hosts_file(names)
@@ -215,8 +227,10 @@ class Rig:
             self._write_state()
             self._seed_capabilities()
             self.a.start_daemons()
-            self._share_capabilities(self.a, self.b)
-            self.b.start_daemons()
+            others = [h for h in self.hosts.values() if h is not self.a]
+            self._share_capabilities(self.a, others)
+            for host in others:
+                host.start_daemons()
             self._write_state()
         except BaseException as err:
             if not self._made_root:  # nothing of ours exists (e.g. the id was taken): touch nothing
@@ -227,8 +241,8 @@ class Rig:
             except RigError as down_err:
                 log.error("%s", down_err)
             raise
-        log.info("rig %s: up in %.1f s; host a %s, host b %s", self.id, time.monotonic() - t0,
-                 self.a.uri, self.b.uri)
+        log.info("rig %s: up in %.1f s; %s", self.id, time.monotonic() - t0,
+                 ", ".join(f"host {h.name} {h.uri}" for h in self.hosts.values()))
         return self
 
     def _make_root(self) -> None:
@@ -307,33 +321,49 @@ class Rig:
         return node
 
     def _wire_networks(self) -> None:
-        """The FT link and the LAN; every interface is created directly inside its namespace."""
+        """The FT link and the LAN; every interface is created directly inside its namespace.
+
+        Two hosts: one veth pair between their ``ft0``. More: each host's ``ft0`` is a veth to
+        ``ft-NAME`` on the bridge ``br-ft`` in the LAN namespace (no address there), so cutting
+        a host's ``ft0`` still cuts that host alone off the FT network.
+        """
         ip = tool("ip")
-        a, b, lan = self.a._keeper().pid, self.b._keeper().pid, self.lan._keeper().pid
-        for (name1, ns1), (name2, ns2) in (
-            ((FT_IFACE, a), (FT_IFACE, b)), (("uplink", a), ("port-a", lan)), (("uplink", b), ("port-b", lan))
-        ):
+        lan = self.lan._keeper().pid
+        pairs = [(("uplink", h._keeper().pid), (f"port-{h.name}", lan)) for h in self.hosts.values()]
+        switched = len(self.hosts) > 2
+        if switched:
+            pairs += [((FT_IFACE, h._keeper().pid), (f"ft-{h.name}", lan)) for h in self.hosts.values()]
+        else:
+            pairs.append(((FT_IFACE, self.a._keeper().pid), (FT_IFACE, self.b._keeper().pid)))
+        for (name1, ns1), (name2, ns2) in pairs:
             cmd = ["link", "add", name1, "netns", str(ns1), "type", "veth",
                    "peer", "name", name2, "netns", str(ns2)]
             proc = run_quiet([ip, *cmd])
             if proc.returncode != 0:
                 why = proc.stderr.strip()
                 raise RigUnavailable([f"cannot create a veth pair (ip {' '.join(cmd)}): {why}"])
-        self.lan.run([ip, "-batch", "-"], input=(
-            "link add br0 type bridge\n"
-            "link set port-a master br0\nlink set port-b master br0\n"
-            "link set port-a up\nlink set port-b up\nlink set br0 up\n"
-            f"addr add {OBSERVER_ADDRESS}/{LAN_PREFIXLEN} dev br0\n"
-        ))
+        batch = ["link add br0 type bridge"]
+        for h in self.hosts.values():
+            batch += [f"link set port-{h.name} master br0", f"link set port-{h.name} up"]
+        batch += ["link set br0 up", f"addr add {OBSERVER_ADDRESS}/{LAN_PREFIXLEN} dev br0"]
+        if switched:
+            batch.append(f"link add {FT_SWITCH_BRIDGE} type bridge")
+            batch += [f"link set ft-{h.name} master {FT_SWITCH_BRIDGE}\nlink set ft-{h.name} up"
+                      for h in self.hosts.values()]
+            batch.append(f"link set {FT_SWITCH_BRIDGE} up")
+        self.lan.run([ip, "-batch", "-"], input="\n".join(batch) + "\n")
         for host in self.hosts.values():
             host.run([ip, "-batch", "-"], input=(
-                f"addr add {host.ft_address}/{FT_PREFIXLEN} dev {FT_IFACE}\nlink set {FT_IFACE} up\n"
+                f"addr add {host.ft_address}/{host.spec.ft_prefixlen} dev {FT_IFACE}\n"
+                f"link set {FT_IFACE} up\n"
                 f"link add {LAN_BRIDGE} type bridge\nlink set uplink master {LAN_BRIDGE}\n"
                 f"link set uplink up\nlink set {LAN_BRIDGE} up\n"
                 f"addr add {host.lan_address}/{LAN_PREFIXLEN} dev {LAN_BRIDGE}\n"
             ))
-        log.info("rig %s: FT link %s <-> %s (%s), LAN %s/%d with observer %s", self.id, self.a.ft_address,
-                 self.b.ft_address, FT_IFACE, OBSERVER_ADDRESS, LAN_PREFIXLEN, OBSERVER_ADDRESS)
+        log.info("rig %s: FT %s %s (%s), LAN %s/%d with observer %s", self.id,
+                 f"bridge {FT_SWITCH_BRIDGE}:" if switched else "link",
+                 " <-> ".join(h.ft_address for h in self.hosts.values()), FT_IFACE, OBSERVER_ADDRESS,
+                 LAN_PREFIXLEN, OBSERVER_ADDRESS)
 
     def _seed_capabilities(self) -> None:
         """Give both hosts the QEMU capabilities cache kept from earlier rigs, if any.
@@ -351,15 +381,16 @@ class Rig:
                 shutil.copyfile(f, target / f.name)
                 (target / f.name).chmod(0o600)
 
-    def _share_capabilities(self, src: Host, dst: Host) -> None:
-        """Make ``src`` probe QEMU (or validate its seeded cache); copy the result to ``dst``
-        (before its libvirtd starts) and keep it for later rigs."""
+    def _share_capabilities(self, src: Host, dsts: list[Host]) -> None:
+        """Make ``src`` probe QEMU (or validate its seeded cache); copy the result to ``dsts``
+        (before their libvirtd starts) and keep it for later rigs."""
         t0 = time.monotonic()
         src.virsh("capabilities")
         src_dir = src.root / "cache" / "qemu" / "capabilities"
         files = sorted(src_dir.glob("*.xml"))
-        for f in files:
-            shutil.copy2(f, dst.root / "cache" / "qemu" / "capabilities" / f.name)
+        for dst in dsts:
+            for f in files:
+                shutil.copy2(f, dst.root / "cache" / "qemu" / "capabilities" / f.name)
         kept = capabilities_cache_dir()
         try:
             kept.mkdir(parents=True, exist_ok=True)
@@ -371,7 +402,7 @@ class Rig:
         except OSError as err:
             log.debug("cannot keep QEMU capabilities in %s: %s", kept, err)
         log.info("%s: QEMU capabilities ready in %.1f s (shared with host %s)", src.label,
-                 time.monotonic() - t0, dst.name)
+                 time.monotonic() - t0, ", ".join(d.name for d in dsts))
 
     def _write_state(self) -> None:
         state: dict[str, Any] = {
@@ -386,7 +417,8 @@ class Rig:
             "hosts": {
                 h.name: {
                     "hostname": h.hostname, "uri": h.uri, "ft_address": h.ft_address,
-                    "lan_address": h.lan_address, "keeper": h.keeper.pid if h.keeper else None,
+                    "ft_prefixlen": h.spec.ft_prefixlen, "lan_address": h.lan_address,
+                    "keeper": h.keeper.pid if h.keeper else None,
                 }
                 for h in self.hosts.values()
             },
@@ -433,12 +465,12 @@ class Rig:
         state = read_state(root)
         if state is None:
             raise RigError(f"{root}: no rig state ({STATE_FILE}) there")
-        rig = cls(base=root.parent, rig_id=str(state["id"]), owned=False)
+        hosts = state.get("hosts") or {}
+        rig = cls(base=root.parent, rig_id=str(state["id"]), owned=False, host_count=max(2, len(hosts)))
         rig.cgroup = Cgroup(Path(state["cgroup"]))
-        for spec in HOST_SPECS:
-            info = (state.get("hosts") or {}).get(spec.name)
-            if info is None:
-                continue
+        for name, info in sorted(hosts.items()):
+            spec = HostSpec(name, str(info["hostname"]), str(info["ft_address"]), str(info["lan_address"]),
+                            int(info.get("ft_prefixlen", FT_PREFIXLEN)))
             keeper = Keeper(f"{PREFIX}{rig.id}-{spec.name}", int(info["keeper"]), ("mount", "uts", "net"))
             rig.hosts[spec.name] = Host(rig.id, spec, root / spec.name, rig.cgroup, keeper)
         lan_pid = (state.get("lan") or {}).get("keeper")

@@ -69,7 +69,7 @@ MODULES = (
     "virtio_balloon",
 )
 #: Workloads the agent knows (``cuju.mode``; several may be joined with commas).
-MODES = ("count", "udp", "echo", "stress", "balloon", "diskread")
+MODES = ("count", "udp", "echo", "stress", "balloon", "diskread", "cpu", "service")
 #: The Debian meta package whose dependency names the kernel package.
 KERNEL_META_PACKAGE = "linux-image-amd64"
 #: Bumped whenever the layout of the build changes in a way the inputs do not show.

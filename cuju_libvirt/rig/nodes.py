@@ -41,6 +41,14 @@ FT_IFACE = "ft0"
 LAN_BRIDGE = "br-lan"
 
 
+#: The FT network of a rig of three or more hosts: one bridge, every host's ``ft0`` on it.
+FT_SWITCH_PREFIXLEN = 24
+FT_SWITCH_BRIDGE = "br-ft"
+#: Host names of a rig, in order (``a`` and ``b`` in every rig).
+HOST_NAMES = "abcdefgh"
+MAX_HOSTS = len(HOST_NAMES)
+
+
 @dataclass(frozen=True)
 class HostSpec:
     """Name and addresses of one rig host."""
@@ -49,12 +57,23 @@ class HostSpec:
     hostname: str
     ft_address: str
     lan_address: str
+    ft_prefixlen: int = FT_PREFIXLEN
 
 
-HOST_SPECS = (
-    HostSpec("a", "cuju-a", "198.18.0.1", "198.19.0.11"),
-    HostSpec("b", "cuju-b", "198.18.0.2", "198.19.0.12"),
-)
+def host_specs(count: int = 2) -> tuple[HostSpec, ...]:
+    """The hosts of a rig of ``count`` hosts: ``a`` (cuju-a), ``b`` (cuju-b), ``c`` ...
+
+    Two hosts share a point-to-point FT link (a /30 veth pair); three or more have their
+    ``ft0`` on one FT bridge (a /24). LAN addresses are 198.19.0.11, .12, ...
+    """
+    if not 2 <= count <= MAX_HOSTS:
+        raise RigError(f"a rig has 2 to {MAX_HOSTS} hosts, not {count}")
+    prefix = FT_PREFIXLEN if count == 2 else FT_SWITCH_PREFIXLEN
+    return tuple(HostSpec(name, f"cuju-{name}", f"198.18.0.{i + 1}", f"198.19.0.{11 + i}", prefix)
+                 for i, name in enumerate(HOST_NAMES[:count]))
+
+
+HOST_SPECS = host_specs(2)
 
 #: Writable private copies of these trees inside each host (overlayfs, the upper layer under
 #: ``<host>/overlay/<name>/upper`` on the rig's tmpfs): whatever a host writes there (cujud's

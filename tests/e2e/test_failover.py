@@ -25,6 +25,7 @@ from cuju_libvirt.rig.observer import (
     Observer,
     Recording,
     Rules,
+    Verdict,
     epoch_ms_from_rate,
     judge_run,
     one_epoch_packets,
@@ -87,6 +88,21 @@ def _runs(host: Host, name: str, tries: int = 50) -> bool:
     return False
 
 
+def kill_primary_and_judge(rig: Rig, observer: Observer, ca: Cujud, name: str) -> tuple[Verdict, int, float]:
+    """SIGKILL the primary QEMU on host a; the observer's stream after it, judged by the claim
+    (at most one epoch's datagrams missing, none repeated); returns the verdict, that bound and
+    the moment of the kill."""
+    pid = rig.a.qemu_pid(name)
+    assert pid is not None
+    max_gap = one_epoch_gap(ca, name)
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    rec = _still_counting(observer, killed_at + 0.2, 3 * PPS, timeout=60)
+    verdict = judge_run(rec, Rules(max_gap=max_gap, failover_at=killed_at))
+    assert verdict.ok, verdict.as_dict()
+    return verdict, max_gap, killed_at
+
+
 @pytest.mark.timeout(300)
 def test_sigkill_of_the_primary_qemu_fails_over_to_host_b(
     ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
@@ -98,16 +114,8 @@ def test_sigkill_of_the_primary_qemu_fails_over_to_host_b(
         status = ca.domain(name)
         assert status is not None and status["role"] == "primary" and status["peer"] == "cuju-b"
         time.sleep(random.uniform(1.0, 3.0))  # a random moment in FT mode
-        pid = rig.a.qemu_pid(name)
-        assert pid is not None
         assert ca.domain(name)["state"] == "protected"  # type: ignore[index]
-        max_gap = one_epoch_gap(ca, name)
-        killed_at = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-
-        rec = _still_counting(observer, killed_at + 0.2, 3 * PPS, timeout=60)
-        verdict = judge_run(rec, Rules(max_gap=max_gap, failover_at=killed_at))
-        assert verdict.ok, verdict.as_dict()
+        verdict, max_gap, killed_at = kill_primary_and_judge(rig, observer, ca, name)
         assert verdict.udp_after_failover >= 3 * PPS and verdict.tcp_bytes_after_failover > 0
         assert verdict.failover_ms is not None and verdict.failover_ms < 5000, verdict.as_dict()
         print(f"failover: {verdict.failover_ms:.0f} ms from SIGKILL to the first datagram from host b; "

@@ -4,8 +4,6 @@ test_failover.py, judged by the observer's stream."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,16 +13,9 @@ import pytest
 from cuju_libvirt.rig.cujud import Cujud, cujud_pair
 from cuju_libvirt.rig.hosts import Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest
-from cuju_libvirt.rig.observer import Observer, Rules, judge_run
+from cuju_libvirt.rig.observer import Observer
 from tests.e2e.conftest import cleanup_protected
-from tests.e2e.test_failover import (
-    PPS,
-    _start_protected,
-    _still_counting,
-    linux_guest,
-    observer,
-    one_epoch_gap,
-)
+from tests.e2e.test_failover import _start_protected, kill_primary_and_judge, linux_guest, observer
 
 __all__ = ["linux_guest", "observer"]  # fixtures shared with test_failover
 
@@ -47,16 +38,10 @@ def test_encrypted_ft_link_protects_and_fails_over(
         _start_protected(rig, linux_guest, observer, name, tls_cujuds)
         log = ca.log_path.read_text()
         assert "AES-256-GCM" in log and "NOT encrypted" not in log, log[-2000:]
-        max_gap = one_epoch_gap(ca, name)
         time.sleep(1.0)
-        pid = rig.a.qemu_pid(name)
-        assert pid is not None
-        killed_at = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        rec = _still_counting(observer, killed_at + 0.2, 3 * PPS, timeout=60)
-        verdict = judge_run(rec, Rules(max_gap=max_gap, failover_at=killed_at))
-        assert verdict.ok, verdict.as_dict()
+        kill_primary_and_judge(rig, observer, ca, name)
         after = cb.domain(name)
-        assert after is not None and after["state"] == "primary_after_failover"
+        # host b runs the VM now (and may already be re-protecting it onto host a)
+        assert after is not None and after["role"] == "primary" and after["failovers"] == 1, after
     finally:
         cleanup_protected(rig, name)

@@ -209,13 +209,13 @@ def test_prepare_serves_disks_only_once_the_rest_is_fit_and_disable_gives_them_b
     dom = define(conn, "several-disks.xml")
     inactive = libvirt.VIR_DOMAIN_XML_INACTIVE
     # the test driver drops <qemu:commandline>: unfit after the first step, so the disks stay
-    code, _, err = cli(capsys, "enable", "db1", "--peer", "hostb", "--prepare")
+    code, _, err = cli(capsys, "enable", "db1", "--peer", "hostb", "--prepare", "--serve-disks")
     assert code == 1 and "error: <qemu:commandline>" in err
     assert "serving <disk>" not in err
     assert not any(dx.is_nbd_export(d) for d in _disks(dom.XMLDesc(inactive)).values())
     before = {t: _canonical(d) for t, d in _disks(dom.XMLDesc(inactive)).items()}
     # forced: the disks are rewritten in the same redefine that records their originals
-    code, _, err = cli(capsys, "enable", "db1", "--peer", "hostb", "--prepare", "--force")
+    code, _, err = cli(capsys, "enable", "db1", "--peer", "hostb", "--prepare", "--serve-disks", "--force")
     assert code == 0, err
     assert err.count("changed: serving <disk>") == 5
     xml = dom.XMLDesc(inactive)
@@ -225,9 +225,14 @@ def test_prepare_serves_disks_only_once_the_rest_is_fit_and_disable_gives_them_b
     exported = sorted(t for t, d in _disks(xml).items() if dx.is_nbd_export(d))
     assert exported == ["sda", "sdb", "sdc", "vda", "vdb"]
     # changing a setting keeps the records; running enable --prepare again changes nothing
-    code, _, err = cli(capsys, "enable", "db1", "--epoch-ms", "10", "--prepare", "--force")
+    code, _, err = cli(capsys, "enable", "db1", "--epoch-ms", "10", "--prepare", "--serve-disks", "--force")
     assert code == 0 and "serving <disk>" not in err
     assert dx.parse_domain(dom.XMLDesc(inactive)) == spec.replace(epoch_ms=10)
+    # a replica override goes through the metadata API with the records
+    code, _, err = cli(capsys, "enable", "db1", "--disk-replica", "vdb=/srv/r/data.img", "--force")
+    assert code == 0, err
+    stored_spec = dx.parse_domain(dom.XMLDesc(inactive))
+    assert stored_spec is not None and stored_spec.disk("vdb").replica == "/srv/r/data.img"  # type: ignore[union-attr]
     # disable redefines the domain with the original disks
     code, _, err = cli(capsys, "disable", "db1")
     assert code == 0, err

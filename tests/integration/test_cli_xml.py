@@ -312,7 +312,8 @@ def test_changing_a_setting_keeps_the_disk_records(run: Runner, tmp_path: Path) 
 
 def test_prepare_serves_the_disks_and_disable_gives_them_back(run: Runner, tmp_path: Path) -> None:
     original = read_fixture("several-disks.xml")
-    result = run("xml", "enable", write(tmp_path, "db1.xml", original), "--peer", "hostb", "--prepare")
+    source = write(tmp_path, "db1.xml", original)
+    result = run("xml", "enable", source, "--peer", "hostb", "--prepare", "--serve-disks")
     assert result.code == 0, result.err
     assert result.err.count("changed: serving <disk>") == 5
     socket = "/run/cuju-libvirt/nbd/3f2c6a1e-8b4d-4c1a-9e2f-6d7a8b9c0d1e/sdb.sock"
@@ -329,3 +330,41 @@ def test_prepare_serves_the_disks_and_disable_gives_them_back(run: Runner, tmp_p
     assert disabled.code == 0, disabled.err
     assert disabled.err.count("changed: restored <disk>") == 5
     assert c14n(disabled.out) == c14n(prepare(original).xml)
+
+
+def test_disk_replica_overrides_and_show(run: Runner, tmp_path: Path) -> None:
+    source = write(tmp_path, "db1.xml", read_fixture("several-disks.xml"))
+    result = run(
+        "xml", "enable", source, "--peer", "hostb", "--prepare", "--serve-disks",
+        "--disk-replica", "vda=/srv/r/db1-root.qcow2",
+    )
+    assert result.code == 0, result.err
+    spec = dx.parse_domain(result.out)
+    assert spec is not None
+    first_two = [(d.target, d.replica) for d in spec.disks[:2]]
+    assert first_two == [("vda", "/srv/r/db1-root.qcow2"), ("vdb", None)]
+    prepared = write(tmp_path, "db1-ft.xml", result.out)
+    # later: change one, reset the other to the default; the other records stay
+    again = run("xml", "enable", prepared, "--disk-replica", "sda=/srv/r/wal.img", "--disk-replica", "vda=")
+    assert again.code == 0, again.err
+    changed = dx.parse_domain(again.out)
+    assert changed is not None
+    assert {d.target: d.replica for d in changed.disks} == {
+        "vda": None, "vdb": None, "sda": "/srv/r/wal.img", "sdb": None, "sdc": None
+    }
+    shown = json.loads(run("xml", "show", "-", "--json", stdin=again.out).out)
+    assert shown["disks"][2] == {
+        "target": "sda", "source": "/var/lib/libvirt/images/db1-wal.img", "source_type": "file",
+        "format": "raw", "bus": "scsi", "replica": "/srv/r/wal.img",
+    }
+    table = run("xml", "show", "-", stdin=again.out).text
+    assert "disk sdb: qcow2 file /var/lib/libvirt/images/db1-scratch.qcow2 on sata, served over NBD" in table
+    # refused: a disk that is not prepared, a relative path, a malformed option
+    refused = run("xml", "enable", prepared, "--disk-replica", "vdd=/srv/x")
+    assert refused.code == 1 and "disk vdd is not prepared" in refused.err and refused.out == b""
+    relative = run("xml", "enable", prepared, "--disk-replica", "vda=x.img")
+    assert relative.code == 1 and "not an absolute path" in relative.err
+    assert run("xml", "enable", prepared, "--disk-replica", "vda").code == 2
+    unprepared = dx.set_ft(read_fixture("several-disks.xml"), dx.FTSpec("b"))
+    plain = run("xml", "show", "-", "--json", stdin=unprepared)
+    assert "disks" not in json.loads(plain.out)  # no prepared disk: the attributes only

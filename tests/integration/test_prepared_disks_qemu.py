@@ -143,7 +143,7 @@ def write_through_block_servers(embedded: Any, tmp_path: Path, disks: tuple[Disk
         images[target] = tmp_path / f"{target}.{fmt}"
         subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(images[target]), str(SIZE)], check=True)
     original = domain(name, uuid, images, disks)
-    prepared = ft.prepare(dx.set_ft(original, dx.FTSpec.defaults("hostb")))
+    prepared = ft.prepare(dx.set_ft(original, dx.FTSpec.defaults("hostb")), disks=True)
     # only the disks: this test is about them (the direct QMP socket would need /run/cuju-libvirt/qmp)
     doc = dx.load_domain(prepared.xml)
     qemu = doc.root.find(f"{{{ft.QEMU_NAMESPACE}}}commandline")

@@ -102,8 +102,9 @@ def test_uffd_sync_writer_guest_sandboxed() -> None:
     with DirectGuest(name="trackers-uffd-sync", memory_mib=cfg.min_memory_mib + 1, disk=boot_image(cfg),
                      extra_args=LIBVIRT_SANDBOX) as g:
         g.wait_serial(r"cuju-boot writer\r\n\d+\r\n")
-        report = run_ground_truth(g, _uffd(g, "sync"), EPOCHS, run_s=0.01, differ="c")
-        _check(report, min_changed=EPOCHS * 50)
+        report = run_ground_truth(g, _uffd(g, "sync"), EPOCHS, run_s=0.02, differ="c")
+        # Each first write waits for our fault thread (10-40 us here): the guest writes slower.
+        _check(report, min_changed=EPOCHS * 20)
         assert g.status() == "running"
         g.wait_serial(r"cuju-boot writer\r\n\d+\r\n")  # still alive and counting
 
@@ -173,7 +174,8 @@ def test_select_auto_picks_uffd_on_qemu(caplog: pytest.LogCaptureFixture) -> Non
         finally:
             t.close()
         msgs = [r.getMessage() for r in caplog.records]
-        assert msgs == ["dirty tracker: uffd (tracker='auto', sync mode, self-test passed (5 checks))"], msgs
+        assert msgs == ["dirty tracker: uffd (tracker='auto', async mode: guest RAM below 2048 MiB, the walk "
+                        "costs less than faults, self-test passed (5 checks))"], msgs
 
 
 @pytest.mark.slow

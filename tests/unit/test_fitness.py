@@ -260,7 +260,7 @@ def test_prepare_leaves_unfit_devices_and_reports_them() -> None:
 @pytest.mark.parametrize("name", fixture_names())
 def test_prepared_fixtures_validate_unless_unfit(name: str) -> None:
     enabled = dx.set_ft(read_fixture(name), dx.FTSpec.defaults("hostb"))
-    result = ft.prepare(enabled)
+    result = ft.prepare(enabled, disks=True)
     assert result.fit == (name not in UNFIT), [str(p) for p in result.problems]
     # prepare touches the element only to record the disks it rewrote
     prepared = dx.parse_domain(result.xml)
@@ -277,7 +277,7 @@ def test_enabled_and_prepared_documents_satisfy_libvirts_own_schema(name: str) -
     assert rng.validate(etree.fromstring(original)), rng.error_log
     enabled = dx.set_ft(original, dx.FTSpec.defaults("hostb"))
     assert rng.validate(etree.fromstring(enabled)), rng.error_log
-    prepared = ft.prepare(enabled).xml
+    prepared = ft.prepare(enabled, disks=True).xml
     assert rng.validate(etree.fromstring(prepared)), rng.error_log
 
 
@@ -368,7 +368,7 @@ def test_enable_prepare_then_disable_gives_back_every_disk(name: str) -> None:
     """The round trip is exact: what disable gives back is the original with only the
     non-disk changes of prepare (which stay, as documented), canonically equal."""
     original = read_fixture(name)
-    prepared = ft.prepare(dx.set_ft(original, dx.FTSpec.defaults("hostb"))).xml
+    prepared = ft.prepare(dx.set_ft(original, dx.FTSpec.defaults("hostb")), disks=True).xml
     disabled = dx.remove_ft(prepared)
     spec = dx.parse_domain(prepared)
     if etree.fromstring(original).find("uuid") is None and spec is not None and spec.disks:
@@ -388,7 +388,7 @@ def test_enable_prepare_then_disable_gives_back_every_disk(name: str) -> None:
 
 def test_prepare_serves_every_writable_disk_on_every_bus_and_keeps_the_rest() -> None:
     original = read_fixture("several-disks.xml")
-    result = ft.prepare(dx.set_ft(original, dx.FTSpec.defaults("hostb")))
+    result = ft.prepare(dx.set_ft(original, dx.FTSpec.defaults("hostb")), disks=True)
     assert result.fit, [str(p) for p in result.problems]
     spec = dx.parse_domain(result.xml)
     assert spec is not None
@@ -417,8 +417,13 @@ def test_prepare_serves_every_writable_disk_on_every_bus_and_keeps_the_rest() ->
             assert {**old_driver.attrib, **policies} == dict(driver.attrib)
     for untouched in ("sdd", "vdc", "vdd"):  # cdrom, read-only, shareable
         assert disk_c14n(after[untouched]) == disk_c14n(before[untouched])
-    warnings = [str(p) for p in result.problems]
+    warnings = [str(p) for p in result.problems if p.code == "disk"]
     assert len(warnings) == 1 and warnings[0].startswith("warning: <disk> vdd") and "shareable" in warnings[0]
+    # until cujud ships the journals, one warning says what is not in place yet
+    (pending,) = [p for p in result.problems if p.code == "disk-replication"]
+    assert pending.subject == "<disk> vda, vdb, sda, sdb, sdc" and not pending.is_error
+    assert "cujud does not yet ship their journals" in pending.message
+    assert [p.code for p in result.problems] == ["disk", "disk-replication"]
 
 
 def test_validate_warns_only_for_disks_that_are_not_prepared() -> None:
@@ -428,7 +433,7 @@ def test_validate_warns_only_for_disks_that_are_not_prepared() -> None:
         "sda", "sdb", "sdc", "vda", "vdb"
     ]
     assert all(p.preparable for p in before if "yet" in p.message)
-    prepared = ft.prepare(enabled).xml
+    prepared = ft.prepare(enabled, disks=True).xml
     after = [p for p in ft.check_fitness(prepared) if p.code == "disk"]
     assert [p.subject.split()[1] for p in after] == ["vdd"]
     assert "not epoch-protected yet" not in str(after[0])
@@ -436,7 +441,7 @@ def test_validate_warns_only_for_disks_that_are_not_prepared() -> None:
 
 def test_disks_that_cannot_be_served_stay_and_are_named_with_the_fix() -> None:
     original = read_fixture("unservable-disks.xml")
-    result = ft.prepare(dx.set_ft(original, dx.FTSpec.defaults("hostb")))
+    result = ft.prepare(dx.set_ft(original, dx.FTSpec.defaults("hostb")), disks=True)
     assert result.fit
     assert dx.parse_domain(result.xml).disks == ()  # type: ignore[union-attr]
     found = {p.subject.split()[1]: str(p) for p in result.problems if p.code == "disk"}
@@ -453,25 +458,36 @@ def test_disks_that_cannot_be_served_stay_and_are_named_with_the_fix() -> None:
 
 def test_without_the_element_prepare_leaves_disks_alone() -> None:
     original = read_fixture("several-disks.xml")
-    result = ft.prepare(original)
+    result = ft.prepare(original, disks=True)
     assert not any(dx.is_nbd_export(d) for d in disks_by_target(result.xml).values())
+
+
+def test_disks_are_served_only_when_asked_while_cujud_does_not_replicate_them() -> None:
+    """The rig's e2e guests and shared-storage users keep their disks as they are by default."""
+    enabled = dx.set_ft(read_fixture("several-disks.xml"), dx.FTSpec.defaults("hostb"))
+    result = ft.prepare(enabled)
+    assert not any(dx.is_nbd_export(d) for d in disks_by_target(result.xml).values())
+    assert dx.parse_domain(result.xml).disks == ()  # type: ignore[union-attr]
+    yet = [p for p in result.problems if "not epoch-protected yet" in p.message]
+    assert len(yet) == 5 and all("--serve-disks" in p.fix for p in yet)
 
 
 def test_prepare_with_disks_is_idempotent_and_adds_a_missing_uuid() -> None:
     no_uuid = read_fixture("several-disks.xml").replace(f"  <uuid>{UUID}</uuid>\n".encode(), b"")
-    once = ft.prepare(dx.set_ft(no_uuid, dx.FTSpec.defaults("hostb")))
+    once = ft.prepare(dx.set_ft(no_uuid, dx.FTSpec.defaults("hostb")), disks=True)
     uuid = etree.fromstring(once.xml).findtext("uuid")
     assert uuid is not None and any(c.startswith("added <uuid>") for c in once.changes)
     assert disks_by_target(once.xml)["vda"].find("source/host").get("socket") == (  # type: ignore[union-attr]
         f"/run/cuju-libvirt/nbd/{uuid}/vda.sock"
     )
-    twice = ft.prepare(once.xml)
+    twice = ft.prepare(once.xml, disks=True)
     assert twice.changes == []
     assert c14n(twice.xml) == c14n(once.xml)
 
 
 def _prepared() -> bytes:
-    return ft.prepare(dx.set_ft(read_fixture("several-disks.xml"), dx.FTSpec.defaults("hostb"))).xml
+    enabled = dx.set_ft(read_fixture("several-disks.xml"), dx.FTSpec.defaults("hostb"))
+    return ft.prepare(enabled, disks=True).xml
 
 
 def test_a_copied_domain_gets_its_sockets_repointed() -> None:

@@ -113,3 +113,26 @@ def test_sweep_removes_only_rigs_of_dead_owners_and_old_stateless_ones(
     assert teardown.sweep_stale(min_age=60) == ["dead"]
     assert teardown.sweep_stale(min_age=0) == ["dead", "young"]
     assert removed == ["dead", "dead", "young"]
+
+
+def test_host_specs_keep_two_hosts_as_they_were_and_grow_onto_an_ft_bridge() -> None:
+    from cuju_libvirt.rig.nodes import FT_PREFIXLEN, FT_SWITCH_PREFIXLEN, host_specs  # noqa: PLC0415
+
+    two = host_specs()
+    assert two == HOST_SPECS
+    assert [(s.name, s.hostname, s.ft_address, s.lan_address, s.ft_prefixlen) for s in two] == [
+        ("a", "cuju-a", "198.18.0.1", "198.19.0.11", FT_PREFIXLEN),
+        ("b", "cuju-b", "198.18.0.2", "198.19.0.12", FT_PREFIXLEN),
+    ]
+    three = host_specs(3)
+    assert three[:2] == tuple(s.__class__(s.name, s.hostname, s.ft_address, s.lan_address,
+                                          FT_SWITCH_PREFIXLEN) for s in two)
+    assert three[2].hostname == "cuju-c" and three[2].ft_address == "198.18.0.3"
+    eight = host_specs(8)
+    for field in ("name", "hostname", "ft_address", "lan_address"):
+        assert len({getattr(s, field) for s in eight}) == 8, field
+    assert all(int(s.lan_address.rsplit(".", 1)[1]) < 31 for s in eight)  # etcd members use .31 up
+    for bad in (1, 9):
+        with pytest.raises(RigError, match="2 to 8 hosts"):
+            host_specs(bad)
+    assert len(Rig(host_count=3).specs) == 3

@@ -20,6 +20,13 @@
  *   stress    writes over cuju.stress_mb (64) MiB of anonymous memory, one
  *             word per 4 KiB page per pass (cuju.stress_fill=1: every byte),
  *             and reports pages/s and MB/s every report_ms.
+ *   cpu       compute-bound loop (xorshift rounds in registers, a few stack pages
+ *             written): "cuju-cpu: iters=N" (cumulative, in units of 2^16
+ *             rounds) every report_ms.
+ *   service   TCP request/response server on cuju.port (7070): per connection,
+ *             reads requests of cuju.req_bytes (64) bytes and answers each with
+ *             the same bytes, byte 0 incremented; "cuju-service: listening
+ *             port=P", then served=N every report_ms.
  *   balloon   idles and reports MemTotal/MemFree every report_ms, so that a
  *             host inflating the virtio balloon can see the guest shrink.
  *   diskread  reads cuju.disk (/dev/vda) over and over into cuju.bufs (8)
@@ -379,6 +386,90 @@ static int mode_stress(void)
     }
 }
 
+/* ---- cpu ----------------------------------------------------------------- */
+
+__attribute__((noreturn)) static void mode_cpu(void)
+{
+    long report_ms = param_long("report_ms", 1000, 10, 3600000);
+    uint64_t x = 0x9E3779B97F4A7C15ull, iters = 0, next = now_ns() + (uint64_t)report_ms * 1000000ull;
+    printf("cuju-cpu: start\n");
+    for (;;) {
+        for (int i = 0; i < 65536; i++) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
+        iters++;
+        uint64_t now = now_ns();
+        if (now >= next) {
+            printf("cuju-cpu: iters=%llu x=%llu\n", (unsigned long long)iters, (unsigned long long)(x & 0xffff));
+            next = now + (uint64_t)report_ms * 1000000ull;
+        }
+    }
+}
+
+/* ---- service ------------------------------------------------------------- */
+
+static int mode_service(void)
+{
+    long port = param_long("port", 7070, 1, 65535);
+    long req = param_long("req_bytes", 64, 1, 65536);
+    long report_ms = param_long("report_ms", 1000, 10, 3600000);
+    int one = 1, lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (lfd < 0 || bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(lfd, 16) < 0) {
+        printf("cuju-service: error=listen port=%ld errno=%d\n", port, errno);
+        return 1;
+    }
+    printf("cuju-service: listening port=%ld req_bytes=%ld\n", port, req);
+    struct pollfd fds[17] = {{.fd = lfd, .events = POLLIN}};
+    size_t have[17] = {0};
+    unsigned char *buf[17] = {0};
+    int n = 1;
+    uint64_t served = 0, next_report = now_ns() + (uint64_t)report_ms * 1000000ull;
+    for (;;) {
+        int r = poll(fds, (nfds_t)n, (int)report_ms);
+        if (r > 0 && (fds[0].revents & POLLIN) && n < 17) {
+            int c = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+            if (c >= 0) {
+                setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+                fds[n] = (struct pollfd){.fd = c, .events = POLLIN};
+                have[n] = 0;
+                buf[n] = malloc((size_t)req);
+                n++;
+            }
+        }
+        for (int i = 1; r > 0 && i < n; i++) {
+            if (!fds[i].revents)
+                continue;
+            ssize_t got = read(fds[i].fd, buf[i] + have[i], (size_t)req - have[i]);
+            if (got <= 0) {
+                close(fds[i].fd);
+                free(buf[i]);
+                fds[i] = fds[n - 1];
+                have[i] = have[n - 1];
+                buf[i] = buf[n - 1];
+                n--;
+                i--;
+                continue;
+            }
+            have[i] += (size_t)got;
+            if (have[i] == (size_t)req) {
+                buf[i][0]++;
+                if (write(fds[i].fd, buf[i], (size_t)req) == (ssize_t)req)
+                    served++;
+                have[i] = 0;
+            }
+        }
+        uint64_t now = now_ns();
+        if (now >= next_report) {
+            printf("cuju-service: served=%llu\n", (unsigned long long)served);
+            next_report = now + (uint64_t)report_ms * 1000000ull;
+        }
+    }
+}
+
 /* ---- balloon ----------------------------------------------------------- */
 
 static long meminfo_kb(const char *field)
@@ -513,7 +604,7 @@ int main(int argc, char **argv)
     load_cmdline();
     const char *mode = argc > 1 ? argv[1] : param("mode");
     if (!mode) {
-        printf("cuju-agent: error=no-mode usage=agent count|udp|echo|stress|balloon|diskread "
+        printf("cuju-agent: error=no-mode usage=agent count|udp|echo|stress|balloon|diskread|cpu|service "
                "[cuju.KEY=VALUE ...]\n");
         return 2;
     }
@@ -529,6 +620,11 @@ int main(int argc, char **argv)
         mode_balloon();
     if (strcmp(mode, "diskread") == 0)
         return mode_diskread();
-    printf("cuju-agent: error=unknown-mode mode=%s known=count,udp,echo,stress,balloon,diskread\n", mode);
+    if (strcmp(mode, "cpu") == 0)
+        mode_cpu();
+    if (strcmp(mode, "service") == 0)
+        return mode_service();
+    printf("cuju-agent: error=unknown-mode mode=%s known=count,udp,echo,stress,balloon,diskread,cpu,service\n",
+           mode);
     return 2;
 }
