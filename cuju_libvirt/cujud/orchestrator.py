@@ -48,6 +48,7 @@ from lxml import etree
 
 from cuju_libvirt import config, fitness
 from cuju_libvirt.cujud import control, coord, peer, records
+from cuju_libvirt.cujud.disks import primary_disks
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
 from cuju_libvirt.cujud.qemu_process import (
@@ -79,8 +80,20 @@ LOG = logging.getLogger(__name__)
 S = FTState
 #: libvirt STOPPED details that mean somebody stopped the domain on purpose.
 DELIBERATE_STOPS = frozenset({"SHUTDOWN", "DESTROYED", "SAVED", "MIGRATED", "FROM_SNAPSHOT"})
+#: What each of them means to an operator.
+STOP_CAUSES = {
+    "SHUTDOWN": "the guest powered off (or virsh shutdown)",
+    "DESTROYED": "virsh destroy",
+    "SAVED": "virsh save / managedsave",
+    "MIGRATED": "virsh migrate",
+    "FROM_SNAPSHOT": "a snapshot was reverted",
+    "FAILED": "QEMU failed",
+    "CRASHED": "the guest crashed",
+}
 #: How long a dead QEMU's cause may stay unknown before it counts as a crash (s).
 CLASSIFY_WAIT = 0.25
+#: How long libvirt may take to name the operation behind a "terminating on signal" (s).
+DELIBERATE_WAIT = 2.0
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 STANDBY_CREATE_TIMEOUT = 120.0
 QEMU_USER = "libvirt-qemu"
@@ -88,14 +101,6 @@ QEMU_USER = "libvirt-qemu"
 QEMU_EXIT_WAIT = 1.0
 #: How long a connection to the peer's FT-link listener may take before the link counts as down (s).
 LINK_PROBE_TIMEOUT = 2.0
-#: With QEMU's signal line in its log (a deliberate stop), how long to wait for libvirt's
-#: STOPPED event that names the cause (s); the VM is gone, so there is no hurry.
-CAUSE_WAIT = 2.0
-#: Names of the causes libvirt's STOPPED details stand for.
-STOP_CAUSES = {
-    "DESTROYED": "virsh destroy", "SAVED": "virsh save", "MIGRATED": "migrated to another host",
-    "FROM_SNAPSHOT": "a snapshot was reverted", "FAILED": "QEMU failed", "CRASHED": "the guest crashed",
-}
 #: The states in which a running VM is unprotected and its protection loop pairs it.
 UNPROTECTED_STATES = (S.UNPROTECTED, S.DEGRADED, S.PRIMARY_AFTER_FAILOVER)
 
@@ -210,15 +215,18 @@ class PrimaryDomain:
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
         sock: socket.socket | None = None
+        disks = None
         try:
             if self.spec_link:  # the address is known before the peer is asked
                 self._probe_link()
+            disks = primary_disks(self.uuid, self.spec.disks)
             self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer)
             self.log.info("asking %s for a standby", self.peer)
             reply = conn.request("standby-create", {
                 "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
                 "generation": self.generation,
+                "disk_sizes": list(disks.sizes) if disks is not None else [],
             }, timeout=STANDBY_CREATE_TIMEOUT)
             # From here on a standby may come to hold the VM's state: a cujud that dies now
             # leaves this record, and its successor asks the peer before anything leaves.
@@ -236,6 +244,8 @@ class PrimaryDomain:
             self._ask_abandon("pairing failed", quiet=True)
             if sock is not None:
                 sock.close()
+            if disks is not None:
+                disks.close()
             raise CujuError(f"pairing with {self.peer} failed: {err}") from err
         self.pid = pid
         self._log_offset = log_offset(self.name)
@@ -250,7 +260,8 @@ class PrimaryDomain:
             standby_sections=standby.sections if standby is not None else None,
         )
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
-                                    machine=self.machine, may_release=self._may_release, link_keys=link_keys)
+                                    machine=self.machine, may_release=self._may_release, link_keys=link_keys,
+                                    disks=disks)
         self.stats.set_initial_sync(0.0)
         self._starting = True
         try:
@@ -499,14 +510,19 @@ class PrimaryDomain:
         self._reprotect_after_engine()
 
     def _classify_exit(self) -> str:
-        """Why QEMU ended: 'deliberate: CAUSE' or 'crash: CAUSE' (see the module docstring)."""
+        """Why QEMU is gone, in the words an operator looks for: 'deliberate: CAUSE' or 'crash:
+        CAUSE'. libvirt's STOPPED detail names the operation (libvirt itself sends the SIGTERM
+        after a save or a guest poweroff, so the signal alone does not), its SHUTDOWN event who
+        shut the guest down; QEMU's "terminating on signal" line is the fallback."""
         sig = ended_on_signal(self.name, self._log_offset)
-        event = self.orch.wait_stop_event(self.uuid, CAUSE_WAIT if sig is not None else CLASSIFY_WAIT)
+        # With a signal line the exit was deliberate: give libvirt longer to say by whom.
+        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT if sig is None else DELIBERATE_WAIT)
         detail = event.detail_name if event is not None else None
+        note = f" (libvirt: STOPPED/{detail}{f', QEMU got signal {sig}' if sig is not None else ''})"
         if detail == "SHUTDOWN":
-            return f"deliberate: {self.orch.shutdown_cause(self.uuid)}"
+            return f"deliberate: {self.orch.shutdown_cause(self.uuid)}{note}"
         if detail in DELIBERATE_STOPS:
-            return f"deliberate: {STOP_CAUSES.get(detail, detail)}"
+            return f"deliberate: {STOP_CAUSES.get(detail, detail.lower())}{note}"
         if sig is not None:
             try:
                 name = signal.Signals(sig).name
@@ -678,6 +694,7 @@ class Orchestrator:
             ft_port=cfg.ft_listen.port, peer_silent_for=links.silent_for,
             register=domains.add, unregister=self._unregister, notify_peer=self._notify_peer,
             runs_here=self._runs_here, on_taken_over=self._after_takeover,
+            disk_replica_dir=cfg.disk_replica_dir,
             witness=self.witness, node=cfg.node_name,
         )
         libvirt.add_state_listener(self._libvirt_state)

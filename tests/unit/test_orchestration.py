@@ -310,7 +310,7 @@ def test_the_end_of_a_qemu_is_logged_with_its_cause(
     terminated on signal 15"; a SIGKILL as a vanished QEMU. libvirt's events name the cause."""
     uuid = "0f1e2d3c-0000-4000-8000-000000000005"
     monkeypatch.setattr(orchestrator, "CLASSIFY_WAIT", 0.01)
-    monkeypatch.setattr(orchestrator, "CAUSE_WAIT", 0.05)
+    monkeypatch.setattr(orchestrator, "DELIBERATE_WAIT", 0.05)
     monkeypatch.setattr(orchestrator, "ended_on_signal", lambda name, since: signal_line)
     conn: Any = SimpleNamespace(add_lifecycle_listener=lambda f: None, add_state_listener=lambda f: None)
     orch = orchestrator.Orchestrator.__new__(orchestrator.Orchestrator)
