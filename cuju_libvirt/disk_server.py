@@ -20,6 +20,7 @@ changed) until :func:`forget` removes it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -62,6 +63,26 @@ class ServerPaths:
         """The same layout in another directory (tests, benchmarks)."""
         base = str(Path(directory) / target)
         return cls(socket=base + ".sock", journal=base + ".journal", pidfile=base + ".pid")
+
+
+def export_size_for(image: str, fmt: str) -> int | None:
+    """The NBD export size a disk needs: None (the file's size) for raw; for qcow2, room for the
+    file to grow to a fully allocated image (QEMU decodes the qcow2 over NBD, and an NBD
+    export cannot grow): virtual size + L2 tables and refcounts twice over + 64 MiB."""
+    if fmt != "qcow2":
+        return None
+    try:
+        done = subprocess.run(["qemu-img", "info", "--output=json", "-U", "-f", "qcow2", image],
+                              capture_output=True, text=True, timeout=30, check=False)
+    except FileNotFoundError as err:
+        raise DiskServerError("qemu-img not found; fix: apt-get install qemu-utils") from err
+    if done.returncode != 0:
+        raise DiskServerError(f"qemu-img info {image}: {done.stderr.strip()}")
+    info = json.loads(done.stdout)
+    virtual, cluster = int(info["virtual-size"]), int(info.get("cluster-size", 65536))
+    bound = virtual + 2 * (virtual // cluster) * 8 * 2 + (64 << 20)
+    bound = max(bound, os.stat(image).st_size)
+    return (bound + (1 << 20) - 1) & ~((1 << 20) - 1)
 
 
 def _read_pid(paths: ServerPaths) -> int | None:

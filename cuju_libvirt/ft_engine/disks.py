@@ -95,6 +95,10 @@ class DiskSet:
         self.sizes = tuple(i["disk_size"] for i in infos)
         self._block = [i["block_size"] for i in infos]
 
+    def set_progress(self, progress: Callable[[str, int, int], None] | None) -> None:
+        """Report synchronisation progress to ``progress(target, synced_bytes, total_bytes)``."""
+        self._progress = progress
+
     def __len__(self) -> int:
         return len(self.disks)
 

@@ -203,6 +203,8 @@ class PrimaryEngine:
         self.config = config
         #: The protected disks (their journals are sealed in every pause); the engine closes it.
         self._disks = disks
+        if disks is not None:
+            disks.set_progress(stats.set_disk_sync)  # `cuju-libvirt status` shows it per disk
         #: The primary's side of :class:`.linkkeys.LinkKeys`: the FT link runs encrypted.
         self._link_keys = link_keys
         self._on_stopped = on_stopped

@@ -98,7 +98,7 @@ def start_disk_servers(uuid: str, disks: Sequence[FTDisk]) -> None:
     """The block server of each prepared disk, serving the primary's image (idempotent)."""
     for d in disks:
         disk_server.start(disk_server.ServerPaths.of(uuid, d.target), d.source, target=d.target,
-                          owner=_socket_owner())
+                          export_size=disk_server.export_size_for(d.source, d.format), owner=_socket_owner())
 
 
 def stop_disk_servers(uuid: str, disks: Sequence[FTDisk]) -> None:

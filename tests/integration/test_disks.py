@@ -319,3 +319,66 @@ def test_backup_killed_applying_disk_records_holds_a_committed_epoch(
         finally:
             rx.close()
             ds.close()
+
+
+@pytest.mark.timeout(120)
+def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
+    """QEMU decodes the qcow2 over NBD; the server journals the file's bytes; the file grows
+    (allocations) inside the larger export; the replica is the same qcow2."""
+    image = shm_dir / "vda.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "24M"], check=True, timeout=30)
+    before = image.stat().st_size
+    size = disk_server.export_size_for(str(image), "qcow2")
+    assert size is not None and size >= (24 << 20)
+    paths = disk_server.ServerPaths.under(shm_dir, "vda")
+    disk_server.start(paths, str(image), target="vda", export_size=size)
+    ds = None
+    try:
+        ds = disk_set([ModelDisk("vda", image, paths, size)])
+        assert ds.sizes == (size,)
+        replica = str(shm_dir / "vda.replica.qcow2")
+        prepare_replica(replica, size)
+        region, standby = mmap.mmap(-1, PAGE), mmap.mmap(-1, PAGE)
+        a, b = socket.socketpair()
+        rx = EpochReceiver(standby, str(shm_dir / "state"), disks=[(replica, size)])
+        rx.start(b)
+        tx = EpochSender(a, region, disk_sizes=ds.sizes)
+        rng = random.Random(2)
+        try:
+            tx.handshake(5)
+            epoch = 0
+            ds.begin_sync(full=True)  # the header and tables written before protection
+            while parts := ds.sync_chunk():
+                epoch += 1
+                tx.stage(epoch, NO_PAGES, b"", disks=parts)
+                tx.ship()
+            synced = epoch
+            for epoch in range(synced + 1, synced + 6):
+                cmds = [f"write -P {rng.randrange(1, 256)} {rng.randrange(0, 23 << 8) * 4096} 65536"
+                        for _ in range(20)]
+                io = subprocess.run(["qemu-io", "-f", "qcow2", *[x for c in cmds for x in ("-c", c)],
+                                     f"nbd+unix:///vda?socket={paths.socket}"],
+                                    capture_output=True, text=True, timeout=60, check=False)
+                assert io.returncode == 0, io.stderr
+                tx.stage(epoch, NO_PAGES, b"", disks=ds.seal(epoch))
+                tx.ship()
+                assert tx.wait_ack(epoch, 10)
+                ds.acked(epoch)
+                _wait_applied(rx, epoch)
+                prim = image.read_bytes()
+                rep = Path(replica).read_bytes()
+                assert rep[:len(prim)] == prim and rep[len(prim):].count(0) == len(rep) - len(prim)
+            assert image.stat().st_size > before  # it grew inside the export
+            for argv in (["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(image), replica],
+                         ["qemu-img", "check", "-f", "qcow2", replica]):
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+                assert done.returncode == 0, done.stdout + done.stderr
+        finally:
+            tx.close(orderly=False, timeout=0)
+            rx.close()
+            a.close()
+            b.close()
+    finally:
+        if ds is not None:
+            ds.close()
+        disk_server.stop(paths)
