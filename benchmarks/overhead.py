@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -10,17 +11,19 @@ from typing import Any
 
 from benchmarks._engine import NETNS, SUBNET, add_epoch_ms_argument, config, linux_pair
 from cuju_libvirt.ft_engine.devstate import DeviceStateSaver
-from cuju_libvirt.rig.engine_pair import BridgedNetwork, protected_pair
-from cuju_libvirt.rig.linux_guest import parse_serial
+from cuju_libvirt.rig.engine_pair import BridgedNetwork, protected_pair, scratch_counter_dir
+from cuju_libvirt.rig.linux_guest import kernel_cmdline, parse_serial
 from cuju_libvirt.rig.qemu_direct import DirectGuest
 
 DESCRIPTION = (
     "Throughput of the Linux test guest under FT (the real engine, no output commit: the workloads "
-    "send nothing) against the same guest unprotected, measured by the host's clock, for two "
-    "workloads: cpu (compute-bound, a few dirty pages per epoch) and mem (one word per 4 KiB page over "
-    "--stress-mb MiB: every epoch dirties all of it). Phases per workload: before anything, after "
-    "bare stop/cont cycles, after one device-state save (the baseline: both it and FT come after a "
-    "save), FT, and unprotected again after FT. ratio_<workload> = FT / mean(baseline, after)."
+    "send nothing) against unprotected, measured by the host's clock, for two workloads: cpu "
+    "(compute-bound, a few dirty pages per epoch) and mem (one word per 4 KiB page over --stress-mb "
+    "MiB: every epoch dirties all of it). A twin guest (same kernel, workload and size, never "
+    "protected) runs alongside and is measured in the same seconds, so a load change on the host "
+    "hits both alike. Phases per workload: before anything, after bare stop/cont cycles, after one "
+    "device-state save (calibration: both unprotected), FT, after FT. ratio_<workload> = "
+    "(FT guest / twin during FT) / (guest / twin during calibration)."
 )
 TARGETS = {"ratio_cpu": {"20": 0.9, "5": 0.75}}
 
@@ -48,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stress-mb", type=int, default=32,
                         help="MiB the mem workload writes over (default 32)")
     parser.add_argument("--workloads", default="cpu,mem", help="workloads to run (default cpu,mem)")
+    parser.add_argument("--epoch-policy", choices=("output", "fixed"), default="fixed",
+                        help="the engine's epoch policy (default fixed: an epoch every --epoch-ms; "
+                             "output: output commit on, and a guest that sends nothing pauses every "
+                             "--max-epoch-ms)")
+    parser.add_argument("--max-epoch-ms", type=int, default=100,
+                        help="with --epoch-policy output: the longest epoch (default 100)")
 
 
 def _progress(guest: DirectGuest, w: Workload) -> int:
@@ -55,16 +64,18 @@ def _progress(guest: DirectGuest, w: Workload) -> int:
     return int(reports[-1][w.key]) if reports else 0
 
 
-def rates(guest: DirectGuest, w: Workload, seconds: float) -> list[float]:
-    """Progress units per second of the *host's* clock, one sample per second: the guest's own
-    clock stops while the VM is paused, so a rate it reported would overstate FT."""
-    out = []
-    t0, p0 = time.monotonic(), _progress(guest, w)
+def rates(guests: list[DirectGuest], w: Workload, seconds: float) -> list[list[float]]:
+    """Per guest, progress units per second of the *host's* clock, one sample per second, all
+    guests over the same seconds: the guest's own clock stops while the VM is paused, so a rate
+    it reported would overstate FT."""
+    out: list[list[float]] = [[] for _ in guests]
+    t0, p0 = time.monotonic(), [_progress(g, w) for g in guests]
     end = t0 + seconds
     while time.monotonic() < end:
         time.sleep(1.0)
-        t1, p1 = time.monotonic(), _progress(guest, w)
-        out.append((p1 - p0) / (t1 - t0))
+        t1, p1 = time.monotonic(), [_progress(g, w) for g in guests]
+        for i in range(len(guests)):
+            out[i].append((p1[i] - p0[i]) / (t1 - t0))
         t0, p0 = t1, p1
     return out
 
@@ -73,19 +84,28 @@ def _median(xs: list[float]) -> float | None:
     return round(statistics.median(xs), 2) if xs else None
 
 
+def _twin(guest: DirectGuest, w: Workload) -> DirectGuest:
+    """An unprotected guest like ``guest`` (same kernel, workload and size; no NIC)."""
+    return DirectGuest(name="eng-twin", memory_mib=guest.memory_mib, kernel=guest.kernel,
+                       initrd=guest.initrd, append=kernel_cmdline(w.mode, **w.params))
+
+
 def _one(args: argparse.Namespace, name: str, w: Workload) -> dict[str, Any]:
     with (
+        contextlib.ExitStack() as stack,
         BridgedNetwork(NETNS, SUBNET) as net,
         linux_pair(net, w.mode, **w.params) as (p, s),
+        _twin(p, w) as twin,
     ):
         assert s is not None
         p.wait_serial(w.ready, timeout=60)
-        phases: dict[str, list[float]] = {"before_any_pause": rates(p, w, args.seconds)}
+        twin.wait_serial(w.ready, timeout=120)
+        pair_rates: dict[str, list[list[float]]] = {"before_any_pause": rates([p, twin], w, args.seconds)}
         for _ in range(20):  # does a bare pause change the guest's speed?
             p.qmp.execute("stop")
             p.qmp.execute("cont")
-        phases["after_stop_cont"] = rates(p, w, args.seconds)
-        # One device-state save, as every FT epoch does: the baseline then comes after one too.
+        pair_rates["after_stop_cont"] = rates([p, twin], w, args.seconds)
+        # One device-state save, as every FT epoch does: calibration then comes after one too.
         saver = DeviceStateSaver(p.qmp)
         p.qmp.execute("stop")
         try:
@@ -93,26 +113,36 @@ def _one(args: argparse.Namespace, name: str, w: Workload) -> dict[str, Any]:
         finally:
             p.qmp.execute("cont")
             saver.close()
-        phases["baseline"] = rates(p, w, args.seconds)
-        with protected_pair(p, s, config(p, args.epoch_ms, None, output=False)) as pair:
-            phases["ft"] = rates(p, w, args.seconds)
+        pair_rates["calibration"] = rates([p, twin], w, args.seconds)
+        if args.epoch_policy == "output":  # ends on held output: needs output commit with a counter
+            counters = stack.enter_context(scratch_counter_dir())
+            cfg = config(p, args.epoch_ms, counters)
+        else:
+            cfg = config(p, args.epoch_ms, None, output=False)
+        cfg.epoch_policy, cfg.max_epoch_ms = args.epoch_policy, args.max_epoch_ms
+        with protected_pair(p, s, cfg) as pair:
+            pair_rates["ft"] = rates([p, twin], w, args.seconds)
             pause_ms = pair.engine.times.median_ms()
             dirty = pair.pstats.snapshot().dirty_pages
             epochs = pair.engine.epochs
-        phases["after_ft"] = rates(p, w, args.seconds)
-    med = {k: _median(v) for k, v in phases.items()}
-    unprotected = [m for m in (med["baseline"], med["after_ft"]) if m]
-    base = statistics.mean(unprotected) if unprotected else None
+        pair_rates["after_ft"] = rates([p, twin], w, args.seconds)
+    med = {k: _median(v[0]) for k, v in pair_rates.items()}
+    twin_med = {k: _median(v[1]) for k, v in pair_rates.items()}
+    # Per second, guest over twin: both saw the same host load in that second.
+    rel = {k: _median([a / b for a, b in zip(v[0], v[1], strict=True) if b]) for k, v in pair_rates.items()}
+    calib, ft = rel["calibration"], rel["ft"]
     return {
-        "ratio": round(med["ft"] / base, 3) if base and med["ft"] is not None else None,
+        "ratio": round(ft / calib, 3) if ft is not None and calib else None,
         "rate_median": med,
+        "twin_rate_median": twin_med,
+        "guest_over_twin": rel,
         "unit": f"{w.key} per second (host clock)",
         "epochs": epochs,
         "pause_ms_median": None if pause_ms is None else round(pause_ms, 2),
         "dirty_pages_mean": round(dirty.total / dirty.count) if dirty.count else None,
-        "tcg_effect": {  # >1: the guest ran faster after that event than before anything
-            "after_stop_cont_vs_before": _ratio(med["after_stop_cont"], med["before_any_pause"]),
-            "after_save_vs_before": _ratio(med["baseline"], med["before_any_pause"]),
+        "tcg_effect": {  # guest/twin after that event over guest/twin before anything (1: none)
+            "after_stop_cont_vs_before": _ratio(rel["after_stop_cont"], rel["before_any_pause"]),
+            "after_save_vs_before": _ratio(rel["calibration"], rel["before_any_pause"]),
         },
     }
 
@@ -130,7 +160,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     per = {n: _one(args, n, loads[n]) for n in names}
     out: dict[str, object] = {f"ratio_{n}": r["ratio"] for n, r in per.items()}
     target = TARGETS["ratio_cpu"].get(str(args.epoch_ms))
-    if "ratio_cpu" in out and target is not None:
+    if "ratio_cpu" in out and target is not None and args.epoch_policy == "fixed":
         out["meets_ratio_cpu_target"] = out["ratio_cpu"] is not None and float(out["ratio_cpu"]) >= target
-    out.update({"workloads": per, "epoch_ms": args.epoch_ms, "stress_mb": args.stress_mb, "targets": TARGETS})
+    out.update({"workloads": per, "epoch_ms": args.epoch_ms, "epoch_policy": args.epoch_policy,
+                "max_epoch_ms": args.max_epoch_ms, "stress_mb": args.stress_mb, "targets": TARGETS})
     return out

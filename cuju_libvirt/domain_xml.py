@@ -150,14 +150,19 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         "link", "link", "endpoint", None,
         f"FT-link data endpoint on the peer, ADDR[:PORT]; default: the peer's host, port {DEFAULT_LINK_PORT}",
     ),
-    Attribute("epoch-ms", "epoch_ms", "int", 20,
-              "epoch length in milliseconds (with epoch-policy='output': the longest an epoch lasts)",
+    Attribute("epoch-ms", "epoch_ms", "int", 20, "epoch length in milliseconds with epoch-policy='fixed'",
               bounds=(5, 1000)),
     Attribute(
         "epoch-policy", "epoch_policy", "choice", "output",
         "when an epoch ends: output (as soon as held network output waits for it, at the latest "
-        "after epoch-ms) or fixed (every epoch-ms)",
+        "after max-epoch-ms) or fixed (every epoch-ms)",
         choices=("output", "fixed"),
+    ),
+    Attribute(
+        "max-epoch-ms", "max_epoch_ms", "int", 100,
+        "with epoch-policy='output': the longest an epoch lasts (bounds the replication lag and the "
+        "replay of a guest that sends nothing)",
+        bounds=(5, 10000),
     ),
     Attribute(
         "tracker", "tracker", "choice", "auto",
@@ -232,6 +237,7 @@ class FTSpec:
     link: str | None = None
     epoch_ms: int = 20
     epoch_policy: EpochPolicy = "output"
+    max_epoch_ms: int = 100
     tracker: Tracker = "auto"
     output_commit: bool = True
     max_epoch_packets: int = 5000

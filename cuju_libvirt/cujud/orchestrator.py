@@ -107,6 +107,9 @@ class PrimaryDomain:
         self.spec = spec
         self.peer = peer_name
         self.spec_link = spec_link
+        #: The backup is chosen by this cujud (the element names this host: the VM failed over
+        #: here), again before every attempt: :meth:`Orchestrator.place`.
+        self.placed = not spec_link
         self.machine = machine or FTMachine(name, Role.PRIMARY)
         self.stats = stats or DomainStats(name, uuid, "primary", peer=peer_name, tracker=spec.tracker,
                                           epoch_ms=spec.epoch_ms)
@@ -157,7 +160,11 @@ class PrimaryDomain:
                 continue
             if self._fresh:
                 self._fresh, delay = False, BACKOFF_MIN
+            if self._vm_gone():
+                return
             try:
+                if self.placed:
+                    self._choose_peer()
                 self._pair_once()
                 continue
             except CujuError as err:
@@ -216,7 +223,8 @@ class PrimaryDomain:
         counters = self.orch.counter_dir()
         cfg = PrimaryConfig(
             ram_path=ram.path, ram_size=ram.size, tracker=self.spec.tracker, epoch_ms=self.spec.epoch_ms,
-            epoch_policy=self.spec.epoch_policy, output_commit=self.spec.output_commit,
+            epoch_policy=self.spec.epoch_policy, max_epoch_ms=self.spec.max_epoch_ms,
+            output_commit=self.spec.output_commit,
             max_packets=self.spec.max_epoch_packets,
             counter_dir=str(counters), ack_timeout=self.spec.heartbeat_timeout_ms / 1e3, tag=self.name,
             standby_sections=standby.sections if standby is not None else None,
@@ -265,6 +273,34 @@ class PrimaryDomain:
                                   "it here", path, uid, gid)
             except OSError as err:
                 raise CujuError(f"cannot give the disk image {path} to QEMU's user: {err}") from err
+
+    def _vm_gone(self) -> bool:
+        """True (and protection ended) once the VM no longer runs here while unprotected.
+
+        The hook does not report the stop of a VM that failed over here: its live XML still
+        carries the standby's ``-incoming`` until its next start, which the hook leaves alone.
+        """
+        if qemu_pid(self.name) is not None:
+            return False
+        try:
+            if self.orch.lookup(self.uuid).isActive():
+                return False
+        except (CujuError, libvirt.libvirtError):
+            pass
+        self.log.info("the VM no longer runs here: protection ends")
+        self._ask_abandon("the domain stopped", quiet=True, vm_ended=True)
+        self.orch.witness_stopped(self)
+        self._finish()
+        return True
+
+    def _choose_peer(self) -> None:
+        chosen = self.orch.place(self.uuid, prefer=self.peer)
+        if chosen is None:
+            raise CujuError(f"no peer host is connected to hold its standby (peers: "
+                            f"{', '.join(sorted(self.orch.links)) or 'none'})")
+        if chosen != self.peer:
+            self.log.info("the standby goes to %s (%s does not answer)", chosen, self.peer)
+            self.peer = self.stats.peer = chosen
 
     def _link_address(self, reply: dict[str, Any]) -> tuple[str, int]:
         """Where the FT link goes: the element's ``link`` for its own peer, else what the backup said."""
@@ -578,11 +614,30 @@ class Orchestrator:
             return uuid in self.primaries
 
     def peer_connected(self, name: str) -> None:
-        """A peer's cujud (re)connected: VMs that wait for it as their backup pair now."""
+        """A peer's cujud (re)connected: VMs that wait for it as their backup (or for any
+        backup, when this cujud places theirs) pair now."""
         with self._lock:
-            waiting = [p for p in self.primaries.values() if p.peer == name]
+            waiting = [p for p in self.primaries.values() if p.peer == name or p.placed]
         for p in waiting:
             p.peer_back()
+
+    def place(self, uuid: str, prefer: str | None = None) -> str | None:
+        """The peer to hold the standby of ``uuid`` (None: no peer is connected).
+
+        ``prefer`` (the VM's last backup, or the old primary host after a failover) while it
+        is connected; otherwise the connected peer that holds the fewest standbys of this
+        host's other VMs, by name on a tie. Never this host: only peers are candidates.
+        """
+        connected = []
+        for name in sorted(self.links):
+            with contextlib.suppress(CujuError):
+                self.links.connection(name)
+                connected.append(name)
+        if prefer in connected:
+            return prefer
+        with self._lock:
+            load = [p.peer for p in self.primaries.values() if p.uuid != uuid]
+        return min(connected, key=lambda n: (load.count(n), n), default=None)
 
     def _after_takeover(self, sb: Standby) -> None:
         """A standby of this host took its VM over: re-protect the VM, with the old primary
@@ -599,7 +654,8 @@ class Orchestrator:
             if sb.uuid in self.primaries or self.stopping.is_set():
                 return
             self.primaries[sb.uuid] = p
-        p.log.info("running here after the failover: re-protecting it with %s as the backup", sb.peer)
+        p.log.info("running here after the failover: re-protecting it (backup: %s while it answers, "
+                   "else another peer)", sb.peer)
         p.start()
 
     def names_this_host(self, spec: FTSpec) -> bool:
@@ -609,10 +665,10 @@ class Orchestrator:
 
     def resolve_peer(self, spec: FTSpec) -> str:
         """The configured peer that ``<cuju:ft peer=...>`` names (by node name or address). An
-        element that names this host itself (the VM failed over here and was restarted) means
-        the one other host when exactly one peer is configured."""
-        if self.names_this_host(spec) and len(self.links) == 1:
-            return next(iter(self.links))
+        element that names this host itself (the VM failed over here and was restarted) leaves
+        the choice to :meth:`place` (the one other host when only one peer is configured)."""
+        if self.names_this_host(spec) and self.links:
+            return self.place("", prefer=None) or sorted(self.links)[0]
         host = spec.peer_host
         for name, link in self.links.items():
             if host in (name, link.address.host):

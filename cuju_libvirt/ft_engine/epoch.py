@@ -19,10 +19,9 @@ One epoch N (the VM ran since the end of epoch N-1's pause)::
 
 When an epoch ends is :attr:`PrimaryConfig.epoch_policy`: ``"fixed"``, when its time
 (``epoch_ms``) is up; ``"output"`` (the default), as soon as output commit holds a packet
-for it, at the latest when its time is up (``epoch_ms`` is then the longest interval:
-it bounds the lag and the replay). Either way an epoch also waits for epoch N-1's
-acknowledgement, and ends earlier when the packets it holds approach
-:attr:`PrimaryConfig.max_packets`. Pipelining is one epoch deep:
+for it, at the latest after ``max_epoch_ms`` (which bounds the lag and the replay).
+Either way an epoch also waits for epoch N-1's acknowledgement, and ends earlier when
+the packets it holds approach :attr:`PrimaryConfig.max_packets`. Pipelining is one epoch deep:
 N is on the wire while N+1 runs; N+1 cannot close before N is acknowledged (F2 of the
 output commit holds one epoch).
 
@@ -95,9 +94,10 @@ class PrimaryConfig:
     ram_size: int
     tracker: str = "auto"
     epoch_ms: int = 20
-    #: "output": end an epoch as soon as it holds output (at the latest after epoch_ms);
+    #: "output": end an epoch as soon as it holds output (at the latest after max_epoch_ms);
     #: "fixed": every epoch_ms. "output" needs output commit and counter_dir, else acts as "fixed".
     epoch_policy: str = "output"
+    max_epoch_ms: int = 100
     output_commit: bool = True
     #: Netdev ids to hold (None: every NIC's netdev, discovered over QMP).
     netdevs: list[str] | None = None
@@ -122,6 +122,8 @@ class PrimaryConfig:
     def __post_init__(self) -> None:
         if not MIN_EPOCH_MS <= self.epoch_ms <= MAX_EPOCH_MS:
             raise ValueError(f"epoch_ms {self.epoch_ms} must be in {MIN_EPOCH_MS}..{MAX_EPOCH_MS}")
+        if not MIN_EPOCH_MS <= self.max_epoch_ms <= MAX_EPOCH_MS:
+            raise ValueError(f"max_epoch_ms {self.max_epoch_ms} must be in {MIN_EPOCH_MS}..{MAX_EPOCH_MS}")
         if self.epoch_policy not in EPOCH_POLICIES:
             raise ValueError(f"epoch_policy {self.epoch_policy!r} must be one of {', '.join(EPOCH_POLICIES)}")
         if not 1 <= self.max_packets < QUEUE_LIMIT:
@@ -531,12 +533,13 @@ class PrimaryEngine:
         end_on_output = counting and cfg.epoch_policy == "output"
         if cfg.epoch_policy == "output" and not counting:
             self.log.info("epoch policy 'output' without a packet counter (output commit %s): epochs end "
-                          "every %d ms", "off" if self._output is None else "without counter_dir",
+                          "every epoch_ms (%d ms)", "off" if self._output is None else "without counter_dir",
                           self._epoch_ms)
         sender = self._sender
         assert sender is not None
         while not self._stopping.is_set():
-            deadline = started + self._epoch_ms / 1e3
+            length_ms = cfg.max_epoch_ms if end_on_output else self._epoch_ms
+            deadline = started + length_ms / 1e3
             ack_deadline = deadline + cfg.ack_timeout
             while True:
                 now = self._clock()

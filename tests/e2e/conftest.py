@@ -83,9 +83,14 @@ def cujuds(ft_rig: Rig, tmp_path: Path) -> Iterator[tuple[Cujud, Cujud]]:
 
 def cleanup_protected(rig: Rig, name: str) -> None:
     """Destroy and undefine ``name`` on both hosts and forget cujud's records of it."""
-    for host in (rig.a, rig.b):
+    hosts = list(rig.hosts.values())
+    for _ in range(2):  # twice: a primary may re-pair onto a host whose standby just went
+        for host in hosts:
+            if host.keeper is not None and host.keeper.alive():
+                host.virsh("destroy", name, check=False)
+        time.sleep(0.5)
+    for host in hosts:
         if host.keeper is not None and host.keeper.alive():
-            host.virsh("destroy", name, check=False)
             host.virsh("undefine", name, check=False)
         for kind in ("ceded", "takeovers", "protected"):
             for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):

@@ -23,3 +23,10 @@ def test_element_round_trips_the_policy() -> None:
     spec = dx.FTSpec.from_attributes({"peer": "hostb", "epoch-policy": "fixed"})
     assert spec.epoch_policy == "fixed"
     assert spec.to_attributes() == {"peer": "hostb", "epoch-policy": "fixed"}
+
+
+def test_max_epoch_matches_the_element() -> None:
+    attr = dx.ATTRIBUTE_BY_NAME["max-epoch-ms"]
+    assert attr.default == PrimaryConfig(ram_path="x", ram_size=4096).max_epoch_ms == 100
+    with pytest.raises(ValueError, match="max_epoch_ms 0 must be in"):
+        PrimaryConfig(ram_path="x", ram_size=4096, max_epoch_ms=0)

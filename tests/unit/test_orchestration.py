@@ -271,6 +271,7 @@ def test_the_pairing_backoff_waits_what_the_log_says(monkeypatch: pytest.MonkeyP
         raise CujuError("the peer refused")
 
     monkeypatch.setattr(p, "_pair_once", failing_pairing)
+    monkeypatch.setattr(p, "_vm_gone", lambda: False)  # the VM runs on (no libvirt here)
     caplog.set_level("WARNING", logger="cuju_libvirt.cujud.orchestrator")
     p.start()
     deadline = time.monotonic() + 10
@@ -296,3 +297,34 @@ def test_an_ft_link_of_another_generation_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StateError, match=r"generation 3 .* paired at generation 4"):
         sb._linked(None, 3)  # type: ignore[arg-type]
     assert sb.link is None
+
+
+class FakeLinks(dict[str, object]):
+    """Configured peers; ``up`` names the connected ones."""
+
+    def __init__(self, names: list[str], up: set[str]) -> None:
+        super().__init__((n, object()) for n in names)
+        self.up = up
+
+    def connection(self, name: str) -> object:
+        if name not in self.up:
+            raise CujuError(f"peer {name} is not connected")
+        return object()
+
+
+def test_placement_keeps_a_connected_backup_and_otherwise_balances_over_connected_peers() -> None:
+    primaries = {u: SimpleNamespace(uuid=u, peer=peer) for u, peer in
+                 (("u1", "hostb"), ("u2", "hostb"), ("u3", "hostc"))}
+    orch: Any = SimpleNamespace(links=FakeLinks(["hostb", "hostc", "hostd"], {"hostb", "hostc", "hostd"}),
+                                primaries=primaries, _lock=threading.Lock())
+
+    def place(uuid: str, prefer: str | None = None) -> str | None:
+        return orchestrator.Orchestrator.place(orch, uuid, prefer=prefer)
+
+    assert place("new", prefer="hostb") == "hostb"  # the old backup (or old primary host) answers
+    assert place("new") == "hostd"  # fewest standbys of this host's VMs
+    orch.links.up = {"hostb", "hostc"}
+    assert place("new", prefer="hostd") == "hostc"  # hostd is gone: the lighter of the others
+    assert place("u3", prefer="hosta") == "hostc"  # a VM's own standby does not count against a host
+    orch.links.up = set()
+    assert place("new", prefer="hostb") is None

@@ -1,0 +1,92 @@
+"""Re-protection onto a third host (issue 9): three rig hosts, cujud on each (two-host mode, no
+etcd), the Linux guest protected from host a to host b. Host a dies (power loss): b takes
+over and, with a gone, protects the VM again with a new standby on host c, by itself. Judged
+on the observer's record (never a number twice, at most one epoch's gap, one TCP stream) and
+on which hosts run a copy: b runs the VM, c holds a paused standby, a runs nothing."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cuju_libvirt.rig.cujud import HOOK_NAME, cujud_cluster, protected_linux_xml, write_hook_shim
+from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
+from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
+from cuju_libvirt.rig.observer import Observer, Rules, judge_run
+from cuju_libvirt.rig.sandbox import RigUnavailable
+from cuju_libvirt.rig.teardown import sweep_stale
+from tests.e2e.conftest import skip_unless_rig_possible
+from tests.e2e.test_failover import PPS, _runs, _still_counting, one_epoch_gap
+
+MAC = "52:54:00:19:0a:00"
+NAME = "rp3-vm"
+
+
+@pytest.fixture(scope="module")
+def rig3() -> Iterator[Rig]:
+    skip_unless_rig_possible()
+    sweep_stale()
+    with tempfile.TemporaryDirectory(prefix="reprotect3-hook.") as tmp:
+        rig = Rig(hooks={HOOK_NAME: write_hook_shim(Path(tmp))}, host_count=3)
+        try:
+            rig.up()
+        except RigUnavailable as err:
+            pytest.skip(str(err))
+        try:
+            yield rig
+        finally:
+            rig.down()
+
+
+@pytest.fixture(scope="module")
+def linux_guest() -> LinuxGuest:
+    return build_linux_guest()
+
+
+@pytest.mark.timeout(360)
+def test_primary_host_crash_fails_over_to_b_and_re_protects_onto_c(
+    rig3: Rig, linux_guest: LinuxGuest, tmp_path: Path
+) -> None:
+    rig = rig3
+    a, b, c = rig.a, rig.b, rig.host("c")
+    with Observer((OBSERVER_ADDRESS, 0), (OBSERVER_ADDRESS, 0), netns=rig.lan.netns_path) as obs, \
+            cujud_cluster(rig, logs=tmp_path / "logs") as (ca, cb, cc):
+        xml = protected_linux_xml(rig, linux_guest, NAME, obs, mac=MAC, pps=PPS, epoch_ms=20)
+        a.virsh("define", str(xml))
+        a.virsh("start", NAME)
+        assert ca.wait_domain(NAME, "protected", timeout=120)["peer"] == "cuju-b"
+        cb.wait_domain(NAME, "standby", timeout=30)
+        obs.wait_for(lambda r: len(r.udp) >= PPS and len(r.tcp_data) >= 400, timeout=90)
+        time.sleep(random.uniform(0.5, 2.0))
+        max_gap = one_epoch_gap(ca, NAME)
+        crashed_at = time.monotonic()
+        a.crash()
+
+        cb.wait_failed_over(NAME, timeout=20)
+        again = cb.wait_domain(NAME, "protected", timeout=180)
+        assert again["peer"] == "cuju-c" and again["role"] == "primary", again
+        standby = cc.wait_domain(NAME, "standby", timeout=30)
+        assert standby["peer"] == "cuju-b"
+        print(f"re-protected onto host c {time.monotonic() - crashed_at:.1f} s after host a died")
+        assert _runs(b, NAME)
+        assert c.virsh("domstate", NAME).strip() == "paused"  # the standby: one copy runs, on b
+        assert a.qemu_pid(NAME) is None and not a.processes()
+        rec = _still_counting(obs, time.monotonic(), PPS, timeout=30)
+        verdict = judge_run(rec, Rules(max_gap=max_gap, failover_at=crashed_at, tolerance=0.5))
+        assert verdict.ok, verdict.as_dict()
+        # c may not start the VM on its own while b runs it
+        assert list(c.outside("/var/lib/cuju-libvirt/ceded").glob("*.json"))
+
+        # the old primary host comes back: it refuses the VM (it was protected there)
+        a.reboot()
+        refused = a.run(["virsh", "-c", "qemu:///system", "start", NAME], check=False)
+        assert refused.returncode != 0 and "was protected" in refused.stderr, refused.stderr
+        for host in (c, b):  # the standby first: no failover when the VM goes
+            host.virsh("destroy", NAME, check=False)
+        for host in rig.hosts.values():
+            host.virsh("undefine", NAME, check=False)
