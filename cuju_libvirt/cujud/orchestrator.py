@@ -47,6 +47,7 @@ from lxml import etree
 
 from cuju_libvirt import config, fitness
 from cuju_libvirt.cujud import control, coord, peer, records
+from cuju_libvirt.cujud.disks import primary_disks
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
 from cuju_libvirt.cujud.qemu_process import (
@@ -77,8 +78,18 @@ LOG = logging.getLogger(__name__)
 S = FTState
 #: libvirt STOPPED details that mean somebody stopped the domain on purpose.
 DELIBERATE_STOPS = frozenset({"SHUTDOWN", "DESTROYED", "SAVED", "MIGRATED", "FROM_SNAPSHOT"})
+#: What each of them means to an operator.
+STOP_CAUSES = {
+    "SHUTDOWN": "the guest powered off (or virsh shutdown)",
+    "DESTROYED": "virsh destroy",
+    "SAVED": "virsh save / managedsave",
+    "MIGRATED": "virsh migrate",
+    "FROM_SNAPSHOT": "a snapshot was reverted",
+}
 #: How long a dead QEMU's cause may stay unknown before it counts as a crash (s).
 CLASSIFY_WAIT = 0.25
+#: How long libvirt may take to name the operation behind a "terminating on signal" (s).
+DELIBERATE_WAIT = 2.0
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 STANDBY_CREATE_TIMEOUT = 120.0
 QEMU_USER = "libvirt-qemu"
@@ -196,13 +207,16 @@ class PrimaryDomain:
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
         sock: socket.socket | None = None
+        disks = None
         try:
+            disks = primary_disks(self.uuid, self.spec.disks)
             self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer)
             self.log.info("asking %s for a standby", self.peer)
             reply = conn.request("standby-create", {
                 "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
                 "generation": self.generation,
+                "disk_sizes": list(disks.sizes) if disks is not None else [],
             }, timeout=STANDBY_CREATE_TIMEOUT)
             link_keys = self._link_keys(reply)
             sock = socket.create_connection(self._link_address(reply), timeout=10)
@@ -216,6 +230,8 @@ class PrimaryDomain:
             self._ask_abandon("pairing failed", quiet=True)
             if sock is not None:
                 sock.close()
+            if disks is not None:
+                disks.close()
             raise CujuError(f"pairing with {self.peer} failed: {err}") from err
         self.pid = pid
         self._log_offset = log_offset(self.name)
@@ -230,7 +246,8 @@ class PrimaryDomain:
             standby_sections=standby.sections if standby is not None else None,
         )
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
-                                    machine=self.machine, may_release=self._may_release, link_keys=link_keys)
+                                    machine=self.machine, may_release=self._may_release, link_keys=link_keys,
+                                    disks=disks)
         self.stats.set_initial_sync(0.0)
         self._starting = True
         try:
@@ -412,12 +429,18 @@ class PrimaryDomain:
         self._reprotect_after_engine()
 
     def _classify_exit(self) -> str:
+        """Why QEMU is gone, in the words an operator looks for. libvirt's STOPPED detail names
+        the operation (libvirt itself sends the SIGTERM after a save or a guest poweroff, so
+        the signal alone does not); QEMU's "terminating on signal" line is the fallback."""
         sig = ended_on_signal(self.name, self._log_offset)
+        # With a signal line the exit was deliberate: give libvirt longer to say by whom.
+        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT if sig is None else DELIBERATE_WAIT)
+        if event is not None and event.detail_name in DELIBERATE_STOPS:
+            cause = STOP_CAUSES.get(event.detail_name, event.detail_name.lower())
+            signal_note = f", QEMU got signal {sig}" if sig is not None else ""
+            return f"deliberate: {cause} (libvirt: STOPPED/{event.detail_name}{signal_note})"
         if sig is not None:
             return f"deliberate: QEMU terminated on signal {sig}"
-        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT)
-        if event is not None and event.detail_name in DELIBERATE_STOPS:
-            return f"deliberate: libvirt reports STOPPED/{event.detail_name}"
         if event is not None:
             return f"crash: libvirt reports STOPPED/{event.detail_name}"
         return f"crash: QEMU vanished without a signal line and no libvirt event within {CLASSIFY_WAIT} s"
@@ -567,6 +590,7 @@ class Orchestrator:
             ft_port=cfg.ft_listen.port, peer_silent_for=links.silent_for,
             register=domains.add, unregister=self._unregister, notify_peer=self._notify_peer,
             runs_here=self._runs_here, on_taken_over=self._after_takeover,
+            disk_replica_dir=cfg.disk_replica_dir,
             witness=self.witness, node=cfg.node_name,
         )
         libvirt.add_state_listener(self._libvirt_state)

@@ -44,6 +44,7 @@ from lxml import etree
 from cuju_libvirt import fitness
 from cuju_libvirt.cujud import records
 from cuju_libvirt.cujud.coord import OwnershipStore
+from cuju_libvirt.cujud.disks import backup_replicas, stop_servers
 from cuju_libvirt.cujud.qemu_process import qemu_pid, ram_backing
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.errors import CoordError, CujuError, StateError
@@ -184,6 +185,10 @@ class Standby:
         self.auto_failover = auto_failover
         #: The ownership generation this standby was paired at (0: no witness).
         self.generation = generation
+        #: The primary's replicated disk sizes (standby-create), in its disk order.
+        self.disk_sizes: list[int] = []
+        #: The replica images, (path, size), served and applied to (docs/disks.md).
+        self.replicas: list[tuple[str, int]] = []
         #: A claim was sent and etcd gave no answer: it may have been applied. Until a later
         #: claim answers, this standby neither resumes nor promises to stay down.
         self.undecided = False
@@ -211,8 +216,14 @@ class Standby:
     def create(self) -> str:
         """Start the paused standby and wait for the primary's link; returns the link token."""
         virt = self.manager.libvirt
-        with translate(f"creating the standby of {self.name}"):
-            virt.conn.createXML(standby_xml(self.xml), libvirt.VIR_DOMAIN_START_PAUSED)
+        # The standby QEMU opens its disks over NBD at start: their replicas must be served.
+        self.replicas = backup_replicas(self.uuid, self.xml, self.disk_sizes, self.manager.disk_replica_dir)
+        try:
+            with translate(f"creating the standby of {self.name}"):
+                virt.conn.createXML(standby_xml(self.xml), libvirt.VIR_DOMAIN_START_PAUSED)
+        except BaseException:
+            stop_servers(self.uuid, self.xml)
+            raise
         try:
             pid = qemu_pid(self.name)
             if pid is None:
@@ -244,7 +255,7 @@ class Standby:
             self.engine = BackupEngine(
                 qmp=self.qmp, ram_path=self.ram_path, link=sock, device_state_path=str(state_path),
                 stats=self.stats, machine=self.machine, tag=self.name, io_timeout=30.0,
-                standby=self.profile,
+                standby=self.profile, disks=self.replicas,
                 link_keys=None if self.link_secret is None else LinkKeys.derive(self.link_secret).backup,
             )
             self.engine.start()
@@ -374,6 +385,9 @@ class Standby:
             dom = self.manager.libvirt.conn.lookupByUUIDString(self.uuid)
             if dom.isActive() and is_standby_xml(dom.XMLDesc(0).encode()):
                 dom.destroy()
+        if self.replicas:  # the replicas stay; their servers go with the standby
+            with contextlib.suppress(Exception):
+                stop_servers(self.uuid, self.xml)
 
 
 def _connect_qmp(path: str, timeout: float) -> QMPClient:
@@ -395,8 +409,11 @@ class StandbyManager:
                  unregister: Callable[[str], None], notify_peer: Callable[[str, str, dict[str, Any]], None],
                  witness: OwnershipStore | None = None, node: str = "",
                  runs_here: Callable[[str], bool] = lambda _uuid: False,
-                 on_taken_over: Callable[[Standby], None] = lambda _sb: None) -> None:
+                 on_taken_over: Callable[[Standby], None] = lambda _sb: None,
+                 disk_replica_dir: Path = Path("/var/lib/cuju-libvirt/replicas")) -> None:
         self.libvirt = libvirt_conn
+        #: Where replicas of disks without a replica= override live (cujud.yaml).
+        self.disk_replica_dir = disk_replica_dir
         self.state_dir = state_dir
         self.peer_silent_for = peer_silent_for
         self._register = register
@@ -461,6 +478,7 @@ class StandbyManager:
             records.write(self.state_dir, records.CEDED, uuid, domain=name, peer=peer,
                           reason=f"it runs on {peer}, protected by a standby here")
         sb.link_secret = linkkeys.new_secret() if encrypt_link else None
+        sb.disk_sizes = [int(n) for n in body.get("disk_sizes", [])]
         token = sb.create()
         with self._lock:
             self.standbys[uuid] = sb

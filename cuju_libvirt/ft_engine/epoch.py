@@ -48,6 +48,7 @@ from typing import Any
 from cuju_libvirt.errors import CujuError, ReplicationError, StateError
 from cuju_libvirt.ft_engine import trackers as T
 from cuju_libvirt.ft_engine.devstate import (
+    DevicesChangedError,
     DeviceStateSaver,
     LoadTimings,
     MachineProfile,
@@ -75,6 +76,9 @@ MAX_EPOCH_MS = 10_000
 PACKET_POLL_S = 0.001
 #: Pages per epoch while the initial synchronisation copies a running VM (16 MiB).
 SYNC_CHUNK_PAGES = 4096
+#: How much earlier than the ``stop`` command's send time a STOP event may be stamped and
+#: still count as caused by it (QEMU stamps events in whole microseconds).
+_CLOCK_SLACK = 2e-6
 #: When QEMU refuses to resume a VM the engine paused (e.g. it cannot reopen a disk image),
 #: ``cont`` is tried again after these delays (s) before the VM is reported left paused.
 RESUME_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0)
@@ -226,6 +230,11 @@ class PrimaryEngine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopped_flag = False  # the tracker's guard: True only while we hold the VM stopped
+        #: The VM was already paused by someone else at the engine's last ``stop``.
+        self._foreign_pause = False
+        #: While paused by someone else: the device state of the last epoch that captured the
+        #: pause (idle epochs send it again); None otherwise.
+        self._last_blob: bytes | None = None
         self._tracker: T.Tracker | None = None
         self._saver: DeviceStateSaver | None = None
         self._output: OutputCommit | None = None
@@ -346,12 +355,32 @@ class PrimaryEngine:
     # -- initial synchronisation -------------------------------------------------------------
 
     def _vm_stop(self) -> None:
+        """Stop the VM; note whether it was this ``stop`` that stopped it.
+
+        QEMU emits a STOP event only when a ``stop`` really stops a running VM, before its
+        reply and stamped with the host's wall clock. No STOP stamped at or after the moment
+        the command was sent means somebody else had paused the VM (``virsh suspend``, a
+        libvirt job, an I/O error with ``werror=stop``): the engine then never resumes it.
+        """
+        sent = time.time() - _CLOCK_SLACK
         self.qmp.execute("stop")
         self._stopped_flag = True
+        ours = any(_event_time(ev) >= sent for ev in self.qmp.events("STOP"))
+        if not ours and not self._foreign_pause:
+            self.log.info("the VM was paused by someone else (virsh suspend or a libvirt job): it stays "
+                          "paused and protected; epochs go on without resuming it")
+        elif ours and self._foreign_pause:
+            self.log.info("the VM was resumed: epochs resume it again after each pause")
+        self._foreign_pause = not ours
+        # Every event buffered now came before this stop completed (QEMU answers a command
+        # only after its own events); a RESUME seen later came after it: _check_not_resumed.
+        self.qmp.events("RESUME")
 
     def _vm_cont(self) -> None:
+        """Resume the VM unless somebody else had paused it (see :meth:`_vm_stop`)."""
         self._stopped_flag = False
-        self.qmp.execute("cont")
+        if not self._foreign_pause:
+            self.qmp.execute("cont")
 
     def _stage(self, pages: Any, count: int, blob: bytes = b"", first: int = 0,
                disks: list[DiskPart] | None = None) -> int:
@@ -577,6 +606,8 @@ class PrimaryEngine:
         clock = self._clock
         t0 = clock()
         self._vm_stop()
+        if self._foreign_pause and self._last_blob is not None:
+            return self._idle_epoch(t0)
         try:
             t1 = clock()
             h = tracker.harvest(self._pages)
@@ -608,10 +639,12 @@ class PrimaryEngine:
             t5 = clock()
             if self._on_stopped is not None:
                 self._on_stopped(epoch)
+            self._check_not_resumed()
         finally:
             self._vm_cont()
         end = clock()
         saver.check_devices(saved.blob)  # a hot-plugged device: never ship a blob the standby cannot load
+        self._last_blob = saved.blob if self._foreign_pause else None
         self._sender.ship()
         self._shipped(epoch, end, count)
         self.epochs += 1
@@ -621,6 +654,30 @@ class PrimaryEngine:
         self.times.add(end - t0, stop=t1 - t0, harvest=t2 - t1, boundary=t3 - t2, devstate=t4 - t3,
                        stage=t5 - t4, cont=end - t5)
         self.qmp.events()  # drop the STOP/RESUME/MIGRATION events of this pause
+        return end
+
+    def _check_not_resumed(self) -> None:
+        """Raise if somebody resumed the VM while the engine held it stopped (``virsh resume``
+        of a domain libvirt saw paused by the epoch): its pages and device state may then be
+        from different moments, so this epoch must never ship; protection starts afresh."""
+        if self.qmp.events("RESUME"):
+            raise EngineError("the VM was resumed by someone else during an epoch's pause (virsh resume "
+                              "of a domain libvirt saw paused by the epoch?): that epoch is discarded")
+
+    def _idle_epoch(self, t0: float) -> float:
+        """An epoch of a VM that somebody else keeps paused: nothing in it changes, so the
+        last device state goes out again with no pages (the backup's heartbeat). The VM is not
+        touched; a resume meanwhile is caught by the next epoch's own ``stop``."""
+        assert self._sender is not None and self._last_blob is not None
+        self._stopped_flag = False
+        parts = self._seal_disks()
+        epoch = self._stage(self._pages, 0, self._last_blob, disks=parts)
+        end = self._clock()
+        self._sender.ship()
+        self._shipped(epoch, end, 0)
+        self.epochs += 1
+        self.stats.record_epoch(pause_s=0.0, dirty_pages=0, device_state_bytes=len(self._last_blob))
+        self.qmp.events()
         return end
 
     # -- stopping and failing ------------------------------------------------------------------
@@ -672,7 +729,10 @@ class PrimaryEngine:
         if self.vm_ended is not None:
             self._vm_gone(err)
             return
-        self.log.error("%s: %s; the VM continues unprotected", what, err)
+        if isinstance(err, DevicesChangedError):  # an operator's hot-plug: expected, not a fault
+            self.log.warning("%s; the VM continues unprotected until then", err)
+        else:
+            self.log.error("%s: %s; the VM continues unprotected", what, err)
         self.log.debug("details", exc_info=err)
         problems: list[str] = []
         self._release_resources(problems, orderly=False)
@@ -797,6 +857,9 @@ class PrimaryEngine:
             try:
                 status = self.qmp.execute("query-status")["status"]
                 if status != "paused":
+                    return
+                if self._foreign_pause:
+                    self.log.info("the VM stays paused: it was paused by someone else, not by the engine")
                     return
                 self._stopped_flag = False
                 self.qmp.execute("cont")
@@ -1031,3 +1094,9 @@ class BackupEngine:
             with contextlib.suppress(BufferError):
                 self._ram.close()
             self._ram = None
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    """A QMP event's wall-clock stamp in seconds (0 if it has none)."""
+    stamp = event.get("timestamp") or {}
+    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6

@@ -143,7 +143,7 @@ def test_prepare_starts_the_disk_servers_and_release_stops_them(sandbox: Path) -
         f.truncate(4 << 20)
     xml = domain_xml("hooked", memory_mib=64, kernel="/boot/vmlinuz", disk=image, uuid=UUID)
     xml = set_ft(xml, FTSpec(peer="hostb"))
-    prepared = fitness.prepare(xml).xml.encode()
+    prepared = fitness.prepare(xml, disks=True).xml.encode()
     spec = parse_domain(prepared)
     assert spec is not None and [d.target for d in spec.disks] == ["hda"]
     paths = disk_server.ServerPaths.of(UUID, "hda")  # the rig boots from IDE

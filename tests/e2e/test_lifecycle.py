@@ -1,0 +1,219 @@
+"""Everyday virsh operations on a protected domain (issue 13 items 1, 2, 3, 6): each either
+works under protection or ends it cleanly, and never leaves a VM that a failover loses.
+
+The boot-sector counter guest is protected from host a to host b (hook + both cujud). The
+lifecycle table in docs/failover.md points at these tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from cuju_libvirt.errors import RigError
+from cuju_libvirt.rig.cujud import Cujud, protected_counter_xml
+from cuju_libvirt.rig.guests import read_counter
+from cuju_libvirt.rig.hosts import LAN_BRIDGE, Rig
+from tests.e2e.conftest import cleanup_protected
+
+MAC = "52:54:00:19:07:00"
+
+
+def plain_disks(xml: Path, plain: Path) -> None:
+    """Put the plain file disk back: ``--prepare`` now turns disks into NBD replicas that
+    cujud does not serve yet (main, ddf19e2), and these tests are about the lifecycle."""
+    root = etree.parse(str(xml)).getroot()
+    devices = root.find("devices")
+    assert devices is not None
+    for disk in devices.findall("disk"):
+        devices.remove(disk)
+    for disk in etree.parse(str(plain)).getroot().iterfind("devices/disk"):
+        devices.insert(0, disk)
+    if root.find("features") is None:  # ACPI: PCI hot-plug on pc needs it (-no-acpi otherwise)
+        etree.SubElement(root, "features").append(etree.Element("acpi"))
+    xml.write_bytes(etree.tostring(root))
+
+
+def protect(rig: Rig, image: Path, ca: Cujud, cb: Cujud, name: str) -> Path:
+    xml = protected_counter_xml(rig, image, name, mac=MAC, epoch_ms=20)
+    plain_disks(xml, rig.root / f"{name}.plain.xml")
+    rig.a.virsh("define", str(xml))
+    rig.a.virsh("start", name)
+    ca.wait_domain(name, "protected", timeout=90)
+    cb.wait_domain(name, "standby", timeout=30)
+    return rig.a.ram_files(name)[0]
+
+
+def frozen_for(ram: Path, seconds: float) -> bool:
+    before = read_counter(ram)
+    time.sleep(seconds)
+    return read_counter(ram) == before
+
+
+def advancing(ram: Path, timeout: float = 10.0) -> bool:
+    before = read_counter(ram)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if read_counter(ram) > before + 20:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.timeout(240)
+def test_virsh_suspend_stays_a_pause_under_protection_and_resume_works(
+    ft_rig: Rig, counter_image: Path, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "lc-suspend"
+    try:
+        ram = protect(rig, counter_image, ca, cb, name)
+        # A suspend that lands inside an epoch's pause is a no-op in libvirt (it sees the domain
+        # paused already): documented in docs/failover.md; repeat until libvirt says "user".
+        for _ in range(20):
+            rig.a.virsh("suspend", name)
+            time.sleep(0.3)
+            if "user" in rig.a.virsh("domstate", "--reason", name):
+                break
+        assert "paused (user)" in rig.a.virsh("domstate", "--reason", name)
+        assert frozen_for(ram, 1.5), "the next epoch resumed a VM the user had paused"
+        assert "paused (user)" in rig.a.virsh("domstate", "--reason", name)
+        entry = ca.wait_domain(name, "protected", timeout=5)
+        assert entry["state"] == "protected"
+        rig.a.virsh("resume", name)  # on main: "domain is already running"
+        assert advancing(ram), "the VM does not run after virsh resume"
+        assert "running" in rig.a.virsh("domstate", name)
+        ca.wait_domain(name, "protected", timeout=5)
+    finally:
+        cleanup_protected(rig, name)
+
+
+@pytest.mark.timeout(240)
+def test_virsh_shutdown_acceptance_and_the_logged_causes(
+    ft_rig: Rig, counter_image: Path, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """libvirt refuses `virsh shutdown` while it sees an epoch's pause ("domain is not
+    running"). The counter guest ignores the ACPI request, so all 20 tries hit one running
+    VM; the figure goes into docs/failover.md."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "lc-shutdown"
+    try:
+        ram = protect(rig, counter_image, ca, cb, name)
+        accepted = 0
+        refused: list[str] = []
+        for _ in range(20):
+            try:
+                rig.a.virsh("shutdown", name)
+                accepted += 1
+            except RigError as err:
+                refused.append(str(err))
+            time.sleep(0.15)
+        assert all("not running" in r for r in refused), refused
+        print(f"virsh shutdown accepted {accepted} of 20 tries under protection")
+        assert accepted >= 1
+        assert advancing(ram), "the guest must still run (it ignores the ACPI request)"
+        ca.wait_domain(name, "protected", timeout=5)
+        offset = ca.log_path.stat().st_size
+        rig.a.virsh("destroy", name)
+        deadline = time.monotonic() + 15
+        text = ""
+        while "the VM ended" not in text and time.monotonic() < deadline:
+            time.sleep(0.1)
+            text = ca.log_path.read_text(errors="replace")[offset:]
+        # "virsh destroy" when libvirt's STOPPED/DESTROYED event arrives within 2 s, else the
+        # signal line: under this machine's load it did not (docs/failover.md).
+        assert "the VM ended (deliberate" in text, text[-2000:]
+    finally:
+        cleanup_protected(rig, name)
+
+
+@pytest.mark.timeout(300)
+def test_virsh_save_then_restore_of_a_protected_domain(
+    ft_rig: Rig, counter_image: Path, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """On main the restore failed ("Capability x-ignore-shared is off, but received
+    capability is on"): the guest's state was lost. Now: save ends protection (logged as
+    virsh save), restore brings the VM back where it was and cujud protects it again."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "lc-save"
+    image_inside = f"/var/lib/libvirt/{name}.save"
+    image = rig.a.outside(image_inside)
+    try:
+        ram = protect(rig, counter_image, ca, cb, name)
+        rig.a.virsh("save", name, image_inside)
+        assert not standby_alive(rig, name), "the standby must be dropped"
+        rig.a.virsh("restore", image_inside)
+        ram = rig.a.ram_files(name)[0]
+        saved = read_counter(ram)
+        assert advancing(ram), "the restored VM does not run"
+        assert saved > 0, "the restored VM started from scratch"
+        ca.wait_domain(name, "protected", timeout=90)
+        cb.wait_domain(name, "standby", timeout=30)
+    finally:
+        cleanup_protected(rig, name)
+        image.unlink(missing_ok=True)
+
+
+def standby_alive(rig: Rig, name: str) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if rig.b.qemu_pid(name) is None:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+NIC = f"""<interface type='bridge'>
+  <mac address='52:54:00:19:07:99'/>
+  <source bridge='{LAN_BRIDGE}'/>
+  <model type='virtio'/>
+  <driver name='qemu'/>
+</interface>
+"""
+
+
+@pytest.mark.timeout(300)
+def test_hot_plugged_nic_recreates_the_standby_and_a_failover_then_works(
+    ft_rig: Rig, counter_image: Path, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """On main cujud kept reporting 'protected' and the failover failed on the new NIC's
+    ROM block, losing the VM. Now the next epoch's blob shows the new device: that epoch is
+    never shipped, protection ends, and cujud pairs again with a standby of the new
+    configuration; a failover after that keeps the VM (and its second NIC)."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "lc-hotplug"
+    try:
+        ram = protect(rig, counter_image, ca, cb, name)
+        old_standby = rig.b.qemu_pid(name)
+        nic = rig.root / "lc-nic.xml"
+        nic.write_text(NIC)
+        rig.a.virsh("attach-device", name, str(nic), "--live")
+        deadline = time.monotonic() + 90
+        while rig.b.qemu_pid(name) in (None, old_standby) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert rig.b.qemu_pid(name) not in (None, old_standby), "no standby of the new configuration"
+        ca.wait_domain(name, "protected", timeout=90)
+        cb.wait_domain(name, "standby", timeout=30)
+        assert rig.b.virsh("dumpxml", name).count("<interface") == 2
+        assert "devices changed" in ca.log_path.read_text(errors="replace")
+        time.sleep(0.5)
+        at_kill = read_counter(ram)
+        os.kill(rig.a.qemu_pid(name) or 0, signal.SIGKILL)
+        deadline = time.monotonic() + 60  # b runs it (and may already be protected again)
+        while time.monotonic() < deadline:
+            entry = cb.domain(name)
+            if entry is not None and entry["role"] == "primary" and entry["failovers"] >= 1:
+                break
+            time.sleep(0.1)
+        assert entry is not None and entry["failovers"] >= 1, entry
+        ram_b = rig.b.ram_files(name)[0]
+        assert read_counter(ram_b) >= at_kill - 50
+        assert advancing(ram_b), "the VM does not run on host b after the failover"
+        assert rig.b.virsh("dumpxml", name).count("<interface") == 2
+    finally:
+        cleanup_protected(rig, name)
