@@ -95,6 +95,8 @@ STANDBY_CREATE_TIMEOUT = 120.0
 QEMU_USER = "libvirt-qemu"
 #: After its monitor broke, how long QEMU may take to exit before it counts as alive (s).
 QEMU_EXIT_WAIT = 1.0
+#: ``<cuju:ft peer='auto'>``: this host's cujud places the standby (:meth:`Orchestrator.place`).
+AUTO_PEER = "auto"
 #: The states in which a running VM is unprotected and its protection loop pairs it.
 UNPROTECTED_STATES = (S.UNPROTECTED, S.DEGRADED, S.PRIMARY_AFTER_FAILOVER)
 
@@ -683,9 +685,10 @@ class Orchestrator:
         p.start()
 
     def names_this_host(self, spec: FTSpec) -> bool:
-        """True if ``<cuju:ft peer=...>`` names this host itself (the VM runs on its former backup)."""
+        """True if ``<cuju:ft peer=...>`` leaves the backup to cujud: ``peer='auto'``, or the
+        element names this host itself (the VM runs on its former backup)."""
         host = spec.peer_host
-        return host in (self.cfg.node_name, socket.gethostname(), self.cfg.listen.host)
+        return host in (AUTO_PEER, self.cfg.node_name, socket.gethostname(), self.cfg.listen.host)
 
     def resolve_peer(self, spec: FTSpec) -> str:
         """The configured peer that ``<cuju:ft peer=...>`` names (by node name or address). An

@@ -328,3 +328,17 @@ def test_placement_keeps_a_connected_backup_and_otherwise_balances_over_connecte
     assert place("u3", prefer="hosta") == "hostc"  # a VM's own standby does not count against a host
     orch.links.up = set()
     assert place("new", prefer="hostb") is None
+
+
+def test_peer_auto_and_an_element_naming_this_host_leave_the_backup_to_placement() -> None:
+    cfg = SimpleNamespace(node_name="hosta", listen=SimpleNamespace(host="198.19.0.11"))
+    orch: Any = SimpleNamespace(cfg=cfg)
+
+    def placed(peer: str) -> bool:
+        spec = parse_domain(domain_xml("vm", kernel="/k", metadata=[
+            f'<cuju:ft xmlns:cuju="https://cuju-ft.github.io/libvirt/ft/1.0" peer="{peer}"/>']))
+        assert spec is not None
+        return bool(orchestrator.Orchestrator.names_this_host(orch, spec))
+
+    assert placed("auto") and placed("hosta") and placed("198.19.0.11:7790")
+    assert not placed("hostb") and not placed("198.19.0.12")
