@@ -31,7 +31,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # Build tools and the Build-Depends of packaging/debian/control.
-TOOLS=(dpkg-dev debhelper dh-python lintian python3-all-dev python3-setuptools
+TOOLS=(dpkg-dev debhelper dh-python lintian nbdkit-plugin-dev pkg-config python3-all-dev python3-setuptools
        python3-libvirt python3-lxml python3-yaml python3-prometheus-client python3-tenacity
        rpm rpmlint)
 missing=()
@@ -52,7 +52,7 @@ SRC=$WORK/cuju-libvirt-$VERSION
 mkdir -p "$SRC" "$DIST"
 # The source tree, without what is local to this checkout.
 tar -C "$ROOT" --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
-    --exclude='*.egg-info' --exclude=__pycache__ --exclude='*.so' --exclude=.mypy_cache \
+    --exclude='*.egg-info' --exclude=__pycache__ --exclude='*.so' --exclude=./cuju_libvirt/libexec --exclude=.mypy_cache \
     --exclude=.pytest_cache --exclude=.ruff_cache -cf - . | tar -C "$SRC" -xf -
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || date +%s)}
 

@@ -129,6 +129,8 @@ class DiskSet:
                 parts.append((i, self._from_bitmap(i, self._views[i][bm_off:bm_off + bm_len], epoch)))
             elif used:
                 parts.append((i, self._views[i][off:off + used]))
+            else:
+                dj.reset(idx)  # nothing written: nothing to wait for (the caller may not ship it)
         return parts
 
     def _from_bitmap(self, i: int, bitmap: memoryview, epoch: int) -> memoryview:

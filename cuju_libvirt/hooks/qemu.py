@@ -22,6 +22,8 @@ started begin   ask cujud to protect the domain (cujud does the work on its own 
 stopped end     tell cujud; cujud tells a deliberate stop from a crash itself
 release end     stop the disks' block servers (their journals stay for a later resync)
 reconnect begin ask cujud to (re-)protect the domain after a libvirtd restart
+migrate begin   (on the destination of ``virsh migrate``) refuse: the VM's standby and
+                replication stay with the source; say what to do instead
 ==============  ============================================================================
 
 A standby (its XML carries ``-incoming``) is cujud's own creation: the hook only prepares
@@ -183,6 +185,19 @@ def release(domain: str, xml: bytes) -> int:
     return 0
 
 
+def refuse_migration(domain: str, xml: bytes) -> int:
+    """``virsh migrate`` of a protected domain: this host would get a VM whose standby and
+    replication stay behind with the source (and, for the peer host, a second copy next to
+    its own standby). Refused here, on the destination, before anything is started."""
+    if is_standby_xml(xml):
+        return 0
+    _log(domain, "refusing virsh migrate of a protected domain: its standby and its replication "
+         "cannot follow it. To move it to its peer host, fail over there instead (cuju-libvirt takeover "
+         f"{domain} on the backup); to move it elsewhere, remove <cuju:ft> (cuju-libvirt xml disable), "
+         "restart it, migrate, then protect it again", stderr=True)
+    return 1
+
+
 def run(argv: Sequence[str], xml: bytes) -> int:
     """The hook's work for ``argv`` = DOMAIN OPERATION SUB-OPERATION EXTRA; its exit status."""
     if len(argv) < 3 or FT_NAMESPACE_BYTES not in xml:
@@ -197,6 +212,8 @@ def run(argv: Sequence[str], xml: bytes) -> int:
             return notify(domain, "hook-stopped", xml)
         if (operation, sub) == ("release", "end"):
             return release(domain, xml)
+        if (operation, sub) == ("migrate", "begin"):
+            return refuse_migration(domain, xml)
     except Exception as err:  # never a traceback into libvirt's log; never block a start by accident
         _log(domain, f"{operation} {sub}: internal error: {err}", stderr=True)
         return 1 if operation == "prepare" else 0

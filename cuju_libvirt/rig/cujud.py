@@ -226,7 +226,7 @@ def _keep_logs(host: Host, into: Path) -> None:
 def protected_linux_xml(
     rig: Rig, guest: LinuxGuest, name: str, observer: Observer, *, mac: str, pps: int,
     epoch_ms: int = 20, heartbeat_timeout_ms: int = 500, memory_mib: int = 256,
-    extra: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (), peer: str | None = None,
 ) -> Path:
     """The Linux test guest's XML marked for protection with ``cuju-libvirt xml enable --prepare``."""
     cmdline = kernel_cmdline(
@@ -241,7 +241,7 @@ def protected_linux_xml(
         cmdline=cmdline, serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
     ))
     return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms,
-                      heartbeat_timeout_ms=heartbeat_timeout_ms, extra=extra)
+                      heartbeat_timeout_ms=heartbeat_timeout_ms, extra=extra, peer=peer)
 
 
 def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_ms: int = 20) -> Path:
@@ -256,11 +256,14 @@ def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_m
 
 
 def _enable_ft(rig: Rig, plain: Path, out: Path, *, epoch_ms: int, heartbeat_timeout_ms: int,
-               extra: tuple[str, ...] = ()) -> Path:
-    """``cuju-libvirt xml enable --prepare`` of ``plain`` (peer: host b) into ``out``."""
+               extra: tuple[str, ...] = (), peer: str | None = None) -> Path:
+    """``cuju-libvirt xml enable --prepare`` of ``plain`` into ``out``; peer: host b (its FT
+    link named), or ``peer`` as given (``auto``: cujud places the standby)."""
+    where = ["--peer", peer] if peer is not None else ["--peer", rig.b.hostname, "--link",
+                                                        f"{rig.b.hostname}-ft"]
     proc = subprocess.run(
-        [sys.executable, "-m", "cuju_libvirt.cli", "xml", "enable", str(plain), "--peer", rig.b.hostname,
-         "--link", f"{rig.b.hostname}-ft", "--epoch-ms", str(epoch_ms),
+        [sys.executable, "-m", "cuju_libvirt.cli", "xml", "enable", str(plain), *where,
+         "--epoch-ms", str(epoch_ms),
          "--heartbeat-timeout-ms", str(heartbeat_timeout_ms), *extra, "--prepare"],
         capture_output=True, text=True, check=False, timeout=60,
     )

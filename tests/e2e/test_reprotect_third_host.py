@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cuju_libvirt.rig.cujud import HOOK_NAME, cujud_cluster, protected_linux_xml, write_hook_shim
+from cuju_libvirt.rig.etcd import etcd_binary, in_rig
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
@@ -90,3 +91,46 @@ def test_primary_host_crash_fails_over_to_b_and_re_protects_onto_c(
             host.virsh("destroy", NAME, check=False)
         for host in rig.hosts.values():
             host.virsh("undefine", NAME, check=False)
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed (Debian etcd-server)")
+def test_backup_host_crash_with_the_witness_re_protects_onto_the_third_host(
+    rig3: Rig, linux_guest: LinuxGuest, tmp_path: Path
+) -> None:
+    """peer='auto' on three hosts with the etcd witness: the standby is placed on b; host b
+    dies; a wins the ownership record and runs on (no fencing), then places a new standby on
+    c by itself. One stream, nothing repeated; a runs the VM, c holds the standby."""
+    rig = rig3
+    a, b, c = rig.a, rig.b, rig.host("c")
+    name = "rp3-auto"
+    with in_rig(rig, 3) as etcd, \
+            Observer((OBSERVER_ADDRESS, 0), (OBSERVER_ADDRESS, 0), netns=rig.lan.netns_path) as obs, \
+            cujud_cluster(rig, logs=tmp_path / "logs", etcd_endpoints=etcd.endpoints,
+                          etcd_timeout=1.0) as (ca, cb, cc):
+        etcd.wait_healthy(30)
+        xml = protected_linux_xml(rig, linux_guest, name, obs, mac="52:54:00:19:0a:01", pps=PPS,
+                                  epoch_ms=20, peer="auto")
+        a.virsh("define", str(xml))
+        a.virsh("start", name)
+        assert ca.wait_domain(name, "protected", timeout=120)["peer"] == "cuju-b"  # placed: by name
+        cb.wait_domain(name, "standby", timeout=30)
+        obs.wait_for(lambda r: len(r.udp) >= PPS and len(r.tcp_data) >= 400, timeout=90)
+        time.sleep(random.uniform(0.5, 2.0))
+        crashed_at = time.monotonic()
+        b.crash()
+        again = ca.wait_for(name, lambda e: e["state"] == "protected" and e["peer"] == "cuju-c",
+                            "protected by cuju-c", timeout=180)
+        print(f"re-protected onto host c {time.monotonic() - crashed_at:.1f} s after host b died")
+        assert again["failovers"] == 0
+        cc.wait_domain(name, "standby", timeout=30)
+        assert _runs(a, name) and c.virsh("domstate", name).strip() == "paused"
+        rec = _still_counting(obs, time.monotonic(), PPS, timeout=30)
+        verdict = judge_run(rec, Rules())  # the primary ran on: no gap, no repeat
+        assert verdict.ok, verdict.as_dict()
+        assert "FENCED" not in ca.log_path.read_text()
+        for host in (c, a):
+            host.virsh("destroy", name, check=False)
+        for host in rig.hosts.values():
+            host.virsh("undefine", name, check=False)
+    b.reboot()

@@ -163,3 +163,12 @@ def test_prepare_starts_the_disk_servers_and_release_stops_them(sandbox: Path) -
     finally:
         disk_server.stop(paths)
         shutil.rmtree(Path(paths.socket).parent, ignore_errors=True)
+
+
+def test_virsh_migrate_of_a_protected_domain_is_refused_with_what_to_do(
+    sandbox: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert hook.run(["hooked", "migrate", "begin", "-"], protected_xml()) == 1
+    said = capsys.readouterr().err
+    assert "refusing virsh migrate" in said and "cuju-libvirt takeover hooked" in said
+    assert hook.run(["hooked", "migrate", "begin", "-"], protected_xml(standby=True)) == 0

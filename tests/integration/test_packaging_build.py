@@ -31,6 +31,7 @@ DEB_FILES = {
     "./usr/share/man/man8/cujud.8.gz", "./usr/share/man/man1/cuju-libvirt.1.gz",
     "./usr/share/bash-completion/completions/cujud",
     "./usr/share/bash-completion/completions/cuju-libvirt",
+    "./usr/lib/python3/dist-packages/cuju_libvirt/libexec/nbdkit-cujudisk-plugin.so",  # name kept
 }
 DEB_CONFFILES = {
     "/etc/cuju-libvirt/cujud.yaml", "/etc/libvirt/hooks/qemu.d/cuju", "/etc/logrotate.d/cuju-libvirt",
@@ -44,6 +45,7 @@ RPM_FILES = {
     "/etc/cuju-libvirt/cujud.yaml", "/etc/logrotate.d/cuju-libvirt",
     "/usr/share/man/man8/cujud.8.gz", "/usr/share/man/man1/cuju-libvirt.1.gz",
     "/usr/share/cuju-libvirt/prometheus/cuju-alerts.yml",
+    "/usr/lib/python3.11/site-packages/cuju_libvirt/libexec/nbdkit-cujudisk-plugin.so",
 }
 
 
@@ -79,7 +81,7 @@ def test_deb_depends_on_debians_python_modules_and_keeps_config_as_conffiles(
     deb = dist / f"cuju-libvirt_{__version__}_amd64.deb"
     depends = _run("dpkg-deb", "-f", str(deb), "Depends")
     names = {d.strip().split()[0] for d in depends.split(",")}
-    assert names >= DEBIAN_PYTHON_DEPENDS, depends
+    assert names >= DEBIAN_PYTHON_DEPENDS | {"nbdkit"}, depends
     subprocess.run(["dpkg-deb", "-e", str(deb), str(tmp_path / "control")], check=True, timeout=60)
     conffiles = set((tmp_path / "control" / "conffiles").read_text().split())
     assert conffiles >= DEB_CONFFILES
@@ -95,7 +97,7 @@ def test_rpm_builds_and_rpmlint_reports_no_error(dist: Path) -> None:
     files = set(_run("rpm", "-qlp", str(rpms[0])).split())
     assert files >= RPM_FILES, sorted(RPM_FILES - files)
     requires = _run("rpm", "-qp", "--requires", str(rpms[0]))
-    for name in ("python3.11-libvirt", "python3.11-lxml", "python3.11-pyyaml"):
+    for name in ("python3.11-libvirt", "python3.11-lxml", "python3.11-pyyaml", "nbdkit"):
         assert name in requires
     summary = (dist / "rpmlint.txt").read_text()
     assert re.search(r"\b0 errors\b", summary), summary
