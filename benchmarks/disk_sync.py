@@ -104,8 +104,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             tx.handshake(5)
             fio = subprocess.Popen(["fio", "--name", "load", "--rw", "randwrite", "--bs", "4k",
-                                    "--iodepth", "1", "--size", str(size), "--runtime", "600",
-                                    "--time_based", "--ioengine=nbd",
+                                    "--iodepth", "1", "--size", str(size), "--runtime", "600", "--time_based",
+                                    "--ioengine=nbd",
                                     f"--rate_iops={args.write_iops}", "--norandommap",
                                     f"--uri=nbd+unix:///vda?socket={paths.socket}"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
