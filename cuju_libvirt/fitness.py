@@ -509,7 +509,9 @@ def _rule_disks(ctx: _Context) -> None:
                 "disk-record", _disk_name(disk),
                 f"<cuju:ft> records this disk as prepared, but it is no longer the NBD export "
                 f"(the block server would serve {records[target].source}, not what the disk says now)",
-                f"remove <cuju:disk target='{target}'> from <cuju:ft>, then {_PREPARE}",
+                "for a running domain prepared since it started: restart it (the persistent "
+                f"configuration has the export); otherwise remove <cuju:disk target='{target}'> "
+                f"from <cuju:ft>, then {_PREPARE} --serve-disks",
             )
             continue
         problem = unservable(disk)

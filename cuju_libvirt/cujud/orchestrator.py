@@ -36,6 +36,7 @@ import contextlib
 import logging
 import os
 import pwd
+import signal
 import socket
 import threading
 import time
@@ -58,10 +59,10 @@ from cuju_libvirt.cujud.qemu_process import (
     qemu_pid,
     ram_backing,
 )
-from cuju_libvirt.cujud.standby import Standby, StandbyManager
+from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.domain_xml import DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
-from cuju_libvirt.errors import CoordError, CujuError, MonitorError, StateError
+from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError
 from cuju_libvirt.ft_engine.devstate import (
     MachineProfile,
     StandbyMismatchError,
@@ -70,6 +71,7 @@ from cuju_libvirt.ft_engine.devstate import (
 )
 from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
+from cuju_libvirt.ft_engine.output import leftover_filters, remove_leftovers
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.qmp import QMPClient
@@ -85,6 +87,8 @@ STOP_CAUSES = {
     "SAVED": "virsh save / managedsave",
     "MIGRATED": "virsh migrate",
     "FROM_SNAPSHOT": "a snapshot was reverted",
+    "FAILED": "QEMU failed",
+    "CRASHED": "the guest crashed",
 }
 #: How long a dead QEMU's cause may stay unknown before it counts as a crash (s).
 CLASSIFY_WAIT = 0.25
@@ -95,6 +99,8 @@ STANDBY_CREATE_TIMEOUT = 120.0
 QEMU_USER = "libvirt-qemu"
 #: After its monitor broke, how long QEMU may take to exit before it counts as alive (s).
 QEMU_EXIT_WAIT = 1.0
+#: How long a connection to the peer's FT-link listener may take before the link counts as down (s).
+LINK_PROBE_TIMEOUT = 2.0
 #: ``<cuju:ft peer='auto'>``: this host's cujud places the standby (:meth:`Orchestrator.place`).
 AUTO_PEER = "auto"
 #: The states in which a running VM is unprotected and its protection loop pairs it.
@@ -201,6 +207,8 @@ class PrimaryDomain:
         if pid is None:
             raise CujuError(f"{self.name} has no running QEMU")
         ram = ram_backing(pid)
+        if not self._settle():
+            return  # not this host's to protect any more (ceded) or the domain ends
         dom = self.orch.lookup(self.uuid)
         with translate(f"reading the XML of {self.name}"):
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
@@ -211,6 +219,8 @@ class PrimaryDomain:
         sock: socket.socket | None = None
         disks = None
         try:
+            if self.spec_link:  # the address is known before the peer is asked
+                self._probe_link()
             disks = primary_disks(self.uuid, self.spec.disks)
             self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer)
             self.log.info("asking %s for a standby", self.peer)
@@ -220,6 +230,10 @@ class PrimaryDomain:
                 "generation": self.generation,
                 "disk_sizes": list(disks.sizes) if disks is not None else [],
             }, timeout=STANDBY_CREATE_TIMEOUT)
+            # From here on a standby may come to hold the VM's state: a cujud that dies now
+            # leaves this record, and its successor asks the peer before anything leaves.
+            records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer,
+                          generation=self.generation)
             link_keys = self._link_keys(reply)
             sock = socket.create_connection(self._link_address(reply), timeout=10)
             sock.sendall(bytes.fromhex(str(reply["token"])) + self.generation.to_bytes(8, "big"))
@@ -265,6 +279,71 @@ class PrimaryDomain:
                       generation=self.generation)
         self.log.info("PROTECTED by %s: initial sync of %d pages in %.2f s (%d rounds); epochs of %d ms",
                       self.peer, report.pages_sent, report.seconds, report.rounds, self.engine.epoch_ms)
+
+    def _probe_link(self) -> None:
+        """Fail at once when the FT link is down: an attempt that cannot connect must not make
+        the peer start a standby domain, only to destroy it again."""
+        address = (self.spec.link_host, self.spec.link_port)
+        try:
+            with socket.create_connection(address, timeout=LINK_PROBE_TIMEOUT):
+                pass
+        except OSError as err:
+            raise CujuError(f"the FT link to {self.spec.link_host}:{self.spec.link_port} is down "
+                            f"({err.strerror or err}); no standby was asked for") from err
+
+    def _settle(self) -> bool:
+        """Clear what an earlier session of this domain left behind before pairing anew.
+
+        A cujud that was killed (or stopped without the peer's promise) leaves its
+        ``protected`` record and its output filters in QEMU, holding the output of epochs
+        the peer may have resumed. Then the VM is held stopped (FENCED) until the peer
+        answers ``standby-abandon``: abandoned -> the held output leaves, the filters go, the
+        VM runs and is protected anew; taken over -> the local copy is destroyed and the
+        domain ``ceded``. Returns False when the domain is not this host's to protect.
+        """
+        if records.read(self.orch.state_dir, records.CEDED, self.uuid) is not None:
+            self._cede("this host had ceded the VM to its peer (state_dir/ceded) before cujud restarted")
+            return False
+        record = records.read(self.orch.state_dir, records.PROTECTED, self.uuid)
+        qmp = QMPClient(fitness.qmp_socket_path(self.name))
+        try:
+            leftovers = leftover_filters(qmp, self.name)
+            if record is None and not leftovers:
+                return True
+            status = str(qmp.execute("query-status")["status"])
+            if status == "running":
+                qmp.execute("stop")
+            with contextlib.suppress(StateError):
+                self.machine.move(S.FAILED, expect=UNPROTECTED_STATES)
+            left = (["its 'protected' record"] if record is not None else []) + \
+                ([f"{len(leftovers)} output filters in QEMU"] if leftovers else [])
+            self.log.info("an earlier cujud left %s: the VM is held stopped, its output held, until %s says "
+                          "whether it took the VM over", " and ".join(left), self.peer)
+            told = False
+            while not self.ended.is_set() and not self.orch.stopping.is_set():
+                answer = self._ask_abandon("cujud restarted and settles the earlier session", quiet=True)
+                if answer is not None and answer.get("taken_over"):
+                    qmp.close()
+                    self._cede("the peer took the VM over while cujud was down")
+                    return False
+                if answer is not None and answer.get("abandoned"):
+                    remove_leftovers(qmp, leftovers)
+                    if status in ("running", "paused", "postmigrate"):  # ours (or the dead engine's) pause
+                        qmp.execute("cont")
+                    with contextlib.suppress(StateError):
+                        self.machine.move(S.DEGRADED, expect=S.FAILED)
+                    self.log.info("%s did not take the VM over: its held output is released, it runs again; "
+                                  "protecting it anew", self.peer)
+                    return True
+                if not told:
+                    self.log.error("FENCED: %s cannot be asked whether it took the VM over (an earlier cujud "
+                                   "left it protected); the VM stays stopped until %s answers",
+                                   self.peer, self.peer)
+                    told = True
+                time.sleep(0.5)
+            return False
+        finally:
+            qmp.close()
 
     def _own_unlabelled_disks(self, xml: str, pid: int) -> None:
         """Give QEMU the writable disk images its libvirt never labelled.
@@ -367,6 +446,8 @@ class PrimaryDomain:
             self._deciding = False
 
     def _decide(self, err: BaseException) -> bool:
+        if self.ended.is_set() and alive(self.pid):
+            return True  # cujud stops: shutdown() already has the peer's promise
         if isinstance(err, MonitorError) or isinstance(err.__cause__, MonitorError):
             # QEMU closes its monitor a moment before it exits: give it that moment
             deadline = time.monotonic() + QEMU_EXIT_WAIT
@@ -374,11 +455,11 @@ class PrimaryDomain:
                 time.sleep(0.005)
         if not alive(self.pid):
             how = self._classify_exit()
+            if self.engine is not None:
+                self.engine.vm_ended = how  # the engine then says so in one INFO line, no clean-up in QEMU
             if how.startswith("crash"):
                 self._crashed(how)
             else:
-                if self.engine is not None:
-                    self.engine.vm_ended = how  # the engine then says so in one INFO line
                 self.log.info("QEMU ended (%s): stopping protection, the standby is dropped", how)
                 self._ask_abandon(how, quiet=True, vm_ended=True)
                 self.orch.witness_stopped(self)
@@ -431,30 +512,40 @@ class PrimaryDomain:
         self._reprotect_after_engine()
 
     def _classify_exit(self) -> str:
-        """Why QEMU is gone, in the words an operator looks for. libvirt's STOPPED detail names
-        the operation (libvirt itself sends the SIGTERM after a save or a guest poweroff, so
-        the signal alone does not); QEMU's "terminating on signal" line is the fallback."""
+        """Why QEMU is gone, in the words an operator looks for: 'deliberate: CAUSE' or 'crash:
+        CAUSE'. libvirt's STOPPED detail names the operation (libvirt itself sends the SIGTERM
+        after a save or a guest poweroff, so the signal alone does not), its SHUTDOWN event who
+        shut the guest down; QEMU's "terminating on signal" line is the fallback."""
         sig = ended_on_signal(self.name, self._log_offset)
         # With a signal line the exit was deliberate: give libvirt longer to say by whom.
         event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT if sig is None else DELIBERATE_WAIT)
-        if event is not None and event.detail_name in DELIBERATE_STOPS:
-            cause = STOP_CAUSES.get(event.detail_name, event.detail_name.lower())
-            signal_note = f", QEMU got signal {sig}" if sig is not None else ""
-            return f"deliberate: {cause} (libvirt: STOPPED/{event.detail_name}{signal_note})"
+        detail = event.detail_name if event is not None else None
+        note = f" (libvirt: STOPPED/{detail}{f', QEMU got signal {sig}' if sig is not None else ''})"
+        if detail == "SHUTDOWN":
+            return f"deliberate: {self.orch.shutdown_cause(self.uuid)}{note}"
+        if detail in DELIBERATE_STOPS:
+            return f"deliberate: {STOP_CAUSES.get(detail, detail.lower())}{note}"
         if sig is not None:
-            return f"deliberate: QEMU terminated on signal {sig}"
-        if event is not None:
-            return f"crash: libvirt reports STOPPED/{event.detail_name}"
-        return f"crash: QEMU vanished without a signal line and no libvirt event within {CLASSIFY_WAIT} s"
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = "unknown signal"
+            return f"deliberate: QEMU terminated on signal {sig} ({name})"
+        if detail is not None:
+            return f"crash: {STOP_CAUSES.get(detail, f'libvirt reports STOPPED/{detail}')}"
+        return (f"crash: QEMU was killed (SIGKILL) or crashed: no signal line from QEMU and no libvirt event "
+                f"within {CLASSIFY_WAIT} s")
 
     def _crashed(self, how: str) -> None:
-        self.log.error("primary QEMU died (%s): the standby on %s takes over", how, self.peer)
+        self.log.info("the primary QEMU died (%s): the standby on %s takes over; this host cedes the VM",
+                      how, self.peer)
         records.write(self.orch.state_dir, records.CEDED, self.uuid, domain=self.name, peer=self.peer,
                       reason=how)
         try:
             self.orch.links.connection(self.peer).notify("primary-crashed", {"uuid": self.uuid, "how": how})
         except CujuError as err:
-            self.log.error("could not tell %s (%s): it takes over when both paths are silent", self.peer, err)
+            self.log.warning("could not tell %s (%s): it takes over when both paths are silent",
+                             self.peer, err)
         self._finish()
 
     def _ask_abandon(self, reason: str, *, quiet: bool = False,
@@ -463,11 +554,14 @@ class PrimaryDomain:
         try:
             conn = self.orch.links.connection(self.peer)
             body = {"uuid": self.uuid, "reason": reason, "vm_ended": vm_ended}
-            return conn.request("standby-abandon", body, timeout=min(2.0, self.orch.cfg.request_timeout))
+            answer = conn.request("standby-abandon", body, timeout=min(2.0, self.orch.cfg.request_timeout))
         except CujuError as err:
             if not quiet:
                 self.log.error("cannot reach %s to drop its standby: %s", self.peer, err)
             return None
+        if answer.get("abandoned"):  # the peer will never resume it: nothing left to ask at a restart
+            records.remove(self.orch.state_dir, records.PROTECTED, self.uuid)
+        return answer
 
     def _wait_engine_done(self) -> PrimaryEngine | None:
         engine = self.engine
@@ -549,19 +643,28 @@ class PrimaryDomain:
 
     def shutdown(self) -> None:
         """cujud stops. Held output may leave only once the peer promised never to resume
-        its standby: ask first; without that promise the filters stay in QEMU and keep the
-        VM's output held (the VM is then effectively fenced until an operator acts)."""
+        its standby: ask first; with the promise, protection ends in order (last epoch
+        acknowledged or given up, filters removed, the ``protected`` record removed, the VM
+        running); without it the filters stay in QEMU with the VM's output held, and the
+        record stays: the next cujud settles it with the peer (:meth:`_settle`)."""
         self.ended.set()
         self._wake.set()
         engine = self.engine
-        if engine is not None and engine.running:
+        if engine is not None and (engine.running or self._starting):
             answer = self._ask_abandon("cujud on the primary host stops")
             if answer is not None and answer.get("abandoned"):
-                with contextlib.suppress(CujuError):
+                engine.expect_end("cujud stops")
+                try:
                     engine.stop(10)
+                except CujuError as err:
+                    self.log.error("protection did not end in order: %s", err)
+                else:
+                    self.log.info("cujud stops: protection ended (the peer dropped its standby); the VM runs "
+                                  "on unprotected")
             else:
                 self.log.error("cujud stops without %s's promise not to take over: the VM's output stays "
-                               "HELD in QEMU's filters; destroy the VM here or restart cujud", self.peer)
+                               "HELD in QEMU's filters until cujud runs again and settles it with %s",
+                               self.peer, self.peer)
         self._close_qmp()
 
 
@@ -580,6 +683,7 @@ class Orchestrator:
         self.primaries: dict[str, PrimaryDomain] = {}
         self._lock = threading.Lock()
         self._stops: dict[str, tuple[float, LifecycleEvent]] = {}
+        self._shutdowns: dict[str, tuple[float, LifecycleEvent]] = {}
         self._stop_cond = threading.Condition()
         libvirt.add_lifecycle_listener(self._lifecycle)
         self.node = cfg.node_name
@@ -744,10 +848,6 @@ class Orchestrator:
             return None
         return None if found is None else found.record
 
-    def _libvirt_state(self, state: LinkState) -> None:
-        if self.witness is not None and state is LinkState.CONNECTED:
-            threading.Thread(target=self._fence_stale_copies, name="cujud-stale", daemon=True).start()
-
     def _fence_stale_copies(self) -> None:
         """Running VMs this host protected before cujud (re)started whose ownership record has
         moved on: another host took them over; destroy the copy here, never adopt it."""
@@ -785,9 +885,76 @@ class Orchestrator:
                 del self.primaries[p.uuid]
         self._unregister(p.uuid)
 
+    def _libvirt_state(self, state: LinkState) -> None:
+        if state is LinkState.CONNECTED:
+            threading.Thread(target=self._take_back, name="cujud-adopt", daemon=True).start()
+
+    def _take_back(self) -> None:
+        """At every (re)connection to libvirtd: first destroy the copies the witness gave to
+        another host, then take back the protected domains that run here."""
+        if self.witness is not None:
+            try:
+                self._fence_stale_copies()
+            except CujuError as err:
+                LOG.warning("could not check the running domains against the witness: %s", err)
+        self._adopt_running()
+
+    def _adopt_running(self) -> None:
+        """Take back the protected domains that run here (cujud or libvirtd restarted): each is
+        settled with the peer (:meth:`PrimaryDomain._settle`) and protected again. Domains
+        that no longer run lose their rows."""
+        try:
+            domains = self.libvirt.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except (libvirt.libvirtError, CujuError) as err:
+            LOG.warning("could not list the running domains to take back protected ones: %s", err)
+            return
+        running: set[str] = set()
+        for dom in domains:
+            try:
+                name, uuid, xml = dom.name(), dom.UUIDString(), dom.XMLDesc(0)
+            except libvirt.libvirtError:
+                continue
+            running.add(uuid)
+            if self.standbys.knows(uuid):
+                continue
+            # a standby's XML, unless this host took that VM over (its live XML keeps -incoming)
+            if is_standby_xml(xml.encode()) and records.read(self.state_dir, records.TAKEOVERS, uuid) is None:
+                continue
+            with self._lock:
+                if uuid in self.primaries:
+                    continue
+            try:
+                spec = parse_domain(xml)
+                if spec is None:
+                    continue
+                LOG.info("%s runs here with <cuju:ft>: taking it back", name)
+                self._protect(name, uuid, spec)
+            except (CujuError, DomainXMLError) as err:
+                LOG.warning("%s runs with <cuju:ft> but cannot be protected: %s", name, err)
+        with self._lock:
+            gone = [p for p in self.primaries.values() if p.uuid not in running]
+        for p in gone:
+            threading.Thread(target=p.stopped, daemon=True).start()
+
+    def shutdown_cause(self, uuid: str) -> str:
+        """Who shut ``uuid`` down, from libvirt's SHUTDOWN event (GUEST or HOST) of the last seconds."""
+        seen = self._shutdowns.get(uuid)
+        detail = seen[1].detail_name if seen is not None and time.monotonic() - seen[0] < 60.0 else ""
+        if detail == "GUEST":
+            return "the guest powered off"
+        if detail == "HOST":
+            return "shut down from the host (virsh shutdown)"
+        return "the guest was shut down"
+
     def _lifecycle(self, event: LifecycleEvent) -> None:
+        if event.event_name == "SHUTDOWN":
+            self._shutdowns[event.uuid] = (time.monotonic(), event)
         if event.event_name != "STOPPED":
             return
+        with self._lock:
+            p = self.primaries.get(event.uuid)
+        if p is not None:  # a domain that stops while no engine runs (in back-off, say): its row goes
+            threading.Thread(target=p.stopped, daemon=True).start()
         with self._stop_cond:
             self._stops[event.uuid] = (time.monotonic(), event)
             self._stop_cond.notify_all()
@@ -864,6 +1031,9 @@ class Orchestrator:
         spec = parse_domain(xml)
         if spec is None:
             raise CujuError(f"{name} has no <cuju:ft> element: nothing to protect")
+        return self._protect(name, uuid, spec)
+
+    def _protect(self, name: str, uuid: str, spec: FTSpec) -> dict[str, Any]:
         peer_name = self.resolve_peer(spec)
         with self._lock:
             if uuid in self.primaries:

@@ -31,12 +31,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import libvirt
 from lxml import etree
@@ -65,7 +66,12 @@ INCOMING_ARGS = ("-incoming", "defer", "-global", "migration.send-configuration=
 TOKEN_BYTES = 32
 #: The FT-link handshake: the one-time token, then the pairing's generation (8 bytes, big-endian).
 GENERATION_BYTES = 8
+HELLO_BYTES = TOKEN_BYTES + GENERATION_BYTES
 DETECT_INTERVAL = 0.005
+#: FT-link connections may take this long to send their token (s) ...
+HANDSHAKE_TIMEOUT = 2.0
+#: ... and at most this many may be in that handshake at once (as on the peer channel).
+MAX_PENDING = 16
 #: How often an undecided claim (no answer from etcd) is asked again (s).
 CLAIM_RETRY = 0.25
 
@@ -102,14 +108,31 @@ def is_standby_xml(xml: bytes) -> bool:
 
 
 class FTListener:
-    """Accepts FT-link data connections; each must start with a token line naming a standby."""
+    """Accepts FT-link data connections; each must start with the token of a standby.
 
-    def __init__(self, host: str, port: int) -> None:
+    One thread accepts and reads the tokens of every connection in its handshake (a
+    selector, no thread per connection): at most ``max_pending`` connections may be in
+    their handshake at once (more are closed at once), and each must send its token
+    within ``handshake_timeout`` seconds. Only a connection with a valid token gets a
+    thread of its own (the standby's engine starts on it). So idle or slow connections
+    cost one descriptor each for a bounded time, never a thread.
+    """
+
+    def __init__(self, host: str, port: int, *, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 max_pending: int = MAX_PENDING) -> None:
         self._server = socket.create_server((host, port), reuse_port=False)
+        self._server.setblocking(False)
+        self.handshake_timeout = handshake_timeout
+        self.max_pending = max_pending
         self._pending: dict[bytes, Callable[[socket.socket, int], None]] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._accept_loop, name="cujud-ft-listen", daemon=True)
+        self._wake_r, self._wake_w = socket.socketpair()
+        #: Connections closed for want of a token in time, and refused over ``max_pending``.
+        self.timed_out = 0
+        self.refused = 0
+        self._last_refusal_log = 0.0
+        self._thread = threading.Thread(target=self._serve, name="cujud-ft-listen", daemon=True)
         self._thread.start()
         LOG.info("FT link listening on %s:%d", host, self.port)
 
@@ -127,35 +150,93 @@ class FTListener:
         with self._lock:
             self._pending.pop(bytes.fromhex(token), None)
 
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._server, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        greeting: dict[socket.socket, tuple[Any, float, bytearray]] = {}
+        try:
+            while not self._closed.is_set():
+                now = time.monotonic()
+                first = min((deadline for _, deadline, _ in greeting.values()), default=None)
+                for key, _ in sel.select(None if first is None else max(0.0, first - now)):
+                    if key.fileobj is self._wake_r:
+                        return
+                    if key.fileobj is self._server:
+                        self._accept(sel, greeting)
+                    else:
+                        self._read_token(sel, greeting, cast(socket.socket, key.fileobj))
+                now = time.monotonic()
+                for sock in [s for s, (_, deadline, _) in greeting.items() if deadline <= now]:
+                    addr = greeting.pop(sock)[0]
+                    sel.unregister(sock)
+                    sock.close()
+                    self.timed_out += 1
+                    LOG.debug("FT link connection from %s dropped: no token within %.1f s", addr,
+                              self.handshake_timeout)
+        finally:
+            for sock in greeting:
+                sock.close()
+            sel.close()
+
+    def _accept(self, sel: selectors.BaseSelector, greeting: dict[socket.socket, tuple[Any, float, bytearray]]
+                ) -> None:
+        while True:
             try:
                 sock, addr = self._server.accept()
-            except OSError:
+            except (BlockingIOError, InterruptedError):
                 return
-            threading.Thread(target=self._greet, args=(sock, addr), daemon=True).start()
+            except OSError:
+                return  # closed
+            if len(greeting) >= self.max_pending:
+                sock.close()
+                self.refused += 1
+                now = time.monotonic()
+                if now - self._last_refusal_log >= 10.0:
+                    self._last_refusal_log = now
+                    LOG.warning("FT link: %d connections are in their handshake already; refusing more "
+                                "(%d refused so far, e.g. from %s)", len(greeting), self.refused, addr)
+                continue
+            sock.setblocking(False)
+            greeting[sock] = (addr, time.monotonic() + self.handshake_timeout, bytearray())
+            sel.register(sock, selectors.EVENT_READ)
 
-    def _greet(self, sock: socket.socket, addr: Any) -> None:
+    def _read_token(self, sel: selectors.BaseSelector,
+                    greeting: dict[socket.socket, tuple[Any, float, bytearray]], sock: socket.socket) -> None:
+        """Read what arrived of the hello (token, then generation); hand a complete, valid one over."""
+        addr, _, hello = greeting[sock]
         try:
-            sock.settimeout(5.0)
-            hello = b""
-            while len(hello) < TOKEN_BYTES + GENERATION_BYTES:
-                chunk = sock.recv(TOKEN_BYTES + GENERATION_BYTES - len(hello))
-                if not chunk:
-                    raise OSError("closed before its token and generation")
-                hello += chunk
-            sock.settimeout(None)
-            token, generation = hello[:TOKEN_BYTES], int.from_bytes(hello[TOKEN_BYTES:], "big")
+            chunk = sock.recv(HELLO_BYTES - len(hello))
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError as err:
-            LOG.warning("FT link connection from %s dropped: %s", addr, err)
+            chunk, why = b"", str(err)
+        else:
+            why = "closed before its token and generation"
+        if chunk:
+            hello += chunk
+            if len(hello) < HELLO_BYTES:
+                return
+        del greeting[sock]
+        sel.unregister(sock)
+        if not chunk:  # a probe or a port scan, not a primary: no line above DEBUG for each
+            LOG.debug("FT link connection from %s dropped: %s", addr, why)
             sock.close()
             return
+        token, generation = bytes(hello[:TOKEN_BYTES]), int.from_bytes(hello[TOKEN_BYTES:], "big")
         with self._lock:
             handler = self._pending.pop(token, None)
         if handler is None:
             LOG.warning("FT link connection from %s refused: unknown or used token", addr)
             sock.close()
             return
+        sock.setblocking(True)
+        threading.Thread(target=self._hand_over, args=(handler, sock, addr, generation), name="cujud-ft-link",
+                         daemon=True).start()
+
+    @staticmethod
+    def _hand_over(handler: Callable[[socket.socket, int], None], sock: socket.socket, addr: Any,
+                   generation: int) -> None:
         try:
             handler(sock, generation)
         except Exception as err:
@@ -166,8 +247,13 @@ class FTListener:
     def close(self) -> None:
         self._closed.set()
         with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._thread.join(5.0)
+        with contextlib.suppress(OSError):
             self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
 
 class Standby:
@@ -528,6 +614,11 @@ class StandbyManager:
                 return True
         return records.read(self.state_dir, records.TAKEOVERS, uuid) is not None
 
+    def knows(self, uuid: str) -> bool:
+        """True for a domain this host stands by for, or took over (in this cujud's life)."""
+        with self._lock:
+            return uuid in self.standbys or uuid in self.failed_over
+
     def primary_crashed(self, body: dict[str, Any]) -> None:
         with self._lock:
             sb = self.standbys.get(str(body["uuid"]))
@@ -623,6 +714,12 @@ class StandbyManager:
             return
         with self._lock:
             sb = self.standbys.get(event.uuid)
+            ended = self.failed_over.pop(event.uuid, None)
+        if ended is not None:  # the VM this host took over stopped here: its row and metrics go
+            ended.log.info("the VM stopped (%s); it is no longer shown", event.detail_name)
+            with contextlib.suppress(KeyError):
+                self._unregister(ended.uuid)
+            return
         if sb is None or sb.taken_over or sb.abandoned:
             return
         sb.log.error("the standby QEMU stopped (%s): the primary runs unprotected until a new standby",

@@ -257,6 +257,9 @@ class PrimaryEngine:
         self.last_acked = 0
         #: The exception that ended protection, if any.
         self.failure: BaseException | None = None
+        #: Set by :meth:`expect_end` (to the reason) when the end of protection is expected
+        #: (cujud stops after the peer's promise): the failure that ends the loop is then logged at INFO.
+        self.ending: str | None = None
         #: Set (to the reason) by ``may_release`` when the VM's QEMU is gone on purpose
         #: (``virsh destroy``, shutdown): the loop's failure is then the VM's end, not a fault.
         self.vm_ended: str | None = None
@@ -682,6 +685,11 @@ class PrimaryEngine:
 
     # -- stopping and failing ------------------------------------------------------------------
 
+    def expect_end(self, reason: str) -> None:
+        """The end of protection is expected (the backup is being dropped on purpose): a
+        failure of the loop from now on (the link closing) is no fault, and says so at INFO."""
+        self.ending = reason
+
     def stop(self, timeout: float = 30.0) -> None:
         """End protection cleanly: the last shipped epoch is acknowledged, held outputs leave,
         filters go, the tracker is closed; the VM keeps running."""
@@ -729,7 +737,9 @@ class PrimaryEngine:
         if self.vm_ended is not None:
             self._vm_gone(err)
             return
-        if isinstance(err, DevicesChangedError):  # an operator's hot-plug: expected, not a fault
+        if self.ending is not None:
+            self.log.info("FT ends (%s): %s; the VM continues unprotected", self.ending, err)
+        elif isinstance(err, DevicesChangedError):  # an operator's hot-plug: expected, not a fault
             self.log.warning("%s; the VM continues unprotected until then", err)
         else:
             self.log.error("%s: %s; the VM continues unprotected", what, err)

@@ -74,6 +74,8 @@ PCAP_RECORD = 16 + 1
 #: Where QEMU keeps the devices that were given an id, and those that were not.
 _PERIPHERAL_PATHS = ("/machine/peripheral", "/machine/peripheral-anon")
 _PUNCH_EVERY = 1 << 20
+#: How the ids of a netdev's output-commit objects end (running and shipped buffer, counter).
+_SUFFIXES = ("-f1", "-f2", "-count")
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -167,6 +169,52 @@ def discover_netdevs(qmp: QMPClient) -> list[str]:
     except MonitorError as err:
         raise OutputCommitError(f"cannot list the VM's NICs over QMP: {_qemu_words(err)}") from err
     return found
+
+
+def leftover_filters(qmp: QMPClient, tag: str) -> list[str]:
+    """Ids of the output-commit objects of ``tag`` that are in QEMU now (``cuju-<tag>-...``).
+
+    A cujud that died (SIGKILL, or SIGTERM without the peer's promise) leaves its filters in
+    QEMU, still holding the output of unacknowledged epochs; :func:`remove_leftovers` lets
+    that output go and deletes them, once the peer promised never to resume its standby.
+    """
+    try:
+        objects = qmp.execute("qom-list", {"path": "/objects"})
+    except MonitorError as err:
+        raise OutputCommitError(f"cannot list QEMU's objects: {_qemu_words(err)}") from err
+    prefix = f"cuju-{tag}-"
+    return sorted(str(o["name"]) for o in objects
+                  if str(o.get("name", "")).startswith(prefix) and str(o.get("name")).endswith(_SUFFIXES))
+
+
+def remove_leftovers(qmp: QMPClient, ids: Sequence[str]) -> None:
+    """Release what the filters ``ids`` hold, in order, and delete them (see :func:`leftover_filters`).
+
+    Per netdev: the running buffer (F1) is switched off first, so that its packets queue
+    behind the shipped buffer's (older) ones, then F2; then all of them are deleted.
+    Raises :class:`OutputCommitError` naming the filters that are left.
+    """
+    def key(obj: str) -> tuple[str, int]:
+        base, _, kind = obj.rpartition("-")
+        return base, ("f1", "f2", "count").index(kind) if kind in ("f1", "f2", "count") else 3
+
+    ordered = sorted(ids, key=key)
+    failed: list[str] = []
+    for obj in ordered:
+        if obj.endswith("-count"):
+            continue
+        try:
+            qmp.execute("qom-set", {"path": f"/objects/{obj}", "property": "status", "value": "off"})
+        except MonitorError as err:
+            log.warning("cannot switch leftover filter %s off: %s", obj, _qemu_words(err))
+    for obj in ordered:
+        try:
+            qmp.execute("object-del", {"id": obj})
+        except MonitorError as err:
+            log.warning("cannot delete leftover filter %s: %s", obj, _qemu_words(err))
+            failed.append(obj)
+    if failed:
+        raise OutputCommitError(f"could not delete the leftover output-commit filters {', '.join(failed)}")
 
 
 def _punch(path: Path, upto: int) -> None:

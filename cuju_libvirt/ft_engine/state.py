@@ -99,6 +99,7 @@ S = FTState
 TRANSITIONS: dict[tuple[FTState, FTState], str] = {
     (S.UNPROTECTED, S.PAIRING): "protection requested (hook 'started' or CLI)",
     (S.UNPROTECTED, S.STOPPING): "domain stopped before it was protected",
+    (S.UNPROTECTED, S.FAILED): "an earlier cujud left the VM protected: fenced until the peer answers",
     (S.PAIRING, S.SYNCING): "the peer created the standby; initial copy starts",
     (S.PAIRING, S.UNPROTECTED): "pairing refused or failed on a first attempt",
     (S.PAIRING, S.DEGRADED): "pairing failed on a re-protection attempt; retry later",

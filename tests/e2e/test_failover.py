@@ -130,6 +130,11 @@ def test_sigkill_of_the_primary_qemu_fails_over_to_host_b(
         # persistent definition, which the next 'virsh start' uses, does not have it
         assert "-incoming" not in rig.b.virsh("dumpxml", "--inactive", name)
         assert rig.b.virsh("dominfo", name).count("Persistent:     yes") == 1
+        # an ordinary crash failover: INFO lines on the old primary, no ERROR (nothing needs a person),
+        # and the cause named (issue 13 item 9)
+        said = ca.log_path.read_text(errors="replace").splitlines()
+        assert [line for line in said if " ERROR " in line] == []
+        assert any("SIGKILL" in line and "takes over" in line for line in said), said[-20:]
         # re-protected by itself: host a (its copy gone, its ceded record kept) is the backup now
         _judge_reprotected(rig, observer, name, cujuds, failed_at=killed_at, max_gap=max_gap)
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cuju_libvirt import fitness
+from cuju_libvirt.ft_engine import devstate
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "packaging" / "apparmor" / "cuju-libvirt-qemu"
@@ -85,6 +86,12 @@ def _allows(path: str, perm: str) -> bool:
 
 def test_rules_cover_the_paths_qemu_is_given() -> None:
     assert _allows(fitness.qmp_socket_path("vm-1"), "w")  # QEMU creates and listens on it
+
+    class DirectQMP:
+        path = fitness.qmp_socket_path("vm-1")
+
+    # QEMU writes the per-epoch device state (xen-save-devices-state) where the engine says by default
+    assert _allows(devstate.default_path(DirectQMP()), "w")  # type: ignore[arg-type]
     assert _allows("/run/cuju-libvirt/counters/cuju-oc-net0-f1.count", "w")
     assert _allows("/run/cuju-libvirt/devstate/0a1b.devstate", "w")
     assert _allows("/run/cuju-libvirt/nbd/vm-1-vda.sock", "w")

@@ -158,6 +158,7 @@ def test_show_json_echoes_every_option_enable_set(run: Runner, tmp_path: Path) -
         "peer": "[2001:db8::7]:7800", "link": "198.18.0.2:7000", "epoch-ms": "12", "tracker": "uffd",
         "output-commit": "off", "max-epoch-packets": "1000", "failover": "manual",
         "heartbeat-timeout-ms": "900", "on-peer-unavailable": "refuse-start", "epoch-policy": "fixed",
+        "max-epoch-ms": "250",
     }
     argv = [arg for key, value in options.items() for arg in (f"--{key}", value)]
     enabled = run("xml", "enable", source, *argv)

@@ -22,7 +22,7 @@ from cuju_libvirt.ft_engine.state import (
 # The table written out independently of the implementation, one row per source state:
 # a change to either side must be made in both places on purpose.
 EXPECTED = """
-unprotected            -> pairing stopping
+unprotected            -> pairing stopping failed
 pairing                -> syncing unprotected degraded stopping failed
 syncing                -> protected degraded stopping failed
 protected              -> syncing degraded stopping failed

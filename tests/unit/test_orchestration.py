@@ -14,12 +14,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import libvirt
 import pytest
 from lxml import etree
 
 from cuju_libvirt.cujud import orchestrator, records
 from cuju_libvirt.cujud.qemu_process import ended_on_signal, log_offset, ram_backing
 from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml, standby_xml
+from cuju_libvirt.cujud.virt import LifecycleEvent
 from cuju_libvirt.domain_xml import parse_domain
 from cuju_libvirt.errors import CujuError, StateError
 from cuju_libvirt.ft_engine.state import FTState
@@ -288,6 +290,43 @@ def test_the_pairing_backoff_waits_what_the_log_says(monkeypatch: pytest.MonkeyP
     for waited, wanted in zip(waits[:4], [0.2, 0.4, 0.8, 0.8], strict=True):
         assert waited >= wanted - 0.02, (waits, said)
     assert said[:4] == pytest.approx([0.2, 0.4, 0.8, 0.8])
+
+
+@pytest.mark.parametrize(("signal_line", "events", "cause"), [
+    (None, [], "SIGKILL"),
+    (None, [("STOPPED", "CRASHED")], "crash: the guest crashed"),
+    (None, [("STOPPED", "FAILED")], "crash: QEMU failed"),
+    (15, [("SHUTDOWN", "GUEST"), ("STOPPED", "SHUTDOWN")], "deliberate: the guest powered off"),
+    (15, [("SHUTDOWN", "HOST"), ("STOPPED", "SHUTDOWN")], "from the host (virsh shutdown)"),
+    (15, [("STOPPED", "SAVED")], "deliberate: virsh save"),
+    (15, [("STOPPED", "DESTROYED")], "deliberate: virsh destroy"),
+    (15, [], "deliberate: QEMU terminated on signal 15 (SIGTERM)"),
+])
+def test_the_end_of_a_qemu_is_logged_with_its_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_line: int | None,
+    events: list[tuple[str, str]], cause: str,
+) -> None:
+    """Issue 13 items 6 and 9: guest power-off and 'virsh save' were both logged as "QEMU
+    terminated on signal 15"; a SIGKILL as a vanished QEMU. libvirt's events name the cause."""
+    uuid = "0f1e2d3c-0000-4000-8000-000000000005"
+    monkeypatch.setattr(orchestrator, "CLASSIFY_WAIT", 0.01)
+    monkeypatch.setattr(orchestrator, "DELIBERATE_WAIT", 0.05)
+    monkeypatch.setattr(orchestrator, "ended_on_signal", lambda name, since: signal_line)
+    conn: Any = SimpleNamespace(add_lifecycle_listener=lambda f: None, add_state_listener=lambda f: None)
+    orch = orchestrator.Orchestrator.__new__(orchestrator.Orchestrator)
+    orch._stops, orch._shutdowns, orch._stop_cond = {}, {}, threading.Condition()
+    orch._lock, orch.primaries, orch.libvirt = threading.Lock(), {}, conn
+    for kind, detail in events:
+        ev_num = getattr(libvirt, f"VIR_DOMAIN_EVENT_{kind}")
+        detail_num = getattr(libvirt, f"VIR_DOMAIN_EVENT_{kind}_{detail}")
+        orch._lifecycle(LifecycleEvent("vm", uuid, ev_num, detail_num))
+    spec = parse_domain(domain_xml("vm", disk="/images/vm.img", metadata=[
+        '<cuju:ft xmlns:cuju="https://cuju-ft.github.io/libvirt/ft/1.0" peer="hostb"/>']))
+    assert spec is not None
+    p = orchestrator.PrimaryDomain(orch, "vm", uuid, spec, "hostb")
+    how = p._classify_exit()
+    assert cause in how, how
+    assert how.startswith("crash" if signal_line is None else "deliberate")
 
 
 def test_an_ft_link_of_another_generation_is_refused(tmp_path: Path) -> None:

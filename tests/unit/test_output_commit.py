@@ -14,6 +14,8 @@ from cuju_libvirt.ft_engine.output import (
     OutputCommit,
     OutputCommitError,
     discover_netdevs,
+    leftover_filters,
+    remove_leftovers,
 )
 from cuju_libvirt.qmp import QMPClient, QMPConnectionError, QMPError
 
@@ -147,3 +149,32 @@ class DiscoveryQMP:
 
 def test_discovery_reads_each_nics_netdev_property() -> None:
     assert discover_netdevs(cast(QMPClient, DiscoveryQMP())) == ["hostnet0", "hostnet1"]
+
+
+def test_leftover_filters_are_found_released_in_order_and_deleted() -> None:
+    """Issue 13 item 4: a dead cujud's filters stay in QEMU; the next pairing failed on
+    "attempt to add duplicate property 'cuju-...-f1'". They are found by their ids and
+    removed: F1 off before F2 (F1's packets queue behind F2's older ones), then deleted."""
+    names = ["cuju-vm-hostnet0-f2", "cuju-vm-hostnet0-count", "cuju-vm-hostnet0-f1", "cuju-vmx-hostnet0-f1",
+             "other", "cuju-vm-hostnet0-f1x"]
+
+    class Listing(FakeQMP):
+        def execute(self, command: str, arguments: dict[str, Any] | None = None, **kw: Any) -> Any:
+            if command == "qom-list":
+                return [{"name": n, "type": "child<filter-buffer>"} for n in self.objects]
+            return super().execute(command, arguments, **kw)
+
+    fake = Listing()
+    fake.objects = list(names)
+    found = leftover_filters(fake, "vm")  # type: ignore[arg-type]
+    assert found == ["cuju-vm-hostnet0-count", "cuju-vm-hostnet0-f1", "cuju-vm-hostnet0-f2"]
+    fake.calls.clear()
+    remove_leftovers(fake, found)  # type: ignore[arg-type]
+    assert fake.calls == [
+        ("qom-set", {"path": "/objects/cuju-vm-hostnet0-f1", "property": "status", "value": "off"}),
+        ("qom-set", {"path": "/objects/cuju-vm-hostnet0-f2", "property": "status", "value": "off"}),
+        ("object-del", {"id": "cuju-vm-hostnet0-f1"}),
+        ("object-del", {"id": "cuju-vm-hostnet0-f2"}),
+        ("object-del", {"id": "cuju-vm-hostnet0-count"}),
+    ]
+    assert sorted(fake.objects) == ["cuju-vm-hostnet0-f1x", "cuju-vmx-hostnet0-f1", "other"]

@@ -1,0 +1,176 @@
+"""Initial synchronisation of a protected disk against a plain copy of the same image."""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cuju_libvirt import disk_server
+from cuju_libvirt.ft_engine.disks import DiskSet, ProtectedDisk, prepare_replica
+from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
+
+DESCRIPTION = (
+    "Initial sync of a disk (default 2 GiB, every other MiB random data) through the block server "
+    "while fio writes 4 KiB random blocks to it over NBD (the guest's load): sparse-aware chunks read "
+    "from the image while the writes go on, then the journal since the start, shipped as epochs to a "
+    "receiver that applies them to a replica (TCP loopback). Baseline in the same run: a plain copy of "
+    "the same image (every byte, sendfile) over the same kind of link into a file."
+)
+TARGET_RATIO = 0.7
+PAGE = 4096
+MIB = 1 << 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size-mib", type=int, default=2048, help="disk size (default 2048)")
+    parser.add_argument("--write-iops", type=int, default=2000, help="fio's write rate during the sync")
+    parser.add_argument("--dir", default="/dev/shm", help="where images live (default /dev/shm)")
+
+
+def _fill(path: Path, size: int) -> None:
+    block = os.urandom(MIB)
+    with path.open("wb") as f:
+        f.truncate(size)
+        for n, off in enumerate(range(0, size, 2 * MIB)):
+            f.seek(off)
+            f.write(block[n % 4096:] + block[:n % 4096])  # every MiB different
+
+
+def _plain_copy(image: Path, dest: Path) -> float:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        out = socket.create_connection(listener.getsockname())
+        inn, _ = listener.accept()
+    size = image.stat().st_size
+
+    def receive() -> None:
+        buf = bytearray(4 * MIB)
+        view = memoryview(buf)
+        with dest.open("wb") as f:
+            left = size
+            while left:
+                n = inn.recv_into(view, min(len(buf), left))
+                if n == 0:
+                    break
+                f.write(view[:n])
+                left -= n
+
+    t = threading.Thread(target=receive)
+    t0 = time.perf_counter()
+    t.start()
+    with image.open("rb") as f:
+        sent = 0
+        while sent < size:
+            sent += os.sendfile(out.fileno(), f.fileno(), sent, size - sent)
+    t.join()
+    dt = time.perf_counter() - t0
+    out.close()
+    inn.close()
+    return dt
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    size = args.size_mib * MIB
+    work = Path(tempfile.mkdtemp(prefix="cuju-bench-disksync-", dir=args.dir))
+    paths = disk_server.ServerPaths.under(work, "vda")
+    out: dict[str, Any] = {"size_mib": args.size_mib, "write_iops": args.write_iops, "target": TARGET_RATIO}
+    fio = None
+    try:
+        image = work / "vda.img"
+        _fill(image, size)
+        out["allocated_mib"] = round(image.stat().st_blocks * 512 / MIB, 1)
+        out["copy_s"] = round(_plain_copy(image, work / "copy.img"), 3)
+        (work / "copy.img").unlink()
+
+        disk_server.start(paths, str(image), target="vda")
+        ds = DiskSet([ProtectedDisk("vda", str(image), paths.journal)])
+        replica = work / "vda.replica"
+        prepare_replica(str(replica), size)
+        a, b = _tcp_pair()
+        rx = EpochReceiver(mmap.mmap(-1, PAGE), str(work / "state"), disks=[(str(replica), size)])
+        rx.start(b)
+        tx = EpochSender(a, mmap.mmap(-1, PAGE), disk_sizes=ds.sizes)
+        a.close()
+        b.close()
+        none = page_indexes([])
+        try:
+            tx.handshake(5)
+            fio = subprocess.Popen(["fio", "--name", "load", "--rw", "randwrite", "--bs", "4k",
+                                    "--iodepth", "1", "--size", str(size), "--runtime", "600", "--time_based",
+                                    "--ioengine=nbd",
+                                    f"--rate_iops={args.write_iops}", "--norandommap",
+                                    f"--uri=nbd+unix:///vda?socket={paths.socket}"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)  # the load is on before the sync starts
+            t0 = time.perf_counter()
+            total = ds.begin_sync(full=True)
+            epoch = 0
+            while parts := ds.sync_chunk():
+                epoch += 1
+                tx.stage(epoch, none, b"", disks=parts)
+                tx.ship()
+                if epoch > 1:
+                    tx.wait_ack(epoch - 1, 60)
+            epoch += 1
+            tx.stage(epoch, none, b"", disks=ds.seal(epoch))  # what the load wrote meanwhile
+            tx.ship()
+            if not tx.wait_ack(epoch, 60):
+                raise RuntimeError("the last sync epoch was not acknowledged")
+            sync_s = time.perf_counter() - t0
+            ds.acked(epoch)
+            counters = tx.counters()
+            # Check the result: the load stops, its last writes follow, replica == image.
+            fio.terminate()
+            fio.wait(10)
+            epoch += 1
+            tx.stage(epoch, none, b"", disks=ds.seal(epoch))
+            tx.ship()
+            tx.wait_ack(epoch, 60)
+            deadline = time.monotonic() + 60
+            while rx.last_applied < epoch and time.monotonic() < deadline:
+                time.sleep(0.01)
+            out["replica_equal"] = _same(image, replica)
+        finally:
+            if fio is not None:
+                fio.terminate()
+                fio.wait(10)
+            tx.close(orderly=False, timeout=0)
+            rx.close()
+            ds.close()
+        out["sync_s"] = round(sync_s, 3)
+        out["sync_bytes_planned"] = total
+        out["sync_epochs"] = epoch
+        out["wire_bytes"] = counters["wire_bytes"]
+        out["ratio_vs_copy"] = round(out["copy_s"] / sync_s, 3)
+        out["meets_target"] = out["ratio_vs_copy"] >= TARGET_RATIO
+    finally:
+        if fio is not None and fio.poll() is None:
+            fio.kill()
+        disk_server.stop(paths)
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
+def _same(a: Path, b: Path) -> bool:
+    with a.open("rb") as fa, b.open("rb") as fb:
+        while True:
+            x, y = fa.read(8 * MIB), fb.read(8 * MIB)
+            if x != y:
+                return False
+            if not x:
+                return True

@@ -1,0 +1,160 @@
+"""cujud killed at random moments on either host (issue 13, Deliver 3): a soak on the rig.
+
+A protected Linux guest streams numbered UDP and a TCP counter stream to the observer.
+Again and again, at a random moment (while pairing or in the initial synchronisation right
+after ``virsh start``, or in FT mode), the cujud of a random host gets SIGKILL or SIGTERM and
+is started again after a random pause. After each kill the pair must settle by itself into
+one of two outcomes: protected again (VM on host a, standby on host b), or failed over
+(VM on host b, no QEMU left on host a). Judged by the observer's stream: never a number
+twice or going backwards (one copy's output only), at most one gap of at most one epoch
+and only where a failover happened; and never two hosts running the VM.
+
+``KILLS`` times in the default suite, ``SLOW_KILLS`` with ``CUJU_SLOW=1`` (``-m slow``).
+After a failover (host b then re-protects the VM by itself) the guest is started afresh on
+host a, with a new observer.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from cuju_libvirt.rig.cujud import Cujud, protected_linux_xml
+from cuju_libvirt.rig.hosts import Host, Rig
+from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
+from cuju_libvirt.rig.observer import Observer, Rules, epoch_ms_from_rate, judge_run, one_epoch_packets
+from tests.e2e.conftest import cleanup_protected
+from tests.e2e.test_cujud_restarts import EPOCH_MS, MAC, PPS, make_observer, still_counting
+
+KILLS = 5
+SLOW_KILLS = 50
+SETTLE_S = 150.0
+
+
+@pytest.fixture(scope="module")
+def linux_guest() -> LinuxGuest:
+    return build_linux_guest()
+
+
+@dataclass
+class Life:
+    """One run of the guest from ``virsh start`` on host a until a failover (or the end)."""
+
+    name: str
+    observer: Observer
+    kills: list[str] = field(default_factory=list)
+    failover_at: float | None = None
+    max_gap: int = 0
+
+
+def _running(host: Host, name: str) -> bool:
+    return host.virsh("domstate", name, check=False).strip() == "running"
+
+
+def _kill(cujud: Cujud, sig: signal.Signals) -> None:
+    assert cujud.proc is not None
+    cujud.proc.send_signal(sig)
+    try:
+        cujud.proc.wait(30)
+    except Exception:
+        cujud.proc.kill()
+        cujud.proc.wait(10)
+    cujud.proc = None
+
+
+def _settled(rig: Rig, ca: Cujud, cb: Cujud, name: str) -> str | None:
+    """'protected', 'failed over', or None while the pair is still on its way."""
+    a, b = ca.domain(name), cb.domain(name)
+    if a is not None and a["state"] == "protected" and b is not None and b["state"] == "standby":
+        return "protected"
+    # after a failover host b runs the VM (and re-protects it with a standby on host a)
+    if b is not None and b["role"] == "primary" and (a is None or a["role"] == "backup") \
+            and not _running(rig.a, name):
+        return "failed over"
+    return None
+
+
+def _one_epoch(ca: Cujud, name: str) -> int:
+    rate = (ca.domain(name) or {}).get("epochs_per_s")
+    return one_epoch_packets(PPS, epoch_ms_from_rate(EPOCH_MS, rate))
+
+
+def soak(rig: Rig, guest: LinuxGuest, cujuds: tuple[Cujud, Cujud], kills: int,
+         rng: random.Random) -> list[str]:
+    ca, cb = cujuds
+    history: list[str] = []
+    done = 0
+    lives = 0
+    while done < kills:
+        lives += 1
+        name = f"ft-soak{lives}"
+        with make_observer(rig) as obs:
+            life = Life(name, obs)
+            try:
+                xml = protected_linux_xml(rig, guest, name, obs, mac=MAC, pps=PPS, epoch_ms=EPOCH_MS)
+                rig.a.virsh("define", str(xml))
+                rig.a.virsh("start", name)
+                early = rng.random() < 0.3  # a kill while pairing / in the initial sync
+                if not early:
+                    ca.wait_domain(name, "protected", timeout=120)
+                    cb.wait_domain(name, "standby", timeout=30)
+                obs.wait_for(lambda r: len(r.udp) >= 30, timeout=90)
+                while done < kills and life.failover_at is None:
+                    time.sleep(rng.uniform(0.0, 3.0) if early else rng.uniform(0.2, 3.0))
+                    victim = rng.choice((ca, cb))
+                    sig = rng.choice((signal.SIGKILL, signal.SIGTERM))
+                    moment = (ca.domain(name) or {}).get("state", "?")
+                    gap = _one_epoch(ca, name)
+                    killed_at = time.monotonic()
+                    _kill(victim, sig)
+                    time.sleep(rng.uniform(0.0, 1.0))
+                    victim.start()
+                    done += 1
+                    early = False
+                    deadline = time.monotonic() + SETTLE_S
+                    while (outcome := _settled(rig, ca, cb, name)) is None:
+                        assert not (_running(rig.a, name) and _running(rig.b, name)), \
+                            f"{name} runs on both hosts (kill {done}: {sig.name} of {victim.host.label})"
+                        if time.monotonic() > deadline:
+                            pytest.fail(f"kill {done} ({sig.name} of cujud on {victim.host.label} while "
+                                        f"{moment}): the pair did not settle within {SETTLE_S:.0f} s "
+                                        f"(a: {ca.domain(name)}, b: {cb.domain(name)}; see {ca.log_path}, "
+                                        f"{cb.log_path})")
+                        time.sleep(0.2)
+                    entry = f"{sig.name} of cujud on {victim.host.label} while {moment}: {outcome}"
+                    life.kills.append(entry)
+                    history.append(entry)
+                    if outcome == "failed over":
+                        life.failover_at, life.max_gap = killed_at, gap
+                rec = still_counting(obs, time.monotonic(), PPS, timeout=90)
+                rules = Rules() if life.failover_at is None else \
+                    Rules(max_gap=life.max_gap, failover_at=life.failover_at, tolerance=1.0)
+                verdict = judge_run(rec, rules)
+                assert verdict.ok, (life.kills, verdict.as_dict())
+                assert not (_running(rig.a, name) and _running(rig.b, name))
+            finally:
+                cleanup_protected(rig, name)
+    return history
+
+
+@pytest.mark.timeout(900)
+def test_cujud_killed_at_random_moments_never_repeats_output(
+    ft_rig: Rig, linux_guest: LinuxGuest, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    seed = random.randrange(1 << 30)
+    history = soak(ft_rig, linux_guest, cujuds, KILLS, random.Random(seed))
+    print(f"soak (seed {seed}): " + "; ".join(history))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(7200)
+def test_cujud_killed_at_random_moments_fifty_times(
+    ft_rig: Rig, linux_guest: LinuxGuest, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    seed = random.randrange(1 << 30)
+    history = soak(ft_rig, linux_guest, cujuds, SLOW_KILLS, random.Random(seed))
+    print(f"soak (seed {seed}): " + "; ".join(history))
