@@ -508,6 +508,9 @@ class PrimaryDomain:
             return None
         if claim.won:
             self.generation = claim.record.generation
+            # As good as the peer's promise: it can never resume this pairing's standby, so a
+            # restart (or the next pairing's settling) has nothing to ask it.
+            records.remove(self.orch.state_dir, records.PROTECTED, self.uuid)
             return True
         self.log.error("the witness gives %s to %s (generation %d, %s)", self.name, claim.record.owner,
                        claim.record.generation, claim.record.mode)
