@@ -227,7 +227,7 @@ def protected_linux_xml(
     rig: Rig, guest: LinuxGuest, name: str, observer: Observer, *, mac: str, pps: int,
     epoch_ms: int = 20, heartbeat_timeout_ms: int = 500, memory_mib: int = 256,
     extra: tuple[str, ...] = (), peer: str | None = None, mode: str = "count,udp",
-    data_disk: Path | None = None, params: Mapping[str, str | int] | None = None,
+    data_disk: Path | None = None, params: Mapping[str, Any] | None = None,
 ) -> Path:
     """The Linux test guest's XML marked for protection with ``cuju-libvirt xml enable --prepare``.
 

@@ -33,7 +33,7 @@ from cuju_libvirt.rig.sandbox import tool
 COMMAND_PORT = 7001
 RECORD_LEN = 64
 #: What the guest's agent is told: a record every 5 ms, 64 checksummed blocks.
-PARAMS: dict[str, str | int] = {"rec_ms": 5, "blocks": 64, "port": COMMAND_PORT}
+PARAMS = {"rec_ms": "5", "blocks": "64", "port": str(COMMAND_PORT)}
 
 
 def make_ext4_image(path: Path, size_mib: int = 64) -> Path:
