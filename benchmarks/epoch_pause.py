@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio-mib", type=int, default=4096,
                         help="with --engine: also measure at this RAM size in the same run and report the "
                              "ratio of the medians (default 4096 -> ram_ratio_4g_256m; 0: off)")
+    parser.add_argument("--tls", action="store_true",
+                        help="with --engine: also run the --memory-mib case over an encrypted FT link "
+                             "(AES-256-GCM records) in the same run: median_ms_tls, tls_added_ms")
     parser.add_argument("--engine", action="store_true",
                         help="measure the real epoch engine instead (PrimaryEngine + BackupEngine over "
                              "loopback, C gather, pipelined shipping; epoch length = --run-ms)")

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             tracker = pair.pstats.snapshot().tracker
             populate_s = pair.backup.populate_s
         assert p.status() == "running"
-        with DirectGuest(name="eng-im", memory_mib=mib, disk=img, incoming=True) as m:
+        with DirectGuest(name="eng-im", memory_mib=mib, disk=img, incoming=True, full_migration=True) as m:
             qemu_s, qemu_info = qemu_migration(p, m)
     return {
         "seconds": round(rep.seconds, 3),

@@ -529,7 +529,7 @@ def _rule_disks(ctx: _Context) -> None:
             "disk writes are not epoch-protected yet: after a failover the disk may hold writes "
             "of the lost epoch, and the standby on the peer opens the same source",
             f"{_PREPARE} --serve-disks (serves it through the replicating block server, for the "
-            "backup to keep a copy; cujud does not replicate it yet: docs/failover.md)",
+            "backup to keep a copy; opt-in for now: docs/failover.md)",
             preparable=True,
         )
     for target, record in records.items():
@@ -542,19 +542,16 @@ def _rule_disks(ctx: _Context) -> None:
 
 
 def _rule_disk_replication(ctx: _Context) -> None:
-    # The data path's pieces are in place (block server, journal, disk section of the epoch
-    # stream) but cujud does not drive them for a protected domain yet: say so, once, until
-    # it does. Remove this rule (and its test) when cujud ships the journals and the backup
-    # serves the replicas on the same sockets.
+    # cujud hands prepared disks to the engines (journals on the primary, served replicas on
+    # the backup), but no failover with disks has been run end to end on the two-host rig
+    # yet: say so, once, until it has. Remove this rule (and its test) then.
     prepared = [target_of(d) for d in ctx.devices("disk") if is_nbd_export(d)]
     if prepared:
         ctx.warn(
             "disk-replication", f"<disk> {', '.join(str(t) for t in prepared)}",
-            "these disks are served by the journaling block server, but cujud does not yet ship "
-            "their journals to the backup, and the backup host serves no replica on their "
-            "sockets: a standby of this domain cannot open them",
-            "keep such a domain unprotected until cujud's disk replication is in place "
-            "(docs/failover.md, \"Disks\")",
+            "these disks are replicated through the journaling block server, a path not yet "
+            "verified end to end by a failover test on two hosts",
+            "test a failover of this domain before relying on it (docs/failover.md, \"Disks\")",
         )
 
 
@@ -892,7 +889,7 @@ def prepare_in(root: etree._Element, *, disks: bool = False) -> list[str]:
     """Make the safe changes in a parsed ``<domain>`` tree; returns what was changed.
 
     ``disks``: also serve the writable disks through the replicating block server (opt-in
-    while cujud does not replicate them yet: a standby could not open them).
+    until a failover with disks has run end to end on two hosts).
     """
     changes: list[str] = []
     _prepare_memory(root, changes)

@@ -66,7 +66,8 @@ def add_disk_options(parser: argparse.ArgumentParser) -> None:
         "--serve-disks", action="store_true",
         help="with --prepare: also rewrite every writable disk that can be served to the "
         "replicating block server's NBD export, recording the original in <cuju:ft> (cujud "
-        "does not replicate such disks yet: a standby cannot open them; docs/failover.md)",
+        "hands them to the replication; opt-in until a failover with disks has run end to end: "
+        "docs/failover.md)",
     )
     parser.add_argument(
         "--disk-replica", action="append", default=[], metavar="DEV=PATH",

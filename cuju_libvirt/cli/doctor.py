@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from cuju_libvirt import _cuju, config
+from cuju_libvirt.cujud.tls import Contexts
 from cuju_libvirt.domain_xml import Endpoint, parse_domain
+from cuju_libvirt.errors import CujuError
 from cuju_libvirt.ft_engine import trackers
 from cuju_libvirt.hooks import HOOK_NAME
 
@@ -54,17 +56,16 @@ QMP_COMMANDS = (
     "cont",
     "query-status",
     "getfd",
-    "migrate",
     "migrate-incoming",
-    "migrate-set-capabilities",
     "xen-save-devices-state",
     "object-add",
     "object-del",
     "qom-set",
     "announce-self",
 )
-#: Migration capabilities and QOM types used.
-QMP_MIGRATION_CAPS = ("x-ignore-shared",)
+#: Migration capabilities used (none since device state is saved with xen-save-devices-state:
+#: the per-epoch save drives no migration) and QOM types used.
+QMP_MIGRATION_CAPS: tuple[str, ...] = ()
 QOM_TYPES = ("filter-buffer",)
 #: Where libvirt's daemons write their pid (monolithic libvirtd, or the modular QEMU driver).
 LIBVIRTD_PIDFILES = (Path("/run/libvirtd.pid"), Path("/run/virtqemud.pid"))
@@ -470,7 +471,7 @@ def check_qemu(host: Host, conn: Any) -> list[Result]:
         Result(
             "qemu.capabilities",
             Status.OK,
-            f"{binary}: {len(QMP_COMMANDS)} QMP commands, x-ignore-shared, filter-buffer",
+            f"{binary}: {len(QMP_COMMANDS)} QMP commands, {', '.join(QOM_TYPES)}",
         )
     ]
 
@@ -628,6 +629,25 @@ def check_peers(
     return out
 
 
+def check_channels(host: Host) -> list[Result]:
+    """Whether the peer channel and the FT link are encrypted (docs/security.md)."""
+    cfg = host.cfg
+    if cfg.peer_tls != "on":
+        return [Result("channels", Status.WARN,
+                       "peer_tls: off: the peer channel is authenticated by the pre-shared key but "
+                       "NOT encrypted, and the FT link (guest memory) travels in the clear",
+                       "install host certificates and set peer_tls: 'on' on every host "
+                       "(docs/security.md), or keep both paths on trusted networks")]
+    try:
+        Contexts.load(ca_file=cfg.tls_ca_file, cert_file=cfg.tls_cert_file, key_file=cfg.tls_key_file)
+    except CujuError as err:
+        return [Result("channels", Status.FAIL, f"peer_tls: on, but {err}",
+                       "install this host's certificate, key and the cluster's CA (docs/security.md)")]
+    return [Result("channels", Status.OK,
+                   "peer channel: mutual TLS 1.3 with certificates; FT link: AES-256-GCM, keyed per "
+                   "connection inside it")]
+
+
 def check_clock(host: Host) -> list[Result]:
     buf = ctypes.create_string_buffer(512)  # struct timex, modes = 0: read only
     state = ctypes.CDLL(None, use_errno=True).adjtimex(buf)
@@ -705,6 +725,7 @@ def run(host: Host, cujud: Callable[[str, dict[str, Any]], dict[str, Any]] | Non
     results += _guarded("qemu.capabilities", lambda: check_qemu(host, conn))
     results += _guarded("lsm", lambda: check_lsm(host))
     results += _guarded("peer", lambda: check_peers(host, conn, cujud))
+    results += _guarded("channels", lambda: check_channels(host))
     results += _guarded("clock", lambda: check_clock(host))
     results += _guarded("etcd", lambda: check_etcd(host))
     if conn is not None:

@@ -35,10 +35,11 @@ def register(subparsers: Any) -> None:
             "uffd tracker's self-test), the page size, ptrace rights over QEMU (Yama), swap and\n"
             "the RAM backing directory, libvirt and its hooks directory (and that libvirtd was\n"
             "restarted after the hook was installed), the QEMU features used (QMP commands,\n"
-            "x-ignore-shared, filter-buffer: asked from QEMU itself), AppArmor/SELinux, cujud,\n"
+            "filter-buffer: asked from QEMU itself), AppArmor/SELinux, cujud,\n"
             "each peer on the control channel (an authenticated ping through cujud when it\n"
             "runs, else a TCP connect) and on the FT link (the links of the protected domains\n"
-            "defined here, and --ft-peer), the clock, and etcd when etcd_endpoints is set.\n"
+            "defined here, and --ft-peer), whether both channels are encrypted (peer_tls and\n"
+            "the certificates), the clock, and etcd when etcd_endpoints is set.\n"
             "Run it as root, like cujud."
         ),
         epilog=(

@@ -103,7 +103,8 @@ def _row(d: Mapping[str, Any], now: float) -> list[str]:
     rate = d.get("epochs_per_s")
     lag = d.get("lag_s")
     return [
-        str(d.get("domain", "?")), str(d.get("role", "?")), str(d.get("peer") or "-"),
+        str(d.get("domain", "?")), str(d.get("role", "?")),
+        str(d.get("peer") or "-") + (f" (generation {d['generation']})" if d.get("generation") else ""),
         str(d.get("state", "?")) + ("" if d.get("protected") else " (UNPROTECTED)"),
         "-" if rate is None else f"{rate:.1f}",
         "-" if lag is None or not d.get("protected") else _duration(lag),

@@ -217,7 +217,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "    raw or qcow2) is rewritten to the replicating block server's NBD export over a\n"
             "    UNIX socket (/run/cuju-libvirt/nbd/UUID/DEV.sock, error_policy='stop'); the\n"
             "    <disk> as it was is recorded in <cuju:ft> and 'disable' gives it back (opt-in:\n"
-            "    cujud does not replicate such disks yet, see docs/failover.md)\n"
+            "    not yet shown end to end by a failover, see docs/failover.md)\n"
             "If the domain still cannot be protected (a <hostdev>, vhost-user, ...), nothing is\n"
             "written and the exit status is 1."
         ),

@@ -306,6 +306,7 @@ class Daemon:
                 "last_failover_duration_s": snap.last_failover_duration_s,
                 "last_failover_timestamp": snap.last_failover_timestamp,
                 "wire_bytes": snap.wire_bytes_total, "pages": snap.pages_total,
+                "generation": snap.generation,
                 "disk_sync": [
                     {"target": d.target, "synced_bytes": d.synced_bytes, "total_bytes": d.total_bytes}
                     for d in snap.disk_sync

@@ -138,8 +138,6 @@ class PrimaryDomain:
         self.engine: PrimaryEngine | None = None
         self.qmp: QMPClient | None = None
         self.pid = 0
-        #: The ownership generation of the current pairing (0: no witness).
-        self.generation = 0
         self.ended = threading.Event()
         self._wake = threading.Event()
         #: Set by :meth:`peer_back`: the next attempt starts at once, the backoff from its start.
@@ -150,6 +148,15 @@ class PrimaryDomain:
         self._deciding = False
         #: ... and while engine.start() runs on the protection loop's thread.
         self._starting = False
+
+    @property
+    def generation(self) -> int:
+        """The ownership generation of the current pairing (0: no witness); shown in ``status``."""
+        return self.stats.generation
+
+    @generation.setter
+    def generation(self, value: int) -> None:
+        self.stats.generation = value
 
     # -- protecting --------------------------------------------------------------------------
 
@@ -501,6 +508,9 @@ class PrimaryDomain:
             return None
         if claim.won:
             self.generation = claim.record.generation
+            # As good as the peer's promise: it can never resume this pairing's standby, so a
+            # restart (or the next pairing's settling) has nothing to ask it.
+            records.remove(self.orch.state_dir, records.PROTECTED, self.uuid)
             return True
         self.log.error("the witness gives %s to %s (generation %d, %s)", self.name, claim.record.owner,
                        claim.record.generation, claim.record.mode)

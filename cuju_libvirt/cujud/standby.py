@@ -280,7 +280,7 @@ class Standby:
         self.undecided = False
         self.lock = threading.RLock()
         self.machine = FTMachine(name, Role.BACKUP)
-        self.stats = DomainStats(name, uuid, "backup", peer=peer)
+        self.stats = DomainStats(name, uuid, "backup", peer=peer, generation=generation)
         self.log = LOG.getChild(name.replace(".", "_"))
         self.engine: BackupEngine | None = None
         self.qmp: QMPClient | None = None

@@ -117,6 +117,8 @@ class StatsSnapshot:
     dirty_pages: HistogramSnapshot
     #: Copy progress of each protected disk, in the order the data path reported them.
     disk_sync: tuple[DiskSync, ...] = ()
+    #: The ownership generation of the pairing (the witness's fencing token; 0 without one).
+    generation: int = 0
 
 
 @dataclass
@@ -131,6 +133,8 @@ class DomainStats:
     state: str = "unprotected"
     tracker: str = ""
     epoch_ms: int = 0
+    #: The ownership generation of the pairing (0 without the witness); cujud sets it.
+    generation: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -243,5 +247,6 @@ class DomainStats:
                 ack_latency_seconds=self.ack_latency.snapshot(),
                 dirty_pages=self.dirty.snapshot(),
                 disk_sync=tuple(self._disk_sync.values()),
+                generation=self.generation,
             )
         return snap

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from cuju_libvirt.ft_engine.epoch import BackupEngine, PrimaryConfig, PrimaryEngine
+from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.state import FTMachine, Role
 from cuju_libvirt.ft_engine.stats import DomainStats
 from cuju_libvirt.ft_engine.trackers import Tracker, VmStopped
@@ -108,8 +109,11 @@ def protected_pair(
     config: PrimaryConfig,
     on_stopped: Callable[[int], None] | None = None,
     tracker_factory: Callable[[VmStopped], Tracker] | None = None,
+    *,
+    link_keys: LinkKeys | None = None,
 ) -> Iterator[Pair]:
-    """Start the backup engine, then the primary engine (initial sync); clean up after."""
+    """Start the backup engine, then the primary engine (initial sync); clean up after.
+    ``link_keys``: the FT link runs encrypted (as cujud's does with peer_tls: on)."""
     state_dir = Path(tempfile.mkdtemp(prefix="eng-state.", dir="/dev/shm"))
     a, b = link_pair()
     pstats, bstats = DomainStats("eng", "u", "primary"), DomainStats("eng", "u", "backup")
@@ -119,9 +123,11 @@ def protected_pair(
     io_timeout = max(30.0, primary.memory_mib / 1024 * 30.0)
     backup = BackupEngine(qmp=standby.qmp, ram_path=str(standby.ram_path), link=b,
                           device_state_path=str(state_dir / "state"), stats=bstats, machine=bm,
-                          qemu_log=str(standby.stderr_path), io_timeout=io_timeout)
+                          qemu_log=str(standby.stderr_path), io_timeout=io_timeout,
+                          link_keys=link_keys.backup if link_keys else None)
     engine = PrimaryEngine(config, qmp=primary.qmp, pid=primary.pid, link=a, stats=pstats, machine=pm,
-                           on_stopped=on_stopped, tracker_factory=tracker_factory)
+                           on_stopped=on_stopped, tracker_factory=tracker_factory,
+                           link_keys=link_keys.primary if link_keys else None)
     try:
         backup.start()
         engine.start()

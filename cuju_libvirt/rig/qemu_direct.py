@@ -93,7 +93,10 @@ class DirectGuest:
         extra_args: further QEMU arguments, appended as given.
         name: prefix of the private directory and QEMU's process name (``-name``).
         paused: start with ``-S`` (CPUs stopped until :meth:`cont`).
-        incoming: start with ``-incoming defer`` (paused, waiting for ``migrate-incoming``).
+        incoming: start with ``-incoming defer`` (paused, waiting for ``migrate-incoming``), as
+            cujud's standbys are: expecting a device-state blob, without a configuration section.
+        full_migration: with ``incoming``, expect an ordinary QEMU's migration stream instead
+            (its configuration section included), e.g. for QEMU's own live migration as a baseline.
         run_base: where the private directory is created (tmpfs by default).
         start_timeout: seconds to wait for QEMU's monitor.
     """
@@ -111,6 +114,7 @@ class DirectGuest:
         name: str = "cuju-direct",
         paused: bool = False,
         incoming: bool = False,
+        full_migration: bool = False,
         run_base: str | os.PathLike[str] = DEFAULT_RUN_BASE,
         start_timeout: float = 15.0,
         qemu: str = QEMU_BINARY,
@@ -129,6 +133,7 @@ class DirectGuest:
         self.name = name
         self.paused = paused
         self.incoming = incoming
+        self.full_migration = full_migration
         self.run_base = Path(run_base)
         self.start_timeout = start_timeout
         self.qemu = qemu
@@ -209,7 +214,9 @@ class DirectGuest:
         if self.incoming:
             # As cujud's standbys: paused after the load, no configuration section expected
             # (device-state blobs from xen-save-devices-state have none).
-            argv += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
+            argv += ["-incoming", "defer"]
+            if not self.full_migration:
+                argv += ["-global", "migration.send-configuration=off"]
         argv += self.extra_args
         return argv
 

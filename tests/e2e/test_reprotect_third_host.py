@@ -123,7 +123,9 @@ def test_backup_host_crash_with_the_witness_re_protects_onto_the_third_host(
                             "protected by cuju-c", timeout=180)
         print(f"re-protected onto host c {time.monotonic() - crashed_at:.1f} s after host b died")
         assert again["failovers"] == 0
-        cc.wait_domain(name, "standby", timeout=30)
+        standby = cc.wait_domain(name, "standby", timeout=30)
+        # status shows the pairing's ownership generation on both sides, a new one for c
+        assert again["generation"] == standby["generation"] > 1
         assert _runs(a, name) and c.virsh("domstate", name).strip() == "paused"
         rec = _still_counting(obs, time.monotonic(), PPS, timeout=30)
         verdict = judge_run(rec, Rules())  # the primary ran on: no gap, no repeat

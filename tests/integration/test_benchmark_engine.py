@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+from types import ModuleType
 
 import pytest
 
@@ -17,15 +18,26 @@ pytestmark = [
 ]
 
 
+def args_for(module: ModuleType, **values: object) -> argparse.Namespace:
+    """The benchmark's own defaults (its add_arguments), with ``values`` for a short run."""
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    args = parser.parse_args([])
+    unknown = set(values) - set(vars(args))
+    assert not unknown, f"{module.__name__} has no options {sorted(unknown)}"
+    vars(args).update(values)
+    return args
+
+
 def test_failover_benchmark_smoke() -> None:
-    result = failover.run(argparse.Namespace(runs=1, epoch_ms=20))
+    result = failover.run(args_for(failover, runs=1, epoch_ms=20))
     assert result["runs"] == 1 and result["passed"] == 1, result["failures"]
     assert isinstance(result["failover_ms_median"], float) and result["failover_ms_median"] > 0
     assert result["detection_ms_excluded"] is True
 
 
 def test_latency_benchmark_smoke() -> None:
-    result = latency.run(argparse.Namespace(pings=30, epoch_ms=20))
+    result = latency.run(args_for(latency, pings=30, epoch_ms=20))
     plain, ft = result["rtt_ms_median_unprotected"], result["rtt_ms_median_ft"]
     assert isinstance(plain, float) and isinstance(ft, float)
     # A reply in FT mode waits at least for its epoch's pause and acknowledgement.
@@ -34,7 +46,7 @@ def test_latency_benchmark_smoke() -> None:
 
 
 def test_initial_sync_benchmark_smoke() -> None:
-    result = initial_sync.run(argparse.Namespace(memory_mib=128, tracker="uffd"))
+    result = initial_sync.run(args_for(initial_sync, memory_mib=128, tracker="uffd"))
     assert isinstance(result["seconds"], float) and result["seconds"] > 0
     assert isinstance(result["qemu_migration_seconds"], float) and result["qemu_migration_seconds"] > 0
     # Every page of the filled RAM travels, none as a zero page beyond the few the guest itself cleared.
@@ -42,14 +54,16 @@ def test_initial_sync_benchmark_smoke() -> None:
 
 
 def test_overhead_benchmark_smoke() -> None:
-    result = overhead.run(argparse.Namespace(seconds=2.0, epoch_ms=20, stress_mb=16))
-    ratio = result["ratio_ft_vs_unprotected"]
-    assert isinstance(ratio, float) and ratio > 0
-    assert isinstance(result["epochs"], int) and result["epochs"] > 10
+    result = overhead.run(args_for(overhead, seconds=2.0, epoch_ms=20, stress_mb=16))
+    for name in ("cpu", "mem"):
+        ratio = result[f"ratio_{name}"]
+        assert isinstance(ratio, float) and ratio > 0, result
+        workload = result["workloads"][name]  # type: ignore[index]
+        assert isinstance(workload["epochs"], int) and workload["epochs"] > 10, workload
 
 
 def test_epoch_pause_engine_smoke() -> None:
-    args = argparse.Namespace(engine=True, tracker="uffd", epochs=30, memory_mib=64, run_ms=20.0)
+    args = args_for(epoch_pause, engine=True, tracker="uffd", epochs=30, memory_mib=64, run_ms=20.0)
     result = epoch_pause.run(args)
     assert result["engine"] is True and result["tracker"] == "uffd"
     assert isinstance(result["epochs"], int) and result["epochs"] >= 30

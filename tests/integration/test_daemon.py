@@ -283,6 +283,8 @@ def test_two_daemons_over_mutual_tls_and_a_plain_peer_refused(workdir: Path) -> 
     pa, pb = free_port(), free_port()
     a = Cujud(workdir, "a", KEY_A, {"b": pb}, pa, extra=tls_config(pki.host("a")))
     b = Cujud(workdir, "b", KEY_A, {"a": pa}, pb, extra=tls_config(pki.host("b")))
+    plain = Cujud(workdir, "b-plain", KEY_A, {"a": pa}, pb)  # b again, without TLS
+    plain.config.write_text(plain.config.read_text().replace("node_name: b-plain", "node_name: b"))
     try:
         a.start()
         b.start()
@@ -295,18 +297,15 @@ def test_two_daemons_over_mutual_tls_and_a_plain_peer_refused(workdir: Path) -> 
         assert "(mutual TLS 1.3)" in a.text()
         assert b.terminate() == 0
         # b comes back without TLS (same PSK as before): a refuses it, and b says why
-        plain = Cujud(workdir, "b-plain", KEY_A, {"a": pa}, pb)
-        plain.config.write_text(plain.config.read_text().replace("node_name: b-plain", "node_name: b"))
         plain.start()
         plain.wait_ready()
         assert wait_until(lambda: "the peer speaks TLS and this host does not" in plain.text())
         assert wait_until(lambda: "is it configured with peer_tls: on?" in a.text())
         assert not peer_status(a, "b")["connected"]
         assert "NOT encrypted" in plain.text()
-        plain.kill()
     finally:
-        a.kill()
-        b.kill()
+        for d in (a, b, plain):
+            d.kill()
     assert "Traceback" not in a.text()
 
 

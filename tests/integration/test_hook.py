@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,21 +114,35 @@ def test_a_standby_is_left_alone(cujud: list[dict[str, Any]]) -> None:
     assert cujud == []
 
 
+def _imports(argv: list[str], xml: bytes = b"") -> tuple[subprocess.CompletedProcess[bytes], set[str]]:
+    """Run ``python -S -X importtime ARGV``: the process and every module it imported."""
+    proc = subprocess.run([sys.executable, "-S", "-X", "importtime", *argv], input=xml, capture_output=True,
+                          check=False)
+    lines = proc.stderr.decode().splitlines()
+    return proc, {line.rsplit("|", 1)[-1].strip() for line in lines
+                  if line.startswith("import time:") and not line.rstrip().endswith("imported package")}
+
+
 @pytest.mark.timeout(60)
-def test_the_shim_exits_fast_for_a_domain_without_the_element(tmp_path: Path) -> None:
+def test_the_shim_imports_nothing_for_a_domain_without_the_element(tmp_path: Path) -> None:
+    """Every domain on the host pays the hook: a plain one must cost no more than the interpreter.
+
+    Its speed is `python -m benchmarks hook_shim`; here the property behind it: not one module
+    is imported beyond the bare interpreter's (-X importtime lists them all), nothing printed.
+    """
     shim = tmp_path / "cuju"
     shim.write_text(shim_text(sys.executable))
     shim.chmod(0o755)
     plain = domain_xml("plain", memory_mib=64, kernel="/boot/vmlinuz").encode()
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        proc = subprocess.run([str(shim), "plain", "prepare", "begin", "-"], input=plain, capture_output=True,
-                              check=False)
-        times.append(time.perf_counter() - t0)
-        assert proc.returncode == 0 and proc.stdout == b"" and proc.stderr == b""
-    # no package import on this path: the interpreter's own start-up is the cost (~8 ms here)
-    assert statistics.median(times) < 0.1, times
+    _, bare = _imports(["-c", "pass"])
+    proc, imported = _imports([str(shim), "plain", "prepare", "begin", "-"], plain)
+    assert proc.returncode == 0 and proc.stdout == b""
+    assert imported - bare == set(), proc.stderr.decode()
+    # the check can fail: a protected domain does import the package (for an operation the hook
+    # does not act on, so nothing else happens)
+    protected = set_ft(plain.decode(), FTSpec(peer="hostb")).encode()
+    proc, imported = _imports([str(shim), "plain", "no-such-op", "begin", "-"], protected)
+    assert proc.returncode == 0 and "cuju_libvirt.hooks.qemu" in imported
 
 
 @pytest.mark.timeout(60)

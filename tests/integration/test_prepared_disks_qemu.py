@@ -4,7 +4,7 @@ The XML side of replicated disks checked on the real stack: libvirt 9.0's QEMU d
 (embedded, ``qemu:///embed?root=DIR``: no daemon, all state under DIR) turns the prepared
 disks into NBD block nodes on the UNIX sockets, the hook's launcher starts the block servers
 (nbdkit with the journaling plugin) on exactly those sockets, and writes on three
-buses (virtio-blk, virtio-scsi, SATA) go through them into the images. Then
+buses (virtio-blk, virtio-scsi, SATA), raw and qcow2, go through them into the images. Then
 ``xml disable`` gives back disks that QEMU opens as plain files again. Opt-in (CUJU_SLOW=1):
 the embedded driver's first capability probe takes about a minute here.
 """
@@ -195,10 +195,6 @@ def test_a_prepared_domain_writes_through_its_block_servers_on_three_buses(
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="the hook serves a qcow2 with export size = file size: the first write that allocates a "
-    "cluster fails with ENOSPC (reported to disk-core in disk-contract.md)",
-)
 def test_a_prepared_qcow2_disk_can_allocate(embedded: Any, tmp_path: Path) -> None:
+    """The server exports more than the qcow2 file holds, so that new clusters can be allocated."""
     write_through_block_servers(embedded, tmp_path, (("vda", "virtio", "qcow2", VIRTIO[3]),))

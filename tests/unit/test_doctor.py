@@ -15,9 +15,11 @@ from cuju_libvirt import config
 from cuju_libvirt.cli import doctor
 from cuju_libvirt.cli.doctor import Host, Status
 from cuju_libvirt.cli.doctor_cmd import render
+from cuju_libvirt.rig.pki import PKI, PKIUnavailable
 
 
 def _host(tmp_path: Path, yaml_text: str = "") -> Host:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     main = tmp_path / "cujud.yaml"
     main.write_text(yaml_text or "{}\n")
     cfg = config.load(main, tmp_path / "cujud.d")
@@ -148,3 +150,22 @@ def test_a_check_that_raises_is_one_failed_row_and_the_table_names_the_fix(tmp_p
     assert "fix: run with --debug" in text
     assert text.rstrip().endswith("1 failed (kernel), 0 warning(s)")
     assert doctor.failed([row]) and not doctor.failed([doctor.Result("x", Status.WARN, "w")])
+
+
+def test_channels_warn_without_tls_fail_on_missing_certificates_and_pass_with_them(
+        tmp_path: Path) -> None:
+    plain = doctor.check_channels(_host(tmp_path / "plain"))
+    assert [r.status for r in plain] == [Status.WARN]
+    assert "NOT encrypted" in plain[0].detail and "peer_tls: 'on'" in plain[0].fix
+    missing = doctor.check_channels(
+        _host(tmp_path / "missing", f"peer_tls: 'on'\ntls_ca_file: {tmp_path / 'nope.pem'}\n"))
+    assert [r.status for r in missing] == [Status.FAIL]
+    assert "tls_ca_file" in missing[0].detail and "does not exist" in missing[0].detail
+    try:
+        creds = PKI(tmp_path / "pki").host("a")
+    except PKIUnavailable as err:
+        pytest.skip(str(err))
+    ok = doctor.check_channels(_host(tmp_path / "ok", (
+        f"peer_tls: 'on'\ntls_ca_file: {creds.ca_file}\ntls_cert_file: {creds.cert_file}\n"
+        f"tls_key_file: {creds.key_file}\n")))
+    assert [r.status for r in ok] == [Status.OK] and "AES-256-GCM" in ok[0].detail

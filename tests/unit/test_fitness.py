@@ -419,10 +419,10 @@ def test_prepare_serves_every_writable_disk_on_every_bus_and_keeps_the_rest() ->
         assert disk_c14n(after[untouched]) == disk_c14n(before[untouched])
     warnings = [str(p) for p in result.problems if p.code == "disk"]
     assert len(warnings) == 1 and warnings[0].startswith("warning: <disk> vdd") and "shareable" in warnings[0]
-    # until cujud ships the journals, one warning says what is not in place yet
+    # until a failover with disks has run end to end, one warning says so
     (pending,) = [p for p in result.problems if p.code == "disk-replication"]
     assert pending.subject == "<disk> vda, vdb, sda, sdb, sdc" and not pending.is_error
-    assert "cujud does not yet ship their journals" in pending.message
+    assert "not yet verified end to end" in pending.message
     assert [p.code for p in result.problems] == ["disk", "disk-replication"]
 
 

@@ -87,3 +87,12 @@ def test_disk_sync_progress_is_kept_per_disk_in_report_order() -> None:
     assert snap.disk_sync[0].ratio == 0.25 and not snap.disk_sync[0].done and snap.disk_sync[1].done
     with pytest.raises(ValueError, match="disk vda"):
         stats.set_disk_sync("vda", 5000, 4096)
+
+
+def test_the_generation_travels_into_the_snapshot() -> None:
+    from cuju_libvirt.ft_engine.stats import DomainStats  # noqa: PLC0415
+
+    stats = DomainStats("vm", "u", "primary", generation=3)
+    assert stats.snapshot().generation == 3
+    stats.generation = 5
+    assert stats.snapshot().generation == 5

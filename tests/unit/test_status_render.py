@@ -61,3 +61,9 @@ def test_disks_still_syncing_get_a_line_each() -> None:
     lines = [line for line in text.splitlines() if " disk " in line]
     assert lines == ["  web disk vda: syncing [#####...............]  25% (512.0 MiB of 2.0 GiB)"]
     assert " disk " not in render({"node": "a", "domains": [domain()]}, NOW)
+
+
+def test_the_witness_generation_shows_next_to_the_peer_only_with_a_witness() -> None:
+    with_witness = render({"node": "a", "domains": [domain(peer="cuju-c", generation=4)]}, NOW)
+    assert "cuju-c (generation 4)" in with_witness
+    assert "generation" not in render({"node": "a", "domains": [domain(peer="cuju-b", generation=0)]}, NOW)
