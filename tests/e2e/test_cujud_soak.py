@@ -144,13 +144,19 @@ def soak(rig: Rig, guest: LinuxGuest, cujuds: tuple[Cujud, Cujud], kills: int,
     return history
 
 
+def run_soak(rig: Rig, guest: LinuxGuest, cujuds: tuple[Cujud, Cujud], kills: int) -> None:
+    """``soak`` with a seed printed first, so a failed run (its output shown) can be repeated."""
+    seed = int(os.environ.get("CUJU_SOAK_SEED") or random.randrange(1 << 30))
+    print(f"soak seed {seed} (CUJU_SOAK_SEED={seed} repeats it)", flush=True)
+    history = soak(rig, guest, cujuds, kills, random.Random(seed))
+    print(f"soak (seed {seed}): " + "; ".join(history))
+
+
 @pytest.mark.timeout(900)
 def test_cujud_killed_at_random_moments_never_repeats_output(
     ft_rig: Rig, linux_guest: LinuxGuest, cujuds: tuple[Cujud, Cujud]
 ) -> None:
-    seed = int(os.environ.get("CUJU_SOAK_SEED") or random.randrange(1 << 30))  # printed: re-run a soak
-    history = soak(ft_rig, linux_guest, cujuds, KILLS, random.Random(seed))
-    print(f"soak (seed {seed}): " + "; ".join(history))
+    run_soak(ft_rig, linux_guest, cujuds, KILLS)
 
 
 @pytest.mark.slow
@@ -158,6 +164,4 @@ def test_cujud_killed_at_random_moments_never_repeats_output(
 def test_cujud_killed_at_random_moments_fifty_times(
     ft_rig: Rig, linux_guest: LinuxGuest, cujuds: tuple[Cujud, Cujud]
 ) -> None:
-    seed = int(os.environ.get("CUJU_SOAK_SEED") or random.randrange(1 << 30))  # printed: re-run a soak
-    history = soak(ft_rig, linux_guest, cujuds, SLOW_KILLS, random.Random(seed))
-    print(f"soak (seed {seed}): " + "; ".join(history))
+    run_soak(ft_rig, linux_guest, cujuds, SLOW_KILLS)
