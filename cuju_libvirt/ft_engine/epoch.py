@@ -92,6 +92,12 @@ class EngineError(ReplicationError):
     """The epoch engine could not establish or keep protection (the cause is chained)."""
 
 
+class ReconfiguredError(EngineError):
+    """The VM's configuration changed under protection (libvirt reported a hot-plug, a block
+    job that changed a disk, ...: :meth:`PrimaryEngine.reconfigure`): the standby no longer
+    matches it, so the epoch that would have shipped next is dropped and protection ends."""
+
+
 @dataclass
 class PrimaryConfig:
     """What the primary engine needs besides its live handles."""
@@ -262,6 +268,8 @@ class PrimaryEngine:
         #: Set by :meth:`expect_end` (to the reason) when the end of protection is expected
         #: (cujud stops after the peer's promise): the failure that ends the loop is then logged at INFO.
         self.ending: str | None = None
+        #: Set (to the cause) by :meth:`reconfigure`: no epoch ships any more.
+        self._reconfigured: str | None = None
         #: Set (to the reason) by ``may_release`` when the VM's QEMU is gone on purpose
         #: (``virsh destroy``, shutdown): the loop's failure is then the VM's end, not a fault.
         self.vm_ended: str | None = None
@@ -499,6 +507,7 @@ class PrimaryEngine:
         finally:
             self._vm_cont()
         end = self._clock()
+        self._check_reconfigured()
         sender.ship()
         rep.pages_sent += count
         rep.rounds += 1
@@ -651,6 +660,7 @@ class PrimaryEngine:
             self._vm_cont()
         end = clock()
         saver.check_devices(saved.blob)  # a hot-plugged device: never ship a blob the standby cannot load
+        self._check_reconfigured()
         self._last_blob = saved.blob if self._foreign_pause else None
         self._sender.ship()
         self._shipped(epoch, end, count)
@@ -680,12 +690,28 @@ class PrimaryEngine:
         parts = self._seal_disks()
         epoch = self._stage(self._pages, 0, self._last_blob, disks=parts)
         end = self._clock()
+        self._check_reconfigured()
         self._sender.ship()
         self._shipped(epoch, end, 0)
         self.epochs += 1
         self.stats.record_epoch(pause_s=0.0, dirty_pages=0, device_state_bytes=len(self._last_blob))
         self.qmp.events()
         return end
+
+    def reconfigure(self, cause: str) -> None:
+        """The VM's configuration changed (``cause`` names the operation; any thread): the
+        standby no longer matches it. The next epoch is never shipped: protection ends with
+        :class:`ReconfiguredError` (one WARNING line) and cujud pairs again with a standby of
+        the new configuration. Epochs shipped before this call are not recalled; the device
+        sections of every blob (:meth:`DeviceStateSaver.check_devices`) catch the changes
+        that show there without waiting for the call."""
+        if self._reconfigured is None:
+            self._reconfigured = cause
+
+    def _check_reconfigured(self) -> None:
+        if self._reconfigured is not None:
+            raise ReconfiguredError(f"{self._reconfigured}: the standby no longer matches the VM; protection "
+                                    "ends here and is re-established with a standby of the new configuration")
 
     # -- stopping and failing ------------------------------------------------------------------
 
@@ -743,7 +769,7 @@ class PrimaryEngine:
             return
         if self.ending is not None:
             self.log.info("FT ends (%s): %s; the VM continues unprotected", self.ending, err)
-        elif isinstance(err, DevicesChangedError):  # an operator's hot-plug: expected, not a fault
+        elif isinstance(err, (DevicesChangedError, ReconfiguredError)):  # an operator's change: no fault
             self.log.warning("%s; the VM continues unprotected until then", err)
         else:
             self.log.error("%s: %s; the VM continues unprotected", what, err)
