@@ -260,13 +260,16 @@ class Standby:
     """One hot standby on this host and the decisions about it (under :attr:`lock`)."""
 
     def __init__(self, manager: StandbyManager, *, name: str, uuid: str, peer: str, xml: str,
-                 persistent_xml: str, timeout_s: float, auto_failover: bool, generation: int = 0) -> None:
+                 persistent_xml: str, timeout_s: float, auto_failover: bool, generation: int = 0,
+                 persistent: bool = True) -> None:
         self.manager = manager
         self.name = name
         self.uuid = uuid
         self.peer = peer
         self.xml = xml
         self.persistent_xml = persistent_xml
+        #: False: the VM is transient on the primary (virsh undefine), so it is after a failover too.
+        self.persistent = persistent
         self.timeout_s = timeout_s
         self.auto_failover = auto_failover
         #: The ownership generation this standby was paired at (0: no witness).
@@ -416,8 +419,9 @@ class Standby:
             report = self.engine.failover()
             self.stats.role = "primary"  # the VM runs here now (unprotected until a new standby)
             try:
-                with translate(f"defining {self.name} after the failover"):
-                    self.manager.libvirt.conn.defineXML(self.persistent_xml)
+                if self.persistent:
+                    with translate(f"defining {self.name} after the failover"):
+                        self.manager.libvirt.conn.defineXML(self.persistent_xml)
             except CujuError as err:
                 self.log.error("the VM runs, but could not be made persistent: %s", err)
             self.log.warning("failover of %s done: epoch %d resumed in %.1f ms; it is a normal domain "
@@ -552,7 +556,8 @@ class StandbyManager:
         sb = Standby(self, name=name, uuid=uuid, peer=peer, xml=str(body["xml"]),
                      persistent_xml=str(body["persistent_xml"]),
                      timeout_s=int(body["heartbeat_timeout_ms"]) / 1e3,
-                     auto_failover=body.get("failover", "auto") == "auto", generation=generation)
+                     auto_failover=body.get("failover", "auto") == "auto", generation=generation,
+                     persistent=bool(body.get("persistent", True)))
         # A standby here means the VM runs on the peer: an old takeover record is stale, and
         # so is a 'protected' record (this host is not its primary any more). This host must
         # not start the VM on its own while the peer may run it: 'ceded' says so to the hook
