@@ -57,7 +57,8 @@ def run_against(ctx: dict[str, tls.Contexts], frames: list[bytes], *, hostile_is
     client_ctx, server_ctx = ctx["a"].client, ctx["b"].server  # a dials b
     hostile = tls.TLSStream(hostile_sock, client_ctx if hostile_is_client else server_ctx,
                             server=not hostile_is_client)
-    stream = tls.TLSStream(honest_sock, server_ctx if hostile_is_client else client_ctx, server=hostile_is_client)
+    stream = tls.TLSStream(honest_sock, server_ctx if hostile_is_client else client_ctx,
+                           server=hostile_is_client)
 
     def attack() -> None:
         try:
