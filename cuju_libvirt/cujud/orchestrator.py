@@ -151,6 +151,8 @@ class PrimaryDomain:
         self._starting = False
         #: When each kind of event note was last logged (:meth:`on_event`).
         self._notes: dict[str, float] = {}
+        #: The disks' image chains in the XML the standby was made from (:meth:`_watch_disks`).
+        self._disk_chains: events.DiskChains | None = None
 
     @property
     def generation(self) -> int:
@@ -185,6 +187,7 @@ class PrimaryDomain:
             if busy or self.machine.state not in UNPROTECTED_STATES:
                 self._wake.wait(0.5)
                 self._wake.clear()
+                self._watch_disks()
                 delay = BACKOFF_MIN if self.machine.state is S.PROTECTED else delay
                 continue
             if self._fresh:
@@ -225,6 +228,7 @@ class PrimaryDomain:
             persistent = bool(dom.isPersistent())
             pxml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) \
                 if persistent else xml
+        self._disk_chains = events.disk_chains(xml)
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
         sock: socket.socket | None = None
@@ -468,6 +472,24 @@ class PrimaryDomain:
             self.log.debug("%s (not protected at the moment)", found.cause)
         elif self._note_due(found.cause):
             self.log.info("%s", found.cause)
+
+    def _watch_disks(self) -> None:
+        """Compare the disks' image chains with the standby's (about twice a second while
+        protected): an external disk-only snapshot moves the disks onto overlays with no
+        event from libvirt, and a standby left on the old images would resume on them."""
+        engine = self.engine
+        if self._disk_chains is None or engine is None or not engine.running \
+                or self.machine.state is not S.PROTECTED:
+            return
+        try:
+            xml = self.orch.lookup(self.uuid).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+        except (CujuError, libvirt.libvirtError) as err:
+            self.log.debug("could not read the live XML to compare the disks: %s", err)
+            return
+        found = events.disks_changed(self._disk_chains, events.disk_chains(xml))
+        if found is not None:
+            self._disk_chains = None
+            engine.reconfigure(found.cause)
 
     def _note_due(self, cause: str) -> bool:
         """One INFO line per kind of note in a minute (a balloon reports every step)."""

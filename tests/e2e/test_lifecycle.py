@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,16 @@ def plain_disks(xml: Path, plain: Path) -> None:
     xml.write_bytes(etree.tostring(root))
 
 
-def protect(rig: Rig, image: Path, ca: Cujud, cb: Cujud, name: str) -> Path:
+def protect(rig: Rig, image: Path, ca: Cujud, cb: Cujud, name: str, *,
+            edit: Callable[[etree._Element], None] | None = None) -> Path:
+    """Define and start ``name`` (the counter guest) on host a, protected by host b; return
+    its RAM file. ``edit`` changes the domain XML before it is defined."""
     xml = protected_counter_xml(rig, image, name, mac=MAC, epoch_ms=20)
     plain_disks(xml, rig.root / f"{name}.plain.xml")
+    if edit is not None:
+        root = etree.parse(str(xml)).getroot()
+        edit(root)
+        xml.write_bytes(etree.tostring(root))
     rig.a.virsh("define", str(xml))
     rig.a.virsh("start", name)
     ca.wait_domain(name, "protected", timeout=90)
