@@ -113,7 +113,7 @@ class _Replication:
             parts = self.ds.seal(epoch)
             self.tx.stage(epoch, none, b"", disks=parts)
             self.with_disks.append(time.perf_counter() - t0)
-            self.bytes += sum(len(p) for _, p in parts)
+            self.bytes += sum(len(part[1]) for part in parts)
             self.tx.ship()
             if not self.tx.wait_ack(epoch, 30):
                 raise RuntimeError(f"epoch {epoch} not acknowledged")

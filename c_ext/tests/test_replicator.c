@@ -148,7 +148,7 @@ static void test_equality(const char *dir)
         }
         devlen = rnd() % sizeof(dev);
         fill_random(dev, devlen & ~(size_t)7);
-        CHECK(cuju_sender_stage(s, e, idx, n, dev, devlen, NULL, 0, 5000) == CUJU_OK, "stage %llu", (unsigned long long)e);
+        CHECK(cuju_sender_stage(s, e, idx, n, dev, devlen, NULL, 0, 5000, NULL) == CUJU_OK, "stage %llu", (unsigned long long)e);
         CHECK(cuju_sender_ship(s) == CUJU_OK, "ship");
         if (e > 1)
             CHECK(cuju_sender_wait_ack(s, e - 1, 5000) == CUJU_OK, "ack %llu", (unsigned long long)e - 1);
@@ -346,7 +346,7 @@ static int bench(const char *dir, int epochs)
     getrusage(RUSAGE_SELF, &ru0);
     uint64_t t0 = cuju_now_ns();
     for (int e = 1; e <= epochs; e++) {
-        if (cuju_sender_stage(s, (uint64_t)e, idx + n * (size_t)(e - 1), n, NULL, 0, NULL, 0, 10000) != CUJU_OK ||
+        if (cuju_sender_stage(s, (uint64_t)e, idx + n * (size_t)(e - 1), n, NULL, 0, NULL, 0, 10000, NULL) != CUJU_OK ||
             cuju_sender_ship(s) != CUJU_OK || (e > 1 && cuju_sender_wait_ack(s, (uint64_t)e - 1, 10000)))
             return 3;
     }

@@ -55,6 +55,8 @@ from cuju_libvirt.ft_engine.devstate import (
     ResumeTimings,
     Section,
     load_device_state,
+    mark_user_pause,
+    split_user_pause,
     standby_profile,
 )
 from cuju_libvirt.ft_engine.devstate import resume_standby as _resume_standby
@@ -397,6 +399,8 @@ class PrimaryEngine:
                disks: list[DiskPart] | None = None) -> int:
         assert self._sender is not None
         epoch = self._next
+        if blob and self._foreign_pause:
+            blob = mark_user_pause(blob)  # the pause travels with the epoch: a failover keeps it
         view = memoryview(pages).cast("B")[8 * first: 8 * (first + count)]
         self._sender.stage(epoch, view, blob, timeout=self.config.ack_timeout + 30.0, disks=disks or ())
         self._next += 1
@@ -1094,11 +1098,14 @@ class BackupEngine:
         self.machine.move(S.TAKING_OVER, expect=S.STANDBY)
         self.stats.set_state(S.TAKING_OVER.value)
         try:
-            blob = Path(self.device_state_path).read_bytes()
+            blob, paused = split_user_pause(Path(self.device_state_path).read_bytes())
             loaded = load_device_state(self.qmp, blob, qemu_log=self.qemu_log, standby=self.standby)
             if before_resume is not None:
                 before_resume(epoch)
-            resumed = _resume_standby(self.qmp)
+            resumed = _resume_standby(self.qmp, run=not paused)
+            if paused:
+                self.log.info("the user had paused the VM (virsh suspend): it stays paused here; "
+                              "'virsh resume' runs it")
         except BaseException:
             with contextlib.suppress(StateError):
                 self.machine.move(S.FAILED, expect=S.TAKING_OVER)

@@ -19,7 +19,7 @@ from lxml import etree
 from cuju_libvirt.errors import RigError
 from cuju_libvirt.rig.cujud import Cujud, protected_counter_xml
 from cuju_libvirt.rig.guests import read_counter
-from cuju_libvirt.rig.hosts import LAN_BRIDGE, Rig
+from cuju_libvirt.rig.hosts import LAN_BRIDGE, Host, Rig
 from tests.e2e.conftest import cleanup_protected
 
 MAC = "52:54:00:19:07:00"
@@ -81,14 +81,7 @@ def test_virsh_suspend_stays_a_pause_under_protection_and_resume_works(
     name = "lc-suspend"
     try:
         ram = protect(rig, counter_image, ca, cb, name)
-        # A suspend that lands inside an epoch's pause is a no-op in libvirt (it sees the domain
-        # paused already): documented in docs/failover.md; repeat until libvirt says "user".
-        for _ in range(20):
-            rig.a.virsh("suspend", name)
-            time.sleep(0.3)
-            if "user" in rig.a.virsh("domstate", "--reason", name):
-                break
-        assert "paused (user)" in rig.a.virsh("domstate", "--reason", name)
+        suspend_until_paused_by_user(rig.a, name)
         assert frozen_for(ram, 1.5), "the next epoch resumed a VM the user had paused"
         assert "paused (user)" in rig.a.virsh("domstate", "--reason", name)
         entry = ca.wait_domain(name, "protected", timeout=5)
@@ -97,6 +90,48 @@ def test_virsh_suspend_stays_a_pause_under_protection_and_resume_works(
         assert advancing(ram), "the VM does not run after virsh resume"
         assert "running" in rig.a.virsh("domstate", name)
         ca.wait_domain(name, "protected", timeout=5)
+    finally:
+        cleanup_protected(rig, name)
+
+
+def suspend_until_paused_by_user(host: Host, name: str) -> None:
+    """``virsh suspend`` until libvirt says ``paused (user)`` (one landing inside an epoch's
+    pause is a no-op in libvirt: docs/failover.md)."""
+    for _ in range(20):
+        host.virsh("suspend", name)
+        time.sleep(0.3)
+        if "user" in host.virsh("domstate", "--reason", name):
+            break
+    assert "paused (user)" in host.virsh("domstate", "--reason", name)
+
+
+@pytest.mark.timeout(240)
+def test_a_failover_while_the_user_paused_the_vm_keeps_the_pause(
+    ft_rig: Rig, counter_image: Path, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """The user's pause travels with the epochs: host b takes over a paused VM and keeps it
+    paused; ``virsh resume`` there runs it on from where it stopped (on main the failover
+    resumed it)."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "lc-paused-fo"
+    try:
+        ram = protect(rig, counter_image, ca, cb, name)
+        suspend_until_paused_by_user(rig.a, name)
+        assert frozen_for(ram, 1.0), "the next epoch resumed a VM the user had paused"
+        stopped_at = read_counter(ram)
+        ca.wait_domain(name, "protected", timeout=10)
+        time.sleep(0.5)  # idle epochs of the paused VM reach the backup
+        pid = rig.a.qemu_pid(name)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        cb.wait_failed_over(name, timeout=60)
+        b_ram = rig.b.ram_files(name)[0]
+        assert frozen_for(b_ram, 1.5), "the failover resumed a VM the user had paused"
+        assert rig.b.virsh("domstate", name).strip() == "paused"
+        assert read_counter(b_ram) == stopped_at
+        rig.b.virsh("resume", name)
+        assert advancing(b_ram), "the VM does not run after virsh resume on host b"
+        assert rig.b.virsh("domstate", name).strip() == "running"
     finally:
         cleanup_protected(rig, name)
 
