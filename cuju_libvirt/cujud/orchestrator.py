@@ -70,7 +70,12 @@ from cuju_libvirt.ft_engine.devstate import (
     compare_machines,
     describe_machine,
 )
-from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine, ReconfiguredError
+from cuju_libvirt.ft_engine.epoch import (
+    PrimaryConfig,
+    PrimaryEngine,
+    ReconfiguredError,
+    ResumedElsewhereError,
+)
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.output import leftover_filters, remove_leftovers
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
@@ -104,6 +109,8 @@ QEMU_EXIT_WAIT = 1.0
 LINK_PROBE_TIMEOUT = 2.0
 #: ``<cuju:ft peer='auto'>``: this host's cujud places the standby (:meth:`Orchestrator.place`).
 AUTO_PEER = "auto"
+#: Engine failures that an operator's action caused (no fault: one WARNING line, then pairing anew).
+OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError)
 #: The states in which a running VM is unprotected and its protection loop pairs it.
 UNPROTECTED_STATES = (S.UNPROTECTED, S.DEGRADED, S.PRIMARY_AFTER_FAILOVER)
 
@@ -541,9 +548,8 @@ class PrimaryDomain:
                              daemon=True).start()
             return False
         answer = self._ask_abandon(f"protection failed: {err}")
-        if answer is not None and answer.get("abandoned") and isinstance(err, (ReconfiguredError,
-                                                                                DevicesChangedError)):
-            self.log.info("the standby of the old configuration is dropped; pairing again")
+        if answer is not None and answer.get("abandoned") and isinstance(err, OPERATOR_ENDS):
+            self.log.info("the standby is dropped (%s); pairing again", type(err).__name__)
             threading.Thread(target=self._reprotect_after_engine, daemon=True).start()
             return True
         if answer is not None and answer.get("abandoned"):

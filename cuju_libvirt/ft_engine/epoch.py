@@ -92,6 +92,12 @@ class EngineError(ReplicationError):
     """The epoch engine could not establish or keep protection (the cause is chained)."""
 
 
+class ResumedElsewhereError(EngineError):
+    """Somebody else resumed the VM while an epoch captured it (``virsh resume``, or the end
+    of a libvirt job such as a live snapshot's ``cont``): pages and device state may be from
+    different moments, so that epoch is discarded and protection starts afresh."""
+
+
 class ReconfiguredError(EngineError):
     """The VM's configuration changed under protection (libvirt reported a hot-plug, a block
     job that changed a disk, ...: :meth:`PrimaryEngine.reconfigure`): the standby no longer
@@ -637,7 +643,12 @@ class PrimaryEngine:
                 if after is not None:
                     packets = after - (before or 0)
             t3 = clock()
-            saved = saver.save()
+            try:
+                saved = saver.save()
+            except StateError as err:  # running again: only somebody else can have resumed it
+                raise ResumedElsewhereError(
+                    f"the VM was resumed by someone else while an epoch captured it ({err}): that epoch is "
+                    "discarded and protection is established anew") from err
             parts = self._seal_disks()
             t4 = clock()
             if h.full_resync:
@@ -678,8 +689,9 @@ class PrimaryEngine:
         of a domain libvirt saw paused by the epoch): its pages and device state may then be
         from different moments, so this epoch must never ship; protection starts afresh."""
         if self.qmp.events("RESUME"):
-            raise EngineError("the VM was resumed by someone else during an epoch's pause (virsh resume "
-                              "of a domain libvirt saw paused by the epoch?): that epoch is discarded")
+            raise ResumedElsewhereError("the VM was resumed by someone else during an epoch's pause (virsh "
+                                        "resume, or the end of a libvirt job): that epoch is discarded and "
+                                        "protection is established anew")
 
     def _idle_epoch(self, t0: float) -> float:
         """An epoch of a VM that somebody else keeps paused: nothing in it changes, so the
@@ -769,7 +781,7 @@ class PrimaryEngine:
             return
         if self.ending is not None:
             self.log.info("FT ends (%s): %s; the VM continues unprotected", self.ending, err)
-        elif isinstance(err, (DevicesChangedError, ReconfiguredError)):  # an operator's change: no fault
+        elif isinstance(err, (DevicesChangedError, ReconfiguredError, ResumedElsewhereError)):  # no fault
             self.log.warning("%s; the VM continues unprotected until then", err)
         else:
             self.log.error("%s: %s; the VM continues unprotected", what, err)

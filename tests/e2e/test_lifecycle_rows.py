@@ -155,8 +155,11 @@ def test_operations_libvirt_refuses_leave_protection_alone(row: Row, args: tuple
     """No balloon device (the rig's guests have none), no renaming of a running domain, no
     guest agent for S3, no internal snapshot of a raw disk: libvirt itself says no."""
     standby, offset = row.standby(), row.log_size()
-    with pytest.raises(RigError) as refused:
-        row.rig.a.virsh(*args)
+    for _ in range(20):  # some of them, like shutdown, are refused during an epoch's pause too
+        with pytest.raises(RigError) as refused:
+            row.rig.a.virsh(*args)
+        if "domain is not running" not in str(refused.value):
+            break
     print(f"virsh {args[0]}: {refused.value}")
     assert words in str(refused.value).lower(), refused.value
     assert advancing(row.ram)
@@ -228,10 +231,28 @@ def test_external_live_snapshot_with_memory_pairs_again(row: Row) -> None:
     row.rig.a.virsh("snapshot-create-as", NAME, "live", "--live", "--no-metadata",
                     "--memspec", f"file={memory},snapshot=external",
                     "--diskspec", f"hda,file={overlay}", timeout=180)
-    row.repaired(standby, offset, "snapshot")
+    # libvirt's own job stops the VM after the RAM save and resumes it after the disks: an
+    # epoch that meets that resume is discarded (before the fix: ERROR "epoch loop failed")
+    row.repaired(standby, offset, "snapshot", "resumed by someone else")
     assert memory.stat().st_size > 0
     assert str(overlay) in row.rig.b.virsh("dumpxml", NAME)
     assert advancing(row.ram)
+
+
+def test_managedsave_ends_protection_and_the_next_start_continues_protected(row: Row) -> None:
+    row.standby()
+    offset = row.log_size()
+    row.rig.a.virsh("managedsave", NAME, timeout=120)
+    deadline = time.monotonic() + 30
+    while row.rig.b.qemu_pid(NAME) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert row.rig.b.qemu_pid(NAME) is None, "the standby must be dropped"
+    assert "the VM ended (deliberate" in row.log_since(offset)
+    row.rig.a.virsh("start", NAME)  # from the managed save image
+    row.standby()
+    assert read_counter(row.ram) > 0, "the VM started from scratch, not from its managed save"
+    assert advancing(row.ram)
+    assert " ERROR " not in row.log_since(offset)
 
 
 def test_undefine_pairs_again_and_a_failover_then_leaves_the_vm_transient(row: Row) -> None:
