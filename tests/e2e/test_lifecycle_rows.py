@@ -215,10 +215,19 @@ def test_blockcopy_with_pivot_pairs_again_with_the_standby_on_the_copy(row: Row)
 
 
 def test_external_disk_snapshot_pairs_again_with_the_standby_on_the_overlay(row: Row) -> None:
-    overlay = row.rig.root / "images" / "lc-overlay.qcow2"
     standby, offset = row.standby(), row.log_size()
-    row.rig.a.virsh("snapshot-create-as", NAME, "ext", "--disk-only", "--no-metadata",
-                    "--diskspec", f"hda,file={overlay}", timeout=120)
+    for attempt in range(2):
+        overlay = row.rig.root / "images" / f"lc-overlay{attempt}.qcow2"
+        try:
+            row.rig.a.virsh("snapshot-create-as", NAME, "ext", "--disk-only", "--no-metadata",
+                            "--diskspec", f"hda,file={overlay}", timeout=120)
+            break
+        except RigError as err:
+            # Seen once in 4 runs (cause not found, docs/failover.md): "failed to format image:
+            # 'Could not resize image: Failed to grow the L1 table: Bad file descriptor'"
+            if attempt or "failed to format image" not in str(err):
+                raise
+            print(f"snapshot-create-as failed, trying once more: {err}")
     row.repaired(standby, offset, "snapshot")
     assert str(overlay) in row.rig.b.virsh("dumpxml", NAME)
     assert advancing(row.ram)
