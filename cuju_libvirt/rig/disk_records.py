@@ -1,0 +1,114 @@
+"""The fsync'd-records guest on a served disk, and how its run is judged (issue 8 item 3).
+
+The Linux test guest in mode ``fsrec`` (``guest_src/agent.c``) mounts an ext4 disk, appends
+numbered records to ``/records`` with ``fsync`` and reports each record's number to the
+observer only after its ``fsync`` returned; with each record it overwrites one block of
+``/blocks`` with O_DIRECT and keeps that block's checksum in RAM. After a failover:
+
+* ``verify`` (a UDP command to the guest) reads both files back from the disk with O_DIRECT:
+  the records are the guest's own, the blocks match the checksums in the guest's RAM, so
+  the disk and the memory the VM resumed from belong to the same epoch;
+* ``halt`` unmounts and powers the guest off; then the image is checked from outside:
+  ``e2fsck -fn`` is clean, and ``/records`` (read with ``debugfs``) is a clean prefix
+  0, 1, ..., K-1 holding every number the observer saw.
+
+Used by ``tests/e2e/test_disk_failover.py`` and the ``disk_failover`` benchmark.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cuju_libvirt.errors import RigError
+from cuju_libvirt.rig.guest_net import socket_in
+from cuju_libvirt.rig.hosts import FIRST_GUEST_ADDRESS, OBSERVER_ADDRESS, Rig
+from cuju_libvirt.rig.sandbox import tool
+
+#: The guest's command port (``cuju.port`` of mode fsrec).
+COMMAND_PORT = 7001
+RECORD_LEN = 64
+#: What the guest's agent is told: a record every 5 ms, 64 checksummed blocks.
+PARAMS = {"rec_ms": "5", "blocks": "64", "port": str(COMMAND_PORT)}
+
+
+def make_ext4_image(path: Path, size_mib: int = 64) -> Path:
+    """A sparse raw image of ``size_mib`` with an empty ext4 file system on it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+    subprocess.run([tool("mkfs.ext4"), "-F", "-q", str(path)], check=True, capture_output=True, timeout=60)
+    return path
+
+
+def record(n: int) -> bytes:
+    """Record ``n`` as the guest writes it."""
+    text = f"rec {n:012d} {_mix64(n):016x}".encode()
+    return text + b" " * (RECORD_LEN - 1 - len(text)) + b"\n"
+
+
+def _mix64(x: int) -> int:
+    m = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def command(rig: Rig, word: str, timeout: float = 30.0) -> dict[str, str]:
+    """Send ``word`` to the guest's agent from the LAN namespace; its one-line answer as KEY=VALUE."""
+    sock = socket_in(rig.lan.netns_path, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    try:
+        sock.bind((OBSERVER_ADDRESS, 0))
+        sock.settimeout(1.0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sock.sendto(word.encode(), (FIRST_GUEST_ADDRESS, COMMAND_PORT))
+            try:
+                answer = sock.recv(512).decode(errors="replace")
+            except TimeoutError:
+                continue  # held by the output commit, or lost: ask again (both commands are idempotent)
+            words = answer.split()
+            if not words or words[0] != "cuju-fsrec:":
+                raise RigError(f"the guest answered {answer!r} to {word!r}")
+            return {"what": words[1], **dict(w.split("=", 1) for w in words[2:] if "=" in w)}
+        raise RigError(f"the guest did not answer {word!r} within {timeout:.0f} s")
+    finally:
+        sock.close()
+
+
+@dataclass(frozen=True)
+class DiskVerdict:
+    """The image checked from outside after a clean guest shutdown."""
+
+    fsck_clean: bool
+    fsck_output: str
+    records_on_disk: int
+    clean_prefix: bool  # every record on disk is record 0, 1, ... in order, nothing torn
+    records_lost: int  # numbers the observer saw that the disk lacks
+
+    @property
+    def ok(self) -> bool:
+        return self.fsck_clean and self.clean_prefix and self.records_lost == 0
+
+
+def judge_image(image: Path, seen: set[int]) -> DiskVerdict:
+    """``e2fsck -fn`` of ``image`` and its ``/records`` against the numbers the observer saw."""
+    fsck = subprocess.run([tool("e2fsck"), "-fn", str(image)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    with tempfile.TemporaryDirectory(prefix="cuju-records.") as tmp:
+        out = Path(tmp) / "records"
+        subprocess.run([tool("debugfs"), "-R", f"dump /records {out}", str(image)], capture_output=True,
+                       timeout=60, check=False)
+        data = out.read_bytes() if out.exists() else b""
+    whole = len(data) // RECORD_LEN
+    prefix = len(data) % RECORD_LEN == 0 and all(
+        data[i * RECORD_LEN:(i + 1) * RECORD_LEN] == record(i) for i in range(whole))
+    lost = sum(1 for n in seen if n >= whole) if prefix else len(seen)
+    return DiskVerdict(fsck_clean=fsck.returncode == 0, fsck_output=(fsck.stdout + fsck.stderr)[-2000:],
+                       records_on_disk=whole, clean_prefix=prefix, records_lost=lost)
