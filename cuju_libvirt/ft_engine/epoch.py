@@ -55,6 +55,7 @@ from cuju_libvirt.ft_engine.devstate import (
     MachineProfile,
     ResumeTimings,
     Section,
+    StandbyMismatchError,
     load_device_state,
     mark_user_pause,
     split_user_pause,
@@ -803,6 +804,11 @@ class PrimaryEngine:
             self.log.info("FT ends (%s): %s; the VM continues unprotected", self.ending, err)
         elif isinstance(err, (DevicesChangedError, ReconfiguredError, ResumedElsewhereError)):  # no fault
             self.log.warning("%s; the VM continues unprotected until then", err)
+        elif isinstance(err, StandbyMismatchError) or isinstance(err.__cause__, StandbyMismatchError):
+            # the VM changed between the XML the standby was made from and the first save (a
+            # device libvirt had not yet removed from its XML): the next attempt reads it anew
+            self.log.warning("%s: %s; the VM continues unprotected, the next pairing reads its configuration "
+                             "anew", what, err)
         else:
             self.log.error("%s: %s; the VM continues unprotected", what, err)
         self.log.debug("details", exc_info=err)
