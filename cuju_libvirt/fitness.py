@@ -511,7 +511,7 @@ def _rule_disks(ctx: _Context) -> None:
                 f"(the block server would serve {records[target].source}, not what the disk says now)",
                 "for a running domain prepared since it started: restart it (the persistent "
                 f"configuration has the export); otherwise remove <cuju:disk target='{target}'> "
-                f"from <cuju:ft>, then {_PREPARE} --serve-disks",
+                f"from <cuju:ft>, then {_PREPARE}",
             )
             continue
         problem = unservable(disk)
@@ -528,8 +528,8 @@ def _rule_disks(ctx: _Context) -> None:
             "disk", _disk_name(disk),
             "disk writes are not epoch-protected yet: after a failover the disk may hold writes "
             "of the lost epoch, and the standby on the peer opens the same source",
-            f"{_PREPARE} --serve-disks (serves it through the replicating block server, for the "
-            "backup to keep a copy; opt-in for now: docs/failover.md)",
+            f"{_PREPARE} (serves it through the replicating block server, for the backup to "
+            "keep a copy as of each committed epoch: docs/failover.md)",
             preparable=True,
         )
     for target, record in records.items():
@@ -539,20 +539,6 @@ def _rule_disks(ctx: _Context) -> None:
                 f"records a disk ({record.source}) that the domain no longer has",
                 f"remove <cuju:disk target='{target}'> from <cuju:ft>",
             )
-
-
-def _rule_disk_replication(ctx: _Context) -> None:
-    # cujud hands prepared disks to the engines (journals on the primary, served replicas on
-    # the backup), but no failover with disks has been run end to end on the two-host rig
-    # yet: say so, once, until it has. Remove this rule (and its test) then.
-    prepared = [target_of(d) for d in ctx.devices("disk") if is_nbd_export(d)]
-    if prepared:
-        ctx.warn(
-            "disk-replication", f"<disk> {', '.join(str(t) for t in prepared)}",
-            "these disks are replicated through the journaling block server, a path not yet "
-            "verified end to end by a failover test on two hosts",
-            "test a failover of this domain before relying on it (docs/failover.md, \"Disks\")",
-        )
 
 
 def _check_prepared(ctx: _Context, disk: etree._Element, record: FTDisk | None, uuid: str | None) -> None:
@@ -614,7 +600,6 @@ RULES: tuple[Callable[[_Context], None], ...] = (
     _rule_balloon,
     _rule_qmp_socket,
     _rule_disks,
-    _rule_disk_replication,
     _rule_nvram,
     _rule_element,
 )
@@ -885,11 +870,11 @@ def _prepare_disks(root: etree._Element, changes: list[str], serve: bool) -> Non
         set_ft_in(root, spec.replace(disks=tuple(records)))
 
 
-def prepare_in(root: etree._Element, *, disks: bool = False) -> list[str]:
+def prepare_in(root: etree._Element, *, disks: bool = True) -> list[str]:
     """Make the safe changes in a parsed ``<domain>`` tree; returns what was changed.
 
-    ``disks``: also serve the writable disks through the replicating block server (opt-in
-    until a failover with disks has run end to end on two hosts).
+    ``disks``: serve the writable disks through the replicating block server (False: leave
+    them on their sources, not epoch-protected).
     """
     changes: list[str] = []
     _prepare_memory(root, changes)
@@ -901,13 +886,14 @@ def prepare_in(root: etree._Element, *, disks: bool = False) -> list[str]:
     return changes
 
 
-def prepare(xml: AnyStr, spec: FTSpec | None = None, *, disks: bool = False) -> PrepareResult[AnyStr]:
+def prepare(xml: AnyStr, spec: FTSpec | None = None, *, disks: bool = True) -> PrepareResult[AnyStr]:
     """The domain XML with the safe changes made, what changed, and the problems left.
 
     Safe changes: guest RAM file-backed and shared (other ``<memoryBacking>`` children are
     kept), ``<driver name='qemu'/>`` on virtio NICs (other driver attributes are kept), and
-    the direct QMP socket in ``<qemu:commandline>``; with ``disks``, every writable disk
-    that can be served rewritten to its NBD export (the original recorded in the element).
+    the direct QMP socket in ``<qemu:commandline>``, and (``disks``, the default) every
+    writable disk that can be served rewritten to its NBD export (the original recorded in
+    the element).
     Devices that cannot be protected are left alone and reported in ``problems``.
     """
     doc = load_domain(xml)

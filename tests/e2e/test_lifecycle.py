@@ -25,24 +25,19 @@ from tests.e2e.conftest import cleanup_protected
 MAC = "52:54:00:19:07:00"
 
 
-def plain_disks(xml: Path, plain: Path) -> None:
-    """Put the plain file disk back: ``--prepare`` now turns disks into NBD replicas that
-    cujud does not serve yet (main, ddf19e2), and these tests are about the lifecycle."""
+def with_acpi(xml: Path) -> None:
+    """ACPI: PCI hot-plug on pc needs it (-no-acpi otherwise)."""
     root = etree.parse(str(xml)).getroot()
-    devices = root.find("devices")
-    assert devices is not None
-    for disk in devices.findall("disk"):
-        devices.remove(disk)
-    for disk in etree.parse(str(plain)).getroot().iterfind("devices/disk"):
-        devices.insert(0, disk)
-    if root.find("features") is None:  # ACPI: PCI hot-plug on pc needs it (-no-acpi otherwise)
+    if root.find("features") is None:
         etree.SubElement(root, "features").append(etree.Element("acpi"))
     xml.write_bytes(etree.tostring(root))
 
 
 def protect(rig: Rig, image: Path, ca: Cujud, cb: Cujud, name: str) -> Path:
-    xml = protected_counter_xml(rig, image, name, mac=MAC, epoch_ms=20)
-    plain_disks(xml, rig.root / f"{name}.plain.xml")
+    # These tests are about the lifecycle: the boot disk stays a plain file (served disks have
+    # their own tests, tests/e2e/test_disk_failover.py).
+    xml = protected_counter_xml(rig, image, name, mac=MAC, epoch_ms=20, extra=("--no-serve-disks",))
+    with_acpi(xml)
     rig.a.virsh("define", str(xml))
     rig.a.virsh("start", name)
     ca.wait_domain(name, "protected", timeout=90)
