@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,10 +147,14 @@ def data_image(rig: Rig, name: str) -> Path:
 
 
 def run_with_sigkill(rig: Rig, guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud], name: str,
-                     *, mac: str, rng: random.Random | None = None) -> DiskRun:
+                     *, mac: str, rng: random.Random | None = None,
+                     before_kill: Callable[[], None] | None = None,
+                     fail: Callable[[], None] | None = None) -> DiskRun:
     """Define and start ``name`` (the fsrec guest on a fresh ext4 disk, every disk served) on
     host a, SIGKILL its QEMU at a random moment of FT mode, verify from inside the guest on
-    host b, halt it there and judge host b's replica."""
+    host b, halt it there and judge host b's replica. ``before_kill`` runs once the VM is
+    protected and writing (e.g. a backup loss and the re-protection after it); ``fail``
+    replaces the SIGKILL (e.g. a crash of host a)."""
     ca, cb = cujuds
     rng = rng or random.Random()
     image = make_ext4_image(data_image(rig, name))
@@ -160,12 +165,17 @@ def run_with_sigkill(rig: Rig, guest: LinuxGuest, observer: Observer, cujuds: tu
     ca.wait_domain(name, "protected", timeout=180)
     cb.wait_domain(name, "standby", timeout=60)
     observer.wait_for(lambda r: len(r.udp) >= 100, timeout=90)
+    if before_kill is not None:
+        before_kill()
     time.sleep(rng.uniform(0.5, 3.0))  # a random moment of FT mode
     pid = rig.a.qemu_pid(name)
     if pid is None:
         raise RigError(f"{name}: the primary QEMU is gone before the kill")
     killed_at = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
+    if fail is None:
+        os.kill(pid, signal.SIGKILL)
+    else:
+        fail()
     cb.wait_failed_over(name, timeout=60)
     rec = observer.wait_for(lambda r: sum(1 for _, t in r.udp if t > killed_at) >= 100, timeout=90)
     # measured as failover_product measures it: the record that ends the failover's silence

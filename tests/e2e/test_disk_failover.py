@@ -7,12 +7,16 @@ primary's QEMU at a random moment; after the failover the guest checks from insi
 the disk holds what its RAM says it wrote (records and checksummed O_DIRECT blocks: disk
 and memory of the same epoch), then shuts down cleanly; the replica on host b is
 ``e2fsck -fn`` clean and holds every record the observer saw, as a clean prefix.
-Default suite: two runs; ``CUJU_SLOW=1`` adds the 20-run soak.
+The same judge after a crash of the primary host and after a backup loss under writes.
+Default suite: two SIGKILL runs and those two; ``CUJU_SLOW=1`` adds the 20-run soak.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -38,9 +42,10 @@ def observer(ft_rig: Rig) -> Iterator[Observer]:
 
 
 def judged_run(rig: Rig, guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud],
-               name: str) -> DiskRun:
+               name: str, **how: Callable[[], None]) -> DiskRun:
+    """One judged run (``how``: ``before_kill`` / ``fail`` of :func:`run_with_sigkill`)."""
     try:
-        result = run_with_sigkill(rig, guest, observer, cujuds, name, mac=MAC)
+        result = run_with_sigkill(rig, guest, observer, cujuds, name, mac=MAC, **how)
     finally:
         cleanup_protected(rig, name)
         data_image(rig, name).unlink(missing_ok=True)
@@ -61,6 +66,46 @@ def test_sigkill_with_a_served_disk_keeps_every_fsynced_record_and_a_clean_file_
     ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud], run: int
 ) -> None:
     judged_run(ft_rig, linux_guest, observer, cujuds, f"disk-kill{run}")
+
+
+@pytest.mark.timeout(600)
+def test_backup_loss_with_a_served_disk_then_a_sigkill_keeps_every_record(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """The standby's QEMU dies while the guest writes: the primary runs on, pairs with a new
+    standby (whose replica is synchronised again under the writes), and a SIGKILL of the
+    primary after that still keeps every record, with memory and disk in agreement."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "disk-bloss"
+
+    def lose_the_backup() -> None:
+        standby = rig.b.qemu_pid(name)
+        assert standby is not None
+        os.kill(standby, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while rig.b.qemu_pid(name) in (None, standby) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ca.wait_domain(name, "protected", timeout=120)
+        cb.wait_domain(name, "standby", timeout=60)
+        assert "backup lost" in ca.log_path.read_text(errors="replace")
+
+    judged_run(rig, linux_guest, observer, cujuds, name, before_kill=lose_the_backup)
+
+
+@pytest.mark.timeout(600)
+def test_primary_host_crash_with_a_served_disk_keeps_every_record(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """Host a dies (its block servers and cujud with it): b takes over after the heartbeat
+    timeout, from its replica; every reported record is there and the file system is clean."""
+    rig, (ca, _cb) = ft_rig, cujuds
+    try:
+        judged_run(rig, linux_guest, observer, cujuds, "disk-acrash", fail=rig.a.crash)
+    finally:
+        if rig.a.daemon_pid("libvirtd") is None:  # crashed: boot it again for the next tests
+            rig.a.reboot()
+        ca.stop()
+        ca.start()
 
 
 @pytest.mark.slow
