@@ -781,7 +781,20 @@ typedef struct {
     struct cuju_sender *s;      /* GIL: NULL once deallocated */
     Py_buffer region;           /* GIL: held for the object's lifetime */
     int busy_close;             /* GIL: close() in progress or done */
+    /* GIL: the borrowed disk parts of the epoch in each staging buffer, held
+     * until the next stage into that buffer or close (the send thread reads
+     * them in place). */
+    Py_buffer held[2][CUJU_DJ_MAX_DISKS];
+    Py_ssize_t nheld[2];
 } SenderObject;
+
+static void
+sender_release_held(SenderObject *self, int slot)
+{
+    for (Py_ssize_t i = 0; i < self->nheld[slot]; i++)
+        PyBuffer_Release(&self->held[slot][i]);
+    self->nheld[slot] = 0;
+}
 
 static void
 sender_raise(SenderObject *self, int code, const char *fallback)
@@ -936,17 +949,20 @@ Sender_stage(SenderObject *self, PyObject *args, PyObject *kwds)
         }
         for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(dseq); i++) {
             unsigned int d;
-            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(dseq, i), "Iy*:disks", &d, &dbuf[nparts]))
+            int borrowed = 0;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(dseq, i), "Iy*|p:disks", &d, &dbuf[nparts], &borrowed))
                 goto error;
             parts[nparts].disk = d;
+            parts[nparts].borrowed = (uint32_t)borrowed;
             parts[nparts].records = dbuf[nparts].buf;
             parts[nparts].len = (uint64_t)dbuf[nparts].len;
             nparts++;
         }
     }
+    int slot = 0;
     Py_BEGIN_ALLOW_THREADS
     rc = cuju_sender_stage(self->s, epoch, idx.buf, (size_t)idx.len / 8, dev.buf, (size_t)dev.len, parts,
-                           (size_t)nparts, ms);
+                           (size_t)nparts, ms, &slot);
     Py_END_ALLOW_THREADS
     switch (rc) {
     case CUJU_OK:
@@ -967,8 +983,15 @@ Sender_stage(SenderObject *self, PyObject *args, PyObject *kwds)
         sender_raise(self, rc, "staging failed");
         goto error;
     }
-    for (Py_ssize_t i = 0; i < nparts; i++)
-        PyBuffer_Release(&dbuf[i]);
+    /* This buffer was free: the send thread is done with its earlier epoch's
+     * borrowed parts. Keep this epoch's until the buffer is staged again. */
+    sender_release_held(self, slot);
+    for (Py_ssize_t i = 0; i < nparts; i++) {
+        if (parts[i].borrowed)
+            self->held[slot][self->nheld[slot]++] = dbuf[i];
+        else
+            PyBuffer_Release(&dbuf[i]);
+    }
     Py_XDECREF(dseq);
     PyBuffer_Release(&idx);
     PyBuffer_Release(&dev);
@@ -1063,6 +1086,9 @@ Sender_close(SenderObject *self, PyObject *args, PyObject *kwds)
     Py_BEGIN_ALLOW_THREADS
     rc = cuju_sender_close(self->s, orderly, ms);
     Py_END_ALLOW_THREADS
+    /* The threads are joined: nothing reads the borrowed parts any more. */
+    sender_release_held(self, 0);
+    sender_release_held(self, 1);
     if (rc != CUJU_OK) {
         sender_raise(self, rc, "closing the link failed");
         return NULL;
@@ -1081,6 +1107,8 @@ Sender_dealloc(SenderObject *self)
         cuju_sender_free(s);
         Py_END_ALLOW_THREADS
     }
+    sender_release_held(self, 0);
+    sender_release_held(self, 1);
     if (self->region.obj)
         PyBuffer_Release(&self->region);
     tp->tp_free((PyObject *)self);
@@ -1092,8 +1120,10 @@ static PyMethodDef Sender_methods[] = {
      "handshake(timeout=None) -> int\n\nSend HELLO, check the backup's reply, start the send and ack "
      "threads.\nReturns the epoch the backup holds (0: none)."},
     {"stage", (PyCFunction)(void (*)(void))Sender_stage, METH_VARARGS | METH_KEYWORDS,
-     "stage(epoch, dirty_indexes, device_state, timeout=None)\n\nGather the pages and the device state "
-     "into a staging buffer\n(waits while both buffers are busy). Call while the VM is paused."},
+     "stage(epoch, dirty_indexes, device_state, timeout=None, disks=None)\n\nGather the pages, the device "
+     "state and the disk parts ((disk, records[, borrowed])) into a\nstaging buffer (waits while both buffers "
+     "are busy). Call while the VM is paused.\nBorrowed records are sent from where they lie and held until the "
+     "buffer is staged\nagain or the sender is closed: keep them unchanged until the epoch is acknowledged."},
     {"ship", (PyCFunction)Sender_ship, METH_NOARGS, "ship()\n\nQueue the staged epoch for sending."},
     {"wait_ack", (PyCFunction)(void (*)(void))Sender_wait_ack, METH_VARARGS | METH_KEYWORDS,
      "wait_ack(epoch, timeout=None) -> bool\n\nTrue once `epoch` is acknowledged, False on timeout."},

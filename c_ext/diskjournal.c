@@ -347,10 +347,14 @@ int cuju_dj_reset(struct cuju_dj *dj, int idx)
     b->records = 0;
     b->overflow = 0;
     b->epoch = 0;
-    /* Give the tmpfs pages of a large epoch back. */
-    if (used > (UINT64_C(4) << 20)) {
-        off_t at = (off_t)(cuju_dj_records(dj, idx) - dj->mem);
-        fallocate(dj->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, at, (off_t)round_page(used));
+    /* Keep the first CUJU_DJ_KEEP_BYTES of the buffer's tmpfs pages: handing
+     * them back every epoch made the server take a page fault (and zero a
+     * page) under its write lock for every 4 KiB write of the next epoch.
+     * Only what a large epoch used beyond that goes back. */
+    if (used > CUJU_DJ_KEEP_BYTES) {
+        off_t at = (off_t)(cuju_dj_records(dj, idx) - dj->mem + CUJU_DJ_KEEP_BYTES);
+        fallocate(dj->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, at,
+                  (off_t)(round_page(used) - CUJU_DJ_KEEP_BYTES));
     }
     return CUJU_OK;
 }

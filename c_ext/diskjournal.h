@@ -73,6 +73,9 @@
 #define CUJU_DJ_MAX_RECORD (UINT64_C(64) << 20)
 #define CUJU_DJ_DEFAULT_BLOCK (64u << 10)
 #define CUJU_DJ_MAX_DISKS 64u
+/* Bytes of each buffer whose memory a reset keeps (the rest of a larger
+ * epoch is given back to tmpfs): so a steady writer never faults its journal. */
+#define CUJU_DJ_KEEP_BYTES (UINT64_C(16) << 20)
 
 enum cuju_dj_kind {
     CUJU_DJ_WRITE = 1,

@@ -13,10 +13,10 @@
  *       link (aead.h; CUJU_LINK_KEYS_LEN bytes, this side's tx first).
  *   cuju_sender_handshake(s, timeout_ms, &last_applied) sends HELLO, checks
  *       the reply, starts the send and ack threads.
- *   cuju_sender_stage(s, epoch, idx, n, dev, devlen, parts, nparts, timeout_ms)
- *       gathers the pages, the device state and the disk records (parts,
- *       sealed journals of diskjournal.h) into a free staging buffer (waits
- *       while both are busy).
+ *   cuju_sender_stage(s, epoch, idx, n, dev, devlen, parts, nparts, timeout_ms,
+ *       &slot) gathers the pages, the device state and the disk records
+ *       (parts, sealed journals of diskjournal.h; borrowed ones are only
+ *       referenced) into a free staging buffer (waits while both are busy).
  *   cuju_sender_ship(s) queues the staged epoch for the send thread.
  *   cuju_sender_wait_ack(s, epoch, timeout_ms) waits until `epoch` is acked.
  *   cuju_sender_close(s, orderly) (CLOSE frame when orderly), joins threads.
@@ -70,9 +70,14 @@ struct cuju_sender_stats {
 
 struct cuju_sender;
 
-/* One disk's records for an epoch (diskjournal.h), copied by stage. */
+/* One disk's records for an epoch (diskjournal.h). Copied by stage, unless
+ * `borrowed`: then the send thread writes them from where they lie (a sealed
+ * journal buffer), so the pause does not copy the epoch's disk writes; the
+ * caller keeps them unchanged until the epoch is acknowledged, or until the
+ * staging buffer's next stage (cuju_sender_stage's *slot), or close. */
 struct cuju_disk_part {
     uint32_t disk;              /* index in the receiver's replica list */
+    uint32_t borrowed;
     const uint8_t *records;
     uint64_t len;               /* bytes, a multiple of 8 */
 };
@@ -91,9 +96,12 @@ int cuju_sender_new(int fd, const uint8_t *region, uint64_t region_size, uint32_
                     uint64_t session_id, uint64_t disks, int io_timeout_ms, struct cuju_sender **out);
 int cuju_sender_set_keys(struct cuju_sender *s, const uint8_t *keys);
 int cuju_sender_handshake(struct cuju_sender *s, int timeout_ms, uint64_t *last_applied);
+/* *slot (may be NULL): the staging buffer (0 or 1) the epoch went into; its
+ * borrowed parts are no longer read once a later stage into the same slot
+ * returns. */
 int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx, size_t n,
                       const uint8_t *dev, size_t devlen, const struct cuju_disk_part *parts, size_t nparts,
-                      int timeout_ms);
+                      int timeout_ms, int *slot);
 int cuju_sender_ship(struct cuju_sender *s);
 /* CUJU_OK when acked, CUJU_E_TIMEOUT when not yet, another code on failure. */
 int cuju_sender_wait_ack(struct cuju_sender *s, uint64_t epoch, int timeout_ms);

@@ -28,11 +28,22 @@
 
 enum buf_state { BUF_FREE, BUF_FILLED, BUF_QUEUED, BUF_SENDING };
 
+/* A frame is sent as segments: the staging buffer's bytes, with each
+ * borrowed disk part's records in between (sent from where they lie). */
+#define MAX_SEGS (2 * CUJU_DJ_MAX_DISKS + 1)
+struct seg {
+    const uint8_t *p;
+    size_t len;
+};
+
 struct stagebuf {
     uint8_t *mem;           /* immutable after new */
     size_t cap;             /* immutable after new */
-    size_t len;             /* writer: the thread that owns the buffer by state */
+    size_t len;             /* writer: the thread that owns the buffer by state; whole frame */
     uint64_t epoch;         /* idem */
+    struct seg seg[MAX_SEGS];   /* idem: the frame, in order; the last one is in mem */
+    unsigned nseg;          /* idem */
+    uint8_t *csum_at;       /* idem: the trailer's checksum field (last 8 bytes of the last segment) */
     enum buf_state state;   /* lock */
 };
 
@@ -275,7 +286,7 @@ static int page_is_zero(const uint8_t *p, uint32_t len)
 
 int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx, size_t n,
                       const uint8_t *dev, size_t devlen, const struct cuju_disk_part *parts, size_t nparts,
-                      int timeout_ms)
+                      int timeout_ms, int *slot)
 {
     int rc = CUJU_OK;
     struct timespec dl, *dlp = NULL;
@@ -364,7 +375,8 @@ int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx
     }
     if (stream)
         cuju_stream_fence();    /* before the send thread may read the pages */
-    uint8_t *p = data + ndata * ps;
+    uint8_t *p = data + ndata * ps, *seg_start = m;
+    unsigned nseg = 0;
     if (devlen)
         memcpy(p, dev, devlen);
     p += devlen;
@@ -374,8 +386,15 @@ int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx
         cuju_put_le32(p, parts[i].disk);
         cuju_put_le32(p + 4, 0);
         cuju_put_le64(p + 8, parts[i].len);
-        memcpy(p + CUJU_DJ_PART_LEN, parts[i].records, parts[i].len);
-        p += CUJU_DJ_PART_LEN + parts[i].len;
+        p += CUJU_DJ_PART_LEN;
+        if (parts[i].borrowed) {
+            b->seg[nseg++] = (struct seg){seg_start, (size_t)(p - seg_start)};
+            b->seg[nseg++] = (struct seg){parts[i].records, parts[i].len};
+            seg_start = p;
+        } else {
+            memcpy(p, parts[i].records, parts[i].len);
+            p += parts[i].len;
+        }
     }
     cuju_put_le64(p, CUJU_WIRE_END_MAGIC);
     cuju_put_le64(p + 8, epoch);
@@ -388,11 +407,16 @@ int cuju_sender_stage(struct cuju_sender *s, uint64_t epoch, const uint64_t *idx
     cuju_put_le64(m + 40, devlen);
     cuju_put_le64(m + 48, disklen);
     b->len = CUJU_FRAME_HDR_LEN + plen;
+    b->seg[nseg++] = (struct seg){seg_start, (size_t)(p + CUJU_TRAILER_LEN - seg_start)};
+    b->nseg = nseg;
+    b->csum_at = p + 16;
     b->epoch = epoch;
     uint64_t dt = cuju_now_ns() - t0;
 
     pthread_mutex_lock(&s->lock);
     b->state = BUF_FILLED;
+    if (slot)
+        *slot = s->stage_idx;
     s->stage_idx ^= 1;
     if (s->first_epoch == 0)
         s->first_epoch = epoch;
@@ -464,20 +488,26 @@ static void *send_main(void *arg)
         uint64_t t0 = cuju_now_ns();
         struct cuju_csum h;
         cuju_csum_init(&h, s->session_id);
-        size_t body = b->len - 8, off = 0;
         int rc = CUJU_OK;
-        while (off < b->len) {
-            size_t end = off + SEND_CHUNK < body ? off + SEND_CHUNK : body;
-            if (end > off)
-                cuju_csum_update(&h, b->mem + off, end - off);
-            if (end == body) {
-                cuju_put_le64(b->mem + body, cuju_csum_final(&h));
-                end = b->len;
+        /* Checksum each chunk just before writing it (it is in cache); the
+         * checksum covers the frame but its own last 8 bytes, which end the
+         * last segment (in the staging buffer). */
+        for (unsigned k = 0; k < b->nseg && rc == CUJU_OK; k++) {
+            const uint8_t *sp = b->seg[k].p;
+            size_t len = b->seg[k].len, off = 0, body = k + 1 == b->nseg ? len - 8 : len;
+            while (off < len) {
+                size_t end = off + SEND_CHUNK < body ? off + SEND_CHUNK : body;
+                if (end > off)
+                    cuju_csum_update(&h, sp + off, end - off);
+                if (end == body && body < len) {
+                    cuju_put_le64(b->csum_at, cuju_csum_final(&h));
+                    end = len;
+                }
+                rc = cuju_link_send(&s->link, sp + off, end - off, s->io_timeout_ms, &eno);
+                if (rc != CUJU_OK)
+                    break;
+                off = end;
             }
-            rc = cuju_link_send(&s->link, b->mem + off, end - off, s->io_timeout_ms, &eno);
-            if (rc != CUJU_OK)
-                break;
-            off = end;
         }
         uint64_t t1 = cuju_now_ns();
         if (rc == CUJU_E_EOF) {

@@ -58,7 +58,8 @@
  *                      bytes; no data). Anything else is CUJU_E_FRAME.
  *     page data: ndata x page_size bytes
  *     device state: devstate_len bytes (QEMU's migration stream of devices,
- *                   opaque here)
+ *                   opaque here; the engine may append a user-pause mark
+ *                   after it, devstate.py USER_PAUSE_MARK)
  *     disk section: disk_len bytes, the epoch's writes, write-zeroes and
  *                   trims of every replicated disk, as parts of records laid
  *                   out in diskjournal.h; the receiver checks every record

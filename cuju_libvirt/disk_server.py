@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import time
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: The plugin nbdkit loads (built by scripts/setup.sh from c_ext/nbdkit).
 PLUGIN = Path(__file__).resolve().parent / "libexec" / "nbdkit-cujudisk-plugin.so"
+#: Debian's QEMU user: it must be able to connect to the socket (QEMU opens the export itself).
+QEMU_USER = "libvirt-qemu"
 #: Journal bytes per epoch buffer: an epoch writing more falls back to its dirty bitmap.
 DEFAULT_JOURNAL_CAPACITY = 64 << 20
 
@@ -83,6 +86,15 @@ def export_size_for(image: str, fmt: str) -> int | None:
     bound = virtual + 2 * (virtual // cluster) * 8 * 2 + (64 << 20)
     bound = max(bound, os.stat(image).st_size)
     return (bound + (1 << 20) - 1) & ~((1 << 20) - 1)
+
+
+def qemu_owner() -> tuple[int, int] | None:
+    """(uid, gid) of QEMU's user, to own each socket; None where QEMU runs as root."""
+    try:
+        user = pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        return None
+    return user.pw_uid, user.pw_gid
 
 
 def _read_pid(paths: ServerPaths) -> int | None:

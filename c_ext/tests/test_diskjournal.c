@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "diskjournal.h"
@@ -253,6 +254,79 @@ static void model_check(const char *dir, int rounds)
     free(section);
 }
 
+/* ---- a reset keeps CUJU_DJ_KEEP_BYTES of a buffer's memory ---- */
+
+static uint64_t allocated(int fd)
+{
+    struct stat sb;
+    CHECK(fstat(fd, &sb) == 0, "fstat");
+    return (uint64_t)sb.st_blocks * 512;
+}
+
+/* Epochs larger than the kept part: the reset gives the rest back, the kept
+ * pages stay (no fault per write in the next epoch), and the next epochs,
+ * which write over kept and given-back memory alike, still equal the model. */
+static void keep_pages(const char *dir)
+{
+    char path[512], msg[256];
+    struct disk d = {.size = UINT64_C(3) << 20};
+    const uint64_t big = CUJU_DJ_KEEP_BYTES + (UINT64_C(8) << 20), chunk = 256 << 10;
+    uint8_t *scratch = malloc(chunk), *section = aligned_alloc(8, big + (UINT64_C(1) << 20));
+    d.model = calloc(1, d.size);
+    CHECK(scratch && section && d.model, "malloc");
+    snprintf(path, sizeof(path), "%s/keep-image", dir);
+    d.image = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    snprintf(path, sizeof(path), "%s/keep-replica", dir);
+    d.replica = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    CHECK(d.image >= 0 && d.replica >= 0 && ftruncate(d.image, (off_t)d.size) == 0 &&
+          ftruncate(d.replica, (off_t)d.size) == 0, "open");
+    snprintf(path, sizeof(path), "%s/keep-journal", dir);
+    CHECK(cuju_dj_create(path, d.size, 0, 0, &d.dj, msg, sizeof(msg)) == 0, "create: %s", msg);
+    const uint64_t sizes[1] = {d.size};
+    for (int e = 1; e <= 4; e++) {
+        /* Epochs 1 and 3 outgrow the kept part; 2 and 4 reuse the buffers. */
+        uint64_t want = e % 2 ? big : CUJU_DJ_KEEP_BYTES / 2, wrote = 0;
+        while (wrote < want) {
+            uint64_t off = rnd() % (d.size - chunk + 1);
+            for (uint64_t i = 0; i < chunk; i++)
+                scratch[i] = (uint8_t)(rnd() | 1);
+            pwrite_full(d.image, scratch, chunk, off);
+            cuju_dj_record_write(d.dj, off, chunk, scratch);
+            memcpy(d.model + off, scratch, chunk);
+            wrote += chunk;
+        }
+        int idx = cuju_dj_seal(d.dj, (uint64_t)e);
+        CHECK(idx >= 0 && !d.dj->h->buf[idx].overflow, "seal %d", e);
+        uint64_t len = 0, overflowed = 0, nrec = 0;
+        add_part(&d, 0, idx, section, big + (UINT64_C(1) << 20), &len, &overflowed);
+        CHECK(cuju_dj_check_section(section, len, 1, sizes, msg, sizeof(msg)) == CUJU_OK, "check: %s", msg);
+        int fds[1] = {d.replica}, eno = 0;
+        CHECK(cuju_dj_apply_section(section, len, fds, 0, &nrec, &eno) == CUJU_OK, "apply");
+        compare(&d, 0, (uint64_t)e);
+        uint64_t before = allocated(d.dj->fd);
+        CHECK(cuju_dj_reset(d.dj, idx) == CUJU_OK, "reset");
+        uint64_t after = allocated(d.dj->fd);
+        if (e % 2) {
+            CHECK(before - after >= big - CUJU_DJ_KEEP_BYTES - (UINT64_C(1) << 20),
+                  "epoch %d: a reset gave back %llu bytes, expected about %llu", e,
+                  (unsigned long long)(before - after), (unsigned long long)(big - CUJU_DJ_KEEP_BYTES));
+            CHECK(before - after <= big - CUJU_DJ_KEEP_BYTES + (UINT64_C(1) << 20),
+                  "epoch %d: a reset gave back %llu bytes: the kept part went too", e,
+                  (unsigned long long)(before - after));
+        } else {
+            CHECK(before == after, "epoch %d: a reset of a small epoch gave memory back", e);
+        }
+    }
+    printf("keep: epochs over %llu bytes give the rest back, replica == model\n",
+           (unsigned long long)CUJU_DJ_KEEP_BYTES);
+    cuju_dj_close(d.dj);
+    close(d.image);
+    close(d.replica);
+    free(d.model);
+    free(scratch);
+    free(section);
+}
+
 /* ---- seal race ---- */
 
 struct race {
@@ -365,6 +439,7 @@ int main(int argc, char **argv)
     }
     int rounds = argc > 2 ? atoi(argv[2]) : 400;
     model_check(argv[1], rounds);
+    keep_pages(argv[1]);
     seal_race(argv[1]);
     hostile();
     printf("ok\n");

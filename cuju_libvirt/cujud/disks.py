@@ -39,7 +39,9 @@ def backup_replicas(uuid: str, xml: str, sizes: Sequence[int], replica_dir: Path
         path = d.replica_path(str(replica_dir), uuid)
         Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         prepare_replica(path, size)
-        disk_server.start(disk_server.ServerPaths.of(uuid, d.target), path, target=d.target)
+        # The standby's QEMU (not root under libvirt) connects to it: the same owner as on the primary.
+        disk_server.start(disk_server.ServerPaths.of(uuid, d.target), path, target=d.target,
+                          owner=disk_server.qemu_owner())
         out.append((path, size))
     if out:
         log.info("serving %d replica(s): %s", len(out), ", ".join(p for p, _ in out))

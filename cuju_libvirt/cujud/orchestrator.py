@@ -47,7 +47,7 @@ import libvirt
 from lxml import etree
 
 from cuju_libvirt import config, fitness
-from cuju_libvirt.cujud import control, coord, peer, records
+from cuju_libvirt.cujud import control, coord, events, peer, records
 from cuju_libvirt.cujud.disks import primary_disks
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
@@ -60,16 +60,22 @@ from cuju_libvirt.cujud.qemu_process import (
     ram_backing,
 )
 from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml
-from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
+from cuju_libvirt.cujud.virt import DomainEvent, LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.domain_xml import DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
 from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError
 from cuju_libvirt.ft_engine.devstate import (
+    DevicesChangedError,
     MachineProfile,
     StandbyMismatchError,
     compare_machines,
     describe_machine,
 )
-from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine
+from cuju_libvirt.ft_engine.epoch import (
+    PrimaryConfig,
+    PrimaryEngine,
+    ReconfiguredError,
+    ResumedElsewhereError,
+)
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.output import leftover_filters, remove_leftovers
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
@@ -103,6 +109,8 @@ QEMU_EXIT_WAIT = 1.0
 LINK_PROBE_TIMEOUT = 2.0
 #: ``<cuju:ft peer='auto'>``: this host's cujud places the standby (:meth:`Orchestrator.place`).
 AUTO_PEER = "auto"
+#: Engine failures that an operator's action caused (no fault: one WARNING line, then pairing anew).
+OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError)
 #: The states in which a running VM is unprotected and its protection loop pairs it.
 UNPROTECTED_STATES = (S.UNPROTECTED, S.DEGRADED, S.PRIMARY_AFTER_FAILOVER)
 
@@ -151,6 +159,10 @@ class PrimaryDomain:
         #: The generation of the last failed pairing whose standby the peer promised to drop:
         #: the next attempt with that peer keeps it (ownership did not change), 0 otherwise.
         self._again = 0
+        #: When each kind of event note was last logged (:meth:`on_event`).
+        self._notes: dict[str, float] = {}
+        #: The disks' image chains in the XML the standby was made from (:meth:`_watch_disks`).
+        self._disk_chains: events.DiskChains | None = None
 
     @property
     def generation(self) -> int:
@@ -185,6 +197,7 @@ class PrimaryDomain:
             if busy or self.machine.state not in UNPROTECTED_STATES:
                 self._wake.wait(0.5)
                 self._wake.clear()
+                self._watch_disks()
                 delay = BACKOFF_MIN if self.machine.state is S.PROTECTED else delay
                 continue
             if self._fresh:
@@ -222,8 +235,10 @@ class PrimaryDomain:
         dom = self.orch.lookup(self.uuid)
         with translate(f"reading the XML of {self.name}"):
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
+            persistent = bool(dom.isPersistent())
             pxml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) \
-                if dom.isPersistent() else xml
+                if persistent else xml
+        self._disk_chains = events.disk_chains(xml)
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
         sock: socket.socket | None = None
@@ -237,6 +252,7 @@ class PrimaryDomain:
             self.log.info("asking %s for a standby", self.peer)
             reply = conn.request("standby-create", {
                 "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
+                "persistent": persistent,
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
                 "generation": self.generation,
                 "disk_sizes": list(disks.sizes) if disks is not None else [],
@@ -450,6 +466,55 @@ class PrimaryDomain:
             raise StandbyMismatchError(problems)
         return standby
 
+    # -- what libvirt reports about the running VM -------------------------------------------------
+
+    def on_event(self, event: DomainEvent | LifecycleEvent) -> None:
+        """A libvirt event about this VM (event-loop thread: no libvirt calls, no waiting).
+
+        A change the standby cannot follow ends protection before the next epoch ships
+        (:meth:`PrimaryEngine.reconfigure`: one WARNING line with the cause) and the
+        protection loop pairs again; anything else is one INFO line (:mod:`.events`)."""
+        found = events.verdict(event)
+        if found is None or self.ended.is_set():
+            return
+        engine = self.engine
+        active = engine is not None and (engine.running or self._starting) \
+            and self.machine.state in (S.SYNCING, S.PROTECTED)
+        if found.action is events.Action.RECONFIGURE and active:
+            assert engine is not None
+            engine.reconfigure(found.cause)
+        elif found.action is events.Action.RECONFIGURE:  # the next pairing reads the configuration anew
+            self.log.debug("%s (not protected at the moment)", found.cause)
+        elif self._note_due(found.cause):
+            self.log.info("%s", found.cause)
+
+    def _watch_disks(self) -> None:
+        """Compare the disks' image chains with the standby's (about twice a second while
+        protected): an external disk-only snapshot moves the disks onto overlays with no
+        event from libvirt, and a standby left on the old images would resume on them."""
+        engine = self.engine
+        if self._disk_chains is None or engine is None or not engine.running \
+                or self.machine.state is not S.PROTECTED:
+            return
+        try:
+            xml = self.orch.lookup(self.uuid).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+        except (CujuError, libvirt.libvirtError) as err:
+            self.log.debug("could not read the live XML to compare the disks: %s", err)
+            return
+        found = events.disks_changed(self._disk_chains, events.disk_chains(xml))
+        if found is not None:
+            self._disk_chains = None
+            engine.reconfigure(found.cause)
+
+    def _note_due(self, cause: str) -> bool:
+        """One INFO line per kind of note in a minute (a balloon reports every step)."""
+        kind = cause.split(" ", 3)[:3]
+        key, now = " ".join(kind), time.monotonic()
+        if now - self._notes.get(key, -1e9) < 60.0:
+            return False
+        self._notes[key] = now
+        return True
+
     # -- when protection fails ---------------------------------------------------------------------
 
     def _may_release(self, err: BaseException) -> bool:
@@ -475,7 +540,9 @@ class PrimaryDomain:
             if how.startswith("crash"):
                 self._crashed(how)
             else:
-                self.log.info("QEMU ended (%s): stopping protection, the standby is dropped", how)
+                # one INFO line: the engine's "the VM ended (...)" when it runs, else this one
+                level = logging.INFO if self.engine is None else logging.DEBUG
+                self.log.log(level, "QEMU ended (%s): stopping protection, the standby is dropped", how)
                 self._ask_abandon(how, quiet=True, vm_ended=True)
                 self.orch.witness_stopped(self)
                 self._finish()
@@ -491,6 +558,10 @@ class PrimaryDomain:
                              daemon=True).start()
             return False
         answer = self._ask_abandon(f"protection failed: {err}")
+        if answer is not None and answer.get("abandoned") and isinstance(err, OPERATOR_ENDS):
+            self.log.info("the standby is dropped (%s); pairing again", type(err).__name__)
+            threading.Thread(target=self._reprotect_after_engine, daemon=True).start()
+            return True
         if answer is not None and answer.get("abandoned"):
             self.log.warning("backup lost (%s); the peer dropped its standby: running UNPROTECTED, "
                              "re-protecting with backoff", err)
@@ -533,16 +604,24 @@ class PrimaryDomain:
         """Why QEMU is gone, in the words an operator looks for: 'deliberate: CAUSE' or 'crash:
         CAUSE'. libvirt's STOPPED detail names the operation (libvirt itself sends the SIGTERM
         after a save or a guest poweroff, so the signal alone does not), its SHUTDOWN event who
-        shut the guest down; QEMU's "terminating on signal" line is the fallback."""
+        shut the guest down. QEMU's own last events (SHUTDOWN, a completed MIGRATION: the
+        engine's :meth:`~PrimaryEngine.qemu_ending`) name it without waiting for libvirt's,
+        which came seconds late under load; QEMU's "terminating on signal" line is the last
+        resort."""
+        said = self.engine.qemu_ending() if self.engine is not None else None
         sig = ended_on_signal(self.name, self._log_offset)
-        # With a signal line the exit was deliberate: give libvirt longer to say by whom.
-        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT if sig is None else DELIBERATE_WAIT)
+        # With a signal line the exit was deliberate: give libvirt longer to say by whom,
+        # unless QEMU said it already.
+        wait = 0.0 if said is not None else CLASSIFY_WAIT if sig is None else DELIBERATE_WAIT
+        event = self.orch.wait_stop_event(self.uuid, wait)
         detail = event.detail_name if event is not None else None
         note = f" (libvirt: STOPPED/{detail}{f', QEMU got signal {sig}' if sig is not None else ''})"
         if detail == "SHUTDOWN":
             return f"deliberate: {self.orch.shutdown_cause(self.uuid)}{note}"
         if detail in DELIBERATE_STOPS:
             return f"deliberate: {STOP_CAUSES.get(detail, detail.lower())}{note}"
+        if said is not None:
+            return f"deliberate: {said} (QEMU's last event{f', signal {sig}' if sig is not None else ''})"
         if sig is not None:
             try:
                 name = signal.Signals(sig).name
@@ -704,6 +783,7 @@ class Orchestrator:
         self._shutdowns: dict[str, tuple[float, LifecycleEvent]] = {}
         self._stop_cond = threading.Condition()
         libvirt.add_lifecycle_listener(self._lifecycle)
+        libvirt.add_domain_listener(self._domain_event)
         self.node = cfg.node_name
         #: The cluster witness (None: two-host mode, docs/failover.md).
         self.witness = coord.OwnershipStore(
@@ -966,7 +1046,14 @@ class Orchestrator:
             return "shut down from the host (virsh shutdown)"
         return "the guest was shut down"
 
+    def _domain_event(self, event: DomainEvent | LifecycleEvent) -> None:
+        with self._lock:
+            p = self.primaries.get(event.uuid)
+        if p is not None:
+            p.on_event(event)
+
     def _lifecycle(self, event: LifecycleEvent) -> None:
+        self._domain_event(event)
         if event.event_name == "SHUTDOWN":
             self._shutdowns[event.uuid] = (time.monotonic(), event)
         if event.event_name != "STOPPED":

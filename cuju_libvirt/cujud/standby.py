@@ -78,7 +78,8 @@ CLAIM_RETRY = 0.25
 
 def standby_xml(xml: str) -> str:
     """The domain XML with ``-incoming defer`` added to its ``<qemu:commandline>``, and
-    ``<seclabel model='dac' relabel='no'/>`` on every disk's ``<source>``.
+    ``<seclabel model='dac' relabel='no'/>`` on every disk image's ``<source>`` (not on a
+    served disk's NBD source).
 
     The disks are the primary's (the same images, shared by both hosts), and the primary's
     libvirt owns their labels: with dynamic ownership, this host's libvirt would otherwise
@@ -87,7 +88,12 @@ def standby_xml(xml: str) -> str:
     save, would fail with "Permission denied" and stay paused.
     """
     root = etree.fromstring(xml.encode())
-    for source in root.iterfind("devices/disk/source"):
+    # A served disk (type='network': the NBD socket of its block server) has no image file to
+    # relabel, and libvirt's schema refuses a seclabel on a network <source>.
+    for disk in root.iterfind("devices/disk"):
+        source = disk.find("source")
+        if source is None or disk.get("type") == "network":
+            continue
         if not any(label.get("model") == "dac" for label in source.iterfind("seclabel")):
             etree.SubElement(source, "seclabel", model="dac", relabel="no")
     q = f"{{{QEMU_NS}}}"
@@ -260,13 +266,16 @@ class Standby:
     """One hot standby on this host and the decisions about it (under :attr:`lock`)."""
 
     def __init__(self, manager: StandbyManager, *, name: str, uuid: str, peer: str, xml: str,
-                 persistent_xml: str, timeout_s: float, auto_failover: bool, generation: int = 0) -> None:
+                 persistent_xml: str, timeout_s: float, auto_failover: bool, generation: int = 0,
+                 persistent: bool = True) -> None:
         self.manager = manager
         self.name = name
         self.uuid = uuid
         self.peer = peer
         self.xml = xml
         self.persistent_xml = persistent_xml
+        #: False: the VM is transient on the primary (virsh undefine), so it is after a failover too.
+        self.persistent = persistent
         self.timeout_s = timeout_s
         self.auto_failover = auto_failover
         #: The ownership generation this standby was paired at (0: no witness).
@@ -416,8 +425,9 @@ class Standby:
             report = self.engine.failover()
             self.stats.role = "primary"  # the VM runs here now (unprotected until a new standby)
             try:
-                with translate(f"defining {self.name} after the failover"):
-                    self.manager.libvirt.conn.defineXML(self.persistent_xml)
+                if self.persistent:
+                    with translate(f"defining {self.name} after the failover"):
+                        self.manager.libvirt.conn.defineXML(self.persistent_xml)
             except CujuError as err:
                 self.log.error("the VM runs, but could not be made persistent: %s", err)
             self.log.warning("failover of %s done: epoch %d resumed in %.1f ms; it is a normal domain "
@@ -552,7 +562,8 @@ class StandbyManager:
         sb = Standby(self, name=name, uuid=uuid, peer=peer, xml=str(body["xml"]),
                      persistent_xml=str(body["persistent_xml"]),
                      timeout_s=int(body["heartbeat_timeout_ms"]) / 1e3,
-                     auto_failover=body.get("failover", "auto") == "auto", generation=generation)
+                     auto_failover=body.get("failover", "auto") == "auto", generation=generation,
+                     persistent=bool(body.get("persistent", True)))
         # A standby here means the VM runs on the peer: an old takeover record is stale, and
         # so is a 'protected' record (this host is not its primary any more). This host must
         # not start the VM on its own while the peer may run it: 'ceded' says so to the hook

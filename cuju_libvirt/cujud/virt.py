@@ -8,12 +8,13 @@
   (``virEventRegisterDefaultImpl`` / ``virEventRunDefaultImpl``) in one thread per
   process; keepalive, close callbacks and domain events need it.
 * :class:`LibvirtConnection` opens the URI with retries (tenacity, exponential
-  backoff), turns keepalive on, registers the lifecycle-event callback and the close
+  backoff), turns keepalive on, registers the lifecycle-event callback, the callbacks of
+  :data:`DOMAIN_EVENTS` (devices, jobs, balloon, power management, reset) and the close
   callback, and when libvirtd goes away reconnects in the background, registering
   everything again and telling its listeners (cujud then re-adopts its domains).
 
-Lifecycle listeners run in the event-loop thread: they must return quickly (hand the
-work to another thread) and must not call libvirt synchronously.
+Lifecycle and domain-event listeners run in the event-loop thread: they must return
+quickly (hand the work to another thread) and must not call libvirt synchronously.
 """
 
 from __future__ import annotations
@@ -194,7 +195,68 @@ class LinkState(enum.Enum):
     CLOSED = "closed"
 
 
+@dataclass(frozen=True)
+class DomainEvent:
+    """One of libvirt's other domain events (:data:`DOMAIN_EVENTS`): what happened to the
+    domain while it runs, with the event's own values in ``info``.
+
+    ``kind`` is one of ``device-added``, ``device-removed`` (``info['alias']``),
+    ``job-completed`` (``info['operation']``: a ``VIR_DOMAIN_JOB_OPERATION_*`` name such as
+    ``SNAPSHOT``), ``block-job`` (``info['disk']``, ``info['type']`` such as ``COPY``,
+    ``info['status']`` such as ``COMPLETED``), ``balloon-change`` (``info['actual_kib']``),
+    ``pm-suspend``, ``pm-wakeup``, ``reboot``, ``memory-device-size-change``
+    (``info['alias']``).
+    """
+
+    domain: str
+    uuid: str
+    kind: str
+    info: dict[str, Any]
+
+    def __str__(self) -> str:
+        values = ", ".join(f"{k}={v}" for k, v in sorted(self.info.items()))
+        return f"{self.domain}: {self.kind}{f' ({values})' if values else ''}"
+
+
+def _names(prefix: str) -> dict[int, str]:
+    return {int(v): n[len(prefix):] for n, v in vars(libvirt).items()
+            if n.startswith(prefix) and isinstance(v, int) and not n.endswith("_LAST")}
+
+
+_JOB_OPERATIONS = _names("VIR_DOMAIN_JOB_OPERATION_")
+_BLOCK_JOB_TYPES = _names("VIR_DOMAIN_BLOCK_JOB_TYPE_")
+_BLOCK_JOB_STATUS = {int(getattr(libvirt, f"VIR_DOMAIN_BLOCK_JOB_{n}")): n
+                     for n in ("COMPLETED", "FAILED", "CANCELED", "READY")}
+
+
+def _job_info(params: dict[str, Any]) -> dict[str, Any]:
+    operation = params.get(getattr(libvirt, "VIR_DOMAIN_JOB_OPERATION", "operation"))
+    name = _JOB_OPERATIONS.get(operation, "UNKNOWN") if isinstance(operation, int) else "UNKNOWN"
+    return {"operation": name}
+
+
+#: The domain events cujud subscribes to besides the lifecycle: libvirt's event id name,
+#: the :attr:`DomainEvent.kind`, and how the callback's own arguments (after ``conn, dom``
+#: and before ``opaque``) become :attr:`DomainEvent.info`. Events this binding lacks are skipped.
+DOMAIN_EVENTS: tuple[tuple[str, str, Callable[..., dict[str, Any]]], ...] = (
+    ("VIR_DOMAIN_EVENT_ID_DEVICE_ADDED", "device-added", lambda alias: {"alias": alias}),
+    ("VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED", "device-removed", lambda alias: {"alias": alias}),
+    ("VIR_DOMAIN_EVENT_ID_JOB_COMPLETED", "job-completed", _job_info),
+    ("VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2", "block-job", lambda disk, kind, status: {
+        "disk": disk, "type": _BLOCK_JOB_TYPES.get(kind, str(kind)),
+        "status": _BLOCK_JOB_STATUS.get(status, str(status))}),
+    ("VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE", "balloon-change", lambda actual: {"actual_kib": actual}),
+    ("VIR_DOMAIN_EVENT_ID_PMSUSPEND", "pm-suspend", lambda reason: {}),
+    ("VIR_DOMAIN_EVENT_ID_PMSUSPEND_DISK", "pm-suspend", lambda reason: {"disk": True}),
+    ("VIR_DOMAIN_EVENT_ID_PMWAKEUP", "pm-wakeup", lambda reason: {}),
+    ("VIR_DOMAIN_EVENT_ID_REBOOT", "reboot", lambda: {}),
+    ("VIR_DOMAIN_EVENT_ID_MEMORY_DEVICE_SIZE_CHANGE", "memory-device-size-change",
+     lambda alias, size: {"alias": alias, "size_kib": size}),
+)
+
+
 LifecycleListener = Callable[[LifecycleEvent], None]
+DomainListener = Callable[[DomainEvent], None]
 StateListener = Callable[[LinkState], None]
 
 _CLOSE_REASONS = {
@@ -222,6 +284,7 @@ class LibvirtConnection:
         self._conn: Any = None
         self._callback_ids: list[int] = []
         self._lifecycle: list[LifecycleListener] = []
+        self._domain_listeners: list[DomainListener] = []
         self._state_listeners: list[StateListener] = []
         self._lock = threading.RLock()
         self._closing = threading.Event()
@@ -233,6 +296,10 @@ class LibvirtConnection:
 
     def add_lifecycle_listener(self, listener: LifecycleListener) -> None:
         self._lifecycle.append(listener)
+
+    def add_domain_listener(self, listener: DomainListener) -> None:
+        """``listener(event)`` for every :data:`DOMAIN_EVENTS` event, in the event-loop thread."""
+        self._domain_listeners.append(listener)
 
     def add_state_listener(self, listener: StateListener) -> None:
         self._state_listeners.append(listener)
@@ -268,15 +335,21 @@ class LibvirtConnection:
             with translate("registering the close callback"):
                 conn.registerCloseCallback(self._on_close, None)
             with translate("registering for lifecycle events"):
-                cb = conn.domainEventRegisterAny(
+                ids = [conn.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None
-                )
+                )]
+            for id_name, kind, info in DOMAIN_EVENTS:
+                if not hasattr(libvirt, id_name):
+                    continue
+                with translate(f"registering for {kind} events"):
+                    ids.append(conn.domainEventRegisterAny(
+                        None, getattr(libvirt, id_name), self._domain_callback(kind, info), None))
         except LibvirtError:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
             raise
         with self._lock:
-            self._conn, self._callback_ids = conn, [cb]
+            self._conn, self._callback_ids = conn, ids
         LOG.info("connected to libvirt at %s", self.uri)
         self._set_state(LinkState.CONNECTED)
 
@@ -367,6 +440,21 @@ class LibvirtConnection:
                 listener(ev)
             except Exception as err:
                 log_failure(LOG, f"lifecycle listener for {ev}", err)
+
+    def _domain_callback(self, kind: str, info: Callable[..., dict[str, Any]]) -> Callable[..., None]:
+        def callback(_conn: Any, dom: Any, *args: Any) -> None:
+            try:
+                ev = DomainEvent(dom.name(), dom.UUIDString(), kind, info(*args[:-1]))
+            except libvirt.libvirtError as err:
+                LOG.debug("%s event for a vanished domain: %s", kind, err)
+                return
+            LOG.debug("domain event %s", ev)
+            for listener in list(self._domain_listeners):
+                try:
+                    listener(ev)
+                except Exception as err:
+                    log_failure(LOG, f"domain listener for {ev}", err)
+        return callback
 
     # --- closing ---
 

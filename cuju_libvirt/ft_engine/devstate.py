@@ -34,7 +34,9 @@ holds the committed pages. The blob is vetted first (:func:`check_standby`: its 
 sections must be exactly the standby's) because QEMU 7.2 *exits* when an incoming
 migration fails: a refused blob would cost the standby. Then ``getfd`` +
 ``migrate-incoming fd:NAME``, the blob is fed through a pipe, and the load is awaited
-(run state ``paused``); ``cont`` and ``announce-self`` follow.
+(run state ``paused``); ``cont`` and ``announce-self`` follow. The blob of an epoch in
+which the user kept the VM paused carries :data:`USER_PAUSE_MARK` after QEMU's stream
+(:func:`mark_user_pause`, :func:`split_user_pause`): a failover to it is not resumed.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from cuju_libvirt.ft_engine.vmstate import (
 from cuju_libvirt.qmp import QMPClient, QMPConnectionError, QMPError
 
 __all__ = [
+    "USER_PAUSE_MARK",
     "BlobFormatError",
     "BlobInfo",
     "DeviceStateError",
@@ -83,7 +86,9 @@ __all__ = [
     "describe_machine",
     "failover",
     "load_device_state",
+    "mark_user_pause",
     "resume_standby",
+    "split_user_pause",
     "standby_profile",
     "unreplicated_ram",
 ]
@@ -103,6 +108,8 @@ _RAMBLOCK_LINE = re.compile(
 #: Non-shared RAM blocks the guest cannot write: firmware, option ROMs (``<dev>/<x>.rom``),
 #: fw_cfg blobs (``/rom@etc/...``, built by QEMU) and the read-only pflash code image.
 _READ_ONLY_RAM = re.compile(r"^(pc\.bios|pc\.rom|/rom@.*|.*\.rom|(system|pc)\.flash0)$")
+#: QEMU run states in which the vCPUs and devices stand still, so a save is one consistent moment.
+STOPPED_STATES = frozenset({"paused", "postmigrate"})
 #: Suffix of the device-state file next to the QMP socket.
 DEVSTATE_SUFFIX = ".devstate"
 
@@ -402,7 +409,9 @@ class DeviceStateSaver(Closing):
         return self._file.path
 
     def save(self) -> SavedState:
-        """Save the device state of the stopped VM; the VM stays stopped (``paused``).
+        """Save the device state of the stopped VM; the VM stays stopped (``paused``, or
+        ``postmigrate`` when libvirt's own job stopped it: the end of the RAM save of
+        ``virsh snapshot-create --live --memspec``, before libvirt's ``cont``).
 
         Raises :class:`~cuju_libvirt.errors.StateError` if the VM is running, and
         :class:`DeviceStateError` with QEMU's message if the save fails (the VM is then
@@ -414,7 +423,7 @@ class DeviceStateSaver(Closing):
             status = self.qmp.execute("query-status")["status"]
         except MonitorError as err:
             raise DeviceStateError("cannot query the primary's run state", _qemu_words(err)) from err
-        if status != "paused":
+        if status not in STOPPED_STATES:
             raise StateError(f"device state can only be saved while the VM is stopped; it is {status!r}")
         t1 = clock()
         try:
@@ -655,12 +664,32 @@ def _load_failure(err: BaseException, qemu_log: Path | None) -> DeviceStateError
     return DeviceStateError("loading device state into the standby failed", words)
 
 
-def resume_standby(qmp: QMPClient, *, announce: bool = True) -> ResumeTimings:
-    """``cont`` the loaded standby and (by default) ``announce-self`` its NICs."""
+#: Appended to the blob of an epoch in which somebody else (``virsh suspend``) kept the VM
+#: paused: the pause travels with the epoch, and a failover to it leaves the VM paused. A
+#: QEMU stream ends with QEMU_VM_EOF (0x01), never with this mark's last byte (0x00).
+USER_PAUSE_MARK = b"\x00cuju:paused-by-user\x00"
+
+
+def mark_user_pause(blob: bytes) -> bytes:
+    """``blob`` of an epoch whose VM somebody else keeps paused (see :data:`USER_PAUSE_MARK`)."""
+    return blob + USER_PAUSE_MARK
+
+
+def split_user_pause(blob: bytes) -> tuple[bytes, bool]:
+    """QEMU's stream out of a committed blob, and whether the VM was paused by somebody else."""
+    if blob.endswith(USER_PAUSE_MARK):
+        return blob[: -len(USER_PAUSE_MARK)], True
+    return blob, False
+
+
+def resume_standby(qmp: QMPClient, *, announce: bool = True, run: bool = True) -> ResumeTimings:
+    """``cont`` the loaded standby (unless not ``run``: the user had paused the VM) and (by
+    default) ``announce-self`` its NICs."""
     clock = time.perf_counter
     t0 = clock()
     try:
-        qmp.execute("cont")
+        if run:
+            qmp.execute("cont")
         t1 = clock()
         if announce:
             qmp.execute("announce-self", dict(_ANNOUNCE))

@@ -128,7 +128,9 @@ class DiskSet:
             if overflow:
                 parts.append((i, self._from_bitmap(i, self._views[i][bm_off:bm_off + bm_len], epoch)))
             elif used:
-                parts.append((i, self._views[i][off:off + used]))
+                # Borrowed: the sender writes the sealed buffer from the journal itself (no
+                # copy in the pause); the buffer stays as it is until acked() resets it.
+                parts.append((i, self._views[i][off:off + used], True))
             else:
                 dj.reset(idx)  # nothing written: nothing to wait for (the caller may not ship it)
         return parts

@@ -40,7 +40,8 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,10 @@ from cuju_libvirt.ft_engine.devstate import (
     MachineProfile,
     ResumeTimings,
     Section,
+    StandbyMismatchError,
     load_device_state,
+    mark_user_pause,
+    split_user_pause,
     standby_profile,
 )
 from cuju_libvirt.ft_engine.devstate import resume_standby as _resume_standby
@@ -88,6 +92,18 @@ EPOCH_POLICIES = ("output", "fixed")
 
 class EngineError(ReplicationError):
     """The epoch engine could not establish or keep protection (the cause is chained)."""
+
+
+class ResumedElsewhereError(EngineError):
+    """Somebody else resumed the VM while an epoch captured it (``virsh resume``, or the end
+    of a libvirt job such as a live snapshot's ``cont``): pages and device state may be from
+    different moments, so that epoch is discarded and protection starts afresh."""
+
+
+class ReconfiguredError(EngineError):
+    """The VM's configuration changed under protection (libvirt reported a hot-plug, a block
+    job that changed a disk, ...: :meth:`PrimaryEngine.reconfigure`): the standby no longer
+    matches it, so the epoch that would have shipped next is dropped and protection ends."""
 
 
 @dataclass
@@ -260,9 +276,14 @@ class PrimaryEngine:
         #: Set by :meth:`expect_end` (to the reason) when the end of protection is expected
         #: (cujud stops after the peer's promise): the failure that ends the loop is then logged at INFO.
         self.ending: str | None = None
+        #: Set (to the cause) by :meth:`reconfigure`: no epoch ships any more.
+        self._reconfigured: str | None = None
         #: Set (to the reason) by ``may_release`` when the VM's QEMU is gone on purpose
         #: (``virsh destroy``, shutdown): the loop's failure is then the VM's end, not a fault.
         self.vm_ended: str | None = None
+        #: QEMU's SHUTDOWN and MIGRATION events, kept when the engine drops the others: they
+        #: say why QEMU ends (:meth:`qemu_ending`), sooner than libvirt's events under load.
+        self._last_words: deque[dict[str, Any]] = deque(maxlen=8)
         stats.epoch_ms = config.epoch_ms
 
     # -- run-time settings -----------------------------------------------------------------
@@ -389,6 +410,8 @@ class PrimaryEngine:
                disks: list[DiskPart] | None = None) -> int:
         assert self._sender is not None
         epoch = self._next
+        if blob and self._foreign_pause:
+            blob = mark_user_pause(blob)  # the pause travels with the epoch: a failover keeps it
         view = memoryview(pages).cast("B")[8 * first: 8 * (first + count)]
         self._sender.stage(epoch, view, blob, timeout=self.config.ack_timeout + 30.0, disks=disks or ())
         self._next += 1
@@ -495,6 +518,7 @@ class PrimaryEngine:
         finally:
             self._vm_cont()
         end = self._clock()
+        self._check_reconfigured()
         sender.ship()
         rep.pages_sent += count
         rep.rounds += 1
@@ -624,7 +648,12 @@ class PrimaryEngine:
                 if after is not None:
                     packets = after - (before or 0)
             t3 = clock()
-            saved = saver.save()
+            try:
+                saved = saver.save()
+            except StateError as err:  # running again: only somebody else can have resumed it
+                raise ResumedElsewhereError(
+                    f"the VM was resumed by someone else while an epoch captured it ({err}): that epoch is "
+                    "discarded and protection is established anew") from err
             parts = self._seal_disks()
             t4 = clock()
             if h.full_resync:
@@ -647,6 +676,7 @@ class PrimaryEngine:
             self._vm_cont()
         end = clock()
         saver.check_devices(saved.blob)  # a hot-plugged device: never ship a blob the standby cannot load
+        self._check_reconfigured()
         self._last_blob = saved.blob if self._foreign_pause else None
         self._sender.ship()
         self._shipped(epoch, end, count)
@@ -656,16 +686,33 @@ class PrimaryEngine:
             self.stats.set_packets_held(packets)
         self.times.add(end - t0, stop=t1 - t0, harvest=t2 - t1, boundary=t3 - t2, devstate=t4 - t3,
                        stage=t5 - t4, cont=end - t5)
-        self.qmp.events()  # drop the STOP/RESUME/MIGRATION events of this pause
+        self._drop_events()  # drop the STOP/RESUME/MIGRATION events of this pause
         return end
+
+    def _drop_events(self) -> None:
+        """Drop the buffered events of a pause (STOP/RESUME), keeping QEMU's last words."""
+        self._last_words.extend(ev for ev in self.qmp.events() if ev["event"] in ("SHUTDOWN", "MIGRATION"))
+
+    def qemu_ending(self) -> str | None:
+        """Why QEMU ended, in an operator's words, from the events it sent this engine's
+        monitor before it went (call it once QEMU is gone); None if it said nothing (SIGKILL,
+        a crash). libvirt's ``virsh save`` migrates the state to a file, then sends SIGTERM."""
+        for _ in range(2):  # a lost monitor raises once; the second read returns what came before
+            try:
+                self._drop_events()
+                break
+            except (CujuError, OSError):
+                continue
+        return qemu_exit_cause(self._last_words)
 
     def _check_not_resumed(self) -> None:
         """Raise if somebody resumed the VM while the engine held it stopped (``virsh resume``
         of a domain libvirt saw paused by the epoch): its pages and device state may then be
         from different moments, so this epoch must never ship; protection starts afresh."""
         if self.qmp.events("RESUME"):
-            raise EngineError("the VM was resumed by someone else during an epoch's pause (virsh resume "
-                              "of a domain libvirt saw paused by the epoch?): that epoch is discarded")
+            raise ResumedElsewhereError("the VM was resumed by someone else during an epoch's pause (virsh "
+                                        "resume, or the end of a libvirt job): that epoch is discarded and "
+                                        "protection is established anew")
 
     def _idle_epoch(self, t0: float) -> float:
         """An epoch of a VM that somebody else keeps paused: nothing in it changes, so the
@@ -676,12 +723,28 @@ class PrimaryEngine:
         parts = self._seal_disks()
         epoch = self._stage(self._pages, 0, self._last_blob, disks=parts)
         end = self._clock()
+        self._check_reconfigured()
         self._sender.ship()
         self._shipped(epoch, end, 0)
         self.epochs += 1
         self.stats.record_epoch(pause_s=0.0, dirty_pages=0, device_state_bytes=len(self._last_blob))
-        self.qmp.events()
+        self._drop_events()
         return end
+
+    def reconfigure(self, cause: str) -> None:
+        """The VM's configuration changed (``cause`` names the operation; any thread): the
+        standby no longer matches it. The next epoch is never shipped: protection ends with
+        :class:`ReconfiguredError` (one WARNING line) and cujud pairs again with a standby of
+        the new configuration. Epochs shipped before this call are not recalled; the device
+        sections of every blob (:meth:`DeviceStateSaver.check_devices`) catch the changes
+        that show there without waiting for the call."""
+        if self._reconfigured is None:
+            self._reconfigured = cause
+
+    def _check_reconfigured(self) -> None:
+        if self._reconfigured is not None:
+            raise ReconfiguredError(f"{self._reconfigured}: the standby no longer matches the VM; protection "
+                                    "ends here and is re-established with a standby of the new configuration")
 
     # -- stopping and failing ------------------------------------------------------------------
 
@@ -739,8 +802,13 @@ class PrimaryEngine:
             return
         if self.ending is not None:
             self.log.info("FT ends (%s): %s; the VM continues unprotected", self.ending, err)
-        elif isinstance(err, DevicesChangedError):  # an operator's hot-plug: expected, not a fault
+        elif isinstance(err, (DevicesChangedError, ReconfiguredError, ResumedElsewhereError)):  # no fault
             self.log.warning("%s; the VM continues unprotected until then", err)
+        elif isinstance(err, StandbyMismatchError) or isinstance(err.__cause__, StandbyMismatchError):
+            # the VM changed between the XML the standby was made from and the first save (a
+            # device libvirt had not yet removed from its XML): the next attempt reads it anew
+            self.log.warning("%s: %s; the VM continues unprotected, the next pairing reads its configuration "
+                             "anew", what, err)
         else:
             self.log.error("%s: %s; the VM continues unprotected", what, err)
         self.log.debug("details", exc_info=err)
@@ -1068,11 +1136,14 @@ class BackupEngine:
         self.machine.move(S.TAKING_OVER, expect=S.STANDBY)
         self.stats.set_state(S.TAKING_OVER.value)
         try:
-            blob = Path(self.device_state_path).read_bytes()
+            blob, paused = split_user_pause(Path(self.device_state_path).read_bytes())
             loaded = load_device_state(self.qmp, blob, qemu_log=self.qemu_log, standby=self.standby)
             if before_resume is not None:
                 before_resume(epoch)
-            resumed = _resume_standby(self.qmp)
+            resumed = _resume_standby(self.qmp, run=not paused)
+            if paused:
+                self.log.info("the user had paused the VM (virsh suspend): it stays paused here; "
+                              "'virsh resume' runs it")
         except BaseException:
             with contextlib.suppress(StateError):
                 self.machine.move(S.FAILED, expect=S.TAKING_OVER)
@@ -1104,6 +1175,28 @@ class BackupEngine:
             with contextlib.suppress(BufferError):
                 self._ram.close()
             self._ram = None
+
+
+def qemu_exit_cause(events: Iterable[dict[str, Any]]) -> str | None:
+    """Why QEMU ended, in an operator's words, from its last SHUTDOWN and MIGRATION events
+    (oldest first); None without a SHUTDOWN event (SIGKILL, a crash). libvirt's ``virsh
+    save`` migrates the state to a file, then sends SIGTERM."""
+    events = list(events)
+    saved = any(ev["event"] == "MIGRATION" and ev.get("data", {}).get("status") == "completed"
+                for ev in events)
+    # A guest's poweroff comes first (QEMU runs -no-shutdown), then libvirt's SIGTERM.
+    shutdowns = [ev.get("data", {}) for ev in events if ev["event"] == "SHUTDOWN"]
+    shutdown = next((d for d in shutdowns if d.get("guest")), shutdowns[-1] if shutdowns else None)
+    if shutdown is None:
+        return None
+    reason = str(shutdown.get("reason", ""))
+    if shutdown.get("guest"):
+        return "the guest powered off" if reason == "guest-shutdown" else f"the guest ended ({reason})"
+    if reason == "host-signal":
+        return "virsh save / managedsave" if saved else "virsh destroy (or a SIGTERM to QEMU)"
+    if reason == "host-qmp-quit":
+        return "a 'quit' on QEMU's monitor"
+    return f"QEMU shut down ({reason or 'no reason given'})"
 
 
 def _event_time(event: dict[str, Any]) -> float:

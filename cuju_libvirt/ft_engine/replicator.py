@@ -56,8 +56,10 @@ PAGE_SIZE = 4096
 MAX_DEVICE_STATE: int = _cuju.MAX_DEVICE_STATE
 #: Largest disk section (all disks' records) one epoch may carry (bytes).
 MAX_DISK_SECTION: int = _cuju.MAX_DISK_SECTION
-#: One disk's records for an epoch: (disk index, buffer of records as in diskjournal.h).
-DiskPart: TypeAlias = "tuple[int, bytes | bytearray | memoryview]"
+#: One disk's records for an epoch: (disk index, buffer of records as in diskjournal.h[, borrowed]).
+DiskPart: TypeAlias = (
+    "tuple[int, bytes | bytearray | memoryview] | tuple[int, bytes | bytearray | memoryview, bool]"
+)
 #: Socket buffer size asked for on FT-link sockets (the kernel may cap it).
 LINK_SOCKET_BUFFER = 4 << 20
 
@@ -144,7 +146,11 @@ class EpochSender:
         while the VM is paused).
 
         ``dirty_indexes`` is a buffer of unsigned 64-bit page numbers (see
-        :func:`page_indexes`); ``disks`` the sealed journal records per disk (copied).
+        :func:`page_indexes`); ``disks`` the sealed journal records per disk, ``(disk, records)``
+        (copied) or ``(disk, records, True)``: borrowed, sent from where they lie by the send
+        thread, so the pause does not copy them; such records must stay unchanged until the
+        epoch is acknowledged (a sealed journal buffer is), and the sender holds them until
+        its staging buffer is reused or it is closed.
         Raises ``ValueError`` for an index outside the region, an epoch out of sequence
         or a disk the sender was not created with; nothing is staged then.
         """

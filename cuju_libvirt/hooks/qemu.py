@@ -88,19 +88,12 @@ def make_qmp_dir() -> None:
         os.chown(path, user.pw_uid, user.pw_gid)
 
 
-def _socket_owner() -> tuple[int, int] | None:
-    try:
-        user = pwd.getpwnam(QEMU_USER)
-    except KeyError:
-        return None  # QEMU runs as root here
-    return user.pw_uid, user.pw_gid
-
-
 def start_disk_servers(uuid: str, disks: Sequence[FTDisk]) -> None:
     """The block server of each prepared disk, serving the primary's image (idempotent)."""
     for d in disks:
         disk_server.start(disk_server.ServerPaths.of(uuid, d.target), d.source, target=d.target,
-                          export_size=disk_server.export_size_for(d.source, d.format), owner=_socket_owner())
+                          export_size=disk_server.export_size_for(d.source, d.format),
+                          owner=disk_server.qemu_owner())
 
 
 def stop_disk_servers(uuid: str, disks: Sequence[FTDisk]) -> None:

@@ -226,12 +226,17 @@ def _keep_logs(host: Host, into: Path) -> None:
 def protected_linux_xml(
     rig: Rig, guest: LinuxGuest, name: str, observer: Observer, *, mac: str, pps: int,
     epoch_ms: int = 20, heartbeat_timeout_ms: int = 500, memory_mib: int = 256,
-    extra: tuple[str, ...] = (), peer: str | None = None,
+    extra: tuple[str, ...] = (), peer: str | None = None, mode: str = "count,udp",
+    data_disk: Path | None = None, params: Mapping[str, Any] | None = None,
 ) -> Path:
-    """The Linux test guest's XML marked for protection with ``cuju-libvirt xml enable --prepare``."""
+    """The Linux test guest's XML marked for protection with ``cuju-libvirt xml enable --prepare``.
+
+    ``mode`` and ``params`` go to the guest's agent (:func:`kernel_cmdline`); ``data_disk``
+    is a writable image the guest sees as ``/dev/vda``."""
     cmdline = kernel_cmdline(
-        "count,udp", ip=f"{FIRST_GUEST_ADDRESS}/{LAN_PREFIXLEN}", mac=mac, pps=pps,
+        mode, ip=f"{FIRST_GUEST_ADDRESS}/{LAN_PREFIXLEN}", mac=mac, pps=pps,
         peer="{}:{}".format(*observer.udp_address), tcp="{}:{}".format(*observer.tcp_address),
+        **(params or {}),
     )
     plain = rig.root / f"{name}.plain.xml"
     plain.write_text(domain_xml(
@@ -239,20 +244,24 @@ def protected_linux_xml(
         kernel=rig.stage_file(guest.kernel, f"{name}-kernel"),
         initrd=rig.stage_file(guest.initrd, f"{name}-initrd"),
         cmdline=cmdline, serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
+        data_disk=data_disk,
     ))
     return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms,
                       heartbeat_timeout_ms=heartbeat_timeout_ms, extra=extra, peer=peer)
 
 
-def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_ms: int = 20) -> Path:
+def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_ms: int = 20,
+                          extra: tuple[str, ...] = ()) -> Path:
     """The boot-sector counter guest (``image``, from :func:`~cuju_libvirt.rig.guests.boot_image`;
-    a copy of its own) marked for protection with ``cuju-libvirt xml enable --prepare``."""
+    a copy of its own) marked for protection with ``cuju-libvirt xml enable --prepare`` (its
+    boot disk served and replicated, unless ``extra`` says ``--no-serve-disks``)."""
     plain = rig.root / f"{name}.plain.xml"
     plain.write_text(domain_xml(
         name, memory_mib=64, disk=rig.stage_file(image, f"{name}.img"),
         serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
     ))
-    return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms, heartbeat_timeout_ms=500)
+    return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms, heartbeat_timeout_ms=500,
+                      extra=extra)
 
 
 def _enable_ft(rig: Rig, plain: Path, out: Path, *, epoch_ms: int, heartbeat_timeout_ms: int,

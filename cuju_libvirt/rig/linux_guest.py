@@ -67,9 +67,11 @@ MODULES = (
     "virtio_net",
     "virtio_blk",
     "virtio_balloon",
+    "crc32c_generic",  # ext4's metadata checksums (the fsrec workload)
+    "ext4",
 )
 #: Workloads the agent knows (``cuju.mode``; several may be joined with commas).
-MODES = ("count", "udp", "echo", "stress", "balloon", "diskread", "cpu", "service")
+MODES = ("count", "udp", "echo", "stress", "balloon", "diskread", "cpu", "service", "fsrec")
 #: The Debian meta package whose dependency names the kernel package.
 KERNEL_META_PACKAGE = "linux-image-amd64"
 #: Bumped whenever the layout of the build changes in a way the inputs do not show.

@@ -8,8 +8,10 @@ lifecycle table in docs/failover.md points at these tests.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,30 +20,32 @@ from lxml import etree
 from cuju_libvirt.errors import RigError
 from cuju_libvirt.rig.cujud import Cujud, protected_counter_xml
 from cuju_libvirt.rig.guests import read_counter
-from cuju_libvirt.rig.hosts import LAN_BRIDGE, Rig
+from cuju_libvirt.rig.hosts import LAN_BRIDGE, Host, Rig
 from tests.e2e.conftest import cleanup_protected
 
 MAC = "52:54:00:19:07:00"
 
 
-def plain_disks(xml: Path, plain: Path) -> None:
-    """Put the plain file disk back: ``--prepare`` now turns disks into NBD replicas that
-    cujud does not serve yet (main, ddf19e2), and these tests are about the lifecycle."""
+def with_acpi(xml: Path) -> None:
+    """ACPI: PCI hot-plug on pc needs it (-no-acpi otherwise)."""
     root = etree.parse(str(xml)).getroot()
-    devices = root.find("devices")
-    assert devices is not None
-    for disk in devices.findall("disk"):
-        devices.remove(disk)
-    for disk in etree.parse(str(plain)).getroot().iterfind("devices/disk"):
-        devices.insert(0, disk)
-    if root.find("features") is None:  # ACPI: PCI hot-plug on pc needs it (-no-acpi otherwise)
+    if root.find("features") is None:
         etree.SubElement(root, "features").append(etree.Element("acpi"))
     xml.write_bytes(etree.tostring(root))
 
 
-def protect(rig: Rig, image: Path, ca: Cujud, cb: Cujud, name: str) -> Path:
-    xml = protected_counter_xml(rig, image, name, mac=MAC, epoch_ms=20)
-    plain_disks(xml, rig.root / f"{name}.plain.xml")
+def protect(rig: Rig, image: Path, ca: Cujud, cb: Cujud, name: str, *,
+            edit: Callable[[etree._Element], None] | None = None) -> Path:
+    """Define and start ``name`` (the counter guest) on host a, protected by host b; return
+    its RAM file. ``edit`` changes the domain XML before it is defined."""
+    # These tests are about the lifecycle: the boot disk stays a plain file (served disks have
+    # their own tests, tests/e2e/test_disk_failover.py).
+    xml = protected_counter_xml(rig, image, name, mac=MAC, epoch_ms=20, extra=("--no-serve-disks",))
+    with_acpi(xml)
+    if edit is not None:
+        root = etree.parse(str(xml)).getroot()
+        edit(root)
+        xml.write_bytes(etree.tostring(root))
     rig.a.virsh("define", str(xml))
     rig.a.virsh("start", name)
     ca.wait_domain(name, "protected", timeout=90)
@@ -73,14 +77,7 @@ def test_virsh_suspend_stays_a_pause_under_protection_and_resume_works(
     name = "lc-suspend"
     try:
         ram = protect(rig, counter_image, ca, cb, name)
-        # A suspend that lands inside an epoch's pause is a no-op in libvirt (it sees the domain
-        # paused already): documented in docs/failover.md; repeat until libvirt says "user".
-        for _ in range(20):
-            rig.a.virsh("suspend", name)
-            time.sleep(0.3)
-            if "user" in rig.a.virsh("domstate", "--reason", name):
-                break
-        assert "paused (user)" in rig.a.virsh("domstate", "--reason", name)
+        suspend_until_paused_by_user(rig.a, name)
         assert frozen_for(ram, 1.5), "the next epoch resumed a VM the user had paused"
         assert "paused (user)" in rig.a.virsh("domstate", "--reason", name)
         entry = ca.wait_domain(name, "protected", timeout=5)
@@ -89,6 +86,80 @@ def test_virsh_suspend_stays_a_pause_under_protection_and_resume_works(
         assert advancing(ram), "the VM does not run after virsh resume"
         assert "running" in rig.a.virsh("domstate", name)
         ca.wait_domain(name, "protected", timeout=5)
+    finally:
+        cleanup_protected(rig, name)
+
+
+def suspend_until_paused_by_user(host: Host, name: str) -> None:
+    """``virsh suspend`` until libvirt says ``paused (user)`` (one landing inside an epoch's
+    pause is a no-op in libvirt: docs/failover.md)."""
+    for _ in range(20):
+        host.virsh("suspend", name)
+        time.sleep(0.3)
+        if "user" in host.virsh("domstate", "--reason", name):
+            break
+    assert "paused (user)" in host.virsh("domstate", "--reason", name)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known limit: a virsh suspend that lands while libvirt sees an "
+                   "epoch's pause is a no-op in libvirt and is lost (docs/failover.md, lifecycle table)")
+@pytest.mark.timeout(400)
+def test_every_virsh_suspend_at_a_random_moment_holds(
+    ft_rig: Rig, counter_image: Path, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """20 ``virsh suspend`` at random moments of a protected domain, each checked and undone:
+    every one must leave the VM paused. libvirt sees each epoch's own pause (QEMU's STOP
+    event reaches every monitor) and answers a suspend then with success and no command to
+    QEMU, so nothing on QEMU's side or in libvirt's state tells it from the epoch's pause."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "lc-suspends"
+    rng = random.Random()
+    lost = 0
+    try:
+        ram = protect(rig, counter_image, ca, cb, name)
+        for _ in range(20):
+            time.sleep(rng.uniform(0.05, 0.3))
+            rig.a.virsh("suspend", name)
+            time.sleep(0.3)
+            if "paused (user)" not in rig.a.virsh("domstate", "--reason", name):
+                lost += 1
+                continue
+            rig.a.virsh("resume", name)
+            assert advancing(ram)
+        print(f"virsh suspend lost {lost} of 20 times under protection")
+        assert lost == 0, f"{lost} of 20 suspends were lost"
+    finally:
+        cleanup_protected(rig, name)
+
+
+@pytest.mark.timeout(240)
+def test_a_failover_while_the_user_paused_the_vm_keeps_the_pause(
+    ft_rig: Rig, counter_image: Path, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """The user's pause travels with the epochs: host b takes over a paused VM and keeps it
+    paused; ``virsh resume`` there runs it on from where it stopped (on main the failover
+    resumed it)."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "lc-paused-fo"
+    try:
+        ram = protect(rig, counter_image, ca, cb, name)
+        suspend_until_paused_by_user(rig.a, name)
+        assert frozen_for(ram, 1.0), "the next epoch resumed a VM the user had paused"
+        stopped_at = read_counter(ram)
+        ca.wait_domain(name, "protected", timeout=10)
+        time.sleep(0.5)  # idle epochs of the paused VM reach the backup
+        pid = rig.a.qemu_pid(name)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        cb.wait_failed_over(name, timeout=60)
+        b_ram = rig.b.ram_files(name)[0]
+        assert frozen_for(b_ram, 1.5), "the failover resumed a VM the user had paused"
+        assert rig.b.virsh("domstate", name).strip() == "paused"
+        assert read_counter(b_ram) == stopped_at
+        rig.b.virsh("resume", name)
+        assert advancing(b_ram), "the VM does not run after virsh resume on host b"
+        assert rig.b.virsh("domstate", name).strip() == "running"
     finally:
         cleanup_protected(rig, name)
 
@@ -120,16 +191,26 @@ def test_virsh_shutdown_acceptance_and_the_logged_causes(
         ca.wait_domain(name, "protected", timeout=5)
         offset = ca.log_path.stat().st_size
         rig.a.virsh("destroy", name)
-        deadline = time.monotonic() + 15
-        text = ""
-        while "the VM ended" not in text and time.monotonic() < deadline:
-            time.sleep(0.1)
-            text = ca.log_path.read_text(errors="replace")[offset:]
-        # "virsh destroy" when libvirt's STOPPED/DESTROYED event arrives within 2 s, else the
-        # signal line: under this machine's load it did not (docs/failover.md).
-        assert "the VM ended (deliberate" in text, text[-2000:]
+        assert_one_info_line_names(ca, offset, "virsh destroy")
     finally:
         cleanup_protected(rig, name)
+
+
+def assert_one_info_line_names(cujud: Cujud, offset: int, cause: str) -> None:
+    """After byte ``offset`` of cujud's log: exactly one INFO line says the VM ended on
+    purpose, and it names ``cause`` (QEMU's own last events name it; libvirt's came >2 s late
+    under load), and no ERROR."""
+    deadline = time.monotonic() + 15
+    text = ""
+    while "ended (deliberate" not in text and time.monotonic() < deadline:
+        time.sleep(0.1)
+        text = cujud.log_path.read_bytes()[offset:].decode(errors="replace")
+    time.sleep(0.5)  # whatever follows that line
+    lines = cujud.log_path.read_bytes()[offset:].decode(errors="replace").splitlines()
+    ended = [x for x in lines if "ended (deliberate" in x and " INFO " in x]
+    assert len(ended) == 1 and cause in ended[0], lines
+    print(ended[0])
+    assert not [x for x in lines if " ERROR " in x], lines
 
 
 @pytest.mark.timeout(300)
@@ -145,8 +226,10 @@ def test_virsh_save_then_restore_of_a_protected_domain(
     image = rig.a.outside(image_inside)
     try:
         ram = protect(rig, counter_image, ca, cb, name)
+        offset = ca.log_path.stat().st_size
         rig.a.virsh("save", name, image_inside)
         assert not standby_alive(rig, name), "the standby must be dropped"
+        assert_one_info_line_names(ca, offset, "virsh save")
         rig.a.virsh("restore", image_inside)
         ram = rig.a.ram_files(name)[0]
         saved = read_counter(ram)

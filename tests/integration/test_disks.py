@@ -17,14 +17,18 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from cuju_libvirt import disk_server
 from cuju_libvirt.errors import ReplicationError
-from cuju_libvirt.ft_engine.disks import prepare_replica
-from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
+from cuju_libvirt.ft_engine import linkkeys
+from cuju_libvirt.ft_engine.disks import DiskSet, prepare_replica
+from cuju_libvirt.ft_engine.linkkeys import LinkKeys
+from cuju_libvirt.ft_engine.replicator import DiskPart, EpochReceiver, EpochSender, page_indexes
 
 from .disk_support import PAGE, ModelDisk, disk_set, served_disks
 
@@ -62,43 +66,68 @@ def _assert_replicas(disks: list[ModelDisk], replicas: list[tuple[str, int]], ep
             pytest.fail(f"{d.target} epoch {epoch}: replica differs from the model at byte {first}")
 
 
+@dataclass
+class _Pair:
+    """A sender and a receiver on one link; the receiver keeps ``replicas`` of ``disks``."""
+
+    tx: EpochSender
+    rx: EpochReceiver
+    ds: DiskSet
+    disks: list[ModelDisk]
+    replicas: list[tuple[str, int]]
+
+    def commit(self, epoch: int, dev: bytes = b"", parts: Sequence[DiskPart] | None = None) -> None:
+        """Ship ``epoch`` (the journals sealed now, unless ``parts``), wait until it is
+        acknowledged and applied, then judge every replica against its model."""
+        self.tx.stage(epoch, NO_PAGES, dev, disks=self.ds.seal(epoch) if parts is None else parts)
+        self.tx.ship()
+        assert self.tx.wait_ack(epoch, 10)
+        self.ds.acked(epoch)
+        _wait_applied(self.rx, epoch)
+        _assert_replicas(self.disks, self.replicas, epoch)
+
+
+@contextlib.contextmanager
+def _pair(shm_dir: Path, disks: list[ModelDisk], ds: DiskSet, *,
+          replicas: list[tuple[str, int]] | None = None, keys: LinkKeys | None = None) -> Iterator[_Pair]:
+    """A backup in this process over a socketpair (closed afterwards, also on failure)."""
+    replicas = _replicas(shm_dir, disks) if replicas is None else replicas
+    region, standby = mmap.mmap(-1, PAGE), mmap.mmap(-1, PAGE)
+    a, b = socket.socketpair()
+    rx = EpochReceiver(standby, str(shm_dir / "state"), disks=replicas)
+    try:
+        rx.start(b, link_keys=keys.backup if keys else None)
+        tx = EpochSender(a, region, disk_sizes=ds.sizes, link_keys=keys.primary if keys else None)
+        try:
+            yield _Pair(tx, rx, ds, disks, replicas)
+        finally:
+            tx.close(orderly=False, timeout=0)
+    finally:
+        rx.close()
+        a.close()
+        b.close()
+
+
 @pytest.mark.timeout(120)
 def test_two_disks_replica_equals_model_at_every_epoch(shm_dir: Path) -> None:
     rng = random.Random(8)
     with served_disks(shm_dir, SIZES) as disks:
         ds = disk_set(disks)
-        replicas = _replicas(shm_dir, disks)
-        region, standby = mmap.mmap(-1, PAGE), mmap.mmap(-1, PAGE)
-        a, b = socket.socketpair()
-        rx = EpochReceiver(standby, str(shm_dir / "state"), disks=replicas)
-        rx.start(b)
-        tx = EpochSender(a, region, disk_sizes=ds.sizes)
         try:
-            assert tx.handshake(5) == 0
-            records = 0
-            for epoch in range(1, 26):
-                for d in disks:
-                    if rng.random() < 0.8:
-                        d.run(d.ops(rng, rng.randrange(1, 25)))
-                parts = ds.seal(epoch)
-                tx.stage(epoch, NO_PAGES, b"dev%d" % epoch, disks=parts)
-                tx.ship()
-                assert tx.wait_ack(epoch, 10)
-                ds.acked(epoch)
-                _wait_applied(rx, epoch)
-                _assert_replicas(disks, replicas, epoch)
-                records = rx.counters()["disk_records"]
-            assert records > 100
-            info = ds.info()
-            assert all(i["trims"] > 0 and i["zeroes"] > 0 for i in info), info
-            tx.close()
-            assert rx.wait(10)
+            with _pair(shm_dir, disks, ds) as pair:
+                assert pair.tx.handshake(5) == 0
+                for epoch in range(1, 26):
+                    for d in disks:
+                        if rng.random() < 0.8:
+                            d.run(d.ops(rng, rng.randrange(1, 25)))
+                    pair.commit(epoch, b"dev%d" % epoch)
+                assert pair.rx.counters()["disk_records"] > 100
+                info = ds.info()
+                assert all(i["trims"] > 0 and i["zeroes"] > 0 for i in info), info
+                pair.tx.close()
+                assert pair.rx.wait(10)
         finally:
-            tx.close(orderly=False, timeout=0)
-            rx.close()
             ds.close()
-            a.close()
-            b.close()
 
 
 @pytest.mark.timeout(120)
@@ -107,29 +136,40 @@ def test_overflowing_epoch_is_sent_from_the_bitmap(shm_dir: Path) -> None:
     rng = random.Random(3)
     with served_disks(shm_dir, {"vda": 8 << 20}, capacity=64 << 10) as disks:
         ds = disk_set(disks)
-        replicas = _replicas(shm_dir, disks)
-        region, standby = mmap.mmap(-1, PAGE), mmap.mmap(-1, PAGE)
-        a, b = socket.socketpair()
-        rx = EpochReceiver(standby, str(shm_dir / "state"), disks=replicas)
-        rx.start(b)
-        tx = EpochSender(a, region, disk_sizes=ds.sizes)
         try:
-            tx.handshake(5)
-            for epoch in range(1, 6):
-                disks[0].run(disks[0].ops(rng, 40))
-                tx.stage(epoch, NO_PAGES, b"", disks=ds.seal(epoch))
-                tx.ship()
-                assert tx.wait_ack(epoch, 10)
-                ds.acked(epoch)
-                _wait_applied(rx, epoch)
-                _assert_replicas(disks, replicas, epoch)
+            with _pair(shm_dir, disks, ds) as pair:
+                pair.tx.handshake(5)
+                for epoch in range(1, 6):
+                    disks[0].run(disks[0].ops(rng, 40))
+                    pair.commit(epoch)
             assert ds.info()[0]["overflows"] >= 3
         finally:
-            tx.close(orderly=False, timeout=0)
-            rx.close()
             ds.close()
-            a.close()
-            b.close()
+
+
+@pytest.mark.timeout(120)
+def test_borrowed_and_copied_parts_in_one_epoch_over_an_encrypted_link(shm_dir: Path) -> None:
+    """A sealed journal buffer is sent from the journal itself (borrowed: the pause copies
+    nothing), an overflowed one from a copy built from its bitmap; both in the same epochs,
+    between encrypted pages and device state: every replica equals its model."""
+    rng = random.Random(13)
+    with served_disks(shm_dir, {"vda": 6 << 20}) as big, \
+            served_disks(shm_dir, {"vdb": 4 << 20}, capacity=64 << 10) as tiny:
+        disks = big + tiny
+        ds = disk_set(disks)
+        try:
+            with _pair(shm_dir, disks, ds, keys=LinkKeys.derive(linkkeys.new_secret())) as pair:
+                pair.tx.handshake(5)
+                kinds: set[tuple[int, bool]] = set()
+                for epoch in range(1, 9):
+                    big[0].run(big[0].ops(rng, 8))
+                    tiny[0].run(tiny[0].ops(rng, 30))
+                    parts = ds.seal(epoch)
+                    kinds |= {(part[0], len(part) == 3 and bool(part[2])) for part in parts}
+                    pair.commit(epoch, b"dev%d" % epoch, parts)
+                assert kinds == {(0, True), (1, False)}, kinds
+        finally:
+            ds.close()
 
 
 @pytest.mark.timeout(120)
@@ -142,14 +182,10 @@ def test_initial_sync_sparse_then_journal_then_incremental_resync(shm_dir: Path)
         d.run(d.ops(rng, 30))  # before protection
         ds = disk_set(disks)
         replicas = _replicas(shm_dir, disks)
-        region, standby = mmap.mmap(-1, PAGE), mmap.mmap(-1, PAGE)
 
         def session(epoch0: int, full: bool) -> tuple[int, int]:
-            a, b = socket.socketpair()
-            rx = EpochReceiver(standby, str(shm_dir / "state"), disks=replicas)
-            rx.start(b)
-            tx = EpochSender(a, region, disk_sizes=ds.sizes)
-            try:
+            with _pair(shm_dir, disks, ds, replicas=replicas) as pair:
+                tx = pair.tx
                 held = tx.handshake(5)
                 assert held == epoch0
                 total = ds.begin_sync(full=full)
@@ -163,22 +199,12 @@ def test_initial_sync_sparse_then_journal_then_incremental_resync(shm_dir: Path)
                 done, goal = ds.sync_progress()
                 assert done == goal == total
                 epoch += 1
-                tx.stage(epoch, NO_PAGES, b"", disks=ds.seal(epoch))  # the journal since begin_sync
-                tx.ship()
-                assert tx.wait_ack(epoch, 10)
-                ds.acked(epoch)
-                _wait_applied(rx, epoch)
-                _assert_replicas(disks, replicas, epoch)
+                pair.commit(epoch)  # the journal since begin_sync
                 # Then the backup goes away with an epoch in flight and unacknowledged.
                 d.run(d.ops(rng, 5))
                 epoch += 1
                 tx.stage(epoch, NO_PAGES, b"", disks=ds.seal(epoch))
                 return epoch - 1, total
-            finally:
-                tx.close(orderly=False, timeout=0)
-                rx.close()
-                a.close()
-                b.close()
 
         try:
             applied, full_bytes = session(0, full=True)
@@ -209,24 +235,9 @@ def test_server_restart_keeps_the_journal(shm_dir: Path) -> None:
         ds = disk_set(disks)
         try:
             assert ds.info()[0]["generation"] == 2
-            replicas = _replicas(shm_dir, disks)
-            region, standby = mmap.mmap(-1, PAGE), mmap.mmap(-1, PAGE)
-            a, b = socket.socketpair()
-            rx = EpochReceiver(standby, str(shm_dir / "state"), disks=replicas)
-            rx.start(b)
-            tx = EpochSender(a, region, disk_sizes=ds.sizes)
-            try:
-                tx.handshake(5)
-                tx.stage(1, NO_PAGES, b"", disks=ds.seal(1))
-                tx.ship()
-                assert tx.wait_ack(1, 10)
-                _wait_applied(rx, 1)
-                _assert_replicas(disks, replicas, 1)  # both servers' writes, in order
-            finally:
-                tx.close(orderly=False, timeout=0)
-                rx.close()
-                a.close()
-                b.close()
+            with _pair(shm_dir, disks, ds) as pair:
+                pair.tx.handshake(5)
+                pair.commit(1)  # both servers' writes, in order
         finally:
             ds.close()
 
@@ -237,38 +248,37 @@ def test_backup_with_other_disks_refuses_the_session(shm_dir: Path) -> None:
         ds = disk_set(disks)
         other = str(shm_dir / "other.replica")
         prepare_replica(other, 8 << 20)
-        region, standby = mmap.mmap(-1, PAGE), mmap.mmap(-1, PAGE)
-        a, b = socket.socketpair()
-        rx = EpochReceiver(standby, str(shm_dir / "state"), disks=[(other, 8 << 20)])
-        rx.start(b)
-        tx = EpochSender(a, region, disk_sizes=ds.sizes)
         try:
-            with pytest.raises(ReplicationError, match="disk"):
-                tx.handshake(5)
+            with _pair(shm_dir, disks, ds, replicas=[(other, 8 << 20)]) as pair, \
+                    pytest.raises(ReplicationError, match="disk"):
+                pair.tx.handshake(5)
         finally:
-            tx.close(orderly=False, timeout=0)
-            rx.close()
             ds.close()
-            a.close()
-            b.close()
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("crash_record", [1, 7])
+@pytest.mark.parametrize(("crash", "crash_record", "exit_code"), [
+    ("CUJU_TEST_CRASH_IN_APPLY", 0, 86),        # between its ACK and the apply: nothing applied yet
+    ("CUJU_TEST_CRASH_IN_DISK_APPLY", 1, 87),   # while applying: one disk record applied
+    ("CUJU_TEST_CRASH_IN_DISK_APPLY", 7, 87),
+])
 def test_backup_killed_applying_disk_records_holds_a_committed_epoch(
-    shm_dir: Path, crash_record: int
+    shm_dir: Path, crash: str, crash_record: int, exit_code: int
 ) -> None:
-    """The backup dies after acknowledging epoch 4, after applying one or seven of its disk
-    records: reopened on the same journal it holds exactly epoch 4, on both disks."""
+    """The backup dies after acknowledging epoch 4, before it applied anything of it or after
+    one or seven of its disk records: reopened on the same journal it holds exactly epoch 4,
+    on both disks."""
     rng = random.Random(crash_record)
     crash_epoch = 4
+    # Each epoch carries one page: the page apply (first) is where the ACK-to-apply crash fires.
+    one_page = page_indexes([0])
     with served_disks(shm_dir, SIZES) as disks:
         ds = disk_set(disks)
         replicas = _replicas(shm_dir, disks)
         state = str(shm_dir / "state")
         listener = socket.create_server(("127.0.0.1", 0))
         port = listener.getsockname()[1]
-        env = {**os.environ, "CUJU_TEST_CRASH_IN_DISK_APPLY": f"{crash_epoch}:{crash_record}"}
+        env = {**os.environ, crash: f"{crash_epoch}:{crash_record}"}
         root = Path(__file__).resolve().parents[2]
         peer = subprocess.Popen(
             [sys.executable, "-m", "tests.integration.disk_support", "receive", state, str(port),
@@ -286,12 +296,12 @@ def test_backup_killed_applying_disk_records_holds_a_committed_epoch(
                 for d in disks:
                     d.run(d.ops(rng, 12))
                 snapshots[epoch] = [bytes(d.model) for d in disks]
-                tx.stage(epoch, NO_PAGES, b"state%d" % epoch, disks=ds.seal(epoch))
+                tx.stage(epoch, one_page, b"state%d" % epoch, disks=ds.seal(epoch))
                 tx.ship()
                 if epoch < crash_epoch:
                     assert tx.wait_ack(epoch, 10)
                     ds.acked(epoch)
-            assert peer.wait(20) == 87  # the fault-injection exit in the disk apply
+            assert peer.wait(20) == exit_code  # the fault-injection exit in the apply
             # The ACK left before the apply began: it may or may not have arrived.
             with contextlib.suppress(ReplicationError):
                 tx.wait_ack(crash_epoch, 5)

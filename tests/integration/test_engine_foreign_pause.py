@@ -1,5 +1,7 @@
-"""A pause somebody else asked for (``virsh suspend``: libvirt's ``stop`` on its own monitor)
-must stay a pause while the engine runs epochs, and protection must go on (issue 13 item 2).
+"""What others do to a protected VM, at the engine (issue 13): a pause somebody else asked
+for (``virsh suspend``: libvirt's ``stop`` on its own monitor) must stay a pause while the
+engine runs epochs, and protection must go on; a configuration change cujud learns of from
+libvirt (:meth:`PrimaryEngine.reconfigure`) ends protection before another epoch ships.
 
 Two real TCG QEMUs and the engine pair, no libvirt: a second QMP monitor on the primary
 stands in for libvirt's. Before the fix the next epoch's ``cont`` resumed the VM.
@@ -13,7 +15,7 @@ import time
 
 import pytest
 
-from cuju_libvirt.ft_engine.epoch import PrimaryConfig
+from cuju_libvirt.ft_engine.epoch import PrimaryConfig, ReconfiguredError
 from cuju_libvirt.ft_engine.state import FTState
 from cuju_libvirt.qmp import QMPClient
 from cuju_libvirt.rig.engine_pair import protected_pair
@@ -83,3 +85,39 @@ def test_a_pause_by_another_monitor_survives_epochs_and_resume_works(
             assert status(user) == "paused"
             user.execute("cont")
             assert status(user) == "running"
+
+
+def test_a_reconfiguration_ends_protection_before_the_epoch_it_lands_in_ships(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The call lands inside epoch N's pause (as an event about a change made before that
+    pause would): epoch N is never acknowledged, the VM runs on, the machine is DEGRADED."""
+    img = boot_image()
+    staged: list[int] = []
+    with (
+        DirectGuest(name="rc-p", memory_mib=32, disk=img) as p,
+        DirectGuest(name="rc-s", memory_mib=32, disk=img, incoming=True) as s,
+    ):
+        p.wait_serial(r"cuju-boot counter\r\n\d+\r\n", timeout=30)
+        cfg = PrimaryConfig(ram_path=str(p.ram_path), ram_size=p.ram_size, tracker="uffd",
+                            epoch_ms=20, output_commit=False, tag="rc")
+
+        def on_stopped(epoch: int) -> None:
+            staged.append(epoch)
+            if len(staged) == 30:
+                pair.engine.reconfigure("device dimm0 was hot-plugged (test)")
+
+        with protected_pair(p, s, cfg, on_stopped=on_stopped) as pair:
+            deadline = time.monotonic() + 60
+            while pair.engine.running and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not pair.engine.running, "protection did not end"
+            assert isinstance(pair.engine.failure, ReconfiguredError), pair.engine.failure
+            assert "dimm0" in str(pair.engine.failure)
+            assert pair.engine.last_acked < staged[29], "the epoch after the change was shipped"
+            assert pair.pmachine.state is FTState.DEGRADED
+            frozen = read_counter(p.ram_path)
+            deadline = time.monotonic() + 5
+            while read_counter(p.ram_path) <= frozen + 50 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert read_counter(p.ram_path) > frozen + 50, "the VM must run on, unprotected"

@@ -9,7 +9,14 @@ from typing import Any
 import libvirt
 import pytest
 
-from cuju_libvirt.cujud.virt import LibvirtConnection, LinkState, classify, error_class, translate
+from cuju_libvirt.cujud.virt import (
+    DOMAIN_EVENTS,
+    LibvirtConnection,
+    LinkState,
+    classify,
+    error_class,
+    translate,
+)
 from cuju_libvirt.errors import (
     LibvirtConnectionError,
     LibvirtError,
@@ -116,7 +123,9 @@ def test_open_retries_with_growing_backoff() -> None:
         gaps = [b - a for a, b in zip(opener.calls, opener.calls[1:], strict=False)]
         assert gaps[0] >= 0.04 and gaps[1] >= 0.09 and gaps[2] >= 0.19  # 0.05, 0.1, 0.2
         assert opener.conns[0].keepalive == (5, 3)
-        assert opener.conns[0].close_cb is not None and len(opener.conns[0].event_cbs) == 1
+        assert opener.conns[0].close_cb is not None
+        assert len(opener.conns[0].event_cbs) == 1 + len(DOMAIN_EVENTS)  # lifecycle and the rest
+        assert len(opener.conns[0].event_cbs) == 1 + len(DOMAIN_EVENTS)  # lifecycle and the rest
     finally:
         c.close()
     assert opener.conns[0].closed and c.state is LinkState.CLOSED
@@ -143,7 +152,7 @@ def test_close_callback_reconnects_and_reregisters() -> None:
         assert states == [LinkState.CONNECTED, LinkState.DISCONNECTED, LinkState.CONNECTED]
         second = opener.conns[1]
         assert c.conn is second
-        assert second.close_cb is not None and len(second.event_cbs) == 1
+        assert second.close_cb is not None and len(second.event_cbs) == 1 + len(DOMAIN_EVENTS)
         assert len(opener.calls) == 4  # first open, two failures, success
         assert time.monotonic() - opener.calls[1] < 5
     finally:

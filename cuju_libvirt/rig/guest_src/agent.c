@@ -36,6 +36,19 @@
  *             disk's blocks carry the test pattern (each 4 KiB block starts
  *             with "CUJUBLK\0" and its block index, u64 little-endian) every
  *             block is verified.
+ *   fsrec     mounts cuju.disk (/dev/vda, ext4) on /mnt and appends numbered
+ *             64-byte records to /mnt/records every cuju.rec_ms (5): write,
+ *             fsync, and only then datagram number n (the UDP format below)
+ *             to cuju.peer.  With each record it also overwrites one 4 KiB
+ *             block of /mnt/blocks (cuju.blocks (64) blocks, O_DIRECT) and
+ *             keeps the block's checksum in RAM.  Commands by UDP datagram to
+ *             cuju.port (7001), each answered to its sender with one line:
+ *             "verify" (stop writing; read both files with O_DIRECT, compare
+ *             the records with their numbers and the blocks with the checksums
+ *             in RAM) and "halt" (close, unmount, sync, power off: a machine
+ *             without ACPI halts, "reboot: System halted" on the console).
+ *             Record n: "rec %012llu %016llx" (n, mix64(n)), blank-padded,
+ *             ending in a newline.
  *
  * UDP datagram (32 bytes, all integers big-endian):
  *   0  char[4] "CUJU"
@@ -57,6 +70,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -594,6 +609,183 @@ static int mode_diskread(void)
     }
 }
 
+/* ---- fsrec -------------------------------------------------------------- */
+
+#define REC_LEN 64
+
+static uint64_t mix64(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static void record_of(char *r, uint64_t n)
+{
+    int len = snprintf(r, REC_LEN, "rec %012llu %016llx", (unsigned long long)n, (unsigned long long)mix64(n));
+    memset(r + len, ' ', REC_LEN - 1 - (size_t)len);
+    r[REC_LEN - 1] = '\n';
+}
+
+static void block_of(unsigned char *b, uint64_t index, uint64_t gen)
+{
+    memcpy(b, "CUJUFSB", 8);
+    for (size_t w = 1; w < PAGE / 8; w++) {
+        uint64_t v = w == 1 ? index : w == 2 ? gen : mix64((index << 40) ^ (gen << 8) ^ w);
+        memcpy(b + w * 8, &v, 8);
+    }
+}
+
+static uint64_t fnv64(const unsigned char *b, size_t len)
+{
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+
+struct fsrec {
+    int rec_fd, blk_fd;
+    uint64_t records;        /* records written (and fsynced) so far */
+    long blocks;
+    uint64_t *sums;          /* checksum in RAM of each block as last written */
+    unsigned char *buf;      /* one O_DIRECT-aligned block */
+};
+
+/* Read both files back with O_DIRECT (the disk, not the page cache); one line. */
+static void fsrec_verify(struct fsrec *f, char *out, size_t outlen)
+{
+    unsigned long long bad_blocks = 0, bad_records = 0, on_disk = 0;
+    int bfd = open("/mnt/blocks", O_RDONLY | O_DIRECT | O_CLOEXEC);
+    for (long i = 0; bfd >= 0 && i < f->blocks; i++)
+        if (pread(bfd, f->buf, PAGE, (off_t)i * PAGE) != PAGE || fnv64(f->buf, PAGE) != f->sums[i])
+            bad_blocks++;
+    int rfd = open("/mnt/records", O_RDONLY | O_DIRECT | O_CLOEXEC);
+    char want[REC_LEN];
+    for (off_t off = 0; rfd >= 0;) {
+        ssize_t n = pread(rfd, f->buf, PAGE, off);
+        if (n <= 0)
+            break;
+        for (ssize_t at = 0; at + REC_LEN <= n; at += REC_LEN, on_disk++) {
+            record_of(want, on_disk);
+            if (memcmp(f->buf + at, want, REC_LEN) != 0)
+                bad_records++;
+        }
+        if (n < PAGE)
+            break;
+        off += n;
+    }
+    snprintf(out, outlen, "cuju-fsrec: verify records=%llu on_disk=%llu bad_records=%llu blocks=%ld bad_blocks=%llu "
+             "open=%d,%d", (unsigned long long)f->records, on_disk, bad_records, f->blocks, bad_blocks,
+             bfd >= 0, rfd >= 0);
+    if (bfd >= 0)
+        close(bfd);
+    if (rfd >= 0)
+        close(rfd);
+}
+
+static int mode_fsrec(void)
+{
+    struct sockaddr_in peer;
+    param_addr("peer", &peer, 1);
+    const char *disk = param("disk") ? param("disk") : "/dev/vda";
+    long rec_ms = param_long("rec_ms", 5, 0, 3600000);
+    long port = param_long("port", 7001, 1, 65535);
+    struct fsrec f = {.blocks = param_long("blocks", 64, 1, 65536)};
+    mkdir("/mnt", 0755);
+    if (mount(disk, "/mnt", "ext4", 0, NULL) != 0) {
+        printf("cuju-fsrec: error=mount disk=%s errno=%d\n", disk, errno);
+        return 1;
+    }
+    f.sums = calloc((size_t)f.blocks, sizeof(*f.sums));
+    f.rec_fd = open("/mnt/records", O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+    f.blk_fd = open("/mnt/blocks", O_RDWR | O_CREAT | O_TRUNC | O_DIRECT | O_CLOEXEC, 0644);
+    int out = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    int ctl = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    if (!f.sums || f.rec_fd < 0 || f.blk_fd < 0 || out < 0 || ctl < 0 ||
+        bind(ctl, (struct sockaddr *)&sa, sizeof(sa)) < 0 || posix_memalign((void **)&f.buf, PAGE, PAGE) != 0) {
+        printf("cuju-fsrec: error=setup errno=%d\n", errno);
+        return 1;
+    }
+    /* Every block written once and made durable: later O_DIRECT overwrites change no metadata. */
+    for (long i = 0; i < f.blocks; i++) {
+        block_of(f.buf, (uint64_t)i, 0);
+        if (pwrite(f.blk_fd, f.buf, PAGE, (off_t)i * PAGE) != PAGE) {
+            printf("cuju-fsrec: error=prealloc errno=%d\n", errno);
+            return 1;
+        }
+        f.sums[i] = fnv64(f.buf, PAGE);
+    }
+    fsync(f.blk_fd);
+    printf("cuju-fsrec: start disk=%s rec_ms=%ld blocks=%ld port=%ld\n", disk, rec_ms, f.blocks, port);
+    int writing = 1;
+    uint64_t next = now_ns(), next_report = next + 1000000000ull;
+    for (;;) {
+        char cmd[64], reply[256];
+        struct sockaddr_in from;
+        socklen_t flen = sizeof(from);
+        ssize_t got = recvfrom(ctl, cmd, sizeof(cmd) - 1, 0, (struct sockaddr *)&from, &flen);
+        if (got > 0) {
+            cmd[got] = '\0';
+            if (strncmp(cmd, "verify", 6) == 0) {
+                writing = 0;
+                fsrec_verify(&f, reply, sizeof(reply));
+            } else if (strncmp(cmd, "halt", 4) == 0) {
+                close(f.rec_fd);
+                close(f.blk_fd);
+                int r = umount("/mnt");
+                sync();
+                snprintf(reply, sizeof(reply), "cuju-fsrec: halted records=%llu umount=%d errno=%d",
+                         (unsigned long long)f.records, r, r ? errno : 0);
+                printf("%s\n", reply);
+                sendto(ctl, reply, strlen(reply), 0, (struct sockaddr *)&from, flen);
+                usleep(200000);
+                reboot(RB_POWER_OFF);
+                return 0;
+            } else {
+                snprintf(reply, sizeof(reply), "cuju-fsrec: error=unknown-command");
+            }
+            printf("%s\n", reply);
+            sendto(ctl, reply, strlen(reply), 0, (struct sockaddr *)&from, flen);
+        }
+        if (writing) {
+            char rec[REC_LEN];
+            record_of(rec, f.records);
+            if (write(f.rec_fd, rec, REC_LEN) != REC_LEN || fsync(f.rec_fd) != 0) {
+                printf("cuju-fsrec: error=append n=%llu errno=%d\n", (unsigned long long)f.records, errno);
+                return 1;
+            }
+            /* Reported only now that fsync returned. */
+            unsigned char d[DGRAM_LEN] = {'C', 'U', 'J', 'U', 1};
+            put_be64(d + 8, f.records);
+            put_be64(d + 16, now_ns());
+            sendto(out, d, sizeof(d), 0, (struct sockaddr *)&peer, sizeof(peer));
+            long i = (long)(f.records % (uint64_t)f.blocks);
+            block_of(f.buf, (uint64_t)i, f.records + 1);
+            if (pwrite(f.blk_fd, f.buf, PAGE, (off_t)i * PAGE) != PAGE) {
+                printf("cuju-fsrec: error=block i=%ld errno=%d\n", i, errno);
+                return 1;
+            }
+            f.sums[i] = fnv64(f.buf, PAGE);
+            f.records++;
+        }
+        uint64_t now = now_ns();
+        if (now >= next_report) {
+            printf("cuju-fsrec: records=%llu\n", (unsigned long long)f.records);
+            next_report = now + 1000000000ull;
+        }
+        next += (uint64_t)rec_ms * 1000000ull;
+        if (next < now)
+            next = now;
+        if (writing)
+            sleep_until(next);
+        else
+            usleep(10000);
+    }
+}
+
 /* ---- main -------------------------------------------------------------- */
 
 int main(int argc, char **argv)
@@ -604,7 +796,7 @@ int main(int argc, char **argv)
     load_cmdline();
     const char *mode = argc > 1 ? argv[1] : param("mode");
     if (!mode) {
-        printf("cuju-agent: error=no-mode usage=agent count|udp|echo|stress|balloon|diskread|cpu|service "
+        printf("cuju-agent: error=no-mode usage=agent count|udp|echo|stress|balloon|diskread|cpu|service|fsrec "
                "[cuju.KEY=VALUE ...]\n");
         return 2;
     }
@@ -624,7 +816,9 @@ int main(int argc, char **argv)
         mode_cpu();
     if (strcmp(mode, "service") == 0)
         return mode_service();
-    printf("cuju-agent: error=unknown-mode mode=%s known=count,udp,echo,stress,balloon,diskread,cpu,service\n",
+    if (strcmp(mode, "fsrec") == 0)
+        return mode_fsrec();
+    printf("cuju-agent: error=unknown-mode mode=%s known=count,udp,echo,stress,balloon,diskread,cpu,service,fsrec\n",
            mode);
     return 2;
 }

@@ -1,0 +1,118 @@
+"""A protected VM with a writable, served disk fails over on the two-host rig (issue 8 item 3).
+
+The Linux guest (mode ``fsrec``, :mod:`cuju_libvirt.rig.disk_records`) appends fsync'd
+records to a file on ext4 on its virtio disk, which ``xml enable --prepare`` serves through
+the journaling block server; cujud on host b keeps and serves the replica. SIGKILL of the
+primary's QEMU at a random moment; after the failover the guest checks from inside that
+the disk holds what its RAM says it wrote (records and checksummed O_DIRECT blocks: disk
+and memory of the same epoch), then shuts down cleanly; the replica on host b is
+``e2fsck -fn`` clean and holds every record the observer saw, as a clean prefix.
+The same judge after a crash of the primary host and after a backup loss under writes.
+Default suite: two SIGKILL runs and those two; ``CUJU_SLOW=1`` adds the 20-run soak.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from cuju_libvirt.rig.cujud import Cujud
+from cuju_libvirt.rig.disk_records import DiskRun, data_image, run_with_sigkill
+from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
+from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
+from cuju_libvirt.rig.observer import Observer
+from tests.e2e.conftest import cleanup_protected
+
+MAC = "52:54:00:19:08:00"
+
+
+@pytest.fixture(scope="module")
+def linux_guest() -> LinuxGuest:
+    return build_linux_guest()
+
+
+@pytest.fixture
+def observer(ft_rig: Rig) -> Iterator[Observer]:
+    with Observer((OBSERVER_ADDRESS, 0), (OBSERVER_ADDRESS, 0), netns=ft_rig.lan.netns_path) as obs:
+        yield obs
+
+
+def judged_run(rig: Rig, guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud],
+               name: str, **how: Callable[[], None]) -> DiskRun:
+    """One judged run (``how``: ``before_kill`` / ``fail`` of :func:`run_with_sigkill`)."""
+    try:
+        result = run_with_sigkill(rig, guest, observer, cujuds, name, mac=MAC, **how)
+    finally:
+        cleanup_protected(rig, name)
+        data_image(rig, name).unlink(missing_ok=True)
+    answer, verdict = result.answer, result.verdict
+    assert result.memory_and_disk_agree, answer  # the blocks match the checksums in the guest's RAM
+    assert verdict.fsck_clean, verdict.fsck_output
+    assert verdict.clean_prefix and verdict.records_lost == 0, verdict
+    assert verdict.records_on_disk == int(answer["records"]), (verdict, answer)
+    assert result.ok
+    print(f"{name}: {verdict.records_on_disk} records on host b's replica, fsck clean, "
+          f"failover {result.failover_ms:.0f} ms")
+    return result
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("run", range(2))
+def test_sigkill_with_a_served_disk_keeps_every_fsynced_record_and_a_clean_file_system(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud], run: int
+) -> None:
+    judged_run(ft_rig, linux_guest, observer, cujuds, f"disk-kill{run}")
+
+
+@pytest.mark.timeout(600)
+def test_backup_loss_with_a_served_disk_then_a_sigkill_keeps_every_record(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """The standby's QEMU dies while the guest writes: the primary runs on, pairs with a new
+    standby (whose replica is synchronised again under the writes), and a SIGKILL of the
+    primary after that still keeps every record, with memory and disk in agreement."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "disk-bloss"
+
+    def lose_the_backup() -> None:
+        standby = rig.b.qemu_pid(name)
+        assert standby is not None
+        os.kill(standby, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while rig.b.qemu_pid(name) in (None, standby) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ca.wait_domain(name, "protected", timeout=120)
+        cb.wait_domain(name, "standby", timeout=60)
+        assert "backup lost" in ca.log_path.read_text(errors="replace")
+
+    judged_run(rig, linux_guest, observer, cujuds, name, before_kill=lose_the_backup)
+
+
+@pytest.mark.timeout(600)
+def test_primary_host_crash_with_a_served_disk_keeps_every_record(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """Host a dies (its block servers and cujud with it): b takes over after the heartbeat
+    timeout, from its replica; every reported record is there and the file system is clean."""
+    rig, (ca, _cb) = ft_rig, cujuds
+    try:
+        judged_run(rig, linux_guest, observer, cujuds, "disk-acrash", fail=rig.a.crash)
+    finally:
+        if rig.a.daemon_pid("libvirtd") is None:  # crashed: boot it again for the next tests
+            rig.a.reboot()
+        ca.stop()
+        ca.start()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(20 * 240)
+def test_twenty_sigkills_with_a_served_disk(
+    ft_rig: Rig, linux_guest: LinuxGuest, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    for run in range(20):
+        with Observer((OBSERVER_ADDRESS, 0), (OBSERVER_ADDRESS, 0), netns=ft_rig.lan.netns_path) as obs:
+            judged_run(ft_rig, linux_guest, obs, cujuds, f"disk-soak{run}")
