@@ -201,6 +201,9 @@ def test_the_guest_resets_and_powers_off_itself_under_protection(row: Row) -> No
         print("\n".join(line for line in text.splitlines() if name in line and "DEBUG" not in line))
         assert "the VM ended (deliberate" in text, text[-3000:]
         assert " ERROR " not in text, text[-3000:]
+        deadline = time.monotonic() + 15  # libvirt says "in shutdown" until it has reaped QEMU
+        while "shut off" not in row.rig.a.virsh("domstate", name) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert "shut off" in row.rig.a.virsh("domstate", name)
     finally:
         cleanup_protected(row.rig, name)
