@@ -156,6 +156,9 @@ class PrimaryDomain:
         self._deciding = False
         #: ... and while engine.start() runs on the protection loop's thread.
         self._starting = False
+        #: The generation of the last failed pairing whose standby the peer promised to drop:
+        #: the next attempt with that peer keeps it (ownership did not change), 0 otherwise.
+        self._again = 0
         #: When each kind of event note was last logged (:meth:`on_event`).
         self._notes: dict[str, float] = {}
         #: The disks' image chains in the XML the standby was made from (:meth:`_watch_disks`).
@@ -244,7 +247,8 @@ class PrimaryDomain:
             if self.spec_link:  # the address is known before the peer is asked
                 self._probe_link()
             disks = primary_disks(self.uuid, self.spec.disks)
-            self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer)
+            self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer, again=self._again)
+            self._again = 0
             self.log.info("asking %s for a standby", self.peer)
             reply = conn.request("standby-create", {
                 "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
@@ -266,7 +270,11 @@ class PrimaryDomain:
         except (CujuError, OSError, KeyError, ValueError) as err:
             self.machine.move(S.UNPROTECTED if first else S.DEGRADED, expect=S.PAIRING)
             self._close_qmp()
-            self._ask_abandon("pairing failed", quiet=True)
+            answer = self._ask_abandon("pairing failed", quiet=True)
+            # The same pairing may be retried at the same generation only when no standby of
+            # it can be left: the peer promised (a copy at a generation still the record's
+            # could win a claim later).
+            self._again = self.generation if answer is not None and answer.get("abandoned") else 0
             if sock is not None:
                 sock.close()
             if disks is not None:
@@ -909,12 +917,14 @@ class Orchestrator:
 
     # -- the witness ---------------------------------------------------------------------------
 
-    def witness_protect(self, uuid: str, name: str, backup: str) -> int:
-        """A new ownership generation for pairing ``name`` with ``backup``; 0 without a witness."""
+    def witness_protect(self, uuid: str, name: str, backup: str, *, again: int = 0) -> int:
+        """The ownership generation for pairing ``name`` with ``backup``: a new one, or ``again``
+        when the record is still that failed attempt's (:meth:`OwnershipStore.protect`); 0
+        without a witness."""
         if self.witness is None:
             return 0
         try:
-            return self.witness.protect(uuid, name, self.node, backup).generation
+            return self.witness.protect(uuid, name, self.node, backup, again=again).generation
         except CoordError as err:
             raise CujuError(f"the witness (etcd) did not record the pairing: {err}") from err
 
