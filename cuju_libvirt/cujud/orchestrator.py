@@ -63,6 +63,7 @@ from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml
 from cuju_libvirt.cujud.virt import DomainEvent, LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.domain_xml import AUTO_PEER, DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
 from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError
+from cuju_libvirt.ft_engine import linkkeys
 from cuju_libvirt.ft_engine.devstate import (
     DevicesChangedError,
     MachineProfile,
@@ -260,8 +261,11 @@ class PrimaryDomain:
             records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer,
                           generation=self.generation)
             link_keys = self._link_keys(reply)
+            token = bytes.fromhex(str(reply["token"]))
+            if link_keys is not None:  # encrypted: the token never crosses the FT link (linkkeys)
+                token = linkkeys.admission(bytes.fromhex(str(reply["link_secret"])), token)
             sock = socket.create_connection(self._link_address(reply), timeout=10)
-            sock.sendall(bytes.fromhex(str(reply["token"])) + self.generation.to_bytes(8, "big"))
+            sock.sendall(token + self.generation.to_bytes(8, "big"))
             sock.settimeout(None)
             self.qmp = QMPClient(fitness.qmp_socket_path(self.name))
             standby = self._check_standby(reply)
