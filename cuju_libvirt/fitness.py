@@ -280,6 +280,14 @@ def _rule_memory(ctx: _Context) -> None:
             "(dirty granularity becomes the huge page size)",
             "remove <hugepages/> from <memoryBacking>",
         )
+    slots = ctx.root.find("maxMemory")
+    if slots is not None and slots.get("slots", "0") != "0":
+        ctx.warn(
+            "memory-hotplug", "<maxMemory slots>",
+            "memory hot-plug (virsh attach-device of a <memory> device) ends protection: the VM runs "
+            "unprotected until the device is removed (a DIMM's RAM is not replicated)",
+            "remove <maxMemory> to rule memory hot-plug out",
+        )
     for cell in ctx.root.iterfind("cpu/numa/cell"):
         if cell.get("memAccess") == "private":
             ctx.error(
@@ -291,12 +299,12 @@ def _rule_memory(ctx: _Context) -> None:
     for mem in ctx.devices("memory"):
         model = mem.get("model", "?")
         if model == "dimm":
-            if mem.get("access") == "private":
-                ctx.error(
-                    "memory-device", "<memory model='dimm' access='private'>",
-                    "this DIMM's RAM is private, not shared",
-                    "set access='shared' or remove the attribute",
-                )
+            ctx.error(
+                "memory-device", "<memory model='dimm'>",
+                "a DIMM's RAM is a memory backend (a file) of its own, and the engine replicates only "
+                "the one guest RAM file: its contents would not reach the standby",
+                "remove the device (give the guest its RAM in <memory>)",
+            )
             continue
         ctx.error(
             "memory-device", f"<memory model='{model}'>",

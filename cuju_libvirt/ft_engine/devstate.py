@@ -108,6 +108,8 @@ _RAMBLOCK_LINE = re.compile(
 #: Non-shared RAM blocks the guest cannot write: firmware, option ROMs (``<dev>/<x>.rom``),
 #: fw_cfg blobs (``/rom@etc/...``, built by QEMU) and the read-only pflash code image.
 _READ_ONLY_RAM = re.compile(r"^(pc\.bios|pc\.rom|/rom@.*|.*\.rom|(system|pc)\.flash0)$")
+#: QEMU run states in which the vCPUs and devices stand still, so a save is one consistent moment.
+STOPPED_STATES = frozenset({"paused", "postmigrate"})
 #: Suffix of the device-state file next to the QMP socket.
 DEVSTATE_SUFFIX = ".devstate"
 
@@ -407,7 +409,9 @@ class DeviceStateSaver(Closing):
         return self._file.path
 
     def save(self) -> SavedState:
-        """Save the device state of the stopped VM; the VM stays stopped (``paused``).
+        """Save the device state of the stopped VM; the VM stays stopped (``paused``, or
+        ``postmigrate`` when libvirt's own job stopped it: the end of the RAM save of
+        ``virsh snapshot-create --live --memspec``, before libvirt's ``cont``).
 
         Raises :class:`~cuju_libvirt.errors.StateError` if the VM is running, and
         :class:`DeviceStateError` with QEMU's message if the save fails (the VM is then
@@ -419,7 +423,7 @@ class DeviceStateSaver(Closing):
             status = self.qmp.execute("query-status")["status"]
         except MonitorError as err:
             raise DeviceStateError("cannot query the primary's run state", _qemu_words(err)) from err
-        if status != "paused":
+        if status not in STOPPED_STATES:
             raise StateError(f"device state can only be saved while the VM is stopped; it is {status!r}")
         t1 = clock()
         try:

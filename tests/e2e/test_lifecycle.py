@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,18 @@ def with_acpi(xml: Path) -> None:
     xml.write_bytes(etree.tostring(root))
 
 
-def protect(rig: Rig, image: Path, ca: Cujud, cb: Cujud, name: str) -> Path:
+def protect(rig: Rig, image: Path, ca: Cujud, cb: Cujud, name: str, *,
+            edit: Callable[[etree._Element], None] | None = None) -> Path:
+    """Define and start ``name`` (the counter guest) on host a, protected by host b; return
+    its RAM file. ``edit`` changes the domain XML before it is defined."""
     # These tests are about the lifecycle: the boot disk stays a plain file (served disks have
     # their own tests, tests/e2e/test_disk_failover.py).
     xml = protected_counter_xml(rig, image, name, mac=MAC, epoch_ms=20, extra=("--no-serve-disks",))
     with_acpi(xml)
+    if edit is not None:
+        root = etree.parse(str(xml)).getroot()
+        edit(root)
+        xml.write_bytes(etree.tostring(root))
     rig.a.virsh("define", str(xml))
     rig.a.virsh("start", name)
     ca.wait_domain(name, "protected", timeout=90)

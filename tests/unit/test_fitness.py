@@ -81,6 +81,8 @@ def test_a_fit_domain_has_no_problems() -> None:
          "</target></memory>", "memory-device", "virtio-mem"),
         ("<memory model='dimm' access='private'><target><size unit='GiB'>1</size></target></memory>",
          "memory-device", "dimm"),
+        ("<memory model='dimm'><target><size unit='GiB'>1</size><node>0</node></target></memory>",
+         "memory-device", "dimm"),
         ("<interface type='bridge'><source bridge='br0'/><model type='virtio'/></interface>",
          "nic-vhost", "bridge br0"),
         ("<interface type='bridge'><source bridge='br1'/><model type='virtio'/><driver name='vhost'/>"
@@ -134,7 +136,6 @@ def test_warnings_name_the_device(devices: str, code: str, subject: str) -> None
         "<interface type='bridge'><source bridge='br0'/><model type='e1000'/></interface>",
         "<interface type='user'/>",
         "<memballoon model='virtio' freePageReporting='on'/>",
-        "<memory model='dimm'><target><size unit='GiB'>1</size><node>0</node></target></memory>",
         "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
         "<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>",
         "<input type='tablet' bus='usb'/>",
@@ -188,6 +189,14 @@ def test_qmp_socket_path_limits_and_escaping() -> None:
 def test_output_commit_off_is_a_warning() -> None:
     problems = ft.check_fitness(fit(), dx.FTSpec(peer="b", output_commit=False))
     assert [(p.code, p.severity) for p in problems] == [("output-commit", ft.Severity.WARNING)]
+
+
+def test_room_for_memory_hot_plug_is_a_warning() -> None:
+    """Issue 13: a hot-plugged DIMM's RAM is a file of its own that is not replicated."""
+    xml = fit().replace("</name>", "</name><maxMemory slots='2' unit='MiB'>512</maxMemory>", 1)
+    problems = ft.check_fitness(xml)
+    assert [(p.code, p.severity) for p in problems] == [("memory-hotplug", ft.Severity.WARNING)]
+    assert "virsh attach-device" in problems[0].message
 
 
 def test_spec_defaults_to_the_domains_own_element() -> None:
