@@ -17,18 +17,15 @@ import argparse
 import contextlib
 import itertools
 import random
-import tempfile
 import time
-from pathlib import Path
 
 from benchmarks._engine import summary
 from cuju_libvirt.rig.cujud import (
-    HOOK_NAME,
     Cujud,
     cleanup_protected,
     cujud_pair,
+    hooked_rig,
     protected_linux_xml,
-    write_hook_shim,
 )
 from cuju_libvirt.rig.etcd import in_rig
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
@@ -90,10 +87,9 @@ def one_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int
 def run(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random()
     guest = build_linux_guest()
-    with tempfile.TemporaryDirectory(prefix="witness-bench.") as tmp:
-        rig = Rig(hooks={HOOK_NAME: write_hook_shim(Path(tmp))})
-        with rig, in_rig(rig, 3) as etcd, cujud_pair(rig, etcd_endpoints=etcd.endpoints) as cujuds:
-            runs = [one_run(rig, cujuds, guest, i, epoch_ms=args.epoch_ms, rng=rng) for i in range(args.runs)]
+    with hooked_rig() as rig, in_rig(rig, 3) as etcd, \
+            cujud_pair(rig, etcd_endpoints=etcd.endpoints) as cujuds:
+        runs = [one_run(rig, cujuds, guest, i, epoch_ms=args.epoch_ms, rng=rng) for i in range(args.runs)]
     pauses = [float(r["pause_ms"]) for r in runs if r["ok"] and r["pause_ms"] is not None]  # type: ignore[arg-type]
     med, p99 = summary(pauses)
     counted = [int(r["lost_or_repeated"]) for r in runs if r["lost_or_repeated"] is not None]  # type: ignore[call-overload]

@@ -11,17 +11,14 @@ import random
 import re
 import signal
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 from cuju_libvirt.rig.cujud import (
-    HOOK_NAME,
     Cujud,
     cleanup_protected,
     cujud_pair,
+    hooked_rig,
     protected_linux_xml,
-    write_hook_shim,
 )
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
@@ -109,10 +106,8 @@ def _median(runs: list[dict[str, object]], key: str) -> float | None:
 def run(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random()
     guest = build_linux_guest()
-    with tempfile.TemporaryDirectory(prefix="reprotect-bench.") as tmp:
-        rig = Rig(hooks={HOOK_NAME: write_hook_shim(Path(tmp))})
-        with rig, cujud_pair(rig) as cujuds:
-            runs = [one_run(rig, cujuds, guest, i, epoch_ms=args.epoch_ms, rng=rng) for i in range(args.runs)]
+    with hooked_rig() as rig, cujud_pair(rig) as cujuds:
+        runs = [one_run(rig, cujuds, guest, i, epoch_ms=args.epoch_ms, rng=rng) for i in range(args.runs)]
     reprotected, baseline = _median(runs, "reprotected_s"), _median(runs, "initial_protect_s")
     return {
         "runs": len(runs),
