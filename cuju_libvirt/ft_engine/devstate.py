@@ -330,7 +330,11 @@ class _StateFile:
             os.unlink(path)  # a stale file of another owner would make QEMU's open fail
 
     def save(self, qmp: QMPClient) -> None:
-        qmp.execute("xen-save-devices-state", {"filename": self.path, "live": False})
+        qmp.reply(self.send(qmp))
+
+    def send(self, qmp: QMPClient) -> int:
+        """Ask QEMU for the save without waiting (:meth:`QMPClient.reply` takes the id)."""
+        return qmp.send("xen-save-devices-state", {"filename": self.path, "live": False})
 
     def read(self) -> bytes:
         stat = os.stat(self.path)
@@ -386,6 +390,8 @@ class DeviceStateSaver(Closing):
         self._expect = tuple(expect_sections) if expect_sections is not None else None
         self._check_primary()
         self._file = _StateFile(os.fspath(path) if path is not None else default_path(qmp))
+        self._request: int | None = None  # the QMP id of a save begun and not finished
+        self._started = 0.0
 
     def _check_primary(self) -> None:
         profile = self.profile
@@ -421,9 +427,30 @@ class DeviceStateSaver(Closing):
             raise DeviceStateError("cannot query the primary's run state", _qemu_words(err)) from err
         if status != "paused":
             raise StateError(f"device state can only be saved while the VM is stopped; it is {status!r}")
-        t1 = clock()
+        self.begin()
+        return self.finish(check_s=clock() - t0)
+
+    def begin(self) -> None:
+        """Ask QEMU for the save without waiting for it; :meth:`finish` collects it.
+
+        For a caller that knows the VM is stopped (its own ``stop`` went first on the same
+        monitor, which runs commands in order): it may send both back to back and work
+        (harvest) while QEMU writes the device state.
+        """
+        if self._request is not None:
+            raise StateError("a device-state save is already under way")
+        self._started = time.perf_counter()
+        self._request = self._file.send(self.qmp)
+
+    def finish(self, *, check_s: float = 0.0) -> SavedState:
+        """Wait for the save :meth:`begin` asked for and return the blob (errors as :meth:`save`)."""
+        if self._request is None:
+            raise StateError("no device-state save was begun")
+        clock = time.perf_counter
+        request, self._request = self._request, None
+        t1 = self._started
         try:
-            self._file.save(self.qmp)
+            self.qmp.reply(request)
         except MonitorError as err:
             raise DeviceStateError(
                 f"device-state save into {self._file.path} failed (QEMU's user must be able to create "
@@ -445,7 +472,8 @@ class DeviceStateSaver(Closing):
         if self.sections is None:
             self._first(blob)
         self.saves += 1
-        return SavedState(blob, SaveTimings(check=t1 - t0, save=t2 - t1, read=t3 - t2, total=t3 - t0))
+        timings = SaveTimings(check=check_s, save=t2 - t1, read=t3 - t2, total=check_s + t3 - t1)
+        return SavedState(blob, timings)
 
     def _first(self, blob: bytes) -> None:
         sections = parse_blob(blob).sections

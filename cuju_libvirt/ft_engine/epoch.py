@@ -367,8 +367,11 @@ class PrimaryEngine:
 
     # -- initial synchronisation -------------------------------------------------------------
 
-    def _vm_stop(self) -> None:
+    def _vm_stop(self, then: Callable[[], None] | None = None) -> None:
         """Stop the VM; note whether it was this ``stop`` that stopped it.
+
+        ``then`` runs right after ``stop`` is sent, before its answer: it may send the
+        commands that follow it (QEMU runs them in order, without a round trip between).
 
         QEMU emits a STOP event only when a ``stop`` really stops a running VM, before its
         reply and stamped with the host's wall clock. No STOP stamped at or after the moment
@@ -376,7 +379,10 @@ class PrimaryEngine:
         libvirt job, an I/O error with ``werror=stop``): the engine then never resumes it.
         """
         sent = time.time() - _CLOCK_SLACK
-        self.qmp.execute("stop")
+        request = self.qmp.send("stop")
+        if then is not None:
+            then()
+        self.qmp.reply(request)
         self._stopped_flag = True
         ours = any(_event_time(ev) >= sent for ev in self.qmp.events("STOP"))
         if not ours and not self._foreign_pause:
@@ -621,7 +627,11 @@ class PrimaryEngine:
         assert tracker is not None and saver is not None and self._sender is not None
         clock = self._clock
         t0 = clock()
-        self._vm_stop()
+        # Our own stop last time: the save goes right behind this stop and QEMU writes the
+        # device state while the harvest runs. (A VM somebody else paused gets no pipelined
+        # save: its idle epochs reuse the last blob, see _idle_epoch.)
+        pipelined = not self._foreign_pause
+        self._vm_stop(then=saver.begin if pipelined else None)
         if self._foreign_pause and self._last_blob is not None:
             return self._idle_epoch(t0)
         try:
@@ -637,7 +647,7 @@ class PrimaryEngine:
                 if after is not None:
                     packets = after - (before or 0)
             t3 = clock()
-            saved = saver.save()
+            saved = saver.finish() if pipelined else saver.save()
             parts = self._seal_disks()
             t4 = clock()
             if h.full_resync:

@@ -55,6 +55,13 @@ class FakeMonitor:
             return {}
         raise QMPError(command, "CommandNotFound", f"fake has no {command}")
 
+    def send(self, command: str, arguments: dict[str, Any] | None = None, *, fd: int | None = None) -> int:
+        self._sent = (command, arguments)
+        return 1
+
+    def reply(self, req_id: int, *, timeout: float | None = None) -> Any:
+        return self.execute(*self._sent)
+
 
 def saver_for(fake: FakeMonitor) -> DeviceStateSaver:
     return DeviceStateSaver(cast(QMPClient, fake))
