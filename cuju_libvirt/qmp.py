@@ -29,6 +29,7 @@ error, :class:`QMPConnectionError` when the socket cannot be reached or is close
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -269,7 +270,9 @@ class QMPClient(Closing):
             raise self._lost(f"sending {command!r}", err) from err
 
     def _lost(self, doing: str, err: OSError | None = None) -> QMPConnectionError:
-        """Close the dead connection and describe the loss."""
+        """Close the dead connection and describe the loss. Events QEMU wrote before it went
+        (e.g. SHUTDOWN, while a command was being sent) are kept: they say why it went."""
+        self._salvage_events()
         self._drop_socket()
         how = f"lost ({err.strerror or err})" if err is not None else "closed by QEMU"
         return QMPConnectionError(f"QMP connection to {self.path} {how} while {doing}; did QEMU exit?")
@@ -284,6 +287,19 @@ class QMPClient(Closing):
             self._replies[msg["id"]] = msg
         else:
             log.debug("dropping stale QMP reply %r", msg)
+
+    def _salvage_events(self) -> None:
+        """Move every complete event still unread (buffered or on the socket) into the buffer."""
+        sock = self._sock
+        with contextlib.suppress(OSError):
+            if sock is not None:
+                sock.settimeout(0.0)
+                while n := sock.recv_into(self._chunk_view):
+                    self._buf += self._chunk_view[:n]
+        with contextlib.suppress(QMPConnectionError):
+            while (msg := self._next_buffered()) is not None:
+                if "event" in msg:
+                    self._store_event(msg)
 
     def _store_event(self, event: dict[str, Any]) -> None:
         if len(self._events) == self._events.maxlen:

@@ -503,7 +503,9 @@ class PrimaryDomain:
             if how.startswith("crash"):
                 self._crashed(how)
             else:
-                self.log.info("QEMU ended (%s): stopping protection, the standby is dropped", how)
+                # one INFO line: the engine's "the VM ended (...)" when it runs, else this one
+                level = logging.INFO if self.engine is None else logging.DEBUG
+                self.log.log(level, "QEMU ended (%s): stopping protection, the standby is dropped", how)
                 self._ask_abandon(how, quiet=True, vm_ended=True)
                 self.orch.witness_stopped(self)
                 self._finish()
@@ -566,16 +568,24 @@ class PrimaryDomain:
         """Why QEMU is gone, in the words an operator looks for: 'deliberate: CAUSE' or 'crash:
         CAUSE'. libvirt's STOPPED detail names the operation (libvirt itself sends the SIGTERM
         after a save or a guest poweroff, so the signal alone does not), its SHUTDOWN event who
-        shut the guest down; QEMU's "terminating on signal" line is the fallback."""
+        shut the guest down. QEMU's own last events (SHUTDOWN, a completed MIGRATION: the
+        engine's :meth:`~PrimaryEngine.qemu_ending`) name it without waiting for libvirt's,
+        which came seconds late under load; QEMU's "terminating on signal" line is the last
+        resort."""
+        said = self.engine.qemu_ending() if self.engine is not None else None
         sig = ended_on_signal(self.name, self._log_offset)
-        # With a signal line the exit was deliberate: give libvirt longer to say by whom.
-        event = self.orch.wait_stop_event(self.uuid, CLASSIFY_WAIT if sig is None else DELIBERATE_WAIT)
+        # With a signal line the exit was deliberate: give libvirt longer to say by whom,
+        # unless QEMU said it already.
+        wait = 0.0 if said is not None else CLASSIFY_WAIT if sig is None else DELIBERATE_WAIT
+        event = self.orch.wait_stop_event(self.uuid, wait)
         detail = event.detail_name if event is not None else None
         note = f" (libvirt: STOPPED/{detail}{f', QEMU got signal {sig}' if sig is not None else ''})"
         if detail == "SHUTDOWN":
             return f"deliberate: {self.orch.shutdown_cause(self.uuid)}{note}"
         if detail in DELIBERATE_STOPS:
             return f"deliberate: {STOP_CAUSES.get(detail, detail.lower())}{note}"
+        if said is not None:
+            return f"deliberate: {said} (QEMU's last event{f', signal {sig}' if sig is not None else ''})"
         if sig is not None:
             try:
                 name = signal.Signals(sig).name

@@ -40,7 +40,8 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,9 @@ class PrimaryEngine:
         #: Set (to the reason) by ``may_release`` when the VM's QEMU is gone on purpose
         #: (``virsh destroy``, shutdown): the loop's failure is then the VM's end, not a fault.
         self.vm_ended: str | None = None
+        #: QEMU's SHUTDOWN and MIGRATION events, kept when the engine drops the others: they
+        #: say why QEMU ends (:meth:`qemu_ending`), sooner than libvirt's events under load.
+        self._last_words: deque[dict[str, Any]] = deque(maxlen=8)
         stats.epoch_ms = config.epoch_ms
 
     # -- run-time settings -----------------------------------------------------------------
@@ -680,8 +684,24 @@ class PrimaryEngine:
             self.stats.set_packets_held(packets)
         self.times.add(end - t0, stop=t1 - t0, harvest=t2 - t1, boundary=t3 - t2, devstate=t4 - t3,
                        stage=t5 - t4, cont=end - t5)
-        self.qmp.events()  # drop the STOP/RESUME/MIGRATION events of this pause
+        self._drop_events()  # drop the STOP/RESUME/MIGRATION events of this pause
         return end
+
+    def _drop_events(self) -> None:
+        """Drop the buffered events of a pause (STOP/RESUME), keeping QEMU's last words."""
+        self._last_words.extend(ev for ev in self.qmp.events() if ev["event"] in ("SHUTDOWN", "MIGRATION"))
+
+    def qemu_ending(self) -> str | None:
+        """Why QEMU ended, in an operator's words, from the events it sent this engine's
+        monitor before it went (call it once QEMU is gone); None if it said nothing (SIGKILL,
+        a crash). libvirt's ``virsh save`` migrates the state to a file, then sends SIGTERM."""
+        for _ in range(2):  # a lost monitor raises once; the second read returns what came before
+            try:
+                self._drop_events()
+                break
+            except (CujuError, OSError):
+                continue
+        return qemu_exit_cause(self._last_words)
 
     def _check_not_resumed(self) -> None:
         """Raise if somebody resumed the VM while the engine held it stopped (``virsh resume``
@@ -705,7 +725,7 @@ class PrimaryEngine:
         self._shipped(epoch, end, 0)
         self.epochs += 1
         self.stats.record_epoch(pause_s=0.0, dirty_pages=0, device_state_bytes=len(self._last_blob))
-        self.qmp.events()
+        self._drop_events()
         return end
 
     def reconfigure(self, cause: str) -> None:
@@ -1147,6 +1167,28 @@ class BackupEngine:
             with contextlib.suppress(BufferError):
                 self._ram.close()
             self._ram = None
+
+
+def qemu_exit_cause(events: Iterable[dict[str, Any]]) -> str | None:
+    """Why QEMU ended, in an operator's words, from its last SHUTDOWN and MIGRATION events
+    (oldest first); None without a SHUTDOWN event (SIGKILL, a crash). libvirt's ``virsh
+    save`` migrates the state to a file, then sends SIGTERM."""
+    events = list(events)
+    saved = any(ev["event"] == "MIGRATION" and ev.get("data", {}).get("status") == "completed"
+                for ev in events)
+    # A guest's poweroff comes first (QEMU runs -no-shutdown), then libvirt's SIGTERM.
+    shutdowns = [ev.get("data", {}) for ev in events if ev["event"] == "SHUTDOWN"]
+    shutdown = next((d for d in shutdowns if d.get("guest")), shutdowns[-1] if shutdowns else None)
+    if shutdown is None:
+        return None
+    reason = str(shutdown.get("reason", ""))
+    if shutdown.get("guest"):
+        return "the guest powered off" if reason == "guest-shutdown" else f"the guest ended ({reason})"
+    if reason == "host-signal":
+        return "virsh save / managedsave" if saved else "virsh destroy (or a SIGTERM to QEMU)"
+    if reason == "host-qmp-quit":
+        return "a 'quit' on QEMU's monitor"
+    return f"QEMU shut down ({reason or 'no reason given'})"
 
 
 def _event_time(event: dict[str, Any]) -> float:

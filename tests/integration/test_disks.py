@@ -257,21 +257,28 @@ def test_backup_with_other_disks_refuses_the_session(shm_dir: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("crash_record", [1, 7])
+@pytest.mark.parametrize(("crash", "crash_record", "exit_code"), [
+    ("CUJU_TEST_CRASH_IN_APPLY", 0, 86),        # between its ACK and the apply: nothing applied yet
+    ("CUJU_TEST_CRASH_IN_DISK_APPLY", 1, 87),   # while applying: one disk record applied
+    ("CUJU_TEST_CRASH_IN_DISK_APPLY", 7, 87),
+])
 def test_backup_killed_applying_disk_records_holds_a_committed_epoch(
-    shm_dir: Path, crash_record: int
+    shm_dir: Path, crash: str, crash_record: int, exit_code: int
 ) -> None:
-    """The backup dies after acknowledging epoch 4, after applying one or seven of its disk
-    records: reopened on the same journal it holds exactly epoch 4, on both disks."""
+    """The backup dies after acknowledging epoch 4, before it applied anything of it or after
+    one or seven of its disk records: reopened on the same journal it holds exactly epoch 4,
+    on both disks."""
     rng = random.Random(crash_record)
     crash_epoch = 4
+    # Each epoch carries one page: the page apply (first) is where the ACK-to-apply crash fires.
+    one_page = page_indexes([0])
     with served_disks(shm_dir, SIZES) as disks:
         ds = disk_set(disks)
         replicas = _replicas(shm_dir, disks)
         state = str(shm_dir / "state")
         listener = socket.create_server(("127.0.0.1", 0))
         port = listener.getsockname()[1]
-        env = {**os.environ, "CUJU_TEST_CRASH_IN_DISK_APPLY": f"{crash_epoch}:{crash_record}"}
+        env = {**os.environ, crash: f"{crash_epoch}:{crash_record}"}
         root = Path(__file__).resolve().parents[2]
         peer = subprocess.Popen(
             [sys.executable, "-m", "tests.integration.disk_support", "receive", state, str(port),
@@ -289,12 +296,12 @@ def test_backup_killed_applying_disk_records_holds_a_committed_epoch(
                 for d in disks:
                     d.run(d.ops(rng, 12))
                 snapshots[epoch] = [bytes(d.model) for d in disks]
-                tx.stage(epoch, NO_PAGES, b"state%d" % epoch, disks=ds.seal(epoch))
+                tx.stage(epoch, one_page, b"state%d" % epoch, disks=ds.seal(epoch))
                 tx.ship()
                 if epoch < crash_epoch:
                     assert tx.wait_ack(epoch, 10)
                     ds.acked(epoch)
-            assert peer.wait(20) == 87  # the fault-injection exit in the disk apply
+            assert peer.wait(20) == exit_code  # the fault-injection exit in the apply
             # The ACK left before the apply began: it may or may not have arrived.
             with contextlib.suppress(ReplicationError):
                 tx.wait_ack(crash_epoch, 5)

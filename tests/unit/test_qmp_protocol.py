@@ -157,6 +157,21 @@ def test_disconnect_raises_clear_error_and_closes(serve: Callable[..., ScriptedS
             qmp.execute("query-status")
 
 
+def test_events_written_before_a_hang_up_survive_a_failed_send(serve: Callable[..., ScriptedServer]) -> None:
+    """QEMU's last words (SHUTDOWN) are still read when the next command finds it gone."""
+    def handler(req: dict[str, Any], conn: socket.socket, fds: list[int]) -> None:
+        conn.sendall(json.dumps({"return": {}, "id": req["id"]}).encode() + b"\r\n"
+                     + json.dumps(event("SHUTDOWN", guest=False, reason="host-signal")).encode() + b"\r\n")
+
+    server = serve(handler)
+    with QMPClient(server.path) as qmp:
+        assert qmp.execute("stop") == {}
+        server.thread.join(5)  # the server hung up
+        with pytest.raises(QMPConnectionError):
+            qmp.execute("cont")
+        assert [e["data"]["reason"] for e in qmp.events("SHUTDOWN")] == ["host-signal"]
+
+
 def test_malformed_reply_is_a_connection_error(serve: Callable[..., ScriptedServer]) -> None:
     server = serve(lambda req, conn, fds: [b"{not json\r\n"])
     with QMPClient(server.path) as qmp, pytest.raises(QMPConnectionError, match="malformed"):
