@@ -151,12 +151,12 @@ def _one(args: argparse.Namespace, name: str, w: Workload) -> dict[str, Any]:
             cfg = config(p, args.epoch_ms, None, output=False)
         cfg.epoch_policy, cfg.max_epoch_ms = args.epoch_policy, args.max_epoch_ms
         with protected_pair(p, s, cfg) as pair:
-            pauses = pair.engine.times.pause
-            n_before, t_ft = len(pauses), time.monotonic()
+            times = pair.engine.times
+            n_before, g_before, t_ft = len(times.pause), len(times.guest), time.monotonic()
             pair_rates["ft"] = rates([p, twin], w, args.seconds)
             ft_wall_s = time.monotonic() - t_ft
-            # (None if the engine trimmed its window meanwhile)
-            paused_s = sum(pauses[n_before:]) if len(pauses) >= n_before else None
+            # what the guest saw stopped (QEMU's STOP..RESUME); None if the window was trimmed
+            paused_s = sum(times.guest[g_before:]) if len(times.pause) >= n_before else None
             pause_ms = pair.engine.times.median_ms()
             dirty = pair.pstats.snapshot().dirty_pages
             epochs = pair.engine.epochs
@@ -175,8 +175,8 @@ def _one(args: argparse.Namespace, name: str, w: Workload) -> dict[str, Any]:
     return {
         "ratio": round(ft / calib, 3) if ft is not None and calib else None,
         "ratio_by_placement": by_placement,
-        # The most FT can give: the share of wall-clock time the VM ran (its pauses' sum taken
-        # out). A measured ratio well above it is the scheduler's doing, not the engine's.
+        # The most FT can give: the share of wall-clock time the VM ran (the pauses QEMU's
+        # STOP/RESUME events stamp taken out). A ratio well above it is the scheduler's doing.
         "ratio_bound_from_pauses": None if paused_s is None else round(1 - paused_s / ft_wall_s, 3),
         "rate_median": med,
         "twin_rate_median": twin_med,

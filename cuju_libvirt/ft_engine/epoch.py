@@ -165,13 +165,18 @@ class EpochTimes:
     keep: int = 10_000
     pause: list[float] = field(default_factory=list)
     phases: dict[str, list[float]] = field(default_factory=dict)
+    #: What the guest saw: QEMU's STOP to its RESUME event (their stamps), for the pauses the
+    #: engine resumed. Shorter than ``pause``: the vCPUs still run while ``stop`` reaches
+    #: them and run again before ``cont``'s answer reaches the engine.
+    guest: list[float] = field(default_factory=list)
 
-    def add(self, total: float, **phases: float) -> None:
+    def add(self, total: float, guest: float | None = None, **phases: float) -> None:
         if len(self.pause) >= self.keep:
-            del self.pause[: self.keep // 2]
-            for values in self.phases.values():
+            for values in (self.pause, self.guest, *self.phases.values()):
                 del values[: self.keep // 2]
         self.pause.append(total)
+        if guest is not None:
+            self.guest.append(guest)
         for name, value in phases.items():
             self.phases.setdefault(name, []).append(value)
 
@@ -241,6 +246,8 @@ class PrimaryEngine:
         self._stopped_flag = False  # the tracker's guard: True only while we hold the VM stopped
         #: The VM was already paused by someone else at the engine's last ``stop``.
         self._foreign_pause = False
+        #: The stamp of QEMU's STOP event of the engine's last ``stop`` (None: not ours).
+        self._stop_stamp: float | None = None
         #: While paused by someone else: the device state of the last epoch that captured the
         #: pause (idle epochs send it again); None otherwise.
         self._last_blob: bytes | None = None
@@ -388,7 +395,9 @@ class PrimaryEngine:
             then()
         self.qmp.reply(request)
         self._stopped_flag = True
-        ours = any(_event_time(ev) >= sent for ev in self.qmp.events("STOP"))
+        stops = [stamp for ev in self.qmp.events("STOP") if (stamp := _event_time(ev)) >= sent]
+        ours = bool(stops)
+        self._stop_stamp = stops[-1] if stops else None
         if not ours and not self._foreign_pause:
             self.log.info("the VM was paused by someone else (virsh suspend or a libvirt job): it stays "
                           "paused and protected; epochs go on without resuming it")
@@ -682,8 +691,8 @@ class PrimaryEngine:
         self.stats.record_epoch(pause_s=end - t0, dirty_pages=count, device_state_bytes=len(saved.blob))
         if packets is not None:
             self.stats.set_packets_held(packets)
-        self.times.add(end - t0, stop=t1 - t0, harvest=t2 - t1, boundary=t3 - t2, devstate=t4 - t3,
-                       stage=t5 - t4, cont=end - t5)
+        self.times.add(end - t0, self._guest_pause(), stop=t1 - t0, harvest=t2 - t1, boundary=t3 - t2,
+                       devstate=t4 - t3, stage=t5 - t4, cont=end - t5)
         self._drop_events()  # drop the STOP/RESUME/MIGRATION events of this pause
         return end
 
@@ -702,6 +711,13 @@ class PrimaryEngine:
             except (CujuError, OSError):
                 continue
         return qemu_exit_cause(self._last_words)
+
+    def _guest_pause(self) -> float | None:
+        """The pause the guest saw, from QEMU's STOP and RESUME stamps (None if not resumed)."""
+        resumed = self.qmp.events("RESUME", clear=False)
+        if self._stop_stamp is None or not resumed:
+            return None
+        return _event_time(resumed[-1]) - self._stop_stamp
 
     def _check_not_resumed(self) -> None:
         """Raise if somebody resumed the VM while the engine held it stopped (``virsh resume``
