@@ -19,8 +19,15 @@
  * reconnects included. Without keys the layer is the identity (plaintext).
  *
  * Threads: sends of one link may come from several threads (records are
- * encrypted and written under the direction's lock, so seq order is wire
- * order); receives come from one thread at a time.
+ * numbered, sealed and written under the direction's lock, so seq order is
+ * wire order); receives come from one thread at a time. A call that spans
+ * more than one record hands its records to the direction's pool of
+ * CUJU_AEAD_WORKERS threads (started at the first such call): each record is
+ * sealed or opened on its own, with the nonce of the number it was given
+ * when published, while the caller writes the sealed ones in order or reads
+ * the next. A received record that fits the caller's buffer is read and
+ * opened in place; a call returns only when every record it took is checked,
+ * and on any failure it zeroes the caller's buffer.
  */
 #ifndef CUJU_AEAD_H
 #define CUJU_AEAD_H
@@ -35,6 +42,9 @@
 #define CUJU_AEAD_HDR_LEN 4
 /* 256 KiB of plaintext per record: 20 bytes of overhead per 64 pages. */
 #define CUJU_AEAD_MAX_RECORD (256u * 1024u)
+/* Crypto threads per direction, and records in flight per call. */
+#define CUJU_AEAD_WORKERS 2
+#define CUJU_AEAD_BATCH 8
 /* tx key, tx iv, rx key, rx iv: what cuju_link_set_keys takes. */
 #define CUJU_LINK_KEYS_LEN (2 * (CUJU_AEAD_KEY_LEN + CUJU_AEAD_IV_LEN))
 

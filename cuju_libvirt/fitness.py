@@ -280,6 +280,14 @@ def _rule_memory(ctx: _Context) -> None:
             "(dirty granularity becomes the huge page size)",
             "remove <hugepages/> from <memoryBacking>",
         )
+    slots = ctx.root.find("maxMemory")
+    if slots is not None and slots.get("slots", "0") != "0":
+        ctx.warn(
+            "memory-hotplug", "<maxMemory slots>",
+            "memory hot-plug (virsh attach-device of a <memory> device) ends protection: the VM runs "
+            "unprotected until the device is removed (a DIMM's RAM is not replicated)",
+            "remove <maxMemory> to rule memory hot-plug out",
+        )
     for cell in ctx.root.iterfind("cpu/numa/cell"):
         if cell.get("memAccess") == "private":
             ctx.error(
@@ -291,12 +299,12 @@ def _rule_memory(ctx: _Context) -> None:
     for mem in ctx.devices("memory"):
         model = mem.get("model", "?")
         if model == "dimm":
-            if mem.get("access") == "private":
-                ctx.error(
-                    "memory-device", "<memory model='dimm' access='private'>",
-                    "this DIMM's RAM is private, not shared",
-                    "set access='shared' or remove the attribute",
-                )
+            ctx.error(
+                "memory-device", "<memory model='dimm'>",
+                "a DIMM's RAM is a memory backend (a file) of its own, and the engine replicates only "
+                "the one guest RAM file: its contents would not reach the standby",
+                "remove the device (give the guest its RAM in <memory>)",
+            )
             continue
         ctx.error(
             "memory-device", f"<memory model='{model}'>",
@@ -511,7 +519,7 @@ def _rule_disks(ctx: _Context) -> None:
                 f"(the block server would serve {records[target].source}, not what the disk says now)",
                 "for a running domain prepared since it started: restart it (the persistent "
                 f"configuration has the export); otherwise remove <cuju:disk target='{target}'> "
-                f"from <cuju:ft>, then {_PREPARE} --serve-disks",
+                f"from <cuju:ft>, then {_PREPARE}",
             )
             continue
         problem = unservable(disk)
@@ -528,8 +536,8 @@ def _rule_disks(ctx: _Context) -> None:
             "disk", _disk_name(disk),
             "disk writes are not epoch-protected yet: after a failover the disk may hold writes "
             "of the lost epoch, and the standby on the peer opens the same source",
-            f"{_PREPARE} --serve-disks (serves it through the replicating block server, for the "
-            "backup to keep a copy; opt-in for now: docs/failover.md)",
+            f"{_PREPARE} (serves it through the replicating block server, for the backup to "
+            "keep a copy as of each committed epoch: docs/failover.md)",
             preparable=True,
         )
     for target, record in records.items():
@@ -539,20 +547,6 @@ def _rule_disks(ctx: _Context) -> None:
                 f"records a disk ({record.source}) that the domain no longer has",
                 f"remove <cuju:disk target='{target}'> from <cuju:ft>",
             )
-
-
-def _rule_disk_replication(ctx: _Context) -> None:
-    # cujud hands prepared disks to the engines (journals on the primary, served replicas on
-    # the backup), but no failover with disks has been run end to end on the two-host rig
-    # yet: say so, once, until it has. Remove this rule (and its test) then.
-    prepared = [target_of(d) for d in ctx.devices("disk") if is_nbd_export(d)]
-    if prepared:
-        ctx.warn(
-            "disk-replication", f"<disk> {', '.join(str(t) for t in prepared)}",
-            "these disks are replicated through the journaling block server, a path not yet "
-            "verified end to end by a failover test on two hosts",
-            "test a failover of this domain before relying on it (docs/failover.md, \"Disks\")",
-        )
 
 
 def _check_prepared(ctx: _Context, disk: etree._Element, record: FTDisk | None, uuid: str | None) -> None:
@@ -614,7 +608,6 @@ RULES: tuple[Callable[[_Context], None], ...] = (
     _rule_balloon,
     _rule_qmp_socket,
     _rule_disks,
-    _rule_disk_replication,
     _rule_nvram,
     _rule_element,
 )
@@ -885,11 +878,11 @@ def _prepare_disks(root: etree._Element, changes: list[str], serve: bool) -> Non
         set_ft_in(root, spec.replace(disks=tuple(records)))
 
 
-def prepare_in(root: etree._Element, *, disks: bool = False) -> list[str]:
+def prepare_in(root: etree._Element, *, disks: bool = True) -> list[str]:
     """Make the safe changes in a parsed ``<domain>`` tree; returns what was changed.
 
-    ``disks``: also serve the writable disks through the replicating block server (opt-in
-    until a failover with disks has run end to end on two hosts).
+    ``disks``: serve the writable disks through the replicating block server (False: leave
+    them on their sources, not epoch-protected).
     """
     changes: list[str] = []
     _prepare_memory(root, changes)
@@ -901,13 +894,14 @@ def prepare_in(root: etree._Element, *, disks: bool = False) -> list[str]:
     return changes
 
 
-def prepare(xml: AnyStr, spec: FTSpec | None = None, *, disks: bool = False) -> PrepareResult[AnyStr]:
+def prepare(xml: AnyStr, spec: FTSpec | None = None, *, disks: bool = True) -> PrepareResult[AnyStr]:
     """The domain XML with the safe changes made, what changed, and the problems left.
 
     Safe changes: guest RAM file-backed and shared (other ``<memoryBacking>`` children are
     kept), ``<driver name='qemu'/>`` on virtio NICs (other driver attributes are kept), and
-    the direct QMP socket in ``<qemu:commandline>``; with ``disks``, every writable disk
-    that can be served rewritten to its NBD export (the original recorded in the element).
+    the direct QMP socket in ``<qemu:commandline>``, and (``disks``, the default) every
+    writable disk that can be served rewritten to its NBD export (the original recorded in
+    the element).
     Devices that cannot be protected are left alone and reported in ``problems``.
     """
     doc = load_domain(xml)

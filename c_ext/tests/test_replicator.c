@@ -1,7 +1,8 @@
 /* Plain-C test and benchmark of the replication data plane (no Python).
  *
  *   test_replicator test DIR       replica equality over loopback TCP, hostile
- *                                  frames, mutation fuzz; exit 0 when all pass
+ *                                  frames, mutation fuzz, the FT link's record
+ *                                  layer against tampering; exit 0 when all pass
  *   test_replicator bench DIR [N]  N epochs of 10,000 random 4 KiB pages against
  *                                  a raw push of the same bytes; prints JSON
  *
@@ -20,6 +21,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "aead.h"
 #include "checksum.h"
 #include "replicator.h"
 
@@ -382,6 +384,191 @@ static int bench(const char *dir, int epochs)
     return 0;
 }
 
+/* ---- The record layer (aead.h): what a tamperer on the FT link can do ---- */
+
+struct pump {
+    int fd;
+    const uint8_t *data;
+    size_t len;
+    struct cuju_link *link;     /* NULL: write raw bytes */
+};
+
+static void *pump_main(void *arg)
+{
+    struct pump *p = arg;
+    int e = 0;
+    if (p->link != NULL)
+        (void)cuju_link_send(p->link, p->data, p->len, 5000, &e);
+    else
+        (void)cuju_send_all(p->fd, p->data, p->len, 5000, &e);
+    shutdown(p->fd, SHUT_WR);
+    return NULL;
+}
+
+static uint8_t *read_to_eof(int fd, size_t *len)
+{
+    size_t cap = 1 << 20, n = 0;
+    uint8_t *b = malloc(cap);
+    for (;;) {
+        if (n == cap)
+            b = realloc(b, cap *= 2);
+        ssize_t r = read(fd, b + n, cap - n);
+        if (r <= 0)
+            break;
+        n += (size_t)r;
+    }
+    *len = n;
+    return b;
+}
+
+static void link_keys(uint8_t *out, const uint8_t *tx, const uint8_t *rx)
+{
+    memcpy(out, tx, CUJU_LINK_KEYS_LEN / 2);
+    memcpy(out + CUJU_LINK_KEYS_LEN / 2, rx, CUJU_LINK_KEYS_LEN / 2);
+}
+
+/* Seal msg (one call per piece in cuts) with keys; returns the wire bytes. */
+static uint8_t *seal_capture(const uint8_t *keys, const uint8_t *msg, size_t len, size_t *wire_len)
+{
+    int sv[2];
+    socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
+    cuju_tune_socket(sv[0]);
+    struct cuju_link l = {.fd = sv[0]};
+    CHECK(cuju_link_set_keys(&l, keys) == CUJU_OK, "set keys");
+    struct pump p = {.fd = sv[0], .data = msg, .len = len, .link = &l};
+    pthread_t t;
+    pthread_create(&t, NULL, pump_main, &p);
+    uint8_t *w = read_to_eof(sv[1], wire_len);
+    pthread_join(t, NULL);
+    cuju_link_clear(&l);
+    close(sv[0]);
+    close(sv[1]);
+    return w;
+}
+
+/* Feed wire bytes to a receiving link; read len bytes in calls of `piece`
+ * (0: one call). Returns the first failing code or CUJU_OK; out gets them. */
+static int open_capture(const uint8_t *keys, const uint8_t *wire, size_t wire_len, uint8_t *out, size_t len,
+                        size_t piece)
+{
+    int sv[2];
+    socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
+    cuju_tune_socket(sv[1]);
+    struct cuju_link l = {.fd = sv[1]};
+    CHECK(cuju_link_set_keys(&l, keys) == CUJU_OK, "set keys");
+    struct pump p = {.fd = sv[0], .data = wire, .len = wire_len};
+    pthread_t t;
+    pthread_create(&t, NULL, pump_main, &p);
+    int rc = CUJU_OK, e = 0;
+    for (size_t off = 0; off < len && rc == CUJU_OK;) {
+        size_t n = piece == 0 || len - off < piece ? len - off : piece;
+        rc = cuju_link_recv(&l, out + off, n, 5000, &e);
+        off += n;
+    }
+    close(sv[1]);   /* a pump still writing gets EPIPE */
+    pthread_join(t, NULL);
+    cuju_link_clear(&l);
+    close(sv[0]);
+    return rc;
+}
+
+static int all_zero(const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i])
+            return 0;
+    return 1;
+}
+
+/* Record boundaries of a capture: offsets of up to max records. */
+static size_t records_of(const uint8_t *w, size_t len, size_t *at, size_t max)
+{
+    size_t k = 0;
+    for (size_t off = 0; off + CUJU_AEAD_HDR_LEN <= len && k < max; k++) {
+        at[k] = off;
+        off += CUJU_AEAD_HDR_LEN + cuju_get_le32(w + off) + CUJU_AEAD_TAG_LEN;
+    }
+    return k;
+}
+
+static void test_aead(void)
+{
+    uint8_t k1[CUJU_LINK_KEYS_LEN / 2], k2[CUJU_LINK_KEYS_LEN / 2], k3[CUJU_LINK_KEYS_LEN / 2];
+    fill_random(k1, sizeof(k1));
+    fill_random(k2, sizeof(k2));
+    fill_random(k3, sizeof(k3));
+    uint8_t tx[CUJU_LINK_KEYS_LEN], rx[CUJU_LINK_KEYS_LEN], other[CUJU_LINK_KEYS_LEN];
+    link_keys(tx, k1, k2);
+    link_keys(rx, k2, k1);
+    link_keys(other, k3, k2);
+    /* 11 records and a bit: more than one batch of the pool. */
+    size_t len = 11 * (size_t)CUJU_AEAD_MAX_RECORD + 12345;
+    uint8_t *msg = malloc(len), *out = malloc(len);
+    fill_random(msg, len);
+    size_t wl = 0;
+    uint8_t *wire = seal_capture(tx, msg, len, &wl);
+    size_t at[16];
+    size_t nrec = records_of(wire, wl, at, 16);
+    CHECK(nrec == 12, "%zu records, not 12", nrec);
+    CHECK(wl == len + nrec * (CUJU_AEAD_HDR_LEN + CUJU_AEAD_TAG_LEN), "wire length %zu", wl);
+    CHECK(memmem(wire, wl, msg + 5 * CUJU_AEAD_MAX_RECORD, 64) == NULL, "plaintext on the wire");
+
+    /* Intact: one call (parallel, in place), odd pieces (buffered), both equal. */
+    size_t pieces[] = {0, 1000, CUJU_AEAD_MAX_RECORD + 7, 3 * (size_t)CUJU_AEAD_MAX_RECORD};
+    for (size_t i = 0; i < sizeof(pieces) / sizeof(*pieces); i++) {
+        memset(out, 0, len);
+        CHECK(open_capture(rx, wire, wl, out, len, pieces[i]) == CUJU_OK, "intact capture, piece %zu", pieces[i]);
+        CHECK(memcmp(out, msg, len) == 0, "intact capture differs, piece %zu", pieces[i]);
+    }
+    /* The wrong keys. */
+    memset(out, 0xAA, len);
+    CHECK(open_capture(other, wire, wl, out, len, 0) == CUJU_E_AUTH, "other keys accepted");
+    CHECK(all_zero(out, len), "other keys: bytes left for the caller");
+
+    uint8_t *bad = malloc(wl + 2 * (CUJU_AEAD_HDR_LEN + CUJU_AEAD_MAX_RECORD + CUJU_AEAD_TAG_LEN));
+    for (int round = 0; round < 60; round++) {
+        size_t bl = wl;
+        memcpy(bad, wire, wl);
+        int kind = round % 6;
+        size_t r1 = 1 + rnd() % (nrec - 2), r2 = r1 + 1;
+        size_t rec1 = at[r1 + 1] - at[r1], rec2 = (r2 + 1 < nrec ? at[r2 + 1] : wl) - at[r2];
+        if (kind == 0) {            /* a flipped bit anywhere */
+            size_t pos = rnd() % wl;
+            bad[pos] ^= (uint8_t)(1u << (rnd() % 8));
+        } else if (kind == 1) {     /* a record dropped */
+            memmove(bad + at[r1], wire + at[r1] + rec1, wl - at[r1] - rec1);
+            bl = wl - rec1;
+        } else if (kind == 2) {     /* two records swapped */
+            memcpy(bad + at[r1], wire + at[r2], rec2);
+            memcpy(bad + at[r1] + rec2, wire + at[r1], rec1);
+        } else if (kind == 3) {     /* a record replayed */
+            memcpy(bad + at[r2], wire + at[r1], rec1);
+            memcpy(bad + at[r2] + rec1, wire + at[r2], wl - at[r2]);
+            bl = wl + rec1;
+        } else if (kind == 4) {     /* a record sealed with other keys injected */
+            size_t il = 0;
+            uint8_t *inj = seal_capture(other, msg, 4000, &il);
+            memcpy(bad + at[r1], inj, il);
+            memcpy(bad + at[r1] + il, wire + at[r1], wl - at[r1]);
+            bl = wl + il;
+            free(inj);
+        } else {                    /* truncated mid-record */
+            bl = at[r1] + 1 + rnd() % (rec1 - 1);
+        }
+        memset(out, 0xAA, len);
+        size_t piece = round % 2 ? 0 : 100000;
+        int rc = open_capture(rx, bad, bl, out, len, piece);
+        CHECK(rc == CUJU_E_AUTH || rc == CUJU_E_FRAME || rc == CUJU_E_EOF, "tamper kind %d accepted (rc %d)", kind,
+              rc);
+        if (piece == 0)
+            CHECK(all_zero(out, len), "tamper kind %d: bytes left for the caller", kind);
+    }
+    free(bad);
+    free(wire);
+    free(msg);
+    free(out);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -392,6 +579,7 @@ int main(int argc, char **argv)
         return bench(argv[2], argc > 3 ? atoi(argv[3]) : 30);
     test_equality(argv[2]);
     test_hostile(argv[2]);
+    test_aead();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;

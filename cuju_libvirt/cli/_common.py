@@ -63,11 +63,11 @@ def spec_from_args(args: argparse.Namespace, existing: FTSpec | None) -> FTSpec:
 
 def add_disk_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--serve-disks", action="store_true",
-        help="with --prepare: also rewrite every writable disk that can be served to the "
-        "replicating block server's NBD export, recording the original in <cuju:ft> (cujud "
-        "hands them to the replication; opt-in until a failover with disks has run end to end: "
-        "docs/failover.md)",
+        "--serve-disks", action=argparse.BooleanOptionalAction, default=True,
+        help="with --prepare: rewrite every writable disk that can be served to the "
+        "replicating block server's NBD export, recording the original in <cuju:ft>, so that "
+        "the backup keeps a copy as of each committed epoch (the default); --no-serve-disks "
+        "leaves the disks on their sources (not epoch-protected: docs/failover.md, \"Disks\")",
     )
     parser.add_argument(
         "--disk-replica", action="append", default=[], metavar="DEV=PATH",

@@ -13,6 +13,10 @@ and the lifecycle). :func:`verdict` maps each to one of:
 * ``NOTE``: protection goes on as it is; one INFO line says what happened and why it is safe;
 * None: nothing to say (the epochs' own pauses, events of no consequence).
 
+Some changes come with no event at all: ``virsh snapshot-create --disk-only`` moves each
+disk onto a new overlay image and libvirt says nothing. :func:`disk_chains` is what cujud
+compares, about once a second, in the live XML (:func:`disks_changed`).
+
 Pure: no libvirt calls, so every row is unit-tested (tests/unit/test_domain_events.py).
 """
 
@@ -21,6 +25,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from lxml import etree
+
+from cuju_libvirt import _xml
 from cuju_libvirt.cujud.virt import DomainEvent, LifecycleEvent
 
 
@@ -100,3 +107,34 @@ def _lifecycle(event: LifecycleEvent) -> Verdict | None:
         return Verdict(Action.RECONFIGURE, "virsh define changed the domain's persistent configuration, "
                                            "which a failover defines on the other host")
     return None
+
+
+DiskChains = dict[str, tuple[tuple[tuple[str, str], ...], ...]]
+
+
+def disk_chains(xml: str) -> DiskChains:
+    """Each disk's image chain in a live domain XML: its target, then the attributes of its
+    ``<source>`` and of every ``<backingStore>``'s source (without libvirt's node ``index``)."""
+    root = _xml.parse_xml(xml)[0].getroot()
+    chains: DiskChains = {}
+    for disk in root.iterfind("devices/disk"):
+        target = disk.find("target")
+        dev = target.get("dev", "?") if target is not None else "?"
+        chain: list[tuple[tuple[str, str], ...]] = []
+        for source in disk.iter("source"):
+            if isinstance(source, etree._Element):
+                attrs = ((str(k), str(v)) for k, v in source.attrib.items() if k != "index")
+                chain.append(tuple(sorted(attrs)))
+        chains[str(dev)] = tuple(chain)
+    return chains
+
+
+def disks_changed(before: DiskChains, now: DiskChains) -> Verdict | None:
+    """RECONFIGURE when a disk came, went or moved to other images since ``before``."""
+    if before == now:
+        return None
+    moved = sorted(dev for dev in before.keys() & now.keys() if before[dev] != now[dev])
+    parts = ([f"disk {', '.join(moved)} is on other images now (virsh snapshot-create --disk-only?)"]
+             if moved else []) + [f"disk {dev} came" for dev in sorted(now.keys() - before.keys())] + \
+        [f"disk {dev} went" for dev in sorted(before.keys() - now.keys())]
+    return Verdict(Action.RECONFIGURE, "; ".join(parts))

@@ -70,7 +70,12 @@ from cuju_libvirt.ft_engine.devstate import (
     compare_machines,
     describe_machine,
 )
-from cuju_libvirt.ft_engine.epoch import PrimaryConfig, PrimaryEngine, ReconfiguredError
+from cuju_libvirt.ft_engine.epoch import (
+    PrimaryConfig,
+    PrimaryEngine,
+    ReconfiguredError,
+    ResumedElsewhereError,
+)
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.output import leftover_filters, remove_leftovers
 from cuju_libvirt.ft_engine.state import FTMachine, FTState, Role
@@ -104,6 +109,8 @@ QEMU_EXIT_WAIT = 1.0
 LINK_PROBE_TIMEOUT = 2.0
 #: ``<cuju:ft peer='auto'>``: this host's cujud places the standby (:meth:`Orchestrator.place`).
 AUTO_PEER = "auto"
+#: Engine failures that an operator's action caused (no fault: one WARNING line, then pairing anew).
+OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError)
 #: The states in which a running VM is unprotected and its protection loop pairs it.
 UNPROTECTED_STATES = (S.UNPROTECTED, S.DEGRADED, S.PRIMARY_AFTER_FAILOVER)
 
@@ -151,6 +158,8 @@ class PrimaryDomain:
         self._starting = False
         #: When each kind of event note was last logged (:meth:`on_event`).
         self._notes: dict[str, float] = {}
+        #: The disks' image chains in the XML the standby was made from (:meth:`_watch_disks`).
+        self._disk_chains: events.DiskChains | None = None
 
     @property
     def generation(self) -> int:
@@ -185,6 +194,7 @@ class PrimaryDomain:
             if busy or self.machine.state not in UNPROTECTED_STATES:
                 self._wake.wait(0.5)
                 self._wake.clear()
+                self._watch_disks()
                 delay = BACKOFF_MIN if self.machine.state is S.PROTECTED else delay
                 continue
             if self._fresh:
@@ -225,6 +235,7 @@ class PrimaryDomain:
             persistent = bool(dom.isPersistent())
             pxml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) \
                 if persistent else xml
+        self._disk_chains = events.disk_chains(xml)
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
         sock: socket.socket | None = None
@@ -469,6 +480,24 @@ class PrimaryDomain:
         elif self._note_due(found.cause):
             self.log.info("%s", found.cause)
 
+    def _watch_disks(self) -> None:
+        """Compare the disks' image chains with the standby's (about twice a second while
+        protected): an external disk-only snapshot moves the disks onto overlays with no
+        event from libvirt, and a standby left on the old images would resume on them."""
+        engine = self.engine
+        if self._disk_chains is None or engine is None or not engine.running \
+                or self.machine.state is not S.PROTECTED:
+            return
+        try:
+            xml = self.orch.lookup(self.uuid).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+        except (CujuError, libvirt.libvirtError) as err:
+            self.log.debug("could not read the live XML to compare the disks: %s", err)
+            return
+        found = events.disks_changed(self._disk_chains, events.disk_chains(xml))
+        if found is not None:
+            self._disk_chains = None
+            engine.reconfigure(found.cause)
+
     def _note_due(self, cause: str) -> bool:
         """One INFO line per kind of note in a minute (a balloon reports every step)."""
         kind = cause.split(" ", 3)[:3]
@@ -521,9 +550,8 @@ class PrimaryDomain:
                              daemon=True).start()
             return False
         answer = self._ask_abandon(f"protection failed: {err}")
-        if answer is not None and answer.get("abandoned") and isinstance(err, (ReconfiguredError,
-                                                                                DevicesChangedError)):
-            self.log.info("the standby of the old configuration is dropped; pairing again")
+        if answer is not None and answer.get("abandoned") and isinstance(err, OPERATOR_ENDS):
+            self.log.info("the standby is dropped (%s); pairing again", type(err).__name__)
             threading.Thread(target=self._reprotect_after_engine, daemon=True).start()
             return True
         if answer is not None and answer.get("abandoned"):

@@ -62,7 +62,6 @@ import itertools
 import json
 import logging
 import os
-import select
 import socket
 import ssl
 import struct
@@ -107,21 +106,10 @@ class PeerOptions:
 # --- framing -----------------------------------------------------------------------------------
 
 
-def _readable(sock: Stream, timeout: float) -> bool:
-    if isinstance(sock, tlsmod.TLSStream) and sock.pending():
-        return True  # decrypted bytes wait in the stream: the socket may have nothing more
-    ready, _, _ = select.select([sock], [], [], timeout)
-    return bool(ready)
-
-
 def _recv_exact(sock: Stream, n: int, deadline: float, what: str) -> bytes:
     buf = bytearray()
     while len(buf) < n:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise PeerError(f"timed out reading {what} ({len(buf)} of {n} bytes arrived)")
-        if not _readable(sock, remaining):
-            continue
+        tlsmod.wait_readable(sock, deadline, f"reading {what} ({len(buf)} of {n} bytes arrived)")
         chunk = sock.recv(min(n - len(buf), 1 << 16))
         if chunk is None:  # TLS: part of a record arrived
             continue

@@ -78,7 +78,8 @@ CLAIM_RETRY = 0.25
 
 def standby_xml(xml: str) -> str:
     """The domain XML with ``-incoming defer`` added to its ``<qemu:commandline>``, and
-    ``<seclabel model='dac' relabel='no'/>`` on every disk's ``<source>``.
+    ``<seclabel model='dac' relabel='no'/>`` on every disk image's ``<source>`` (not on a
+    served disk's NBD source).
 
     The disks are the primary's (the same images, shared by both hosts), and the primary's
     libvirt owns their labels: with dynamic ownership, this host's libvirt would otherwise
@@ -87,7 +88,12 @@ def standby_xml(xml: str) -> str:
     save, would fail with "Permission denied" and stay paused.
     """
     root = etree.fromstring(xml.encode())
-    for source in root.iterfind("devices/disk/source"):
+    # A served disk (type='network': the NBD socket of its block server) has no image file to
+    # relabel, and libvirt's schema refuses a seclabel on a network <source>.
+    for disk in root.iterfind("devices/disk"):
+        source = disk.find("source")
+        if source is None or disk.get("type") == "network":
+            continue
         if not any(label.get("model") == "dac" for label in source.iterfind("seclabel")):
             etree.SubElement(source, "seclabel", model="dac", relabel="no")
     q = f"{{{QEMU_NS}}}"

@@ -81,6 +81,18 @@ def cert_names(cert: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(value) for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName")
 
 
+def wait_readable(sock: socket.socket | TLSStream, deadline: float, what: str) -> None:
+    """Return once ``sock`` has something to read (for a :class:`TLSStream`: decrypted bytes
+    or raw ones); :class:`PeerError` "timed out WHAT" once ``deadline`` (monotonic) passes."""
+    while not (isinstance(sock, TLSStream) and sock.pending()):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise PeerError(f"timed out {what}")
+        ready, _, _ = select.select([sock], [], [], remaining)
+        if ready:
+            return
+
+
 class TLSStream:
     """A TLS connection over a connected socket, safe for one reader and many writers.
 
@@ -210,12 +222,7 @@ class TLSStream:
             self.sock.sendall(data)
 
     def _feed(self, deadline: float, what: str) -> bool:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise PeerError(f"timed out in {what}")
-        ready, _, _ = select.select([self.sock], [], [], remaining)
-        if not ready:
-            raise PeerError(f"timed out in {what}")
+        wait_readable(self.sock, deadline, f"in {what}")
         data = self.sock.recv(_CHUNK)
         if not data:
             return False

@@ -108,6 +108,8 @@ _RAMBLOCK_LINE = re.compile(
 #: Non-shared RAM blocks the guest cannot write: firmware, option ROMs (``<dev>/<x>.rom``),
 #: fw_cfg blobs (``/rom@etc/...``, built by QEMU) and the read-only pflash code image.
 _READ_ONLY_RAM = re.compile(r"^(pc\.bios|pc\.rom|/rom@.*|.*\.rom|(system|pc)\.flash0)$")
+#: QEMU run states in which the vCPUs and devices stand still, so a save is one consistent moment.
+STOPPED_STATES = frozenset({"paused", "postmigrate"})
 #: Suffix of the device-state file next to the QMP socket.
 DEVSTATE_SUFFIX = ".devstate"
 
@@ -315,6 +317,11 @@ def default_path(qmp: QMPClient) -> str:
     return qmp.path + DEVSTATE_SUFFIX
 
 
+def _require_stopped(status: str) -> None:
+    if status not in STOPPED_STATES:
+        raise StateError(f"device state can only be saved while the VM is stopped; it is {status!r}")
+
+
 class _StateFile:
     """The file QEMU's ``xen-save-devices-state`` writes, and our way of reading it back.
 
@@ -391,6 +398,7 @@ class DeviceStateSaver(Closing):
         self._check_primary()
         self._file = _StateFile(os.fspath(path) if path is not None else default_path(qmp))
         self._request: int | None = None  # the QMP id of a save begun and not finished
+        self._status: int | None = None  # ... and of the query-status behind it
         self._started = 0.0
 
     def _check_primary(self) -> None:
@@ -413,7 +421,9 @@ class DeviceStateSaver(Closing):
         return self._file.path
 
     def save(self) -> SavedState:
-        """Save the device state of the stopped VM; the VM stays stopped (``paused``).
+        """Save the device state of the stopped VM; the VM stays stopped (``paused``, or
+        ``postmigrate`` when libvirt's own job stopped it: the end of the RAM save of
+        ``virsh snapshot-create --live --memspec``, before libvirt's ``cont``).
 
         Raises :class:`~cuju_libvirt.errors.StateError` if the VM is running, and
         :class:`DeviceStateError` with QEMU's message if the save fails (the VM is then
@@ -425,22 +435,25 @@ class DeviceStateSaver(Closing):
             status = self.qmp.execute("query-status")["status"]
         except MonitorError as err:
             raise DeviceStateError("cannot query the primary's run state", _qemu_words(err)) from err
-        if status != "paused":
-            raise StateError(f"device state can only be saved while the VM is stopped; it is {status!r}")
-        self.begin()
+        _require_stopped(status)
+        self.begin(check=False)
         return self.finish(check_s=clock() - t0)
 
-    def begin(self) -> None:
+    def begin(self, *, check: bool = True) -> None:
         """Ask QEMU for the save without waiting for it; :meth:`finish` collects it.
 
-        For a caller that knows the VM is stopped (its own ``stop`` went first on the same
-        monitor, which runs commands in order): it may send both back to back and work
-        (harvest) while QEMU writes the device state.
+        For a caller whose own ``stop`` went first on the same monitor (QEMU runs a monitor's
+        commands in order): it may send both back to back and work (harvest) while QEMU
+        writes the device state. Another monitor's command may still run in between (QEMU
+        takes turns between monitors): with ``check``, a ``query-status`` goes right behind
+        the save and :meth:`finish` raises :class:`StateError` if the VM was not stopped
+        then (somebody resumed it: the save itself would then stop and resume it again).
         """
         if self._request is not None:
             raise StateError("a device-state save is already under way")
         self._started = time.perf_counter()
         self._request = self._file.send(self.qmp)
+        self._status = self.qmp.send("query-status") if check else None
 
     def finish(self, *, check_s: float = 0.0) -> SavedState:
         """Wait for the save :meth:`begin` asked for and return the blob (errors as :meth:`save`)."""
@@ -448,15 +461,25 @@ class DeviceStateSaver(Closing):
             raise StateError("no device-state save was begun")
         clock = time.perf_counter
         request, self._request = self._request, None
+        status, self._status = self._status, None
         t1 = self._started
         try:
             self.qmp.reply(request)
         except MonitorError as err:
+            if status is not None:
+                with contextlib.suppress(MonitorError):
+                    self.qmp.reply(status)
             raise DeviceStateError(
                 f"device-state save into {self._file.path} failed (QEMU's user must be able to create "
                 "files in that directory)",
                 _qemu_words(err),
             ) from err
+        if status is not None:
+            try:
+                state = self.qmp.reply(status)["status"]
+            except MonitorError as err:
+                raise DeviceStateError("cannot query the primary's run state", _qemu_words(err)) from err
+            _require_stopped(state)
         t2 = clock()
         try:
             blob = self._file.read()

@@ -55,6 +55,7 @@ from cuju_libvirt.ft_engine.devstate import (
     MachineProfile,
     ResumeTimings,
     Section,
+    StandbyMismatchError,
     load_device_state,
     mark_user_pause,
     split_user_pause,
@@ -91,6 +92,12 @@ EPOCH_POLICIES = ("output", "fixed")
 
 class EngineError(ReplicationError):
     """The epoch engine could not establish or keep protection (the cause is chained)."""
+
+
+class ResumedElsewhereError(EngineError):
+    """Somebody else resumed the VM while an epoch captured it (``virsh resume``, or the end
+    of a libvirt job such as a live snapshot's ``cont``): pages and device state may be from
+    different moments, so that epoch is discarded and protection starts afresh."""
 
 
 class ReconfiguredError(EngineError):
@@ -660,7 +667,12 @@ class PrimaryEngine:
                 if after is not None:
                     packets = after - (before or 0)
             t3 = clock()
-            saved = saver.finish() if pipelined else saver.save()
+            try:
+                saved = saver.finish() if pipelined else saver.save()
+            except StateError as err:  # running again: only somebody else can have resumed it
+                raise ResumedElsewhereError(
+                    f"the VM was resumed by someone else while an epoch captured it ({err}): that epoch is "
+                    "discarded and protection is established anew") from err
             parts = self._seal_disks()
             t4 = clock()
             if h.full_resync:
@@ -724,8 +736,9 @@ class PrimaryEngine:
         of a domain libvirt saw paused by the epoch): its pages and device state may then be
         from different moments, so this epoch must never ship; protection starts afresh."""
         if self.qmp.events("RESUME"):
-            raise EngineError("the VM was resumed by someone else during an epoch's pause (virsh resume "
-                              "of a domain libvirt saw paused by the epoch?): that epoch is discarded")
+            raise ResumedElsewhereError("the VM was resumed by someone else during an epoch's pause (virsh "
+                                        "resume, or the end of a libvirt job): that epoch is discarded and "
+                                        "protection is established anew")
 
     def _idle_epoch(self, t0: float) -> float:
         """An epoch of a VM that somebody else keeps paused: nothing in it changes, so the
@@ -815,8 +828,13 @@ class PrimaryEngine:
             return
         if self.ending is not None:
             self.log.info("FT ends (%s): %s; the VM continues unprotected", self.ending, err)
-        elif isinstance(err, (DevicesChangedError, ReconfiguredError)):  # an operator's change: no fault
+        elif isinstance(err, (DevicesChangedError, ReconfiguredError, ResumedElsewhereError)):  # no fault
             self.log.warning("%s; the VM continues unprotected until then", err)
+        elif isinstance(err, StandbyMismatchError) or isinstance(err.__cause__, StandbyMismatchError):
+            # the VM changed between the XML the standby was made from and the first save (a
+            # device libvirt had not yet removed from its XML): the next attempt reads it anew
+            self.log.warning("%s: %s; the VM continues unprotected, the next pairing reads its configuration "
+                             "anew", what, err)
         else:
             self.log.error("%s: %s; the VM continues unprotected", what, err)
         self.log.debug("details", exc_info=err)

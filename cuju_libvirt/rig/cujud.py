@@ -250,15 +250,18 @@ def protected_linux_xml(
                       heartbeat_timeout_ms=heartbeat_timeout_ms, extra=extra, peer=peer)
 
 
-def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_ms: int = 20) -> Path:
+def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_ms: int = 20,
+                          extra: tuple[str, ...] = ()) -> Path:
     """The boot-sector counter guest (``image``, from :func:`~cuju_libvirt.rig.guests.boot_image`;
-    a copy of its own) marked for protection with ``cuju-libvirt xml enable --prepare``."""
+    a copy of its own) marked for protection with ``cuju-libvirt xml enable --prepare`` (its
+    boot disk served and replicated, unless ``extra`` says ``--no-serve-disks``)."""
     plain = rig.root / f"{name}.plain.xml"
     plain.write_text(domain_xml(
         name, memory_mib=64, disk=rig.stage_file(image, f"{name}.img"),
         serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
     ))
-    return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms, heartbeat_timeout_ms=500)
+    return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms, heartbeat_timeout_ms=500,
+                      extra=extra)
 
 
 def _enable_ft(rig: Rig, plain: Path, out: Path, *, epoch_ms: int, heartbeat_timeout_ms: int,

@@ -1,11 +1,11 @@
 """The demo behind ``scripts/demo.sh`` (``python -m cuju_libvirt.rig demo``), as a list of steps.
 
-Today: build the boot-sector guest, bring up the two hosts, mark a plain domain XML for
-protection with ``cuju-libvirt xml enable --prepare`` (peer: host b), validate it, define it on
-host a with ``virsh define``, show its ``<cuju:ft>`` settings, start it, watch it count, tear
-everything down. Each step prints the commands a person would type.
-Later steps (pairing, replication lag, killing the primary, the VM running on host b) are
-appended to :data:`STEPS`.
+Build the boot-sector guest, bring up the two hosts, mark a plain domain XML (boot disk plus
+an ext4 data disk) for protection with ``cuju-libvirt xml enable --prepare`` (peer: host b; both
+disks served and replicated), validate it, define it on host a with ``virsh define``, show its
+``<cuju:ft>`` settings, start it, watch it count, kill its QEMU, see it run on host b with the
+data disk's file system clean and its file intact on host b's copy, tear everything down.
+Each step prints the commands a person would type; the steps are :data:`STEPS`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from cuju_libvirt.rig.hosts import LAN_BRIDGE, Host, Rig
 from cuju_libvirt.rig.sandbox import tool
 
 DOMAIN = "demo-vm"
+#: The file the demo puts on the VM's data disk (ext4), and reads back from host b's copy.
+NOTE = "notes.txt"
+NOTE_TEXT = "This file lives on the demo VM's ext4 data disk, replicated to host b at every epoch.\n"
 MAC = "52:54:00:19:00:64"
 #: The series the demo shows from cujud's /metrics while the VM is protected.
 METRICS_SHOWN = (
@@ -56,6 +59,7 @@ class Demo:
     cujuds: tuple[Cujud, Cujud] | None = None
     killed_at: float = 0.0
     image: Path | None = None
+    data_disk: Path | None = None
     xml_file: Path | None = None
     counters: list[int] = field(default_factory=list)
 
@@ -147,17 +151,48 @@ def define(demo: Demo) -> None:
     if demo.image is None:
         raise RigError("no guest image: the build step did not run")
     disk = rig.stage_file(demo.image, f"{DOMAIN}.img")  # its own copy: QEMU locks images it writes
+    demo.data_disk = make_data_disk(demo, rig.root / "images" / f"{DOMAIN}-data.img")
     plain = rig.root / f"{DOMAIN}.plain.xml"
     plain.write_text(domain_xml(
-        DOMAIN, memory_mib=64, disk=disk, serial_log=f"/var/log/libvirt/qemu/{DOMAIN}-serial.log",
-        bridge=LAN_BRIDGE, mac=MAC,
+        DOMAIN, memory_mib=64, disk=disk, data_disk=demo.data_disk,
+        serial_log=f"/var/log/libvirt/qemu/{DOMAIN}-serial.log", bridge=LAN_BRIDGE, mac=MAC,
     ))
     demo.xml_file = rig.root / f"{DOMAIN}.xml"
-    demo.out(f"  {plain}: an ordinary TCG domain (file-backed RAM, virtio NIC on br-lan)")
+    demo.out(f"  {plain}: an ordinary TCG domain (file-backed RAM, virtio NIC on br-lan, boot disk hda, "
+             "data disk vda)")
+    demo.out("  --prepare serves both writable disks through the replicating block server (NBD over a "
+             "UNIX socket); host b keeps a copy of each as of the last committed epoch")
     demo.cuju_libvirt("xml", "enable", str(plain), "--peer", rig.b.hostname, "--link", f"{rig.b.hostname}-ft",
                       "--prepare", into=demo.xml_file)
     demo.cuju_libvirt("xml", "validate", str(demo.xml_file))
     demo.virsh(rig.a, "define", str(demo.xml_file))
+
+
+def make_data_disk(demo: Demo, path: Path) -> Path:
+    """A 16 MiB raw image holding an ext4 file system with :data:`NOTE` on it."""
+    with tempfile.TemporaryDirectory(prefix="cuju-demo-data.") as tmp:
+        (Path(tmp) / NOTE).write_text(NOTE_TEXT)
+        path.unlink(missing_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(16 << 20)
+        demo.sh([tool("mkfs.ext4"), "-q", "-F", "-d", tmp, str(path)], shown=["mkfs.ext4", "-q", "-d", "DIR",
+                                                                              str(path)])
+    demo.out(f"  {path}: ext4 with /{NOTE}")
+    return path
+
+
+def data_disk_on_host_b(demo: Demo) -> None:
+    """Host b's copy of the data disk (served to the VM there): a clean ext4 with the note intact."""
+    rig = demo.the_rig
+    uuid = rig.b.virsh("domuuid", DOMAIN).strip()
+    replica = rig.b.outside(f"/var/lib/cuju-libvirt/replicas/{uuid}/vda.raw")
+    demo.out(f"  host b's copy of the data disk: {replica}")
+    demo.sh([tool("e2fsck"), "-fn", str(replica)], shown=["e2fsck", "-fn", str(replica)])
+    text = demo.sh([tool("debugfs"), "-R", f"cat /{NOTE}", str(replica)],
+                   shown=["debugfs", "-R", f"cat /{NOTE}", str(replica)])
+    if NOTE_TEXT.strip() not in text:
+        raise RigError(f"/{NOTE} on host b's copy of the data disk does not hold what was written: {text!r}")
+    demo.out(f"  /{NOTE} is intact on host b's copy, and its file system is clean")
 
 
 def show_ft(demo: Demo) -> None:
@@ -213,6 +248,7 @@ def on_host_b(demo: Demo) -> None:
         raise RigError(f"the counter went back from {before} to {demo.counters[0]}")
     demo.out(f"  the counter continued on host b: {before} before the kill (last sample on a), "
              f"{demo.counters[0]} .. {demo.counters[-1]} on b")
+    data_disk_on_host_b(demo)
 
 
 def reprotected(demo: Demo) -> None:
@@ -265,7 +301,7 @@ STEPS: list[tuple[str, Callable[[Demo], None]]] = [
     ("Protected: a standby on host b, epochs, replication lag", protected),
     ("Watch it count", watch),
     ("Kill the primary's QEMU (SIGKILL)", kill_primary),
-    ("The VM runs on host b, its counter continuing", on_host_b),
+    ("The VM runs on host b, its counter continuing, its data disk intact", on_host_b),
     ("Protected again by itself: host a is the backup now", reprotected),
 ]
 

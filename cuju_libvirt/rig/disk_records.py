@@ -17,16 +17,23 @@ Used by ``tests/e2e/test_disk_failover.py`` and the ``disk_failover`` benchmark.
 
 from __future__ import annotations
 
+import os
+import random
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cuju_libvirt.errors import RigError
+from cuju_libvirt.rig.cujud import Cujud, protected_linux_xml
 from cuju_libvirt.rig.guest_net import socket_in
 from cuju_libvirt.rig.hosts import FIRST_GUEST_ADDRESS, OBSERVER_ADDRESS, Rig
+from cuju_libvirt.rig.linux_guest import LinuxGuest
+from cuju_libvirt.rig.observer import Observer, resume_arrival
 from cuju_libvirt.rig.sandbox import tool
 
 #: The guest's command port (``cuju.port`` of mode fsrec).
@@ -112,3 +119,85 @@ def judge_image(image: Path, seen: set[int]) -> DiskVerdict:
     lost = sum(1 for n in seen if n >= whole) if prefix else len(seen)
     return DiskVerdict(fsck_clean=fsck.returncode == 0, fsck_output=(fsck.stdout + fsck.stderr)[-2000:],
                        records_on_disk=whole, clean_prefix=prefix, records_lost=lost)
+
+
+@dataclass(frozen=True)
+class DiskRun:
+    """One judged run: the image verdict, the guest's own ``verify`` answer, the failover time."""
+
+    verdict: DiskVerdict
+    answer: dict[str, str]
+    failover_ms: float
+
+    @property
+    def memory_and_disk_agree(self) -> bool:
+        a = self.answer
+        return (a.get("what") == "verify" and a.get("bad_blocks") == "0" and a.get("bad_records") == "0"
+                and a.get("on_disk") == a.get("records"))
+
+    @property
+    def ok(self) -> bool:
+        return (self.verdict.ok and self.memory_and_disk_agree
+                and self.verdict.records_on_disk == int(self.answer.get("records", -1)))
+
+
+def data_image(rig: Rig, name: str) -> Path:
+    """Where the run ``name`` keeps its disk image (on the rig's tmpfs, seen by both hosts)."""
+    return rig.root / "images" / f"{name}-data.img"
+
+
+def run_with_sigkill(rig: Rig, guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud], name: str,
+                     *, mac: str, rng: random.Random | None = None,
+                     before_kill: Callable[[], None] | None = None,
+                     fail: Callable[[], None] | None = None) -> DiskRun:
+    """Define and start ``name`` (the fsrec guest on a fresh ext4 disk, every disk served) on
+    host a, SIGKILL its QEMU at a random moment of FT mode, verify from inside the guest on
+    host b, halt it there and judge host b's replica. ``before_kill`` runs once the VM is
+    protected and writing (e.g. a backup loss and the re-protection after it); ``fail``
+    replaces the SIGKILL (e.g. a crash of host a)."""
+    ca, cb = cujuds
+    rng = rng or random.Random()
+    image = make_ext4_image(data_image(rig, name))
+    xml = protected_linux_xml(rig, guest, name, observer, mac=mac, pps=1, mode="fsrec", data_disk=image,
+                              params=PARAMS)
+    rig.a.virsh("define", str(xml))
+    rig.a.virsh("start", name)
+    ca.wait_domain(name, "protected", timeout=180)
+    cb.wait_domain(name, "standby", timeout=60)
+    observer.wait_for(lambda r: len(r.udp) >= 100, timeout=90)
+    if before_kill is not None:
+        before_kill()
+    time.sleep(rng.uniform(0.5, 3.0))  # a random moment of FT mode
+    pid = rig.a.qemu_pid(name)
+    if pid is None:
+        raise RigError(f"{name}: the primary QEMU is gone before the kill")
+    killed_at = time.monotonic()
+    if fail is None:
+        os.kill(pid, signal.SIGKILL)
+    else:
+        fail()
+    cb.wait_failed_over(name, timeout=60)
+    rec = observer.wait_for(lambda r: sum(1 for _, t in r.udp if t > killed_at) >= 100, timeout=90)
+    # measured as failover_product measures it: the record that ends the failover's silence
+    first_after = resume_arrival(rec.udp, killed_at) or killed_at
+    answer = command(rig, "verify")
+    seen = {seq for seq, _ in observer.recording().udp}
+    halted = command(rig, "halt")
+    if halted["what"] != "halted" or halted.get("umount") != "0":
+        raise RigError(f"{name}: the guest could not unmount its file system: {halted}")
+    _wait_halted(rig, name)
+    uuid = rig.b.virsh("domuuid", name).strip()
+    replica = rig.b.outside(f"/var/lib/cuju-libvirt/replicas/{uuid}/vda.raw")
+    return DiskRun(judge_image(replica, seen), answer, (first_after - killed_at) * 1e3)
+
+
+def _wait_halted(rig: Rig, name: str, timeout: float = 60.0) -> None:
+    """Until the guest on host b halted (the rig's guests have no ACPI: the kernel halts
+    instead of powering off), then destroy it: its file system was unmounted already."""
+    serial = rig.b.outside(f"/var/log/libvirt/qemu/{name}-serial.log")
+    deadline = time.monotonic() + timeout
+    while "System halted" not in serial.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RigError(f"{name}: the guest did not halt on host b (see {serial})")
+        time.sleep(0.2)
+    rig.b.virsh("destroy", name)

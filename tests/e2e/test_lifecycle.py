@@ -8,8 +8,10 @@ lifecycle table in docs/failover.md points at these tests.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,24 +26,26 @@ from tests.e2e.conftest import cleanup_protected
 MAC = "52:54:00:19:07:00"
 
 
-def plain_disks(xml: Path, plain: Path) -> None:
-    """Put the plain file disk back: ``--prepare`` now turns disks into NBD replicas that
-    cujud does not serve yet (main, ddf19e2), and these tests are about the lifecycle."""
+def with_acpi(xml: Path) -> None:
+    """ACPI: PCI hot-plug on pc needs it (-no-acpi otherwise)."""
     root = etree.parse(str(xml)).getroot()
-    devices = root.find("devices")
-    assert devices is not None
-    for disk in devices.findall("disk"):
-        devices.remove(disk)
-    for disk in etree.parse(str(plain)).getroot().iterfind("devices/disk"):
-        devices.insert(0, disk)
-    if root.find("features") is None:  # ACPI: PCI hot-plug on pc needs it (-no-acpi otherwise)
+    if root.find("features") is None:
         etree.SubElement(root, "features").append(etree.Element("acpi"))
     xml.write_bytes(etree.tostring(root))
 
 
-def protect(rig: Rig, image: Path, ca: Cujud, cb: Cujud, name: str) -> Path:
-    xml = protected_counter_xml(rig, image, name, mac=MAC, epoch_ms=20)
-    plain_disks(xml, rig.root / f"{name}.plain.xml")
+def protect(rig: Rig, image: Path, ca: Cujud, cb: Cujud, name: str, *,
+            edit: Callable[[etree._Element], None] | None = None) -> Path:
+    """Define and start ``name`` (the counter guest) on host a, protected by host b; return
+    its RAM file. ``edit`` changes the domain XML before it is defined."""
+    # These tests are about the lifecycle: the boot disk stays a plain file (served disks have
+    # their own tests, tests/e2e/test_disk_failover.py).
+    xml = protected_counter_xml(rig, image, name, mac=MAC, epoch_ms=20, extra=("--no-serve-disks",))
+    with_acpi(xml)
+    if edit is not None:
+        root = etree.parse(str(xml)).getroot()
+        edit(root)
+        xml.write_bytes(etree.tostring(root))
     rig.a.virsh("define", str(xml))
     rig.a.virsh("start", name)
     ca.wait_domain(name, "protected", timeout=90)
@@ -95,6 +99,38 @@ def suspend_until_paused_by_user(host: Host, name: str) -> None:
         if "user" in host.virsh("domstate", "--reason", name):
             break
     assert "paused (user)" in host.virsh("domstate", "--reason", name)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known limit: a virsh suspend that lands while libvirt sees an "
+                   "epoch's pause is a no-op in libvirt and is lost (docs/failover.md, lifecycle table)")
+@pytest.mark.timeout(400)
+def test_every_virsh_suspend_at_a_random_moment_holds(
+    ft_rig: Rig, counter_image: Path, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """20 ``virsh suspend`` at random moments of a protected domain, each checked and undone:
+    every one must leave the VM paused. libvirt sees each epoch's own pause (QEMU's STOP
+    event reaches every monitor) and answers a suspend then with success and no command to
+    QEMU, so nothing on QEMU's side or in libvirt's state tells it from the epoch's pause."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "lc-suspends"
+    rng = random.Random()
+    lost = 0
+    try:
+        ram = protect(rig, counter_image, ca, cb, name)
+        for _ in range(20):
+            time.sleep(rng.uniform(0.05, 0.3))
+            rig.a.virsh("suspend", name)
+            time.sleep(0.3)
+            if "paused (user)" not in rig.a.virsh("domstate", "--reason", name):
+                lost += 1
+                continue
+            rig.a.virsh("resume", name)
+            assert advancing(ram)
+        print(f"virsh suspend lost {lost} of 20 times under protection")
+        assert lost == 0, f"{lost} of 20 suspends were lost"
+    finally:
+        cleanup_protected(rig, name)
 
 
 @pytest.mark.timeout(240)

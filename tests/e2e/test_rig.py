@@ -484,7 +484,8 @@ def test_partition_cuts_both_paths_and_heals(rig: Rig) -> None:
 @pytest.mark.timeout(300)
 def test_demo_runs_and_cleans_up() -> None:
     """The README's first command (after setup): every step passes, the guest counts, is
-    protected, fails over to host b when its QEMU is killed and counts on there; nothing stays."""
+    protected, fails over to host b when its QEMU is killed and counts on there, its served ext4
+    data disk clean with its file intact on host b's copy; nothing stays."""
     skip_unless_rig_possible()
     proc = subprocess.run([sys.executable, "-m", "cuju_libvirt.rig", "demo"], capture_output=True, text=True,
                           timeout=290, check=False)
@@ -492,7 +493,8 @@ def test_demo_runs_and_cleans_up() -> None:
     out = proc.stdout
     expected = ("== 1/11", "== 11/11", "can be protected", "protected by <cuju:ft>",
                 "Domain 'demo-vm' started", "host b took over", "the counter continued on host b",
-                "protected again", "ceded record")
+                "protected again", "ceded record",
+                "is intact on host b's copy, and its file system is clean")
     for step in expected:
         assert step in out, step
     counters = [int(m) for m in re.findall(r"counter in guest RAM:\s+(\d+)", out)]

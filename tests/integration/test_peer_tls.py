@@ -11,8 +11,6 @@ import contextlib
 import logging
 import os
 import re
-import socket
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,58 +56,6 @@ def executor() -> Iterator[ThreadPoolExecutor]:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-class Relay:
-    """A man in the middle on loopback: records both directions; can corrupt one byte."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.captured = bytearray()
-        self.flip_after: int | None = None  # corrupt the client->server byte at this offset
-        self._sent = 0
-        self._lock = threading.Lock()
-        self._socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        try:
-            client, _ = self.listener.accept()
-        except OSError:
-            return
-        server = socket.create_connection(("127.0.0.1", self.target))
-        self._socks += [client, server]
-        threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-        threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                with self._lock:
-                    self.captured += data
-                    if upstream and self.flip_after is not None:
-                        buf = bytearray(data)
-                        index = self.flip_after - self._sent
-                        if 0 <= index < len(buf):
-                            buf[index] ^= 0x40
-                            self.flip_after = None
-                        self._sent += len(data)
-                        data = bytes(buf)
-                    elif upstream:
-                        self._sent += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.listener.close()
-        for s in self._socks:
-            s.close()
-
-
 class Server:
     def __init__(self, executor: ThreadPoolExecutor, tls: Contexts | None,
                  peers: tuple[str, ...] = ("a",)) -> None:
@@ -148,72 +94,62 @@ def exchange_secret(conn: PeerConnection) -> None:
     conn.notify("tell", body)
 
 
-def test_tls_channel_works_and_a_capture_shows_nothing_secret(
-        pki: dict[str, HostCredentials], executor: ThreadPoolExecutor, servers: list[Server]) -> None:
-    server = Server(executor, contexts(pki["b"]))
+@contextlib.contextmanager
+def relayed(executor: ThreadPoolExecutor, servers: list[Server], server_tls: Contexts | None,
+            client_tls: Contexts | None) -> Iterator[tuple[Server, helpers.Relay, PeerConnection]]:
+    """A server, the attacker's relay in front of it, and a connection dialled through it."""
+    server = Server(executor, server_tls)
     servers.append(server)
-    relay = Relay(server.server.port)
+    relay = helpers.Relay(("127.0.0.1", server.server.port))
     try:
-        conn = dial(relay.port, executor, contexts(pki["a"]))
+        conn = dial(relay.port, executor, client_tls)
         try:
-            assert conn.remote == "b"
-            assert conn.security.startswith("TLS (TLSv1.3")
-            exchange_secret(conn)
-            helpers.wait_for(lambda: server.notes, timeout=3)
-            assert server.notes == [{"token": SECRET, "page": GUEST_PATTERN}]
-            helpers.wait_for(lambda: conn.heartbeat.received >= 3, timeout=3)  # heartbeats flow both ways
-            assert server.conns[0].security.startswith("TLS (TLSv1.3")
+            yield server, relay, conn
         finally:
             conn.close()
-        capture = bytes(relay.captured)
-        assert len(capture) > 1000  # the relay really saw the traffic
-        for needle in (SECRET, GUEST_PATTERN[:40], '"echo"', '"hello"', "cuju-peer"):
-            assert needle.encode() not in capture, needle
     finally:
         relay.close()
+
+
+def test_tls_channel_works_and_a_capture_shows_nothing_secret(
+        pki: dict[str, HostCredentials], executor: ThreadPoolExecutor, servers: list[Server]) -> None:
+    with relayed(executor, servers, contexts(pki["b"]), contexts(pki["a"])) as (server, relay, conn):
+        assert conn.remote == "b"
+        assert conn.security.startswith("TLS (TLSv1.3")
+        exchange_secret(conn)
+        helpers.wait_for(lambda: server.notes, timeout=3)
+        assert server.notes == [{"token": SECRET, "page": GUEST_PATTERN}]
+        helpers.wait_for(lambda: conn.heartbeat.received >= 3, timeout=3)  # heartbeats flow both ways
+        assert server.conns[0].security.startswith("TLS (TLSv1.3")
+    capture = bytes(relay.captured)
+    assert len(capture) > 1000  # the relay really saw the traffic
+    for needle in (SECRET, GUEST_PATTERN[:40], '"echo"', '"hello"', "cuju-peer"):
+        assert needle.encode() not in capture, needle
 
 
 def test_the_same_capture_without_tls_shows_the_secret(
         executor: ThreadPoolExecutor, servers: list[Server]) -> None:
     """The lesser mode: authenticated but readable (the check above can fail)."""
-    server = Server(executor, None)
-    servers.append(server)
-    relay = Relay(server.server.port)
-    try:
-        conn = dial(relay.port, executor, None)
-        try:
-            assert conn.security.startswith("pre-shared key")
-            exchange_secret(conn)
-        finally:
-            conn.close()
-        assert SECRET.encode() in bytes(relay.captured)
-    finally:
-        relay.close()
+    with relayed(executor, servers, None, None) as (_server, relay, conn):
+        assert conn.security.startswith("pre-shared key")
+        exchange_secret(conn)
+    assert SECRET.encode() in bytes(relay.captured)
 
 
 def test_a_flipped_byte_closes_the_connection_and_is_never_delivered(
         pki: dict[str, HostCredentials], executor: ThreadPoolExecutor, servers: list[Server],
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="cuju_libvirt.cujud.peer")
-    server = Server(executor, contexts(pki["b"]))
-    servers.append(server)
-    relay = Relay(server.server.port)
-    try:
-        conn = dial(relay.port, executor, contexts(pki["a"]))
-        try:
-            helpers.wait_for(lambda: server.conns, timeout=3)
-            with relay._lock:
-                relay.flip_after = relay._sent + 30  # inside the next record
-            with pytest.raises(PeerError):
-                conn.request("echo", {"token": SECRET}, timeout=2)
-                conn.request("echo", {"token": SECRET}, timeout=2)
-            helpers.wait_for(server.conns[0].closed.is_set, timeout=3)
-            assert server.notes == []
-            assert "record rejected" in caplog.text
-        finally:
-            conn.close()
-    finally:
-        relay.close()
+    with relayed(executor, servers, contexts(pki["b"]), contexts(pki["a"])) as (server, relay, conn):
+        helpers.wait_for(lambda: server.conns, timeout=3)
+        with relay.lock:
+            relay.fault = helpers.FlipAt(relay.upstream + 30, mask=0x40)  # inside the next record
+        with pytest.raises(PeerError):
+            conn.request("echo", {"token": SECRET}, timeout=2)
+            conn.request("echo", {"token": SECRET}, timeout=2)
+        helpers.wait_for(server.conns[0].closed.is_set, timeout=3)
+        assert server.notes == []
+        assert "record rejected" in caplog.text
 
 
 @pytest.mark.parametrize("client, reason", [

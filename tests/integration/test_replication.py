@@ -9,11 +9,9 @@ one the primary saw acknowledged (or the next one, when only the ACK was lost).
 from __future__ import annotations
 
 import array
-import contextlib
 import mmap
 import random
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import pytest
 from cuju_libvirt.errors import LinkAuthError, LinkError, ProtocolError, ReplicationError
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
+from tests import helpers
 
 from .replication_support import PAGE, Workload, receiving, region_file, resume
 
@@ -81,60 +80,6 @@ def test_replica_equals_snapshot_of_last_acknowledged_epoch(shm_dir: Path) -> No
         assert rc["errors"] == tc["errors"] == 0
 
 
-class Proxy:
-    """A TCP relay between primary and backup that cuts the link or flips one byte.
-
-    Offsets count bytes from the primary towards the backup, HELLO included.
-    """
-
-    def __init__(
-        self, target: tuple[str, int], cut_at: int | None = None, flip_at: int | None = None
-    ) -> None:
-        self.target, self.cut_at, self.flip_at = target, cut_at, flip_at
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()
-        self.socks: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._run, name="dataplane-proxy", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        a, _ = self.listener.accept()
-        b = socket.create_connection(self.target)
-        self.socks = [a, b]
-        back = threading.Thread(target=self._pump, args=(b, a, False), daemon=True)
-        back.start()
-        self._pump(a, b, True)
-        back.join()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, forward: bool) -> None:
-        n = 0
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                if forward and self.cut_at is not None and n + len(data) >= self.cut_at:
-                    dst.sendall(data[: self.cut_at - n])
-                    break
-                if forward and self.flip_at is not None and n <= self.flip_at < n + len(data):
-                    buf = bytearray(data)
-                    buf[self.flip_at - n] ^= 0x5A
-                    data = bytes(buf)
-                dst.sendall(data)
-                n += len(data)
-        except OSError:
-            pass
-        for s in self.socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.listener.close()
-        for s in self.socks:
-            s.close()
-        self.thread.join(5)
-
-
 def _run_until_failure(tx: EpochSender, wl: Workload, primary: mmap.mmap, first: int, count: int) -> int:
     """Ship epochs first.. until the link fails; return the last epoch staged."""
     epoch = first - 1
@@ -160,7 +105,9 @@ def _fault_run(shm_dir: Path, seed: int, cut_at: int | None, flip_at: int | None
     standby = region_file(str(shm_dir / "ram"), PAGES)
     state = shm_dir / "state"
     listener = socket.create_server(("127.0.0.1", 0))
-    proxy = Proxy(listener.getsockname(), cut_at=cut_at, flip_at=flip_at)
+    fault = (helpers.CutAt(cut_at) if cut_at is not None
+             else helpers.FlipAt(flip_at) if flip_at is not None else None)
+    proxy = helpers.Relay(listener.getsockname(), fault)
     client = socket.create_connection(proxy.address, timeout=5)
     server, _ = listener.accept()
     rx = EpochReceiver(standby, str(state))

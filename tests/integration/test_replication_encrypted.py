@@ -8,11 +8,9 @@ tampers with records (flipped, replayed, injected bytes: refused, never applied)
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import random
 import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,58 +19,26 @@ from cuju_libvirt.errors import LinkAuthError, ProtocolError, ReplicationError
 from cuju_libvirt.ft_engine import linkkeys
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
+from tests import helpers
 
 from .replication_support import PAGE, Workload, region_file
-from .test_replication import Proxy, _assert_replica, _fault_run
+from .test_replication import _assert_replica, _fault_run
 
 PAGES = 256
 #: A page the attacker must never see: stands for a secret in guest memory.
 MARKER = (b"guest-secret-page:" + bytes(range(256)))[:256] * (PAGE // 256)
 
 
-class Recorder(Proxy):
-    """The relay of test_replication, also keeping every byte it forwards, and optionally
-    repeating a chunk it already forwarded (a replayed record) or inserting bytes."""
-
-    def __init__(self, target: tuple[str, int], *, replay_after: int | None = None,
-                 inject_after: int | None = None) -> None:
-        self.captured = bytearray()
-        self.replay_after, self.inject_after = replay_after, inject_after
-        self._lock = threading.Lock()
-        super().__init__(target)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, forward: bool) -> None:
-        n = 0
-        last = b""
-        try:
-            while data := src.recv(1 << 16):
-                with self._lock:
-                    self.captured += data
-                dst.sendall(data)
-                n += len(data)
-                if forward and self.replay_after is not None and n >= self.replay_after and last:
-                    dst.sendall(last)  # the previous chunk again: whole records replayed
-                    self.replay_after = None
-                if forward and self.inject_after is not None and n >= self.inject_after:
-                    dst.sendall(random.Random(7).randbytes(300))
-                    self.inject_after = None
-                last = data
-        except OSError:
-            pass
-        for s in self.socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-
 def _session(shm_dir: Path, keys: LinkKeys | None, rx_keys: bytes | None = None, *, epochs: int = 30,
-             **relay: int) -> tuple[Recorder, EpochReceiver, EpochSender, Workload, mmap.mmap, int]:
+             fault: helpers.Fault | None = None
+             ) -> tuple[helpers.Relay, EpochReceiver, EpochSender, Workload, mmap.mmap, int]:
     wl = Workload(seed=5, pages=PAGES)
     primary = mmap.mmap(-1, PAGES * PAGE)
     wl.fill(primary)
     primary[7 * PAGE : 8 * PAGE] = MARKER
     standby = region_file(str(shm_dir / "ram"), PAGES)
     listener = socket.create_server(("127.0.0.1", 0))
-    proxy = Recorder(listener.getsockname(), **relay)
+    proxy = helpers.Relay(listener.getsockname(), fault)
     client = socket.create_connection(proxy.address, timeout=5)
     server, _ = listener.accept()
     listener.close()
@@ -141,10 +107,15 @@ def test_cut_encrypted_link_leaves_an_acknowledged_epoch(shm_dir: Path, seed: in
     _fault_run(shm_dir, seed, cut_at=cut_at, flip_at=None, link_keys=LinkKeys.derive(linkkeys.new_secret()))
 
 
-@pytest.mark.parametrize("relay", [{"replay_after": 200_000}, {"inject_after": 150_000}])
-def test_replayed_or_injected_records_end_the_session_and_are_never_applied(
-        shm_dir: Path, relay: dict[str, int]) -> None:
-    proxy, rx, tx, wl, standby, staged = _session(shm_dir, LinkKeys.derive(linkkeys.new_secret()), **relay)
+FAULTS = {"replayed": lambda: helpers.ReplayAfter(200_000), "injected": lambda: helpers.InjectAfter(150_000),
+          "reordered": lambda: helpers.SwapAfter(250_000)}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_replayed_injected_or_reordered_records_end_the_session_and_are_never_applied(
+        shm_dir: Path, fault: str) -> None:
+    keys = LinkKeys.derive(linkkeys.new_secret())
+    proxy, rx, tx, wl, standby, staged = _session(shm_dir, keys, fault=FAULTS[fault]())
     try:
         with pytest.raises(ProtocolError) as info:  # LinkAuthError, or a record length out of bounds
             rx.wait(10)

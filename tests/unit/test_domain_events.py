@@ -179,3 +179,18 @@ def test_the_orchestrator_routes_events_to_its_primaries_only() -> None:
     orch._domain_event(DomainEvent("other", "0f1e2d3c-0000-4000-8000-0000000000ff", "device-removed",
                                    {"alias": "net1"}))
     assert len(engine.causes) == 1
+
+
+def test_a_disk_moved_to_an_overlay_without_any_event_is_a_reconfiguration() -> None:
+    """`virsh snapshot-create --disk-only` sends no event: the live XML's image chain shows it."""
+    before = events.disk_chains(domain_xml("vm", disk="/images/vm.img"))
+    assert events.disks_changed(before, events.disk_chains(domain_xml("vm", disk="/images/vm.img"))) is None
+    overlay = domain_xml("vm", disk="/images/vm.img").replace(
+        "<source file=\"/images/vm.img\"/>",
+        "<source file=\"/images/ov.qcow2\" index=\"2\"/><backingStore type=\"file\" index=\"1\">"
+        "<format type=\"raw\"/><source file=\"/images/vm.img\"/></backingStore>")
+    found = events.disks_changed(before, events.disk_chains(overlay))
+    assert found is not None and found.action is Action.RECONFIGURE
+    assert found.cause == "disk hda is on other images now (virsh snapshot-create --disk-only?)"
+    gone = events.disks_changed(before, events.disk_chains(domain_xml("vm", kernel="/boot/vmlinuz")))
+    assert gone is not None and gone.cause == "disk hda went"

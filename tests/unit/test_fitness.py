@@ -81,6 +81,8 @@ def test_a_fit_domain_has_no_problems() -> None:
          "</target></memory>", "memory-device", "virtio-mem"),
         ("<memory model='dimm' access='private'><target><size unit='GiB'>1</size></target></memory>",
          "memory-device", "dimm"),
+        ("<memory model='dimm'><target><size unit='GiB'>1</size><node>0</node></target></memory>",
+         "memory-device", "dimm"),
         ("<interface type='bridge'><source bridge='br0'/><model type='virtio'/></interface>",
          "nic-vhost", "bridge br0"),
         ("<interface type='bridge'><source bridge='br1'/><model type='virtio'/><driver name='vhost'/>"
@@ -134,7 +136,6 @@ def test_warnings_name_the_device(devices: str, code: str, subject: str) -> None
         "<interface type='bridge'><source bridge='br0'/><model type='e1000'/></interface>",
         "<interface type='user'/>",
         "<memballoon model='virtio' freePageReporting='on'/>",
-        "<memory model='dimm'><target><size unit='GiB'>1</size><node>0</node></target></memory>",
         "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
         "<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>",
         "<input type='tablet' bus='usb'/>",
@@ -188,6 +189,14 @@ def test_qmp_socket_path_limits_and_escaping() -> None:
 def test_output_commit_off_is_a_warning() -> None:
     problems = ft.check_fitness(fit(), dx.FTSpec(peer="b", output_commit=False))
     assert [(p.code, p.severity) for p in problems] == [("output-commit", ft.Severity.WARNING)]
+
+
+def test_room_for_memory_hot_plug_is_a_warning() -> None:
+    """Issue 13: a hot-plugged DIMM's RAM is a file of its own that is not replicated."""
+    xml = fit().replace("</name>", "</name><maxMemory slots='2' unit='MiB'>512</maxMemory>", 1)
+    problems = ft.check_fitness(xml)
+    assert [(p.code, p.severity) for p in problems] == [("memory-hotplug", ft.Severity.WARNING)]
+    assert "virsh attach-device" in problems[0].message
 
 
 def test_spec_defaults_to_the_domains_own_element() -> None:
@@ -419,11 +428,8 @@ def test_prepare_serves_every_writable_disk_on_every_bus_and_keeps_the_rest() ->
         assert disk_c14n(after[untouched]) == disk_c14n(before[untouched])
     warnings = [str(p) for p in result.problems if p.code == "disk"]
     assert len(warnings) == 1 and warnings[0].startswith("warning: <disk> vdd") and "shareable" in warnings[0]
-    # until a failover with disks has run end to end, one warning says so
-    (pending,) = [p for p in result.problems if p.code == "disk-replication"]
-    assert pending.subject == "<disk> vda, vdb, sda, sdb, sdc" and not pending.is_error
-    assert "not yet verified end to end" in pending.message
-    assert [p.code for p in result.problems] == ["disk", "disk-replication"]
+    # the served disks are epoch-protected: no warning of theirs is left (tests/e2e/test_disk_failover.py)
+    assert [p.code for p in result.problems] == ["disk"]
 
 
 def test_validate_warns_only_for_disks_that_are_not_prepared() -> None:
@@ -462,14 +468,19 @@ def test_without_the_element_prepare_leaves_disks_alone() -> None:
     assert not any(dx.is_nbd_export(d) for d in disks_by_target(result.xml).values())
 
 
-def test_disks_are_served_only_when_asked_while_cujud_does_not_replicate_them() -> None:
-    """The rig's e2e guests and shared-storage users keep their disks as they are by default."""
+def test_disks_are_served_by_default_and_left_alone_only_when_asked() -> None:
+    """Plain prepare serves every servable writable disk; ``disks=False`` (--no-serve-disks:
+    shared storage) keeps them as they are, each with the warning that names the fix."""
     enabled = dx.set_ft(read_fixture("several-disks.xml"), dx.FTSpec.defaults("hostb"))
-    result = ft.prepare(enabled)
+    served = ft.prepare(enabled)
+    assert len(dx.parse_domain(served.xml).disks) == 5  # type: ignore[union-attr]
+    unprotected = [p for p in served.problems if "not epoch-protected" in p.message]
+    assert all("shareable" in p.message for p in unprotected), unprotected
+    result = ft.prepare(enabled, disks=False)
     assert not any(dx.is_nbd_export(d) for d in disks_by_target(result.xml).values())
     assert dx.parse_domain(result.xml).disks == ()  # type: ignore[union-attr]
-    yet = [p for p in result.problems if "not epoch-protected yet" in p.message]
-    assert len(yet) == 5 and all("--serve-disks" in p.fix for p in yet)
+    yet = [p for p in result.problems if p.code == "disk" and p.preparable]
+    assert len(yet) == 5 and all("--prepare" in p.fix for p in yet)
 
 
 def test_prepare_with_disks_is_idempotent_and_adds_a_missing_uuid() -> None:

@@ -18,6 +18,8 @@ import libvirt
 import pytest
 from lxml import etree
 
+from cuju_libvirt import domain_xml as dx
+from cuju_libvirt import fitness
 from cuju_libvirt.cujud import orchestrator, records
 from cuju_libvirt.cujud.qemu_process import ended_on_signal, log_offset, ram_backing
 from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml, standby_xml
@@ -26,6 +28,7 @@ from cuju_libvirt.domain_xml import parse_domain
 from cuju_libvirt.errors import CujuError, StateError
 from cuju_libvirt.ft_engine.state import FTState
 from cuju_libvirt.rig.domains import domain_xml
+from tests.domains import LIBVIRT_DOMAIN_RNG
 
 
 def test_standby_xml_leaves_the_shared_disks_labels_to_the_primary() -> None:
@@ -38,6 +41,19 @@ def test_standby_xml_leaves_the_shared_disks_labels_to_the_primary() -> None:
         assert [(x.get("model"), x.get("relabel")) for x in labels] == [("dac", "no")]
     again = standby_xml(etree.tostring(root, encoding="unicode"))  # an existing dac label is kept
     assert len(etree.fromstring(again.encode()).findall("devices/disk/source/seclabel")) == len(sources)
+
+
+def test_standby_xml_labels_no_served_disk_so_libvirts_schema_accepts_it() -> None:
+    """A served disk is an NBD socket, no image file: a seclabel on its network <source> is
+    refused by libvirt's domain.rng (and there is nothing to relabel)."""
+    plain = domain_xml("vm", kernel="/boot/vmlinuz", data_disk="/images/vm-data.img")
+    prepared = fitness.prepare(dx.set_ft(plain, dx.FTSpec.defaults("hostb"))).xml
+    root = etree.fromstring(standby_xml(prepared).encode())
+    (disk,) = root.findall("devices/disk")
+    assert disk.get("type") == "network" and disk.findall("source/seclabel") == []
+    if LIBVIRT_DOMAIN_RNG.exists():
+        rng = etree.RelaxNG(etree.parse(str(LIBVIRT_DOMAIN_RNG)))
+        assert rng.validate(root), rng.error_log
 
 
 def test_standby_xml_adds_incoming_defer_and_is_recognised() -> None:
