@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from typing import Any
@@ -62,6 +63,32 @@ def _one_size(args: argparse.Namespace, mib: int, keys: LinkKeys | None = None) 
         "dirty_pages_mean": round(dirty.total / dirty.count) if dirty.count else None,
         "stage_ms_mean": round(counters.get("stage_ns", 0) / max(1, counters.get("epochs_staged", 1)) / 1e6,
                                3),
+        "_pauses": pauses,  # for the TLS comparison; popped before the output
+    }
+
+
+def _pooled_median_ms(rounds: list[list[float]]) -> float:
+    return statistics.median(x for r in rounds for x in r) * 1e3
+
+
+def tls_vs_plain(plain: list[list[float]], tls: list[list[float]], *, resamples: int = 2000,
+                 seed: int = 12) -> dict[str, Any]:
+    """The TLS pause median minus the plain one over interleaved rounds (pauses in seconds,
+    one list per session), with a 95 % bootstrap interval: each resample redraws every
+    session's pauses with replacement, so a session that ran on a busy moment weighs as
+    much as it did in the run, no more."""
+    rng = random.Random(seed)
+    added = _pooled_median_ms(tls) - _pooled_median_ms(plain)
+    draws = sorted(
+        _pooled_median_ms([rng.choices(r, k=len(r)) for r in tls])
+        - _pooled_median_ms([rng.choices(r, k=len(r)) for r in plain])
+        for _ in range(resamples))
+    lo, hi = draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]
+    return {
+        "tls_added_ms": round(added, 3),
+        "tls_added_ci95_ms": [round(lo, 3), round(hi, 3)],
+        "tls_added_ms_per_round": [round((statistics.median(t) - statistics.median(p)) * 1e3, 3)
+                                   for p, t in zip(plain, tls, strict=True)],
     }
 
 
@@ -70,16 +97,32 @@ def run_engine(args: argparse.Namespace, targets: dict[str, dict[str, float]]) -
     (default 4096) in the same run: ``ram_ratio_4g_256m`` is the ratio of their medians."""
     del targets  # the engine has targets of its own (issue 10)
     base = _one_size(args, args.memory_mib)
+    plain_rounds = [base.pop("_pauses")]
     out: dict[str, Any] = {**base, "engine": True, "gather": "C (EpochSender.stage), pipelined shipping",
                            "targets": ENGINE_TARGETS, "per_size": {str(base["memory_mib"]): base}}
     if getattr(args, "tls", False):
-        # the same size again over an encrypted FT link (c_ext/aead.h), in the same run
-        enc = _one_size(args, args.memory_mib, LinkKeys.derive(linkkeys.new_secret()))
+        # The same size over an encrypted FT link (c_ext/aead.h), in the same run: rounds of
+        # one plain and one encrypted session, the order swapped every round so that the
+        # machine's drift falls on both alike.
+        tls_rounds: list[list[float]] = []
+        enc: dict[str, Any] = {}
+        for i in range(args.tls_rounds):
+            order = (True, False) if i % 2 == 0 else (False, True)
+            for encrypted in order:
+                if not encrypted and i == 0:
+                    continue  # the first plain session is `base`
+                keys = LinkKeys.derive(linkkeys.new_secret()) if encrypted else None
+                case = _one_size(args, args.memory_mib, keys)
+                (tls_rounds if encrypted else plain_rounds).append(case.pop("_pauses"))
+                enc = case if encrypted else enc
         out["tls"] = enc
-        out["median_ms_tls"] = enc["median_ms"]
-        out["tls_added_ms"] = round(enc["median_ms"] - base["median_ms"], 3)
+        out["median_ms_tls"] = round(_pooled_median_ms(tls_rounds), 3)
+        out["median_ms_plain_pooled"] = round(_pooled_median_ms(plain_rounds), 3)
+        out["tls_rounds"] = args.tls_rounds
+        out.update(tls_vs_plain(plain_rounds, tls_rounds))
     if args.ratio_mib:
         big = _one_size(args, args.ratio_mib)
+        del big["_pauses"]
         out["per_size"][str(big["memory_mib"])] = big
         key = f"ram_ratio_{args.ratio_mib // 1024}g_{base['memory_mib']}m" if args.ratio_mib % 1024 == 0 \
             else f"ram_ratio_{args.ratio_mib}m_{base['memory_mib']}m"
@@ -90,7 +133,8 @@ def run_engine(args: argparse.Namespace, targets: dict[str, dict[str, float]]) -
         **({"ram_ratio_4g_256m": out["ram_ratio_4g_256m"] is not None
             and out["ram_ratio_4g_256m"] <= ENGINE_TARGETS["ram_ratio_4g_256m"]}
            if "ram_ratio_4g_256m" in out else {}),
-        **({"tls_added_ms": out["tls_added_ms"] <= ENGINE_TARGETS["tls_added_ms"]}
+        # met only when the whole 95 % interval stays below the target, not by a lucky median
+        **({"tls_added_ms": out["tls_added_ci95_ms"][1] <= ENGINE_TARGETS["tls_added_ms"]}
            if "tls_added_ms" in out else {}),
     }
     return out

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls", action="store_true",
                         help="with --engine: also run the --memory-mib case over an encrypted FT link "
                              "(AES-256-GCM records) in the same run: median_ms_tls, tls_added_ms")
+    parser.add_argument("--tls-rounds", type=int, default=3,
+                        help="with --tls: rounds of one plain and one encrypted session, interleaved "
+                             "(default 3); tls_added_ci95_ms is their bootstrap interval")
     parser.add_argument("--engine", action="store_true",
                         help="measure the real epoch engine instead (PrimaryEngine + BackupEngine over "
                              "loopback, C gather, pipelined shipping; epoch length = --run-ms)")

@@ -36,7 +36,7 @@ adopted. :class:`OwnershipStore`::
 
     store = OwnershipStore(client, prefix="/cuju/v1")
     store.read(uuid) -> Versioned | None         store.list() -> list[Versioned]
-    store.protect(uuid, name, owner, backup) -> Ownership   # new generation, mode protected
+    store.protect(uuid, name, owner, backup, again=0) -> Ownership   # new generation, mode protected
     store.claim(uuid, me, generation) -> Claim   # the race on peer loss (below)
     store.release(uuid, owner, mode) -> Ownership | None    # owner: unprotected/stopped
     store.replace(expect: Versioned, new: Ownership) -> (won, Versioned | None)  # raw CAS
@@ -160,16 +160,21 @@ class Put:
         return {"request_put": body}
 
 
+def _range(key: str, prefix: bool) -> dict[str, str]:
+    """The key (and ``range_end`` for a prefix) of a range, delete or watch request."""
+    body = {"key": _b64(key)}
+    if prefix:
+        body["range_end"] = _b64(prefix_end(key))
+    return body
+
+
 @dataclass(frozen=True)
 class Get:
     key: str
     prefix: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        body = {"key": _b64(self.key)}
-        if self.prefix:
-            body["range_end"] = _b64(prefix_end(self.key))
-        return {"request_range": body}
+        return {"request_range": _range(self.key, self.prefix)}
 
 
 @dataclass(frozen=True)
@@ -178,10 +183,7 @@ class Delete:
     prefix: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        body = {"key": _b64(self.key)}
-        if self.prefix:
-            body["range_end"] = _b64(prefix_end(self.key))
-        return {"request_delete_range": body}
+        return {"request_delete_range": _range(self.key, self.prefix)}
 
 
 Op = Put | Get | Delete
@@ -287,7 +289,7 @@ class EtcdClient:
 
     def get_prefix(self, prefix: str) -> list[KeyValue]:
         """Linearizable read of every key under ``prefix``, in key order."""
-        reply = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
+        reply = self.call("kv/range", _range(prefix, True))
         return [KeyValue.from_json(kv) for kv in reply.get("kvs") or []]
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
@@ -297,10 +299,7 @@ class EtcdClient:
         return int(self.call("kv/put", body)["header"]["revision"])
 
     def delete(self, key: str, prefix: bool = False) -> int:
-        body = {"key": _b64(key)}
-        if prefix:
-            body["range_end"] = _b64(prefix_end(key))
-        return int(self.call("kv/deleterange", body).get("deleted", 0))
+        return int(self.call("kv/deleterange", _range(key, prefix)).get("deleted", 0))
 
     def txn(self, compare: Sequence[Compare], success: Sequence[Op] = (),
             failure: Sequence[Op] = ()) -> TxnResult:
@@ -412,17 +411,24 @@ class OwnershipStore:
         current = result.ranges[0] if result.ranges else []
         return False, (self._versioned(current[0]) if current else None)
 
-    def protect(self, uuid: str, name: str, owner: str, backup: str) -> Ownership:
+    def protect(self, uuid: str, name: str, owner: str, backup: str, *, again: int = 0) -> Ownership:
         """A new generation with ``owner`` running the VM and ``backup`` to hold its standby.
 
-        Refused (:class:`CoordError`) when the record names another owner that has not stopped
-        the VM: that host may run it."""
+        ``again``: the generation of a failed pairing attempt with the same backup whose
+        standby is known gone (the backup promised it). When the record is still exactly that
+        pairing, it is returned unchanged: ownership did not change, so neither does the
+        generation (a retry loop must not make the record count up). Refused
+        (:class:`CoordError`) when the record names another owner that has not stopped the
+        VM: that host may run it."""
         current = self.read(uuid)
         for _ in range(CAS_RETRIES):
             if current is not None and current.record.owner != owner and current.record.mode != "stopped":
                 rec = current.record
                 raise CoordError(f"the witness records {rec.owner} as the owner of {name} (generation "
                                  f"{rec.generation}, {rec.mode}); it may run there")
+            if again and current is not None \
+                    and current.record == Ownership(uuid, name, owner, backup, "protected", again):
+                return current.record
             generation = 1 if current is None else current.record.generation + 1
             new = Ownership(uuid, name, owner, backup, "protected", generation)
             won, now = self.replace(current, new)

@@ -61,8 +61,9 @@ from cuju_libvirt.cujud.qemu_process import (
 )
 from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml
 from cuju_libvirt.cujud.virt import DomainEvent, LibvirtConnection, LifecycleEvent, LinkState, translate
-from cuju_libvirt.domain_xml import DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
+from cuju_libvirt.domain_xml import AUTO_PEER, DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
 from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError
+from cuju_libvirt.ft_engine import linkkeys
 from cuju_libvirt.ft_engine.devstate import (
     DevicesChangedError,
     MachineProfile,
@@ -107,8 +108,6 @@ QEMU_USER = "libvirt-qemu"
 QEMU_EXIT_WAIT = 1.0
 #: How long a connection to the peer's FT-link listener may take before the link counts as down (s).
 LINK_PROBE_TIMEOUT = 2.0
-#: ``<cuju:ft peer='auto'>``: this host's cujud places the standby (:meth:`Orchestrator.place`).
-AUTO_PEER = "auto"
 #: Engine failures that an operator's action caused (no fault: one WARNING line, then pairing anew).
 OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError)
 #: The states in which a running VM is unprotected and its protection loop pairs it.
@@ -156,6 +155,9 @@ class PrimaryDomain:
         self._deciding = False
         #: ... and while engine.start() runs on the protection loop's thread.
         self._starting = False
+        #: The generation of the last failed pairing whose standby the peer promised to drop:
+        #: the next attempt with that peer keeps it (ownership did not change), 0 otherwise.
+        self._again = 0
         #: When each kind of event note was last logged (:meth:`on_event`).
         self._notes: dict[str, float] = {}
         #: The disks' image chains in the XML the standby was made from (:meth:`_watch_disks`).
@@ -244,7 +246,8 @@ class PrimaryDomain:
             if self.spec_link:  # the address is known before the peer is asked
                 self._probe_link()
             disks = primary_disks(self.uuid, self.spec.disks)
-            self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer)
+            self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer, again=self._again)
+            self._again = 0
             self.log.info("asking %s for a standby", self.peer)
             reply = conn.request("standby-create", {
                 "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
@@ -258,15 +261,22 @@ class PrimaryDomain:
             records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer,
                           generation=self.generation)
             link_keys = self._link_keys(reply)
+            token = bytes.fromhex(str(reply["token"]))
+            if link_keys is not None:  # encrypted: the token never crosses the FT link (linkkeys)
+                token = linkkeys.admission(bytes.fromhex(str(reply["link_secret"])), token)
             sock = socket.create_connection(self._link_address(reply), timeout=10)
-            sock.sendall(bytes.fromhex(str(reply["token"])) + self.generation.to_bytes(8, "big"))
+            sock.sendall(token + self.generation.to_bytes(8, "big"))
             sock.settimeout(None)
             self.qmp = QMPClient(fitness.qmp_socket_path(self.name))
             standby = self._check_standby(reply)
         except (CujuError, OSError, KeyError, ValueError) as err:
             self.machine.move(S.UNPROTECTED if first else S.DEGRADED, expect=S.PAIRING)
             self._close_qmp()
-            self._ask_abandon("pairing failed", quiet=True)
+            answer = self._ask_abandon("pairing failed", quiet=True)
+            # The same pairing may be retried at the same generation only when no standby of
+            # it can be left: the peer promised (a copy at a generation still the record's
+            # could win a claim later).
+            self._again = self.generation if answer is not None and answer.get("abandoned") else 0
             if sock is not None:
                 sock.close()
             if disks is not None:
@@ -888,6 +898,11 @@ class Orchestrator:
         """The configured peer that ``<cuju:ft peer=...>`` names (by node name or address). An
         element that names this host itself (the VM failed over here and was restarted) leaves
         the choice to :meth:`place` (the one other host when only one peer is configured)."""
+        if spec.placed and self.witness is None:
+            raise CujuError("<cuju:ft> has no peer attribute, so the cluster places the standby, but this "
+                            "cujud has no witness (etcd_endpoints is not set in cujud.yaml); fix: add "
+                            "peer='HOST[:PORT]' naming the backup's cujud (or peer='auto': this host's cujud "
+                            "chooses among its peers), or set etcd_endpoints on every host")
         if self.names_this_host(spec) and self.links:
             return self.place("", prefer=None) or sorted(self.links)[0]
         host = spec.peer_host
@@ -909,12 +924,14 @@ class Orchestrator:
 
     # -- the witness ---------------------------------------------------------------------------
 
-    def witness_protect(self, uuid: str, name: str, backup: str) -> int:
-        """A new ownership generation for pairing ``name`` with ``backup``; 0 without a witness."""
+    def witness_protect(self, uuid: str, name: str, backup: str, *, again: int = 0) -> int:
+        """The ownership generation for pairing ``name`` with ``backup``: a new one, or ``again``
+        when the record is still that failed attempt's (:meth:`OwnershipStore.protect`); 0
+        without a witness."""
         if self.witness is None:
             return 0
         try:
-            return self.witness.protect(uuid, name, self.node, backup).generation
+            return self.witness.protect(uuid, name, self.node, backup, again=again).generation
         except CoordError as err:
             raise CujuError(f"the witness (etcd) did not record the pairing: {err}") from err
 

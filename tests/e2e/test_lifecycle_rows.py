@@ -23,7 +23,7 @@ from lxml import etree
 
 from cuju_libvirt.errors import RigError
 from cuju_libvirt.rig.cujud import Cujud, cujud_pair
-from cuju_libvirt.rig.guests import read_counter
+from cuju_libvirt.rig.guests import POWER_OFF, RESET, boot_image, command_guest, read_counter
 from cuju_libvirt.rig.hosts import Rig
 from tests.e2e.conftest import cleanup_protected
 from tests.e2e.test_lifecycle import advancing, protect
@@ -164,6 +164,49 @@ def test_operations_libvirt_refuses_leave_protection_alone(row: Row, args: tuple
     assert words in str(refused.value).lower(), refused.value
     assert advancing(row.ram)
     row.unchanged(standby, offset)
+
+
+# -- the guest's own reset and poweroff (a guest of its own that obeys a command word) ----------------
+
+
+def test_the_guest_resets_and_powers_off_itself_under_protection(row: Row) -> None:
+    """A reset from inside the guest is replicated like `virsh reset`; its poweroff (ACPI S5)
+    ends protection as a deliberate stop: the standby is dropped, one INFO line, no ERROR."""
+    name = "lc-power"
+    try:
+        ram = protect(row.rig, boot_image(power=True), row.ca, row.cb, name)
+        standby, offset = row.rig.b.qemu_pid(name), row.log_size()
+        assert advancing(ram)
+        before = read_counter(ram)
+        command_guest(ram, RESET)
+        deadline = time.monotonic() + 30
+        while not 0 < read_counter(ram) < before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0 < read_counter(ram) < before, "the guest did not reset itself"
+        time.sleep(1.0)
+        assert row.rig.b.qemu_pid(name) == standby, "the standby was replaced"
+        assert (row.ca.domain(name) or {}).get("state") == "protected"
+        assert "the guest was reset" in row.log_since(offset)
+        command_guest(ram, POWER_OFF)
+        deadline = time.monotonic() + 30
+        while (row.rig.a.qemu_pid(name) or row.rig.b.qemu_pid(name)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert row.rig.a.qemu_pid(name) is None, "the guest did not power off"
+        assert row.rig.b.qemu_pid(name) is None, "the standby must be dropped"
+        text = row.log_since(offset)
+        deadline = time.monotonic() + 10
+        while "the VM ended (deliberate" not in text and time.monotonic() < deadline:
+            time.sleep(0.2)
+            text = row.log_since(offset)
+        print("\n".join(line for line in text.splitlines() if name in line and "DEBUG" not in line))
+        assert "the VM ended (deliberate" in text, text[-3000:]
+        assert " ERROR " not in text, text[-3000:]
+        deadline = time.monotonic() + 15  # libvirt says "in shutdown" until it has reaped QEMU
+        while "shut off" not in row.rig.a.virsh("domstate", name) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "shut off" in row.rig.a.virsh("domstate", name)
+    finally:
+        cleanup_protected(row.rig, name)
 
 
 # -- protection ends and is established again with the new configuration ---------------------------

@@ -8,11 +8,17 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from cuju_libvirt.cujud import orchestrator
 from cuju_libvirt.cujud.coord import Compare, EtcdClient, Get, Ownership, OwnershipStore, Put
-from cuju_libvirt.errors import CoordError, CoordUnavailable
+from cuju_libvirt.domain_xml import parse_domain
+from cuju_libvirt.errors import CoordError, CoordUnavailable, CujuError
+from cuju_libvirt.rig.domains import domain_xml
 from cuju_libvirt.rig.etcd import EtcdCluster, etcd_binary
 
 pytestmark = [
@@ -74,6 +80,59 @@ def test_protect_claim_release_and_the_fencing_generation(store: OwnershipStore)
     assert store.protect("u1", "vm1", owner="a", backup="b").generation == 5
     with pytest.raises(CoordError, match="nothing to claim"):
         store.claim("missing", "a", 1)
+
+
+def test_a_retried_pairing_keeps_its_generation_until_ownership_changes(store: OwnershipStore) -> None:
+    first = store.protect("u1", "vm1", owner="a", backup="b")
+    revision = store.read("u1").mod_revision  # type: ignore[union-attr]
+    again = store.protect("u1", "vm1", owner="a", backup="b", again=first.generation)
+    assert again == first
+    assert store.read("u1").mod_revision == revision  # type: ignore[union-attr]  # nothing written
+    # another backup is another pairing; without the promise (again=0) the same one too
+    assert store.protect("u1", "vm1", owner="a", backup="c", again=first.generation).generation == 2
+    assert store.protect("u1", "vm1", owner="a", backup="c").generation == 3
+    # the record moved on (a claim): the old generation is no reason to keep anything
+    store.claim("u1", "a", 3)
+    assert store.protect("u1", "vm1", owner="a", backup="c", again=3).generation == 5
+
+
+class RefusingPeer:
+    """The backup's cujud: refuses every standby; ``promises``: it answers standby-abandon."""
+
+    def __init__(self, promises: bool) -> None:
+        self.promises = promises
+
+    def request(self, kind: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        if kind == "standby-abandon" and self.promises:
+            return {"abandoned": True}
+        raise CujuError(f"{kind}: refused by the test's peer")
+
+
+@pytest.mark.parametrize("promises", [True, False])
+def test_a_failing_pairing_raises_the_generation_only_without_the_peers_promise(
+        store: OwnershipStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, promises: bool) -> None:
+    """Issue 9: every retry of a failed pairing raised the record's generation. With the
+    peer's promise that no standby is left, a retry is the same pairing (same generation);
+    without it, a copy at the old generation may exist, so the next attempt fences it off."""
+    uuid = f"0f1e2d3c-0000-4000-8000-00000000000{int(promises)}"
+    spec = parse_domain(domain_xml("vm", kernel="/k", metadata=[
+        '<cuju:ft xmlns:cuju="https://cuju-ft.github.io/libvirt/ft/1.0" peer="hostb"/>']))
+    assert spec is not None
+    dom = SimpleNamespace(XMLDesc=lambda flags: "<domain/>", isPersistent=lambda: False)
+    orch: Any = SimpleNamespace(node="hosta", witness=store, state_dir=tmp_path, lookup=lambda uuid: dom,
+                                links=SimpleNamespace(connection=lambda name: RefusingPeer(promises)),
+                                cfg=SimpleNamespace(request_timeout=1.0))
+    orch.witness_protect = lambda *a, **k: orchestrator.Orchestrator.witness_protect(orch, *a, **k)
+    monkeypatch.setattr(orchestrator, "qemu_pid", lambda name: 1)
+    monkeypatch.setattr(orchestrator, "ram_backing", lambda pid: None)
+    p = orchestrator.PrimaryDomain(orch, "vm", uuid, spec, "hostb", spec_link=False)
+    monkeypatch.setattr(p, "_settle", lambda: True)
+    generations = []
+    for _ in range(3):
+        with pytest.raises(CujuError, match="pairing with hostb failed"):
+            p._pair_once()
+        generations.append(store.read(uuid).record.generation)  # type: ignore[union-attr]
+    assert generations == ([1, 1, 1] if promises else [1, 2, 3])
 
 
 def test_both_sides_race_one_transaction_exactly_one_wins(store: OwnershipStore) -> None:
