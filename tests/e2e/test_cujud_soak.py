@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cuju_libvirt.rig.cujud import Cujud, protected_linux_xml
+from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, protected_linux_xml
 from cuju_libvirt.rig.hosts import Host, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
 from cuju_libvirt.rig.observer import Observer, Rules, epoch_ms_from_rate, judge_run, one_epoch_packets
-from tests.e2e.conftest import cleanup_protected
 from tests.e2e.test_cujud_restarts import EPOCH_MS, MAC, PPS, make_observer, still_counting
 
 KILLS = 5

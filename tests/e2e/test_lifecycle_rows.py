@@ -22,10 +22,9 @@ import pytest
 from lxml import etree
 
 from cuju_libvirt.errors import RigError
-from cuju_libvirt.rig.cujud import Cujud, cujud_pair
+from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, cujud_pair
 from cuju_libvirt.rig.guests import POWER_OFF, RESET, boot_image, command_guest, read_counter
 from cuju_libvirt.rig.hosts import Rig
-from tests.e2e.conftest import cleanup_protected
 from tests.e2e.test_lifecycle import advancing, protect
 
 NAME = "lc-rows"
