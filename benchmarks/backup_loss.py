@@ -22,7 +22,14 @@ import time
 from pathlib import Path
 
 from benchmarks._engine import summary
-from cuju_libvirt.rig.cujud import HOOK_NAME, Cujud, cujud_pair, protected_linux_xml, write_hook_shim
+from cuju_libvirt.rig.cujud import (
+    HOOK_NAME,
+    Cujud,
+    cleanup_protected,
+    cujud_pair,
+    protected_linux_xml,
+    write_hook_shim,
+)
 from cuju_libvirt.rig.etcd import in_rig
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
@@ -37,15 +44,6 @@ HEARTBEAT_TIMEOUT_MS = 500
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="backup-host crashes (default 5)")
     parser.add_argument("--epoch-ms", type=int, default=20, help="epoch length in ms (default 20)")
-
-
-def _cleanup(rig: Rig, name: str) -> None:
-    for host in (rig.a, rig.b):
-        host.virsh("destroy", name, check=False)
-        host.virsh("undefine", name, check=False)
-        for kind in ("ceded", "takeovers", "protected"):
-            for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
-                f.unlink()
 
 
 def _pause(rec: Recording, after: float) -> float:
@@ -82,7 +80,7 @@ def one_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int
                 "problems": [f"{type(err).__name__}: {err}"]}
     finally:
         with contextlib.suppress(Exception):
-            _cleanup(rig, name)
+            cleanup_protected(rig, name)
         with contextlib.suppress(Exception):
             if not rig.b.processes():
                 rig.b.reboot()

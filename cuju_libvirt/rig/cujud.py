@@ -215,6 +215,23 @@ def cujud_cluster(rig: Rig, hosts: Sequence[Host] | None = None, logs: Path | No
                 _keep_logs(c.host, logs / c.host.name)
 
 
+def cleanup_protected(rig: Rig, name: str) -> None:
+    """Destroy and undefine ``name`` on every host of the rig and forget cujud's records of it
+    (the end of an e2e test or a benchmark run)."""
+    hosts = list(rig.hosts.values())
+    for _ in range(2):  # twice: a primary may re-pair onto a host whose standby just went
+        for host in hosts:
+            if host.keeper is not None and host.keeper.alive():
+                host.virsh("destroy", name, check=False)
+        time.sleep(0.5)
+    for host in hosts:
+        if host.keeper is not None and host.keeper.alive():
+            host.virsh("undefine", name, check=False)
+        for kind in ("ceded", "takeovers", "protected"):
+            for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
+                f.unlink()
+
+
 def _keep_logs(host: Host, into: Path) -> None:
     into.mkdir(parents=True, exist_ok=True)
     for inside in ("/var/log/cuju-libvirt", "/var/log/libvirt/qemu"):

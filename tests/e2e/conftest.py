@@ -11,7 +11,7 @@
   :class:`RigGuest`; every guest it made is destroyed and undefined after the test.
 * ``ft_rig`` (module): a rig of its own with the cuju hook installed in both hosts, and
   ``cujuds``: cujud on both of its hosts for one test (the product path; protected domains
-  are removed with :func:`cleanup_protected`).
+  are removed with :func:`cuju_libvirt.rig.cujud.cleanup_protected`).
 """
 
 from __future__ import annotations
@@ -79,22 +79,6 @@ def cujuds(ft_rig: Rig, tmp_path: Path) -> Iterator[tuple[Cujud, Cujud]]:
     """cujud on both hosts; their logs end up in the test's tmp_path (kept by pytest)."""
     with cujud_pair(ft_rig, logs=tmp_path / "logs") as pair:
         yield pair
-
-
-def cleanup_protected(rig: Rig, name: str) -> None:
-    """Destroy and undefine ``name`` on both hosts and forget cujud's records of it."""
-    hosts = list(rig.hosts.values())
-    for _ in range(2):  # twice: a primary may re-pair onto a host whose standby just went
-        for host in hosts:
-            if host.keeper is not None and host.keeper.alive():
-                host.virsh("destroy", name, check=False)
-        time.sleep(0.5)
-    for host in hosts:
-        if host.keeper is not None and host.keeper.alive():
-            host.virsh("undefine", name, check=False)
-        for kind in ("ceded", "takeovers", "protected"):
-            for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
-                f.unlink()
 
 
 @pytest.fixture(scope="session")
