@@ -58,6 +58,8 @@ def _one_size(args: argparse.Namespace, mib: int, keys: LinkKeys | None = None) 
         "median_ms": total["median_ms"],
         "p99_ms": total["p99_ms"],
         "phases": {name: _stats(v[5:]) for name, v in times.phases.items()},
+        # QEMU's STOP to RESUME stamps: the part of the pause the guest itself saw
+        "guest_pause": _stats(times.guest[5:]) if len(times.guest) > 5 else None,
         "dirty_pages_mean": round(dirty.total / dirty.count) if dirty.count else None,
         "stage_ms_mean": round(counters.get("stage_ns", 0) / max(1, counters.get("epochs_staged", 1)) / 1e6,
                                3),

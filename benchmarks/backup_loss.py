@@ -17,12 +17,16 @@ import argparse
 import contextlib
 import itertools
 import random
-import tempfile
 import time
-from pathlib import Path
 
 from benchmarks._engine import summary
-from cuju_libvirt.rig.cujud import HOOK_NAME, Cujud, cujud_pair, protected_linux_xml, write_hook_shim
+from cuju_libvirt.rig.cujud import (
+    Cujud,
+    cleanup_protected,
+    cujud_pair,
+    hooked_rig,
+    protected_linux_xml,
+)
 from cuju_libvirt.rig.etcd import in_rig
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
@@ -37,15 +41,6 @@ HEARTBEAT_TIMEOUT_MS = 500
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="backup-host crashes (default 5)")
     parser.add_argument("--epoch-ms", type=int, default=20, help="epoch length in ms (default 20)")
-
-
-def _cleanup(rig: Rig, name: str) -> None:
-    for host in (rig.a, rig.b):
-        host.virsh("destroy", name, check=False)
-        host.virsh("undefine", name, check=False)
-        for kind in ("ceded", "takeovers", "protected"):
-            for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
-                f.unlink()
 
 
 def _pause(rec: Recording, after: float) -> float:
@@ -82,7 +77,7 @@ def one_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int
                 "problems": [f"{type(err).__name__}: {err}"]}
     finally:
         with contextlib.suppress(Exception):
-            _cleanup(rig, name)
+            cleanup_protected(rig, name)
         with contextlib.suppress(Exception):
             if not rig.b.processes():
                 rig.b.reboot()
@@ -92,10 +87,9 @@ def one_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int
 def run(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random()
     guest = build_linux_guest()
-    with tempfile.TemporaryDirectory(prefix="witness-bench.") as tmp:
-        rig = Rig(hooks={HOOK_NAME: write_hook_shim(Path(tmp))})
-        with rig, in_rig(rig, 3) as etcd, cujud_pair(rig, etcd_endpoints=etcd.endpoints) as cujuds:
-            runs = [one_run(rig, cujuds, guest, i, epoch_ms=args.epoch_ms, rng=rng) for i in range(args.runs)]
+    with hooked_rig() as rig, in_rig(rig, 3) as etcd, \
+            cujud_pair(rig, etcd_endpoints=etcd.endpoints) as cujuds:
+        runs = [one_run(rig, cujuds, guest, i, epoch_ms=args.epoch_ms, rng=rng) for i in range(args.runs)]
     pauses = [float(r["pause_ms"]) for r in runs if r["ok"] and r["pause_ms"] is not None]  # type: ignore[arg-type]
     med, p99 = summary(pauses)
     counted = [int(r["lost_or_repeated"]) for r in runs if r["lost_or_repeated"] is not None]  # type: ignore[call-overload]

@@ -12,12 +12,15 @@ import contextlib
 import os
 import random
 import signal
-import tempfile
 import time
-from pathlib import Path
 
 from benchmarks._engine import failover_report
-from cuju_libvirt.rig.cujud import HOOK_NAME, Cujud, cujud_pair, protected_linux_xml, write_hook_shim
+from cuju_libvirt.rig.cujud import (
+    Cujud,
+    cujud_pair,
+    hooked_rig,
+    protected_linux_xml,
+)
 from cuju_libvirt.rig.etcd import in_rig
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
@@ -98,17 +101,15 @@ def _report(runs: list[dict[str, object]], epoch_ms: int) -> dict[str, object]:
 def run(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random()
     guest = build_linux_guest()
-    with tempfile.TemporaryDirectory(prefix="orchestrator-bench.") as tmp:
-        rig = Rig(hooks={HOOK_NAME: write_hook_shim(Path(tmp))})
-        with rig:
-            with cujud_pair(rig) as cujuds:
-                runs = [one_run(rig, cujuds, guest, i, epoch_ms=args.epoch_ms, rng=rng)
-                        for i in range(args.runs)]
-            if args.witness == "none":
-                return _report(runs, args.epoch_ms)
-            with in_rig(rig, 3) as etcd, cujud_pair(rig, etcd_endpoints=etcd.endpoints) as cujuds:
-                witnessed = [one_run(rig, cujuds, guest, args.runs + i, epoch_ms=args.epoch_ms, rng=rng)
-                             for i in range(args.runs)]  # names of their own: staged files stay
+    with hooked_rig() as rig:
+        with cujud_pair(rig) as cujuds:
+            runs = [one_run(rig, cujuds, guest, i, epoch_ms=args.epoch_ms, rng=rng)
+                    for i in range(args.runs)]
+        if args.witness == "none":
+            return _report(runs, args.epoch_ms)
+        with in_rig(rig, 3) as etcd, cujud_pair(rig, etcd_endpoints=etcd.endpoints) as cujuds:
+            witnessed = [one_run(rig, cujuds, guest, args.runs + i, epoch_ms=args.epoch_ms, rng=rng)
+                         for i in range(args.runs)]  # names of their own: staged files stay
     report, baseline = _report(witnessed, args.epoch_ms), _report(runs, args.epoch_ms)
     med, base = report["failover_ms_median"], baseline["failover_ms_median"]
     both = isinstance(med, float | int) and isinstance(base, float | int)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ DESCRIPTION = (
     "(compute-bound, a few dirty pages per epoch) and mem (one word per 4 KiB page over --stress-mb "
     "MiB: every epoch dirties all of it). A twin guest (same kernel, workload and size, never "
     "protected) runs alongside and is measured in the same seconds, so a load change on the host "
-    "hits both alike. Phases per workload: before anything, after bare stop/cont cycles, after one "
+    "hits both alike; with 2+ cores each guest is pinned to a core of its own and the cores swap "
+    "every second (ratio_by_placement: the ratio in each placement). Phases per workload: "
+    "before anything, after bare stop/cont cycles, after one "
     "device-state save (calibration: both unprotected), FT, after FT. ratio_<workload> = "
     "(FT guest / twin during FT) / (guest / twin during calibration)."
 )
@@ -64,20 +67,47 @@ def _progress(guest: DirectGuest, w: Workload) -> int:
     return int(reports[-1][w.key]) if reports else 0
 
 
+def _pin(pid: int, cpu: int | None) -> None:
+    """Put every thread of process ``pid`` on ``cpu`` (None: on all the host's cores)."""
+    cpus = set(range(os.cpu_count() or 1)) if cpu is None else {cpu}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), cpus)
+
+
 def rates(guests: list[DirectGuest], w: Workload, seconds: float) -> list[list[float]]:
     """Per guest, progress units per second of the *host's* clock, one sample per second, all
     guests over the same seconds: the guest's own clock stops while the VM is paused, so a rate
-    it reported would overstate FT."""
+    it reported would overstate FT.
+
+    With as many cores as guests, each guest has a core of its own during a sample and the
+    cores rotate between samples: the guests never compete for one core (a vCPU thread that
+    sleeps in every pause would otherwise win the scheduler's favour from its twin: sample
+    ``i`` puts guest ``k`` on core ``(k + i) % cores``), and each sees every core's other load
+    equally often. Even samples and odd ones are the two placements."""
+    cores = os.cpu_count() or 1
+    pinned = cores >= len(guests) > 1
     out: list[list[float]] = [[] for _ in guests]
-    t0, p0 = time.monotonic(), [_progress(g, w) for g in guests]
-    end = t0 + seconds
-    while time.monotonic() < end:
-        time.sleep(1.0)
-        t1, p1 = time.monotonic(), [_progress(g, w) for g in guests]
-        for i in range(len(guests)):
-            out[i].append((p1[i] - p0[i]) / (t1 - t0))
-        t0, p0 = t1, p1
-    return out
+    i = 0
+    try:
+        while True:
+            if pinned:
+                for k, g in enumerate(guests):
+                    _pin(g.pid, (k + i) % cores)
+                time.sleep(0.1)  # the threads move
+            t0, p0 = time.monotonic(), [_progress(g, w) for g in guests]
+            time.sleep(1.0)
+            t1, p1 = time.monotonic(), [_progress(g, w) for g in guests]
+            for k in range(len(guests)):
+                out[k].append((p1[k] - p0[k]) / (t1 - t0))
+            i += 1
+            if i >= max(2, round(seconds)):
+                return out
+    finally:
+        if pinned:
+            for g in guests:
+                with contextlib.suppress(OSError):
+                    _pin(g.pid, None)
 
 
 def _median(xs: list[float]) -> float | None:
@@ -121,7 +151,12 @@ def _one(args: argparse.Namespace, name: str, w: Workload) -> dict[str, Any]:
             cfg = config(p, args.epoch_ms, None, output=False)
         cfg.epoch_policy, cfg.max_epoch_ms = args.epoch_policy, args.max_epoch_ms
         with protected_pair(p, s, cfg) as pair:
+            times = pair.engine.times
+            n_before, g_before, t_ft = len(times.pause), len(times.guest), time.monotonic()
             pair_rates["ft"] = rates([p, twin], w, args.seconds)
+            ft_wall_s = time.monotonic() - t_ft
+            # what the guest saw stopped (QEMU's STOP..RESUME); None if the window was trimmed
+            paused_s = sum(times.guest[g_before:]) if len(times.pause) >= n_before else None
             pause_ms = pair.engine.times.median_ms()
             dirty = pair.pstats.snapshot().dirty_pages
             epochs = pair.engine.epochs
@@ -129,10 +164,20 @@ def _one(args: argparse.Namespace, name: str, w: Workload) -> dict[str, Any]:
     med = {k: _median(v[0]) for k, v in pair_rates.items()}
     twin_med = {k: _median(v[1]) for k, v in pair_rates.items()}
     # Per second, guest over twin: both saw the same host load in that second.
-    rel = {k: _median([a / b for a, b in zip(v[0], v[1], strict=True) if b]) for k, v in pair_rates.items()}
+    per_second = {k: [a / b if b else None for a, b in zip(v[0], v[1], strict=True)]
+                  for k, v in pair_rates.items()}
+    rel = {k: _median([x for x in v if x is not None]) for k, v in per_second.items()}
     calib, ft = rel["calibration"], rel["ft"]
+    # The two core placements alternate by second: the ratio in each, and their spread.
+    by_placement = [_ratio(_median([x for x in per_second["ft"][j::2] if x is not None]),
+                           _median([x for x in per_second["calibration"][j::2] if x is not None]))
+                    for j in (0, 1)]
     return {
         "ratio": round(ft / calib, 3) if ft is not None and calib else None,
+        "ratio_by_placement": by_placement,
+        # The most FT can give: the share of wall-clock time the VM ran (the pauses QEMU's
+        # STOP/RESUME events stamp taken out). A ratio well above it is the scheduler's doing.
+        "ratio_bound_from_pauses": None if paused_s is None else round(1 - paused_s / ft_wall_s, 3),
         "rate_median": med,
         "twin_rate_median": twin_med,
         "guest_over_twin": rel,

@@ -11,11 +11,15 @@ import random
 import re
 import signal
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from cuju_libvirt.rig.cujud import HOOK_NAME, Cujud, cujud_pair, protected_linux_xml, write_hook_shim
+from cuju_libvirt.rig.cujud import (
+    Cujud,
+    cleanup_protected,
+    cujud_pair,
+    hooked_rig,
+    protected_linux_xml,
+)
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
@@ -37,15 +41,6 @@ _SYNC_LINE = re.compile(r"PROTECTED by \S+: initial sync of (\d+) pages in ([\d.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=3, help="kill/re-protect runs (default 3)")
     parser.add_argument("--epoch-ms", type=int, default=20, help="epoch length in ms (default 20)")
-
-
-def _cleanup(rig: Rig, name: str) -> None:
-    for host in (rig.a, rig.b):
-        host.virsh("destroy", name, check=False)
-        host.virsh("undefine", name, check=False)
-        for kind in ("ceded", "takeovers", "protected"):
-            for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
-                f.unlink()
 
 
 def _last_sync(cujud: Cujud, name: str) -> tuple[int, float] | None:
@@ -100,7 +95,7 @@ def one_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int
         return {"ok": False, "problems": [f"{type(err).__name__}: {err}"]}
     finally:
         with contextlib.suppress(Exception):
-            _cleanup(rig, name)
+            cleanup_protected(rig, name)
 
 
 def _median(runs: list[dict[str, object]], key: str) -> float | None:
@@ -111,10 +106,8 @@ def _median(runs: list[dict[str, object]], key: str) -> float | None:
 def run(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random()
     guest = build_linux_guest()
-    with tempfile.TemporaryDirectory(prefix="reprotect-bench.") as tmp:
-        rig = Rig(hooks={HOOK_NAME: write_hook_shim(Path(tmp))})
-        with rig, cujud_pair(rig) as cujuds:
-            runs = [one_run(rig, cujuds, guest, i, epoch_ms=args.epoch_ms, rng=rng) for i in range(args.runs)]
+    with hooked_rig() as rig, cujud_pair(rig) as cujuds:
+        runs = [one_run(rig, cujuds, guest, i, epoch_ms=args.epoch_ms, rng=rng) for i in range(args.runs)]
     reprotected, baseline = _median(runs, "reprotected_s"), _median(runs, "initial_protect_s")
     return {
         "runs": len(runs),

@@ -238,7 +238,7 @@ def parse_address(text: str, default_port: int) -> Address:
         raise _Invalid(f"{text!r}: missing or malformed host")
     if port_text == "":
         return Address(host, default_port)
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise _Invalid(f"{text!r}: port must be a number from 1 to 65535")
     return Address(host, int(port_text))
 

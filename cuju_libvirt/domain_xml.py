@@ -140,11 +140,17 @@ class Attribute:
     choices: tuple[str, ...] = ()
 
 
+#: ``peer='auto'``: this host's cujud chooses the backup among its peers.
+AUTO_PEER = "auto"
+#: ``FTSpec.peer`` of an element without ``peer``: the cluster (etcd) places the standby.
+PLACED = ""
+
 ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute(
         "peer", "peer", "endpoint", None,
         "the peer host's cujud, HOST[:PORT] (host name, IPv4 or [IPv6]); "
-        f"port {DEFAULT_PEER_PORT} if omitted",
+        f"port {DEFAULT_PEER_PORT} if omitted; 'auto': chosen by this host's cujud; absent: "
+        "placed by the cluster (needs etcd_endpoints)",
     ),
     Attribute(
         "link", "link", "endpoint", None,
@@ -212,7 +218,7 @@ def _allowed(attr: Attribute) -> str:
 
 def _default_text(attr: Attribute) -> str:
     if attr.name == "peer":
-        return "required"
+        return "default: placed by the cluster (needs etcd_endpoints in cujud.yaml)"
     if attr.name == "link":
         return f"default: the peer's host, port {DEFAULT_LINK_PORT}"
     if attr.kind == "onoff":
@@ -222,7 +228,7 @@ def _default_text(attr: Attribute) -> str:
 
 def _value_problem(attr: Attribute, value: object, reason: str = "") -> str:
     why = f" ({reason})" if reason else ""
-    remedy = "set it" if attr.name == "peer" else "set it to a valid value or remove it to use the default"
+    remedy = "set it to a valid value or remove it to use the default"
     return (
         f"<cuju:ft> attribute {attr.name}={str(value)!r} is invalid{why}: it must be {_allowed(attr)}, "
         f"{_default_text(attr)}; fix: {remedy}"
@@ -233,7 +239,8 @@ def _value_problem(attr: Attribute, value: object, reason: str = "") -> str:
 class FTSpec:
     """The settings of one ``<cuju:ft>`` element, validated on construction."""
 
-    peer: str
+    #: The backup's cujud; ``PLACED`` (the attribute is absent): the cluster places the standby.
+    peer: str = ""
     link: str | None = None
     epoch_ms: int = 20
     epoch_policy: EpochPolicy = "output"
@@ -254,6 +261,12 @@ class FTSpec:
             reason = _check_value(attr, value)
             if reason is not None:
                 problems.append(_value_problem(attr, value, reason))
+        if self.link is not None and self.peer == PLACED:
+            problems.append(
+                f"<cuju:ft> attribute link={self.link!r} names the FT link on the peer, but there is no "
+                "peer attribute (the cluster places the standby and its cujud tells its FT-link address); "
+                "fix: remove link, or add peer='HOST[:PORT]'"
+            )
         if not isinstance(self.disks, tuple) or not all(isinstance(d, FTDisk) for d in self.disks):
             problems.append("FTSpec.disks must be a tuple of FTDisk")
         else:
@@ -267,8 +280,8 @@ class FTSpec:
             raise FTElementError(problems)
 
     @classmethod
-    def defaults(cls, peer: str) -> FTSpec:
-        """All defaults, with the (required) peer."""
+    def defaults(cls, peer: str = "") -> FTSpec:
+        """All defaults, with ``peer`` (none: placed by the cluster)."""
         return cls(peer=peer)
 
     @classmethod
@@ -279,11 +292,6 @@ class FTSpec:
         for name in attributes:
             if name not in ATTRIBUTE_BY_NAME:
                 problems.append(_unknown_attribute(name))
-        if "peer" not in attributes:
-            problems.append(
-                "<cuju:ft> has no peer attribute: it is required; fix: add peer='HOST[:PORT]' "
-                "naming the peer host's cujud"
-            )
         for name, text in attributes.items():
             attr = ATTRIBUTE_BY_NAME.get(name)
             if attr is None:
@@ -310,8 +318,14 @@ class FTSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     @property
+    def placed(self) -> bool:
+        """No ``peer`` attribute: the cluster's placer chooses the backup."""
+        return self.peer == PLACED
+
+    @property
     def peer_endpoint(self) -> Endpoint:
-        return parse_endpoint(self.peer, DEFAULT_PEER_PORT)
+        """The peer's cujud; host ``auto`` when cujud chooses it (``peer='auto'`` or placed)."""
+        return parse_endpoint(self.peer or AUTO_PEER, DEFAULT_PEER_PORT)
 
     @property
     def link_endpoint(self) -> Endpoint:
@@ -354,6 +368,8 @@ class FTSpec:
         result: dict[str, str] = {}
         for attr in ATTRIBUTES:
             value = getattr(self, attr.field)
+            if attr.name == "peer" and value == PLACED:
+                continue
             if attr.name == "peer" or (value is not None and value != attr.default):
                 result[attr.name] = _to_text(attr, value)
         return result
@@ -362,7 +378,7 @@ class FTSpec:
 def _check_value(attr: Attribute, value: object) -> str | None:
     """Why ``value`` is not valid for ``attr``, or None when it is."""
     if attr.kind == "endpoint":
-        if value is None and attr.name == "link":
+        if (value is None and attr.name == "link") or (value == PLACED and attr.name == "peer"):
             return None
         if not isinstance(value, str):
             return "not a string"

@@ -12,6 +12,9 @@ Protocol handling:
   execution is not enabled).
 * Every request carries an ``id``. Replies with another id belong to a request that timed
   out earlier and are dropped, so a timeout leaves the connection usable.
+* Commands can be pipelined: :meth:`QMPClient.send` several, then collect each answer with
+  :meth:`QMPClient.reply` (in any order); the epoch's pause sends ``stop`` and the
+  device-state save back to back this way.
 * Asynchronous events are buffered (bounded; the oldest are dropped first and counted in
   :attr:`QMPClient.dropped_events`) and can be read with :meth:`QMPClient.events` or
   awaited with :meth:`QMPClient.wait_event`.
@@ -36,7 +39,7 @@ from collections import deque
 from typing import Any
 
 from cuju_libvirt._closing import Closing
-from cuju_libvirt.errors import MonitorError
+from cuju_libvirt.errors import MonitorError, StateError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,10 @@ class QMPClient(Closing):
         self._chunk_view = memoryview(self._chunk)
         self._next_id = 0
         self._prefixes: dict[str, bytes] = {}
+        #: Commands sent and not yet answered through :meth:`reply` (id -> name), and the
+        #: answers read while waiting for another one.
+        self._pending: dict[int, str] = {}
+        self._replies: dict[int, dict[str, Any]] = {}
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock: socket.socket | None = sock
         deadline = time.monotonic() + connect_timeout
@@ -138,6 +145,14 @@ class QMPClient(Closing):
         ``add-fd``); the caller keeps its own copy and may close it afterwards. Raises
         :class:`QMPError` if QEMU refuses the command.
         """
+        return self.reply(self.send(command, arguments, fd=fd), timeout=timeout)
+
+    def send(self, command: str, arguments: dict[str, Any] | None = None, *, fd: int | None = None) -> int:
+        """Send ``command`` without waiting for its answer; return the id :meth:`reply` takes.
+
+        QEMU runs a monitor's commands one after the other in the order sent, so a second
+        command sent before the first one's answer starts without a round trip in between.
+        """
         sock = self._require_socket(command)
         self._next_id += 1
         req_id = self._next_id
@@ -151,21 +166,33 @@ class QMPClient(Closing):
             msg = {"execute": command, "arguments": arguments, "id": req_id}
             data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
         self._send(sock, command, data, fd)
+        self._pending[req_id] = command
+        return req_id
+
+    def reply(self, req_id: int, *, timeout: float | None = None) -> Any:
+        """The ``return`` value of the command :meth:`send` returned ``req_id`` for, waiting
+        for it if needed; :class:`QMPError` if QEMU refused it. Answers to other commands
+        still awaited are kept for their own call."""
+        command = self._pending.get(req_id)
+        if command is None:
+            raise StateError(f"no QMP command with id {req_id} awaits its answer")
+        reply = self._replies.pop(req_id, None)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
-            reply = self._read_message(deadline, command)
-            if "event" in reply:
-                self._store_event(reply)
-                continue
-            if reply.get("id") != req_id:
-                log.debug("dropping stale QMP reply %r (waiting for id %d)", reply, req_id)
-                continue
-            if "return" in reply:
-                return reply["return"]
-            if "error" in reply:
-                error = reply["error"]
-                raise QMPError(command, str(error.get("class", "?")), str(error.get("desc", "")))
-            raise QMPConnectionError(f"malformed QMP reply to {command!r} from {self.path}: {reply!r}")
+        try:
+            while reply is None:
+                msg = self._read_message(deadline, command)
+                if msg.get("id") == req_id and "event" not in msg:
+                    reply = msg
+                else:
+                    self._keep(msg)
+        finally:
+            self._pending.pop(req_id, None)  # a late answer after a timeout is dropped as stale
+        if "return" in reply:
+            return reply["return"]
+        if "error" in reply:
+            error = reply["error"]
+            raise QMPError(command, str(error.get("class", "?")), str(error.get("desc", "")))
+        raise QMPConnectionError(f"malformed QMP reply to {command!r} from {self.path}: {reply!r}")
 
     def events(self, name: str | None = None, *, clear: bool = True) -> list[dict[str, Any]]:
         """Buffered events (oldest first), optionally only those called ``name``.
@@ -198,10 +225,7 @@ class QMPClient(Closing):
             msg = self._read_message(deadline, f"event {name}")
             if msg.get("event") == name:
                 return msg
-            if "event" in msg:
-                self._store_event(msg)
-            else:
-                log.debug("dropping stale QMP reply %r while waiting for event %s", msg, name)
+            self._keep(msg)
 
     def close(self) -> None:
         """Close the connection; idempotent."""
@@ -229,6 +253,8 @@ class QMPClient(Closing):
 
     def _drop_socket(self) -> None:
         sock, self._sock = self._sock, None
+        self._pending.clear()
+        self._replies.clear()
         if sock is not None:
             sock.close()
 
@@ -250,6 +276,17 @@ class QMPClient(Closing):
         self._drop_socket()
         how = f"lost ({err.strerror or err})" if err is not None else "closed by QEMU"
         return QMPConnectionError(f"QMP connection to {self.path} {how} while {doing}; did QEMU exit?")
+
+    def _keep(self, msg: dict[str, Any]) -> None:
+        """File a message read while waiting for something else: an event into the buffer,
+        the answer to a command sent and not yet collected for :meth:`reply`; drop the rest
+        (answers to commands that timed out)."""
+        if "event" in msg:
+            self._store_event(msg)
+        elif msg.get("id") in self._pending:
+            self._replies[msg["id"]] = msg
+        else:
+            log.debug("dropping stale QMP reply %r", msg)
 
     def _salvage_events(self) -> None:
         """Move every complete event still unread (buffered or on the socket) into the buffer."""
@@ -288,10 +325,7 @@ class QMPClient(Closing):
                     raise self._lost("reading events")
                 self._buf += self._chunk_view[:n]
                 continue
-            if "event" in msg:
-                self._store_event(msg)
-            else:
-                log.debug("dropping stale QMP reply %r", msg)
+            self._keep(msg)
 
     def _next_buffered(self) -> dict[str, Any] | None:
         end = self._buf.find(b"\n")

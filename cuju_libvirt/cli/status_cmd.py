@@ -29,7 +29,9 @@ def register(subparsers: Any) -> None:
             "its role on this host (primary or backup), the peer host, the FT state, epochs\n"
             "committed per second (over the last few seconds), the replication lag (age of\n"
             "the newest epoch the backup acknowledged), the last failover, and the progress\n"
-            "of an initial synchronisation. Then the peer hosts with their heartbeat.\n\n"
+            "of an initial synchronisation. Then the peer hosts with their heartbeat, and,\n"
+            "when cujud uses etcd (etcd_endpoints), the witness's record of every VM of the\n"
+            "cluster: owner, backup, mode and generation.\n\n"
             "A domain whose state is not 'protected' (primary) or 'standby' (backup) has no\n"
             "backup that could take over right now: its lag shows '-'."
         ),
@@ -96,7 +98,25 @@ def render(status: Mapping[str, Any], now: float) -> str:
         else:
             why = f" ({p['last_error']})" if p.get("last_error") else ""
             lines.append(f"peer {p.get('node')}: NOT CONNECTED{why}")
+    lines.extend(_cluster_lines(status.get("cluster")))
     return "\n".join(lines) + "\n"
+
+
+def _cluster_lines(cluster: Mapping[str, Any] | None) -> list[str]:
+    """The witness's records of every VM in the cluster (only when cujud uses etcd)."""
+    if cluster is None:
+        return []
+    if cluster.get("error"):
+        return [f"cluster (etcd): NO ANSWER ({cluster['error']})"]
+    vms: Sequence[Mapping[str, Any]] = cluster.get("vms") or []
+    lines = [f"cluster (etcd): {len(vms)} VM record(s)"]
+    rows = [["VM", "OWNER", "BACKUP", "MODE", "GENERATION"]] + [
+        [str(v.get("name") or v.get("uuid")), str(v.get("owner")), str(v.get("backup") or "-"),
+         str(v.get("mode")), str(v.get("generation"))] for v in vms]
+    if vms:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return lines
 
 
 def _row(d: Mapping[str, Any], now: float) -> list[str]:

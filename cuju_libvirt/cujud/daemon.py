@@ -285,7 +285,22 @@ class Daemon:
             "protection": LIMITS,
             "metrics": self.metrics.url if self.metrics is not None else None,
             "domains": self.domain_status(),
+            "cluster": self.cluster_status(),
         }
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """The witness's ownership records (every VM of the cluster: owner, backup, mode,
+        generation) for ``status``; None in two-host mode, ``error`` when etcd does not answer."""
+        witness = self.orchestrator.witness if self.orchestrator is not None else None
+        if witness is None:
+            return None
+        try:
+            records = witness.list()
+        except CujuError as err:
+            return {"error": str(err), "vms": []}
+        return {"vms": [{"uuid": v.record.uuid, "name": v.record.name, "owner": v.record.owner,
+                         "backup": v.record.backup, "mode": v.record.mode, "generation": v.record.generation}
+                        for v in records]}
 
     def domain_status(self) -> list[dict[str, Any]]:
         """Every registered domain for ``status``: role, peer, state, epochs/s, lag, failover, sync."""

@@ -61,8 +61,9 @@ from cuju_libvirt.cujud.qemu_process import (
 )
 from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml
 from cuju_libvirt.cujud.virt import DomainEvent, LibvirtConnection, LifecycleEvent, LinkState, translate
-from cuju_libvirt.domain_xml import DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
+from cuju_libvirt.domain_xml import AUTO_PEER, DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
 from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError
+from cuju_libvirt.ft_engine import linkkeys
 from cuju_libvirt.ft_engine.devstate import (
     DevicesChangedError,
     MachineProfile,
@@ -107,8 +108,6 @@ QEMU_USER = "libvirt-qemu"
 QEMU_EXIT_WAIT = 1.0
 #: How long a connection to the peer's FT-link listener may take before the link counts as down (s).
 LINK_PROBE_TIMEOUT = 2.0
-#: ``<cuju:ft peer='auto'>``: this host's cujud places the standby (:meth:`Orchestrator.place`).
-AUTO_PEER = "auto"
 #: Engine failures that an operator's action caused (no fault: one WARNING line, then pairing anew).
 OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError)
 #: The states in which a running VM is unprotected and its protection loop pairs it.
@@ -262,8 +261,11 @@ class PrimaryDomain:
             records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer,
                           generation=self.generation)
             link_keys = self._link_keys(reply)
+            token = bytes.fromhex(str(reply["token"]))
+            if link_keys is not None:  # encrypted: the token never crosses the FT link (linkkeys)
+                token = linkkeys.admission(bytes.fromhex(str(reply["link_secret"])), token)
             sock = socket.create_connection(self._link_address(reply), timeout=10)
-            sock.sendall(bytes.fromhex(str(reply["token"])) + self.generation.to_bytes(8, "big"))
+            sock.sendall(token + self.generation.to_bytes(8, "big"))
             sock.settimeout(None)
             self.qmp = QMPClient(fitness.qmp_socket_path(self.name))
             standby = self._check_standby(reply)
@@ -896,6 +898,11 @@ class Orchestrator:
         """The configured peer that ``<cuju:ft peer=...>`` names (by node name or address). An
         element that names this host itself (the VM failed over here and was restarted) leaves
         the choice to :meth:`place` (the one other host when only one peer is configured)."""
+        if spec.placed and self.witness is None:
+            raise CujuError("<cuju:ft> has no peer attribute, so the cluster places the standby, but this "
+                            "cujud has no witness (etcd_endpoints is not set in cujud.yaml); fix: add "
+                            "peer='HOST[:PORT]' naming the backup's cujud (or peer='auto': this host's cujud "
+                            "chooses among its peers), or set etcd_endpoints on every host")
         if self.names_this_host(spec) and self.links:
             return self.place("", prefer=None) or sorted(self.links)[0]
         host = spec.peer_host

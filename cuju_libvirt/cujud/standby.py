@@ -130,7 +130,9 @@ class FTListener:
         self._server.setblocking(False)
         self.handshake_timeout = handshake_timeout
         self.max_pending = max_pending
-        self._pending: dict[bytes, Callable[[socket.socket, int], None]] = {}
+        #: what a connection must open with -> (its token, who takes the connection)
+        self._pending: dict[bytes, tuple[bytes, Callable[[socket.socket, int], None]]] = {}
+        self._wire: dict[bytes, bytes] = {}  # token -> what its connection opens with
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -146,15 +148,22 @@ class FTListener:
     def port(self) -> int:
         return int(self._server.getsockname()[1])
 
-    def expect(self, on_connect: Callable[[socket.socket, int], None]) -> str:
+    def expect(self, on_connect: Callable[[socket.socket, int], None], secret: bytes | None = None) -> str:
+        """A one-time token for one connection (hex, for the primary, inside the peer channel).
+        With the link's ``secret`` the connection must open with its admission value
+        (:func:`~cuju_libvirt.ft_engine.linkkeys.admission`), so the token never crosses the link."""
         token = secrets.token_bytes(TOKEN_BYTES)
+        wire = token if secret is None else linkkeys.admission(secret, token)
         with self._lock:
-            self._pending[token] = on_connect
+            self._pending[wire] = (token, on_connect)
+            self._wire[token] = wire
         return token.hex()
 
     def forget(self, token: str) -> None:
         with self._lock:
-            self._pending.pop(bytes.fromhex(token), None)
+            wire = self._wire.pop(bytes.fromhex(token), None)
+            if wire is not None:
+                self._pending.pop(wire, None)
 
     def _serve(self) -> None:
         sel = selectors.DefaultSelector()
@@ -231,7 +240,10 @@ class FTListener:
             return
         token, generation = bytes(hello[:TOKEN_BYTES]), int.from_bytes(hello[TOKEN_BYTES:], "big")
         with self._lock:
-            handler = self._pending.pop(token, None)
+            entry = self._pending.pop(token, None)
+            if entry is not None:
+                del self._wire[entry[0]]
+        handler = None if entry is None else entry[1]
         if handler is None:
             LOG.warning("FT link connection from %s refused: unknown or used token", addr)
             sock.close()
@@ -328,7 +340,7 @@ class Standby:
             # What the primary compares with its own QEMU before it syncs a single page.
             self.profile = standby_profile(self.qmp)
             self.ram_path = ram.path
-            self.token = self.manager.ft.expect(self._linked)
+            self.token = self.manager.ft.expect(self._linked, self.link_secret)
         except BaseException:
             self._destroy_domain()
             raise

@@ -317,6 +317,11 @@ def default_path(qmp: QMPClient) -> str:
     return qmp.path + DEVSTATE_SUFFIX
 
 
+def _require_stopped(status: str) -> None:
+    if status not in STOPPED_STATES:
+        raise StateError(f"device state can only be saved while the VM is stopped; it is {status!r}")
+
+
 class _StateFile:
     """The file QEMU's ``xen-save-devices-state`` writes, and our way of reading it back.
 
@@ -332,7 +337,11 @@ class _StateFile:
             os.unlink(path)  # a stale file of another owner would make QEMU's open fail
 
     def save(self, qmp: QMPClient) -> None:
-        qmp.execute("xen-save-devices-state", {"filename": self.path, "live": False})
+        qmp.reply(self.send(qmp))
+
+    def send(self, qmp: QMPClient) -> int:
+        """Ask QEMU for the save without waiting (:meth:`QMPClient.reply` takes the id)."""
+        return qmp.send("xen-save-devices-state", {"filename": self.path, "live": False})
 
     def read(self) -> bytes:
         stat = os.stat(self.path)
@@ -388,6 +397,9 @@ class DeviceStateSaver(Closing):
         self._expect = tuple(expect_sections) if expect_sections is not None else None
         self._check_primary()
         self._file = _StateFile(os.fspath(path) if path is not None else default_path(qmp))
+        self._request: int | None = None  # the QMP id of a save begun and not finished
+        self._status: int | None = None  # ... and of the query-status behind it
+        self._started = 0.0
 
     def _check_primary(self) -> None:
         profile = self.profile
@@ -423,17 +435,51 @@ class DeviceStateSaver(Closing):
             status = self.qmp.execute("query-status")["status"]
         except MonitorError as err:
             raise DeviceStateError("cannot query the primary's run state", _qemu_words(err)) from err
-        if status not in STOPPED_STATES:
-            raise StateError(f"device state can only be saved while the VM is stopped; it is {status!r}")
-        t1 = clock()
+        _require_stopped(status)
+        self.begin(check=False)
+        return self.finish(check_s=clock() - t0)
+
+    def begin(self, *, check: bool = True) -> None:
+        """Ask QEMU for the save without waiting for it; :meth:`finish` collects it.
+
+        For a caller whose own ``stop`` went first on the same monitor (QEMU runs a monitor's
+        commands in order): it may send both back to back and work (harvest) while QEMU
+        writes the device state. Another monitor's command may still run in between (QEMU
+        takes turns between monitors): with ``check``, a ``query-status`` goes right behind
+        the save and :meth:`finish` raises :class:`StateError` if the VM was not stopped
+        then (somebody resumed it: the save itself would then stop and resume it again).
+        """
+        if self._request is not None:
+            raise StateError("a device-state save is already under way")
+        self._started = time.perf_counter()
+        self._request = self._file.send(self.qmp)
+        self._status = self.qmp.send("query-status") if check else None
+
+    def finish(self, *, check_s: float = 0.0) -> SavedState:
+        """Wait for the save :meth:`begin` asked for and return the blob (errors as :meth:`save`)."""
+        if self._request is None:
+            raise StateError("no device-state save was begun")
+        clock = time.perf_counter
+        request, self._request = self._request, None
+        status, self._status = self._status, None
+        t1 = self._started
         try:
-            self._file.save(self.qmp)
+            self.qmp.reply(request)
         except MonitorError as err:
+            if status is not None:
+                with contextlib.suppress(MonitorError):
+                    self.qmp.reply(status)
             raise DeviceStateError(
                 f"device-state save into {self._file.path} failed (QEMU's user must be able to create "
                 "files in that directory)",
                 _qemu_words(err),
             ) from err
+        if status is not None:
+            try:
+                state = self.qmp.reply(status)["status"]
+            except MonitorError as err:
+                raise DeviceStateError("cannot query the primary's run state", _qemu_words(err)) from err
+            _require_stopped(state)
         t2 = clock()
         try:
             blob = self._file.read()
@@ -449,7 +495,8 @@ class DeviceStateSaver(Closing):
         if self.sections is None:
             self._first(blob)
         self.saves += 1
-        return SavedState(blob, SaveTimings(check=t1 - t0, save=t2 - t1, read=t3 - t2, total=t3 - t0))
+        timings = SaveTimings(check=check_s, save=t2 - t1, read=t3 - t2, total=check_s + t3 - t1)
+        return SavedState(blob, timings)
 
     def _first(self, blob: bytes) -> None:
         sections = parse_blob(blob).sections

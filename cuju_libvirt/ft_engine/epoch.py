@@ -172,13 +172,18 @@ class EpochTimes:
     keep: int = 10_000
     pause: list[float] = field(default_factory=list)
     phases: dict[str, list[float]] = field(default_factory=dict)
+    #: What the guest saw: QEMU's STOP to its RESUME event (their stamps), for the pauses the
+    #: engine resumed. Shorter than ``pause``: the vCPUs still run while ``stop`` reaches
+    #: them and run again before ``cont``'s answer reaches the engine.
+    guest: list[float] = field(default_factory=list)
 
-    def add(self, total: float, **phases: float) -> None:
+    def add(self, total: float, guest: float | None = None, **phases: float) -> None:
         if len(self.pause) >= self.keep:
-            del self.pause[: self.keep // 2]
-            for values in self.phases.values():
+            for values in (self.pause, self.guest, *self.phases.values()):
                 del values[: self.keep // 2]
         self.pause.append(total)
+        if guest is not None:
+            self.guest.append(guest)
         for name, value in phases.items():
             self.phases.setdefault(name, []).append(value)
 
@@ -248,6 +253,8 @@ class PrimaryEngine:
         self._stopped_flag = False  # the tracker's guard: True only while we hold the VM stopped
         #: The VM was already paused by someone else at the engine's last ``stop``.
         self._foreign_pause = False
+        #: The stamp of QEMU's STOP event of the engine's last ``stop`` (None: not ours).
+        self._stop_stamp: float | None = None
         #: While paused by someone else: the device state of the last epoch that captured the
         #: pause (idle epochs send it again); None otherwise.
         self._last_blob: bytes | None = None
@@ -378,8 +385,11 @@ class PrimaryEngine:
 
     # -- initial synchronisation -------------------------------------------------------------
 
-    def _vm_stop(self) -> None:
+    def _vm_stop(self, then: Callable[[], None] | None = None) -> None:
         """Stop the VM; note whether it was this ``stop`` that stopped it.
+
+        ``then`` runs right after ``stop`` is sent, before its answer: it may send the
+        commands that follow it (QEMU runs them in order, without a round trip between).
 
         QEMU emits a STOP event only when a ``stop`` really stops a running VM, before its
         reply and stamped with the host's wall clock. No STOP stamped at or after the moment
@@ -387,9 +397,14 @@ class PrimaryEngine:
         libvirt job, an I/O error with ``werror=stop``): the engine then never resumes it.
         """
         sent = time.time() - _CLOCK_SLACK
-        self.qmp.execute("stop")
+        request = self.qmp.send("stop")
+        if then is not None:
+            then()
+        self.qmp.reply(request)
         self._stopped_flag = True
-        ours = any(_event_time(ev) >= sent for ev in self.qmp.events("STOP"))
+        stops = [stamp for ev in self.qmp.events("STOP") if (stamp := _event_time(ev)) >= sent]
+        ours = bool(stops)
+        self._stop_stamp = stops[-1] if stops else None
         if not ours and not self._foreign_pause:
             self.log.info("the VM was paused by someone else (virsh suspend or a libvirt job): it stays "
                           "paused and protected; epochs go on without resuming it")
@@ -632,7 +647,11 @@ class PrimaryEngine:
         assert tracker is not None and saver is not None and self._sender is not None
         clock = self._clock
         t0 = clock()
-        self._vm_stop()
+        # Our own stop last time: the save goes right behind this stop and QEMU writes the
+        # device state while the harvest runs. (A VM somebody else paused gets no pipelined
+        # save: its idle epochs reuse the last blob, see _idle_epoch.)
+        pipelined = not self._foreign_pause
+        self._vm_stop(then=saver.begin if pipelined else None)
         if self._foreign_pause and self._last_blob is not None:
             return self._idle_epoch(t0)
         try:
@@ -649,7 +668,7 @@ class PrimaryEngine:
                     packets = after - (before or 0)
             t3 = clock()
             try:
-                saved = saver.save()
+                saved = saver.finish() if pipelined else saver.save()
             except StateError as err:  # running again: only somebody else can have resumed it
                 raise ResumedElsewhereError(
                     f"the VM was resumed by someone else while an epoch captured it ({err}): that epoch is "
@@ -684,8 +703,8 @@ class PrimaryEngine:
         self.stats.record_epoch(pause_s=end - t0, dirty_pages=count, device_state_bytes=len(saved.blob))
         if packets is not None:
             self.stats.set_packets_held(packets)
-        self.times.add(end - t0, stop=t1 - t0, harvest=t2 - t1, boundary=t3 - t2, devstate=t4 - t3,
-                       stage=t5 - t4, cont=end - t5)
+        self.times.add(end - t0, self._guest_pause(), stop=t1 - t0, harvest=t2 - t1, boundary=t3 - t2,
+                       devstate=t4 - t3, stage=t5 - t4, cont=end - t5)
         self._drop_events()  # drop the STOP/RESUME/MIGRATION events of this pause
         return end
 
@@ -704,6 +723,13 @@ class PrimaryEngine:
             except (CujuError, OSError):
                 continue
         return qemu_exit_cause(self._last_words)
+
+    def _guest_pause(self) -> float | None:
+        """The pause the guest saw, from QEMU's STOP and RESUME stamps (None if not resumed)."""
+        resumed = self.qmp.events("RESUME", clear=False)
+        if self._stop_stamp is None or not resumed:
+            return None
+        return _event_time(resumed[-1]) - self._stop_stamp
 
     def _check_not_resumed(self) -> None:
         """Raise if somebody resumed the VM while the engine held it stopped (``virsh resume``

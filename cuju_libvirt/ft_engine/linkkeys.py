@@ -11,6 +11,11 @@ the secret would cross the LAN readable). Both ends derive the same four values 
 
 A token admits exactly one connection and each connection numbers its records from 0,
 so a (key, nonce) pair is never used twice, across reconnects included.
+
+On an encrypted link the token itself never crosses the FT link: the primary opens the
+connection with ``admission(secret, token)`` = HMAC-SHA256(secret, "cuju-ft/1 admit" +
+token) instead, which proves it holds the secret and is worthless once used (the backup
+admits each value once).
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ def new_secret() -> bytes:
 
 def _derive(secret: bytes, label: str, size: int) -> bytes:
     return hmac.new(secret, f"cuju-ft/1 {label}".encode(), hashlib.sha256).digest()[:size]
+
+
+def admission(secret: bytes, token: bytes) -> bytes:
+    """What the primary sends on an encrypted FT link in place of the token (same length)."""
+    return hmac.new(secret, b"cuju-ft/1 admit" + token, hashlib.sha256).digest()[: len(token)]
 
 
 @dataclass(frozen=True)

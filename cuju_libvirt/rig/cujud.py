@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -213,6 +214,32 @@ def cujud_cluster(rig: Rig, hosts: Sequence[Host] | None = None, logs: Path | No
             c.stop()
             if logs is not None:
                 _keep_logs(c.host, logs / c.host.name)
+
+
+@contextlib.contextmanager
+def hooked_rig(host_count: int = 2) -> Iterator[Rig]:
+    """A rig of ``host_count`` hosts with the cuju hook installed before their libvirtd starts
+    (the product path: ``virsh start`` asks cujud), up for the ``with`` block."""
+    with tempfile.TemporaryDirectory(prefix="cuju-hook.") as tmp, \
+            Rig(hooks={HOOK_NAME: write_hook_shim(Path(tmp))}, host_count=host_count) as rig:
+        yield rig
+
+
+def cleanup_protected(rig: Rig, name: str) -> None:
+    """Destroy and undefine ``name`` on every host of the rig and forget cujud's records of it
+    (the end of an e2e test or a benchmark run)."""
+    hosts = list(rig.hosts.values())
+    for _ in range(2):  # twice: a primary may re-pair onto a host whose standby just went
+        for host in hosts:
+            if host.keeper is not None and host.keeper.alive():
+                host.virsh("destroy", name, check=False)
+        time.sleep(0.5)
+    for host in hosts:
+        if host.keeper is not None and host.keeper.alive():
+            host.virsh("undefine", name, check=False)
+        for kind in ("ceded", "takeovers", "protected"):
+            for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
+                f.unlink()
 
 
 def _keep_logs(host: Host, into: Path) -> None:

@@ -48,6 +48,10 @@ PAGE_SIZE = 4096
 COUNTER_GPA = 0x8000
 #: Guest-physical address of the u32 magic the guest writes once it reached protected mode.
 MAGIC_GPA = 0x8004
+#: The command word of a ``power=True`` guest (:func:`command_guest`).
+COMMAND_GPA = 0x800C
+#: Commands of a ``power=True`` guest: the guest itself powers off (ACPI S5) or resets.
+POWER_OFF, RESET = 1, 2
 MAGIC = 0x554A5543  # b"CUJU"
 #: Guest-physical address of the writer's xorshift32 state.
 RNG_GPA = 0x8008
@@ -136,11 +140,15 @@ def boot_image(
     *,
     delay: int = DEFAULT_DELAY,
     cache: str | os.PathLike[str] | None = None,
+    power: bool = False,
 ) -> Path:
-    """Path of the boot-sector guest image (counter, or memory writer if ``writer``), built if needed."""
+    """Path of the boot-sector guest image (counter, or memory writer if ``writer``), built if needed.
+    ``power``: the guest also obeys :func:`command_guest` (it powers off or resets itself)."""
     if not 1 <= delay <= 0xFFFFFFFF:
         raise ValueError(f"delay {delay} must be in 1..4294967295")
     defines = {"DELAY": delay}
+    if power:
+        defines["POWER"] = 1
     if writer is not None:
         defines.update(writer.defines())
     source = _source_text()
@@ -178,6 +186,16 @@ def _assemble(source: bytes, defines: dict[str, int], directory: Path, target: P
         os.chmod(out, 0o644)
         os.replace(out, target)
     return target
+
+
+def command_guest(ram_path: str | os.PathLike[str], command: int) -> None:
+    """Ask a ``power=True`` guest to power off (:data:`POWER_OFF`) or reset (:data:`RESET`)
+    itself: the command word is written through its RAM file and read by its next iteration."""
+    fd = os.open(ram_path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, struct.pack("<I", command), COMMAND_GPA)
+    finally:
+        os.close(fd)
 
 
 def read_counter(ram_path: str | os.PathLike[str]) -> int:

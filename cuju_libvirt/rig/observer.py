@@ -473,7 +473,7 @@ def judge_run(rec: Recording, rules: Rules) -> Verdict:
 
 def _address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not ADDR:PORT")
     return host, int(port)
 

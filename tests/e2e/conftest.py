@@ -11,12 +11,12 @@
   :class:`RigGuest`; every guest it made is destroyed and undefined after the test.
 * ``ft_rig`` (module): a rig of its own with the cuju hook installed in both hosts, and
   ``cujuds``: cujud on both of its hosts for one test (the product path; protected domains
-  are removed with :func:`cleanup_protected`).
+  are removed with :func:`cuju_libvirt.rig.cujud.cleanup_protected`).
 """
 
 from __future__ import annotations
 
-import tempfile
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from cuju_libvirt import FT_NAMESPACE
-from cuju_libvirt.rig.cujud import HOOK_NAME, Cujud, cujud_pair, write_hook_shim
+from cuju_libvirt.rig.cujud import Cujud, cujud_pair, hooked_rig
 from cuju_libvirt.rig.domains import domain_xml
 from cuju_libvirt.rig.guests import boot_image, read_counter, serial_counts
 from cuju_libvirt.rig.hosts import LAN_BRIDGE, Host, Rig
@@ -56,22 +56,23 @@ def rig() -> Iterator[Rig]:
         the_rig.down()
 
 
+def hooked_rig_or_skip(host_count: int = 2) -> Iterator[Rig]:
+    """The body of a module fixture: :func:`hooked_rig`, or the test skipped (with the
+    reason) when this machine cannot make a rig."""
+    skip_unless_rig_possible()
+    sweep_stale()
+    with contextlib.ExitStack() as stack:
+        try:
+            rig = stack.enter_context(hooked_rig(host_count))
+        except RigUnavailable as err:
+            pytest.skip(str(err))
+        yield rig
+
+
 @pytest.fixture(scope="module")
 def ft_rig() -> Iterator[Rig]:
     """A rig of its own, with the hook installed in both hosts before libvirtd starts."""
-    skip_unless_rig_possible()
-    sweep_stale()
-    with tempfile.TemporaryDirectory(prefix="orchestrator-hook.") as tmp:
-        shim = write_hook_shim(Path(tmp))
-        rig = Rig(hooks={HOOK_NAME: shim})
-        try:
-            rig.up()
-        except RigUnavailable as err:
-            pytest.skip(str(err))
-        try:
-            yield rig
-        finally:
-            rig.down()
+    yield from hooked_rig_or_skip()
 
 
 @pytest.fixture
@@ -79,22 +80,6 @@ def cujuds(ft_rig: Rig, tmp_path: Path) -> Iterator[tuple[Cujud, Cujud]]:
     """cujud on both hosts; their logs end up in the test's tmp_path (kept by pytest)."""
     with cujud_pair(ft_rig, logs=tmp_path / "logs") as pair:
         yield pair
-
-
-def cleanup_protected(rig: Rig, name: str) -> None:
-    """Destroy and undefine ``name`` on both hosts and forget cujud's records of it."""
-    hosts = list(rig.hosts.values())
-    for _ in range(2):  # twice: a primary may re-pair onto a host whose standby just went
-        for host in hosts:
-            if host.keeper is not None and host.keeper.alive():
-                host.virsh("destroy", name, check=False)
-        time.sleep(0.5)
-    for host in hosts:
-        if host.keeper is not None and host.keeper.alive():
-            host.virsh("undefine", name, check=False)
-        for kind in ("ceded", "takeovers", "protected"):
-            for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
-                f.unlink()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ one of two outcomes: protected again (VM on host a, standby on host b), or faile
 twice or going backwards (one copy's output only), at most one gap of at most one epoch
 and only where a failover happened; and never two hosts running the VM.
 
-``KILLS`` times in the default suite, ``SLOW_KILLS`` with ``CUJU_SLOW=1`` (``-m slow``);
+``KILLS`` times in the default suite, ``SLOW_KILLS`` with ``CUJU_SLOW=1`` (``-m slow``), and
+``LIBVIRTD_KILLS`` (opt-in) with a third of them a libvirtd restart on a random host instead;
 ``CUJU_SOAK_SEED`` repeats a printed run.
 After a failover (host b then re-protects the VM by itself) the guest is started afresh on
 host a, with a new observer.
@@ -25,15 +26,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cuju_libvirt.rig.cujud import Cujud, protected_linux_xml
+from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, protected_linux_xml
 from cuju_libvirt.rig.hosts import Host, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
 from cuju_libvirt.rig.observer import Observer, Rules, epoch_ms_from_rate, judge_run, one_epoch_packets
-from tests.e2e.conftest import cleanup_protected
 from tests.e2e.test_cujud_restarts import EPOCH_MS, MAC, PPS, make_observer, still_counting
 
 KILLS = 5
 SLOW_KILLS = 50
+LIBVIRTD_KILLS = 20
 SETTLE_S = 150.0
 
 
@@ -86,7 +87,7 @@ def _one_epoch(ca: Cujud, name: str) -> int:
 
 
 def soak(rig: Rig, guest: LinuxGuest, cujuds: tuple[Cujud, Cujud], kills: int,
-         rng: random.Random) -> list[str]:
+         rng: random.Random, *, libvirtd: bool = False) -> list[str]:
     ca, cb = cujuds
     history: list[str] = []
     done = 0
@@ -113,22 +114,27 @@ def soak(rig: Rig, guest: LinuxGuest, cujuds: tuple[Cujud, Cujud], kills: int,
                     moment = (ca.domain(name) or {}).get("state", "?")
                     gap = _one_epoch(ca, name)
                     killed_at = time.monotonic()
-                    _kill(victim, sig)
-                    time.sleep(rng.uniform(0.0, 1.0))
-                    victim.start()
+                    if libvirtd and rng.random() < 1 / 3:  # libvirtd restarts, cujud runs on
+                        victim.host.restart_libvirtd()
+                        what = f"libvirtd restart on {victim.host.label}"
+                    else:
+                        _kill(victim, sig)
+                        time.sleep(rng.uniform(0.0, 1.0))
+                        victim.start()
+                        what = f"{sig.name} of cujud on {victim.host.label}"
                     done += 1
                     early = False
                     deadline = time.monotonic() + SETTLE_S
                     while (outcome := _settled(rig, ca, cb, name)) is None:
                         assert not (_running(rig.a, name) and _running(rig.b, name)), \
-                            f"{name} runs on both hosts (kill {done}: {sig.name} of {victim.host.label})"
+                            f"{name} runs on both hosts (kill {done}: {what})"
                         if time.monotonic() > deadline:
-                            pytest.fail(f"kill {done} ({sig.name} of cujud on {victim.host.label} while "
+                            pytest.fail(f"kill {done} ({what} while "
                                         f"{moment}): the pair did not settle within {SETTLE_S:.0f} s "
                                         f"(a: {ca.domain(name)}, b: {cb.domain(name)}; see {ca.log_path}, "
                                         f"{cb.log_path})")
                         time.sleep(0.2)
-                    entry = f"{sig.name} of cujud on {victim.host.label} while {moment}: {outcome}"
+                    entry = f"{what} while {moment}: {outcome}"
                     life.kills.append(entry)
                     history.append(entry)
                     if outcome == "failed over":
@@ -144,11 +150,12 @@ def soak(rig: Rig, guest: LinuxGuest, cujuds: tuple[Cujud, Cujud], kills: int,
     return history
 
 
-def run_soak(rig: Rig, guest: LinuxGuest, cujuds: tuple[Cujud, Cujud], kills: int) -> None:
+def run_soak(rig: Rig, guest: LinuxGuest, cujuds: tuple[Cujud, Cujud], kills: int,
+             libvirtd: bool = False) -> None:
     """``soak`` with a seed printed first, so a failed run (its output shown) can be repeated."""
     seed = int(os.environ.get("CUJU_SOAK_SEED") or random.randrange(1 << 30))
     print(f"soak seed {seed} (CUJU_SOAK_SEED={seed} repeats it)", flush=True)
-    history = soak(rig, guest, cujuds, kills, random.Random(seed))
+    history = soak(rig, guest, cujuds, kills, random.Random(seed), libvirtd=libvirtd)
     print(f"soak (seed {seed}): " + "; ".join(history))
 
 
@@ -165,6 +172,15 @@ def test_cujud_killed_at_random_moments_fifty_times(
     ft_rig: Rig, linux_guest: LinuxGuest, cujuds: tuple[Cujud, Cujud]
 ) -> None:
     run_soak(ft_rig, linux_guest, cujuds, SLOW_KILLS)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(7200)
+def test_cujud_killed_and_libvirtd_restarted_at_random_moments(
+    ft_rig: Rig, linux_guest: LinuxGuest, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """The soak with a third of its kills replaced by a libvirtd restart on a random host."""
+    run_soak(ft_rig, linux_guest, cujuds, LIBVIRTD_KILLS, libvirtd=True)
 
 
 @pytest.mark.slow

@@ -20,12 +20,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from cuju_libvirt.rig.cujud import Cujud
+from cuju_libvirt.rig.cujud import Cujud, cleanup_protected
 from cuju_libvirt.rig.disk_records import DiskRun, data_image, run_with_sigkill
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
 from cuju_libvirt.rig.observer import Observer
-from tests.e2e.conftest import cleanup_protected
 
 MAC = "52:54:00:19:08:00"
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cuju_libvirt.rig.cujud import Cujud, protected_linux_xml
+from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, protected_linux_xml
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Host, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
 from cuju_libvirt.rig.observer import (
@@ -30,7 +30,6 @@ from cuju_libvirt.rig.observer import (
     judge_run,
     one_epoch_packets,
 )
-from tests.e2e.conftest import cleanup_protected
 
 MAC = "52:54:00:19:04:00"
 PPS = 300

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.rig.cujud import Cujud, cujud_pair
+from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, cujud_pair
 from cuju_libvirt.rig.hosts import Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest
 from cuju_libvirt.rig.nodes import FT_IFACE
 from cuju_libvirt.rig.observer import Observer
-from tests.e2e.conftest import cleanup_protected
 from tests.e2e.test_failover import _start_protected, kill_primary_and_judge, linux_guest, observer
 
 __all__ = ["linux_guest", "observer"]  # fixtures shared with test_failover

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.rig.cujud import Cujud
+from cuju_libvirt.rig.cujud import Cujud, cleanup_protected
 from cuju_libvirt.rig.hosts import Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
 from cuju_libvirt.rig.nodes import FT_IFACE
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
-from tests.e2e.conftest import cleanup_protected
 from tests.e2e.test_cujud_restarts import (
     PPS,
     make_observer,

@@ -18,10 +18,9 @@ import pytest
 from lxml import etree
 
 from cuju_libvirt.errors import RigError
-from cuju_libvirt.rig.cujud import Cujud, protected_counter_xml
+from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, protected_counter_xml
 from cuju_libvirt.rig.guests import read_counter
 from cuju_libvirt.rig.hosts import LAN_BRIDGE, Host, Rig
-from tests.e2e.conftest import cleanup_protected
 
 MAC = "52:54:00:19:07:00"
 

@@ -22,10 +22,9 @@ import pytest
 from lxml import etree
 
 from cuju_libvirt.errors import RigError
-from cuju_libvirt.rig.cujud import Cujud, cujud_pair
-from cuju_libvirt.rig.guests import read_counter
+from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, cujud_pair
+from cuju_libvirt.rig.guests import POWER_OFF, RESET, boot_image, command_guest, read_counter
 from cuju_libvirt.rig.hosts import Rig
-from tests.e2e.conftest import cleanup_protected
 from tests.e2e.test_lifecycle import advancing, protect
 
 NAME = "lc-rows"
@@ -45,6 +44,11 @@ class Row:
     @property
     def ram(self) -> Path:
         return self.rig.a.ram_files(NAME)[0]
+
+    def running(self) -> None:
+        """Resume the guest if an earlier row left it paused (a failed libvirt job may)."""
+        if "paused" in self.rig.a.virsh("domstate", NAME):
+            self.rig.a.virsh("resume", NAME, check=False)
 
     def standby(self) -> int:
         """The pid of the standby's QEMU on host b, once the guest is protected."""
@@ -166,6 +170,49 @@ def test_operations_libvirt_refuses_leave_protection_alone(row: Row, args: tuple
     row.unchanged(standby, offset)
 
 
+# -- the guest's own reset and poweroff (a guest of its own that obeys a command word) ----------------
+
+
+def test_the_guest_resets_and_powers_off_itself_under_protection(row: Row) -> None:
+    """A reset from inside the guest is replicated like `virsh reset`; its poweroff (ACPI S5)
+    ends protection as a deliberate stop: the standby is dropped, one INFO line, no ERROR."""
+    name = "lc-power"
+    try:
+        ram = protect(row.rig, boot_image(power=True), row.ca, row.cb, name)
+        standby, offset = row.rig.b.qemu_pid(name), row.log_size()
+        assert advancing(ram)
+        before = read_counter(ram)
+        command_guest(ram, RESET)
+        deadline = time.monotonic() + 30
+        while not 0 < read_counter(ram) < before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0 < read_counter(ram) < before, "the guest did not reset itself"
+        time.sleep(1.0)
+        assert row.rig.b.qemu_pid(name) == standby, "the standby was replaced"
+        assert (row.ca.domain(name) or {}).get("state") == "protected"
+        assert "the guest was reset" in row.log_since(offset)
+        command_guest(ram, POWER_OFF)
+        deadline = time.monotonic() + 30
+        while (row.rig.a.qemu_pid(name) or row.rig.b.qemu_pid(name)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert row.rig.a.qemu_pid(name) is None, "the guest did not power off"
+        assert row.rig.b.qemu_pid(name) is None, "the standby must be dropped"
+        text = row.log_since(offset)
+        deadline = time.monotonic() + 10
+        while "the VM ended (deliberate" not in text and time.monotonic() < deadline:
+            time.sleep(0.2)
+            text = row.log_since(offset)
+        print("\n".join(line for line in text.splitlines() if name in line and "DEBUG" not in line))
+        assert "the VM ended (deliberate" in text, text[-3000:]
+        assert " ERROR " not in text, text[-3000:]
+        deadline = time.monotonic() + 15  # libvirt says "in shutdown" until it has reaped QEMU
+        while "shut off" not in row.rig.a.virsh("domstate", name) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "shut off" in row.rig.a.virsh("domstate", name)
+    finally:
+        cleanup_protected(row.rig, name)
+
+
 # -- protection ends and is established again with the new configuration ---------------------------
 
 
@@ -214,32 +261,38 @@ def test_blockcopy_with_pivot_pairs_again_with_the_standby_on_the_copy(row: Row)
     assert advancing(row.ram)
 
 
-def test_external_disk_snapshot_pairs_again_with_the_standby_on_the_overlay(row: Row) -> None:
-    standby, offset = row.standby(), row.log_size()
+def snapshot(row: Row, name: str, stem: str, *args: str) -> Path:
+    """``virsh snapshot-create-as`` of hda onto a new overlay; its path. Seen in 2 of ~8 runs
+    (cause not found, docs/failover.md): libvirt's own "failed to format image: 'Could not
+    resize image: Failed to grow the L1 table: Bad file descriptor'", after which a live
+    snapshot leaves the VM paused; one more try then."""
     for attempt in range(2):
-        overlay = row.rig.root / "images" / f"lc-overlay{attempt}.qcow2"
+        overlay = row.rig.root / "images" / f"{stem}{attempt}.qcow2"
         try:
-            row.rig.a.virsh("snapshot-create-as", NAME, "ext", "--disk-only", "--no-metadata",
-                            "--diskspec", f"hda,file={overlay}", timeout=120)
-            break
+            row.rig.a.virsh("snapshot-create-as", NAME, name, "--no-metadata", *args,
+                            "--diskspec", f"hda,file={overlay}", timeout=180)
+            return overlay
         except RigError as err:
-            # Seen once in 4 runs (cause not found, docs/failover.md): "failed to format image:
-            # 'Could not resize image: Failed to grow the L1 table: Bad file descriptor'"
             if attempt or "failed to format image" not in str(err):
                 raise
             print(f"snapshot-create-as failed, trying once more: {err}")
+            row.running()
+            row.standby()
+    raise AssertionError("unreachable")
+
+
+def test_external_disk_snapshot_pairs_again_with_the_standby_on_the_overlay(row: Row) -> None:
+    standby, offset = row.standby(), row.log_size()
+    overlay = snapshot(row, "ext", "lc-overlay", "--disk-only")
     row.repaired(standby, offset, "snapshot")
     assert str(overlay) in row.rig.b.virsh("dumpxml", NAME)
     assert advancing(row.ram)
 
 
 def test_external_live_snapshot_with_memory_pairs_again(row: Row) -> None:
-    overlay = row.rig.root / "images" / "lc-live.qcow2"
     memory = row.rig.root / "images" / "lc-live.mem"
     standby, offset = row.standby(), row.log_size()
-    row.rig.a.virsh("snapshot-create-as", NAME, "live", "--live", "--no-metadata",
-                    "--memspec", f"file={memory},snapshot=external",
-                    "--diskspec", f"hda,file={overlay}", timeout=180)
+    overlay = snapshot(row, "live", "lc-live", "--live", "--memspec", f"file={memory},snapshot=external")
     # libvirt's own job stops the VM after the RAM save and resumes it after the disks: an
     # epoch that meets that resume is discarded (before the fix: ERROR "epoch loop failed")
     row.repaired(standby, offset, "snapshot", "resumed by someone else")

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.rig.cujud import METRICS_PORT, Cujud, protected_counter_xml
+from cuju_libvirt.rig.cujud import METRICS_PORT, Cujud, cleanup_protected, protected_counter_xml
 from cuju_libvirt.rig.guests import read_counter
 from cuju_libvirt.rig.hosts import Rig
 from cuju_libvirt.rig.prometheus import PrometheusServer, Result, prometheus_binary
-from tests.e2e.conftest import cleanup_protected
 
 pytestmark = pytest.mark.skipif(prometheus_binary() is None,
                                 reason="prometheus (Debian package 'prometheus') not installed")

@@ -7,21 +7,18 @@ on which hosts run a copy: b runs the VM, c holds a paused standby, a runs nothi
 from __future__ import annotations
 
 import random
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.rig.cujud import HOOK_NAME, cujud_cluster, protected_linux_xml, write_hook_shim
+from cuju_libvirt.rig.cujud import cujud_cluster, protected_linux_xml
 from cuju_libvirt.rig.etcd import etcd_binary, in_rig
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
-from cuju_libvirt.rig.sandbox import RigUnavailable
-from cuju_libvirt.rig.teardown import sweep_stale
-from tests.e2e.conftest import skip_unless_rig_possible
+from tests.e2e.conftest import hooked_rig_or_skip
 from tests.e2e.test_failover import PPS, _runs, _still_counting, one_epoch_gap
 
 MAC = "52:54:00:19:0a:00"
@@ -30,18 +27,7 @@ NAME = "rp3-vm"
 
 @pytest.fixture(scope="module")
 def rig3() -> Iterator[Rig]:
-    skip_unless_rig_possible()
-    sweep_stale()
-    with tempfile.TemporaryDirectory(prefix="reprotect3-hook.") as tmp:
-        rig = Rig(hooks={HOOK_NAME: write_hook_shim(Path(tmp))}, host_count=3)
-        try:
-            rig.up()
-        except RigUnavailable as err:
-            pytest.skip(str(err))
-        try:
-            yield rig
-        finally:
-            rig.down()
+    yield from hooked_rig_or_skip(3)
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.rig.cujud import Cujud, protected_counter_xml
+from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, protected_counter_xml
 from cuju_libvirt.rig.guests import read_counter
 from cuju_libvirt.rig.hosts import Rig
-from tests.e2e.conftest import cleanup_protected
 
 NAME = "sbloss-vm"
 MAC = "52:54:00:19:06:00"

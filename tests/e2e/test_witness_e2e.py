@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cuju_libvirt.cujud.coord import OwnershipStore
-from cuju_libvirt.rig.cujud import Cujud, cujud_pair, protected_linux_xml
+from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, cujud_pair, protected_linux_xml
 from cuju_libvirt.rig.etcd import EtcdCluster, etcd_binary, in_rig
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Host, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
@@ -33,7 +33,6 @@ from cuju_libvirt.rig.observer import (
     one_epoch_packets,
 )
 from cuju_libvirt.rig.sandbox import pid_alive
-from tests.e2e.conftest import cleanup_protected
 
 pytestmark = pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed (Debian etcd-server)")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cuju_libvirt.cujud import orchestrator
+from cuju_libvirt.cujud import daemon, orchestrator
 from cuju_libvirt.cujud.coord import Compare, EtcdClient, Get, Ownership, OwnershipStore, Put
 from cuju_libvirt.domain_xml import parse_domain
 from cuju_libvirt.errors import CoordError, CoordUnavailable, CujuError
@@ -94,6 +94,21 @@ def test_a_retried_pairing_keeps_its_generation_until_ownership_changes(store: O
     # the record moved on (a claim): the old generation is no reason to keep anything
     store.claim("u1", "a", 3)
     assert store.protect("u1", "vm1", owner="a", backup="c", again=3).generation == 5
+
+
+def test_status_lists_the_witness_records_and_says_when_etcd_does_not_answer(store: OwnershipStore) -> None:
+    store.protect("u1", "web", owner="a", backup="c")
+    cujud: Any = SimpleNamespace(orchestrator=SimpleNamespace(witness=store))
+    assert daemon.Daemon.cluster_status(cujud) == {"vms": [
+        {"uuid": "u1", "name": "web", "owner": "a", "backup": "c", "mode": "protected", "generation": 1}]}
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = OwnershipStore(EtcdClient([f"http://127.0.0.1:{unused.getsockname()[1]}"], timeout=0.3))
+        cujud.orchestrator.witness = dead
+        answer = daemon.Daemon.cluster_status(cujud)
+    assert answer["vms"] == [] and "no etcd member answered" in answer["error"]
+    cujud.orchestrator = SimpleNamespace(witness=None)
+    assert daemon.Daemon.cluster_status(cujud) is None
 
 
 class RefusingPeer:

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from cuju_libvirt.cujud.standby import GENERATION_BYTES, TOKEN_BYTES, FTListener
+from cuju_libvirt.ft_engine import linkkeys
 
 IDLE = 400
 
@@ -82,4 +83,37 @@ def test_hundreds_of_idle_connections_cost_no_thread_and_do_not_keep_a_primary_o
     finally:
         for sock in idle + got:
             sock.close()
+        listener.close()
+
+
+@pytest.mark.timeout(60)
+def test_on_an_encrypted_link_the_token_never_crosses_and_alone_does_not_admit() -> None:
+    """With the link's secret, a connection opens with admission(secret, token): the token (which
+    a tap on the FT link would otherwise read) is refused, the admission value gets in once."""
+    listener = FTListener("127.0.0.1", 0, handshake_timeout=1.0)
+    got: list[int] = []
+    linked = threading.Event()
+
+    def on_connect(sock: socket.socket, generation: int) -> None:
+        got.append(generation)
+        linked.set()
+
+    secret = linkkeys.new_secret()
+    try:
+        token = bytes.fromhex(listener.expect(on_connect, secret))
+        admit = linkkeys.admission(secret, token)
+        assert len(admit) == TOKEN_BYTES and admit != token
+        assert admit != linkkeys.admission(linkkeys.new_secret(), token)
+        # the token, the right value, the same again
+        for opening, expected in ((token, False), (admit, True), (admit, False)):
+            sock = socket.create_connection(("127.0.0.1", listener.port), timeout=2)
+            with sock:
+                sock.sendall(opening + (3).to_bytes(GENERATION_BYTES, "big"))
+                admitted = linked.wait(1.0)
+                if not admitted:  # refused: the listener closes the connection
+                    assert sock.recv(1) == b""
+            linked.clear()
+            assert admitted == expected, opening
+        assert got == [3]
+    finally:
         listener.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cuju_libvirt import config
@@ -171,6 +171,7 @@ def test_parse_address(text: str, expected: Address) -> None:
 
 
 @given(st.text(max_size=40))
+@example("hostb:\u00b9")  # found by Hypothesis: a superscript digit passes str.isdigit() but not int()
 @settings(max_examples=300, deadline=None)
 def test_parse_address_never_crashes_and_round_trips(text: str) -> None:
     try:
@@ -179,6 +180,14 @@ def test_parse_address_never_crashes_and_round_trips(text: str) -> None:
         return
     assert 1 <= addr.port <= 65535
     assert parse_address(str(addr), 1) == addr
+
+
+@pytest.mark.parametrize("port", ["\u00b9", "\u0667\u0667", "\uff18\uff10"])
+def test_a_port_of_non_ascii_digits_is_refused_with_the_rule(port: str) -> None:
+    # superscript, Arabic-Indic and full-width digits all pass str.isdigit(); int() crashes on
+    # the first and reads the others, but no operator means them as a port
+    with pytest.raises(config._Invalid, match="port must be a number from 1 to 65535"):
+        parse_address(f"hostb:{port}", 7790)
 
 
 @given(st.dictionaries(st.text(max_size=20), st.one_of(st.none(), st.booleans(), st.integers(),

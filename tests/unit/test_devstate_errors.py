@@ -36,6 +36,9 @@ class FakeMonitor:
         self.ramblocks = RAMBLOCKS
         self.memdevs = [{"id": "pc.ram", "share": True, "size": 1 << 24}]
         self.calls: list[str] = []
+        self.sent: list[tuple[str, dict[str, Any] | None]] = []
+        self.ran = 0
+        self.answers: dict[int, Any] = {}
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None, *, fd: int | None = None) -> Any:
         self.calls.append(command)
@@ -54,6 +57,22 @@ class FakeMonitor:
             Path(arguments["filename"]).write_bytes(self.write)
             return {}
         raise QMPError(command, "CommandNotFound", f"fake has no {command}")
+
+    def send(self, command: str, arguments: dict[str, Any] | None = None, *, fd: int | None = None) -> int:
+        self.sent.append((command, arguments))  # run in order, as QEMU does
+        return len(self.sent) - 1
+
+    def reply(self, req_id: int, *, timeout: float | None = None) -> Any:
+        while self.ran <= req_id:
+            try:
+                self.answers[self.ran] = self.execute(*self.sent[self.ran])
+            except QMPError as err:
+                self.answers[self.ran] = err
+            self.ran += 1
+        answer = self.answers.pop(req_id)
+        if isinstance(answer, QMPError):
+            raise answer
+        return answer
 
 
 def saver_for(fake: FakeMonitor) -> DeviceStateSaver:
@@ -94,6 +113,26 @@ def test_a_running_vm_changes_nothing(tmp_path: Path) -> None:
     with pytest.raises(StateError):
         saver.save()
     assert "xen-save-devices-state" not in fake.calls, "nothing may be saved while the VM runs"
+
+
+def test_a_pipelined_save_finds_a_vm_resumed_before_it(tmp_path: Path) -> None:
+    """begin() goes right behind the engine's stop; another monitor's cont may run between
+    them (the save then stops and resumes the VM itself): the query-status behind the save
+    says so, and finish() refuses the blob. A refused save leaves no answer behind."""
+    fake = FakeMonitor(tmp_path)
+    saver = saver_for(fake)
+    saver.begin()
+    assert saver.finish().blob == GOOD
+    assert [c for c, _ in fake.sent] == ["xen-save-devices-state", "query-status"]
+    saver.begin()
+    fake.status = "running"
+    with pytest.raises(StateError):
+        saver.finish()
+    fake.status, fake.refuse = "paused", "disk full"
+    saver.begin()
+    with pytest.raises(DeviceStateError, match="disk full"):
+        saver.finish()
+    assert fake.answers == {}, "the query-status answer was collected too"
 
 
 def test_unshared_ram_is_refused_up_front(tmp_path: Path) -> None:

@@ -164,6 +164,16 @@ def test_parse_bare_element_all_attributes() -> None:
     )
 
 
+def test_an_element_without_peer_is_placed_by_the_cluster_and_stays_without_peer() -> None:
+    spec = dx.parse_element(element('epoch-ms="30"'))
+    assert spec == dx.FTSpec(epoch_ms=30) and spec.placed and spec.peer_host == dx.AUTO_PEER
+    assert not dx.FTSpec(peer="auto").placed
+    text = dx.libvirt_metadata_xml(spec)
+    assert text == '<ft epoch-ms="30"/>'
+    assert dx.parse_libvirt_metadata(text) == spec
+    assert dx.schema().validate(dx.ft_element(spec))
+
+
 def test_parse_domain_without_element_is_none() -> None:
     assert dx.parse_domain(MINIMAL) is None
     assert dx.parse_domain(MINIMAL.decode()) is None
@@ -265,7 +275,7 @@ def test_schema_loads_and_accepts_emitted_elements() -> None:
 
 @pytest.mark.parametrize(
     "attrs",
-    ['peer="b" epoch-ms="4"', 'peer="b" tracker="x"', 'peer="b" extra="1"', 'epoch-ms="20"',
+    ['peer="b" epoch-ms="4"', 'peer="b" tracker="x"', 'peer="b" extra="1"', 'link="b"',
      'peer="a b"', 'peer="b" max-epoch-packets="10000"'],
 )
 def test_schema_rejects_what_typed_checks_reject(attrs: str) -> None:

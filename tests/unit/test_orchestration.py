@@ -397,3 +397,20 @@ def test_peer_auto_and_an_element_naming_this_host_leave_the_backup_to_placement
 
     assert placed("auto") and placed("hosta") and placed("198.19.0.11:7790")
     assert not placed("hostb") and not placed("198.19.0.12")
+
+
+def test_an_element_without_peer_needs_the_cluster_and_says_so() -> None:
+    """Issue 9: ``peer`` may be left out (the cluster places the standby); without etcd
+    nothing may place it, and no peer is guessed."""
+    spec = parse_domain(domain_xml("vm", kernel="/k", metadata=[
+        '<cuju:ft xmlns:cuju="https://cuju-ft.github.io/libvirt/ft/1.0"/>']))
+    assert spec is not None and spec.placed
+    cfg = SimpleNamespace(node_name="hosta", listen=SimpleNamespace(host="198.19.0.11"))
+    orch: Any = SimpleNamespace(cfg=cfg, witness=None, links=FakeLinks(["hostb"], {"hostb"}),
+                                primaries={}, _lock=threading.Lock())
+    orch.names_this_host = lambda s: orchestrator.Orchestrator.names_this_host(orch, s)
+    orch.place = lambda uuid, prefer=None: orchestrator.Orchestrator.place(orch, uuid, prefer=prefer)
+    with pytest.raises(CujuError, match=r"no peer attribute.*etcd_endpoints.*fix: add peer="):
+        orchestrator.Orchestrator.resolve_peer(orch, spec)
+    orch.witness = object()  # with the witness, the standby is placed
+    assert orchestrator.Orchestrator.resolve_peer(orch, spec) == "hostb"

@@ -10,13 +10,14 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cuju_libvirt.errors import CujuError, MonitorError
+from cuju_libvirt.errors import CujuError, MonitorError, StateError
 from cuju_libvirt.qmp import QMPClient, QMPConnectionError, QMPError, QMPTimeoutError
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": ["oob"]}}
@@ -217,3 +218,26 @@ def test_fd_travels_with_the_command(serve: Callable[..., ScriptedServer], tmp_p
         qmp.execute("getfd", {"fdname": "mig"}, fd=f.fileno())
         st = os.fstat(f.fileno())
     assert seen == [(st.st_dev, st.st_ino)]
+
+
+def test_pipelined_answers_are_kept_through_other_reads(serve: Callable[..., ScriptedServer]) -> None:
+    """stop and the device-state save go back to back; the save's answer, read while the
+    engine waits for other things (events, a third command), stays for its own reply()."""
+    def handler(req: dict[str, Any], conn: socket.socket, fds: list[int]) -> list[Any]:
+        if req["execute"] == "bad":
+            return [{"error": {"class": "GenericError", "desc": "no"}, "id": req["id"]}]
+        return [event("STOP"), {"return": req["execute"], "id": req["id"]}]
+
+    server = serve(handler)
+    with QMPClient(server.path) as qmp:
+        first, second, bad = qmp.send("stop"), qmp.send("save", {"f": 1}), qmp.send("bad")
+        assert qmp.reply(first) == "stop"
+        time.sleep(0.05)  # all answers are on the socket now: events() reads them
+        assert len(qmp.events("STOP")) == 2
+        assert qmp.execute("cont") == "cont"  # reads past the answers still awaited
+        with pytest.raises(QMPError):
+            qmp.reply(bad)
+        assert qmp.reply(second) == "save"
+        with pytest.raises(StateError):
+            qmp.reply(second)  # collected once
+    assert [r["execute"] for r in server.requests] == ["qmp_capabilities", "stop", "save", "bad", "cont"]

@@ -67,3 +67,20 @@ def test_the_witness_generation_shows_next_to_the_peer_only_with_a_witness() -> 
     with_witness = render({"node": "a", "domains": [domain(peer="cuju-c", generation=4)]}, NOW)
     assert "cuju-c (generation 4)" in with_witness
     assert "generation" not in render({"node": "a", "domains": [domain(peer="cuju-b", generation=0)]}, NOW)
+
+
+def test_the_cluster_records_are_shown_only_under_the_witness() -> None:
+    base = {"node": "hosta", "domains": [], "peers": []}
+    assert "cluster" not in render({**base, "cluster": None}, 0.0)
+    text = render({**base, "cluster": {"vms": [
+        {"uuid": "u1", "name": "web", "owner": "hosta", "backup": "hostc", "mode": "protected",
+         "generation": 3},
+        {"uuid": "u2", "name": "db", "owner": "hostb", "backup": None, "mode": "unprotected",
+         "generation": 7},
+    ]}}, 0.0)
+    assert "cluster (etcd): 2 VM record(s)" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith("  ")]
+    assert rows == [["VM", "OWNER", "BACKUP", "MODE", "GENERATION"],
+                    ["web", "hosta", "hostc", "protected", "3"], ["db", "hostb", "-", "unprotected", "7"]]
+    down = render({**base, "cluster": {"error": "no etcd member answered", "vms": []}}, 0.0)
+    assert "cluster (etcd): NO ANSWER (no etcd member answered)" in down

@@ -9,13 +9,16 @@
 ;   0x8000         u32 counter          (COUNTER_GPA)
 ;   0x8004         u32 magic 'CUJU'     (MAGIC_GPA), written once before the loop
 ;   0x8008         u32 xorshift32 state (writer mode)
+;   0x800c         u32 command (POWER builds only; zeroed at boot, read every iteration, written
+;                  from outside through the RAM file): 1 = power off (ACPI S5 through the
+;                  PIIX4 PM1a control register at 0x604), 2 = reset (keyboard controller)
 ;   SPAN_BASE..    writer mode only: SPAN_PAGES pages; each iteration writes the counter
 ;                  into WRITES pseudo-random pages, and every RUN_EVERY-th iteration into
 ;                  RUN_PAGES consecutive pages from a random start (wrapping in the span).
 ; Nothing else is written after the jump to protected mode (the GDT descriptors have
 ; their accessed bits preset so the CPU does not write them).
 ;
-; Build-time defines (nasm -D): DELAY, WRITER, SPAN_BASE, SPAN_PAGES, WRITES, RUN_EVERY
+; Build-time defines (nasm -D): DELAY, POWER, WRITER, SPAN_BASE, SPAN_PAGES, WRITES, RUN_EVERY
 ; (a power of two), RUN_PAGES, SEED.
 
 %ifndef DELAY
@@ -45,6 +48,7 @@ STACK_TOP   equ 0x7000
 COUNTER_GPA equ 0x8000
 MAGIC_GPA   equ 0x8004
 RNG_GPA     equ 0x8008
+COMMAND_GPA equ 0x800c
 MAGIC       equ 0x554a5543          ; "CUJU" little-endian
 
         bits 16
@@ -103,6 +107,9 @@ pmode:
         mov dword [COUNTER_GPA], 0
         mov dword [RNG_GPA], SEED
         mov dword [MAGIC_GPA], MAGIC
+%ifdef POWER
+        mov dword [COMMAND_GPA], 0
+%endif
         mov esi, banner
 .puts:
         lodsb
@@ -142,6 +149,20 @@ main_loop:
 .wait:
         dec ecx
         jnz .wait
+%ifdef POWER
+        mov eax, [COMMAND_GPA]
+        cmp eax, 1
+        jne .no_off
+        mov dx, 0x604
+        mov ax, 0x2000                 ; SLP_EN, SLP_TYP 0: S5
+        out dx, ax
+.no_off:
+        cmp eax, 2
+        jne .no_reset
+        mov al, 0xfe                   ; pulse the CPU reset line
+        out 0x64, al
+.no_reset:
+%endif
         jmp main_loop
 
 ; putc: write al to COM1 once the transmitter holding register is empty. Clobbers ah, dx.
