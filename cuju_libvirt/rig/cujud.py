@@ -125,6 +125,22 @@ class Cujud:
     def wait_domain(self, name: str, state: str, timeout: float = 120.0) -> dict[str, Any]:
         return self.wait_for(name, lambda e: e["state"] == state, repr(state), timeout)
 
+    def committed_checkpoint(self, name: str, read: Callable[[], int], timeout: float = 120.0) -> int:
+        """``read()`` of the running primary ``name``, returned once a committed epoch holds it.
+
+        An epoch ends only once its predecessor is acknowledged, so when ``read`` runs at most
+        one epoch after the last acknowledged one (``e0``) was cut already; epoch ``e0 + 2``
+        was cut after it. Once that one is acknowledged, a failover resumes from a state at
+        least as new as the value read: a counter that only grows is at least that value on
+        the backup. Under load this waits as long as the epochs take, not a guessed margin.
+        """
+        first = self.wait_domain(name, "protected", timeout)
+        value = read()
+        start = int(first["last_acked_epoch"] or 0)
+        self.wait_for(name, lambda e: int(e["last_acked_epoch"] or 0) >= start + 2,
+                      f"epoch {start + 2} acknowledged", timeout)
+        return value
+
     def wait_failed_over(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
         """Until this host runs ``name`` after a failover (whatever its re-protection is doing)."""
         return self.wait_for(name, lambda e: e["role"] == "primary" and (e["failovers"] or 0) >= 1,

@@ -57,10 +57,12 @@ def observer(ft_rig: Rig) -> Iterator[Observer]:
 
 
 def _start_protected(
-    rig: Rig, guest: LinuxGuest, observer: Observer, name: str, cujuds: tuple[Cujud, Cujud]
+    rig: Rig, guest: LinuxGuest, observer: Observer, name: str, cujuds: tuple[Cujud, Cujud],
+    *, extra: tuple[str, ...] = (),
 ) -> None:
+    """Define and start the Linux guest protected (``extra``: more ``xml enable`` options)."""
     ca, cb = cujuds
-    xml = protected_linux_xml(rig, guest, name, observer, mac=MAC, pps=PPS, epoch_ms=EPOCH_MS)
+    xml = protected_linux_xml(rig, guest, name, observer, mac=MAC, pps=PPS, epoch_ms=EPOCH_MS, extra=extra)
     rig.a.virsh("define", str(xml))
     rig.a.virsh("start", name)
     ca.wait_domain(name, "protected", timeout=120)
