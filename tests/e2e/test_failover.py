@@ -80,7 +80,7 @@ def _still_counting(observer: Observer, after: float, more: int, timeout: float)
     return observer.wait_for(enough, timeout)
 
 
-def _runs(host: Host, name: str, tries: int = 50) -> bool:
+def runs(host: Host, name: str, tries: int = 50) -> bool:
     """True once ``virsh domstate`` says running (a protected VM is paused briefly every epoch)."""
     for _ in range(tries):
         if host.virsh("domstate", name).strip() == "running":
@@ -125,7 +125,7 @@ def test_sigkill_of_the_primary_qemu_fails_over_to_host_b(
         # a normal domain of host b's libvirtd now; host a refuses to start it again
         listed = rig.b.virsh("list", "--name").split()
         assert name in listed
-        assert rig.b.virsh("domstate", name).strip() == "running"
+        assert runs(rig.b, name)  # re-protection may already pause it for a moment
         assert "cuju-ft.github.io" in rig.b.virsh("dumpxml", name)
         # the live XML keeps the standby's command line (-incoming) until the next start; the
         # persistent definition, which the next 'virsh start' uses, does not have it
@@ -153,7 +153,7 @@ def _judge_reprotected(rig: Rig, observer: Observer, name: str, cujuds: tuple[Cu
     standby = ca.wait_domain(name, "standby", timeout=30)
     assert standby["role"] == "backup" and standby["peer"] == "cuju-b", standby
     assert rig.a.virsh("domstate", name).strip() == "paused"  # the standby: one copy runs, on b
-    assert _runs(rig.b, name)
+    assert runs(rig.b, name)
     ceded = list(rig.a.outside("/var/lib/cuju-libvirt/ceded").glob("*.json"))
     assert len(ceded) == 1 and "cuju-b" in ceded[0].read_text()
     assert not list(rig.a.outside("/var/lib/cuju-libvirt/protected").glob("*.json"))
@@ -188,7 +188,7 @@ def test_backup_loss_leaves_the_primary_running_and_it_re_protects(
         rec = _still_counting(observer, time.monotonic(), PPS, timeout=30)
         verdict = judge_run(rec, Rules())  # the primary never stopped: no gap, no repeat
         assert verdict.ok, verdict.as_dict()
-        assert _runs(rig.a, name)
+        assert runs(rig.a, name)
         assert rig.b.qemu_pid(name) not in (None, standby_pid)
 
         # a deliberate 'virsh destroy' of the protected VM is not a failure: no copy on b
@@ -238,7 +238,7 @@ def test_partition_of_host_b_never_lets_both_copies_speak(
         verdict = judge_run(rec, Rules(max_gap=lost_in_partition, failover_at=cut_at, tolerance=0.5))
         assert verdict.ok, verdict.as_dict()
         assert len(verdict.gaps) == 1 and verdict.tcp_bytes_after_failover > 0
-        assert _runs(rig.b, name)
+        assert runs(rig.b, name)
         # host a gave its copy up: b re-protects the VM onto it by itself
         _judge_reprotected(rig, observer, name, cujuds, failed_at=cut_at, max_gap=lost_in_partition)
     finally:
@@ -302,7 +302,7 @@ def test_primary_host_crash_fails_over_and_the_rebooted_host_becomes_the_backup(
         rig.a.reboot()
         refused = rig.a.run(["virsh", "-c", "qemu:///system", "start", name], check=False)
         assert refused.returncode != 0 and "was protected" in refused.stderr, refused.stderr
-        assert _runs(rig.b, name)
+        assert runs(rig.b, name)
         ca.start()
         _judge_reprotected(rig, observer, name, cujuds, failed_at=crashed_at, max_gap=max_gap)
     finally:

@@ -19,7 +19,7 @@ from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
 from tests.e2e.conftest import hooked_rig_or_skip
-from tests.e2e.test_failover import PPS, _runs, _still_counting, one_epoch_gap
+from tests.e2e.test_failover import PPS, _still_counting, one_epoch_gap, runs
 
 MAC = "52:54:00:19:0a:00"
 NAME = "rp3-vm"
@@ -60,7 +60,7 @@ def test_primary_host_crash_fails_over_to_b_and_re_protects_onto_c(
         standby = cc.wait_domain(NAME, "standby", timeout=30)
         assert standby["peer"] == "cuju-b"
         print(f"re-protected onto host c {time.monotonic() - crashed_at:.1f} s after host a died")
-        assert _runs(b, NAME)
+        assert runs(b, NAME)
         assert c.virsh("domstate", NAME).strip() == "paused"  # the standby: one copy runs, on b
         assert a.qemu_pid(NAME) is None and not a.processes()
         rec = _still_counting(obs, time.monotonic(), PPS, timeout=30)
@@ -112,7 +112,7 @@ def test_backup_host_crash_with_the_witness_re_protects_onto_the_third_host(
         standby = cc.wait_domain(name, "standby", timeout=30)
         # status shows the pairing's ownership generation on both sides, a new one for c
         assert again["generation"] == standby["generation"] > 1
-        assert _runs(a, name) and c.virsh("domstate", name).strip() == "paused"
+        assert runs(a, name) and c.virsh("domstate", name).strip() == "paused"
         rec = _still_counting(obs, time.monotonic(), PPS, timeout=30)
         verdict = judge_run(rec, Rules())  # the primary ran on: no gap, no repeat
         assert verdict.ok, verdict.as_dict()
