@@ -19,7 +19,7 @@ from typing import Any
 
 from benchmarks._engine import failover_report
 from benchmarks.failover_product import one_run as diskless_run
-from cuju_libvirt.rig.cujud import HOOK_NAME, Cujud, cujud_pair, write_hook_shim
+from cuju_libvirt.rig.cujud import HOOK_NAME, Cujud, cleanup_protected, cujud_pair, write_hook_shim
 from cuju_libvirt.rig.disk_records import data_image, run_with_sigkill
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
@@ -33,16 +33,6 @@ EPOCH_MS = 20
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=20,
                         help="disk runs, each followed by a diskless run (default 20)")
-
-
-def _cleanup(rig: Rig, name: str) -> None:
-    for host in (rig.a, rig.b):
-        host.virsh("destroy", name, check=False)
-        host.virsh("undefine", name, check=False)
-        for kind in ("ceded", "takeovers", "protected"):
-            for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
-                f.unlink()
-    data_image(rig, name).unlink(missing_ok=True)
 
 
 def disk_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int,
@@ -61,7 +51,8 @@ def disk_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: in
                 "fsck_clean": False, "records_lost": None}
     finally:
         with contextlib.suppress(Exception):
-            _cleanup(rig, name)
+            cleanup_protected(rig, name)
+            data_image(rig, name).unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

@@ -17,6 +17,7 @@ import time
 from benchmarks._engine import failover_report
 from cuju_libvirt.rig.cujud import (
     Cujud,
+    cleanup_protected,
     cujud_pair,
     hooked_rig,
     protected_linux_xml,
@@ -42,15 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epoch-ms", type=int, default=20, help="epoch length in ms (default 20)")
     parser.add_argument("--witness", choices=("none", "etcd"), default="none",
                         help="etcd: also measure with the cluster witness, next to the two-host baseline")
-
-
-def _cleanup(rig: Rig, name: str) -> None:
-    for host in (rig.a, rig.b):
-        host.virsh("destroy", name, check=False)
-        host.virsh("undefine", name, check=False)
-        for kind in ("ceded", "takeovers", "protected"):
-            for f in host.outside(f"/var/lib/cuju-libvirt/{kind}").glob("*.json"):
-                f.unlink()
 
 
 def one_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int, *, epoch_ms: int,
@@ -87,7 +79,7 @@ def one_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int
         return {"ok": False, "failover_ms": None, "problems": [f"{type(err).__name__}: {err}"]}
     finally:
         with contextlib.suppress(Exception):
-            _cleanup(rig, name)
+            cleanup_protected(rig, name)
 
 
 def _report(runs: list[dict[str, object]], epoch_ms: int) -> dict[str, object]:

@@ -16,28 +16,20 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from cuju_libvirt.rig.cujud import Cujud, cleanup_protected
 from cuju_libvirt.rig.disk_records import DiskRun, data_image, run_with_sigkill
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
-from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
+from cuju_libvirt.rig.linux_guest import LinuxGuest
 from cuju_libvirt.rig.observer import Observer
+from tests.e2e.test_failover import linux_guest, observer
+
+__all__ = ["linux_guest", "observer"]  # fixtures shared with test_failover
 
 MAC = "52:54:00:19:08:00"
-
-
-@pytest.fixture(scope="module")
-def linux_guest() -> LinuxGuest:
-    return build_linux_guest()
-
-
-@pytest.fixture
-def observer(ft_rig: Rig) -> Iterator[Observer]:
-    with Observer((OBSERVER_ADDRESS, 0), (OBSERVER_ADDRESS, 0), netns=ft_rig.lan.netns_path) as obs:
-        yield obs
 
 
 def judged_run(rig: Rig, guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud],
