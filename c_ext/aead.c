@@ -3,6 +3,7 @@
 #include <openssl/evp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "aead.h"
 #include "replicator.h"
@@ -161,9 +162,30 @@ static void pool_free(struct pool *p)
     free(p);
 }
 
-/* Start a's pool; 0 when it cannot (the caller then works alone). */
+/* -1: decide from the host's cores at the first pool start (aead.h). */
+static int workers_setting = -1;
+
+void cuju_aead_set_workers(int n)
+{
+    __atomic_store_n(&workers_setting, n < 0 ? -1 : n > CUJU_AEAD_WORKERS ? CUJU_AEAD_WORKERS : n,
+                     __ATOMIC_RELAXED);
+}
+
+static int workers(void)
+{
+    int n = __atomic_load_n(&workers_setting, __ATOMIC_RELAXED);
+    if (n >= 0)
+        return n;
+    return sysconf(_SC_NPROCESSORS_ONLN) >= CUJU_AEAD_POOL_MIN_CPUS ? CUJU_AEAD_WORKERS : 0;
+}
+
+/* Start a's pool; 0 when it cannot or should not (the caller then works
+ * alone, sealing or opening each record itself). */
 static int pool_start(struct cuju_aead *a)
 {
+    int nw = workers();
+    if (nw == 0)
+        return 0;
     struct pool *p = calloc(1, sizeof(*p));
     if (p == NULL)
         return 0;
@@ -176,7 +198,7 @@ static int pool_start(struct cuju_aead *a)
     for (int i = 0; i < CUJU_AEAD_BATCH && ok && a->encrypt; i++)
         ok = (p->slot[i] = malloc(WIRE_MAX)) != NULL;
     a->pool = p;
-    for (int i = 0; i < CUJU_AEAD_WORKERS && ok; i++) {
+    for (int i = 0; i < nw && ok; i++) {
         struct worker_arg *w = malloc(sizeof(*w));
         ok = w != NULL;
         if (ok) {

@@ -579,7 +579,12 @@ int main(int argc, char **argv)
         return bench(argv[2], argc > 3 ? atoi(argv[3]) : 30);
     test_equality(argv[2]);
     test_hostile(argv[2]);
+    /* The record layer both ways: sealed and opened inline, and by the pool. */
+    cuju_aead_set_workers(0);
     test_aead();
+    cuju_aead_set_workers(CUJU_AEAD_WORKERS);
+    test_aead();
+    cuju_aead_set_workers(-1);
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
