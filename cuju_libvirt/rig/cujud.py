@@ -35,7 +35,7 @@ from cuju_libvirt.rig.domains import domain_xml
 from cuju_libvirt.rig.hosts import FIRST_GUEST_ADDRESS, LAN_BRIDGE, Host, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, kernel_cmdline
 from cuju_libvirt.rig.nodes import LAN_PREFIXLEN
-from cuju_libvirt.rig.observer import Observer
+from cuju_libvirt.rig.observer import Observer, epoch_ms_from_rate, one_epoch_packets
 from cuju_libvirt.rig.pki import PKI
 
 __all__ = [
@@ -121,6 +121,14 @@ class Cujud:
             if entry["domain"] == name:
                 return dict(entry)
         return None
+
+    def one_epoch_gap(self, name: str, pps: float, epoch_ms: float) -> int:
+        """The largest gap the claim allows a failover of ``name``: one epoch's datagrams of a
+        sender at ``pps``, for the epochs as they ran just now on this (primary) cujud. An epoch
+        lasts at least ``epoch_ms``; under TCG on shared cores it also waits for its
+        predecessor's acknowledgement, so the measured epoch rate decides when it is slower."""
+        rate = (self.domain(name) or {}).get("epochs_per_s")
+        return one_epoch_packets(pps, epoch_ms_from_rate(epoch_ms, rate))
 
     def wait_domain(self, name: str, state: str, timeout: float = 120.0) -> dict[str, Any]:
         return self.wait_for(name, lambda e: e["state"] == state, repr(state), timeout)
