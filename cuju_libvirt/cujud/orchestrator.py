@@ -62,7 +62,7 @@ from cuju_libvirt.cujud.qemu_process import (
 from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml
 from cuju_libvirt.cujud.virt import DomainEvent, LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.domain_xml import AUTO_PEER, DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
-from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError
+from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError, caused_by
 from cuju_libvirt.ft_engine import linkkeys
 from cuju_libvirt.ft_engine.devstate import (
     DevicesChangedError,
@@ -556,7 +556,7 @@ class PrimaryDomain:
     def _decide(self, err: BaseException) -> bool:
         if self.ended.is_set() and alive(self.pid):
             return True  # cujud stops: shutdown() already has the peer's promise
-        if isinstance(err, MonitorError) or isinstance(err.__cause__, MonitorError):
+        if caused_by(err, MonitorError):
             # QEMU closes its monitor a moment before it exits: give it that moment
             deadline = time.monotonic() + QEMU_EXIT_WAIT
             while alive(self.pid) and time.monotonic() < deadline:
