@@ -239,6 +239,9 @@ class PrimaryDomain:
             persistent = bool(dom.isPersistent())
             pxml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) \
                 if persistent else xml
+        unfit = fitness.check_live_fitness(xml)
+        if unfit:  # hot-plugged since the start: refused before any standby is asked for
+            raise CujuError(f"{self.name} cannot be protected as it runs now: {'; '.join(map(str, unfit))}")
         self._disk_chains, self._disk_sizes = events.disk_chains(xml), self._read_disk_sizes(dom)
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
