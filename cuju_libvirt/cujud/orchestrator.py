@@ -48,7 +48,7 @@ from lxml import etree
 
 from cuju_libvirt import config, fitness
 from cuju_libvirt.cujud import control, coord, events, peer, records
-from cuju_libvirt.cujud.disks import primary_disks
+from cuju_libvirt.cujud.disks import disk_formats, primary_disks
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
 from cuju_libvirt.cujud.qemu_process import (
@@ -257,6 +257,7 @@ class PrimaryDomain:
                 "generation": self.generation,
                 "disk_sizes": list(disks.sizes) if disks is not None else [],
                 "disk_claims": claims,
+                "disk_formats": disk_formats(self.uuid, self.spec.disks) if disks is not None else [],
             }, timeout=STANDBY_CREATE_TIMEOUT)
             if disks is not None:
                 # Which replicas the backup kept: those are resynced with only what changed.

@@ -331,12 +331,12 @@ def protected_linux_xml(
     rig: Rig, guest: LinuxGuest, name: str, observer: Observer, *, mac: str, pps: int,
     epoch_ms: int = 20, heartbeat_timeout_ms: int = 500, memory_mib: int = 256,
     extra: tuple[str, ...] = (), peer: str | None = None, mode: str = "count,udp",
-    data_disk: Path | None = None, params: Mapping[str, Any] | None = None,
+    data_disk: Path | None = None, params: Mapping[str, Any] | None = None, data_disk_format: str = "raw",
 ) -> Path:
     """The Linux test guest's XML marked for protection with ``cuju-libvirt xml enable --prepare``.
 
     ``mode`` and ``params`` go to the guest's agent (:func:`kernel_cmdline`); ``data_disk``
-    is a writable image the guest sees as ``/dev/vda``."""
+    is a writable image (``data_disk_format``) the guest sees as ``/dev/vda``."""
     cmdline = kernel_cmdline(
         mode, ip=f"{FIRST_GUEST_ADDRESS}/{LAN_PREFIXLEN}", mac=mac, pps=pps,
         peer="{}:{}".format(*observer.udp_address), tcp="{}:{}".format(*observer.tcp_address),
@@ -348,7 +348,7 @@ def protected_linux_xml(
         kernel=rig.stage_file(guest.kernel, f"{name}-kernel"),
         initrd=rig.stage_file(guest.initrd, f"{name}-initrd"),
         cmdline=cmdline, serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
-        data_disk=data_disk,
+        data_disk=data_disk, data_disk_format=data_disk_format,
     ))
     return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms,
                       heartbeat_timeout_ms=heartbeat_timeout_ms, extra=extra, peer=peer)
