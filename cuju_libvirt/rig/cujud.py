@@ -355,15 +355,23 @@ def protected_linux_xml(
 
 
 def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_ms: int = 20,
-                          extra: tuple[str, ...] = ()) -> Path:
+                          extra: tuple[str, ...] = (), disk_format: str = "raw") -> Path:
     """The boot-sector counter guest (``image``, from :func:`~cuju_libvirt.rig.guests.boot_image`;
-    a copy of its own) marked for protection with ``cuju-libvirt xml enable --prepare`` (its
-    boot disk served and replicated, unless ``extra`` says ``--no-serve-disks``)."""
+    a copy of its own, converted to ``disk_format``) marked for protection with
+    ``cuju-libvirt xml enable --prepare`` (its boot disk served and replicated, unless
+    ``extra`` says ``--no-serve-disks``)."""
+    disk = rig.stage_file(image, f"{name}.img")
+    if disk_format != "raw":
+        converted = disk.with_suffix(f".{disk_format}")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", disk_format, str(disk), str(converted)],
+                       check=True, capture_output=True, timeout=60)
+        disk.unlink()
+        disk = converted
     plain = rig.root / f"{name}.plain.xml"
     plain.write_text(domain_xml(
-        name, memory_mib=64, disk=rig.stage_file(image, f"{name}.img"),
+        name, memory_mib=64, disk=disk,
         serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
-    ))
+    ).replace("type=\"raw\"", f"type=\"{disk_format}\"", 1))
     return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms, heartbeat_timeout_ms=500,
                       extra=extra)
 
