@@ -33,6 +33,7 @@ from cuju_libvirt.ft_engine.disks import (
     DiskSet,
     ProtectedDisk,
     changed_since_ack,
+    forget_pair,
     pack_bitmap,
     prepare_replica,
     read_pair,
@@ -190,6 +191,10 @@ def adopt_own_image(paths: disk_server.ServerPaths, size: int, claim: Mapping[st
     if why:
         disk_server.stop(paths)
         return why
+    # Once only: from here on the receiver writes the image beside the journal, and a later
+    # attempt (this resync cut short) could miss an epoch acknowledged but not applied here.
+    # That attempt copies in full; a completed resync pairs the image as any replica.
+    forget_pair(paths.journal)
     prepare_replica(image, size)  # a qcow2 file grows to the export's size, as every replica
     return image, {"changed": packed, "block_size": info["block_size"]}
 

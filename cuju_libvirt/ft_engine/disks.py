@@ -153,6 +153,12 @@ def unpack_bitmap(text: str, nbytes: int) -> int | None:
     return int.from_bytes(raw, "little") if len(raw) == nbytes else None
 
 
+def forget_pair(journal: str) -> None:
+    """No later resync may trust this journal's pairing (``<journal>.pair`` goes)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_pair_file(journal))
+
+
 def changed_since_ack(journal: str) -> tuple[int, _cuju.DiskJournalInfo, int]:
     """(lineage, the journal's info, bitmap) of the journal of a disk this host served as
     the primary: every block written since the last epoch it saw acknowledged (both

@@ -604,6 +604,8 @@ def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_
             assert not isinstance(got, str), got
             image, extra = got
             assert image == str(a.image)
+            # Once only: a second attempt (this resync cut short) copies in full.
+            assert "never completed a sync" in str(adopt_own_image(a.paths, a.size, claims[0], target="vda"))
             answers = choose_replicas([(image, a.size)], claims, None, ["vda"], adopted={0: extra})
             assert answers[0]["kept"] is True
             ds_b.set_replicas(answers, claims)
