@@ -98,9 +98,14 @@ def test_a_retried_pairing_keeps_its_generation_until_ownership_changes(store: O
 
 def test_status_lists_the_witness_records_and_says_when_etcd_does_not_answer(store: OwnershipStore) -> None:
     store.protect("u1", "web", owner="a", backup="c")
-    cujud: Any = SimpleNamespace(orchestrator=SimpleNamespace(witness=store))
-    assert daemon.Daemon.cluster_status(cujud) == {"vms": [
-        {"uuid": "u1", "name": "web", "owner": "a", "backup": "c", "mode": "protected", "generation": 1}]}
+    cujud: Any = SimpleNamespace(orchestrator=SimpleNamespace(witness=store, cluster=None),
+                                 cfg=SimpleNamespace(peers={"c": None}))
+    answer = daemon.Daemon.cluster_status(cujud)
+    assert answer["vms"] == [{"uuid": "u1", "name": "web", "owner": "a", "backup": "c", "mode": "protected",
+                              "generation": 1, "placement": None}]
+    # no host registered (no cluster member here): the hosts the records and peers name, not alive
+    assert [(h["name"], h["lease_alive"], h["primaries"], h["backups"]) for h in answer["hosts"]] == [
+        ("a", False, 1, 0), ("c", False, 0, 1)]
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         dead = OwnershipStore(EtcdClient([f"http://127.0.0.1:{unused.getsockname()[1]}"], timeout=0.3))
