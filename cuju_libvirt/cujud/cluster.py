@@ -300,8 +300,8 @@ class ClusterMember:
             rec = v.record
             if not rec.wants_standby or rec.mode != "unprotected" or rec.owner not in hosts:
                 continue  # no request, or its owner is gone (the VM is someone else's to re-protect)
-            if rec.placement is not None and rec.placement in hosts and rec.placement != rec.avoid:
-                continue
+            if rec.placement is not None and rec.placement in hosts:
+                continue  # placed, and that host lives: the owner pairs with it
             host, note = choose(rec, hosts, counts)
             if host is None:
                 self._note(rec, f"cannot place the standby of {rec.name or rec.uuid} yet: {note}")
@@ -342,7 +342,7 @@ class ClusterMember:
             if rec is None or rec.owner != self.node or not rec.wants_standby:
                 raise CoordError(f"the ownership record of {name} changed while it waited for a placement "
                                  f"({rec})")
-            if rec.placement is not None and rec.placement != avoid:
+            if rec.placement is not None:  # ``avoid`` itself when no other host qualified
                 return rec.placement
             if time.monotonic() >= deadline or ended():
                 return None

@@ -466,17 +466,18 @@ class OwnershipStore:
         """``owner`` runs the VM alone and asks the cluster's placer for a backup host.
 
         The record becomes ``{owner, backup: null, mode: unprotected, wants_standby}``, with
-        ``avoid`` (the host the last pairing failed with) and no placement yet: a new
-        generation unless it already was this owner alone (a standby of the record's last
-        pairing may then never resume). A record that already asks exactly so is returned
-        as it is, with the placement the placer may have written into it. Refused
+        ``avoid`` (the host the last pairing failed with: the placer takes another while one
+        qualifies) and no placement yet: a new generation unless it already was this owner
+        alone (a standby of the record's last pairing may then never resume). A record that
+        already asks exactly so (the same ``avoid``) is returned as it is, with the placement
+        the placer may have written into it. Refused
         (:class:`CoordError`) like :meth:`protect` when another owner may run the VM."""
         current = self.read(uuid)
         for _ in range(CAS_RETRIES):
             _refuse_another_owner(current, name, owner)
             rec = None if current is None else current.record
             if rec is not None and rec.owner == owner and rec.mode == "unprotected" and rec.wants_standby \
-                    and rec.avoid == avoid and (rec.placement is None or rec.placement != avoid):
+                    and rec.avoid == avoid:
                 assert current is not None
                 return current
             alone = rec is not None and rec.owner == owner and rec.mode == "unprotected"

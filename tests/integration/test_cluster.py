@@ -153,3 +153,21 @@ def test_two_placers_can_never_both_place_and_a_deposed_one_never_places(store: 
     assert store.read("u2") == fresh
     for m in (a, b, c):
         m.close()
+
+
+def test_the_avoided_host_when_it_is_the_only_one_is_placed_once_and_taken(store: OwnershipStore) -> None:
+    """After a failover the owner avoids its old primary host while that host's cujud is not
+    back; when that host is all there is, the placer places there once (no new write every
+    round) and the owner takes it."""
+    a, b = member(store, "a", "r1"), member(store, "b", "r2")
+    a.step()
+    b.step()
+    placer = a if a.is_placer else b
+    store.want_standby("u3", "app", "b", avoid="a")
+    assert placer.place_round() == [("app", "a")]
+    placed = store.read("u3")
+    assert placer.place_round() == [] and store.read("u3") == placed
+    assert b.request_standby("u3", "app", avoid="a", memory_kib=0, wait=2, ended=lambda: False) == "a"
+    assert store.read("u3") == placed  # the same request: asked again, nothing rewritten
+    for m in (a, b):
+        m.close()
