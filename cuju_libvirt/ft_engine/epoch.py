@@ -475,11 +475,11 @@ class PrimaryEngine:
         try:
             tracker.arm()
             if self._disks is not None:
-                # Each disk: every allocated block of a backup that holds nothing, else only
-                # what changed since its last acknowledged epoch.
+                # Each disk: every allocated block of a backup that holds nothing (unless cujud
+                # proved its replica, DiskSet.set_replicas), else only what changed since its
+                # last acknowledged epoch. DiskSet logs which, per disk.
                 disk_bytes = self._disks.begin_sync(full=self._held_at_start == 0)
-                self.log.info("disks: synchronising %d bytes (%s)", disk_bytes,
-                              "full" if self._held_at_start == 0 else "changed blocks only")
+                self.log.info("disks: synchronising %d bytes", disk_bytes)
         finally:
             self._vm_cont()
         rep.first_epoch = self._next
@@ -541,6 +541,8 @@ class PrimaryEngine:
         self._shipped(epoch, end, count)
         self.stats.record_epoch(pause_s=end - t0, dirty_pages=count, device_state_bytes=len(saved.blob))
         self._await_ack(epoch, cfg.ack_timeout + 30.0)
+        if self._disks is not None:
+            self._disks.sync_complete()  # the replicas equal the images: a later resync may trust them
         rep.seconds = self._clock() - t_start
         self.stats.set_initial_sync(1.0)
         self._move(S.PROTECTED, expect=S.SYNCING)

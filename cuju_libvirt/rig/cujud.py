@@ -15,6 +15,7 @@ Each cujud runs inside its host (``Host.popen``) with a configuration written to
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import shutil
 import signal
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from cuju_libvirt.rig.domains import domain_xml
 from cuju_libvirt.rig.hosts import FIRST_GUEST_ADDRESS, LAN_BRIDGE, Host, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, kernel_cmdline
 from cuju_libvirt.rig.nodes import LAN_PREFIXLEN
-from cuju_libvirt.rig.observer import Observer
+from cuju_libvirt.rig.observer import Observer, epoch_ms_from_rate, one_epoch_packets
 from cuju_libvirt.rig.pki import PKI
 
 __all__ = [
@@ -44,6 +45,26 @@ __all__ = [
 ]
 
 CONTROL_SOCKET = "/run/cuju-libvirt/cujud.sock"
+#: Where a cujud started with ``record_tokens`` notes its FT-link tokens (inside its host).
+TOKENS_FILE = "/var/log/cuju-libvirt/link-tokens.jsonl"
+#: cujud as ``python -m cuju_libvirt.cujud.daemon`` runs it, except that each one-time FT-link
+#: token this host hands out (and the link secret that goes with it) is also appended to the
+#: file named by its first argument, one JSON object a line: what an eavesdropping test must
+#: not find on the wire. The product never writes them anywhere; this wraps it in the test only.
+TOKEN_RECORDER = """
+import json, sys
+from cuju_libvirt.cujud import standby
+from cuju_libvirt.cujud.daemon import main
+out = sys.argv.pop(1)
+expect = standby.FTListener.expect
+def recording(self, on_connect, secret=None):
+    token = expect(self, on_connect, secret)
+    with open(out, "a") as f:
+        f.write(json.dumps({"token": token, "secret": None if secret is None else secret.hex()}) + "\\n")
+    return token
+standby.FTListener.expect = recording
+sys.exit(main(sys.argv[1:]))
+"""
 #: cujud's Prometheus port on each rig host (its LAN address).
 METRICS_PORT = 7792
 #: Heartbeats every 50 ms: well inside the 500 ms default heartbeat-timeout-ms.
@@ -65,8 +86,9 @@ class Cujud:
     """One cujud process on one rig host."""
 
     def __init__(self, host: Host, peer: Host | Sequence[Host], psk: str,
-                 settings: Mapping[str, Any]) -> None:
+                 settings: Mapping[str, Any], *, record_tokens: bool = False) -> None:
         self.host = host
+        self.record_tokens = record_tokens
         peers = [peer] if isinstance(peer, Host) else list(peer)
         self.log_path = host.outside("/var/log/cuju-libvirt/cujud.log")
         etc = host.outside("/etc/cuju-libvirt")
@@ -85,9 +107,12 @@ class Cujud:
     def start(self, timeout: float = 20.0) -> Cujud:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
+            entry = ["-m", "cuju_libvirt.cujud.daemon"]
+            if self.record_tokens:
+                self.host.outside(TOKENS_FILE).unlink(missing_ok=True)  # this run's tokens only
+                entry = ["-c", TOKEN_RECORDER, TOKENS_FILE]
             self.proc = self.host.popen(
-                [sys.executable, "-m", "cuju_libvirt.cujud.daemon",
-                 "--config", "/etc/cuju-libvirt/cujud.yaml"],
+                [sys.executable, *entry, "--config", "/etc/cuju-libvirt/cujud.yaml"],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
@@ -115,12 +140,30 @@ class Cujud:
         with ControlClient(self.host.outside(CONTROL_SOCKET), timeout=10.0) as client:
             return client.call(method, params)
 
+    def link_tokens(self) -> list[dict[str, str | None]]:
+        """The FT-link tokens (hex) and link secrets (hex, or None on a link in the clear) this
+        cujud handed out so far; only when started with ``record_tokens``."""
+        path = self.host.outside(TOKENS_FILE)
+        if not self.record_tokens:
+            raise RigError(f"cujud on {self.host.label} does not record its tokens (record_tokens=False)")
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
     def domain(self, name: str) -> dict[str, Any] | None:
         """This cujud's ``status`` entry of ``name``, or None."""
         for entry in self.call("status")["domains"]:
             if entry["domain"] == name:
                 return dict(entry)
         return None
+
+    def one_epoch_gap(self, name: str, pps: float, epoch_ms: float) -> int:
+        """The largest gap the claim allows a failover of ``name``: one epoch's datagrams of a
+        sender at ``pps``, for the epochs as they ran just now on this (primary) cujud. An epoch
+        lasts at least ``epoch_ms``; under TCG on shared cores it also waits for its
+        predecessor's acknowledgement, so the measured epoch rate decides when it is slower."""
+        rate = (self.domain(name) or {}).get("epochs_per_s")
+        return one_epoch_packets(pps, epoch_ms_from_rate(epoch_ms, rate))
 
     def wait_domain(self, name: str, state: str, timeout: float = 120.0) -> dict[str, Any]:
         return self.wait_for(name, lambda e: e["state"] == state, repr(state), timeout)
@@ -194,41 +237,50 @@ def _tls_settings(rig: Rig, hosts: Sequence[Host]) -> dict[Host, dict[str, str]]
 
 
 @contextlib.contextmanager
-def cujud_pair(rig: Rig, logs: Path | None = None, *, tls: bool = False,
+def cujud_pair(rig: Rig, logs: Path | None = None, *, tls: bool | Collection[Host] = False,
+               record_tokens: bool = False, connected: bool = True,
                **settings: Any) -> Iterator[tuple[Cujud, Cujud]]:
     """cujud on hosts a and b, peered; stopped (SIGTERM, then SIGKILL) on exit, their logs
     (and libvirt's QEMU logs) copied into ``logs`` if given. ``tls``: mutual TLS on the peer
-    channel with a CA of the rig's own, and so an encrypted FT link."""
-    with cujud_cluster(rig, [rig.a, rig.b], logs, tls=tls, **settings) as (ca, cb):
+    channel with a CA of the rig's own, and so an encrypted FT link (or only for the hosts
+    named, to show how the others are refused). ``record_tokens``: see :meth:`Cujud.link_tokens`.
+    ``connected=False``: do not wait for the peers to connect (they may refuse each other)."""
+    with cujud_cluster(rig, [rig.a, rig.b], logs, tls=tls, record_tokens=record_tokens,
+                       connected=connected, **settings) as (ca, cb):
         yield ca, cb
 
 
 @contextlib.contextmanager
 def cujud_cluster(rig: Rig, hosts: Sequence[Host] | None = None, logs: Path | None = None, *,
-                  tls: bool = False, host_settings: Mapping[str, Mapping[str, Any]] | None = None,
+                  tls: bool | Collection[Host] = False, record_tokens: bool = False,
+                  connected: bool = True, host_settings: Mapping[str, Mapping[str, Any]] | None = None,
                   after_start: Callable[[Cujud], None] | None = None,
                   **settings: Any) -> Iterator[tuple[Cujud, ...]]:
     """cujud on ``hosts`` (default: every host of the rig), each listing all the others as
     peers, all connected before this yields (started, and returned, in the order of
-    ``hosts``); stopped on exit, their logs copied into ``logs/NAME`` if given. ``tls`` as in
-    :func:`cujud_pair`; ``host_settings``: settings of one host only, by its rig name
-    (``{"c": {"failure_domain": "rack2"}}``); ``after_start(cujud)`` runs once each cujud is up,
-    before the next one starts (to wait until the first is the cluster's placer, say)."""
+    ``hosts``); stopped on exit, their logs copied into ``logs/NAME`` if given. ``tls``,
+    ``record_tokens`` and ``connected`` as in :func:`cujud_pair`; ``host_settings``: settings
+    of one host only, by its rig name (``{"c": {"failure_domain": "rack2"}}``);
+    ``after_start(cujud)`` runs once each cujud is up, before the next one starts (to wait
+    until the first is the cluster's placer, say)."""
     members = list(hosts if hosts is not None else rig.hosts.values())
     psk = secrets.token_hex(32) + "\n"
     merged = {**DEFAULT_SETTINGS, **settings}
-    per_host = _tls_settings(rig, members) if tls else {h: {} for h in members}
+    with_tls = members if tls is True else [h for h in members if tls and h in tls]
+    per_host: dict[Host, dict[str, str]] = {h: {} for h in members}
+    if with_tls:
+        per_host |= _tls_settings(rig, with_tls)
     own = host_settings or {}
     cujuds = tuple(Cujud(h, [p for p in members if p is not h], psk,
-                         {**merged, **per_host[h], **own.get(h.name, {})})
-                   for h in members)
+                         {**merged, **per_host[h], **own.get(h.name, {})},
+                         record_tokens=record_tokens) for h in members)
     try:
         for c in cujuds:
             c.start()
             if after_start is not None:
                 after_start(c)
         deadline = time.monotonic() + 20
-        while not all(c.peers_connected() for c in cujuds):
+        while connected and not all(c.peers_connected() for c in cujuds):
             if time.monotonic() > deadline:
                 raise RigError("the cujud did not all connect (see "
                                f"{', '.join(str(c.log_path) for c in cujuds)})")
