@@ -85,11 +85,16 @@ def keep_replica(path: str, size: int, claim: Mapping[str, Any] | None, replayed
 
 
 def primary_disks(uuid: str, disks: Sequence[FTDisk]) -> DiskSet | None:
-    """The journals of the prepared disks (their servers were started by the hook), or None."""
+    """The journals of the prepared disks (their servers were started by the hook, or, after a
+    takeover, by the standby), or None. The images a sync reads are those the servers serve:
+    after a takeover that is this host's replica, not the path the disk had on the old primary."""
     if not disks:
         return None
-    return DiskSet([ProtectedDisk(d.target, d.source, disk_server.ServerPaths.of(uuid, d.target).journal)
-                    for d in disks])
+    out = []
+    for d in disks:
+        paths = disk_server.ServerPaths.of(uuid, d.target)
+        out.append(ProtectedDisk(d.target, disk_server.served_image(paths) or d.source, paths.journal))
+    return DiskSet(out)
 
 
 def choose_replicas(replicas: Sequence[tuple[str, int]], claims: Sequence[Mapping[str, Any]],

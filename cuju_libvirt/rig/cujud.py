@@ -103,9 +103,12 @@ class Cujud:
         }
         (etc / "cujud.yaml").write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Where this process's lines begin in ``log_path`` (a rig's hosts keep one log file).
+        self.log_start = 0
 
     def start(self, timeout: float = 20.0) -> Cujud:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             entry = ["-m", "cuju_libvirt.cujud.daemon"]
             if self.record_tokens:
@@ -139,6 +142,12 @@ class Cujud:
     def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         with ControlClient(self.host.outside(CONTROL_SOCKET), timeout=10.0) as client:
             return client.call(method, params)
+
+    def log(self) -> str:
+        """What this cujud logged since its last :meth:`start` (not earlier tests on the rig)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
 
     def link_tokens(self) -> list[dict[str, str | None]]:
         """The FT-link tokens (hex) and link secrets (hex, or None on a link in the clear) this

@@ -128,3 +128,46 @@ def test_a_backup_outage_resends_only_the_changed_blocks_and_the_replica_equals_
     finally:
         cleanup_protected(rig, name)
         image.unlink(missing_ok=True)
+
+
+@pytest.mark.timeout(600)
+def test_after_a_failover_the_new_backups_replica_equals_the_disk_the_vm_runs_on(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """SIGKILL of the primary's QEMU: host b runs the VM on its replica and re-protects it onto
+    host a by itself. With the VM paused by the user and two later epochs applied on host a,
+    host a's new replica equals the disk host b runs on (``qemu-img compare``): the sync read
+    the image b's block server serves, not the path the disk had on host a."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "disk-reprotect"
+    image = make_ext4_image(data_image(rig, name), size_mib=64)
+    try:
+        xml = protected_linux_xml(rig, linux_guest, name, observer, mac=MAC, pps=1, mode="fsrec",
+                                  data_disk=image, params=PARAMS)
+        rig.a.virsh("define", str(xml))
+        rig.a.virsh("start", name)
+        ca.wait_domain(name, "protected", timeout=180)
+        cb.wait_domain(name, "standby", timeout=60)
+        observer.wait_for(lambda r: len(r.udp) >= 100, timeout=90)
+        pid = rig.a.qemu_pid(name)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        cb.wait_failed_over(name, timeout=60)
+        cb.wait_domain(name, "protected", timeout=180)  # re-protected onto host a
+        ca.wait_domain(name, "standby", timeout=60)
+        observer.wait_for(lambda r: len(r.udp) >= 300, timeout=90)  # the guest writes on host b
+
+        suspend_until_paused_by_user(rig.b, name)
+        acked = int(cb.domain(name)["last_acked_epoch"] or 0)  # type: ignore[index]
+        ca.wait_for(name, lambda e: int(e["last_acked_epoch"] or 0) >= acked + 2,
+                    f"epoch {acked + 2} applied", timeout=120)
+        uuid = rig.b.virsh("domuuid", name).strip()
+        runs_on = rig.b.outside(f"/var/lib/cuju-libvirt/replicas/{uuid}/vda.raw")
+        replica = rig.a.outside(f"/var/lib/cuju-libvirt/replicas/{uuid}/vda.raw")
+        argv = [tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(runs_on), str(replica)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        rig.b.virsh("resume", name)
+    finally:
+        cleanup_protected(rig, name)
+        image.unlink(missing_ok=True)

@@ -28,13 +28,15 @@ from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.rig.cujud import cleanup_protected, cujud_pair
+from cuju_libvirt.rig.cujud import cleanup_protected, cujud_pair, protected_linux_xml
 from cuju_libvirt.rig.hosts import Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, parse_serial
 from cuju_libvirt.rig.nodes import FT_IFACE
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
 from cuju_libvirt.rig.tap import Capture, Tap, read_capture
 from tests.e2e.test_failover import (
+    EPOCH_MS,
+    MAC,
     PPS,
     _start_protected,
     _still_counting,
@@ -122,7 +124,7 @@ def test_an_eavesdropper_on_the_lan_and_the_ft_link_reads_no_memory_and_no_token
                 # peer channel (handshake, pairing, heartbeats)
                 assert ft.tcp_bytes(FT_PORT) >= PATTERN_MB << 20, said
                 assert lan.tcp_bytes(PEER_PORT) > 0, said
-                log = ca.log_path.read_text
+                log = ca.log
                 if tls:
                     assert all(entry["secret"] for entry in tokens), tokens
                     assert "AES-256-GCM" in log() and "NOT encrypted" not in log(), log()[-2000:]
@@ -227,7 +229,7 @@ def test_a_bit_flipped_on_the_encrypted_ft_link_is_refused_and_protection_comes_
             assert _read_int(done) == before  # the live link was the one tampered with
 
             # refused on the backup with the reason; the primary is never fenced for it
-            said_b = cb.log_path.read_text
+            said_b = cb.log
             deadline = time.monotonic() + 60
             while "failed authentication" not in said_b() and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -256,3 +258,70 @@ def test_a_bit_flipped_on_the_encrypted_ft_link_is_refused_and_protection_comes_
         for path in (trigger, done, conns):
             path.unlink(missing_ok=True)
         cleanup_protected(rig, name)
+
+
+#: Runs inside host a: one connection attempt to ADDR:PORT (refused: nothing listens there).
+PROBE = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()
+except OSError:
+    pass
+"""
+PROBE_PORT = 9
+
+
+@pytest.fixture(params=["a", "b"], ids=["tls-primary-plain-backup", "plain-primary-tls-backup"])
+def tls_host(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.mark.timeout(300)
+def test_a_tls_host_refuses_a_plain_peer_and_no_ft_link_is_ever_made(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, tmp_path: Path, tls_host: str
+) -> None:
+    """One host runs peer_tls: on as packaged, the other was left in the lesser mode. The TLS
+    host refuses the plain one on the peer channel (as primary and as backup), both log why,
+    so the VM started on host a runs
+    unprotected (its output is not held), no standby is made on host b and nobody ever opens
+    a connection to host b's FT-link port: a capture of ft0 holds not one segment of it."""
+    rig, name = ft_rig, f"ft-mixed-{tls_host}"
+    ft_tap = Tap(rig.b, tmp_path / "ft-link.cap", [FT_IFACE])
+    tls_side = rig.hosts[tls_host]
+    try:
+        with ft_tap, cujud_pair(rig, logs=tmp_path / "logs", tls=[tls_side], connected=False) as (ca, cb):
+            try:
+                by_tls = {True: ca if tls_host == "a" else cb, False: cb if tls_host == "a" else ca}
+                xml = protected_linux_xml(rig, linux_guest, name, observer, mac=MAC, pps=PPS,
+                                          epoch_ms=EPOCH_MS)
+                rig.a.virsh("define", str(xml))
+                rig.a.virsh("start", name)
+                # the VM runs and its output reaches the LAN: nothing holds it for a backup
+                rec = observer.wait_for(lambda r: len(r.udp) >= PPS, timeout=120)
+                assert len(rec.udp) >= PPS, f"the guest's stream did not start (see {rig.a.log_file(name)})"
+                # host a tried to protect it, more than once, and was refused each time
+                log_a = ca.log
+                deadline = time.monotonic() + 120
+                while log_a().count("protection not established") < 2 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert log_a().count("protection not established") >= 2, log_a()[-3000:]
+                # each side says why, whether it dials or accepts (docs/security.md)
+                said_tls, said_plain = by_tls[True].log(), by_tls[False].log()
+                assert "is it configured with peer_tls: on?" in said_tls, said_tls[-3000:]
+                assert ("the peer speaks TLS and this host does not" in said_plain
+                        or "is it configured with peer_tls: on?" in said_plain), said_plain[-3000:]
+                assert not ca.peer_connected() and not cb.peer_connected()
+                entry = ca.domain(name)
+                assert entry is not None and entry["state"] == "unprotected", entry
+                assert cb.domain(name) is None  # no standby
+                # the tap does see connections on ft0: one from host a to a closed port of host b
+                rig.a.run([sys.executable, "-c", PROBE, rig.b.ft_address, str(PROBE_PORT)])
+                stats = ft_tap.stop()
+                ft = read_capture(ft_tap.out, {})
+                print(_summary("ft-link", ft, stats))
+                assert [flow for flow in ft.streams if flow[3] == PROBE_PORT], ft.streams
+                assert not [flow for flow in ft.streams if FT_PORT in (flow[1], flow[3])], ft.streams
+            finally:
+                cleanup_protected(rig, name)
+    finally:
+        ft_tap.out.unlink(missing_ok=True)

@@ -340,6 +340,7 @@ def test_server_restart_keeps_the_journal(shm_dir: Path) -> None:
         d.run(d.ops(rng, 10))
         first = disk_server.running_pid(d.paths)
         assert first is not None
+        assert disk_server.served_image(d.paths) == str(d.image)  # what a sync reads (primary_disks)
         # The server is no child of its starter (nbdkit's own daemon): it outlives cujud.
         assert f"PPid:\t{os.getpid()}\n" not in Path(f"/proc/{first}/status").read_text()
         assert disk_server.stop(d.paths)
