@@ -25,9 +25,13 @@ place, and two placements of one record can never both go through. The owner rea
 placement and pairs with that host as before (``protect`` then clears the request).
 
 The choice (:func:`choose`): only live hosts (a lease) other than the owner, that the
-owner's cujud is connected to, with room for the VM's memory; never in the owner's failure
-domain while a host of another domain qualifies (a fallback into the same domain is
-logged as a WARNING); then the fewest standbys, the most free memory, the name.
+owner's cujud is connected to, with room for the VM's memory (the host's registered free
+memory less the memory of the standbys already placed there but not yet paired); never in
+the owner's failure domain while a host of another domain qualifies (a fallback into the
+same domain is logged as a WARNING); not the host the owner's last pairing failed with
+(``avoid``) while another qualifies; then the fewest standbys, the most free memory, the
+name. A placement on the avoided host (it was the only one) is moved as soon as another
+host qualifies, and otherwise left alone (no rewrite every round).
 """
 
 from __future__ import annotations
@@ -125,12 +129,25 @@ def standby_counts(records: Iterable[Ownership]) -> Counter[str]:
     return counts
 
 
-def choose(rec: Ownership, hosts: Mapping[str, HostInfo],
-           standbys: Mapping[str, int]) -> tuple[str | None, str]:
+def promised_memory(records: Iterable[Ownership]) -> Counter[str]:
+    """The memory (KiB) of the standbys placed on each host but not paired yet: the host's
+    registered free memory does not show them, so the placer counts it as taken."""
+    promised: Counter[str] = Counter()
+    for rec in records:
+        if rec.wants_standby and rec.placement and rec.mode == "unprotected":
+            promised[rec.placement] += rec.memory_kib
+    return promised
+
+
+def choose(rec: Ownership, hosts: Mapping[str, HostInfo], standbys: Mapping[str, int],
+           promised: Mapping[str, int] | None = None) -> tuple[str | None, str]:
     """The host for the standby of ``rec``'s VM among the live ``hosts``, and a note.
 
-    The note says why no host was chosen, or that anti-affinity had to fall back (the
-    host shares the owner's failure domain); it is empty for an ordinary choice."""
+    ``standbys``: the standbys each host holds or was placed (:func:`standby_counts`);
+    ``promised``: the memory of those placed but not paired yet (:func:`promised_memory`,
+    without ``rec``'s own), taken from the host's registered free memory. The note says why
+    no host was chosen, or that anti-affinity had to fall back (the host shares the owner's
+    failure domain); it is empty for an ordinary choice."""
     owner = hosts.get(rec.owner)
     candidates = [h for name, h in hosts.items() if name != rec.owner]
     if owner is not None:
@@ -142,11 +159,17 @@ def choose(rec: Ownership, hosts: Mapping[str, HostInfo],
         return None, "no live host other than its owner"
     if rec.avoid and any(h.name != rec.avoid for h in candidates):
         candidates = [h for h in candidates if h.name != rec.avoid]
+    promised = promised or {}
+
+    def free(h: HostInfo) -> int:
+        return h.mem_free_kib - promised.get(h.name, 0)
+
     if rec.memory_kib:
-        fitting = [h for h in candidates if h.mem_free_kib >= rec.memory_kib]
+        fitting = [h for h in candidates if free(h) >= rec.memory_kib]
         if not fitting:
             return None, (f"no live host has {rec.memory_kib // 1024} MiB free for its standby (most: "
-                          f"{max(h.mem_free_kib for h in candidates) // 1024} MiB)")
+                          f"{max(free(h) for h in candidates) // 1024} MiB, standbys placed there "
+                          "but not yet paired counted)")
         candidates = fitting
     note = ""
     domain = owner.failure_domain if owner is not None else None
@@ -156,7 +179,7 @@ def choose(rec: Ownership, hosts: Mapping[str, HostInfo],
     elif domain is not None:
         note = (f"no live host outside failure domain {domain!r} of {rec.owner} can hold it: anti-affinity "
                 "falls back to a host of the same failure domain")
-    best = min(candidates, key=lambda h: (standbys.get(h.name, 0), -h.mem_free_kib, h.name))
+    best = min(candidates, key=lambda h: (standbys.get(h.name, 0), -free(h), h.name))
     return best.name, note
 
 
@@ -295,19 +318,28 @@ class ClusterMember:
         hosts = self.hosts()
         records = self.store.list()
         counts = standby_counts(v.record for v in records)
+        promised = promised_memory(v.record for v in records)
         placed = []
         for v in records:
             rec = v.record
             if not rec.wants_standby or rec.mode != "unprotected" or rec.owner not in hosts:
                 continue  # no request, or its owner is gone (the VM is someone else's to re-protect)
-            if rec.placement is not None and rec.placement in hosts:
+            if rec.placement is not None and rec.placement in hosts and rec.placement != rec.avoid:
                 continue  # placed, and that host lives: the owner pairs with it
-            host, note = choose(rec, hosts, counts)
+            moving = rec.placement if rec.placement is not None and rec.placement in hosts else None
+            own: Counter[str] = Counter({moving: rec.memory_kib} if moving is not None else {})
+            host, note = choose(rec, hosts, counts, promised - own)
+            if host is not None and host == rec.placement:
+                continue  # placed on the avoided host, still the only one that qualifies: left alone
             if host is None:
                 self._note(rec, f"cannot place the standby of {rec.name or rec.uuid} yet: {note}")
                 continue
             if self._place(v, host):
+                if moving is not None:  # moved off the avoided host: its count and memory go along
+                    counts[moving] -= 1
+                    promised[moving] -= rec.memory_kib
                 counts[host] += 1
+                promised[host] += rec.memory_kib
                 placed.append((rec.name or rec.uuid, host))
                 target = hosts[host]
                 LOG.log(logging.WARNING if note else logging.INFO,

@@ -4,6 +4,7 @@ that every test judges etcd's state after each round, not a timing."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -170,4 +171,52 @@ def test_the_avoided_host_when_it_is_the_only_one_is_placed_once_and_taken(store
     assert b.request_standby("u3", "app", avoid="a", memory_kib=0, wait=2, ended=lambda: False) == "a"
     assert store.read("u3") == placed  # the same request: asked again, nothing rewritten
     for m in (a, b):
+        m.close()
+
+
+def test_a_placement_on_the_avoided_host_moves_as_soon_as_another_host_qualifies(
+    store: OwnershipStore,
+) -> None:
+    """The avoided host was all there was, so the standby was placed there; a host that joins
+    the cluster later takes the placement over in the placer's next round (the owner would
+    otherwise retry the host that failed it for as long as that host's lease lives)."""
+    a, b = member(store, "a", "r1"), member(store, "b", "r2")
+    a.step()
+    b.step()
+    placer = a if a.is_placer else b
+    store.want_standby("u4", "app", "b", avoid="a")
+    assert placer.place_round() == [("app", "a")]
+    c = member(store, "c", "r3")
+    c.step()
+    assert placer.place_round() == [("app", "c")]
+    moved = store.read("u4")
+    assert moved is not None and (moved.record.placement, moved.record.avoid) == ("c", "a")
+    assert placer.place_round() == [] and store.read("u4") == moved  # c is not avoided: left alone
+    assert b.request_standby("u4", "app", avoid="a", memory_kib=0, wait=2, ended=lambda: False) == "c"
+    for m in (a, b, c):
+        m.close()
+
+
+def test_a_host_without_room_for_the_vm_is_never_chosen_and_placed_memory_counts(
+    store: OwnershipStore, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Free memory as the hosts registered it, less what is placed there and not yet paired:
+    b has 3 GiB free, c 1 GiB; a 2 GiB VM goes to b, a second one to no host (a WARNING
+    says why) until b's first standby pairs and b registers what is really left."""
+    a = member(store, "a", "r1")
+    b, c = member(store, "b", "r2", free_mib=3072), member(store, "c", "r3", free_mib=1024)
+    for m in (a, b, c):
+        m.step()
+    placer = next(m for m in (a, b, c) if m.is_placer)
+    store.want_standby("u5", "big1", "a", memory_kib=2048 * 1024)
+    store.want_standby("u6", "big2", "a", memory_kib=2048 * 1024)
+    with caplog.at_level(logging.WARNING, logger="cuju_libvirt.cujud.cluster"):
+        assert placer.place_round() == [("big1", "b")]
+        assert placer.place_round() == []
+    second = store.read("u6")
+    assert second is not None and second.record.placement is None
+    said = [r.getMessage() for r in caplog.records if "big2" in r.getMessage()]
+    assert said == ["cannot place the standby of big2 yet: no live host has 2048 MiB free for its standby "
+                    "(most: 1024 MiB, standbys placed there but not yet paired counted)"]  # once
+    for m in (a, b, c):
         m.close()
