@@ -31,8 +31,9 @@ def register(subparsers: Any) -> None:
             "the newest epoch the backup acknowledged), the last failover, and the progress\n"
             "of an initial synchronisation. Then the peer hosts with their heartbeat, and,\n"
             "when cujud uses etcd (etcd_endpoints), the cluster: every host (its lease alive\n"
-            "or gone, failure domain, free memory, VMs as primary/backup), the elected placer,\n"
-            "and the witness's record of every VM: owner, backup, mode and generation.\n\n"
+            "or gone, failure domain, free memory, CPUs and load average, VMs as\n"
+            "primary/backup), the elected placer, and the witness's record of every VM: owner,\n"
+            "backup (or the host its standby is placed on), mode and generation.\n\n"
             "A domain whose state is not 'protected' (primary) or 'standby' (backup) has no\n"
             "backup that could take over right now: its lag shows '-'."
         ),
@@ -114,9 +115,9 @@ def _cluster_lines(cluster: Mapping[str, Any] | None) -> list[str]:
     alive = sum(1 for h in hosts if h.get("lease_alive"))
     lines = [f"cluster (etcd): {alive} of {len(hosts)} host(s) alive, placer "
              f"{cluster.get('placer') or 'NONE ELECTED'}"]
-    lines += _table(["HOST", "LEASE", "FAILURE DOMAIN", "FREE MEM", "VMS (PRIMARY/BACKUP)"], [
+    lines += _table(["HOST", "LEASE", "FAILURE DOMAIN", "FREE MEM", "CPUS (LOAD)", "VMS (PRIMARY/BACKUP)"], [
         [str(h.get("name")), "alive" if h.get("lease_alive") else "GONE", str(h.get("failure_domain") or "-"),
-         "-" if h.get("mem_free_kib") is None else _size(int(h["mem_free_kib"]) * 1024),
+         "-" if h.get("mem_free_kib") is None else _size(int(h["mem_free_kib"]) * 1024), _cpus(h),
          f"{h.get('primaries', 0)}/{h.get('backups', 0)}"] for h in hosts])
     vms: Sequence[Mapping[str, Any]] = cluster.get("vms") or []
     lines.append(f"cluster (etcd): {len(vms)} VM record(s)")
@@ -125,6 +126,14 @@ def _cluster_lines(cluster: Mapping[str, Any] | None) -> list[str]:
          str(v.get("backup") or (f"placed on {v['placement']}" if v.get("placement") else "-")),
          str(v.get("mode")), str(v.get("generation"))] for v in vms])
     return lines
+
+
+def _cpus(host: Mapping[str, Any]) -> str:
+    """A host's CPU count and 1-minute load average as its lease last registered them."""
+    if not host.get("cpus"):
+        return "-"
+    load = host.get("load1")
+    return f"{host['cpus']}" + ("" if load is None else f" ({float(load):.2f})")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
