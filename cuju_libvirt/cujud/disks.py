@@ -97,10 +97,44 @@ def primary_disks(uuid: str, disks: Sequence[FTDisk]) -> DiskSet | None:
     return DiskSet(out)
 
 
+def disk_formats(uuid: str, disks: Sequence[FTDisk]) -> list[dict[str, Any]]:
+    """Per prepared disk, what a backup needs to make an empty replica its standby's QEMU can
+    open: ``format``, and for qcow2 the image's ``virtual_size`` and ``cluster_size`` (read
+    from the image the server serves)."""
+    out: list[dict[str, Any]] = []
+    for d in disks:
+        entry: dict[str, Any] = {"format": d.format}
+        if d.format == "qcow2":
+            image = disk_server.served_image(disk_server.ServerPaths.of(uuid, d.target)) or d.source
+            info = disk_server.image_info(image, d.format)
+            entry.update(virtual_size=int(info["virtual-size"]),
+                         cluster_size=int(info.get("cluster-size", 65536)))
+        out.append(entry)
+    return out
+
+
+def _fresh_replica(path: str, size: int, fmt: Mapping[str, Any] | None) -> int:
+    """Empty the replica; for a qcow2 disk write an empty qcow2 of the disk's virtual size at
+    its start (the standby's QEMU opens it before the sync). Returns the bytes written there,
+    which the sync must overwrite (``written`` in the answer)."""
+    prepare_replica(path, size, empty=True)
+    if fmt is None or fmt.get("format") != "qcow2":
+        return 0
+    if "virtual_size" not in fmt:
+        raise CujuError("the primary gave no virtual size for a qcow2 disk: the two cujud versions differ")
+    written = disk_server.write_qcow2_placeholder(path, int(fmt["virtual_size"]),
+                                                  int(fmt.get("cluster_size", 65536)))
+    prepare_replica(path, size)
+    return written
+
+
 def choose_replicas(replicas: Sequence[tuple[str, int]], claims: Sequence[Mapping[str, Any]],
-                    receiver_journal: str | None, targets: Sequence[str]) -> list[dict[str, Any]]:
+                    receiver_journal: str | None, targets: Sequence[str],
+                    formats: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """Keep or empty each replica (path, size) for the primary's ``claims``; returns the answer
-    per disk (``replica`` id, ``kept``). Every replica exists with its size afterwards."""
+    per disk (``replica`` id, ``kept``, ``written``: bytes at the start of an emptied replica
+    that are not zeros, see :func:`_fresh_replica`). Every replica exists with its size
+    afterwards, and a qcow2 one is a valid qcow2 (``formats``, the primary's :func:`disk_formats`)."""
     replayed = False
     # Only replicas that exist with the right size can be replayed into (the others are new).
     if receiver_journal is not None and any(c.get("replica") for c in claims) and \
@@ -113,6 +147,7 @@ def choose_replicas(replicas: Sequence[tuple[str, int]], claims: Sequence[Mappin
     for i, (path, size) in enumerate(replicas):
         claim = claims[i] if i < len(claims) else None
         why = keep_replica(path, size, claim, replayed)
+        written = 0
         if why is None:
             rid = str(replica_identity(path)["replica"])
             log.info("disk %s: keeping replica %s (%s): only the changed blocks will be resent", targets[i],
@@ -121,15 +156,16 @@ def choose_replicas(replicas: Sequence[tuple[str, int]], claims: Sequence[Mappin
             rid = secrets.token_hex(8)
             if os.path.exists(path):
                 log.info("disk %s: replica %s starts afresh (%s): a full copy follows", targets[i], path, why)
-            prepare_replica(path, size, empty=True)
+            written = _fresh_replica(path, size, formats[i] if i < len(formats) else None)
         _write_identity(path, rid, str(claim.get("lineage", "")) if claim else "")
-        answers.append({"replica": rid, "kept": why is None})
+        answers.append({"replica": rid, "kept": why is None, "written": written})
     return answers
 
 
 def backup_replicas(
     uuid: str, xml: str, sizes: Sequence[int], replica_dir: Path, *,
     claims: Sequence[Mapping[str, Any]] | None = None, receiver_journal: str | None = None,
+    formats: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[list[tuple[str, int]], list[dict[str, Any]]]:
     """Prepare the replica of every prepared disk of ``xml`` (the primary's sizes, in its disk
     order) and serve it on the same socket path as on the primary, so that the standby QEMU
@@ -137,7 +173,8 @@ def backup_replicas(
 
     ``claims`` (the primary's, per disk) and ``receiver_journal`` (the last standby's):
     which replicas may be kept for a resync of only what changed (see the module's doc).
-    Returns the replicas (path, size) and the answer per disk (``replica`` id, ``kept``)."""
+    ``formats``: the primary's :func:`disk_formats` (an emptied qcow2 replica gets a header).
+    Returns the replicas (path, size) and the answer per disk (``replica`` id, ``kept``, ``written``)."""
     spec = parse_domain(xml)
     disks = spec.disks if spec is not None else ()
     if len(disks) != len(sizes):
@@ -146,7 +183,7 @@ def backup_replicas(
     out = [(d.replica_path(str(replica_dir), uuid), size) for d, size in zip(disks, sizes, strict=True)]
     for path, _ in out:
         Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    answers = choose_replicas(out, claims or [], receiver_journal, [d.target for d in disks])
+    answers = choose_replicas(out, claims or [], receiver_journal, [d.target for d in disks], formats)
     for d, (path, _) in zip(disks, out, strict=True):
         # The standby's QEMU (not root under libvirt) connects to it: the same owner as on the primary.
         disk_server.start(disk_server.ServerPaths.of(uuid, d.target), path, target=d.target,

@@ -49,7 +49,7 @@ from lxml import etree
 
 from cuju_libvirt import config, fitness
 from cuju_libvirt.cujud import cluster, control, coord, events, peer, records
-from cuju_libvirt.cujud.disks import primary_disks
+from cuju_libvirt.cujud.disks import disk_formats, primary_disks
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
 from cuju_libvirt.cujud.qemu_process import (
@@ -163,8 +163,10 @@ class PrimaryDomain:
         self._again = 0
         #: When each kind of event note was last logged (:meth:`on_event`).
         self._notes: dict[str, float] = {}
-        #: The disks' image chains in the XML the standby was made from (:meth:`_watch_disks`).
+        #: The disks' image chains in the XML the standby was made from, and their sizes
+        #: then (:meth:`_watch_disks`).
         self._disk_chains: events.DiskChains | None = None
+        self._disk_sizes: events.DiskSizes = {}
         #: The backup host of the last pairing attempt that failed (the placer avoids it next).
         self._failed_peer: str | None = None
 
@@ -244,7 +246,7 @@ class PrimaryDomain:
             persistent = bool(dom.isPersistent())
             pxml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) \
                 if persistent else xml
-        self._disk_chains = events.disk_chains(xml)
+        self._disk_chains, self._disk_sizes = events.disk_chains(xml), self._read_disk_sizes(dom)
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
         sock: socket.socket | None = None
@@ -264,6 +266,7 @@ class PrimaryDomain:
                 "generation": self.generation,
                 "disk_sizes": list(disks.sizes) if disks is not None else [],
                 "disk_claims": claims,
+                "disk_formats": disk_formats(self.uuid, self.spec.disks) if disks is not None else [],
             }, timeout=STANDBY_CREATE_TIMEOUT)
             if disks is not None:
                 # Which replicas the backup kept: those are resynced with only what changed.
@@ -532,22 +535,41 @@ class PrimaryDomain:
             self.log.info("%s", found.cause)
 
     def _watch_disks(self) -> None:
-        """Compare the disks' image chains with the standby's (about twice a second while
-        protected): an external disk-only snapshot moves the disks onto overlays with no
-        event from libvirt, and a standby left on the old images would resume on them."""
+        """Compare the disks' image chains and sizes with the standby's (about twice a second
+        while protected). Neither comes with an event: an external disk-only snapshot moves
+        the disks onto overlays, and a standby left on the old images would resume on them;
+        ``virsh blockresize`` grows a disk, and a standby that opened it before would give
+        the guest the old size after a failover."""
         engine = self.engine
         if self._disk_chains is None or engine is None or not engine.running \
                 or self.machine.state is not S.PROTECTED:
             return
         try:
-            xml = self.orch.lookup(self.uuid).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+            dom = self.orch.lookup(self.uuid)
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
         except (CujuError, libvirt.libvirtError) as err:
             self.log.debug("could not read the live XML to compare the disks: %s", err)
             return
-        found = events.disks_changed(self._disk_chains, events.disk_chains(xml))
+        sizes = self._read_disk_sizes(dom)
+        for dev, size in sizes.items():  # a disk whose size a job hid at pairing: from now on
+            self._disk_sizes.setdefault(dev, size)
+        found = events.disks_changed(self._disk_chains, events.disk_chains(xml)) \
+            or events.disks_resized(self._disk_sizes, sizes)
         if found is not None:
             self._disk_chains = None
             engine.reconfigure(found.cause)
+
+    def _read_disk_sizes(self, dom: Any) -> events.DiskSizes:
+        """The disks' capacities as QEMU has them, from libvirt's block stats: one call for
+        every disk, no pause; NOWAIT, so that a libvirt job in progress (a snapshot, a save)
+        leaves the sizes out instead of holding the protection loop."""
+        try:
+            found = self.orch.libvirt.conn.domainListGetStats(
+                [dom], libvirt.VIR_DOMAIN_STATS_BLOCK, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)
+        except (CujuError, libvirt.libvirtError) as err:
+            self.log.debug("could not read the disks' sizes: %s", err)
+            return {}
+        return events.disk_sizes(found[0][1]) if found else {}
 
     def _note_due(self, cause: str) -> bool:
         """One INFO line per kind of note in a minute (a balloon reports every step)."""

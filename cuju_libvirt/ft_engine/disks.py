@@ -123,6 +123,9 @@ class DiskSet:
         self._trusted: list[bool] = []
         #: Per disk: the backup kept an earlier replica (False: it starts from an empty file).
         self._kept: list[bool] = []
+        #: Per disk: bytes at the start of an emptied replica the backup wrote (a qcow2 header
+        #: its standby's QEMU can open): a full copy sends those blocks even where they are holes.
+        self._written: list[int] = []
         #: Per disk: the journal's lineage when the current synchronisation began.
         self._sync_lineage: list[int] = []
         try:
@@ -140,6 +143,7 @@ class DiskSet:
                 self._replica.append("")
                 self._trusted.append(False)
                 self._kept.append(False)
+                self._written.append(0)
                 self._sync_lineage.append(0)
         except BaseException:
             self.close()
@@ -242,6 +246,7 @@ class DiskSet:
             rid = str(answer.get("replica", ""))
             self._replica[i] = rid
             self._kept[i] = answer.get("kept") is True
+            self._written[i] = max(0, min(int(answer.get("written") or 0), self.sizes[i]))
             self._trusted[i] = bool(claim["replica"]) and self._kept[i] and rid == claim["replica"]
 
     def _saved_resync(self, i: int, lineage: int, nbytes: int) -> int:
@@ -296,8 +301,11 @@ class DiskSet:
                 nblocks = info["nblocks"]
                 bitmap[:] = ((1 << nblocks) - 1).to_bytes(nbytes, "little")
             elif disk_full:
-                # The backup's replica is an empty file: only the allocated blocks.
+                # The backup's replica is an empty file: only the allocated blocks, and those
+                # the backup wrote itself (a qcow2 header), which a hole here must clear.
                 _cuju.disk_mark_allocated(self._images[i], self.sizes[i], self._block[i], bitmap)
+                for b in range(-(-self._written[i] // self._block[i])):
+                    bitmap[b >> 3] |= 1 << (b & 7)
             self._sync[i] = bitmap
             self._cursor[i] = 0
             self._mode[i] = FULL if disk_full else CHANGED

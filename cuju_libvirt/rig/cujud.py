@@ -340,12 +340,12 @@ def protected_linux_xml(
     rig: Rig, guest: LinuxGuest, name: str, observer: Observer, *, mac: str, pps: int,
     epoch_ms: int = 20, heartbeat_timeout_ms: int = 500, memory_mib: int = 256,
     extra: tuple[str, ...] = (), peer: str | None = None, mode: str = "count,udp",
-    data_disk: Path | None = None, params: Mapping[str, Any] | None = None,
+    data_disk: Path | None = None, params: Mapping[str, Any] | None = None, data_disk_format: str = "raw",
 ) -> Path:
     """The Linux test guest's XML marked for protection with ``cuju-libvirt xml enable --prepare``.
 
     ``mode`` and ``params`` go to the guest's agent (:func:`kernel_cmdline`); ``data_disk``
-    is a writable image the guest sees as ``/dev/vda``."""
+    is a writable image (``data_disk_format``) the guest sees as ``/dev/vda``."""
     cmdline = kernel_cmdline(
         mode, ip=f"{FIRST_GUEST_ADDRESS}/{LAN_PREFIXLEN}", mac=mac, pps=pps,
         peer="{}:{}".format(*observer.udp_address), tcp="{}:{}".format(*observer.tcp_address),
@@ -357,23 +357,31 @@ def protected_linux_xml(
         kernel=rig.stage_file(guest.kernel, f"{name}-kernel"),
         initrd=rig.stage_file(guest.initrd, f"{name}-initrd"),
         cmdline=cmdline, serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
-        data_disk=data_disk,
+        data_disk=data_disk, data_disk_format=data_disk_format,
     ))
     return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms,
                       heartbeat_timeout_ms=heartbeat_timeout_ms, extra=extra, peer=peer)
 
 
 def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_ms: int = 20,
-                          extra: tuple[str, ...] = (), peer: str | None = None) -> Path:
+                          extra: tuple[str, ...] = (), disk_format: str = "raw",
+                          peer: str | None = None) -> Path:
     """The boot-sector counter guest (``image``, from :func:`~cuju_libvirt.rig.guests.boot_image`;
-    a copy of its own) marked for protection with ``cuju-libvirt xml enable --prepare`` (its
-    boot disk served and replicated, unless ``extra`` says ``--no-serve-disks``); ``peer`` as
-    in :func:`protected_linux_xml`."""
+    a copy of its own, converted to ``disk_format``) marked for protection with
+    ``cuju-libvirt xml enable --prepare`` (its boot disk served and replicated, unless
+    ``extra`` says ``--no-serve-disks``); ``peer`` as in :func:`protected_linux_xml`."""
+    disk = rig.stage_file(image, f"{name}.img")
+    if disk_format != "raw":
+        converted = disk.with_suffix(f".{disk_format}")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", disk_format, str(disk), str(converted)],
+                       check=True, capture_output=True, timeout=60)
+        disk.unlink()
+        disk = converted
     plain = rig.root / f"{name}.plain.xml"
     plain.write_text(domain_xml(
-        name, memory_mib=64, disk=rig.stage_file(image, f"{name}.img"),
+        name, memory_mib=64, disk=disk,
         serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
-    ))
+    ).replace("type=\"raw\"", f"type=\"{disk_format}\"", 1))
     return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms, heartbeat_timeout_ms=500,
                       extra=extra, peer=peer)
 

@@ -285,7 +285,7 @@ def test_a_new_standby_with_a_proven_replica_gets_only_the_changed_blocks(shm_di
 
             d.run(d.ops(rng, 8))  # written while there is no backup
             answers = _new_standby(shm_dir, ds, replicas)
-            assert answers == [{"replica": rid, "kept": True}]
+            assert answers == [{"replica": rid, "kept": True, "written": 0}]
             changed_bytes = session()
             assert modes[-1] == CHANGED
             assert 0 < changed_bytes < full_bytes // 2, (changed_bytes, full_bytes)
@@ -446,12 +446,25 @@ def test_backup_killed_applying_disk_records_holds_a_committed_epoch(
             ds.close()
 
 
+def same_file(image: Path, replica: str) -> None:
+    """The replica holds the primary's file, then zeros up to the export's end."""
+    prim, rep = image.read_bytes(), Path(replica).read_bytes()
+    assert rep[:len(prim)] == prim and rep[len(prim):].count(0) == len(rep) - len(prim)
+
+
 @pytest.mark.timeout(120)
 def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
     """QEMU decodes the qcow2 over NBD; the server journals the file's bytes; the file grows
-    (allocations) inside the larger export; the replica is the same qcow2."""
+    (allocations) inside the larger export; the replica is the same qcow2.
+
+    The replica starts as the backup makes it for a new standby (``choose_replicas``): an
+    empty qcow2 of the disk's virtual size that the standby's QEMU can open before the sync
+    (all zeros would be 'not in qcow2 format'). Its tables here span more of the file than
+    the primary's (64 KiB clusters, the primary has 4 KiB ones): the sync must overwrite
+    them, holes too, or the replica would not equal the primary's file."""
     image = shm_dir / "vda.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "24M"], check=True, timeout=30)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(image), "24M"],
+                   check=True, timeout=30)
     before = image.stat().st_size
     size = disk_server.export_size_for(str(image), "qcow2")
     assert size is not None and size >= (24 << 20)
@@ -462,7 +475,12 @@ def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
         ds = disk_set([ModelDisk("vda", image, paths, size)])
         assert ds.sizes == (size,)
         replica = str(shm_dir / "vda.replica.qcow2")
-        prepare_replica(replica, size)
+        fmt = {"format": "qcow2", "virtual_size": 24 << 20, "cluster_size": 65536}
+        answers = choose_replicas([(replica, size)], [{}], None, ["vda"], [fmt])
+        assert answers[0]["kept"] is False and answers[0]["written"] > before
+        assert os.stat(replica).st_size == size
+        assert disk_server.image_info(replica, "qcow2")["virtual-size"] == 24 << 20  # QEMU can open it
+        ds.set_replicas(answers, ds.claims())
         region, standby = mmap.mmap(-1, PAGE), mmap.mmap(-1, PAGE)
         a, b = socket.socketpair()
         rx = EpochReceiver(standby, str(shm_dir / "state"), disks=[(replica, size)])
@@ -478,6 +496,9 @@ def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
                 tx.stage(epoch, NO_PAGES, b"", disks=parts)
                 tx.ship()
             synced = epoch
+            assert tx.wait_ack(synced, 10)
+            _wait_applied(rx, synced)
+            same_file(image, replica)  # nothing of the placeholder is left
             for epoch in range(synced + 1, synced + 6):
                 cmds = [f"write -P {rng.randrange(1, 256)} {rng.randrange(0, 23 << 8) * 4096} 65536"
                         for _ in range(20)]
@@ -490,9 +511,7 @@ def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
                 assert tx.wait_ack(epoch, 10)
                 ds.acked(epoch)
                 _wait_applied(rx, epoch)
-                prim = image.read_bytes()
-                rep = Path(replica).read_bytes()
-                assert rep[:len(prim)] == prim and rep[len(prim):].count(0) == len(rep) - len(prim)
+                same_file(image, replica)
             assert image.stat().st_size > before  # it grew inside the export
             for argv in (["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(image), replica],
                          ["qemu-img", "check", "-f", "qcow2", replica]):
