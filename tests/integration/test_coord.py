@@ -139,9 +139,11 @@ def test_a_failing_pairing_raises_the_generation_only_without_the_peers_promise(
         '<cuju:ft xmlns:cuju="https://cuju-ft.github.io/libvirt/ft/1.0" peer="hostb"/>']))
     assert spec is not None
     dom = SimpleNamespace(XMLDesc=lambda flags: "<domain/>", isPersistent=lambda: False)
+    no_stats = SimpleNamespace(domainListGetStats=lambda *a: [])  # no disk sizes (3c23cd8 reads them)
     orch: Any = SimpleNamespace(node="hosta", witness=store, state_dir=tmp_path, lookup=lambda uuid: dom,
                                 links=SimpleNamespace(connection=lambda name: RefusingPeer(promises)),
-                                cfg=SimpleNamespace(request_timeout=1.0))
+                                cfg=SimpleNamespace(request_timeout=1.0),
+                                libvirt=SimpleNamespace(conn=no_stats))
     orch.witness_protect = lambda *a, **k: orchestrator.Orchestrator.witness_protect(orch, *a, **k)
     monkeypatch.setattr(orchestrator, "qemu_pid", lambda name: 1)
     monkeypatch.setattr(orchestrator, "ram_backing", lambda pid: None)
