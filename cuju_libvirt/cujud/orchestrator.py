@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pwd
 import signal
@@ -47,8 +48,8 @@ import libvirt
 from lxml import etree
 
 from cuju_libvirt import config, fitness
-from cuju_libvirt.cujud import control, coord, events, peer, records
-from cuju_libvirt.cujud.disks import primary_disks
+from cuju_libvirt.cujud import cluster, control, coord, events, peer, records
+from cuju_libvirt.cujud.disks import disk_formats, primary_disks
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
 from cuju_libvirt.cujud.qemu_process import (
@@ -110,6 +111,8 @@ QEMU_EXIT_WAIT = 1.0
 LINK_PROBE_TIMEOUT = 2.0
 #: Engine failures that an operator's action caused (no fault: one WARNING line, then pairing anew).
 OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError)
+#: How long one pairing attempt waits for the cluster's placer to place its standby (s).
+PLACEMENT_WAIT = 10.0
 #: The states in which a running VM is unprotected and its protection loop pairs it.
 UNPROTECTED_STATES = (S.UNPROTECTED, S.DEGRADED, S.PRIMARY_AFTER_FAILOVER)
 
@@ -164,6 +167,8 @@ class PrimaryDomain:
         #: then (:meth:`_watch_disks`).
         self._disk_chains: events.DiskChains | None = None
         self._disk_sizes: events.DiskSizes = {}
+        #: The backup host of the last pairing attempt that failed (the placer avoids it next).
+        self._failed_peer: str | None = None
 
     @property
     def generation(self) -> int:
@@ -209,8 +214,10 @@ class PrimaryDomain:
                 if self.placed:
                     self._choose_peer()
                 self._pair_once()
+                self._failed_peer = None
                 continue
             except CujuError as err:
+                self._failed_peer = self.peer if self.placed else None
                 self.log.warning("protection not established: %s; the VM runs UNPROTECTED, next attempt "
                                  "in %.1f s", err, delay)
                 self.log.debug("details", exc_info=True)
@@ -262,6 +269,7 @@ class PrimaryDomain:
                 "generation": self.generation,
                 "disk_sizes": list(disks.sizes) if disks is not None else [],
                 "disk_claims": claims,
+                "disk_formats": disk_formats(self.uuid, self.spec.disks) if disks is not None else [],
             }, timeout=STANDBY_CREATE_TIMEOUT)
             if disks is not None:
                 # Which replicas the backup kept: those are resynced with only what changed.
@@ -435,6 +443,13 @@ class PrimaryDomain:
         return True
 
     def _choose_peer(self) -> None:
+        members = self.orch.cluster
+        if members is not None and (self.spec.placed or self.spec.peer_host != AUTO_PEER):
+            placed = self._placed_peer(members)
+            if placed != self.peer:
+                self.log.info("the cluster's placer puts the standby on %s", placed)
+                self.peer = self.stats.peer = placed
+            return
         chosen = self.orch.place(self.uuid, prefer=self.peer)
         if chosen is None:
             raise CujuError(f"no peer host is connected to hold its standby (peers: "
@@ -442,6 +457,28 @@ class PrimaryDomain:
         if chosen != self.peer:
             self.log.info("the standby goes to %s (%s does not answer)", chosen, self.peer)
             self.peer = self.stats.peer = chosen
+
+    def _placed_peer(self, members: cluster.ClusterMember) -> str:
+        """The backup host the cluster's placer chooses (an explicit ``peer`` never comes here
+        first: only a VM without one, or one that failed over here)."""
+        avoid = self._failed_peer
+        if avoid is None and self.peer and self.peer not in self.orch.connected_peers():
+            avoid = self.peer  # the last backup is gone: its lease may not have expired yet
+        memory_kib = 0
+        with contextlib.suppress(CujuError, libvirt.libvirtError):
+            memory_kib = int(self.orch.lookup(self.uuid).info()[1])
+        try:
+            chosen = members.request_standby(
+                self.uuid, self.name, avoid=avoid, memory_kib=memory_kib, wait=PLACEMENT_WAIT,
+                ended=lambda: self.ended.is_set() or self.orch.stopping.is_set())
+            if chosen is not None:
+                return chosen
+            placer = members.placer()
+        except CoordError as err:
+            raise CujuError(f"the cluster's placer (etcd) could not be asked for a backup host: "
+                            f"{err}") from err
+        raise CujuError(f"the cluster's placer ({placer or 'none elected yet'}) placed no standby within "
+                        f"{PLACEMENT_WAIT:.0f} s (see its log)")
 
     def _link_address(self, reply: dict[str, Any]) -> tuple[str, int]:
         """Where the FT link goes: the element's ``link`` for its own peer, else what the backup said."""
@@ -820,6 +857,11 @@ class Orchestrator:
         self.witness = coord.OwnershipStore(
             coord.EtcdClient(cfg.etcd_endpoints, timeout=cfg.etcd_timeout), cfg.etcd_prefix,
         ) if cfg.etcd_endpoints else None
+        #: This host in the cluster (its lease, the placer election; None: no witness).
+        self.cluster = cluster.ClusterMember(
+            self.witness, node=cfg.node_name, failure_domain=cfg.failure_domain,
+            ttl=math.ceil(cfg.host_lease_ttl), peers=self.connected_peers, stopping=stopping,
+        ) if self.witness is not None else None
         self.standbys = StandbyManager(
             libvirt_conn=libvirt, state_dir=cfg.state_dir, ft_host=cfg.ft_listen.host,
             ft_port=cfg.ft_listen.port, peer_silent_for=links.silent_for,
@@ -844,12 +886,19 @@ class Orchestrator:
         handlers.notes["primary-crashed"] = self._note_crashed
         handlers.notes["standby-lost"] = self._note_standby_lost
 
+    def start(self) -> None:
+        """Join the cluster (register this host, stand for placer); nothing without a witness."""
+        if self.cluster is not None:
+            self.cluster.start()
+
     def close(self) -> None:
         with self._lock:
             primaries = list(self.primaries.values())
         for p in primaries:
             p.shutdown()
         self.standbys.close()
+        if self.cluster is not None:
+            self.cluster.close()
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -887,16 +936,21 @@ class Orchestrator:
         is connected; otherwise the connected peer that holds the fewest standbys of this
         host's other VMs, by name on a tie. Never this host: only peers are candidates.
         """
-        connected = []
-        for name in sorted(self.links):
-            with contextlib.suppress(CujuError):
-                self.links.connection(name)
-                connected.append(name)
+        connected = self.connected_peers()
         if prefer in connected:
             return prefer
         with self._lock:
             load = [p.peer for p in self.primaries.values() if p.uuid != uuid]
         return min(connected, key=lambda n: (load.count(n), n), default=None)
+
+    def connected_peers(self) -> list[str]:
+        """The configured peers whose cujud is connected right now, by name."""
+        connected = []
+        for name in sorted(self.links):
+            with contextlib.suppress(CujuError):
+                self.links.connection(name)
+                connected.append(name)
+        return connected
 
     def _after_takeover(self, sb: Standby) -> None:
         """A standby of this host took its VM over: re-protect the VM, with the old primary

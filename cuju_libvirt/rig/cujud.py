@@ -275,11 +275,16 @@ def cujud_pair(rig: Rig, logs: Path | None = None, *, tls: bool | Collection[Hos
 @contextlib.contextmanager
 def cujud_cluster(rig: Rig, hosts: Sequence[Host] | None = None, logs: Path | None = None, *,
                   tls: bool | Collection[Host] = False, record_tokens: bool = False,
-                  connected: bool = True, **settings: Any) -> Iterator[tuple[Cujud, ...]]:
+                  connected: bool = True, host_settings: Mapping[str, Mapping[str, Any]] | None = None,
+                  after_start: Callable[[Cujud], None] | None = None,
+                  **settings: Any) -> Iterator[tuple[Cujud, ...]]:
     """cujud on ``hosts`` (default: every host of the rig), each listing all the others as
-    peers, all connected before this yields (in the order of ``hosts``); stopped on exit, their
-    logs copied into ``logs/NAME`` if given. ``tls``, ``record_tokens`` and ``connected`` as in
-    :func:`cujud_pair`."""
+    peers, all connected before this yields (started, and returned, in the order of
+    ``hosts``); stopped on exit, their logs copied into ``logs/NAME`` if given. ``tls``,
+    ``record_tokens`` and ``connected`` as in :func:`cujud_pair`; ``host_settings``: settings
+    of one host only, by its rig name (``{"c": {"failure_domain": "rack2"}}``);
+    ``after_start(cujud)`` runs once each cujud is up, before the next one starts (to wait
+    until the first is the cluster's placer, say)."""
     members = list(hosts if hosts is not None else rig.hosts.values())
     psk = secrets.token_hex(32) + "\n"
     merged = {**DEFAULT_SETTINGS, **settings}
@@ -287,11 +292,15 @@ def cujud_cluster(rig: Rig, hosts: Sequence[Host] | None = None, logs: Path | No
     per_host: dict[Host, dict[str, str]] = {h: {} for h in members}
     if with_tls:
         per_host |= _tls_settings(rig, with_tls)
-    cujuds = tuple(Cujud(h, [p for p in members if p is not h], psk, {**merged, **per_host[h]},
+    own = host_settings or {}
+    cujuds = tuple(Cujud(h, [p for p in members if p is not h], psk,
+                         {**merged, **per_host[h], **own.get(h.name, {})},
                          record_tokens=record_tokens) for h in members)
     try:
         for c in cujuds:
             c.start()
+            if after_start is not None:
+                after_start(c)
         deadline = time.monotonic() + 20
         while connected and not all(c.peers_connected() for c in cujuds):
             if time.monotonic() > deadline:
@@ -344,12 +353,12 @@ def protected_linux_xml(
     rig: Rig, guest: LinuxGuest, name: str, observer: Observer, *, mac: str, pps: int,
     epoch_ms: int = 20, heartbeat_timeout_ms: int = 500, memory_mib: int = 256,
     extra: tuple[str, ...] = (), peer: str | None = None, mode: str = "count,udp",
-    data_disk: Path | None = None, params: Mapping[str, Any] | None = None,
+    data_disk: Path | None = None, params: Mapping[str, Any] | None = None, data_disk_format: str = "raw",
 ) -> Path:
     """The Linux test guest's XML marked for protection with ``cuju-libvirt xml enable --prepare``.
 
     ``mode`` and ``params`` go to the guest's agent (:func:`kernel_cmdline`); ``data_disk``
-    is a writable image the guest sees as ``/dev/vda``."""
+    is a writable image (``data_disk_format``) the guest sees as ``/dev/vda``."""
     cmdline = kernel_cmdline(
         mode, ip=f"{FIRST_GUEST_ADDRESS}/{LAN_PREFIXLEN}", mac=mac, pps=pps,
         peer="{}:{}".format(*observer.udp_address), tcp="{}:{}".format(*observer.tcp_address),
@@ -361,18 +370,19 @@ def protected_linux_xml(
         kernel=rig.stage_file(guest.kernel, f"{name}-kernel"),
         initrd=rig.stage_file(guest.initrd, f"{name}-initrd"),
         cmdline=cmdline, serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
-        data_disk=data_disk,
+        data_disk=data_disk, data_disk_format=data_disk_format,
     ))
     return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms,
                       heartbeat_timeout_ms=heartbeat_timeout_ms, extra=extra, peer=peer)
 
 
 def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_ms: int = 20,
-                          extra: tuple[str, ...] = (), disk_format: str = "raw") -> Path:
+                          extra: tuple[str, ...] = (), disk_format: str = "raw",
+                          peer: str | None = None) -> Path:
     """The boot-sector counter guest (``image``, from :func:`~cuju_libvirt.rig.guests.boot_image`;
     a copy of its own, converted to ``disk_format``) marked for protection with
     ``cuju-libvirt xml enable --prepare`` (its boot disk served and replicated, unless
-    ``extra`` says ``--no-serve-disks``)."""
+    ``extra`` says ``--no-serve-disks``); ``peer`` as in :func:`protected_linux_xml`."""
     disk = rig.stage_file(image, f"{name}.img")
     if disk_format != "raw":
         converted = disk.with_suffix(f".{disk_format}")
@@ -386,15 +396,16 @@ def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_m
         serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
     ).replace("type=\"raw\"", f"type=\"{disk_format}\"", 1))
     return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms, heartbeat_timeout_ms=500,
-                      extra=extra)
+                      extra=extra, peer=peer)
 
 
 def _enable_ft(rig: Rig, plain: Path, out: Path, *, epoch_ms: int, heartbeat_timeout_ms: int,
                extra: tuple[str, ...] = (), peer: str | None = None) -> Path:
     """``cuju-libvirt xml enable --prepare`` of ``plain`` into ``out``; peer: host b (its FT
-    link named), or ``peer`` as given (``auto``: cujud places the standby)."""
-    where = ["--peer", peer] if peer is not None else ["--peer", rig.b.hostname, "--link",
-                                                        f"{rig.b.hostname}-ft"]
+    link named), or ``peer`` as given (``auto``: this host's cujud chooses the backup; ``""``:
+    no peer, the cluster's placer chooses it)."""
+    where = ["--peer", peer] if peer else [] if peer == "" else ["--peer", rig.b.hostname, "--link",
+                                                                 f"{rig.b.hostname}-ft"]
     proc = subprocess.run(
         [sys.executable, "-m", "cuju_libvirt.cli", "xml", "enable", str(plain), *where,
          "--epoch-ms", str(epoch_ms),

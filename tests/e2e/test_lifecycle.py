@@ -315,11 +315,7 @@ def test_hot_plugged_nic_recreates_the_standby_and_a_failover_then_works(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("disk_format", ["raw", pytest.param("qcow2", marks=[
-    pytest.mark.slow,
-    pytest.mark.xfail(strict=True, reason="known bug: a served qcow2 disk cannot be protected at all: the "
-                      "standby QEMU opens its still empty replica before the initial sync ('Image is not in "
-                      "qcow2 format') and every pairing fails (docs/failover.md, blockresize row)")])])
+@pytest.mark.parametrize("disk_format", ["raw", "qcow2"])
 def test_blockresize_of_a_served_disk(ft_rig: Rig, counter_image: Path, cujuds: tuple[Cujud, Cujud],
                                       disk_format: str) -> None:
     """A served disk is an NBD export of a fixed size. raw: QEMU refuses to grow it and

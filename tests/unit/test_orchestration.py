@@ -385,6 +385,8 @@ def test_placement_keeps_a_connected_backup_and_otherwise_balances_over_connecte
     orch: Any = SimpleNamespace(links=FakeLinks(["hostb", "hostc", "hostd"], {"hostb", "hostc", "hostd"}),
                                 primaries=primaries, _lock=threading.Lock())
 
+    orch.connected_peers = lambda: orchestrator.Orchestrator.connected_peers(orch)
+
     def place(uuid: str, prefer: str | None = None) -> str | None:
         return orchestrator.Orchestrator.place(orch, uuid, prefer=prefer)
 
@@ -422,6 +424,7 @@ def test_an_element_without_peer_needs_the_cluster_and_says_so() -> None:
                                 primaries={}, _lock=threading.Lock())
     orch.names_this_host = lambda s: orchestrator.Orchestrator.names_this_host(orch, s)
     orch.place = lambda uuid, prefer=None: orchestrator.Orchestrator.place(orch, uuid, prefer=prefer)
+    orch.connected_peers = lambda: orchestrator.Orchestrator.connected_peers(orch)
     with pytest.raises(CujuError, match=r"no peer attribute.*etcd_endpoints.*fix: add peer="):
         orchestrator.Orchestrator.resolve_peer(orch, spec)
     orch.witness = object()  # with the witness, the standby is placed
