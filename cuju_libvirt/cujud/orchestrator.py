@@ -73,10 +73,12 @@ from cuju_libvirt.ft_engine.devstate import (
     describe_machine,
 )
 from cuju_libvirt.ft_engine.epoch import (
+    SUSPENDED_TO_RAM,
     PrimaryConfig,
     PrimaryEngine,
     ReconfiguredError,
     ResumedElsewhereError,
+    SuspendedToRAMError,
 )
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.output import leftover_filters, remove_leftovers
@@ -110,7 +112,7 @@ QEMU_EXIT_WAIT = 1.0
 #: How long a connection to the peer's FT-link listener may take before the link counts as down (s).
 LINK_PROBE_TIMEOUT = 2.0
 #: Engine failures that an operator's action caused (no fault: one WARNING line, then pairing anew).
-OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError)
+OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError, SuspendedToRAMError)
 #: How long one pairing attempt waits for the cluster's placer to place its standby (s).
 PLACEMENT_WAIT = 10.0
 #: The states in which a running VM is unprotected and its protection loop pairs it.
@@ -241,6 +243,10 @@ class PrimaryDomain:
         if not self._settle():
             return  # not this host's to protect any more (ceded) or the domain ends
         dom = self.orch.lookup(self.uuid)
+        with translate(f"reading the state of {self.name}"):
+            suspended = dom.state()[0] == libvirt.VIR_DOMAIN_PMSUSPENDED
+        if suspended:  # refused before any standby is asked for; a PMWAKEUP event wakes this loop
+            raise CujuError(f"{self.name}: {SUSPENDED_TO_RAM}")
         with translate(f"reading the XML of {self.name}"):
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
             persistent = bool(dom.isPersistent())
@@ -526,6 +532,10 @@ class PrimaryDomain:
         found = events.verdict(event)
         if found is None or self.ended.is_set():
             return
+        if isinstance(event, DomainEvent) and event.kind == "pm-wakeup":
+            # not protected while it slept: pair now, not at the next back-off
+            self._fresh = True
+            self._wake.set()
         engine = self.engine
         active = engine is not None and (engine.running or self._starting) \
             and self.machine.state in (S.SYNCING, S.PROTECTED)
