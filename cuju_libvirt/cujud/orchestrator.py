@@ -63,7 +63,7 @@ from cuju_libvirt.cujud.qemu_process import (
 from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml
 from cuju_libvirt.cujud.virt import DomainEvent, LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.domain_xml import AUTO_PEER, DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
-from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError
+from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError, caused_by
 from cuju_libvirt.ft_engine import linkkeys
 from cuju_libvirt.ft_engine.devstate import (
     DevicesChangedError,
@@ -73,10 +73,12 @@ from cuju_libvirt.ft_engine.devstate import (
     describe_machine,
 )
 from cuju_libvirt.ft_engine.epoch import (
+    SUSPENDED_TO_RAM,
     PrimaryConfig,
     PrimaryEngine,
     ReconfiguredError,
     ResumedElsewhereError,
+    SuspendedToRAMError,
 )
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.output import leftover_filters, remove_leftovers
@@ -110,7 +112,7 @@ QEMU_EXIT_WAIT = 1.0
 #: How long a connection to the peer's FT-link listener may take before the link counts as down (s).
 LINK_PROBE_TIMEOUT = 2.0
 #: Engine failures that an operator's action caused (no fault: one WARNING line, then pairing anew).
-OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError)
+OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError, SuspendedToRAMError)
 #: How long one pairing attempt waits for the cluster's placer to place its standby (s).
 PLACEMENT_WAIT = 10.0
 #: The states in which a running VM is unprotected and its protection loop pairs it.
@@ -241,11 +243,18 @@ class PrimaryDomain:
         if not self._settle():
             return  # not this host's to protect any more (ceded) or the domain ends
         dom = self.orch.lookup(self.uuid)
+        with translate(f"reading the state of {self.name}"):
+            suspended = dom.state()[0] == libvirt.VIR_DOMAIN_PMSUSPENDED
+        if suspended:  # refused before any standby is asked for; a PMWAKEUP event wakes this loop
+            raise CujuError(f"{self.name}: {SUSPENDED_TO_RAM}")
         with translate(f"reading the XML of {self.name}"):
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
             persistent = bool(dom.isPersistent())
             pxml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) \
                 if persistent else xml
+        unfit = fitness.check_live_fitness(xml)
+        if unfit:  # hot-plugged since the start: refused before any standby is asked for
+            raise CujuError(f"{self.name} cannot be protected as it runs now: {'; '.join(map(str, unfit))}")
         self._disk_chains, self._disk_sizes = events.disk_chains(xml), self._read_disk_sizes(dom)
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
@@ -523,6 +532,10 @@ class PrimaryDomain:
         found = events.verdict(event)
         if found is None or self.ended.is_set():
             return
+        if isinstance(event, DomainEvent) and event.kind == "pm-wakeup":
+            # not protected while it slept: pair now, not at the next back-off
+            self._fresh = True
+            self._wake.set()
         engine = self.engine
         active = engine is not None and (engine.running or self._starting) \
             and self.machine.state in (S.SYNCING, S.PROTECTED)
@@ -593,7 +606,7 @@ class PrimaryDomain:
     def _decide(self, err: BaseException) -> bool:
         if self.ended.is_set() and alive(self.pid):
             return True  # cujud stops: shutdown() already has the peer's promise
-        if isinstance(err, MonitorError) or isinstance(err.__cause__, MonitorError):
+        if caused_by(err, MonitorError):
             # QEMU closes its monitor a moment before it exits: give it that moment
             deadline = time.monotonic() + QEMU_EXIT_WAIT
             while alive(self.pid) and time.monotonic() < deadline:

@@ -42,10 +42,10 @@ from typing import Any, cast
 import libvirt
 from lxml import etree
 
-from cuju_libvirt import fitness
+from cuju_libvirt import disk_server, fitness
 from cuju_libvirt.cujud import records
 from cuju_libvirt.cujud.coord import OwnershipStore
-from cuju_libvirt.cujud.disks import backup_replicas, forget_replica_identity, stop_servers
+from cuju_libvirt.cujud.disks import backup_replicas, disk_targets, stop_servers, take_over_replica
 from cuju_libvirt.cujud.qemu_process import qemu_pid, ram_backing
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.errors import CoordError, CujuError, StateError
@@ -446,8 +446,10 @@ class Standby:
             records.remove(self.manager.state_dir, records.CEDED, self.uuid)
             if verdict == "unknown":
                 self.manager.settle_later(self)
-            for path, _ in self.replicas:  # the VM's live disks from now on: never a resync's base
-                forget_replica_identity(path)
+            # The VM's live disks from now on: never a replica's base again, but the old
+            # primary's own image may be resynced with only what either side changed.
+            for (path, _), target in zip(self.replicas, disk_targets(self.xml), strict=False):
+                take_over_replica(path, disk_server.ServerPaths.of(self.uuid, target).journal)
             report = self.engine.failover()
             self.stats.role = "primary"  # the VM runs here now (unprotected until a new standby)
             try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from cuju_libvirt import disk_server
-from cuju_libvirt.cujud.disks import choose_replicas, replica_identity
+from cuju_libvirt.cujud.disks import adopt_own_image, choose_replicas, replica_identity, take_over_replica
 from cuju_libvirt.errors import ReplicationError
 from cuju_libvirt.ft_engine import linkkeys
 from cuju_libvirt.ft_engine.disks import CHANGED, FULL, DiskSet, prepare_replica
@@ -476,7 +476,7 @@ def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
         assert ds.sizes == (size,)
         replica = str(shm_dir / "vda.replica.qcow2")
         fmt = {"format": "qcow2", "virtual_size": 24 << 20, "cluster_size": 65536}
-        answers = choose_replicas([(replica, size)], [{}], None, ["vda"], [fmt])
+        answers = choose_replicas([(replica, size)], [{}], None, ["vda"], formats=[fmt])
         assert answers[0]["kept"] is False and answers[0]["written"] > before
         assert os.stat(replica).st_size == size
         assert disk_server.image_info(replica, "qcow2")["virtual-size"] == 24 << 20  # QEMU can open it
@@ -526,3 +526,113 @@ def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
         if ds is not None:
             ds.close()
         disk_server.stop(paths)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("last_epoch", ["applied, its ACK lost", "not applied", "image changed after"])
+def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_changed(
+    shm_dir: Path, last_epoch: str
+) -> None:
+    """docs/disks.md, "Resync after a failover": host a protects the disk onto host b's
+    replica; a's last epoch reaches b (its ACK is lost) or not, a writes on and dies (its
+    server stops cleanly, as the release hook stops it); b takes over its replica (its own
+    server journals every write from then on) and writes on. Re-protected onto a, a offers
+    its own image and the blocks its journal marked since its last acknowledged epoch; b
+    sends only the union with its own marks, and a's image then equals b's disk (its model)
+    at every epoch. An image changed while no server ran is refused (its server gone)."""
+    rng = random.Random(33)
+    modes: list[str] = []
+    host_b = shm_dir / "b"
+    host_b.mkdir()
+    b_paths = disk_server.ServerPaths.under(host_b, "vda")
+    with served_disks(shm_dir, {"vda": 24 << 20}) as disks:
+        a = disks[0]
+        a.run(a.ops(rng, 40))  # before protection
+        replicas = _replicas(host_b, disks)
+        ds = disk_set(disks)
+        ds_b = None
+        try:
+            first = _new_standby(shm_dir, ds, replicas)
+            with _pair(shm_dir, disks, ds, replicas=replicas) as pair:
+                tx = pair.tx
+                assert tx.handshake(5) == 0
+                full_bytes = ds.begin_sync(full=True)
+                epoch = 0
+                while parts := ds.sync_chunk(256 << 10):
+                    epoch += 1
+                    tx.stage(epoch, NO_PAGES, b"", disks=parts)
+                    tx.ship()
+                    assert tx.wait_ack(epoch, 10)
+                epoch += 1
+                pair.commit(epoch, b"dev")
+                ds.sync_complete()
+                for _ in range(3):
+                    a.run(a.ops(rng, 5))
+                    epoch += 1
+                    pair.commit(epoch)
+                a.run(a.ops(rng, 5))
+                epoch += 1
+                tx.stage(epoch, NO_PAGES, b"", disks=ds.seal(epoch))
+                if last_epoch != "not applied":
+                    tx.ship()  # committed and applied on b; a never handles the ACK
+                    _wait_applied(pair.rx, epoch)
+                taken = bytearray(Path(replicas[0][0]).read_bytes())  # b's disk at the takeover
+                a.run(a.ops(rng, 6))  # a writes on after its last seal, then dies
+            ds.close()
+            disk_server.stop(a.paths)  # the release hook: a clean stop
+            if last_epoch == "image changed after":
+                with open(a.image, "r+b") as f:  # e.g. an operator's qemu-img on host a
+                    f.write(b"x")
+
+            # b takes over: its server journals the replica, the VM writes on.
+            disk_server.start(b_paths, replicas[0][0], target="vda")
+            take_over_replica(replicas[0][0], b_paths.journal)
+            assert not Path(replicas[0][0] + ".id").exists()
+            b = ModelDisk("vda", Path(replicas[0][0]), b_paths, a.size, taken)
+            b.run(b.ops(rng, 8))
+            ds_b = disk_set([b])
+            ds_b.set_progress(lambda _t, _d, _n, mode: modes.append(mode))
+            claims = ds_b.claims()
+            assert claims[0]["replica"] == ""
+            assert claims[0]["takeover"]["from_replica"] == first[0]["replica"]
+
+            got = adopt_own_image(a.paths, a.size, claims[0], target="vda")
+            if last_epoch == "image changed after":
+                assert isinstance(got, str) and "changed" in got, got
+                assert disk_server.running_pid(a.paths) is None
+                return
+            assert not isinstance(got, str), got
+            image, extra = got
+            assert image == str(a.image)
+            # Once only: a second attempt (this resync cut short) copies in full.
+            assert "never completed a sync" in str(adopt_own_image(a.paths, a.size, claims[0], target="vda"))
+            answers = choose_replicas([(image, a.size)], claims, None, ["vda"], adopted={0: extra})
+            assert answers[0]["kept"] is True
+            ds_b.set_replicas(answers, claims)
+            standby_a = shm_dir / "a-standby"  # the new standby's receiver journal: a fresh one
+            standby_a.mkdir()
+            with _pair(standby_a, [b], ds_b, replicas=[(image, a.size)]) as pair:
+                tx = pair.tx
+                assert tx.handshake(5) == 0  # a new standby on a
+                total = ds_b.begin_sync(full=True)
+                assert modes[-1] == CHANGED
+                assert 0 < total < full_bytes // 2, (total, full_bytes)
+                b.run(b.ops(rng, 4))  # b writes on during the resync
+                epoch = 0
+                while parts := ds_b.sync_chunk(128 << 10):
+                    epoch += 1
+                    tx.stage(epoch, NO_PAGES, b"", disks=parts)
+                    tx.ship()
+                    assert tx.wait_ack(epoch, 10)
+                epoch += 1
+                pair.commit(epoch, b"dev")  # a's image == b's disk == its model
+                ds_b.sync_complete()
+                b.run(b.ops(rng, 4))
+                pair.commit(epoch + 1)
+            assert ds_b.claims()[0]["replica"] == answers[0]["replica"]  # paired as usual from here
+            assert "takeover" not in ds_b.claims()[0]
+        finally:
+            ds.close()
+            if ds_b is not None:
+                ds_b.close()
+            disk_server.stop(b_paths)
