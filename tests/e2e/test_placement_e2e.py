@@ -209,7 +209,10 @@ def test_the_placer_host_dies_another_cujud_places_and_the_new_standby_takes_ove
     a wins the record and runs on (nothing lost, nothing repeated), c's lease expires, a or b
     is elected placer, and the VM is placed again: on b, its own rack being all there is (the
     fallback is logged). Then a dies too: b, the new placer's choice, takes over with at most
-    one epoch's gap, and only b runs it."""
+    one epoch's gap, and only b runs it. Then host a, the old primary, boots again (c stays
+    down): its cujud starts with the host, and b's VM, alone with no other live host, gets
+    its standby on a without any operator action; a never runs a copy of its own, the stream
+    flows on untouched, and the record names b as owner and a as backup."""
     ca, cb, cc = cujuds["a"], cujuds["b"], cujuds["c"]
     a, b, c = rig3.a, rig3.b, rig3.host("c")
     name = "pl-placer"
@@ -245,6 +248,22 @@ def test_the_placer_host_dies_another_cujud_places_and_the_new_standby_takes_ove
         crashed_at = crash(a)
         cb.wait_failed_over(name, timeout=30)
         assert runs(b, name) and a.qemu_pid(name) is None and c.qemu_pid(name) is None
+        got = _still_counting(observer, time.monotonic(), PPS, timeout=60)
+        verdict = judge_run(got, Rules(max_gap=max_gap, failover_at=crashed_at, tolerance=0.5))
+        assert verdict.ok, verdict.as_dict()
+
+        # the old primary host returns (its cujud starts at boot) and becomes the backup
+        a.reboot()
+        ca.start()
+        back = cb.wait_for(name, lambda e: e["state"] == "protected" and e["peer"] == "cuju-a",
+                           "protected again, by a", timeout=180)
+        assert back["role"] == "primary" and back["failovers"] == 1
+        assert ca.wait_domain(name, "standby", timeout=30)["peer"] == "cuju-b"
+        assert runs(b, name) and a.virsh("domstate", name).strip() == "paused"
+        rec = OwnershipStore(etcd.client(timeout=3.0)).read(b.virsh("domuuid", name).strip())
+        assert rec is not None and (rec.record.owner, rec.record.backup, rec.record.mode) == (
+            "cuju-b", "cuju-a", "protected")
+        # the whole stream: the one failover gap (a's crash) and nothing else, nothing repeated
         got = _still_counting(observer, time.monotonic(), PPS, timeout=60)
         verdict = judge_run(got, Rules(max_gap=max_gap, failover_at=crashed_at, tolerance=0.5))
         assert verdict.ok, verdict.as_dict()
