@@ -63,7 +63,7 @@ from cuju_libvirt.cujud.qemu_process import (
 from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml
 from cuju_libvirt.cujud.virt import DomainEvent, LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.domain_xml import AUTO_PEER, DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
-from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError
+from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError, caused_by
 from cuju_libvirt.ft_engine import linkkeys
 from cuju_libvirt.ft_engine.devstate import (
     DevicesChangedError,
@@ -246,6 +246,9 @@ class PrimaryDomain:
             persistent = bool(dom.isPersistent())
             pxml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) \
                 if persistent else xml
+        unfit = fitness.check_live_fitness(xml)
+        if unfit:  # hot-plugged since the start: refused before any standby is asked for
+            raise CujuError(f"{self.name} cannot be protected as it runs now: {'; '.join(map(str, unfit))}")
         self._disk_chains, self._disk_sizes = events.disk_chains(xml), self._read_disk_sizes(dom)
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
@@ -593,7 +596,7 @@ class PrimaryDomain:
     def _decide(self, err: BaseException) -> bool:
         if self.ended.is_set() and alive(self.pid):
             return True  # cujud stops: shutdown() already has the peer's promise
-        if isinstance(err, MonitorError) or isinstance(err.__cause__, MonitorError):
+        if caused_by(err, MonitorError):
             # QEMU closes its monitor a moment before it exits: give it that moment
             deadline = time.monotonic() + QEMU_EXIT_WAIT
             while alive(self.pid) and time.monotonic() < deadline:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cuju_libvirt.errors import CujuError, ReplicationError, StateError
+from cuju_libvirt.errors import CujuError, ReplicationError, StateError, caused_by
 from cuju_libvirt.ft_engine import trackers as T
 from cuju_libvirt.ft_engine.devstate import (
     DevicesChangedError,
@@ -844,7 +844,7 @@ class PrimaryEngine:
             self.log.info("FT ends (%s): %s; the VM continues unprotected", self.ending, err)
         elif isinstance(err, (DevicesChangedError, ReconfiguredError, ResumedElsewhereError)):  # no fault
             self.log.warning("%s; the VM continues unprotected until then", err)
-        elif isinstance(err, StandbyMismatchError) or isinstance(err.__cause__, StandbyMismatchError):
+        elif caused_by(err, StandbyMismatchError):
             # the VM changed between the XML the standby was made from and the first save (a
             # device libvirt had not yet removed from its XML): the next attempt reads it anew
             self.log.warning("%s: %s; the VM continues unprotected, the next pairing reads its configuration "

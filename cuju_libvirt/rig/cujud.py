@@ -15,6 +15,7 @@ Each cujud runs inside its host (``Host.popen``) with a configuration written to
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import secrets
 import shutil
@@ -148,6 +149,18 @@ class Cujud:
         with open(self.log_path, "rb") as f:
             f.seek(self.log_start)
             return f.read().decode(errors="replace")
+
+    def logged_at(self, text: str, offset: int = 0) -> float | None:
+        """The wall-clock time (``time.time()``) of the first line past byte ``offset`` of the
+        log that contains ``text``, or None. The log's stamps have milliseconds."""
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            for raw in f:
+                line = raw.decode(errors="replace")
+                if text in line:
+                    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                    return stamp.timestamp()  # local time, as logging's asctime writes it
+        return None
 
     def link_tokens(self) -> list[dict[str, str | None]]:
         """The FT-link tokens (hex) and link secrets (hex, or None on a link in the clear) this

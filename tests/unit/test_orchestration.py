@@ -123,6 +123,18 @@ def test_ram_backing_read_from_a_real_process_command_line(tmp_path: Path) -> No
     finally:
         none.kill()
         none.wait()
+    # a hot-plugged DIMM (libvirt's memdimm0 backend) beside the cell's RAM: refused, naming
+    # both backends and what to do
+    dimm = json.dumps({"qom-type": "memory-backend-file", "id": "memdimm0", "mem-path": str(ram)})
+    two = subprocess.Popen([sys.executable, "-c", code, "-object", obj.replace("pc.ram", "ram-node0", 1),
+                            "-object", dimm])
+    try:
+        wait_exec(two.pid, b"memdimm0")
+        with pytest.raises(CujuError, match=r"2 RAM backends \(ram-node0, memdimm0\).*virsh detach-device"):
+            ram_backing(two.pid)
+    finally:
+        two.kill()
+        two.wait()
 
 
 class FakeEngine:
