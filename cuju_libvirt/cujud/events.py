@@ -94,9 +94,9 @@ def verdict(event: DomainEvent | LifecycleEvent) -> Verdict | None:
             return Verdict(Action.NOTE, "the guest hibernates (suspend to disk): it powers off when done, "
                                         "which ends protection")
         return Verdict(Action.NOTE, "the guest suspended itself to RAM (virsh dompmsuspend or the guest): "
-                                    "its vCPUs stop, protection goes on")
+                                    "protection ends while it sleeps (the engine says why)")
     if kind == "pm-wakeup":
-        return Verdict(Action.NOTE, "the guest woke up from its suspend to RAM")
+        return Verdict(Action.NOTE, "the guest woke up from its suspend to RAM: cujud protects it again")
     if kind == "reboot":
         return Verdict(Action.NOTE, "the guest was reset (virsh reset or reboot, or the guest itself): the "
                                     "same QEMU runs on and the reset is replicated like any other change")

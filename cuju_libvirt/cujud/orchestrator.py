@@ -73,10 +73,12 @@ from cuju_libvirt.ft_engine.devstate import (
     describe_machine,
 )
 from cuju_libvirt.ft_engine.epoch import (
+    SUSPENDED_TO_RAM,
     PrimaryConfig,
     PrimaryEngine,
     ReconfiguredError,
     ResumedElsewhereError,
+    SuspendedToRAMError,
 )
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.output import leftover_filters, remove_leftovers
@@ -110,11 +112,17 @@ QEMU_EXIT_WAIT = 1.0
 #: How long a connection to the peer's FT-link listener may take before the link counts as down (s).
 LINK_PROBE_TIMEOUT = 2.0
 #: Engine failures that an operator's action caused (no fault: one WARNING line, then pairing anew).
-OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError)
+OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError, SuspendedToRAMError)
 #: How long one pairing attempt waits for the cluster's placer to place its standby (s).
 PLACEMENT_WAIT = 10.0
 #: The states in which a running VM is unprotected and its protection loop pairs it.
 UNPROTECTED_STATES = (S.UNPROTECTED, S.DEGRADED, S.PRIMARY_AFTER_FAILOVER)
+
+
+class NotProtectableNow(CujuError):
+    """The VM cannot be paired as it runs now (asleep in S3, a DIMM plugged in): said once
+    while it holds, retried quietly at the longest back-off; the libvirt event that may end
+    it (PMWAKEUP, DEVICE_REMOVED) starts an attempt at once."""
 
 
 class PrimaryDomain:
@@ -152,6 +160,8 @@ class PrimaryDomain:
         self._wake = threading.Event()
         #: Set by :meth:`peer_back`: the next attempt starts at once, the backoff from its start.
         self._fresh = False
+        #: The last NotProtectableNow said (said once, while it holds).
+        self._said_not_now: str | None = None
         self._log_offset = 0
         self._thread: threading.Thread | None = None
         #: True while may_release decides (the engine is still "running" then) ...
@@ -214,10 +224,16 @@ class PrimaryDomain:
                 if self.placed:
                     self._choose_peer()
                 self._pair_once()
-                self._failed_peer = None
+                self._failed_peer = self._said_not_now = None
                 continue
+            except NotProtectableNow as err:  # not the peer's fault: no other peer is chosen
+                if str(err) != self._said_not_now:  # once while it holds; an event ends the wait
+                    self.log.warning("%s; the VM runs UNPROTECTED until then", err)
+                    self._said_not_now = str(err)
+                delay = BACKOFF_MAX
             except CujuError as err:
                 self._failed_peer = self.peer if self.placed else None
+                self._said_not_now = None
                 self.log.warning("protection not established: %s; the VM runs UNPROTECTED, next attempt "
                                  "in %.1f s", err, delay)
                 self.log.debug("details", exc_info=True)
@@ -240,6 +256,12 @@ class PrimaryDomain:
         ram = ram_backing(pid)
         if not self._settle():
             return  # not this host's to protect any more (ceded) or the domain ends
+        # QEMU's own run state: libvirt learns of a suspend a moment later. Refused before any
+        # standby is asked for; libvirt's PMWAKEUP event wakes this loop.
+        with QMPClient(fitness.qmp_socket_path(self.name)) as qmp:
+            suspended = qmp.execute("query-status")["status"] == "suspended"
+        if suspended:
+            raise NotProtectableNow(f"{self.name}: {SUSPENDED_TO_RAM}")
         dom = self.orch.lookup(self.uuid)
         with translate(f"reading the XML of {self.name}"):
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
@@ -248,7 +270,8 @@ class PrimaryDomain:
                 if persistent else xml
         unfit = fitness.check_live_fitness(xml)
         if unfit:  # hot-plugged since the start: refused before any standby is asked for
-            raise CujuError(f"{self.name} cannot be protected as it runs now: {'; '.join(map(str, unfit))}")
+            raise NotProtectableNow(f"{self.name} cannot be protected as it runs now: "
+                                    f"{'; '.join(map(str, unfit))}")
         self._disk_chains, self._disk_sizes = events.disk_chains(xml), self._read_disk_sizes(dom)
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
@@ -526,6 +549,11 @@ class PrimaryDomain:
         found = events.verdict(event)
         if found is None or self.ended.is_set():
             return
+        if isinstance(event, DomainEvent) and event.kind in ("pm-wakeup", "device-removed"):
+            # what kept it from being paired (asleep, a DIMM) may be gone: try now, not at the
+            # next back-off
+            self._fresh = True
+            self._wake.set()
         engine = self.engine
         active = engine is not None and (engine.running or self._starting) \
             and self.machine.state in (S.SYNCING, S.PROTECTED)

@@ -19,7 +19,7 @@ from lxml import etree
 
 from cuju_libvirt.errors import RigError
 from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, protected_counter_xml
-from cuju_libvirt.rig.guests import read_counter
+from cuju_libvirt.rig.guests import SUSPEND, boot_image, command_guest, read_counter
 from cuju_libvirt.rig.hosts import LAN_BRIDGE, Host, Rig
 from tests.e2e.test_failover import runs
 
@@ -353,5 +353,60 @@ def test_blockresize_of_a_served_disk(ft_rig: Rig, counter_image: Path, cujuds: 
             assert capacity(rig.b, name) == new, "the replica's image kept the old size"
         assert " ERROR " not in ca.log_path.read_text(errors="replace")[offset:]
         assert advancing(ram)
+    finally:
+        cleanup_protected(rig, name)
+
+
+@pytest.mark.timeout(300)
+def test_suspend_to_ram_ends_protection_and_waking_protects_again(
+    ft_rig: Rig, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """ACPI S3 (what `virsh dompmsuspend mem` asks a guest agent to do; here the guest does it
+    itself). QEMU 7.2 can neither save a suspended VM as it is nor put a standby to sleep, so
+    a failover could not give back a sleeping guest. The epoch that finds it suspended is
+    dropped and the standby too, one WARNING says why and what wakes it, no standby is asked
+    for while it sleeps, and `virsh dompmwakeup` (the guest boots again: no resume vector)
+    protects it anew without waiting for a back-off. Before, the engine took S3 for a `virsh
+    suspend` and paired again and again while the guest slept."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "lc-s3"
+    try:
+        ram = protect(rig, boot_image(power=True), ca, cb, name)
+        standby, offset = rig.b.qemu_pid(name), ca.log_path.stat().st_size
+        assert advancing(ram)
+        command_guest(ram, SUSPEND)
+        deadline = time.monotonic() + 30
+        while "pmsuspended" not in rig.a.virsh("domstate", name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "pmsuspended" in rig.a.virsh("domstate", name), "the guest did not suspend itself"
+        deadline = time.monotonic() + 30
+        while rig.b.qemu_pid(name) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert rig.b.qemu_pid(name) is None, "host b still holds a standby of a suspended guest"
+        time.sleep(4.0)  # longer than the first back-offs
+        text = ca.log_path.read_text(errors="replace")[offset:]
+        said = [line for line in text.splitlines() if "suspended to RAM" in line and " WARNING " in line]
+        assert said and "virsh dompmwakeup" in said[0], text[-3000:]
+        # the engine's line and, at most, one refusal to pair while it sleeps (said once)
+        assert len(said) <= 2, text[-3000:]
+        assert "for a standby" not in text, "cujud asked for a standby while the guest slept"
+        assert " ERROR " not in text, text[-3000:]
+        assert "pmsuspended" in rig.a.virsh("domstate", name), "cujud woke (or resumed) the guest"
+        entry = ca.domain(name)
+        assert entry is not None and not entry["protected"], entry
+
+        before = read_counter(ram)
+        rig.a.virsh("dompmwakeup", name)
+        deadline = time.monotonic() + 30
+        while not 0 < read_counter(ram) < before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0 < read_counter(ram) < before, "the guest did not boot again after its wake-up"
+        ca.wait_domain(name, "protected", timeout=60)
+        cb.wait_domain(name, "standby", timeout=30)
+        assert rig.b.qemu_pid(name) not in (None, standby)
+        assert advancing(ram)
+        text = ca.log_path.read_text(errors="replace")[offset:]
+        assert " ERROR " not in text, text[-3000:]
+        print("\n".join(line for line in text.splitlines() if " INFO " in line or " WARNING " in line))
     finally:
         cleanup_protected(rig, name)

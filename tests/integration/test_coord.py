@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import libvirt
 import pytest
 
 from cuju_libvirt.cujud import daemon, orchestrator
@@ -128,6 +129,23 @@ class RefusingPeer:
         raise CujuError(f"{kind}: refused by the test's peer")
 
 
+class RunningQMP:
+    """The QMP client of a QEMU that runs: the pairing asks QEMU's run state before any standby."""
+
+    def __init__(self, path: object) -> None:
+        self.path = path
+
+    def __enter__(self) -> RunningQMP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def execute(self, command: str) -> dict[str, str]:
+        assert command == "query-status", command
+        return {"status": "running"}
+
+
 @pytest.mark.parametrize("promises", [True, False])
 def test_a_failing_pairing_raises_the_generation_only_without_the_peers_promise(
         store: OwnershipStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, promises: bool) -> None:
@@ -138,7 +156,8 @@ def test_a_failing_pairing_raises_the_generation_only_without_the_peers_promise(
     spec = parse_domain(domain_xml("vm", kernel="/k", metadata=[
         '<cuju:ft xmlns:cuju="https://cuju-ft.github.io/libvirt/ft/1.0" peer="hostb"/>']))
     assert spec is not None
-    dom = SimpleNamespace(XMLDesc=lambda flags: "<domain/>", isPersistent=lambda: False)
+    dom = SimpleNamespace(XMLDesc=lambda flags: "<domain/>", isPersistent=lambda: False,
+                          state=lambda: [libvirt.VIR_DOMAIN_RUNNING, 0])
     no_stats = SimpleNamespace(domainListGetStats=lambda *a: [])  # no disk sizes (3c23cd8 reads them)
     orch: Any = SimpleNamespace(node="hosta", witness=store, state_dir=tmp_path, lookup=lambda uuid: dom,
                                 links=SimpleNamespace(connection=lambda name: RefusingPeer(promises)),
@@ -147,6 +166,8 @@ def test_a_failing_pairing_raises_the_generation_only_without_the_peers_promise(
     orch.witness_protect = lambda *a, **k: orchestrator.Orchestrator.witness_protect(orch, *a, **k)
     monkeypatch.setattr(orchestrator, "qemu_pid", lambda name: 1)
     monkeypatch.setattr(orchestrator, "ram_backing", lambda pid: None)
+    monkeypatch.setattr(orchestrator.fitness, "check_live_fitness", lambda xml: [])  # the fake's "<domain/>"
+    monkeypatch.setattr(orchestrator, "QMPClient", RunningQMP)  # d97b844 asks QEMU for its run state
     p = orchestrator.PrimaryDomain(orch, "vm", uuid, spec, "hostb", spec_link=False)
     monkeypatch.setattr(p, "_settle", lambda: True)
     generations = []
