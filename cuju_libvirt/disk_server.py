@@ -113,6 +113,21 @@ def _is_our_server(pid: int, journal: str) -> bool:
     return f"journal={journal}".encode() in argv and any(a.endswith(PLUGIN.name.encode()) for a in argv)
 
 
+def served_image(paths: ServerPaths) -> str | None:
+    """The image the live server of these paths serves (its ``file=``), or None."""
+    pid = running_pid(paths)
+    if pid is None:
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    for arg in argv:
+        if arg.startswith(b"file="):
+            return os.fsdecode(arg[5:])
+    return None
+
+
 def running_pid(paths: ServerPaths) -> int | None:
     """The pid of the live server of these paths, or None."""
     pid = _read_pid(paths)

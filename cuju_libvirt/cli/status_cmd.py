@@ -160,8 +160,9 @@ def _disk_lines(d: Mapping[str, Any]) -> list[str]:
             continue
         ratio = synced / total
         filled = int(ratio * BAR_WIDTH)
+        what = "resyncing changed blocks" if disk.get("mode") == "changed" else "syncing"
         lines.append(
-            f"  {d.get('domain', '?')} disk {disk.get('target', '?')}: syncing "
+            f"  {d.get('domain', '?')} disk {disk.get('target', '?')}: {what} "
             f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {ratio * 100:3.0f}% "
             f"({_size(synced)} of {_size(total)})"
         )

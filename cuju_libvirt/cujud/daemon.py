@@ -323,7 +323,8 @@ class Daemon:
                 "wire_bytes": snap.wire_bytes_total, "pages": snap.pages_total,
                 "generation": snap.generation,
                 "disk_sync": [
-                    {"target": d.target, "synced_bytes": d.synced_bytes, "total_bytes": d.total_bytes}
+                    {"target": d.target, "synced_bytes": d.synced_bytes, "total_bytes": d.total_bytes,
+                     "mode": d.mode}
                     for d in snap.disk_sync
                 ],
             })

@@ -249,13 +249,18 @@ class PrimaryDomain:
             self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer, again=self._again)
             self._again = 0
             self.log.info("asking %s for a standby", self.peer)
+            claims = disks.claims() if disks is not None else []
             reply = conn.request("standby-create", {
                 "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
                 "persistent": persistent,
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
                 "generation": self.generation,
                 "disk_sizes": list(disks.sizes) if disks is not None else [],
+                "disk_claims": claims,
             }, timeout=STANDBY_CREATE_TIMEOUT)
+            if disks is not None:
+                # Which replicas the backup kept: those are resynced with only what changed.
+                disks.set_replicas(reply.get("disk_replicas") or [{} for _ in claims], claims)
             # From here on a standby may come to hold the VM's state: a cujud that dies now
             # leaves this record, and its successor asks the peer before anything leaves.
             records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer,

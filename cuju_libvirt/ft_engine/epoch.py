@@ -78,6 +78,8 @@ MIN_EPOCH_MS = 1
 MAX_EPOCH_MS = 10_000
 #: How often the running epoch's packet count is polled (s): well below 10,000 packets at any rate.
 PACKET_POLL_S = 0.001
+#: The longest the loop waits for output without looking at a stop request (s).
+STOP_POLL_S = 0.05
 #: Pages per epoch while the initial synchronisation copies a running VM (16 MiB).
 SYNC_CHUNK_PAGES = 4096
 #: How much earlier than the ``stop`` command's send time a STOP event may be stamped and
@@ -475,11 +477,11 @@ class PrimaryEngine:
         try:
             tracker.arm()
             if self._disks is not None:
-                # Each disk: every allocated block of a backup that holds nothing, else only
-                # what changed since its last acknowledged epoch.
+                # Each disk: every allocated block of a backup that holds nothing (unless cujud
+                # proved its replica, DiskSet.set_replicas), else only what changed since its
+                # last acknowledged epoch. DiskSet logs which, per disk.
                 disk_bytes = self._disks.begin_sync(full=self._held_at_start == 0)
-                self.log.info("disks: synchronising %d bytes (%s)", disk_bytes,
-                              "full" if self._held_at_start == 0 else "changed blocks only")
+                self.log.info("disks: synchronising %d bytes", disk_bytes)
         finally:
             self._vm_cont()
         rep.first_epoch = self._next
@@ -541,6 +543,8 @@ class PrimaryEngine:
         self._shipped(epoch, end, count)
         self.stats.record_epoch(pause_s=end - t0, dirty_pages=count, device_state_bytes=len(saved.blob))
         self._await_ack(epoch, cfg.ack_timeout + 30.0)
+        if self._disks is not None:
+            self._disks.sync_complete()  # the replicas equal the images: a later resync may trust them
         rep.seconds = self._clock() - t_start
         self.stats.set_initial_sync(1.0)
         self._move(S.PROTECTED, expect=S.SYNCING)
@@ -632,8 +636,12 @@ class PrimaryEngine:
                     if pending >= cfg.max_packets:
                         self.log.debug("epoch ends early: %d packets held", pending)
                         break
-                    if end_on_output and pending > 0:
-                        break
+                    if end_on_output:
+                        if pending > 0:
+                            break
+                        # woken by the first packet (inotify on the counter), not by polling
+                        self._output.wait_output(min(deadline - now, STOP_POLL_S))
+                        continue
                     time.sleep(min(PACKET_POLL_S, deadline - now))
                 else:
                     time.sleep(deadline - now)
@@ -654,27 +662,33 @@ class PrimaryEngine:
         self._vm_stop(then=saver.begin if pipelined else None)
         if self._foreign_pause and self._last_blob is not None:
             return self._idle_epoch(t0)
+        output = self._output
+        packets = None
         try:
             t1 = clock()
+            # The boundary's switches go right behind the save (QEMU runs them in order):
+            # no round trip of theirs waits inside the pause.
+            before = output.stats.packets_closed if output is not None else None
+            if output is not None:
+                output.begin_boundary()
             h = tracker.harvest(self._pages)
             t2 = clock()
-            packets = None
-            if self._output is not None:
-                before = self._output.stats.packets_closed
-                self._output.boundary()
-                self._held_output = True
-                after = self._output.stats.packets_closed
-                if after is not None:
-                    packets = after - (before or 0)
-            t3 = clock()
             try:
                 saved = saver.finish() if pipelined else saver.save()
             except StateError as err:  # running again: only somebody else can have resumed it
                 raise ResumedElsewhereError(
                     f"the VM was resumed by someone else while an epoch captured it ({err}): that epoch is "
                     "discarded and protection is established anew") from err
-            parts = self._seal_disks()
+            finally:
+                t3 = clock()
+                if output is not None:
+                    output.finish_boundary()
+                    self._held_output = True
+                    after = output.stats.packets_closed
+                    if after is not None:
+                        packets = after - (before or 0)
             t4 = clock()
+            parts = self._seal_disks()
             if h.full_resync:
                 self.log.warning("tracker asks for a full resync: sending all %d pages", tracker.npages)
                 if self.machine.state is S.PROTECTED:
@@ -703,8 +717,8 @@ class PrimaryEngine:
         self.stats.record_epoch(pause_s=end - t0, dirty_pages=count, device_state_bytes=len(saved.blob))
         if packets is not None:
             self.stats.set_packets_held(packets)
-        self.times.add(end - t0, self._guest_pause(), stop=t1 - t0, harvest=t2 - t1, boundary=t3 - t2,
-                       devstate=t4 - t3, stage=t5 - t4, cont=end - t5)
+        self.times.add(end - t0, self._guest_pause(), stop=t1 - t0, harvest=t2 - t1, devstate=t3 - t2,
+                       boundary=t4 - t3, stage=t5 - t4, cont=end - t5)
         self._drop_events()  # drop the STOP/RESUME/MIGRATION events of this pause
         return end
 

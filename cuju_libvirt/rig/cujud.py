@@ -15,6 +15,7 @@ Each cujud runs inside its host (``Host.popen``) with a configuration written to
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import shutil
 import signal
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,26 @@ __all__ = [
 ]
 
 CONTROL_SOCKET = "/run/cuju-libvirt/cujud.sock"
+#: Where a cujud started with ``record_tokens`` notes its FT-link tokens (inside its host).
+TOKENS_FILE = "/var/log/cuju-libvirt/link-tokens.jsonl"
+#: cujud as ``python -m cuju_libvirt.cujud.daemon`` runs it, except that each one-time FT-link
+#: token this host hands out (and the link secret that goes with it) is also appended to the
+#: file named by its first argument, one JSON object a line: what an eavesdropping test must
+#: not find on the wire. The product never writes them anywhere; this wraps it in the test only.
+TOKEN_RECORDER = """
+import json, sys
+from cuju_libvirt.cujud import standby
+from cuju_libvirt.cujud.daemon import main
+out = sys.argv.pop(1)
+expect = standby.FTListener.expect
+def recording(self, on_connect, secret=None):
+    token = expect(self, on_connect, secret)
+    with open(out, "a") as f:
+        f.write(json.dumps({"token": token, "secret": None if secret is None else secret.hex()}) + "\\n")
+    return token
+standby.FTListener.expect = recording
+sys.exit(main(sys.argv[1:]))
+"""
 #: cujud's Prometheus port on each rig host (its LAN address).
 METRICS_PORT = 7792
 #: Heartbeats every 50 ms: well inside the 500 ms default heartbeat-timeout-ms.
@@ -65,8 +86,9 @@ class Cujud:
     """One cujud process on one rig host."""
 
     def __init__(self, host: Host, peer: Host | Sequence[Host], psk: str,
-                 settings: Mapping[str, Any]) -> None:
+                 settings: Mapping[str, Any], *, record_tokens: bool = False) -> None:
         self.host = host
+        self.record_tokens = record_tokens
         peers = [peer] if isinstance(peer, Host) else list(peer)
         self.log_path = host.outside("/var/log/cuju-libvirt/cujud.log")
         etc = host.outside("/etc/cuju-libvirt")
@@ -81,13 +103,19 @@ class Cujud:
         }
         (etc / "cujud.yaml").write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Where this process's lines begin in ``log_path`` (a rig's hosts keep one log file).
+        self.log_start = 0
 
     def start(self, timeout: float = 20.0) -> Cujud:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
+            entry = ["-m", "cuju_libvirt.cujud.daemon"]
+            if self.record_tokens:
+                self.host.outside(TOKENS_FILE).unlink(missing_ok=True)  # this run's tokens only
+                entry = ["-c", TOKEN_RECORDER, TOKENS_FILE]
             self.proc = self.host.popen(
-                [sys.executable, "-m", "cuju_libvirt.cujud.daemon",
-                 "--config", "/etc/cuju-libvirt/cujud.yaml"],
+                [sys.executable, *entry, "--config", "/etc/cuju-libvirt/cujud.yaml"],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
@@ -114,6 +142,22 @@ class Cujud:
     def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         with ControlClient(self.host.outside(CONTROL_SOCKET), timeout=10.0) as client:
             return client.call(method, params)
+
+    def log(self) -> str:
+        """What this cujud logged since its last :meth:`start` (not earlier tests on the rig)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
+
+    def link_tokens(self) -> list[dict[str, str | None]]:
+        """The FT-link tokens (hex) and link secrets (hex, or None on a link in the clear) this
+        cujud handed out so far; only when started with ``record_tokens``."""
+        path = self.host.outside(TOKENS_FILE)
+        if not self.record_tokens:
+            raise RigError(f"cujud on {self.host.label} does not record its tokens (record_tokens=False)")
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
 
     def domain(self, name: str) -> dict[str, Any] | None:
         """This cujud's ``status`` entry of ``name``, or None."""
@@ -202,32 +246,41 @@ def _tls_settings(rig: Rig, hosts: Sequence[Host]) -> dict[Host, dict[str, str]]
 
 
 @contextlib.contextmanager
-def cujud_pair(rig: Rig, logs: Path | None = None, *, tls: bool = False,
+def cujud_pair(rig: Rig, logs: Path | None = None, *, tls: bool | Collection[Host] = False,
+               record_tokens: bool = False, connected: bool = True,
                **settings: Any) -> Iterator[tuple[Cujud, Cujud]]:
     """cujud on hosts a and b, peered; stopped (SIGTERM, then SIGKILL) on exit, their logs
     (and libvirt's QEMU logs) copied into ``logs`` if given. ``tls``: mutual TLS on the peer
-    channel with a CA of the rig's own, and so an encrypted FT link."""
-    with cujud_cluster(rig, [rig.a, rig.b], logs, tls=tls, **settings) as (ca, cb):
+    channel with a CA of the rig's own, and so an encrypted FT link (or only for the hosts
+    named, to show how the others are refused). ``record_tokens``: see :meth:`Cujud.link_tokens`.
+    ``connected=False``: do not wait for the peers to connect (they may refuse each other)."""
+    with cujud_cluster(rig, [rig.a, rig.b], logs, tls=tls, record_tokens=record_tokens,
+                       connected=connected, **settings) as (ca, cb):
         yield ca, cb
 
 
 @contextlib.contextmanager
 def cujud_cluster(rig: Rig, hosts: Sequence[Host] | None = None, logs: Path | None = None, *,
-                  tls: bool = False, **settings: Any) -> Iterator[tuple[Cujud, ...]]:
+                  tls: bool | Collection[Host] = False, record_tokens: bool = False,
+                  connected: bool = True, **settings: Any) -> Iterator[tuple[Cujud, ...]]:
     """cujud on ``hosts`` (default: every host of the rig), each listing all the others as
     peers, all connected before this yields (in the order of ``hosts``); stopped on exit, their
-    logs copied into ``logs/NAME`` if given. ``tls`` as in :func:`cujud_pair`."""
+    logs copied into ``logs/NAME`` if given. ``tls``, ``record_tokens`` and ``connected`` as in
+    :func:`cujud_pair`."""
     members = list(hosts if hosts is not None else rig.hosts.values())
     psk = secrets.token_hex(32) + "\n"
     merged = {**DEFAULT_SETTINGS, **settings}
-    per_host = _tls_settings(rig, members) if tls else {h: {} for h in members}
-    cujuds = tuple(Cujud(h, [p for p in members if p is not h], psk, {**merged, **per_host[h]})
-                   for h in members)
+    with_tls = members if tls is True else [h for h in members if tls and h in tls]
+    per_host: dict[Host, dict[str, str]] = {h: {} for h in members}
+    if with_tls:
+        per_host |= _tls_settings(rig, with_tls)
+    cujuds = tuple(Cujud(h, [p for p in members if p is not h], psk, {**merged, **per_host[h]},
+                         record_tokens=record_tokens) for h in members)
     try:
         for c in cujuds:
             c.start()
         deadline = time.monotonic() + 20
-        while not all(c.peers_connected() for c in cujuds):
+        while connected and not all(c.peers_connected() for c in cujuds):
             if time.monotonic() > deadline:
                 raise RigError("the cujud did not all connect (see "
                                f"{', '.join(str(c.log_path) for c in cujuds)})")

@@ -14,7 +14,8 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pytest
 
@@ -47,11 +48,13 @@ def observer(ft_rig: Rig) -> Iterator[Observer]:
 
 def _start_protected(
     rig: Rig, guest: LinuxGuest, observer: Observer, name: str, cujuds: tuple[Cujud, Cujud],
-    *, extra: tuple[str, ...] = (),
+    *, extra: tuple[str, ...] = (), mode: str = "count,udp", params: Mapping[str, Any] | None = None,
 ) -> None:
-    """Define and start the Linux guest protected (``extra``: more ``xml enable`` options)."""
+    """Define and start the Linux guest protected (``extra``: more ``xml enable`` options;
+    ``mode`` and ``params``: the guest's workloads, which must include ``udp``)."""
     ca, cb = cujuds
-    xml = protected_linux_xml(rig, guest, name, observer, mac=MAC, pps=PPS, epoch_ms=EPOCH_MS, extra=extra)
+    xml = protected_linux_xml(rig, guest, name, observer, mac=MAC, pps=PPS, epoch_ms=EPOCH_MS, extra=extra,
+                              mode=mode, params=params)
     rig.a.virsh("define", str(xml))
     rig.a.virsh("start", name)
     ca.wait_domain(name, "protected", timeout=120)

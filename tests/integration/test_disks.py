@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 
 from cuju_libvirt import disk_server
+from cuju_libvirt.cujud.disks import choose_replicas, replica_identity
 from cuju_libvirt.errors import ReplicationError
 from cuju_libvirt.ft_engine import linkkeys
-from cuju_libvirt.ft_engine.disks import DiskSet, prepare_replica
+from cuju_libvirt.ft_engine.disks import CHANGED, FULL, DiskSet, prepare_replica
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.replicator import DiskPart, EpochReceiver, EpochSender, page_indexes
 
@@ -218,6 +219,119 @@ def test_initial_sync_sparse_then_journal_then_incremental_resync(shm_dir: Path)
             ds.close()
 
 
+def _new_standby(shm_dir: Path, ds: DiskSet, replicas: list[tuple[str, int]]) -> list[dict[str, object]]:
+    """What cujud does at ``standby-create``: the primary's claims, the backup's answers (it
+    replays the last standby's receiver journal first), then a fresh receiver journal."""
+    claims = ds.claims()
+    answers = choose_replicas(replicas, claims, str(shm_dir / "state.journal"), [p for p, _ in replicas])
+    ds.set_replicas(answers, claims)
+    for leftover in ("state", "state.journal", "state.tmp"):  # as BackupEngine.start
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(shm_dir / leftover)
+    return answers
+
+
+@pytest.mark.timeout(240)
+def test_a_new_standby_with_a_proven_replica_gets_only_the_changed_blocks(shm_dir: Path) -> None:
+    """docs/disks.md, "Resync": a new standby (it holds no epoch of the new session) whose
+    replica survived and is proven gets only the blocks changed since; a cujud killed in
+    the middle of that resync loses no block (the bitmap persisted beside the journal);
+    a server killed (the journal changes lineage) or a replica that is not the one paired
+    means a full copy into an emptied replica. Every session ends with replica == model."""
+    rng = random.Random(21)
+    modes: list[str] = []
+
+    def progress(_target: str, _done: int, _total: int, mode: str) -> None:
+        modes.append(mode)
+
+    with served_disks(shm_dir, {"vda": 24 << 20}) as disks:
+        d = disks[0]
+        d.run(d.ops(rng, 40))  # before protection
+        replicas = _replicas(shm_dir, disks)
+        ds = disk_set(disks)
+        ds.set_progress(progress)
+
+        def session(*, finish: bool = True) -> int:
+            with _pair(shm_dir, disks, ds, replicas=replicas) as pair:
+                tx = pair.tx
+                assert tx.handshake(5) == 0  # a new standby: it holds nothing of this session
+                total = ds.begin_sync(full=True)
+                epoch = 0
+                d.run(d.ops(rng, 6))  # the guest keeps writing during the sync
+                while parts := ds.sync_chunk(128 << 10):
+                    epoch += 1
+                    tx.stage(epoch, NO_PAGES, b"", disks=parts)
+                    tx.ship()
+                    assert tx.wait_ack(epoch, 10)
+                    if not finish:
+                        return total  # cujud killed in the middle of the resync
+                epoch += 1
+                pair.commit(epoch, b"dev")  # the journal since begin_sync: replica == model
+                ds.sync_complete()
+                # The backup goes away with an epoch in flight.
+                d.run(d.ops(rng, 5))
+                epoch += 1
+                tx.stage(epoch, NO_PAGES, b"", disks=ds.seal(epoch))
+                tx.ship()
+                return total
+
+        try:
+            answers = _new_standby(shm_dir, ds, replicas)
+            assert answers[0]["kept"] is False
+            full_bytes = session()
+            assert modes[-1] == FULL
+            rid = answers[0]["replica"]
+            assert replica_identity(replicas[0][0])["replica"] == rid
+
+            d.run(d.ops(rng, 8))  # written while there is no backup
+            answers = _new_standby(shm_dir, ds, replicas)
+            assert answers == [{"replica": rid, "kept": True}]
+            changed_bytes = session()
+            assert modes[-1] == CHANGED
+            assert 0 < changed_bytes < full_bytes // 2, (changed_bytes, full_bytes)
+
+            # A resync cut short by a cujud killed after its first chunk; then another
+            # cujud (a new DiskSet on the same journal) resyncs again.
+            d.run(d.ops(rng, 8))
+            _new_standby(shm_dir, ds, replicas)
+            session(finish=False)
+            ds.close()
+            ds = disk_set(disks)
+            ds.set_progress(progress)
+            d.run(d.ops(rng, 3))
+            assert _new_standby(shm_dir, ds, replicas)[0]["kept"] is True
+            session()  # replica == model: the blocks the cut resync never sent were not lost
+            assert modes[-1] == CHANGED
+
+            # A killed server: the journal's lineage changes, the replica cannot be trusted.
+            pid = disk_server.running_pid(d.paths)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while disk_server.running_pid(d.paths) is not None:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            disk_server.start(d.paths, str(d.image), target="vda")
+            d.run(d.ops(rng, 3))
+            assert ds.claims()[0]["replica"] == ""
+            answers = _new_standby(shm_dir, ds, replicas)
+            assert answers[0]["kept"] is False and answers[0]["replica"] != rid
+            assert os.stat(replicas[0][0]).st_blocks == 0, "a replica not kept must start empty"
+            session()
+            assert modes[-1] == FULL
+
+            # A replica that is not the one the primary paired with (another id) is not kept.
+            d.run(d.ops(rng, 3))
+            ident = replicas[0][0] + ".id"
+            Path(ident).write_text(Path(ident).read_text().replace(str(replica_identity(replicas[0][0])["replica"]),
+                                                                   "0123456789abcdef"))
+            assert _new_standby(shm_dir, ds, replicas)[0]["kept"] is False
+            session()
+            assert modes[-1] == FULL
+        finally:
+            ds.close()
+
+
 @pytest.mark.timeout(60)
 def test_server_restart_keeps_the_journal(shm_dir: Path) -> None:
     rng = random.Random(11)
@@ -226,6 +340,7 @@ def test_server_restart_keeps_the_journal(shm_dir: Path) -> None:
         d.run(d.ops(rng, 10))
         first = disk_server.running_pid(d.paths)
         assert first is not None
+        assert disk_server.served_image(d.paths) == str(d.image)  # what a sync reads (primary_disks)
         # The server is no child of its starter (nbdkit's own daemon): it outlives cujud.
         assert f"PPid:\t{os.getpid()}\n" not in Path(f"/proc/{first}/status").read_text()
         assert disk_server.stop(d.paths)

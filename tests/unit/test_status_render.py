@@ -63,6 +63,12 @@ def test_disks_still_syncing_get_a_line_each() -> None:
     assert " disk " not in render({"node": "a", "domains": [domain()]}, NOW)
 
 
+def test_a_resync_of_changed_blocks_says_so() -> None:
+    disks = [{"target": "vda", "synced_bytes": 2**20, "total_bytes": 4 * 2**20, "mode": "changed"}]
+    text = render({"node": "a", "domains": [domain(disk_sync=disks)]}, NOW)
+    assert "web disk vda: resyncing changed blocks [#####...............]  25% (1.0 MiB of 4.0 MiB)" in text
+
+
 def test_the_witness_generation_shows_next_to_the_peer_only_with_a_witness() -> None:
     with_witness = render({"node": "a", "domains": [domain(peer="cuju-c", generation=4)]}, NOW)
     assert "cuju-c (generation 4)" in with_witness
