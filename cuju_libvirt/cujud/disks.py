@@ -138,12 +138,7 @@ def backup_replicas(
     ``claims`` (the primary's, per disk) and ``receiver_journal`` (the last standby's):
     which replicas may be kept for a resync of only what changed (see the module's doc).
     Returns the replicas (path, size) and the answer per disk (``replica`` id, ``kept``)."""
-    spec = parse_domain(xml)
-    disks = spec.disks if spec is not None else ()
-    if len(disks) != len(sizes):
-        raise CujuError(f"the primary replicates {len(sizes)} disk(s), its XML records {len(disks)}: "
-                        "the two cujud versions differ")
-    out = [(d.replica_path(str(replica_dir), uuid), size) for d, size in zip(disks, sizes, strict=True)]
+    disks, out = _replica_paths(uuid, xml, sizes, replica_dir)
     for path, _ in out:
         Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     answers = choose_replicas(out, claims or [], receiver_journal, [d.target for d in disks])
@@ -154,6 +149,36 @@ def backup_replicas(
     if out:
         log.info("serving %d replica(s): %s", len(out), ", ".join(p for p, _ in out))
     return out, answers
+
+
+def _replica_paths(uuid: str, xml: str, sizes: Sequence[int],
+                   replica_dir: Path) -> tuple[Sequence[FTDisk], list[tuple[str, int]]]:
+    """The prepared disks of ``xml`` and their replicas (path, the primary's size) here."""
+    spec = parse_domain(xml)
+    disks = spec.disks if spec is not None else ()
+    if len(disks) != len(sizes):
+        raise CujuError(f"the primary replicates {len(sizes)} disk(s), its XML records {len(disks)}: "
+                        "the two cujud versions differ")
+    return disks, [(d.replica_path(str(replica_dir), uuid), n) for d, n in zip(disks, sizes, strict=True)]
+
+
+def left_replicas(uuid: str, xml: str, sizes: Sequence[int], replica_dir: Path) -> list[tuple[str, int]]:
+    """The replicas of a standby an earlier cujud of this host left (it died), exactly as they
+    are: they hold the committed epochs (the receiver's journal replays the last one), so they
+    are never emptied nor re-chosen here. Each must exist with its size and its block server
+    must still run (the standby QEMU is connected to it; nbdkit outlives cujud); otherwise the
+    standby cannot be taken back (CujuError)."""
+    disks, out = _replica_paths(uuid, xml, sizes, replica_dir)
+    for d, (path, size) in zip(disks, out, strict=True):
+        try:
+            actual = os.stat(path).st_size
+        except FileNotFoundError:
+            raise CujuError(f"disk {d.target}: its replica {path} is gone") from None
+        if actual != size:
+            raise CujuError(f"disk {d.target}: its replica {path} has {actual} bytes, not {size}")
+        if disk_server.running_pid(disk_server.ServerPaths.of(uuid, d.target)) is None:
+            raise CujuError(f"disk {d.target}: the block server of its replica no longer runs")
+    return out
 
 
 def stop_servers(uuid: str, xml: str) -> None:

@@ -45,7 +45,7 @@ from lxml import etree
 from cuju_libvirt import fitness
 from cuju_libvirt.cujud import records
 from cuju_libvirt.cujud.coord import OwnershipStore
-from cuju_libvirt.cujud.disks import backup_replicas, forget_replica_identity, stop_servers
+from cuju_libvirt.cujud.disks import backup_replicas, forget_replica_identity, left_replicas, stop_servers
 from cuju_libvirt.cujud.qemu_process import qemu_pid, ram_backing
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.errors import CoordError, CujuError, StateError
@@ -429,15 +429,14 @@ class Standby:
                 if pid is None:
                     raise CujuError("its QEMU pid file is missing")
                 self.ram_path = ram_backing(pid).path
-                self.replicas = backup_replicas(self.uuid, self.xml, self.disk_sizes,
-                                                self.manager.disk_replica_dir)
+                self.replicas = left_replicas(self.uuid, self.xml, self.disk_sizes,
+                                              self.manager.disk_replica_dir)
                 self.qmp = _connect_qmp(fitness.qmp_socket_path(self.name), 10.0)
                 self.profile = standby_profile(self.qmp)
-                state_path = self.manager.state_dir / "standby" / f"{self.uuid}.devstate"
                 self.engine = BackupEngine(
-                    qmp=self.qmp, ram_path=self.ram_path, link=None, device_state_path=str(state_path),
-                    stats=self.stats, machine=self.machine, tag=self.name, standby=self.profile,
-                    disks=self.replicas)
+                    qmp=self.qmp, ram_path=self.ram_path, link=None,
+                    device_state_path=str(self._state_path()), stats=self.stats, machine=self.machine,
+                    tag=self.name, standby=self.profile, disks=self.replicas)
                 epoch = self.engine.recover()
             except (CujuError, libvirt.libvirtError, OSError) as err:
                 self.log.warning("the standby an earlier cujud left could not be taken back (%s): "

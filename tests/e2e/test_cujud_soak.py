@@ -58,17 +58,6 @@ def _running(host: Host, name: str) -> bool:
     return host.virsh("domstate", name, check=False).strip() == "running"
 
 
-def _kill(cujud: Cujud, sig: signal.Signals) -> None:
-    assert cujud.proc is not None
-    cujud.proc.send_signal(sig)
-    try:
-        cujud.proc.wait(30)
-    except Exception:
-        cujud.proc.kill()
-        cujud.proc.wait(10)
-    cujud.proc = None
-
-
 def _settled(rig: Rig, ca: Cujud, cb: Cujud, name: str) -> str | None:
     """'protected', 'failed over', or None while the pair is still on its way."""
     a, b = ca.domain(name), cb.domain(name)
@@ -113,7 +102,7 @@ def soak(rig: Rig, guest: LinuxGuest, cujuds: tuple[Cujud, Cujud], kills: int,
                         victim.host.restart_libvirtd()
                         what = f"libvirtd restart on {victim.host.label}"
                     else:
-                        _kill(victim, sig)
+                        victim.kill(sig)
                         time.sleep(rng.uniform(0.0, 1.0))
                         victim.start()
                         what = f"{sig.name} of cujud on {victim.host.label}"
@@ -203,7 +192,7 @@ def test_a_restarted_backup_cujud_settles_its_standby_with_the_primary(
             pid = rig.a.qemu_pid(name)
             assert pid is not None
             gap = ca.one_epoch_gap(name, PPS, EPOCH_MS)
-            _kill(cb, signal.SIGKILL)
+            cb.kill()
             killed_at = time.monotonic()
             if primary_dies:
                 os.kill(pid, signal.SIGKILL)
