@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cuju_libvirt import disk_server
-from cuju_libvirt.cujud.disks import choose_replicas
+from cuju_libvirt.cujud.disks import adopt_own_image, choose_replicas, take_over_replica
 from cuju_libvirt.ft_engine.disks import DiskSet, ProtectedDisk, prepare_replica
 from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
 
@@ -27,7 +27,10 @@ DESCRIPTION = (
     "the same image (every byte, sendfile) over the same kind of link into a file. Then a backup "
     "outage: the receiver goes, 64 KiB random writes change --outage-write-mib, a new standby keeps its "
     "replica and gets only the changed blocks (dirty bitmap), under the same load; its bytes and time "
-    "against the full sync of the same run."
+    "against the full sync of the same run. Then a failover: the primary writes --outage-write-mib more "
+    "with no backup and stops, the backup takes its replica over behind a block server of its own and "
+    "writes --outage-write-mib elsewhere, and the re-protection onto the old primary's own image resends "
+    "only the blocks either side's journal marked (failover_* keys, against the same full sync)."
 )
 TARGET_RATIO = 0.7
 PAGE = 4096
@@ -96,9 +99,11 @@ class _Standby:
     """A new standby: what cujud does at ``standby-create`` (the primary's claims, the backup's
     answers after replaying the last receiver journal), then a receiver over TCP loopback."""
 
-    def __init__(self, work: Path, ds: DiskSet, replica: Path, size: int) -> None:
+    def __init__(self, work: Path, ds: DiskSet, replica: Path, size: int,
+                 adopted: dict[int, dict[str, Any]] | None = None) -> None:
         claims = ds.claims()
-        self.answers = choose_replicas([(str(replica), size)], claims, str(work / "state.journal"), ["vda"])
+        self.answers = choose_replicas([(str(replica), size)], claims, str(work / "state.journal"), ["vda"],
+                                       adopted=adopted)
         ds.set_replicas(self.answers, claims)
         for leftover in ("state", "state.journal", "state.tmp"):  # as BackupEngine.start
             (work / leftover).unlink(missing_ok=True)
@@ -196,6 +201,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fio.wait(10)
             standby.settle(ds)
             out["resync_replica_equal"] = _same(image, replica)
+
+            # A failover: the link goes, the primary writes on alone and stops; the backup
+            # takes its replica over and writes; then it re-protects onto the old image.
+            standby.close()
+            standby = None
+            fio = None
+            failover = _failover(work, ds, paths=paths, image=image, replica=replica, size=size,
+                                 write_mib=args.outage_write_mib, load=load)
+            ds = failover.pop("ds")
+            out.update(failover)
         finally:
             if fio is not None:
                 fio.terminate()
@@ -203,6 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if standby is not None:
                 standby.close()
             ds.close()
+            disk_server.stop(disk_server.ServerPaths.under(work / "b", "vda"))
         out["sync_s"] = round(sync_s, 3)
         out["sync_bytes_planned"] = total
         out["sync_epochs"] = epochs
@@ -212,12 +228,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["resync_bytes_planned"] = resync_total
         out["resync_bytes_ratio"] = round(resync_total / total, 4)
         out["resync_s_vs_full"] = round(resync_s / sync_s, 4)
+        out["failover_resync_bytes_ratio"] = round(out["failover_resync_bytes_planned"] / total, 4)
+        out["failover_resync_s_vs_full"] = round(out["failover_resync_s"] / sync_s, 4)
         out["meets_target"] = out["ratio_vs_copy"] >= TARGET_RATIO
     finally:
         if fio is not None and fio.poll() is None:
             fio.kill()
         disk_server.stop(paths)
         shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _failover(work: Path, ds: DiskSet, *, paths: disk_server.ServerPaths, image: Path, replica: Path,
+              size: int, write_mib: int, load: tuple[str, ...]) -> dict[str, Any]:
+    """Host a (``paths``, ``image``) writes ``write_mib`` with no backup and stops; host b takes
+    ``replica`` over and writes ``write_mib``; re-protected onto a's own image under ``load``.
+    Returns the failover_* keys and ``ds``, host b's DiskSet (the caller closes it)."""
+    def write(on: disk_server.ServerPaths, seed: int) -> None:
+        # Other offsets than the outage's and than the other side's: with fio's default
+        # randrepeat=1 every run writes the same offsets, whatever --randseed says.
+        subprocess.run(_fio(on, size, "--rw", "randwrite", "--bs", "64k", "--iodepth", "4",
+                            f"--io_size={write_mib}M", "--randrepeat=0", f"--randseed={seed}"),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=600)
+
+    write(paths, 11)
+    ds.close()
+    disk_server.stop(paths)  # the old primary's QEMU is gone: its server stops (the hook)
+    (work / "b").mkdir()
+    b_paths = disk_server.ServerPaths.under(work / "b", "vda")
+    disk_server.start(b_paths, str(replica), target="vda")
+    take_over_replica(str(replica), b_paths.journal)
+    ds_b = DiskSet([ProtectedDisk("vda", str(replica), b_paths.journal)])
+    out: dict[str, Any] = {"ds": ds_b}
+    write(b_paths, 12)
+    got = adopt_own_image(paths, size, ds_b.claims()[0], target="vda")
+    if isinstance(got, str):
+        raise RuntimeError(f"the old primary's image was not adopted: {got}")
+    (work / "a").mkdir()
+    standby = _Standby(work / "a", ds_b, image, size, adopted={0: got[1]})
+    fio = _background(_fio(b_paths, size, *load))
+    try:
+        out["failover_image_adopted"] = standby.answers[0]["kept"]
+        time.sleep(0.5)
+        seconds, total = standby.sync(ds_b)
+        fio.terminate()
+        fio.wait(10)
+        standby.settle(ds_b)
+        out["failover_resync_s"] = round(seconds, 3)
+        out["failover_resync_bytes_planned"] = total
+        out["failover_replica_equal"] = _same(replica, image)
+    finally:
+        if fio.poll() is None:
+            fio.terminate()
+            fio.wait(10)
+        standby.close()
     return out
 
 

@@ -26,6 +26,10 @@
  * 4. Identity: a block is marked before the image write (a server killed in
  *    between leaves it marked); the lineage survives only a clean stop of the
  *    same, unchanged image.
+ * 5. Failover: the old primary's image (its journal's bitmaps since the last
+ *    ACK it saw) and the new primary's (its replica at a committed epoch, then
+ *    its own journal since the takeover): the union of both journals' bitmaps,
+ *    read from the new primary's image, brings the old one to it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -368,6 +372,163 @@ static void model_check(const char *dir, int rounds)
     free(section);
 }
 
+/* ---- 5. failover: the two journals' bitmaps bring the old primary's image to the new one's ---- */
+
+static uint8_t *bitmap_union(struct cuju_dj *dj, uint8_t *u)
+{
+    uint8_t *b0 = cuju_dj_bitmap(dj, 0), *b1 = cuju_dj_bitmap(dj, 1);
+    for (uint64_t k = 0; k < dj->h->bitmap_bytes; k++)
+        u[k] |= b0[k] | b1[k];
+    return u;
+}
+
+/* Host a is the primary (image A, journal JA), host b's replica B receives its
+ * epochs. The last epoch is sealed and shipped; b applies it (its ACK is lost)
+ * or not; a writes on (nobody seals), and a server killed between marking and
+ * writing leaves a marked block. b takes over: its server journals B in JB,
+ * and b writes on without a backup. The re-protection onto a sends B's blocks
+ * marked in either journal (union of the four bitmaps) into A: A must equal
+ * B's model byte for byte, each journal's union must be exactly its model's
+ * blocks (JA: since the last ACK a saw; JB: since the takeover), and every
+ * block where A and B differ must be in the union. */
+static void failover_check(const char *dir, int rounds)
+{
+    char path[512], msg[256];
+    const uint64_t size = (UINT64_C(2) << 20) + 512 * 5;
+    const uint64_t sizes[1] = {size};
+    uint64_t cap = UINT64_C(16) << 20, sent_blocks = 0, total_blocks = 0, lost_acks = 0;
+    uint8_t *section = aligned_alloc(8, cap), *scratch = malloc(300000 + 512);
+    CHECK(section && scratch, "malloc");
+    for (int r = 0; r < rounds; r++) {
+        struct disk a = {0}, b = {0};
+        /* Odd rounds: a tiny journal that overflows (the bitmap path), 4 KiB blocks. */
+        uint64_t jcap = r & 1 ? 256 << 10 : 0, jblock = r & 1 ? 4096 : 0;
+        a.size = b.size = size;
+        a.model = calloc(1, size);
+        b.model = malloc(size);
+        snprintf(path, sizeof(path), "%s/fo-a", dir);
+        a.image = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+        snprintf(path, sizeof(path), "%s/fo-b", dir);
+        a.replica = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+        CHECK(a.model && b.model && a.image >= 0 && a.replica >= 0, "open");
+        CHECK(ftruncate(a.image, (off_t)size) == 0 && ftruncate(a.replica, (off_t)size) == 0, "truncate");
+        snprintf(path, sizeof(path), "%s/fo-ja", dir);
+        unlink(path);
+        CHECK(cuju_dj_create(path, size, jcap, jblock, &a.dj, msg, sizeof(msg)) == 0, "create JA: %s", msg);
+        uint64_t nb = cuju_dj_nblocks(a.dj);
+        a.dirty_epoch = calloc(1, nb);
+        a.dirty_unapplied = calloc(1, nb);   /* here: since the last ACK a saw */
+        CHECK(a.dirty_epoch && a.dirty_unapplied, "malloc");
+        int fds[1] = {a.replica}, eno = 0;
+        uint64_t nrec, overflowed = 0;
+        int epochs = 2 + (int)(rnd() % 12), idx = -1;
+        for (int e = 1; e <= epochs; e++) {
+            int nops = (int)(rnd() % 40);
+            for (int k = 0; k < nops; k++)
+                server_op(&a, scratch);
+            idx = cuju_dj_seal(a.dj, (uint64_t)e);
+            CHECK(idx >= 0, "seal %d", e);
+            uint8_t *bm[1] = {cuju_dj_bitmap(a.dj, idx)};
+            check_bitmap(&a, bm, 1, a.dirty_epoch, "sealed", (uint64_t)e);
+            memset(a.dirty_epoch, 0, nb);
+            uint64_t len = 0;
+            add_part(&a, 0, idx, section, cap, &len, &overflowed);
+            CHECK(cuju_dj_check_section(section, len, 1, sizes, msg, sizeof(msg)) == CUJU_OK, "check: %s", msg);
+            if (e < epochs || rnd() % 2) {
+                CHECK(cuju_dj_apply_section(section, len, fds, 0, &nrec, &eno) == CUJU_OK, "apply");
+                compare(&a, 0, (uint64_t)e);
+            }
+            if (e < epochs) {   /* acknowledged */
+                CHECK(cuju_dj_reset(a.dj, idx) == CUJU_OK, "reset");
+                memset(a.dirty_unapplied, 0, nb);
+            } else {
+                lost_acks++;
+            }
+        }
+        /* a writes on after the last seal; then a server killed between marking and writing. */
+        int nops = (int)(rnd() % 60);
+        for (int k = 0; k < nops; k++)
+            server_op(&a, scratch);
+        uint64_t koff = rnd() % (size - 4096), klen = 1 + rnd() % 4096;
+        cuju_dj_begin(a.dj, koff, klen);
+        cuju_dj_end(a.dj);
+        model_touch(&a, koff, klen);
+        {
+            uint8_t *bm[2] = {cuju_dj_bitmap(a.dj, 0), cuju_dj_bitmap(a.dj, 1)};
+            check_bitmap(&a, bm, 2, a.dirty_unapplied, "JA since the last ACK", (uint64_t)epochs);
+        }
+
+        /* b takes over its replica: its server journals it (same geometry), b writes on. */
+        b.image = a.replica;
+        CHECK(pread(b.image, b.model, size, 0) == (ssize_t)size, "pread B");
+        snprintf(path, sizeof(path), "%s/fo-jb", dir);
+        unlink(path);
+        CHECK(cuju_dj_create(path, size, jcap, jblock, &b.dj, msg, sizeof(msg)) == 0, "create JB: %s", msg);
+        b.dirty_epoch = calloc(1, nb);
+        b.dirty_unapplied = calloc(1, nb);
+        CHECK(b.dirty_epoch && b.dirty_unapplied, "malloc");
+        nops = (int)(rnd() % 200);
+        for (int k = 0; k < nops; k++)
+            server_op(&b, scratch);
+        {
+            uint8_t *bm[2] = {cuju_dj_bitmap(b.dj, 0), cuju_dj_bitmap(b.dj, 1)};
+            check_bitmap(&b, bm, 2, b.dirty_unapplied, "JB since the takeover", 0);
+        }
+
+        /* The re-protection onto a: B's blocks of the union into A. */
+        uint8_t *u = calloc(1, a.dj->h->bitmap_bytes);
+        CHECK(u != NULL, "malloc");
+        bitmap_union(b.dj, bitmap_union(a.dj, u));
+        uint8_t *ba = malloc(size), *bb = malloc(size);
+        CHECK(ba && bb, "malloc");
+        CHECK(pread(a.image, ba, size, 0) == (ssize_t)size && pread(b.image, bb, size, 0) == (ssize_t)size, "pread");
+        uint64_t bs = a.dj->h->block_size;
+        for (uint64_t blk = 0; blk < nb; blk++) {
+            uint64_t off = blk * bs, n = off + bs <= size ? bs : size - off;
+            if (memcmp(ba + off, bb + off, n) != 0)
+                CHECK((u[blk >> 3] >> (blk & 7)) & 1, "round %d: block %llu differs but is in no bitmap", r,
+                      (unsigned long long)blk);
+            sent_blocks += (u[blk >> 3] >> (blk & 7)) & 1;
+        }
+        total_blocks += nb;
+        uint64_t cursor = 0;
+        int to_a[1] = {a.image};
+        while (cursor < nb) {
+            uint64_t n = 0;
+            CHECK(cuju_dj_build_from_bitmap(u, nb, bs, size, b.image, &cursor, section + CUJU_DJ_PART_LEN, 150000,
+                                            &n, &eno) == CUJU_OK, "resync build: %s", strerror(eno));
+            cuju_put_le32(section, 0);
+            cuju_put_le32(section + 4, 0);
+            cuju_put_le64(section + 8, n);
+            CHECK(cuju_dj_check_section(section, CUJU_DJ_PART_LEN + n, 1, sizes, msg, sizeof(msg)) == CUJU_OK,
+                  "resync check: %s", msg);
+            CHECK(cuju_dj_apply_section(section, CUJU_DJ_PART_LEN + n, to_a, 0, &nrec, &eno) == CUJU_OK,
+                  "resync apply");
+        }
+        struct disk judge = b;
+        judge.replica = a.image;   /* A against B's model */
+        compare(&judge, 0, (uint64_t)r);
+        free(u);
+        free(ba);
+        free(bb);
+        cuju_dj_close(a.dj);
+        cuju_dj_close(b.dj);
+        close(a.image);
+        close(a.replica);
+        free(a.model);
+        free(b.model);
+        free(a.dirty_epoch);
+        free(a.dirty_unapplied);
+        free(b.dirty_epoch);
+        free(b.dirty_unapplied);
+    }
+    CHECK(lost_acks == (uint64_t)rounds, "every round ends with an unacknowledged epoch");
+    printf("failover: %d rounds, %llu of %llu blocks resent from the two journals' bitmaps: old primary == new "
+           "primary, bitmaps == model\n", rounds, (unsigned long long)sent_blocks, (unsigned long long)total_blocks);
+    free(section);
+    free(scratch);
+}
+
 /* ---- a reset keeps CUJU_DJ_KEEP_BYTES of a buffer's memory ---- */
 
 static uint64_t allocated(int fd)
@@ -620,6 +781,7 @@ int main(int argc, char **argv)
     seal_race(argv[1]);
     hostile();
     identity(argv[1]);
+    failover_check(argv[1], rounds / 4 > 0 ? rounds / 4 : 1);
     printf("ok\n");
     return 0;
 }

@@ -42,10 +42,16 @@ from typing import Any, cast
 import libvirt
 from lxml import etree
 
-from cuju_libvirt import fitness
+from cuju_libvirt import disk_server, fitness
 from cuju_libvirt.cujud import records
 from cuju_libvirt.cujud.coord import OwnershipStore
-from cuju_libvirt.cujud.disks import backup_replicas, forget_replica_identity, left_replicas, stop_servers
+from cuju_libvirt.cujud.disks import (
+    backup_replicas,
+    disk_targets,
+    left_replicas,
+    stop_servers,
+    take_over_replica,
+)
 from cuju_libvirt.cujud.qemu_process import qemu_pid, ram_backing
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.errors import CoordError, CujuError, StateError
@@ -305,6 +311,8 @@ class Standby:
         #: id and whether it was kept for a resync of only what changed (cujud/disks.py).
         self.disk_claims: list[dict[str, Any]] = []
         self.disk_answers: list[dict[str, Any]] = []
+        #: The primary's format per disk (standby-create; cujud/disks.py disk_formats).
+        self.disk_formats: list[dict[str, Any]] = []
         #: A claim was sent and etcd gave no answer: it may have been applied. Until a later
         #: claim answers, this standby neither resumes nor promises to stay down.
         self.undecided = False
@@ -362,7 +370,7 @@ class Standby:
         # The standby QEMU opens its disks over NBD at start: their replicas must be served.
         self.replicas, self.disk_answers = backup_replicas(
             self.uuid, self.xml, self.disk_sizes, self.manager.disk_replica_dir, claims=self.disk_claims,
-            receiver_journal=str(self._state_path()) + ".journal")
+            receiver_journal=str(self._state_path()) + ".journal", formats=self.disk_formats)
         try:
             with translate(f"creating the standby of {self.name}"):
                 virt.conn.createXML(standby_xml(self.xml), libvirt.VIR_DOMAIN_START_PAUSED)
@@ -429,8 +437,7 @@ class Standby:
                 if pid is None:
                     raise CujuError("its QEMU pid file is missing")
                 self.ram_path = ram_backing(pid).path
-                self.replicas = left_replicas(self.uuid, self.xml, self.disk_sizes,
-                                              self.manager.disk_replica_dir)
+                self.replicas = left_replicas(self.uuid, self.xml, self.disk_sizes)
                 self.qmp = _connect_qmp(fitness.qmp_socket_path(self.name), 10.0)
                 self.profile = standby_profile(self.qmp)
                 self.engine = BackupEngine(
@@ -593,8 +600,10 @@ class Standby:
             records.remove(self.manager.state_dir, records.CEDED, self.uuid)
             if verdict == "unknown":
                 self.manager.settle_later(self)
-            for path, _ in self.replicas:  # the VM's live disks from now on: never a resync's base
-                forget_replica_identity(path)
+            # The VM's live disks from now on: never a replica's base again, but the old
+            # primary's own image may be resynced with only what either side changed.
+            for (path, _), target in zip(self.replicas, disk_targets(self.xml), strict=False):
+                take_over_replica(path, disk_server.ServerPaths.of(self.uuid, target).journal)
             report = self.engine.failover()
             self.stats.role = "primary"  # the VM runs here now (unprotected until a new standby)
             try:
@@ -759,6 +768,7 @@ class StandbyManager:
         sb.link_secret = linkkeys.new_secret() if encrypt_link else None
         sb.disk_sizes = [int(n) for n in body.get("disk_sizes", [])]
         sb.disk_claims = [dict(c) if isinstance(c, dict) else {} for c in body.get("disk_claims", [])]
+        sb.disk_formats = [dict(c) if isinstance(c, dict) else {} for c in body.get("disk_formats", [])]
         token = sb.create()
         try:
             sb.save_record()

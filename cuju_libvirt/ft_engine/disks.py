@@ -34,6 +34,12 @@ Resynchronising a *new* standby whose replica survived (docs/disks.md, "Resync")
     ... on the acknowledgement of the sync's last epoch:
     disks.sync_complete()                     # the replicas equal the images: pair them
 
+After a failover the new primary's journal marks every block it wrote since the takeover
+(:func:`record_takeover` says which pairing its image came from), and the old primary's
+journal every block it wrote after the last epoch it saw acknowledged
+(:func:`changed_since_ack`): a re-protection onto the old primary's own image resends only
+the union (docs/disks.md, "Resync after a failover").
+
 Beside each journal (same tmpfs directory, same lifetime) two files record what a later
 resync may trust: ``<journal>.pair`` (JSON: the journal's lineage, the replica id, and
 whether a sync to it completed) and ``<journal>.resync`` (the lineage, then the bitmap a
@@ -43,11 +49,13 @@ killed in the middle of a resync loses no block).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
 import mmap
 import os
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +96,103 @@ def _read_json(path: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _pair_file(journal: str) -> str:
+    return journal + ".pair"
+
+
+def _resync_file(journal: str) -> str:
+    return journal + ".resync"
+
+
+def _takeover_file(journal: str) -> str:
+    return journal + ".takeover"
+
+
+def _saved_resync(journal: str, lineage: int, nbytes: int) -> int:
+    """The bitmap an earlier, unfinished sync had not delivered (0 if none or stale)."""
+    try:
+        with open(_resync_file(journal), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0
+    if len(data) != 8 + nbytes or int.from_bytes(data[:8], "little") != lineage:
+        return 0
+    return int.from_bytes(data[8:], "little")
+
+
+def _bitmaps(dj: _cuju.DiskJournal, view: memoryview) -> int:
+    """The union of both buffers' dirty bitmaps, as an integer (bit b: block b)."""
+    acc = 0
+    for idx in (0, 1):
+        _, _, bm_off, bm_len, _ = dj.spans(idx)
+        acc |= int.from_bytes(view[bm_off:bm_off + bm_len], "little")
+    return acc
+
+
+def read_pair(journal: str) -> dict[str, Any]:
+    """``<journal>.pair``: the lineage, the replica id a sync paired with it, whether that
+    sync completed, and the image the journal's server served ({} when there is none)."""
+    return _read_json(_pair_file(journal))
+
+
+#: A bitmap sent in a peer message (zlib, base64) may take at most this many characters.
+MAX_PACKED_BITMAP = 256 << 10
+
+
+def pack_bitmap(bitmap: int, nbytes: int) -> str:
+    """A dirty bitmap (bit b: block b) of ``nbytes`` bytes for a peer message (zlib, base64)."""
+    return base64.b64encode(zlib.compress(bitmap.to_bytes(nbytes, "little"), 6)).decode()
+
+
+def unpack_bitmap(text: str, nbytes: int) -> int | None:
+    """The bitmap :func:`pack_bitmap` packed, or None if it is not one of ``nbytes`` bytes."""
+    try:
+        raw = zlib.decompressobj().decompress(base64.b64decode(text, validate=True), nbytes + 1)
+    except (ValueError, zlib.error):
+        return None
+    return int.from_bytes(raw, "little") if len(raw) == nbytes else None
+
+
+def forget_pair(journal: str) -> None:
+    """No later resync may trust this journal's pairing (``<journal>.pair`` goes)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_pair_file(journal))
+
+
+def changed_since_ack(journal: str) -> tuple[int, _cuju.DiskJournalInfo, int]:
+    """(lineage, the journal's info, bitmap) of the journal of a disk this host served as
+    the primary: every block written since the last epoch it saw acknowledged (both
+    buffers' bitmaps; a buffer's bitmap is reset only when its epoch is acknowledged) and
+    what an unfinished resync had not delivered. Open it only while its server runs (the
+    server's start renews the lineage if the image changed while none ran)."""
+    dj = _cuju.DiskJournal(journal)
+    view = memoryview(dj)
+    try:
+        info = dj.info()
+        acc = _bitmaps(dj, view) | _saved_resync(journal, info["lineage"], info["bitmap_bytes"])
+        return info["lineage"], info, acc
+    finally:
+        view.release()
+        dj.close()
+
+
+def record_takeover(journal: str, identity: Mapping[str, Any]) -> None:
+    """At a takeover: the replica this host's server journals becomes the VM's live disk. Its
+    ``identity`` (the replica's ``.id``: id and the primary lineage it was paired with) and
+    this journal's lineage now go to ``<journal>.takeover``: from here on the journal marks
+    every block the new primary writes, so a re-protection onto the old primary's own image
+    may resend only what either side changed (:meth:`DiskSet.claims`)."""
+    dj = _cuju.DiskJournal(journal)
+    try:
+        lineage = dj.info()["lineage"]
+    finally:
+        dj.close()
+    _write_atomic(_takeover_file(journal), json.dumps({
+        "lineage": f"{lineage:016x}", "from_lineage": str(identity.get("lineage", "")),
+        "from_replica": str(identity.get("replica", "")),
+    }).encode())
+
+
 @dataclass(frozen=True)
 class ProtectedDisk:
     """One disk as the primary's engine sees it."""
@@ -123,6 +228,12 @@ class DiskSet:
         self._trusted: list[bool] = []
         #: Per disk: the backup kept an earlier replica (False: it starts from an empty file).
         self._kept: list[bool] = []
+        #: Per disk: bytes at the start of an emptied replica the backup wrote (a qcow2 header
+        #: its standby's QEMU can open): a full copy sends those blocks even where they are holes.
+        self._written: list[int] = []
+        #: Per disk: the blocks the backup's own image (the old primary's, after a failover)
+        #: changed since the epoch this image came from (its journal's bitmaps), or None.
+        self._remote: list[int | None] = []
         #: Per disk: the journal's lineage when the current synchronisation began.
         self._sync_lineage: list[int] = []
         try:
@@ -140,6 +251,8 @@ class DiskSet:
                 self._replica.append("")
                 self._trusted.append(False)
                 self._kept.append(False)
+                self._written.append(0)
+                self._remote.append(None)
                 self._sync_lineage.append(0)
         except BaseException:
             self.close()
@@ -211,10 +324,17 @@ class DiskSet:
     # -- which replica the bitmaps are relative to ---------------------------------------
 
     def _pair_path(self, i: int) -> str:
-        return self.disks[i].journal + ".pair"
+        return _pair_file(self.disks[i].journal)
 
     def _resync_path(self, i: int) -> str:
-        return self.disks[i].journal + ".resync"
+        return _resync_file(self.disks[i].journal)
+
+    def _takeover(self, i: int, lineage: int) -> dict[str, Any]:
+        """The takeover record of disk ``i`` if it still holds (same lineage), else {}."""
+        took = _read_json(_takeover_file(self.disks[i].journal))
+        ok = (took.get("lineage") == f"{lineage:016x}" and bool(took.get("from_replica"))
+              and bool(took.get("from_lineage")))
+        return took if ok else {}
 
     def _lineage(self, i: int) -> int:
         return self._journals[i].info()["lineage"]
@@ -222,19 +342,31 @@ class DiskSet:
     def claims(self) -> list[dict[str, str]]:
         """Per disk, what the backup is asked to prove (``standby-create``): ``lineage``, this
         journal's, and ``replica``, the id of the replica a completed sync paired with it in
-        that lineage ("" when there is none: the backup then starts its replica afresh)."""
-        out = []
+        that lineage ("" when there is none: the backup then starts its replica afresh).
+        Without such a replica, a disk this host took over says ``takeover``: the pairing its
+        image came from (``from_replica``, ``from_lineage``); the old primary may then offer
+        its own image and the blocks it changed since (cujud/disks.py)."""
+        out: list[dict[str, Any]] = []
         for i in range(len(self.disks)):
-            lineage = f"{self._lineage(i):016x}"
+            raw = self._lineage(i)
+            lineage = f"{raw:016x}"
             pair = _read_json(self._pair_path(i))
             ok = pair.get("lineage") == lineage and pair.get("synced") is True
-            out.append({"lineage": lineage, "replica": str(pair.get("replica", "")) if ok else ""})
+            claim: dict[str, Any] = {"lineage": lineage,
+                                     "replica": str(pair.get("replica", "")) if ok else ""}
+            took = self._takeover(i, raw)
+            if not claim["replica"] and took:
+                claim["takeover"] = {"from_replica": took["from_replica"],
+                                     "from_lineage": took["from_lineage"]}
+            out.append(claim)
         return out
 
-    def set_replicas(self, answers: Sequence[Mapping[str, Any]], claims: Sequence[Mapping[str, str]]) -> None:
+    def set_replicas(self, answers: Sequence[Mapping[str, Any]], claims: Sequence[Mapping[str, Any]]) -> None:
         """The backup's answer per disk (``replica`` id, ``kept``) to ``claims``: a disk is
         resynchronised incrementally only if the backup kept the very replica claimed, in
-        the same lineage (the journal's lineage is checked again at :meth:`begin_sync`)."""
+        the same lineage, or (``takeover`` claimed) kept its own image and sent the blocks it
+        changed since (``changed``, :func:`pack_bitmap`, in ``block_size`` blocks); the journal's lineage is
+        checked again at :meth:`begin_sync`."""
         if len(answers) != len(self.disks) or len(claims) != len(self.disks):
             raise DiskError(f"the backup answered for {len(answers)} replica(s), {len(self.disks)} disk(s) "
                             "are protected")
@@ -242,18 +374,22 @@ class DiskSet:
             rid = str(answer.get("replica", ""))
             self._replica[i] = rid
             self._kept[i] = answer.get("kept") is True
+            self._written[i] = max(0, min(int(answer.get("written") or 0), self.sizes[i]))
             self._trusted[i] = bool(claim["replica"]) and self._kept[i] and rid == claim["replica"]
+            self._remote[i] = None
+            if not claim["replica"] and claim.get("takeover") and self._kept[i]:
+                self._remote[i] = self._remote_bitmap(i, answer)
+                self._trusted[i] = self._remote[i] is not None
 
-    def _saved_resync(self, i: int, lineage: int, nbytes: int) -> int:
-        """The bitmap an earlier, unfinished sync had not delivered (0 if none or stale)."""
-        try:
-            with open(self._resync_path(i), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return 0
-        if len(data) != 8 + nbytes or int.from_bytes(data[:8], "little") != lineage:
-            return 0
-        return int.from_bytes(data[8:], "little")
+    def _remote_bitmap(self, i: int, answer: Mapping[str, Any]) -> int | None:
+        """The backup's ``changed`` blocks, if they are in this journal's geometry."""
+        nbytes = self._journals[i].info()["bitmap_bytes"]
+        bitmap = unpack_bitmap(str(answer.get("changed", "")), nbytes)
+        if answer.get("block_size") != self._block[i] or bitmap is None:
+            log.info("disk %s: the backup's bitmap is not in this journal's geometry: a full copy",
+                     self.disks[i].target)
+            return None
+        return bitmap
 
     def begin_sync(self, *, full: bool) -> int:
         """Decide what the next synchronisation sends; returns its bytes (all disks).
@@ -276,12 +412,12 @@ class DiskSet:
             acc = self._bitmap_int(i, other) | self._bitmap_int(i, info["active"])
             if disk_full:
                 # Nothing about the replica can be trusted until this sync completes.
-                _write_atomic(self._pair_path(i), json.dumps(
-                    {"lineage": f"{lineage:016x}", "replica": self._replica[i], "synced": False}).encode())
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._resync_path(i))
+                self._write_pair(i, lineage, synced=False)
+                for stale in (self._resync_path(i), _takeover_file(self.disks[i].journal)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(stale)
             else:
-                acc |= self._saved_resync(i, lineage, nbytes)
+                acc |= _saved_resync(self.disks[i].journal, lineage, nbytes) | (self._remote[i] or 0)
                 # Persisted before the journal forgets it: a cujud killed from here on
                 # until sync_complete() loses no block of this resync.
                 saved = lineage.to_bytes(8, "little") + acc.to_bytes(nbytes, "little")
@@ -296,8 +432,11 @@ class DiskSet:
                 nblocks = info["nblocks"]
                 bitmap[:] = ((1 << nblocks) - 1).to_bytes(nbytes, "little")
             elif disk_full:
-                # The backup's replica is an empty file: only the allocated blocks.
+                # The backup's replica is an empty file: only the allocated blocks, and those
+                # the backup wrote itself (a qcow2 header), which a hole here must clear.
                 _cuju.disk_mark_allocated(self._images[i], self.sizes[i], self._block[i], bitmap)
+                for b in range(-(-self._written[i] // self._block[i])):
+                    bitmap[b >> 3] |= 1 << (b & 7)
             self._sync[i] = bitmap
             self._cursor[i] = 0
             self._mode[i] = FULL if disk_full else CHANGED
@@ -311,13 +450,23 @@ class DiskSet:
             self._report(i)
         return total
 
+    def _write_pair(self, i: int, lineage: int, *, synced: bool) -> None:
+        _write_atomic(self._pair_path(i), json.dumps({
+            "lineage": f"{lineage:016x}", "replica": self._replica[i], "synced": synced,
+            "image": os.path.abspath(self.disks[i].image)}).encode())
+
     def _claim_matches(self, i: int, lineage: int) -> bool:
+        if self._remote[i] is not None:  # the backup's own image, after a failover
+            return bool(self._takeover(i, lineage))
         pair = _read_json(self._pair_path(i))
         return (pair.get("lineage") == f"{lineage:016x}" and pair.get("synced") is True
                 and pair.get("replica") == self._replica[i] != "")
 
     def _why(self, i: int, full: bool, disk_full: bool) -> str:
         if not disk_full:
+            if full and self._remote[i] is not None:
+                return ("resync of the changed blocks only (the backup's own image, this disk before the "
+                        "failover: the blocks either side changed since)")
             if full:
                 return f"resync of the changed blocks only (replica {self._replica[i]} proven)"
             return "resync of the changed blocks only (the backup holds an epoch of this session)"
@@ -332,8 +481,9 @@ class DiskSet:
         for i, dj in enumerate(self._journals):
             lineage = dj.info()["lineage"]
             if lineage == self._sync_lineage[i] and self._replica[i]:
-                _write_atomic(self._pair_path(i), json.dumps(
-                    {"lineage": f"{lineage:016x}", "replica": self._replica[i], "synced": True}).encode())
+                self._write_pair(i, lineage, synced=True)
+                with contextlib.suppress(FileNotFoundError):  # the pair says it all from here
+                    os.unlink(_takeover_file(self.disks[i].journal))
             else:
                 log.info("disk %s: not paired for a later resync (%s)", self.disks[i].target,
                          "no replica id" if not self._replica[i] else "its server restarted during the sync")

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cuju_libvirt.errors import CujuError, ReplicationError, StateError
+from cuju_libvirt.errors import CujuError, ReplicationError, StateError, caused_by
 from cuju_libvirt.ft_engine import trackers as T
 from cuju_libvirt.ft_engine.devstate import (
     DevicesChangedError,
@@ -106,6 +106,21 @@ class ReconfiguredError(EngineError):
     """The VM's configuration changed under protection (libvirt reported a hot-plug, a block
     job that changed a disk, ...: :meth:`PrimaryEngine.reconfigure`): the standby no longer
     matches it, so the epoch that would have shipped next is dropped and protection ends."""
+
+
+class SuspendedToRAMError(EngineError):
+    """The guest suspended itself to RAM (ACPI S3: ``virsh dompmsuspend``, or the guest's
+    own choice). QEMU's ``stop`` leaves a suspended VM as it is (no STOP event), the
+    device state is saved only from a stopped VM, and QEMU has no command that puts a
+    standby to sleep: a failover could not give back a sleeping guest. So the epoch that
+    found the VM suspended is dropped and protection ends; cujud pairs the VM again when it
+    wakes (``virsh dompmwakeup``)."""
+
+
+#: The words of :class:`SuspendedToRAMError` (and of cujud's refusal to pair meanwhile).
+SUSPENDED_TO_RAM = ("the guest is suspended to RAM (ACPI S3: virsh dompmsuspend or the guest itself), a "
+                    "state QEMU can neither save as it is nor give a standby: it is not protected while it "
+                    "sleeps, and cujud protects it again when it wakes (virsh dompmwakeup)")
 
 
 @dataclass
@@ -397,6 +412,8 @@ class PrimaryEngine:
         reply and stamped with the host's wall clock. No STOP stamped at or after the moment
         the command was sent means somebody else had paused the VM (``virsh suspend``, a
         libvirt job, an I/O error with ``werror=stop``): the engine then never resumes it.
+        Or the guest is suspended to RAM (``stop`` does nothing to that run state either):
+        :class:`SuspendedToRAMError`.
         """
         sent = time.time() - _CLOCK_SLACK
         request = self.qmp.send("stop")
@@ -407,6 +424,11 @@ class PrimaryEngine:
         stops = [stamp for ev in self.qmp.events("STOP") if (stamp := _event_time(ev)) >= sent]
         ours = bool(stops)
         self._stop_stamp = stops[-1] if stops else None
+        if not ours and self.qmp.execute("query-status").get("status") == "suspended":
+            # before anything of this epoch is staged (a pipelined save's answer is left
+            # unread: the engine's monitor is closed when protection ends)
+            self._foreign_pause = True
+            raise SuspendedToRAMError(SUSPENDED_TO_RAM)
         if not ours and not self._foreign_pause:
             self.log.info("the VM was paused by someone else (virsh suspend or a libvirt job): it stays "
                           "paused and protected; epochs go on without resuming it")
@@ -842,9 +864,10 @@ class PrimaryEngine:
             return
         if self.ending is not None:
             self.log.info("FT ends (%s): %s; the VM continues unprotected", self.ending, err)
-        elif isinstance(err, (DevicesChangedError, ReconfiguredError, ResumedElsewhereError)):  # no fault
+        elif isinstance(err, (DevicesChangedError, ReconfiguredError, ResumedElsewhereError,
+                              SuspendedToRAMError)):  # no fault
             self.log.warning("%s; the VM continues unprotected until then", err)
-        elif isinstance(err, StandbyMismatchError) or isinstance(err.__cause__, StandbyMismatchError):
+        elif caused_by(err, StandbyMismatchError):
             # the VM changed between the XML the standby was made from and the first save (a
             # device libvirt had not yet removed from its XML): the next attempt reads it anew
             self.log.warning("%s: %s; the VM continues unprotected, the next pairing reads its configuration "

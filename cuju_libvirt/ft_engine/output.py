@@ -676,10 +676,16 @@ class OutputCommit:
 
 
 def _switch_error(step: _Step, err: MonitorError) -> OutputCommitError:
+    """The error of a failed switch, raised later (after every answer is collected): it keeps
+    the monitor's error as its cause, as ``raise ... from err`` would. cujud reads a lost
+    monitor from the cause: QEMU closes it a moment before it exits (``virsh destroy``),
+    and a switch is often the first command to meet that."""
     obj, netdev, on = step
     words = _qemu_words(err)
-    return OutputCommitError(f"cannot switch filter {obj} of netdev {netdev} {'on' if on else 'off'}: "
-                             f"{words}", netdev=netdev, qemu_message=words)
+    failure = OutputCommitError(f"cannot switch filter {obj} of netdev {netdev} {'on' if on else 'off'}: "
+                                f"{words}", netdev=netdev, qemu_message=words)
+    failure.__cause__ = err
+    return failure
 
 
 def _remember(recent: list[float], value: float) -> None:

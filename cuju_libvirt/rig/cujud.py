@@ -15,6 +15,7 @@ Each cujud runs inside its host (``Host.popen``) with a configuration written to
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import secrets
 import shutil
@@ -157,6 +158,18 @@ class Cujud:
             f.seek(self.log_start)
             return f.read().decode(errors="replace")
 
+    def logged_at(self, text: str, offset: int = 0) -> float | None:
+        """The wall-clock time (``time.time()``) of the first line past byte ``offset`` of the
+        log that contains ``text``, or None. The log's stamps have milliseconds."""
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            for raw in f:
+                line = raw.decode(errors="replace")
+                if text in line:
+                    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                    return stamp.timestamp()  # local time, as logging's asctime writes it
+        return None
+
     def link_tokens(self) -> list[dict[str, str | None]]:
         """The FT-link tokens (hex) and link secrets (hex, or None on a link in the clear) this
         cujud handed out so far; only when started with ``record_tokens``."""
@@ -270,11 +283,16 @@ def cujud_pair(rig: Rig, logs: Path | None = None, *, tls: bool | Collection[Hos
 @contextlib.contextmanager
 def cujud_cluster(rig: Rig, hosts: Sequence[Host] | None = None, logs: Path | None = None, *,
                   tls: bool | Collection[Host] = False, record_tokens: bool = False,
-                  connected: bool = True, **settings: Any) -> Iterator[tuple[Cujud, ...]]:
+                  connected: bool = True, host_settings: Mapping[str, Mapping[str, Any]] | None = None,
+                  after_start: Callable[[Cujud], None] | None = None,
+                  **settings: Any) -> Iterator[tuple[Cujud, ...]]:
     """cujud on ``hosts`` (default: every host of the rig), each listing all the others as
-    peers, all connected before this yields (in the order of ``hosts``); stopped on exit, their
-    logs copied into ``logs/NAME`` if given. ``tls``, ``record_tokens`` and ``connected`` as in
-    :func:`cujud_pair`."""
+    peers, all connected before this yields (started, and returned, in the order of
+    ``hosts``); stopped on exit, their logs copied into ``logs/NAME`` if given. ``tls``,
+    ``record_tokens`` and ``connected`` as in :func:`cujud_pair`; ``host_settings``: settings
+    of one host only, by its rig name (``{"c": {"failure_domain": "rack2"}}``);
+    ``after_start(cujud)`` runs once each cujud is up, before the next one starts (to wait
+    until the first is the cluster's placer, say)."""
     members = list(hosts if hosts is not None else rig.hosts.values())
     psk = secrets.token_hex(32) + "\n"
     merged = {**DEFAULT_SETTINGS, **settings}
@@ -282,11 +300,15 @@ def cujud_cluster(rig: Rig, hosts: Sequence[Host] | None = None, logs: Path | No
     per_host: dict[Host, dict[str, str]] = {h: {} for h in members}
     if with_tls:
         per_host |= _tls_settings(rig, with_tls)
-    cujuds = tuple(Cujud(h, [p for p in members if p is not h], psk, {**merged, **per_host[h]},
+    own = host_settings or {}
+    cujuds = tuple(Cujud(h, [p for p in members if p is not h], psk,
+                         {**merged, **per_host[h], **own.get(h.name, {})},
                          record_tokens=record_tokens) for h in members)
     try:
         for c in cujuds:
             c.start()
+            if after_start is not None:
+                after_start(c)
         deadline = time.monotonic() + 20
         while connected and not all(c.peers_connected() for c in cujuds):
             if time.monotonic() > deadline:
@@ -339,12 +361,12 @@ def protected_linux_xml(
     rig: Rig, guest: LinuxGuest, name: str, observer: Observer, *, mac: str, pps: int,
     epoch_ms: int = 20, heartbeat_timeout_ms: int = 500, memory_mib: int = 256,
     extra: tuple[str, ...] = (), peer: str | None = None, mode: str = "count,udp",
-    data_disk: Path | None = None, params: Mapping[str, Any] | None = None,
+    data_disk: Path | None = None, params: Mapping[str, Any] | None = None, data_disk_format: str = "raw",
 ) -> Path:
     """The Linux test guest's XML marked for protection with ``cuju-libvirt xml enable --prepare``.
 
     ``mode`` and ``params`` go to the guest's agent (:func:`kernel_cmdline`); ``data_disk``
-    is a writable image the guest sees as ``/dev/vda``."""
+    is a writable image (``data_disk_format``) the guest sees as ``/dev/vda``."""
     cmdline = kernel_cmdline(
         mode, ip=f"{FIRST_GUEST_ADDRESS}/{LAN_PREFIXLEN}", mac=mac, pps=pps,
         peer="{}:{}".format(*observer.udp_address), tcp="{}:{}".format(*observer.tcp_address),
@@ -356,32 +378,42 @@ def protected_linux_xml(
         kernel=rig.stage_file(guest.kernel, f"{name}-kernel"),
         initrd=rig.stage_file(guest.initrd, f"{name}-initrd"),
         cmdline=cmdline, serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
-        data_disk=data_disk,
+        data_disk=data_disk, data_disk_format=data_disk_format,
     ))
     return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms,
                       heartbeat_timeout_ms=heartbeat_timeout_ms, extra=extra, peer=peer)
 
 
 def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_ms: int = 20,
-                          extra: tuple[str, ...] = ()) -> Path:
+                          extra: tuple[str, ...] = (), disk_format: str = "raw",
+                          peer: str | None = None) -> Path:
     """The boot-sector counter guest (``image``, from :func:`~cuju_libvirt.rig.guests.boot_image`;
-    a copy of its own) marked for protection with ``cuju-libvirt xml enable --prepare`` (its
-    boot disk served and replicated, unless ``extra`` says ``--no-serve-disks``)."""
+    a copy of its own, converted to ``disk_format``) marked for protection with
+    ``cuju-libvirt xml enable --prepare`` (its boot disk served and replicated, unless
+    ``extra`` says ``--no-serve-disks``); ``peer`` as in :func:`protected_linux_xml`."""
+    disk = rig.stage_file(image, f"{name}.img")
+    if disk_format != "raw":
+        converted = disk.with_suffix(f".{disk_format}")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", disk_format, str(disk), str(converted)],
+                       check=True, capture_output=True, timeout=60)
+        disk.unlink()
+        disk = converted
     plain = rig.root / f"{name}.plain.xml"
     plain.write_text(domain_xml(
-        name, memory_mib=64, disk=rig.stage_file(image, f"{name}.img"),
+        name, memory_mib=64, disk=disk,
         serial_log=f"/var/log/libvirt/qemu/{name}-serial.log", bridge=LAN_BRIDGE, mac=mac,
-    ))
+    ).replace("type=\"raw\"", f"type=\"{disk_format}\"", 1))
     return _enable_ft(rig, plain, rig.root / f"{name}.xml", epoch_ms=epoch_ms, heartbeat_timeout_ms=500,
-                      extra=extra)
+                      extra=extra, peer=peer)
 
 
 def _enable_ft(rig: Rig, plain: Path, out: Path, *, epoch_ms: int, heartbeat_timeout_ms: int,
                extra: tuple[str, ...] = (), peer: str | None = None) -> Path:
     """``cuju-libvirt xml enable --prepare`` of ``plain`` into ``out``; peer: host b (its FT
-    link named), or ``peer`` as given (``auto``: cujud places the standby)."""
-    where = ["--peer", peer] if peer is not None else ["--peer", rig.b.hostname, "--link",
-                                                        f"{rig.b.hostname}-ft"]
+    link named), or ``peer`` as given (``auto``: this host's cujud chooses the backup; ``""``:
+    no peer, the cluster's placer chooses it)."""
+    where = ["--peer", peer] if peer else [] if peer == "" else ["--peer", rig.b.hostname, "--link",
+                                                                 f"{rig.b.hostname}-ft"]
     proc = subprocess.run(
         [sys.executable, "-m", "cuju_libvirt.cli", "xml", "enable", str(plain), *where,
          "--epoch-ms", str(epoch_ms),

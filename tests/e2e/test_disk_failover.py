@@ -34,10 +34,10 @@ MAC = "52:54:00:19:08:00"
 
 
 def judged_run(rig: Rig, guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud],
-               name: str, **how: Callable[[], None]) -> DiskRun:
+               name: str, *, disk_format: str = "raw", **how: Callable[[], None]) -> DiskRun:
     """One judged run (``how``: ``before_kill`` / ``fail`` of :func:`run_with_sigkill`)."""
     try:
-        result = run_with_sigkill(rig, guest, observer, cujuds, name, mac=MAC, **how)
+        result = run_with_sigkill(rig, guest, observer, cujuds, name, mac=MAC, disk_format=disk_format, **how)
     finally:
         cleanup_protected(rig, name)
         data_image(rig, name).unlink(missing_ok=True)
@@ -58,6 +58,16 @@ def test_sigkill_with_a_served_disk_keeps_every_fsynced_record_and_a_clean_file_
     ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud], run: int
 ) -> None:
     judged_run(ft_rig, linux_guest, observer, cujuds, f"disk-kill{run}")
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_with_a_served_qcow2_disk_keeps_every_fsynced_record_and_a_clean_file_system(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """The same with a qcow2 image: the standby's QEMU opens its replica (qcow2 over NBD)
+    before the initial sync has copied anything; after the failover the replica passes
+    ``qemu-img check`` and its guest-visible disk the same judge."""
+    judged_run(ft_rig, linux_guest, observer, cujuds, "disk-kill-qcow2", disk_format="qcow2")
 
 
 @pytest.mark.timeout(600)

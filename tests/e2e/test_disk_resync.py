@@ -1,4 +1,5 @@
-"""After a backup outage the new standby gets only the disk blocks changed since (issue 8 item 2).
+"""After a backup outage or a failover the new standby gets only the disk blocks changed since
+(issue 8 item 2).
 
 The Linux guest (mode ``fsrec``) writes fsync'd records to ext4 on a served 256 MiB disk
 that holds a 96 MiB file of random data from before protection (so a full sparse copy has
@@ -135,13 +136,17 @@ def test_after_a_failover_the_new_backups_replica_equals_the_disk_the_vm_runs_on
     ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
 ) -> None:
     """SIGKILL of the primary's QEMU: host b runs the VM on its replica and re-protects it onto
-    host a by itself. With the VM paused by the user and two later epochs applied on host a,
-    host a's new replica equals the disk host b runs on (``qemu-img compare``): the sync read
-    the image b's block server serves, not the path the disk had on host a."""
+    host a by itself. Host a's own image of the disk becomes the replica (its journal proves
+    it is the disk as of the epoch b took over but for the blocks it marked), so host b
+    sends only the blocks either side changed since: a small part of the first, full sparse
+    copy of the same run. With the VM paused by the user and two later epochs applied on
+    host a, host a's image equals the disk host b runs on (``qemu-img compare``): the sync
+    read the image b's block server serves, not the path the disk had on host a."""
     rig, (ca, cb) = ft_rig, cujuds
     name = "disk-reprotect"
-    image = make_ext4_image(data_image(rig, name), size_mib=64)
+    image = _filled_ext4_image(data_image(rig, name))
     try:
+        start = ca.log_path.stat().st_size
         xml = protected_linux_xml(rig, linux_guest, name, observer, mac=MAC, pps=1, mode="fsrec",
                                   data_disk=image, params=PARAMS)
         rig.a.virsh("define", str(xml))
@@ -149,13 +154,26 @@ def test_after_a_failover_the_new_backups_replica_equals_the_disk_the_vm_runs_on
         ca.wait_domain(name, "protected", timeout=180)
         cb.wait_domain(name, "standby", timeout=60)
         observer.wait_for(lambda r: len(r.udp) >= 100, timeout=90)
+        first = _syncs(ca.log_path, start)
+        assert [kind for kind, _, _ in first] == ["full sparse copy"], first
+        full_bytes, disk_size = first[0][1], first[0][2]
+        assert full_bytes >= FILLER_MIB << 20
         pid = rig.a.qemu_pid(name)
         assert pid is not None
+        failover = cb.log_path.stat().st_size
         os.kill(pid, signal.SIGKILL)
         cb.wait_failed_over(name, timeout=60)
         cb.wait_domain(name, "protected", timeout=180)  # re-protected onto host a
         ca.wait_domain(name, "standby", timeout=60)
         observer.wait_for(lambda r: len(r.udp) >= 300, timeout=90)  # the guest writes on host b
+        again = _syncs(cb.log_path, failover)
+        assert [kind for kind, _, _ in again] == ["resync of the changed blocks only"], \
+            cb.log_path.read_bytes()[failover:].decode(errors="replace")[-3000:]
+        resync_bytes = again[0][1]
+        assert "this host's own image" in ca.log_path.read_text(errors="replace")
+        assert 0 < resync_bytes * 8 < full_bytes, (resync_bytes, full_bytes)
+        print(f"{name}: full sparse copy {full_bytes} bytes, resync after the failover {resync_bytes} bytes, "
+              f"disk {disk_size} bytes")
 
         suspend_until_paused_by_user(rig.b, name)
         acked = int(cb.domain(name)["last_acked_epoch"] or 0)  # type: ignore[index]
@@ -163,8 +181,7 @@ def test_after_a_failover_the_new_backups_replica_equals_the_disk_the_vm_runs_on
                     f"epoch {acked + 2} applied", timeout=120)
         uuid = rig.b.virsh("domuuid", name).strip()
         runs_on = rig.b.outside(f"/var/lib/cuju-libvirt/replicas/{uuid}/vda.raw")
-        replica = rig.a.outside(f"/var/lib/cuju-libvirt/replicas/{uuid}/vda.raw")
-        argv = [tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(runs_on), str(replica)]
+        argv = [tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(runs_on), str(image)]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
         rig.b.virsh("resume", name)

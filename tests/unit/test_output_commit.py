@@ -149,9 +149,11 @@ def test_a_failed_toggle_raises_with_the_filter_and_netdev() -> None:
     fake = FakeQMP({("qom-set", "cuju-oc-net0-f1"): QMPConnectionError("QMP connection lost")})
     oc = make(fake)
     oc.install(["net0"])
-    with pytest.raises(OutputCommitError, match="filter cuju-oc-net0-f1 of netdev net0 off"):
+    with pytest.raises(OutputCommitError, match="filter cuju-oc-net0-f1 of netdev net0 off") as info:
         oc.boundary()
     assert oc.held_epoch is None and oc.stats.boundaries == 0
+    # cujud reads a lost monitor (QEMU exiting: virsh destroy) from the cause
+    assert isinstance(info.value.__cause__, QMPConnectionError)
 
 
 class OrderedQMP(FakeQMP):
