@@ -104,17 +104,18 @@ def keep_replica(path: str, size: int, claim: Mapping[str, Any] | None, replayed
     return None
 
 
-def primary_disks(uuid: str, disks: Sequence[FTDisk]) -> DiskSet | None:
+def primary_disks(uuid: str, disks: Sequence[FTDisk], name: str = "") -> DiskSet | None:
     """The journals of the prepared disks (their servers were started by the hook, or, after a
     takeover, by the standby), or None. The images a sync reads are those the servers serve:
-    after a takeover that is this host's replica, not the path the disk had on the old primary."""
+    after a takeover that is this host's replica, not the path the disk had on the old primary.
+    ``name``: the VM's, in the logger of every line about its disks."""
     if not disks:
         return None
     out = []
     for d in disks:
         paths = disk_server.ServerPaths.of(uuid, d.target)
         out.append(ProtectedDisk(d.target, disk_server.served_image(paths) or d.source, paths.journal))
-    return DiskSet(out)
+    return DiskSet(out, tag=name)
 
 
 def disk_formats(uuid: str, disks: Sequence[FTDisk]) -> list[dict[str, Any]]:
@@ -292,6 +293,24 @@ def disk_targets(xml: str) -> list[str]:
     """The target devs of the prepared disks of ``xml``, in the primary's disk order."""
     spec = parse_domain(xml)
     return [d.target for d in spec.disks] if spec is not None else []
+
+
+def left_replicas(uuid: str, xml: str, sizes: Sequence[int]) -> list[tuple[str, int]]:
+    """The replicas of a standby an earlier cujud of this host left (it died), exactly as they
+    are: they hold the committed epochs (the receiver's journal replays the last one), so they
+    are never emptied nor re-chosen here. Each is the image its block server serves (nbdkit
+    outlives cujud; the standby QEMU is connected to it): a disk whose server is gone means
+    the standby cannot be taken back (CujuError)."""
+    targets = disk_targets(xml)
+    if len(targets) != len(sizes):
+        raise CujuError(f"the standby's record has {len(sizes)} disk size(s), its XML {len(targets)} disk(s)")
+    out = []
+    for target, size in zip(targets, sizes, strict=True):
+        image = disk_server.served_image(disk_server.ServerPaths.of(uuid, target))
+        if image is None or not os.path.exists(image):
+            raise CujuError(f"disk {target}: the block server of its replica no longer runs")
+        out.append((image, size))
+    return out
 
 
 def stop_servers(uuid: str, xml: str) -> None:

@@ -8,6 +8,7 @@ Each epoch ends when every write of it is replied (qemu-io has exited), the cut 
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import random
@@ -23,11 +24,18 @@ from pathlib import Path
 
 import pytest
 
-from cuju_libvirt import disk_server
-from cuju_libvirt.cujud.disks import adopt_own_image, choose_replicas, replica_identity, take_over_replica
-from cuju_libvirt.errors import ReplicationError
+from cuju_libvirt import FT_NAMESPACE, disk_server
+from cuju_libvirt.cujud.disks import (
+    adopt_own_image,
+    choose_replicas,
+    left_replicas,
+    replica_identity,
+    take_over_replica,
+)
+from cuju_libvirt.domain_xml import parse_domain
+from cuju_libvirt.errors import CujuError, ReplicationError
 from cuju_libvirt.ft_engine import linkkeys
-from cuju_libvirt.ft_engine.disks import CHANGED, FULL, DiskSet, prepare_replica
+from cuju_libvirt.ft_engine.disks import CHANGED, FULL, DiskSet, ProtectedDisk, prepare_replica
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.replicator import DiskPart, EpochReceiver, EpochSender, page_indexes
 
@@ -528,6 +536,40 @@ def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
         disk_server.stop(paths)
 
 
+@pytest.mark.timeout(60)
+def test_a_restarted_cujud_takes_back_the_replicas_of_a_left_standby_as_they_are(tmp_path: Path) -> None:
+    """A standby an earlier cujud left holds its committed epochs in its replicas: taking it
+    back keeps them byte for byte (the reopen first emptied them, as for a new standby that
+    proves nothing) and takes the image its block server serves; it refuses when that server
+    is gone (the standby's QEMU lost its disk)."""
+    uuid = "7a3c0e52-13aa-4c55-8f00-00000000d15c"
+    disk = ("<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+            "<source file='/var/lib/libvirt/images/vm.raw'/><target dev='vda' bus='virtio'/></disk>")
+    xml = (f"<domain type='qemu'><name>vm</name><uuid>{uuid}</uuid><metadata>"
+           f"<cuju:ft xmlns:cuju='{FT_NAMESPACE}' peer='b'><cuju:disk target='vda'>{disk}</cuju:disk>"
+           "</cuju:ft></metadata></domain>")
+    size = 1 << 20
+    content = random.Random(13).randbytes(size)
+    spec = parse_domain(xml)
+    assert spec is not None
+    replica = Path(spec.disks[0].replica_path(str(tmp_path), uuid))
+    replica.parent.mkdir(parents=True)
+    replica.write_bytes(content)
+    paths = disk_server.ServerPaths.of(uuid, "vda")
+    with pytest.raises(CujuError, match="block server of its replica no longer runs"):
+        left_replicas(uuid, xml, [size])
+    disk_server.start(paths, str(replica), target="vda")
+    try:
+        assert left_replicas(uuid, xml, [size]) == [(str(replica), size)]
+        assert replica.read_bytes() == content
+    finally:
+        disk_server.stop(paths)
+        disk_server.forget(paths)
+        with contextlib.suppress(OSError):
+            Path(paths.socket).parent.rmdir()
+    assert replica.read_bytes() == content
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("last_epoch", ["applied, its ACK lost", "not applied", "image changed after"])
 def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_changed(
@@ -636,3 +678,20 @@ def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_
             if ds_b is not None:
                 ds_b.close()
             disk_server.stop(b_paths)
+
+
+@pytest.mark.timeout(60)
+def test_every_log_line_about_the_disks_names_the_vm(shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two protected VMs' disks are both 'vda': cujud's lines say whose (the logger, as the engine's)."""
+    caplog.set_level(logging.INFO, logger="cuju_libvirt.ft_engine.disks")
+    with served_disks(shm_dir, {"vda": 4 << 20}) as disks:
+        ds = DiskSet([ProtectedDisk(d.target, str(d.image), d.paths.journal) for d in disks], tag="web.1")
+        try:
+            ds.begin_sync(full=True)
+            ds.sync_complete()
+        finally:
+            ds.close()
+    lines = [r for r in caplog.records if r.name.startswith("cuju_libvirt.ft_engine.disks")]
+    assert lines, caplog.text
+    assert all(r.name == "cuju_libvirt.ft_engine.disks.web_1" for r in lines), [r.name for r in lines]
+    assert any("disk vda: full sparse copy" in r.getMessage() for r in lines), caplog.text
