@@ -190,9 +190,10 @@ class PeerMap(Kind[dict[str, Address]]):
 
 
 class UrlList(Kind[tuple[str, ...]]):
-    """A list of ``http://HOST:PORT`` URLs (etcd client endpoints)."""
+    """A list of ``http://HOST:PORT`` or ``https://HOST:PORT`` URLs (etcd client endpoints),
+    all of one scheme."""
 
-    name = "list of http://HOST:PORT"
+    name = "list of http(s)://HOST:PORT"
 
     def parse(self, raw: object) -> tuple[str, ...]:
         if raw is None:
@@ -200,22 +201,38 @@ class UrlList(Kind[tuple[str, ...]]):
         if isinstance(raw, str):
             raw = [raw]
         if not isinstance(raw, list):
-            raise _Invalid(f"expected a list of 'http://HOST:PORT' URLs, got {_show(raw)}")
+            raise _Invalid(f"expected a list of 'http://HOST:PORT' or 'https://HOST:PORT' URLs, "
+                           f"got {_show(raw)}")
         urls: list[str] = []
         for item in raw:
-            if not isinstance(item, str) or not item.startswith("http://"):
-                hint = " (TLS is not supported yet: use http:// on a trusted network)" \
-                    if isinstance(item, str) and item.startswith("https://") else ""
-                raise _Invalid(f"{_show(item)} is not an http://HOST:PORT URL{hint}")
+            scheme = next((s for s in ("http://", "https://")
+                           if isinstance(item, str) and item.startswith(s)), None)
+            if scheme is None or not isinstance(item, str):
+                raise _Invalid(f"{_show(item)} is not an http://HOST:PORT or https://HOST:PORT URL")
             try:
-                parse_address(item[len("http://"):].rstrip("/"), 2379)
+                parse_address(item[len(scheme):].rstrip("/"), 2379)
             except _Invalid as err:
                 raise _Invalid(f"{item!r}: {err}") from None
             urls.append(item.rstrip("/"))
+        if len({u.split("://", 1)[0] for u in urls}) > 1:
+            raise _Invalid("mixes http:// and https:// endpoints: one etcd cluster speaks one of them "
+                           "on its client port; use https:// for all of them")
         return tuple(urls)
 
     def render(self, value: tuple[str, ...]) -> object:
         return list(value)
+
+
+class OptionalPath(AbsPath):
+    """An absolute path, or nothing (``null`` or ``""``)."""
+
+    name = "absolute path or empty"
+
+    def parse(self, raw: object) -> Path | None:  # type: ignore[override]
+        return None if raw is None or raw == "" else super().parse(raw)
+
+    def render(self, value: Path | None) -> object:
+        return "" if value is None else str(value)
 
 
 def parse_address(text: str, default_port: int) -> Address:
@@ -329,6 +346,14 @@ SETTINGS: tuple[Setting[Any], ...] = (
             "Client URLs of the etcd cluster that witnesses ownership (docs/cluster.md); "
             "empty: no witness, two-host rules (a backup-host crash fences the primary).",
             default_doc="[] (no witness)"),
+    Setting("etcd_ca_file", OptionalPath(), None,
+            "CA certificate(s) that sign the etcd members' server certificates (https:// "
+            "endpoints); empty: the system's trusted CAs.", default_doc="empty (the system's CAs)"),
+    Setting("etcd_cert_file", OptionalPath(), None,
+            "This host's client certificate for etcd (https:// endpoints, etcd run with "
+            "--client-cert-auth); with etcd_key_file.", default_doc="empty (no client certificate)"),
+    Setting("etcd_key_file", OptionalPath(), None,
+            "The private key of etcd_cert_file (mode 0600, root).", default_doc="empty"),
     Setting("etcd_timeout", Number(0.05, 60.0, "s"), 1.0,
             "Seconds one etcd call may take over all endpoints before it counts as no answer."),
     Setting("etcd_prefix", Text(), "/cuju/v1",
@@ -368,6 +393,9 @@ class Config:
     reconnect_min: float
     reconnect_max: float
     etcd_endpoints: tuple[str, ...] = ()
+    etcd_ca_file: Path | None = None
+    etcd_cert_file: Path | None = None
+    etcd_key_file: Path | None = None
     etcd_timeout: float = 1.0
     etcd_prefix: str = "/cuju/v1"
     failure_domain: str = ""
@@ -512,6 +540,17 @@ def _check_consistency(config: Config) -> None:
             f"{where('reconnect_min')}: reconnect_min ({config.reconnect_min:g} s) exceeds "
             f"reconnect_max ({config.reconnect_max:g} s, from {where('reconnect_max')}); lower it"
         )
+    if (config.etcd_cert_file is None) != (config.etcd_key_file is None):
+        given, missing = ("etcd_cert_file", "etcd_key_file") if config.etcd_key_file is None \
+            else ("etcd_key_file", "etcd_cert_file")
+        raise ConfigError(f"{where(given)}: {given} is set but {missing} is not: a client certificate "
+                          "needs its key; set both, or neither")
+    tls_files = [k for k in ("etcd_ca_file", "etcd_cert_file", "etcd_key_file") if getattr(config, k)]
+    if tls_files and not any(u.startswith("https://") for u in config.etcd_endpoints):
+        raise ConfigError(f"{where(tls_files[0])}: {', '.join(tls_files)} set, but etcd_endpoints "
+                          f"({', '.join(config.etcd_endpoints) or 'none'}, from {where('etcd_endpoints')}) "
+                          "are not https:// URLs: etcd would be reached without TLS; use https:// "
+                          "endpoints, or drop the TLS files")
     if config.node_name in config.peers:
         raise ConfigError(
             f"{where('peers')}: peers: lists this host's own node_name {config.node_name!r}; "

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cuju_libvirt import _cuju, config
+from cuju_libvirt.cujud.coord import EtcdClient
 from cuju_libvirt.cujud.tls import Contexts
 from cuju_libvirt.domain_xml import Endpoint, parse_domain
 from cuju_libvirt.errors import CujuError
@@ -672,10 +673,15 @@ def check_etcd(host: Host) -> list[Result]:
         return [Result("etcd", Status.SKIP, "no etcd_endpoints configured (two-node mode)")]
     timeout = host.cfg.etcd_timeout
     out = []
+    try:
+        tls = EtcdClient.for_config(host.cfg).tls
+    except CujuError as err:
+        return [Result("etcd", Status.FAIL, str(err),
+                       "fix etcd_ca_file, etcd_cert_file, etcd_key_file in cujud.yaml")]
     for url in endpoints:
         health = str(url).rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(health, timeout=timeout) as reply:
+            with urllib.request.urlopen(health, timeout=timeout, context=tls) as reply:
                 body = json.loads(reply.read(4096) or b"{}")
         except Exception as err:
             out.append(

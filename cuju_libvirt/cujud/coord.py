@@ -2,8 +2,9 @@
 
 etcd (Debian ``etcd-server``, 3 or 5 members) is the one coordination engine of a
 cuju-libvirt cluster. cujud talks to it through etcd's v3 JSON gateway (``/v3/...``) over
-plain HTTP with the standard library: one short-lived connection per call, the endpoints
-tried in turn until the call's deadline. Every read is *linearizable* (answered through the
+HTTP, or HTTPS with a client certificate (``https://`` endpoints, :func:`tls_context`), with
+the standard library: one short-lived connection per call, the endpoints tried in turn until
+the call's deadline. Every read is *linearizable* (answered through the
 leader's quorum), never serializable: a partitioned member still serves stale serializable
 reads, and nothing may be decided from one. etcd is never on the epoch path: only pairing,
 peer loss and restarts ask it.
@@ -64,15 +65,20 @@ import http.client
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cuju_libvirt.errors import CoordError, CoordUnavailable
+
+if TYPE_CHECKING:
+    from cuju_libvirt.config import Config
 
 LOG = logging.getLogger(__name__)
 
@@ -206,27 +212,59 @@ class TxnResult:
     ranges: list[list[KeyValue]] = field(default_factory=list)
 
 
+def tls_context(ca_file: Path | None = None, cert_file: Path | None = None,
+                key_file: Path | None = None) -> ssl.SSLContext:
+    """The client side of TLS towards etcd: the members' certificates must chain to
+    ``ca_file`` (None: the system's trusted CAs) and name the host of the endpoint; this
+    host shows ``cert_file``/``key_file`` when given (etcd's ``--client-cert-auth``).
+    :class:`CoordError` naming the file that cannot be used."""
+    what = ("etcd_ca_file", ca_file)
+    try:
+        ctx = ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert_file is not None:
+            what = ("etcd_cert_file/etcd_key_file", cert_file)
+            ctx.load_cert_chain(str(cert_file), None if key_file is None else str(key_file))
+    except (OSError, ssl.SSLError) as err:
+        raise CoordError(f"{what[0]} {what[1]}: cannot be used for TLS towards etcd: {err}") from err
+    return ctx
+
+
 class EtcdClient:
     """A small etcd v3 client over the JSON gateway; thread-safe (no shared connection)."""
 
     def __init__(self, endpoints: Sequence[str], *, timeout: float = 1.0,
-                 connect: Callable[[str, int, float], socket.socket] | None = None) -> None:
+                 connect: Callable[[str, int, float], socket.socket] | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         """``connect(host, port, timeout)`` opens the TCP connection (default: directly; tests
-        use it to reach members inside a network namespace)."""
+        use it to reach members inside a network namespace). ``https://`` endpoints (all or
+        none) speak TLS with ``tls`` (default: the system's CAs, no client certificate)."""
         if not endpoints:
             raise ValueError("EtcdClient needs at least one endpoint")
-        self.endpoints = [self._parse(e) for e in endpoints]
+        parsed = [self._parse(e) for e in endpoints]
+        schemes = {scheme for scheme, _, _ in parsed}
+        if len(schemes) > 1:
+            raise ValueError(f"etcd endpoints {list(endpoints)} mix http:// and https://")
+        self.endpoints = [(host, port) for _, host, port in parsed]
+        self.tls = (tls or ssl.create_default_context()) if schemes == {"https"} else None
         self.timeout = timeout
         self._connect = connect
         self._next = 0
         self._lock = threading.Lock()
 
+    @classmethod
+    def for_config(cls, cfg: Config) -> EtcdClient:
+        """The client of cujud.yaml's ``etcd_*`` settings."""
+        tls = tls_context(cfg.etcd_ca_file, cfg.etcd_cert_file, cfg.etcd_key_file) \
+            if any(e.startswith("https://") for e in cfg.etcd_endpoints) else None
+        return cls(cfg.etcd_endpoints, timeout=cfg.etcd_timeout, tls=tls)
+
     @staticmethod
-    def _parse(endpoint: str) -> tuple[str, int]:
+    def _parse(endpoint: str) -> tuple[str, str, int]:
         url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-        if url.scheme != "http" or not url.hostname:
-            raise ValueError(f"etcd endpoint {endpoint!r}: use http://HOST:PORT (TLS is not supported yet)")
-        return url.hostname, url.port or 2379
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"etcd endpoint {endpoint!r}: use http://HOST:PORT or https://HOST:PORT")
+        return url.scheme, url.hostname, url.port or 2379
 
     def __repr__(self) -> str:
         return "EtcdClient(" + ", ".join(f"{h}:{p}" for h, p in self.endpoints) + ")"
@@ -273,10 +311,12 @@ class EtcdClient:
 
     def _post(self, host: str, port: int, path: str, data: bytes,
               timeout: float) -> tuple[int, dict[str, Any]]:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout) if self.tls is None \
+            else http.client.HTTPSConnection(host, port, timeout=timeout, context=self.tls)
         try:
             if self._connect is not None:
-                conn.sock = self._connect(host, port, timeout)
+                sock = self._connect(host, port, timeout)
+                conn.sock = sock if self.tls is None else self.tls.wrap_socket(sock, server_hostname=host)
             conn.request("POST", f"/v3/{path}", body=data, headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             raw = resp.read()

@@ -36,6 +36,7 @@ from cuju_libvirt import __version__, config, logsetup
 from cuju_libvirt.cujud import control, exporter, peer
 from cuju_libvirt.cujud import tls as tlsmod
 from cuju_libvirt.cujud.cluster import cluster_status
+from cuju_libvirt.cujud.coord import EtcdClient
 from cuju_libvirt.cujud.links import PeerLink, PeerLinks, wall_clock
 from cuju_libvirt.cujud.orchestrator import Orchestrator
 from cuju_libvirt.cujud.virt import LibvirtConnection, LinkState
@@ -417,7 +418,10 @@ def _sd_notify(state: str) -> None:
 
 
 def load_credentials(cfg: config.Config) -> tuple[bytes, tlsmod.Contexts | None]:
-    """What authenticates this host on the peer channel: certificates (TLS) or the PSK."""
+    """What authenticates this host on the peer channel: certificates (TLS) or the PSK. The
+    etcd client's TLS files are loaded too, so that unusable ones stop cujud here."""
+    if cfg.etcd_endpoints:
+        EtcdClient.for_config(cfg)
     if cfg.peer_tls == "on":
         return b"", tlsmod.Contexts.load(ca_file=cfg.tls_ca_file, cert_file=cfg.tls_cert_file,
                                          key_file=cfg.tls_key_file)

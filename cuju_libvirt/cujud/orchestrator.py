@@ -917,7 +917,7 @@ class Orchestrator:
         self.node = cfg.node_name
         #: The cluster witness (None: two-host mode, docs/failover.md).
         self.witness = coord.OwnershipStore(
-            coord.EtcdClient(cfg.etcd_endpoints, timeout=cfg.etcd_timeout), cfg.etcd_prefix,
+            coord.EtcdClient.for_config(cfg), cfg.etcd_prefix,
         ) if cfg.etcd_endpoints else None
         #: This host in the cluster (its lease, the placer election; None: no witness).
         self.cluster = cluster.ClusterMember(

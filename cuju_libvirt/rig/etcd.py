@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cuju_libvirt.cujud.coord import EtcdClient
+from cuju_libvirt.cujud.coord import EtcdClient, tls_context
 from cuju_libvirt.errors import CoordError, RigError
 from cuju_libvirt.rig.guest_net import socket_in
 from cuju_libvirt.rig.nodes import LAN_PREFIXLEN, NamespaceNode
+from cuju_libvirt.rig.pki import HostCredentials
 from cuju_libvirt.rig.sandbox import Keeper, find_tool, pid_alive, tool
 from cuju_libvirt.rig.teardown import PREFIX
 
@@ -107,10 +108,12 @@ class Member:
     spawn: Spawn
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    #: ``https`` when the cluster serves its clients over TLS (:attr:`EtcdCluster.tls`).
+    scheme: str = "http"
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -119,6 +122,17 @@ class Member:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    """TLS on the members' client port: their server certificate (``server``, valid for every
+    member's address), and clients must show one signed by the same CA (``--client-cert-auth``)
+    unless ``client_cert_auth`` is off. ``client``: what :meth:`EtcdCluster.client` shows."""
+
+    server: HostCredentials
+    client: HostCredentials | None
+    client_cert_auth: bool = True
 
 
 @dataclass
@@ -136,6 +150,12 @@ class EtcdCluster:
     nodes: dict[str, EtcdNode] = field(default_factory=dict)
     #: The network namespace clients connect from (rig members are not reachable from here).
     netns: str | None = None
+    #: TLS on the client port (:class:`EtcdTLS`); None: plain HTTP.
+    tls: EtcdTLS | None = None
+
+    def __post_init__(self) -> None:
+        for m in self.members:
+            m.scheme = "http" if self.tls is None else "https"
 
     @classmethod
     def loopback(cls, size: int = 3, **kwargs: Any) -> EtcdCluster:
@@ -158,8 +178,11 @@ class EtcdCluster:
         netns = self.netns
         connect = None if netns is None else (
             lambda host, port, t: socket_in(netns, lambda: socket.create_connection((host, port), t)))
+        tls = None if self.tls is None else tls_context(
+            self.tls.server.ca_file, *((self.tls.client.cert_file, self.tls.client.key_file)
+                                       if self.tls.client is not None else ()))
         return EtcdClient(self.endpoints if endpoints is None else endpoints, timeout=timeout,
-                          connect=connect)
+                          connect=connect, tls=tls)
 
     def __enter__(self) -> EtcdCluster:
         try:
@@ -197,7 +220,16 @@ class EtcdCluster:
             "--initial-cluster-token", self.token,
             "--heartbeat-interval", str(self.heartbeat_ms), "--election-timeout", str(self.election_ms),
             "--pre-vote", "--logger", "zap", "--log-level", "warn",
+            *self._tls_argv(),
         ]
+
+    def _tls_argv(self) -> list[str]:
+        if self.tls is None:
+            return []
+        server = self.tls.server
+        return ["--cert-file", str(server.cert_file), "--key-file", str(server.key_file),
+                "--trusted-ca-file", str(server.ca_file),
+                *(["--client-cert-auth"] if self.tls.client_cert_auth else [])]
 
     def start_member(self, m: Member, *, new: bool = False) -> None:
         """Start (or restart, keeping its data) one member."""

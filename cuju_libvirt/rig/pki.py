@@ -49,14 +49,16 @@ class PKI:
               "-addext", "basicConstraints=critical,CA:TRUE",
               "-addext", "keyUsage=critical,keyCertSign,cRLSign"], root)
 
-    def host(self, node: str, *, expired: bool = False,
-             names: tuple[str, ...] | None = None) -> HostCredentials:
-        """Credentials for *node* in ``root/node/`` (its SAN lists *names*, default the node)."""
+    def host(self, node: str, *, expired: bool = False, names: tuple[str, ...] | None = None,
+             ips: tuple[str, ...] = ()) -> HostCredentials:
+        """Credentials for *node* in ``root/node/`` (its SAN lists *names*, default the node,
+        and the addresses *ips*)."""
         d = self.root / (node + ("-expired" if expired else ""))
         (d / "private").mkdir(parents=True, exist_ok=True)
         key, csr = d / "private" / "host-key.pem", d / "host.csr"
         cert, ext = d / "host-cert.pem", d / "ext.cnf"
-        san = ",".join(f"DNS:{n}" for n in (names if names is not None else (node,)))
+        dns = [f"DNS:{n}" for n in (names if names is not None else (node,))]
+        san = ",".join(dns + [f"IP:{i}" for i in ips])
         ext.write_text(f"subjectAltName={san}\nextendedKeyUsage=serverAuth,clientAuth\n"
                        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n")
         _run(["req", *_KEY_ARGS, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={node}"], d)

@@ -93,7 +93,13 @@ def test_dropin_replaces_the_whole_peers_value(etc: Path) -> None:
         ("node_name: a\npeers: {a: 1.2.3.4}\n", ["own node_name 'a'"]),
         ("listen: 0.0.0.0:7791\n", ["ft_listen", "would listen on the same port"]),
         ("metrics_listen: 127.0.0.1:7790\n", ["listen (0.0.0.0:7790, from default) and metrics_listen"]),
-        ("etcd_endpoints: [https://e1:2379]\n", ["etcd_endpoints", "TLS is not supported yet"]),
+        ("etcd_endpoints: [ftp://e1:2379]\n", ["etcd_endpoints", "not an http://HOST:PORT or https://"]),
+        ("etcd_endpoints: [https://e1:2379, http://e2:2379]\n", ["etcd_endpoints", "mixes http:// and https://"]),
+        ("etcd_endpoints: [https://e1:2379]\netcd_cert_file: /etc/c.pem\n",
+         ["etcd_cert_file is set but etcd_key_file is not"]),
+        ("etcd_endpoints: [http://e1:2379]\netcd_ca_file: /etc/ca.pem\n",
+         ["etcd_ca_file set", "not https:// URLs", "without TLS"]),
+        ("etcd_ca_file: relative.pem\n", ["etcd_ca_file", "absolute path"]),
         ("etcd_endpoints: {a: b}\n", ["etcd_endpoints", "expected a list"]),
         ("etcd_endpoints: [http://e1:99999]\n", ["etcd_endpoints", "port must be a number"]),
         ("failure_domain: 'rack 1'\n", ["failure_domain", "not a failure-domain label", "A-Z a-z 0-9 . _ -"]),
@@ -269,6 +275,13 @@ def test_etcd_endpoints_parse_to_urls(etc: Path) -> None:
     assert load(etc).etcd_endpoints == ("http://e3:2379",)
     (etc / "cujud.yaml").write_text("# none\n")
     assert load(etc).etcd_endpoints == ()
+    (etc / "cujud.yaml").write_text("etcd_endpoints: [https://e1:2379]\netcd_ca_file: /etc/e/ca.pem\n"
+                                    "etcd_cert_file: /etc/e/c.pem\netcd_key_file: /etc/e/k.pem\n")
+    c = load(etc)
+    assert (c.etcd_endpoints, c.etcd_ca_file, c.etcd_cert_file, c.etcd_key_file) == (
+        ("https://e1:2379",), Path("/etc/e/ca.pem"), Path("/etc/e/c.pem"), Path("/etc/e/k.pem"))
+    (etc / "cujud.yaml").write_text("etcd_endpoints: [https://e1:2379]\netcd_ca_file: ''\n")
+    assert load(etc).etcd_ca_file is None  # the system's CAs
 
 
 def test_the_failure_domain_defaults_to_the_node_name(etc: Path) -> None:

@@ -140,6 +140,14 @@ def test_unreachable_peer_and_etcd_fail_with_fixes(tmp_path: Path) -> None:
     assert etcd.status is Status.FAIL and "etcd_endpoints" in etcd.fix
 
 
+def test_etcd_tls_files_that_cannot_be_used_fail_and_name_the_keys(tmp_path: Path) -> None:
+    host = _host(tmp_path, f"node_name: a\netcd_endpoints: ['https://127.0.0.1:{_closed_port()}']\n"
+                           f"etcd_ca_file: {tmp_path / 'no-such-ca.pem'}\n")
+    [etcd] = doctor.check_etcd(host)
+    assert etcd.status is Status.FAIL and "etcd_ca_file" in etcd.detail and "no-such-ca.pem" in etcd.detail
+    assert "etcd_ca_file" in etcd.fix
+
+
 def test_a_check_that_raises_is_one_failed_row_and_the_table_names_the_fix(tmp_path: Path) -> None:
     def boom() -> list[doctor.Result]:
         raise OSError("no such thing")
