@@ -324,7 +324,7 @@ class Daemon:
                 "generation": snap.generation,
                 "disk_sync": [
                     {"target": d.target, "synced_bytes": d.synced_bytes, "total_bytes": d.total_bytes,
-                     "mode": d.mode}
+                     "mode": d.mode, "why": d.why}
                     for d in snap.disk_sync
                 ],
             })

@@ -280,7 +280,7 @@ class PrimaryDomain:
         try:
             if self.spec_link:  # the address is known before the peer is asked
                 self._probe_link()
-            disks = primary_disks(self.uuid, self.spec.disks, self.name)
+            disks = primary_disks(self.uuid, self.spec.disks, self.name, state_dir=self.orch.state_dir)
             self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer, again=self._again)
             self._again = 0
             self.log.info("asking %s for a standby", self.peer)

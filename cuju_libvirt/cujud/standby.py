@@ -370,7 +370,8 @@ class Standby:
         # The standby QEMU opens its disks over NBD at start: their replicas must be served.
         self.replicas, self.disk_answers = backup_replicas(
             self.uuid, self.xml, self.disk_sizes, self.manager.disk_replica_dir, claims=self.disk_claims,
-            receiver_journal=str(self._state_path()) + ".journal", formats=self.disk_formats)
+            receiver_journal=str(self._state_path()) + ".journal", formats=self.disk_formats,
+            state_dir=self.manager.state_dir)
         try:
             with translate(f"creating the standby of {self.name}"):
                 virt.conn.createXML(standby_xml(self.xml), libvirt.VIR_DOMAIN_START_PAUSED)
