@@ -35,6 +35,7 @@ from typing import AnyStr, Generic
 
 from lxml import etree
 
+from cuju_libvirt import chardev_xml
 from cuju_libvirt._xml import close_indent, indent_of, insert_child
 from cuju_libvirt.disk_xml import (
     ERROR_POLICIES,
@@ -878,6 +879,47 @@ def _prepare_disks(root: etree._Element, changes: list[str], serve: bool) -> Non
         set_ft_in(root, spec.replace(disks=tuple(records)))
 
 
+def _prepare_chardevs(root: etree._Element, changes: list[str]) -> None:
+    """Hold every holdable ``<serial>``/``<console>`` (``serial-commit='on'``): rewrite it to
+    its chardev server's socket and record the original in ``<cuju:ft>``; elements prepared
+    before keep their record (and get their socket path right)."""
+    element = find_ft(root)
+    devices = root.find("devices")
+    if element is None or devices is None:
+        return
+    spec = spec_from_element(element)
+    if not spec.serial_commit:
+        return
+    recorded = {(c.device, c.index) for c in spec.chardevs}
+    found = chardev_xml.chardevs_in(root)
+    pending = [(d, i, e) for d, i, e in found if (d, i) not in recorded and chardev_xml.unholdable(e) is None]
+    if not pending and not recorded:
+        return
+    uuid = _prepare_uuid(root, changes)
+    records = list(spec.chardevs)
+    for device, index, el in found:
+        key = chardev_xml.key_of(devices, device, index)
+        path = chardev_xml.chardev_socket_path(uuid, key)
+        if (device, index) in recorded:
+            source = el.find("source")
+            if chardev_xml.is_held_socket(el, key) and source is not None and source.get("path") != path:
+                changes.append(f"pointed <{device}> {index} at its chardev socket {path} "
+                               f"(was {source.get('path')})")
+                source.set("path", path)
+            continue
+        if chardev_xml.unholdable(el) is not None:
+            continue
+        record = chardev_xml.FTChardev.from_element(el, device, index, indent_of(el))
+        chardev_xml.hold_over_socket(el, path)
+        records.append(record)
+        changes.append(f"holding the output of <{device}> {index} ({record.target.describe()}) per epoch: "
+                       f"QEMU writes to the chardev server's socket {path}, which writes what each "
+                       "committed epoch printed to the original target; the original is recorded in "
+                       "<cuju:ft>")
+    if len(records) != len(spec.chardevs):
+        set_ft_in(root, spec.replace(chardevs=tuple(records)))
+
+
 def prepare_in(root: etree._Element, *, disks: bool = True) -> list[str]:
     """Make the safe changes in a parsed ``<domain>`` tree; returns what was changed.
 
@@ -889,6 +931,7 @@ def prepare_in(root: etree._Element, *, disks: bool = True) -> list[str]:
     _prepare_nics(root, changes)
     _prepare_qmp(root, changes)
     _prepare_disks(root, changes, serve=disks)
+    _prepare_chardevs(root, changes)
     for change in changes:
         LOG.debug("prepare %s: %s", (root.findtext("name") or "?").strip(), change)
     return changes

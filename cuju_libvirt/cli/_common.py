@@ -57,8 +57,10 @@ def spec_from_args(args: argparse.Namespace, existing: FTSpec | None) -> FTSpec:
         raise CLIError("--peer is required: the domain has no <cuju:ft> yet", EXIT_UNREADABLE)
     merged = existing.to_attributes() if existing is not None else {}
     merged.update(given)
-    # the disk records stay: they hold the originals of the prepared disks
-    return FTSpec.from_attributes(merged).replace(disks=existing.disks if existing is not None else ())
+    # the records stay: they hold the originals of the prepared disks and chardevs
+    if existing is None:
+        return FTSpec.from_attributes(merged)
+    return FTSpec.from_attributes(merged).replace(disks=existing.disks, chardevs=existing.chardevs)
 
 
 def add_disk_options(parser: argparse.ArgumentParser) -> None:
