@@ -117,20 +117,30 @@ class _Target:
 
 
 class _FileTarget(_Target):
+    """A file, opened (and, without ``append``, truncated as QEMU does) at the first byte
+    released: a standby's server leaves the file of the host it waits on alone until it
+    takes over."""
+
     def __init__(self, path: str, append: bool) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
-        self.fd = os.open(path, flags, 0o600)
-        if not append:
-            os.lseek(self.fd, 0, os.SEEK_END)
+        self.path, self.append = path, append
+        self.fd: int | None = None
 
     def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.fd is None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if self.append else os.O_TRUNC)
+            self.fd = os.open(self.path, flags, 0o600)
+            if not self.append:
+                os.lseek(self.fd, 0, os.SEEK_END)
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view):]
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
 
 
 class _PtyTarget(_Target):

@@ -312,6 +312,9 @@ class Standby:
         self.link_secret: bytes | None = None
         self.abandoned = False
         self.taken_over = False
+        #: The epoch the failover resumed from (None until it did): the old primary's chardev
+        #: server releases its held serial output up to it and drops the rest.
+        self.resumed_epoch: int | None = None
         self._done = threading.Event()
         #: Set once an abandoned standby's QEMU is destroyed and it is forgotten.
         self.gone = threading.Event()
@@ -435,6 +438,7 @@ class Standby:
             if verdict == "unknown":
                 self.manager.settle_later(self)
             report = self.engine.failover()
+            self.resumed_epoch = report.epoch
             self.stats.role = "primary"  # the VM runs here now (unprotected until a new standby)
             try:
                 if self.persistent:
@@ -629,6 +633,19 @@ class StandbyManager:
             # stopped on purpose on the peer: it runs nowhere, this host may start it again
             records.remove(self.state_dir, records.CEDED, uuid)
         return answer
+
+    def takeover_epoch(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The old primary asks which epoch a takeover resumed from (to settle its held serial
+        output): ``{"epoch": N}``, ``{"pending": True}`` while undecided or under way, or
+        ``{"resumed": False}`` when this host will not resume it."""
+        uuid = str(body["uuid"])
+        with self._lock:
+            sb = self.failed_over.get(uuid) or self.standbys.get(uuid)
+        if sb is None or sb.abandoned:
+            return {"resumed": False}
+        if sb.resumed_epoch is not None:
+            return {"epoch": sb.resumed_epoch}
+        return {"pending": True}
 
     def holds(self, uuid: str) -> bool:
         """True if this host took the domain over (the old primary must not start it)."""
