@@ -25,7 +25,7 @@ from cuju_libvirt.rig.cujud import (
 from cuju_libvirt.rig.etcd import in_rig
 from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
-from cuju_libvirt.rig.observer import Observer, Rules, epoch_ms_from_rate, judge_run, one_epoch_packets
+from cuju_libvirt.rig.observer import Observer, Rules, judge_run
 
 DESCRIPTION = (
     "Failover through the whole product on the two-host rig: the Linux test guest (TCG, virtio-net on the "
@@ -59,8 +59,7 @@ def one_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int
             obs.wait_for(lambda r: len(r.udp) >= PPS and len(r.tcp_data) >= 400, 90)
             time.sleep(rng.uniform(0.5, 3.0))
             # the claim: at most one epoch's datagrams, for the epochs as they ran just before the kill
-            rate = (ca.domain(name) or {}).get("epochs_per_s")
-            max_gap = one_epoch_packets(PPS, epoch_ms_from_rate(epoch_ms, rate))
+            max_gap = ca.one_epoch_gap(name, PPS, epoch_ms)
             pid = rig.a.qemu_pid(name)
             if pid is None:
                 raise RuntimeError("the primary QEMU is gone before the kill")

@@ -68,6 +68,8 @@ def one_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int
             cb.wait_domain(name, "standby", timeout=30)
             obs.wait_for(lambda r: len(r.udp) >= PPS and len(r.tcp_data) >= 400, 90)
             time.sleep(rng.uniform(0.5, 2.0))
+            # the claim: at most one epoch's datagrams, for the epochs as they ran just before the kill
+            max_gap = ca.one_epoch_gap(name, PPS, epoch_ms)
             pid = rig.a.qemu_pid(name)
             if pid is None:
                 raise RuntimeError("the primary QEMU is gone before the kill")
@@ -80,7 +82,6 @@ def one_run(rig: Rig, cujuds: tuple[Cujud, Cujud], guest: LinuxGuest, index: int
             after = time.monotonic()
             obs.wait_for(lambda r: sum(1 for _, t in r.udp if t > after) >= PPS
                          and any(t > after for _, t in r.tcp_chunks), 60)
-            max_gap = PPS * 100 // 1000  # one epoch's packets with its pause and shipping under TCG
             verdict = judge_run(obs.recording(), Rules(max_gap=max_gap, failover_at=killed, tolerance=0.5))
             first, again = _last_sync(ca, name), _last_sync(cb, name)
             ok = (verdict.ok and entry["peer"] == ca.host.hostname and standby["peer"] == cb.host.hostname

@@ -1476,7 +1476,7 @@ DiskJournal_info(DiskJournalObject *self, PyObject *Py_UNUSED(ignored))
     if (bufs == NULL)
         return NULL;
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsIsNsKsKsKsKsKsKsK}", "disk_size", (unsigned long long)h->disk_size, "capacity",
+        "{sKsKsKsKsKsKsKsIsNsKsKsKsKsKsKsKsK}", "disk_size", (unsigned long long)h->disk_size, "capacity",
         (unsigned long long)h->capacity, "block_size", (unsigned long long)h->block_size, "bitmap_bytes",
         (unsigned long long)h->bitmap_bytes, "nblocks", (unsigned long long)cuju_dj_nblocks(self->dj),
         "server_pid", (unsigned long long)h->server_pid, "generation", (unsigned long long)h->generation,
@@ -1484,7 +1484,7 @@ DiskJournal_info(DiskJournalObject *self, PyObject *Py_UNUSED(ignored))
         (unsigned long long)h->n_writes, "zeroes", (unsigned long long)h->n_zeroes, "trims",
         (unsigned long long)h->n_trims, "flushes", (unsigned long long)h->n_flushes, "bytes_written",
         (unsigned long long)h->bytes_written, "overflows", (unsigned long long)h->n_overflows, "seals",
-        (unsigned long long)h->seals);
+        (unsigned long long)h->seals, "lineage", (unsigned long long)h->lineage);
 }
 
 static PyObject *

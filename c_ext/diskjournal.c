@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -18,6 +19,8 @@
 #define DJ_DEFAULT_CAPACITY (UINT64_C(64) << 20)
 #define DJ_MAX_CAPACITY (UINT64_C(1) << 30)
 #define SEAL_SPIN_LIMIT_NS (UINT64_C(2) * 1000000000)
+
+_Static_assert(sizeof(struct cuju_dj_header) <= CUJU_DJ_HEADER_LEN, "the header is one page");
 
 static void dj_msg(char *msg, size_t msglen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void dj_msg(char *msg, size_t msglen, const char *fmt, ...)
@@ -247,14 +250,26 @@ static void commit(struct cuju_dj *dj, int idx, uint64_t need)
     __atomic_store_n(&b->used, b->used + need, __ATOMIC_RELEASE);
 }
 
-void cuju_dj_record_write(struct cuju_dj *dj, uint64_t offset, uint64_t length, const void *data)
+int cuju_dj_begin(struct cuju_dj *dj, uint64_t offset, uint64_t length)
+{
+    struct cuju_dj_header *h = dj->h;
+    __atomic_store_n(&h->busy, 1, __ATOMIC_SEQ_CST);
+    int idx = (int)__atomic_load_n(&h->active, __ATOMIC_SEQ_CST);
+    if (length > 0)
+        mark(dj, idx, offset, length);
+    return idx;
+}
+
+void cuju_dj_end(struct cuju_dj *dj)
+{
+    __atomic_store_n(&dj->h->busy, 0, __ATOMIC_SEQ_CST);
+}
+
+void cuju_dj_append_write(struct cuju_dj *dj, int idx, uint64_t offset, uint64_t length, const void *data)
 {
     struct cuju_dj_header *h = dj->h;
     if (length == 0)
         return;
-    __atomic_store_n(&h->busy, 1, __ATOMIC_SEQ_CST);
-    int idx = (int)__atomic_load_n(&h->active, __ATOMIC_SEQ_CST);
-    mark(dj, idx, offset, length);
     h->n_writes++;
     h->bytes_written += length;
     /* Records larger than CUJU_DJ_MAX_RECORD cannot occur from NBD (32 MiB
@@ -275,17 +290,13 @@ void cuju_dj_record_write(struct cuju_dj *dj, uint64_t offset, uint64_t length, 
         src += n;
         length -= n;
     }
-    __atomic_store_n(&h->busy, 0, __ATOMIC_SEQ_CST);
 }
 
-void cuju_dj_record_zero(struct cuju_dj *dj, uint64_t offset, uint64_t length, int trimmed)
+void cuju_dj_append_zero(struct cuju_dj *dj, int idx, uint64_t offset, uint64_t length, int trimmed)
 {
     struct cuju_dj_header *h = dj->h;
     if (length == 0)
         return;
-    __atomic_store_n(&h->busy, 1, __ATOMIC_SEQ_CST);
-    int idx = (int)__atomic_load_n(&h->active, __ATOMIC_SEQ_CST);
-    mark(dj, idx, offset, length);
     while (length > 0) {
         uint64_t n = length < CUJU_DJ_MAX_RECORD ? length : CUJU_DJ_MAX_RECORD;
         uint8_t *p = reserve(dj, idx, CUJU_DJ_REC_LEN);
@@ -300,7 +311,68 @@ void cuju_dj_record_zero(struct cuju_dj *dj, uint64_t offset, uint64_t length, i
         h->n_trims++;
     else
         h->n_zeroes++;
-    __atomic_store_n(&h->busy, 0, __ATOMIC_SEQ_CST);
+}
+
+void cuju_dj_record_write(struct cuju_dj *dj, uint64_t offset, uint64_t length, const void *data)
+{
+    int idx = cuju_dj_begin(dj, offset, length);
+    cuju_dj_append_write(dj, idx, offset, length, data);
+    cuju_dj_end(dj);
+}
+
+void cuju_dj_record_zero(struct cuju_dj *dj, uint64_t offset, uint64_t length, int trimmed)
+{
+    int idx = cuju_dj_begin(dj, offset, length);
+    cuju_dj_append_zero(dj, idx, offset, length, trimmed);
+    cuju_dj_end(dj);
+}
+
+/* ---- identity ---- */
+
+static uint64_t new_lineage(void)
+{
+    uint64_t v = 0;
+    if (getrandom(&v, sizeof(v), 0) != (ssize_t)sizeof(v) || v == 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        v = ((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec) ^ ((uint64_t)getpid() << 32) ^ 1;
+    }
+    return v;
+}
+
+static int64_t mtime_ns(const struct stat *sb)
+{
+    return (int64_t)sb->st_mtim.tv_sec * 1000000000 + (int64_t)sb->st_mtim.tv_nsec;
+}
+
+int cuju_dj_bind_image(struct cuju_dj *dj, int image_fd)
+{
+    struct cuju_dj_header *h = dj->h;
+    struct stat sb;
+    if (fstat(image_fd, &sb) < 0)
+        return CUJU_E_IO;
+    int same = h->image_dev == (uint64_t)sb.st_dev && h->image_ino == (uint64_t)sb.st_ino;
+    if (h->image_dev != 0 && !same) {
+        /* Another image at this journal's path: nothing in it is about this one. */
+        memset(cuju_dj_bitmap(dj, 0), 0, 2 * h->bitmap_bytes);
+        memset(h->buf, 0, sizeof(h->buf));
+        __atomic_store_n(&h->active, 0, __ATOMIC_SEQ_CST);
+    }
+    if (!(same && h->clean_stop && h->image_mtime_ns == mtime_ns(&sb)) || h->lineage == 0)
+        h->lineage = new_lineage();
+    h->image_dev = (uint64_t)sb.st_dev;
+    h->image_ino = (uint64_t)sb.st_ino;
+    __atomic_store_n(&h->clean_stop, 0, __ATOMIC_SEQ_CST);
+    return CUJU_OK;
+}
+
+void cuju_dj_stop(struct cuju_dj *dj, int image_fd)
+{
+    struct stat sb;
+    if (image_fd < 0 || fstat(image_fd, &sb) < 0)
+        return;
+    dj->h->image_mtime_ns = mtime_ns(&sb);
+    __atomic_store_n(&dj->h->clean_stop, 1, __ATOMIC_SEQ_CST);
 }
 
 /* ---- sealer side ---- */

@@ -32,7 +32,8 @@
  * resynchronisation after a backup outage sends (only what changed).
  *
  * Seal protocol (Dekker, sequentially consistent atomics): the server sets
- * `busy` = 1, reads `active`, appends, sets `busy` = 0; the sealer stores
+ * `busy` = 1, reads `active`, marks the bitmap, writes the image, appends,
+ * sets `busy` = 0; the sealer stores
  * the new `active`, then waits while `busy` is 1. An append that read the
  * old `active` is complete when the sealer reads `busy` = 0; every later
  * append sees the new one. The server serialises its own appenders (one
@@ -113,6 +114,15 @@ struct cuju_dj_header {
     uint64_t bytes_written;
     uint64_t n_overflows;   /* server: epochs that overflowed */
     uint64_t seals;         /* sealer */
+    /* Identity (server, at start and clean stop; cuju_dj_bind_image): */
+    uint64_t lineage;       /* random; a new one whenever the bitmaps may have missed a change
+                             * of the image (fresh journal, another image, an image changed
+                             * while no server ran, a server that was killed) */
+    uint64_t image_dev;     /* the image this journal records (st_dev, st_ino; 0: unknown) */
+    uint64_t image_ino;
+    int64_t image_mtime_ns; /* the image's mtime at the last clean stop */
+    uint32_t clean_stop;    /* 1 from a clean stop (cuju_dj_stop) to the next start */
+    uint32_t pad2;
 };
 
 struct cuju_dj {
@@ -133,8 +143,29 @@ int cuju_dj_create(const char *path, uint64_t disk_size, uint64_t capacity, uint
 int cuju_dj_open(const char *path, struct cuju_dj **out, char *msg, size_t msglen);
 void cuju_dj_close(struct cuju_dj *dj);
 
-/* Server side: record an operation already applied to the image. The caller
- * serialises calls. */
+/* Server side, right after cuju_dj_create: tie the journal to the image it
+ * serves. Another image (device, inode) than the journal's starts the journal
+ * over; the same image keeps every record, but gets a new lineage unless the
+ * last server stopped cleanly (cuju_dj_stop) and the image's mtime is still
+ * the one it left: a resync may trust the bitmaps only within one lineage. */
+int cuju_dj_bind_image(struct cuju_dj *dj, int image_fd);
+/* Server side, at a clean stop (after the last write): record the image's mtime. */
+void cuju_dj_stop(struct cuju_dj *dj, int image_fd);
+
+/* Server side, around every change of the image, the caller serialising calls:
+ *     idx = cuju_dj_begin(dj, off, len);   marks the blocks BEFORE the image is
+ *                                          touched (a server killed between the
+ *                                          two leaves a bit too many, never one
+ *                                          too few)
+ *     pwrite / fallocate the image
+ *     cuju_dj_append_write / _zero(dj, idx, ...)   what reached the image
+ *     cuju_dj_end(dj);
+ * The seal waits while a change is between begin and end (seal protocol). */
+int cuju_dj_begin(struct cuju_dj *dj, uint64_t offset, uint64_t length);
+void cuju_dj_append_write(struct cuju_dj *dj, int idx, uint64_t offset, uint64_t length, const void *data);
+void cuju_dj_append_zero(struct cuju_dj *dj, int idx, uint64_t offset, uint64_t length, int trimmed);
+void cuju_dj_end(struct cuju_dj *dj);
+/* The three in one, for an operation already applied to the image (tests). */
 void cuju_dj_record_write(struct cuju_dj *dj, uint64_t offset, uint64_t length, const void *data);
 void cuju_dj_record_zero(struct cuju_dj *dj, uint64_t offset, uint64_t length, int trimmed);
 

@@ -94,6 +94,8 @@ class DiskJournalInfo(TypedDict):
     bytes_written: int
     overflows: int
     seals: int
+    #: Random; a new one whenever the bitmaps may have missed a change of the image.
+    lineage: int
 
 @final
 class DiskJournal:

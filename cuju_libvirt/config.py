@@ -106,10 +106,13 @@ class Text(Kind[str]):
 class NodeName(Kind[str]):
     name = "name ([A-Za-z0-9._-], 1-63)"
 
+    def __init__(self, what: str = "a node name") -> None:
+        self.what = what
+
     def parse(self, raw: object) -> str:
         if not isinstance(raw, str) or not _is_node_name(raw):
             raise _Invalid(
-                f"{_show(raw)} is not a node name: use 1-63 characters from A-Z a-z 0-9 . _ -"
+                f"{_show(raw)} is not {self.what}: use 1-63 characters from A-Z a-z 0-9 . _ -"
             )
         return raw
 
@@ -330,6 +333,15 @@ SETTINGS: tuple[Setting[Any], ...] = (
             "Seconds one etcd call may take over all endpoints before it counts as no answer."),
     Setting("etcd_prefix", Text(), "/cuju/v1",
             "Key prefix of this cluster's records in etcd (one prefix per cuju-libvirt cluster)."),
+    Setting("failure_domain", NodeName("a failure-domain label"), "",
+            "This host's failure domain (rack, power feed, chassis; with etcd_endpoints): the "
+            "cluster's placer never puts a standby in its primary's failure domain while a "
+            "host of another one can hold it (docs/cluster.md).",
+            default_doc="the node name (each host a failure domain of its own)"),
+    Setting("host_lease_ttl", Number(2, 300, "s"), 5.0,
+            "Seconds of the etcd lease this host is registered under (with etcd_endpoints): a "
+            "host whose cujud stops renewing it leaves the cluster, and its placer role, that "
+            "long after (whole seconds; at least etcd's 1.5 x election timeout)."),
 )
 
 SETTINGS_BY_KEY: Mapping[str, Setting[Any]] = {s.key: s for s in SETTINGS}
@@ -358,6 +370,8 @@ class Config:
     etcd_endpoints: tuple[str, ...] = ()
     etcd_timeout: float = 1.0
     etcd_prefix: str = "/cuju/v1"
+    failure_domain: str = ""
+    host_lease_ttl: float = 5.0
     peer_tls: str = "off"
     tls_ca_file: Path = Path("/etc/pki/cuju-libvirt/ca-cert.pem")
     tls_cert_file: Path = Path("/etc/pki/cuju-libvirt/host-cert.pem")
@@ -455,6 +469,8 @@ def load(config_file: Path | None = None, dropin_dir: Path | None = None) -> Con
         if setting.key not in values:
             values[setting.key] = setting.default_value()
             sources[setting.key] = "default"
+    if not values["failure_domain"]:  # each host a failure domain of its own
+        values["failure_domain"] = values["node_name"]
     config = Config(**values, sources=sources, files=tuple(files))
     _check_consistency(config)
     return config

@@ -29,6 +29,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cuju_libvirt.disk_xml import nbd_socket_path
 from cuju_libvirt.errors import CujuError
@@ -68,20 +69,43 @@ class ServerPaths:
         return cls(socket=base + ".sock", journal=base + ".journal", pidfile=base + ".pid")
 
 
+def _qemu_img(*args: str) -> str:
+    try:
+        done = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=30, check=False)
+    except FileNotFoundError as err:
+        raise DiskServerError("qemu-img not found; fix: apt-get install qemu-utils") from err
+    if done.returncode != 0:
+        raise DiskServerError(f"qemu-img {args[0]} {args[-1]}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def image_info(image: str, fmt: str) -> dict[str, Any]:
+    """``qemu-img info`` of ``image`` read as ``fmt`` (shared: a served image is in use)."""
+    info = json.loads(_qemu_img("info", "--output=json", "-U", "-f", fmt, image))
+    return info if isinstance(info, dict) else {}
+
+
+def write_qcow2_placeholder(path: str, virtual_size: int, cluster_size: int = 65536) -> int:
+    """Write an empty qcow2 of ``virtual_size`` at the start of the (empty) replica ``path``;
+    return how many bytes it took (the rest of the file stays a hole).
+
+    The standby's QEMU opens its replica as qcow2 over NBD when it starts, before the initial
+    sync has copied anything: an all-zero file is 'not in qcow2 format' and the standby
+    cannot start. It opens its disks inactive (``-incoming``), never writes them, and
+    re-reads every qcow2 table when it takes over (QEMU activates the block layer at the
+    end of the incoming migration), by then from the synced copy of the primary's file.
+    What the placeholder wrote must be overwritten by the sync, holes too."""
+    _qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", path, str(virtual_size))
+    return os.stat(path).st_size
+
+
 def export_size_for(image: str, fmt: str) -> int | None:
     """The NBD export size a disk needs: None (the file's size) for raw; for qcow2, room for the
     file to grow to a fully allocated image (QEMU decodes the qcow2 over NBD, and an NBD
     export cannot grow): virtual size + L2 tables and refcounts twice over + 64 MiB."""
     if fmt != "qcow2":
         return None
-    try:
-        done = subprocess.run(["qemu-img", "info", "--output=json", "-U", "-f", "qcow2", image],
-                              capture_output=True, text=True, timeout=30, check=False)
-    except FileNotFoundError as err:
-        raise DiskServerError("qemu-img not found; fix: apt-get install qemu-utils") from err
-    if done.returncode != 0:
-        raise DiskServerError(f"qemu-img info {image}: {done.stderr.strip()}")
-    info = json.loads(done.stdout)
+    info = image_info(image, fmt)
     virtual, cluster = int(info["virtual-size"]), int(info.get("cluster-size", 65536))
     bound = virtual + 2 * (virtual // cluster) * 8 * 2 + (64 << 20)
     bound = max(bound, os.stat(image).st_size)
@@ -111,6 +135,21 @@ def _is_our_server(pid: int, journal: str) -> bool:
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return False
     return f"journal={journal}".encode() in argv and any(a.endswith(PLUGIN.name.encode()) for a in argv)
+
+
+def served_image(paths: ServerPaths) -> str | None:
+    """The image the live server of these paths serves (its ``file=``), or None."""
+    pid = running_pid(paths)
+    if pid is None:
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    for arg in argv:
+        if arg.startswith(b"file="):
+            return os.fsdecode(arg[5:])
+    return None
 
 
 def running_pid(paths: ServerPaths) -> int | None:

@@ -214,3 +214,15 @@ class CoordUnavailable(CoordError):
 
 class RigError(CujuError):
     """The test rig could not build a test guest or start a QEMU or libvirtd for it."""
+
+
+def caused_by(err: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``err`` or any error in its chain of causes (``raise ... from``) is a ``kind``."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, kind):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return False

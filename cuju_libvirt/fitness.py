@@ -304,7 +304,8 @@ def _rule_memory(ctx: _Context) -> None:
                 "memory-device", "<memory model='dimm'>",
                 "a DIMM's RAM is a memory backend (a file) of its own, and the engine replicates only "
                 "the one guest RAM file: its contents would not reach the standby",
-                "remove the device (give the guest its RAM in <memory>)",
+                "remove the device (give the guest its RAM in <memory>); one hot-plugged into the running "
+                "VM: virsh detach-device, if the guest lets it go, or restart the VM without it",
             )
             continue
         ctx.error(
@@ -636,6 +637,21 @@ def check_fitness(xml: str | bytes, spec: FTSpec | None = None) -> list[Problem]
 
 def errors(problems: list[Problem]) -> list[Problem]:
     return [p for p in problems if p.is_error]
+
+
+#: The rules a running VM can come to break after its start, by hot-plug (``virsh
+#: attach-device`` of a DIMM or a host device): cujud applies them to the live
+#: configuration before each pairing, so that it never pairs a VM whose standby could not
+#: follow it (a DIMM's RAM would be missing from the replica, a host device's DMA untracked).
+LIVE_RULES: tuple[Callable[[_Context], None], ...] = (_rule_memory, _rule_passthrough)
+
+
+def check_live_fitness(xml: str | bytes) -> list[Problem]:
+    """The errors of a running domain's live XML by :data:`LIVE_RULES`."""
+    ctx = _Context(load_domain(xml).root, None)
+    for rule in LIVE_RULES:
+        rule(ctx)
+    return errors(ctx.problems)
 
 
 # --- prepare: the safe changes ------------------------------------------------------------

@@ -13,6 +13,9 @@
  * holds (a qcow2 image that must be able to grow); beyond the file's end
  * reads return zeros and writes extend it.
  *
+ * Every change marks the journal's dirty bitmap BEFORE the image is touched
+ * (cuju_dj_begin), so the bitmaps a resync trusts never miss a block.
+ *
  * The process is nbdkit's own daemon (not a child of cujud): the VM's disk
  * keeps working while cujud restarts; the journal lives in a file, so a
  * restarted server appends to the same journal.
@@ -44,6 +47,8 @@ static pthread_mutex_t write_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void cujudisk_unload(void)
 {
+    if (dj != NULL && image_fd >= 0 && fdatasync(image_fd) == 0)
+        cuju_dj_stop(dj, image_fd);     /* the image's mtime, for the next start to compare */
     cuju_dj_close(dj);
     if (image_fd >= 0)
         close(image_fd);
@@ -112,6 +117,10 @@ static int cujudisk_config_complete(void)
     }
     if (cuju_dj_create(journal_path, disk_size, capacity, block_size, &dj, msg, sizeof(msg)) != 0) {
         nbdkit_error("%s", msg);
+        return -1;
+    }
+    if (cuju_dj_bind_image(dj, image_fd) != 0) {
+        nbdkit_error("stat %s: %m", file_path);
         return -1;
     }
     nbdkit_debug("cujudisk: %s, %" PRIu64 " bytes, journal %s generation %" PRIu64, file_path, disk_size,
@@ -195,6 +204,9 @@ static int cujudisk_pwrite(void *h, const void *buf, uint32_t count, uint64_t of
     uint64_t off = offset;
     uint32_t left = count;
     pthread_mutex_lock(&write_lock);
+    /* Marked before the image is touched: a server killed in between leaves a
+     * block marked that did not change, never a changed block unmarked. */
+    int idx = cuju_dj_begin(dj, offset, count);
     while (left > 0) {
         ssize_t n = pwrite(image_fd, p, left, (off_t)off);
         if (n < 0 && errno == EINTR)
@@ -202,7 +214,8 @@ static int cujudisk_pwrite(void *h, const void *buf, uint32_t count, uint64_t of
         if (n <= 0) {
             int e = n < 0 ? errno : EIO;
             /* What reached the image is journaled: the replica must hold it too. */
-            cuju_dj_record_write(dj, offset, count - left, buf);
+            cuju_dj_append_write(dj, idx, offset, count - left, buf);
+            cuju_dj_end(dj);
             pthread_mutex_unlock(&write_lock);
             errno = e;
             nbdkit_error("pwrite: %m");
@@ -212,7 +225,8 @@ static int cujudisk_pwrite(void *h, const void *buf, uint32_t count, uint64_t of
         off += (uint64_t)n;
         left -= (uint32_t)n;
     }
-    cuju_dj_record_write(dj, offset, count, buf);
+    cuju_dj_append_write(dj, idx, offset, count, buf);
+    cuju_dj_end(dj);
     pthread_mutex_unlock(&write_lock);
     return sync_if_fua(flags);
 }
@@ -238,12 +252,14 @@ static int cujudisk_zero(void *h, uint32_t count, uint64_t offset, uint32_t flag
     (void)h;
     int trimmed = 0, rc = 0;
     pthread_mutex_lock(&write_lock);
+    int idx = cuju_dj_begin(dj, offset, count);
     if ((flags & NBDKIT_FLAG_MAY_TRIM) &&
         fallocate(image_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, count) == 0)
         trimmed = 1;
     else if (fallocate(image_fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)offset, count) == 0)
         ;
     else if (flags & NBDKIT_FLAG_FAST_ZERO) {
+        cuju_dj_end(dj);
         pthread_mutex_unlock(&write_lock);
         errno = ENOTSUP;
         return -1;
@@ -252,16 +268,17 @@ static int cujudisk_zero(void *h, uint32_t count, uint64_t offset, uint32_t flag
     /* Even a failed zeroing may have changed part of the range: record the
      * whole range as zero only when it succeeded, else as the image holds it. */
     if (rc == 0) {
-        cuju_dj_record_zero(dj, offset, count, trimmed);
+        cuju_dj_append_zero(dj, idx, offset, count, trimmed);
     } else {
         int e = errno;
         uint8_t *tmp = malloc(count);
         if (tmp && cujudisk_pread(h, tmp, count, offset, 0) == 0)
-            cuju_dj_record_write(dj, offset, count, tmp);
+            cuju_dj_append_write(dj, idx, offset, count, tmp);
         free(tmp);
         errno = e;
         nbdkit_error("write zeroes: %m");
     }
+    cuju_dj_end(dj);
     pthread_mutex_unlock(&write_lock);
     return rc < 0 ? -1 : sync_if_fua(flags);
 }
@@ -270,10 +287,12 @@ static int cujudisk_trim(void *h, uint32_t count, uint64_t offset, uint32_t flag
 {
     (void)h;
     pthread_mutex_lock(&write_lock);
+    int idx = cuju_dj_begin(dj, offset, count);
     /* Trim is advisory: record it only when the hole really is there, so the
      * replica never reads zeros where the primary still reads data. */
     if (fallocate(image_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, count) == 0)
-        cuju_dj_record_zero(dj, offset, count, 1);
+        cuju_dj_append_zero(dj, idx, offset, count, 1);
+    cuju_dj_end(dj);
     pthread_mutex_unlock(&write_lock);
     return sync_if_fua(flags);
 }

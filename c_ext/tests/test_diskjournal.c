@@ -13,7 +13,23 @@
  * 2. Seal race: a writer thread appends numbered records while the main
  *    thread seals at random (no pause at all); the sealed buffers, in seal
  *    order, must hold every record exactly once, in order.
+ *    The dirty bitmaps are checked against a brute-force model too: each
+ *    sealed buffer's bitmap is exactly the set of blocks any byte of which
+ *    was written, zeroed or trimmed in that epoch; and after an outage (an
+ *    epoch sealed but never applied, then epochs with no seal at all) the
+ *    union of the two bitmaps, read back from the image, brings a replica
+ *    left at the last applied epoch to the model (what a resync sends).
+ * 2. Seal race: a writer thread appends numbered records while the main
+ *    thread seals at random (no pause at all); the sealed buffers, in seal
+ *    order, must hold every record exactly once, in order.
  * 3. Hostile sections: truncations and flipped fields are refused.
+ * 4. Identity: a block is marked before the image write (a server killed in
+ *    between leaves it marked); the lineage survives only a clean stop of the
+ *    same, unchanged image.
+ * 5. Failover: the old primary's image (its journal's bitmaps since the last
+ *    ACK it saw) and the new primary's (its replica at a committed epoch, then
+ *    its own journal since the takeover): the union of both journals' bitmaps,
+ *    read from the new primary's image, brings the old one to it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -53,7 +69,34 @@ struct disk {
     int image, replica;
     struct cuju_dj *dj;
     uint64_t ops;
+    /* Brute-force model of the bitmaps: one byte per block, set for every
+     * byte an operation touched (NULL: not checked). */
+    uint8_t *dirty_epoch;       /* since the last seal */
+    uint8_t *dirty_unapplied;   /* since the last epoch the replica holds */
 };
+
+static void model_touch(struct disk *d, uint64_t off, uint64_t len)
+{
+    if (d->dirty_epoch == NULL)
+        return;
+    for (uint64_t i = off; i < off + len; i++) {
+        d->dirty_epoch[i / d->dj->h->block_size] = 1;
+        d->dirty_unapplied[i / d->dj->h->block_size] = 1;
+    }
+}
+
+/* The journal's bitmap(s) `bm` (OR of n) hold exactly the model's blocks. */
+static void check_bitmap(struct disk *d, uint8_t *const *bm, int n, const uint8_t *model, const char *what,
+                         uint64_t epoch)
+{
+    for (uint64_t b = 0; b < cuju_dj_nblocks(d->dj); b++) {
+        int got = 0;
+        for (int k = 0; k < n; k++)
+            got |= (bm[k][b >> 3] >> (b & 7)) & 1;
+        CHECK(got == model[b], "epoch %llu: %s bit of block %llu is %d, the model says %d", (unsigned long long)epoch,
+              what, (unsigned long long)b, got, model[b]);
+    }
+}
 
 static void pwrite_full(int fd, const void *b, size_t n, uint64_t off)
 {
@@ -72,6 +115,7 @@ static void server_op(struct disk *d, uint8_t *scratch)
     uint64_t off = rnd() % (d->size - len + 1);
     if (rnd() % 8 == 0)
         off = d->size - len;    /* the odd-sized end */
+    model_touch(d, off, len);
     if (kind < 7) {
         for (uint64_t i = 0; i < len; i++)
             scratch[i] = (uint8_t)(rnd() | 1);
@@ -136,12 +180,70 @@ static void add_part(struct disk *d, unsigned which, int idx, uint8_t *section, 
     *len += CUJU_DJ_PART_LEN + n;
 }
 
+/* A backup outage: epoch e is sealed and shipped but never applied (lost
+ * with the backup), then more epochs' writes arrive with nobody sealing. On
+ * re-pair the resync sends the union of both bitmaps, read from the image
+ * (cuju_dj_build_from_bitmap, in small chunks), exactly as the bitmaps hold
+ * it: the replica, left at the last applied epoch, must equal the model. The
+ * union must be exactly the model's blocks changed since that epoch. */
+static void outage(struct disk *d, int e, uint8_t *section, uint64_t cap, uint8_t *scratch)
+{
+    const uint64_t sizes[2] = {d[0].size, d[1].size};
+    for (int i = 0; i < 2; i++) {
+        int idx = cuju_dj_seal(d[i].dj, (uint64_t)e);
+        CHECK(idx >= 0, "outage seal %d", e);
+        memset(d[i].dirty_epoch, 0, cuju_dj_nblocks(d[i].dj));
+    }
+    int nops = (int)(rnd() % 300);
+    for (int k = 0; k < nops; k++)
+        server_op(&d[rnd() % 2], scratch);
+    for (int i = 0; i < 2; i++) {
+        struct cuju_dj *dj = d[i].dj;
+        uint8_t *bm[2] = {cuju_dj_bitmap(dj, 0), cuju_dj_bitmap(dj, 1)};
+        check_bitmap(&d[i], bm, 2, d[i].dirty_unapplied, "resync (union)", (uint64_t)e);
+        uint64_t nb = cuju_dj_nblocks(dj);
+        uint8_t *u = calloc(1, dj->h->bitmap_bytes);
+        CHECK(u != NULL, "malloc");
+        for (uint64_t k = 0; k < dj->h->bitmap_bytes; k++)
+            u[k] = bm[0][k] | bm[1][k];
+        /* As begin_sync: the unacknowledged buffer is dropped and the active
+         * one sealed away; from here on writes are journaled as usual. */
+        int other = (int)dj->h->active ^ 1;
+        CHECK(cuju_dj_reset(dj, other) == CUJU_OK, "outage reset");
+        int idx = cuju_dj_seal(dj, 0);
+        CHECK(idx >= 0 && cuju_dj_reset(dj, idx) == CUJU_OK, "outage reseal");
+        memset(d[i].dirty_epoch, 0, nb);
+        uint64_t cursor = 0;
+        while (cursor < nb) {
+            uint64_t n = 0;
+            int eno = 0;
+            CHECK(cuju_dj_build_from_bitmap(u, nb, dj->h->block_size, d[i].size, d[i].image, &cursor,
+                                            section + CUJU_DJ_PART_LEN, 150000, &n, &eno) == CUJU_OK,
+                  "resync build: %s", strerror(eno));
+            cuju_put_le32(section, (uint32_t)i);
+            cuju_put_le32(section + 4, 0);
+            cuju_put_le64(section + 8, n);
+            char msg[256];
+            CHECK(cuju_dj_check_section(section, CUJU_DJ_PART_LEN + n, 2, sizes, msg, sizeof(msg)) == CUJU_OK,
+                  "resync check: %s", msg);
+            int fds[2] = {d[0].replica, d[1].replica};
+            uint64_t nrec;
+            CHECK(cuju_dj_apply_section(section, CUJU_DJ_PART_LEN + n, fds, 0, &nrec, &eno) == CUJU_OK,
+                  "resync apply");
+        }
+        compare(&d[i], i, (uint64_t)e);
+        memset(d[i].dirty_unapplied, 0, nb);
+        free(u);
+    }
+    (void)cap;
+}
+
 static void model_check(const char *dir, int rounds)
 {
     char path[512];
     struct disk d[2];
     const uint64_t sizes[2] = {(UINT64_C(3) << 20) + 512 * 7, UINT64_C(1) << 20};
-    uint8_t *scratch = malloc(300000);
+    uint8_t *scratch = malloc(300000 + 512);   /* lengths are rounded up to 512 at times */
     uint64_t cap = UINT64_C(64) << 20;
     uint8_t *section = aligned_alloc(8, cap);
     CHECK(scratch && section, "malloc");
@@ -162,12 +264,19 @@ static void model_check(const char *dir, int rounds)
          * bitmap path. */
         CHECK(cuju_dj_create(path, sizes[i], i ? 256 << 10 : 0, i ? 4096 : 0, &d[i].dj, msg, sizeof(msg)) == 0,
               "create: %s", msg);
+        d[i].dirty_epoch = calloc(1, cuju_dj_nblocks(d[i].dj));
+        d[i].dirty_unapplied = calloc(1, cuju_dj_nblocks(d[i].dj));
+        CHECK(d[i].dirty_epoch && d[i].dirty_unapplied, "malloc");
     }
-    uint64_t overflowed = 0, records = 0;
+    uint64_t overflowed = 0, records = 0, outages = 0;
     for (int e = 1; e <= rounds; e++) {
         int nops = (int)(rnd() % (e % 7 ? 30 : 200));
         for (int k = 0; k < nops; k++)
             server_op(&d[rnd() % 2], scratch);
+        if (e % 23 == 0) {
+            outage(d, e, section, cap, scratch);
+            outages++;
+        }
         /* A restarted server keeps the journal (same geometry). */
         if (rnd() % 50 == 0) {
             char msg[256];
@@ -182,6 +291,9 @@ static void model_check(const char *dir, int rounds)
         for (unsigned i = 0; i < 2; i++) {
             idx[i] = cuju_dj_seal(d[i].dj, (uint64_t)e);
             CHECK(idx[i] >= 0, "seal %d", e);
+            uint8_t *bm[1] = {cuju_dj_bitmap(d[i].dj, idx[i])};
+            check_bitmap(&d[i], bm, 1, d[i].dirty_epoch, "sealed", (uint64_t)e);
+            memset(d[i].dirty_epoch, 0, cuju_dj_nblocks(d[i].dj));
             add_part(&d[i], i, idx[i], section, cap, &len, &overflowed);
         }
         char msg[256];
@@ -193,6 +305,8 @@ static void model_check(const char *dir, int rounds)
             for (int i = 0; i < 2; i++)
                 compare(&d[i], i, (uint64_t)e);
         }
+        for (int i = 0; i < 2; i++)
+            memset(d[i].dirty_unapplied, 0, cuju_dj_nblocks(d[i].dj));
         records += nrec;
         /* The epoch is acknowledged: its buffers may be reused. */
         for (int i = 0; i < 2; i++) {
@@ -209,9 +323,11 @@ static void model_check(const char *dir, int rounds)
         }
     }
     CHECK(overflowed > 0, "the overflow path was never taken");
-    printf("model: %d epochs, %llu + %llu ops, %llu records, %llu overflowed epochs: replica == model\n", rounds,
+    CHECK(outages > 0, "no outage was simulated");
+    printf("model: %d epochs, %llu + %llu ops, %llu records, %llu overflowed epochs, %llu outages resynced from "
+           "the bitmaps: replica == model, bitmaps == model\n", rounds,
            (unsigned long long)d[0].ops, (unsigned long long)d[1].ops, (unsigned long long)records,
-           (unsigned long long)overflowed);
+           (unsigned long long)overflowed, (unsigned long long)outages);
 
     /* Sparse-aware initial sync: a fresh replica from the allocated map. */
     uint8_t *bm = calloc(1, d[0].dj->h->bitmap_bytes);
@@ -249,9 +365,168 @@ static void model_check(const char *dir, int rounds)
         cuju_dj_close(d[i].dj);
         close(d[i].image);
         free(d[i].model);
+        free(d[i].dirty_epoch);
+        free(d[i].dirty_unapplied);
     }
     free(scratch);
     free(section);
+}
+
+/* ---- 5. failover: the two journals' bitmaps bring the old primary's image to the new one's ---- */
+
+static uint8_t *bitmap_union(struct cuju_dj *dj, uint8_t *u)
+{
+    uint8_t *b0 = cuju_dj_bitmap(dj, 0), *b1 = cuju_dj_bitmap(dj, 1);
+    for (uint64_t k = 0; k < dj->h->bitmap_bytes; k++)
+        u[k] |= b0[k] | b1[k];
+    return u;
+}
+
+/* Host a is the primary (image A, journal JA), host b's replica B receives its
+ * epochs. The last epoch is sealed and shipped; b applies it (its ACK is lost)
+ * or not; a writes on (nobody seals), and a server killed between marking and
+ * writing leaves a marked block. b takes over: its server journals B in JB,
+ * and b writes on without a backup. The re-protection onto a sends B's blocks
+ * marked in either journal (union of the four bitmaps) into A: A must equal
+ * B's model byte for byte, each journal's union must be exactly its model's
+ * blocks (JA: since the last ACK a saw; JB: since the takeover), and every
+ * block where A and B differ must be in the union. */
+static void failover_check(const char *dir, int rounds)
+{
+    char path[512], msg[256];
+    const uint64_t size = (UINT64_C(2) << 20) + 512 * 5;
+    const uint64_t sizes[1] = {size};
+    uint64_t cap = UINT64_C(16) << 20, sent_blocks = 0, total_blocks = 0, lost_acks = 0;
+    uint8_t *section = aligned_alloc(8, cap), *scratch = malloc(300000 + 512);
+    CHECK(section && scratch, "malloc");
+    for (int r = 0; r < rounds; r++) {
+        struct disk a = {0}, b = {0};
+        /* Odd rounds: a tiny journal that overflows (the bitmap path), 4 KiB blocks. */
+        uint64_t jcap = r & 1 ? 256 << 10 : 0, jblock = r & 1 ? 4096 : 0;
+        a.size = b.size = size;
+        a.model = calloc(1, size);
+        b.model = malloc(size);
+        snprintf(path, sizeof(path), "%s/fo-a", dir);
+        a.image = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+        snprintf(path, sizeof(path), "%s/fo-b", dir);
+        a.replica = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+        CHECK(a.model && b.model && a.image >= 0 && a.replica >= 0, "open");
+        CHECK(ftruncate(a.image, (off_t)size) == 0 && ftruncate(a.replica, (off_t)size) == 0, "truncate");
+        snprintf(path, sizeof(path), "%s/fo-ja", dir);
+        unlink(path);
+        CHECK(cuju_dj_create(path, size, jcap, jblock, &a.dj, msg, sizeof(msg)) == 0, "create JA: %s", msg);
+        uint64_t nb = cuju_dj_nblocks(a.dj);
+        a.dirty_epoch = calloc(1, nb);
+        a.dirty_unapplied = calloc(1, nb);   /* here: since the last ACK a saw */
+        CHECK(a.dirty_epoch && a.dirty_unapplied, "malloc");
+        int fds[1] = {a.replica}, eno = 0;
+        uint64_t nrec, overflowed = 0;
+        int epochs = 2 + (int)(rnd() % 12), idx = -1;
+        for (int e = 1; e <= epochs; e++) {
+            int nops = (int)(rnd() % 40);
+            for (int k = 0; k < nops; k++)
+                server_op(&a, scratch);
+            idx = cuju_dj_seal(a.dj, (uint64_t)e);
+            CHECK(idx >= 0, "seal %d", e);
+            uint8_t *bm[1] = {cuju_dj_bitmap(a.dj, idx)};
+            check_bitmap(&a, bm, 1, a.dirty_epoch, "sealed", (uint64_t)e);
+            memset(a.dirty_epoch, 0, nb);
+            uint64_t len = 0;
+            add_part(&a, 0, idx, section, cap, &len, &overflowed);
+            CHECK(cuju_dj_check_section(section, len, 1, sizes, msg, sizeof(msg)) == CUJU_OK, "check: %s", msg);
+            if (e < epochs || rnd() % 2) {
+                CHECK(cuju_dj_apply_section(section, len, fds, 0, &nrec, &eno) == CUJU_OK, "apply");
+                compare(&a, 0, (uint64_t)e);
+            }
+            if (e < epochs) {   /* acknowledged */
+                CHECK(cuju_dj_reset(a.dj, idx) == CUJU_OK, "reset");
+                memset(a.dirty_unapplied, 0, nb);
+            } else {
+                lost_acks++;
+            }
+        }
+        /* a writes on after the last seal; then a server killed between marking and writing. */
+        int nops = (int)(rnd() % 60);
+        for (int k = 0; k < nops; k++)
+            server_op(&a, scratch);
+        uint64_t koff = rnd() % (size - 4096), klen = 1 + rnd() % 4096;
+        cuju_dj_begin(a.dj, koff, klen);
+        cuju_dj_end(a.dj);
+        model_touch(&a, koff, klen);
+        {
+            uint8_t *bm[2] = {cuju_dj_bitmap(a.dj, 0), cuju_dj_bitmap(a.dj, 1)};
+            check_bitmap(&a, bm, 2, a.dirty_unapplied, "JA since the last ACK", (uint64_t)epochs);
+        }
+
+        /* b takes over its replica: its server journals it (same geometry), b writes on. */
+        b.image = a.replica;
+        CHECK(pread(b.image, b.model, size, 0) == (ssize_t)size, "pread B");
+        snprintf(path, sizeof(path), "%s/fo-jb", dir);
+        unlink(path);
+        CHECK(cuju_dj_create(path, size, jcap, jblock, &b.dj, msg, sizeof(msg)) == 0, "create JB: %s", msg);
+        b.dirty_epoch = calloc(1, nb);
+        b.dirty_unapplied = calloc(1, nb);
+        CHECK(b.dirty_epoch && b.dirty_unapplied, "malloc");
+        nops = (int)(rnd() % 200);
+        for (int k = 0; k < nops; k++)
+            server_op(&b, scratch);
+        {
+            uint8_t *bm[2] = {cuju_dj_bitmap(b.dj, 0), cuju_dj_bitmap(b.dj, 1)};
+            check_bitmap(&b, bm, 2, b.dirty_unapplied, "JB since the takeover", 0);
+        }
+
+        /* The re-protection onto a: B's blocks of the union into A. */
+        uint8_t *u = calloc(1, a.dj->h->bitmap_bytes);
+        CHECK(u != NULL, "malloc");
+        bitmap_union(b.dj, bitmap_union(a.dj, u));
+        uint8_t *ba = malloc(size), *bb = malloc(size);
+        CHECK(ba && bb, "malloc");
+        CHECK(pread(a.image, ba, size, 0) == (ssize_t)size && pread(b.image, bb, size, 0) == (ssize_t)size, "pread");
+        uint64_t bs = a.dj->h->block_size;
+        for (uint64_t blk = 0; blk < nb; blk++) {
+            uint64_t off = blk * bs, n = off + bs <= size ? bs : size - off;
+            if (memcmp(ba + off, bb + off, n) != 0)
+                CHECK((u[blk >> 3] >> (blk & 7)) & 1, "round %d: block %llu differs but is in no bitmap", r,
+                      (unsigned long long)blk);
+            sent_blocks += (u[blk >> 3] >> (blk & 7)) & 1;
+        }
+        total_blocks += nb;
+        uint64_t cursor = 0;
+        int to_a[1] = {a.image};
+        while (cursor < nb) {
+            uint64_t n = 0;
+            CHECK(cuju_dj_build_from_bitmap(u, nb, bs, size, b.image, &cursor, section + CUJU_DJ_PART_LEN, 150000,
+                                            &n, &eno) == CUJU_OK, "resync build: %s", strerror(eno));
+            cuju_put_le32(section, 0);
+            cuju_put_le32(section + 4, 0);
+            cuju_put_le64(section + 8, n);
+            CHECK(cuju_dj_check_section(section, CUJU_DJ_PART_LEN + n, 1, sizes, msg, sizeof(msg)) == CUJU_OK,
+                  "resync check: %s", msg);
+            CHECK(cuju_dj_apply_section(section, CUJU_DJ_PART_LEN + n, to_a, 0, &nrec, &eno) == CUJU_OK,
+                  "resync apply");
+        }
+        struct disk judge = b;
+        judge.replica = a.image;   /* A against B's model */
+        compare(&judge, 0, (uint64_t)r);
+        free(u);
+        free(ba);
+        free(bb);
+        cuju_dj_close(a.dj);
+        cuju_dj_close(b.dj);
+        close(a.image);
+        close(a.replica);
+        free(a.model);
+        free(b.model);
+        free(a.dirty_epoch);
+        free(a.dirty_unapplied);
+        free(b.dirty_epoch);
+        free(b.dirty_unapplied);
+    }
+    CHECK(lost_acks == (uint64_t)rounds, "every round ends with an unacknowledged epoch");
+    printf("failover: %d rounds, %llu of %llu blocks resent from the two journals' bitmaps: old primary == new "
+           "primary, bitmaps == model\n", rounds, (unsigned long long)sent_blocks, (unsigned long long)total_blocks);
+    free(section);
+    free(scratch);
 }
 
 /* ---- a reset keeps CUJU_DJ_KEEP_BYTES of a buffer's memory ---- */
@@ -431,6 +706,69 @@ static void hostile(void)
     printf("hostile sections: %zu cases refused\n", sizeof(bad) / sizeof(bad[0]) + 2);
 }
 
+/* ---- identity: mark before write, lineage ---- */
+
+static int bit_set(struct cuju_dj *dj, uint64_t b)
+{
+    return (cuju_dj_bitmap(dj, 0)[b >> 3] | cuju_dj_bitmap(dj, 1)[b >> 3]) >> (b & 7) & 1;
+}
+
+static void identity(const char *dir)
+{
+    char path[512], jpath[512], msg[256];
+    const uint64_t size = UINT64_C(1) << 20;
+    snprintf(path, sizeof(path), "%s/id-image", dir);
+    int image = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    snprintf(path, sizeof(path), "%s/id-other", dir);
+    int other = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    CHECK(image >= 0 && other >= 0 && ftruncate(image, (off_t)size) == 0 && ftruncate(other, (off_t)size) == 0,
+          "open");
+    snprintf(jpath, sizeof(jpath), "%s/id-journal", dir);
+    struct cuju_dj *dj;
+    CHECK(cuju_dj_create(jpath, size, 0, 0, &dj, msg, sizeof(msg)) == 0 && cuju_dj_bind_image(dj, image) == 0,
+          "create: %s", msg);
+    uint64_t l1 = dj->h->lineage;
+    CHECK(l1 != 0, "a fresh journal has a lineage");
+    /* A server killed after marking and before (or while) writing the image. */
+    uint64_t bs = dj->h->block_size;
+    (void)cuju_dj_begin(dj, 3 * bs + 100, 10);
+    cuju_dj_close(dj);
+    CHECK(cuju_dj_create(jpath, size, 0, 0, &dj, msg, sizeof(msg)) == 0 && cuju_dj_bind_image(dj, image) == 0,
+          "restart: %s", msg);
+    CHECK(bit_set(dj, 3) && !bit_set(dj, 2) && !bit_set(dj, 4), "the block marked before a killed write is lost");
+    CHECK(dj->h->busy == 0, "a restarted server clears busy");
+    uint64_t l2 = dj->h->lineage;
+    CHECK(l2 != l1, "a killed server's journal must get a new lineage");
+    /* Clean stop, same unchanged image: the lineage and the bitmaps stay. */
+    cuju_dj_stop(dj, image);
+    cuju_dj_close(dj);
+    CHECK(cuju_dj_create(jpath, size, 0, 0, &dj, msg, sizeof(msg)) == 0 && cuju_dj_bind_image(dj, image) == 0,
+          "reopen: %s", msg);
+    CHECK(dj->h->lineage == l2 && bit_set(dj, 3), "a clean stop keeps the lineage and the bitmaps");
+    /* Clean stop, then the image changes while no server runs. */
+    cuju_dj_stop(dj, image);
+    cuju_dj_close(dj);
+    struct timespec later[2] = {{.tv_sec = 1, .tv_nsec = UTIME_OMIT}, {.tv_sec = 12345, .tv_nsec = 0}};
+    pwrite_full(image, "x", 1, 7 * bs);
+    CHECK(futimens(image, later) == 0, "futimens");
+    CHECK(cuju_dj_create(jpath, size, 0, 0, &dj, msg, sizeof(msg)) == 0 && cuju_dj_bind_image(dj, image) == 0,
+          "reopen: %s", msg);
+    uint64_t l3 = dj->h->lineage;
+    CHECK(l3 != l2, "an image changed behind the server's back must get a new lineage");
+    CHECK(bit_set(dj, 3), "the same image keeps its records and bitmaps");
+    /* Another image at the same journal path: nothing of the old one stays. */
+    cuju_dj_stop(dj, image);
+    cuju_dj_close(dj);
+    CHECK(cuju_dj_create(jpath, size, 0, 0, &dj, msg, sizeof(msg)) == 0 && cuju_dj_bind_image(dj, other) == 0,
+          "other: %s", msg);
+    CHECK(dj->h->lineage != l3 && !bit_set(dj, 3) && dj->h->buf[0].used == 0 && dj->h->buf[1].used == 0,
+          "another image must start the journal over");
+    cuju_dj_close(dj);
+    close(image);
+    close(other);
+    printf("identity: marked before the write; lineage kept only across a clean stop of the same image\n");
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -442,6 +780,8 @@ int main(int argc, char **argv)
     keep_pages(argv[1]);
     seal_race(argv[1]);
     hostile();
+    identity(argv[1]);
+    failover_check(argv[1], rounds / 4 > 0 ? rounds / 4 : 1);
     printf("ok\n");
     return 0;
 }

@@ -18,18 +18,15 @@ from cuju_libvirt.fitness import Problem
 Handler = Callable[[argparse.Namespace], int]
 
 
-def add_ft_options(parser: argparse.ArgumentParser, peer_required: bool) -> None:
+def add_ft_options(parser: argparse.ArgumentParser) -> None:
     """One option per ``<cuju:ft>`` attribute, named like the attribute (from the attribute table)."""
     group = parser.add_argument_group("element settings (attribute names of <cuju:ft>)")
     for attr in ATTRIBUTES:
         option = f"--{attr.name}"
         dest = attr.field
         if attr.name == "peer":
-            note = (
-                "required unless the domain already has <cuju:ft>"
-                if not peer_required
-                else "required unless the document already has <cuju:ft>"
-            )
+            note = ("left out for a new element: the cluster's placer chooses the backup, which "
+                    "needs etcd_endpoints in cujud.yaml")
             group.add_argument(option, dest=dest, metavar="HOST[:PORT]", help=f"{attr.doc} ({note})")
         elif attr.name == "link":
             group.add_argument(option, dest=dest, metavar="ADDR[:PORT]", help=attr.doc)
@@ -47,14 +44,13 @@ def add_ft_options(parser: argparse.ArgumentParser, peer_required: bool) -> None
 
 
 def spec_from_args(args: argparse.Namespace, existing: FTSpec | None) -> FTSpec:
-    """The element to write: the existing settings (if any) with the given options applied."""
+    """The element to write: the existing settings (if any) with the given options applied.
+    Without ``--peer`` a new element has no ``peer``: the cluster places its standby."""
     given = {
         attr.name: getattr(args, attr.field)
         for attr in ATTRIBUTES
         if getattr(args, attr.field, None) is not None
     }
-    if existing is None and "peer" not in given:
-        raise CLIError("--peer is required: the domain has no <cuju:ft> yet", EXIT_UNREADABLE)
     merged = existing.to_attributes() if existing is not None else {}
     merged.update(given)
     # the records stay: they hold the originals of the prepared disks and chardevs
@@ -134,11 +130,19 @@ def show_spec(spec: FTSpec | None, as_json: bool, what: str) -> None:
     for name, value in spec.to_dict().items():
         note = "" if name in explicit else "  (default)"
         print(f"  {name:<{width}}  {value}{note}")
-    print(f"  {'':<{width}}  cujud at {spec.peer_endpoint}, FT link to {spec.link_endpoint}")
+    if spec.placed:
+        print(f"  {'':<{width}}  the backup is placed by the cluster (etcd_endpoints in cujud.yaml)")
+    else:
+        print(f"  {'':<{width}}  cujud at {spec.peer_endpoint}, FT link to {spec.link_endpoint}")
     for d in spec.disks:
         replica = d.replica or "default (disk_replica_dir of the backup's cujud.yaml)"
         print(f"  disk {d.target}: {d.format} {d.source_type} {d.source} on {d.bus}, "
               f"served over NBD; replica {replica}")
+
+
+def peer_text(spec: FTSpec) -> str:
+    """``peer HOST:PORT``, or that the cluster places the standby (no ``peer``)."""
+    return "backup placed by the cluster" if spec.placed else f"peer {spec.peer_endpoint}"
 
 
 def handle_xml_errors(func: Handler) -> Handler:
@@ -163,6 +167,7 @@ __all__ = [
     "add_ft_options",
     "apply_disk_options",
     "handle_xml_errors",
+    "peer_text",
     "print_lines",
     "report_problems",
     "show_spec",

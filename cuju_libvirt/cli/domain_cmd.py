@@ -23,6 +23,7 @@ from cuju_libvirt.cli._common import (
     add_ft_options,
     apply_disk_options,
     handle_xml_errors,
+    peer_text,
     print_lines,
     report_problems,
     show_spec,
@@ -236,7 +237,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
             else:
                 _set_metadata(dom, spec, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         where = "persistent configuration" if persistent else "running domain"
-        print(f"'{dom.name()}': <cuju:ft> set in the {where} (peer {spec.peer_endpoint})")
+        print(f"'{dom.name()}': <cuju:ft> set in the {where} ({peer_text(spec)})")
     return EXIT_OK
 
 
@@ -340,7 +341,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     common(p)
-    add_ft_options(p, peer_required=False)
+    add_ft_options(p)
     p.add_argument("--prepare", action="store_true", help="redefine the domain with the safe changes first")
     add_disk_options(p)
     p.add_argument(

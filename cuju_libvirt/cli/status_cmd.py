@@ -30,8 +30,10 @@ def register(subparsers: Any) -> None:
             "committed per second (over the last few seconds), the replication lag (age of\n"
             "the newest epoch the backup acknowledged), the last failover, and the progress\n"
             "of an initial synchronisation. Then the peer hosts with their heartbeat, and,\n"
-            "when cujud uses etcd (etcd_endpoints), the witness's record of every VM of the\n"
-            "cluster: owner, backup, mode and generation.\n\n"
+            "when cujud uses etcd (etcd_endpoints), the cluster: every host (its lease alive\n"
+            "or gone, failure domain, free memory, CPUs and load average, VMs as\n"
+            "primary/backup), the elected placer, and the witness's record of every VM: owner,\n"
+            "backup (or the host its standby is placed on), mode and generation.\n\n"
             "A domain whose state is not 'protected' (primary) or 'standby' (backup) has no\n"
             "backup that could take over right now: its lag shows '-'."
         ),
@@ -44,7 +46,8 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("--json", action="store_true",
-                        help="print cujud's answer as one JSON object (for scripts): node, peers, domains")
+                        help="print cujud's answer as one JSON object (for scripts): node, peers, domains, "
+                             "cluster (hosts, placer, vms)")
     parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, metavar="PATH",
                         help=f"cujud's control socket (default {DEFAULT_SOCKET})")
     parser.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
@@ -108,15 +111,38 @@ def _cluster_lines(cluster: Mapping[str, Any] | None) -> list[str]:
         return []
     if cluster.get("error"):
         return [f"cluster (etcd): NO ANSWER ({cluster['error']})"]
+    hosts: Sequence[Mapping[str, Any]] = cluster.get("hosts") or []
+    alive = sum(1 for h in hosts if h.get("lease_alive"))
+    lines = [f"cluster (etcd): {alive} of {len(hosts)} host(s) alive, placer "
+             f"{cluster.get('placer') or 'NONE ELECTED'}"]
+    lines += _table(["HOST", "LEASE", "FAILURE DOMAIN", "FREE MEM", "CPUS (LOAD)", "VMS (PRIMARY/BACKUP)"], [
+        [str(h.get("name")), "alive" if h.get("lease_alive") else "GONE", str(h.get("failure_domain") or "-"),
+         "-" if h.get("mem_free_kib") is None else _size(int(h["mem_free_kib"]) * 1024), _cpus(h),
+         f"{h.get('primaries', 0)}/{h.get('backups', 0)}"] for h in hosts])
     vms: Sequence[Mapping[str, Any]] = cluster.get("vms") or []
-    lines = [f"cluster (etcd): {len(vms)} VM record(s)"]
-    rows = [["VM", "OWNER", "BACKUP", "MODE", "GENERATION"]] + [
-        [str(v.get("name") or v.get("uuid")), str(v.get("owner")), str(v.get("backup") or "-"),
-         str(v.get("mode")), str(v.get("generation"))] for v in vms]
-    if vms:
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append(f"cluster (etcd): {len(vms)} VM record(s)")
+    lines += _table(["VM", "OWNER", "BACKUP", "MODE", "GENERATION"], [
+        [str(v.get("name") or v.get("uuid")), str(v.get("owner")),
+         str(v.get("backup") or (f"placed on {v['placement']}" if v.get("placement") else "-")),
+         str(v.get("mode")), str(v.get("generation"))] for v in vms])
     return lines
+
+
+def _cpus(host: Mapping[str, Any]) -> str:
+    """A host's CPU count and 1-minute load average as its lease last registered them."""
+    if not host.get("cpus"):
+        return "-"
+    load = host.get("load1")
+    return f"{host['cpus']}" + ("" if load is None else f" ({float(load):.2f})")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Indented, aligned columns; nothing without rows."""
+    if not rows:
+        return []
+    rows = [header, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def _row(d: Mapping[str, Any], now: float) -> list[str]:
@@ -160,8 +186,9 @@ def _disk_lines(d: Mapping[str, Any]) -> list[str]:
             continue
         ratio = synced / total
         filled = int(ratio * BAR_WIDTH)
+        what = "resyncing changed blocks" if disk.get("mode") == "changed" else "syncing"
         lines.append(
-            f"  {d.get('domain', '?')} disk {disk.get('target', '?')}: syncing "
+            f"  {d.get('domain', '?')} disk {disk.get('target', '?')}: {what} "
             f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {ratio * 100:3.0f}% "
             f"({_size(synced)} of {_size(total)})"
         )

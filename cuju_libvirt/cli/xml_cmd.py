@@ -13,6 +13,7 @@ from cuju_libvirt.cli._common import (
     add_ft_options,
     apply_disk_options,
     handle_xml_errors,
+    peer_text,
     print_lines,
     report_problems,
     show_spec,
@@ -103,7 +104,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     warnings = len(problems)
     suffix = f" ({warnings} warning{'s' if warnings != 1 else ''} on stderr)" if warnings else ""
-    print(f"{_label(args.file)}: domain '{name}' can be protected (peer {spec.peer_endpoint}){suffix}")
+    print(f"{_label(args.file)}: domain '{name}' can be protected ({peer_text(spec)}){suffix}")
     return EXIT_OK
 
 
@@ -222,15 +223,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
         epilog=(
             "examples:\n  cuju-libvirt xml enable vm.xml --peer hostb > vm-ft.xml\n"
+            "  cuju-libvirt xml enable vm.xml --prepare > vm-ft.xml   # no --peer: placed by the cluster\n"
             "  cuju-libvirt xml enable vm.xml --peer 192.0.2.7 --link 198.18.0.2 --epoch-ms 10 --prepare\n"
             "  virsh dumpxml vm | cuju-libvirt xml enable - --peer '[2001:db8::7]:7790' --prepare "
             "| virsh define /dev/stdin\n\n"
             "exit status:\n  0  document written\n  1  invalid setting, or (--prepare) the domain cannot "
-            "be protected\n  2  FILE unreadable or not a domain XML, or --peer missing"
+            "be protected\n  2  FILE unreadable or not a domain XML"
         ),
     )
     p.add_argument("file", metavar="FILE", help=_FILE_HELP)
-    add_ft_options(p, peer_required=False)
+    add_ft_options(p)
     p.add_argument("--prepare", action="store_true", help="also make the safe changes FT needs (see above)")
     add_disk_options(p)
     p.set_defaults(handler=cmd_enable)

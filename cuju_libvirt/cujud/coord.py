@@ -39,7 +39,13 @@ adopted. :class:`OwnershipStore`::
     store.protect(uuid, name, owner, backup, again=0) -> Ownership   # new generation, mode protected
     store.claim(uuid, me, generation) -> Claim   # the race on peer loss (below)
     store.release(uuid, owner, mode) -> Ownership | None    # owner: unprotected/stopped
-    store.replace(expect: Versioned, new: Ownership) -> (won, Versioned | None)  # raw CAS
+    store.want_standby(uuid, name, owner, avoid=None) -> Versioned   # ask the placer for a backup
+    store.replace(expect: Versioned, new: Ownership, also=()) -> (won, Versioned | None)  # raw CAS
+
+A VM whose backup the cluster chooses carries ``wants_standby`` (set by its owner), then
+``placement`` (the host written by the elected placer, in a transaction that also checks
+that it still is the placer; :mod:`cuju_libvirt.cujud.cluster`), and ``avoid`` (a host its
+owner could not pair with). Records without placement encode exactly as before.
 
 ``claim`` is what both sides of a pair race when they lose each other: the record must
 still be at ``generation`` with ``me`` as its owner or backup; one transaction makes ``me``
@@ -342,24 +348,43 @@ class Ownership:
     backup: str | None
     mode: str
     generation: int
+    #: The owner asks the cluster's placer for a backup host (:mod:`cuju_libvirt.cujud.cluster`).
+    wants_standby: bool = False
+    #: The host the placer chose for the next standby (None: not placed yet).
+    placement: str | None = None
+    #: A host the owner could not pair with last time: placed elsewhere while another fits.
+    avoid: str | None = None
+    #: The VM's memory (KiB), so that the placer chooses a host with room for its standby.
+    memory_kib: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"ownership mode {self.mode!r} is not one of {', '.join(MODES)}")
 
     def encode(self) -> bytes:
-        return json.dumps({"uuid": self.uuid, "name": self.name, "owner": self.owner, "backup": self.backup,
-                           "mode": self.mode, "generation": self.generation}, sort_keys=True).encode()
+        body: dict[str, Any] = {"uuid": self.uuid, "name": self.name, "owner": self.owner,
+                                "backup": self.backup, "mode": self.mode, "generation": self.generation}
+        if self.wants_standby or self.placement is not None:  # records without placement look as before
+            body.update(wants_standby=self.wants_standby, placement=self.placement, avoid=self.avoid,
+                        memory_kib=self.memory_kib)
+        return json.dumps(body, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Ownership:
         try:
             data = json.loads(raw)
             return cls(uuid=str(data["uuid"]), name=str(data.get("name", "")), owner=str(data["owner"]),
-                       backup=None if data.get("backup") is None else str(data["backup"]),
-                       mode=str(data["mode"]), generation=int(data["generation"]))
+                       backup=_text_or_none(data.get("backup")),
+                       mode=str(data["mode"]), generation=int(data["generation"]),
+                       wants_standby=bool(data.get("wants_standby", False)),
+                       placement=_text_or_none(data.get("placement")), avoid=_text_or_none(data.get("avoid")),
+                       memory_kib=int(data.get("memory_kib") or 0))
         except (ValueError, KeyError, TypeError) as err:
             raise CoordError(f"malformed ownership record {raw[:120]!r}: {err}") from err
+
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -399,13 +424,15 @@ class OwnershipStore:
     def list(self) -> list[Versioned]:
         return [self._versioned(kv) for kv in self.client.get_prefix(f"{self.prefix}/vm/")]
 
-    def replace(self, expect: Versioned | None, new: Ownership) -> tuple[bool, Versioned | None]:
-        """Write ``new`` if the record is still ``expect`` (None: it must not exist).
+    def replace(self, expect: Versioned | None, new: Ownership,
+                also: Sequence[Compare] = ()) -> tuple[bool, Versioned | None]:
+        """Write ``new`` if the record is still ``expect`` (None: it must not exist) and every
+        compare of ``also`` holds (the placer's: it is still the elected one).
 
         Returns (True, the written record) or (False, the record as it is now, or None)."""
         key = self.key(new.uuid)
         cond = Compare.version(key, 0) if expect is None else Compare.mod_revision(key, expect.mod_revision)
-        result = self.client.txn([cond], success=[Put(key, new.encode())], failure=[Get(key)])
+        result = self.client.txn([cond, *also], success=[Put(key, new.encode())], failure=[Get(key)])
         if result.succeeded:
             return True, Versioned(new, result.revision)
         current = result.ranges[0] if result.ranges else []
@@ -422,10 +449,7 @@ class OwnershipStore:
         VM: that host may run it."""
         current = self.read(uuid)
         for _ in range(CAS_RETRIES):
-            if current is not None and current.record.owner != owner and current.record.mode != "stopped":
-                rec = current.record
-                raise CoordError(f"the witness records {rec.owner} as the owner of {name} (generation "
-                                 f"{rec.generation}, {rec.mode}); it may run there")
+            _refuse_another_owner(current, name, owner)
             if again and current is not None \
                     and current.record == Ownership(uuid, name, owner, backup, "protected", again):
                 return current.record
@@ -434,6 +458,36 @@ class OwnershipStore:
             won, now = self.replace(current, new)
             if won:
                 return new
+            current = now
+        raise CoordError(f"the ownership record of {name} kept changing; gave up after {CAS_RETRIES} tries")
+
+    def want_standby(self, uuid: str, name: str, owner: str, *, avoid: str | None = None,
+                     memory_kib: int = 0) -> Versioned:
+        """``owner`` runs the VM alone and asks the cluster's placer for a backup host.
+
+        The record becomes ``{owner, backup: null, mode: unprotected, wants_standby}``, with
+        ``avoid`` (the host the last pairing failed with: the placer takes another while one
+        qualifies) and no placement yet: a new generation unless it already was this owner
+        alone (a standby of the record's last pairing may then never resume). A record that
+        already asks exactly so (the same ``avoid``) is returned as it is, with the placement
+        the placer may have written into it. Refused
+        (:class:`CoordError`) like :meth:`protect` when another owner may run the VM."""
+        current = self.read(uuid)
+        for _ in range(CAS_RETRIES):
+            _refuse_another_owner(current, name, owner)
+            rec = None if current is None else current.record
+            if rec is not None and rec.owner == owner and rec.mode == "unprotected" and rec.wants_standby \
+                    and rec.avoid == avoid:
+                assert current is not None
+                return current
+            alone = rec is not None and rec.owner == owner and rec.mode == "unprotected"
+            generation = 1 if rec is None else rec.generation + (0 if alone else 1)
+            new = Ownership(uuid, name, owner, None, "unprotected", generation, wants_standby=True,
+                            avoid=avoid, memory_kib=memory_kib)
+            won, now = self.replace(current, new)
+            if won:
+                assert now is not None
+                return now
             current = now
         raise CoordError(f"the ownership record of {name} kept changing; gave up after {CAS_RETRIES} tries")
 
@@ -471,8 +525,18 @@ class OwnershipStore:
             if rec.mode == mode and rec.backup is None:
                 return rec
             new = dc_replace(rec, backup=None, mode=mode, generation=rec.generation + 1)
+            if mode == "stopped":  # a stopped VM needs no standby
+                new = dc_replace(new, wants_standby=False, placement=None, avoid=None)
             won, now = self.replace(current, new)
             if won:
                 return new
             current = now
         raise CoordError(f"the ownership record of {uuid} kept changing; gave up after {CAS_RETRIES} tries")
+
+
+def _refuse_another_owner(current: Versioned | None, name: str, owner: str) -> None:
+    """:class:`CoordError` when the record names another owner that has not stopped the VM."""
+    if current is not None and current.record.owner != owner and current.record.mode != "stopped":
+        rec = current.record
+        raise CoordError(f"the witness records {rec.owner} as the owner of {name} (generation "
+                         f"{rec.generation}, {rec.mode}); it may run there")

@@ -35,6 +35,7 @@ import tenacity
 from cuju_libvirt import __version__, config, logsetup
 from cuju_libvirt.cujud import control, exporter, peer
 from cuju_libvirt.cujud import tls as tlsmod
+from cuju_libvirt.cujud.cluster import cluster_status
 from cuju_libvirt.cujud.links import PeerLink, PeerLinks, wall_clock
 from cuju_libvirt.cujud.orchestrator import Orchestrator
 from cuju_libvirt.cujud.virt import LibvirtConnection, LinkState
@@ -112,6 +113,7 @@ class Daemon:
                 cfg=self.cfg, libvirt=self.libvirt, domains=self.domains, links=self.links,
                 stopping=self.stopping)
             self.orchestrator.install(self.control, self.peer_handlers)
+            self.orchestrator.start()
             self.peer_server = peer.PeerServer(
                 self.cfg.listen.host, self.cfg.listen.port, node=self.cfg.node_name, psk=self._psk,
                 peers=self.cfg.peers, handlers=self.peer_handlers, options=self.options,
@@ -289,18 +291,16 @@ class Daemon:
         }
 
     def cluster_status(self) -> dict[str, Any] | None:
-        """The witness's ownership records (every VM of the cluster: owner, backup, mode,
-        generation) for ``status``; None in two-host mode, ``error`` when etcd does not answer."""
-        witness = self.orchestrator.witness if self.orchestrator is not None else None
-        if witness is None:
+        """The cluster for ``status``: the witness's ownership records (every VM: owner, backup,
+        mode, generation), the hosts (lease, failure domain, free memory, VMs) and the placer;
+        None in two-host mode, ``error`` when etcd does not answer."""
+        orch = self.orchestrator
+        if orch is None or orch.witness is None:
             return None
         try:
-            records = witness.list()
+            return cluster_status(orch.witness, orch.cluster, configured=self.cfg.peers)
         except CujuError as err:
-            return {"error": str(err), "vms": []}
-        return {"vms": [{"uuid": v.record.uuid, "name": v.record.name, "owner": v.record.owner,
-                         "backup": v.record.backup, "mode": v.record.mode, "generation": v.record.generation}
-                        for v in records]}
+            return {"error": str(err), "vms": [], "hosts": [], "placer": None}
 
     def domain_status(self) -> list[dict[str, Any]]:
         """Every registered domain for ``status``: role, peer, state, epochs/s, lag, failover, sync."""
@@ -323,7 +323,8 @@ class Daemon:
                 "wire_bytes": snap.wire_bytes_total, "pages": snap.pages_total,
                 "generation": snap.generation,
                 "disk_sync": [
-                    {"target": d.target, "synced_bytes": d.synced_bytes, "total_bytes": d.total_bytes}
+                    {"target": d.target, "synced_bytes": d.synced_bytes, "total_bytes": d.total_bytes,
+                     "mode": d.mode}
                     for d in snap.disk_sync
                 ],
             })

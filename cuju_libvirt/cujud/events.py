@@ -14,8 +14,11 @@ and the lifecycle). :func:`verdict` maps each to one of:
 * None: nothing to say (the epochs' own pauses, events of no consequence).
 
 Some changes come with no event at all: ``virsh snapshot-create --disk-only`` moves each
-disk onto a new overlay image and libvirt says nothing. :func:`disk_chains` is what cujud
-compares, about once a second, in the live XML (:func:`disks_changed`).
+disk onto a new overlay image and ``virsh blockresize`` changes a disk's size, and neither
+libvirt nor QEMU says anything. cujud compares, about twice a second, each disk's image
+chain in the live XML (:func:`disk_chains`, :func:`disks_changed`) and its capacity in
+libvirt's block stats (:func:`disk_sizes`, :func:`disks_resized`) with what the standby
+was made from.
 
 Pure: no libvirt calls, so every row is unit-tested (tests/unit/test_domain_events.py).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from lxml import etree
 
@@ -90,9 +94,9 @@ def verdict(event: DomainEvent | LifecycleEvent) -> Verdict | None:
             return Verdict(Action.NOTE, "the guest hibernates (suspend to disk): it powers off when done, "
                                         "which ends protection")
         return Verdict(Action.NOTE, "the guest suspended itself to RAM (virsh dompmsuspend or the guest): "
-                                    "its vCPUs stop, protection goes on")
+                                    "protection ends while it sleeps (the engine says why)")
     if kind == "pm-wakeup":
-        return Verdict(Action.NOTE, "the guest woke up from its suspend to RAM")
+        return Verdict(Action.NOTE, "the guest woke up from its suspend to RAM: cujud protects it again")
     if kind == "reboot":
         return Verdict(Action.NOTE, "the guest was reset (virsh reset or reboot, or the guest itself): the "
                                     "same QEMU runs on and the reset is replicated like any other change")
@@ -138,3 +142,30 @@ def disks_changed(before: DiskChains, now: DiskChains) -> Verdict | None:
              if moved else []) + [f"disk {dev} came" for dev in sorted(now.keys() - before.keys())] + \
         [f"disk {dev} went" for dev in sorted(before.keys() - now.keys())]
     return Verdict(Action.RECONFIGURE, "; ".join(parts))
+
+
+#: Each disk's capacity in bytes (the size the guest sees), by target.
+DiskSizes = dict[str, int]
+
+
+def disk_sizes(stats: dict[str, Any]) -> DiskSizes:
+    """Each disk's capacity from libvirt's block stats of one domain
+    (``VIR_DOMAIN_STATS_BLOCK``: ``block.N.name``, ``block.N.capacity``). A disk whose
+    capacity libvirt could not read at the moment (a job held the domain) is left out."""
+    sizes: DiskSizes = {}
+    for i in range(int(stats.get("block.count", 0))):
+        name, size = stats.get(f"block.{i}.name"), stats.get(f"block.{i}.capacity")
+        if name is not None and size is not None:
+            sizes.setdefault(str(name), int(size))  # the top image first (no backing entries asked)
+    return sizes
+
+
+def disks_resized(before: DiskSizes, now: DiskSizes) -> Verdict | None:
+    """RECONFIGURE when a disk's capacity changed since ``before`` (disks that came or went
+    are :func:`disks_changed`'s)."""
+    resized = sorted(dev for dev in before.keys() & now.keys() if before[dev] != now[dev])
+    if not resized:
+        return None
+    return Verdict(Action.RECONFIGURE, "; ".join(
+        f"disk {dev} was resized from {before[dev]} to {now[dev]} bytes (virsh blockresize)"
+        for dev in resized))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pwd
 import signal
@@ -47,8 +48,8 @@ import libvirt
 from lxml import etree
 
 from cuju_libvirt import config, fitness
-from cuju_libvirt.cujud import control, coord, events, peer, records
-from cuju_libvirt.cujud.disks import primary_disks
+from cuju_libvirt.cujud import cluster, control, coord, events, peer, records
+from cuju_libvirt.cujud.disks import disk_formats, primary_disks
 from cuju_libvirt.cujud.exporter import ProtectedDomains
 from cuju_libvirt.cujud.links import PeerLinks
 from cuju_libvirt.cujud.qemu_process import (
@@ -62,7 +63,7 @@ from cuju_libvirt.cujud.qemu_process import (
 from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml
 from cuju_libvirt.cujud.virt import DomainEvent, LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.domain_xml import AUTO_PEER, DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
-from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError
+from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError, caused_by
 from cuju_libvirt.ft_engine import linkkeys
 from cuju_libvirt.ft_engine.chardevs import ChardevHold
 from cuju_libvirt.ft_engine.devstate import (
@@ -73,10 +74,12 @@ from cuju_libvirt.ft_engine.devstate import (
     describe_machine,
 )
 from cuju_libvirt.ft_engine.epoch import (
+    SUSPENDED_TO_RAM,
     PrimaryConfig,
     PrimaryEngine,
     ReconfiguredError,
     ResumedElsewhereError,
+    SuspendedToRAMError,
 )
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.output import leftover_filters, remove_leftovers
@@ -113,9 +116,17 @@ SERIAL_SETTLE_WAIT = 30.0
 #: How long a connection to the peer's FT-link listener may take before the link counts as down (s).
 LINK_PROBE_TIMEOUT = 2.0
 #: Engine failures that an operator's action caused (no fault: one WARNING line, then pairing anew).
-OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError)
+OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError, SuspendedToRAMError)
+#: How long one pairing attempt waits for the cluster's placer to place its standby (s).
+PLACEMENT_WAIT = 10.0
 #: The states in which a running VM is unprotected and its protection loop pairs it.
 UNPROTECTED_STATES = (S.UNPROTECTED, S.DEGRADED, S.PRIMARY_AFTER_FAILOVER)
+
+
+class NotProtectableNow(CujuError):
+    """The VM cannot be paired as it runs now (asleep in S3, a DIMM plugged in): said once
+    while it holds, retried quietly at the longest back-off; the libvirt event that may end
+    it (PMWAKEUP, DEVICE_REMOVED) starts an attempt at once."""
 
 
 class PrimaryDomain:
@@ -153,6 +164,8 @@ class PrimaryDomain:
         self._wake = threading.Event()
         #: Set by :meth:`peer_back`: the next attempt starts at once, the backoff from its start.
         self._fresh = False
+        #: The last NotProtectableNow said (said once, while it holds).
+        self._said_not_now: str | None = None
         self._log_offset = 0
         self._thread: threading.Thread | None = None
         #: True while may_release decides (the engine is still "running" then) ...
@@ -164,8 +177,12 @@ class PrimaryDomain:
         self._again = 0
         #: When each kind of event note was last logged (:meth:`on_event`).
         self._notes: dict[str, float] = {}
-        #: The disks' image chains in the XML the standby was made from (:meth:`_watch_disks`).
+        #: The disks' image chains in the XML the standby was made from, and their sizes
+        #: then (:meth:`_watch_disks`).
         self._disk_chains: events.DiskChains | None = None
+        self._disk_sizes: events.DiskSizes = {}
+        #: The backup host of the last pairing attempt that failed (the placer avoids it next).
+        self._failed_peer: str | None = None
 
     @property
     def generation(self) -> int:
@@ -211,8 +228,16 @@ class PrimaryDomain:
                 if self.placed:
                     self._choose_peer()
                 self._pair_once()
+                self._failed_peer = self._said_not_now = None
                 continue
+            except NotProtectableNow as err:  # not the peer's fault: no other peer is chosen
+                if str(err) != self._said_not_now:  # once while it holds; an event ends the wait
+                    self.log.warning("%s; the VM runs UNPROTECTED until then", err)
+                    self._said_not_now = str(err)
+                delay = BACKOFF_MAX
             except CujuError as err:
+                self._failed_peer = self.peer if self.placed else None
+                self._said_not_now = None
                 self.log.warning("protection not established: %s; the VM runs UNPROTECTED, next attempt "
                                  "in %.1f s", err, delay)
                 self.log.debug("details", exc_info=True)
@@ -235,13 +260,23 @@ class PrimaryDomain:
         ram = ram_backing(pid)
         if not self._settle():
             return  # not this host's to protect any more (ceded) or the domain ends
+        # QEMU's own run state: libvirt learns of a suspend a moment later. Refused before any
+        # standby is asked for; libvirt's PMWAKEUP event wakes this loop.
+        with QMPClient(fitness.qmp_socket_path(self.name)) as qmp:
+            suspended = qmp.execute("query-status")["status"] == "suspended"
+        if suspended:
+            raise NotProtectableNow(f"{self.name}: {SUSPENDED_TO_RAM}")
         dom = self.orch.lookup(self.uuid)
         with translate(f"reading the XML of {self.name}"):
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
             persistent = bool(dom.isPersistent())
             pxml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE) \
                 if persistent else xml
-        self._disk_chains = events.disk_chains(xml)
+        unfit = fitness.check_live_fitness(xml)
+        if unfit:  # hot-plugged since the start: refused before any standby is asked for
+            raise NotProtectableNow(f"{self.name} cannot be protected as it runs now: "
+                                    f"{'; '.join(map(str, unfit))}")
+        self._disk_chains, self._disk_sizes = events.disk_chains(xml), self._read_disk_sizes(dom)
         first = self.machine.state is S.UNPROTECTED
         self.machine.move(S.PAIRING, expect=UNPROTECTED_STATES)
         sock: socket.socket | None = None
@@ -253,13 +288,19 @@ class PrimaryDomain:
             self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer, again=self._again)
             self._again = 0
             self.log.info("asking %s for a standby", self.peer)
+            claims = disks.claims() if disks is not None else []
             reply = conn.request("standby-create", {
                 "name": self.name, "uuid": self.uuid, "xml": xml, "persistent_xml": pxml,
                 "persistent": persistent,
                 "heartbeat_timeout_ms": self.spec.heartbeat_timeout_ms, "failover": self.spec.failover,
                 "generation": self.generation,
                 "disk_sizes": list(disks.sizes) if disks is not None else [],
+                "disk_claims": claims,
+                "disk_formats": disk_formats(self.uuid, self.spec.disks) if disks is not None else [],
             }, timeout=STANDBY_CREATE_TIMEOUT)
+            if disks is not None:
+                # Which replicas the backup kept: those are resynced with only what changed.
+                disks.set_replicas(reply.get("disk_replicas") or [{} for _ in claims], claims)
             # From here on a standby may come to hold the VM's state: a cujud that dies now
             # leaves this record, and its successor asks the peer before anything leaves.
             records.write(self.orch.state_dir, records.PROTECTED, self.uuid, domain=self.name, peer=self.peer,
@@ -433,6 +474,13 @@ class PrimaryDomain:
         return True
 
     def _choose_peer(self) -> None:
+        members = self.orch.cluster
+        if members is not None and (self.spec.placed or self.spec.peer_host != AUTO_PEER):
+            placed = self._placed_peer(members)
+            if placed != self.peer:
+                self.log.info("the cluster's placer puts the standby on %s", placed)
+                self.peer = self.stats.peer = placed
+            return
         chosen = self.orch.place(self.uuid, prefer=self.peer)
         if chosen is None:
             raise CujuError(f"no peer host is connected to hold its standby (peers: "
@@ -440,6 +488,28 @@ class PrimaryDomain:
         if chosen != self.peer:
             self.log.info("the standby goes to %s (%s does not answer)", chosen, self.peer)
             self.peer = self.stats.peer = chosen
+
+    def _placed_peer(self, members: cluster.ClusterMember) -> str:
+        """The backup host the cluster's placer chooses (an explicit ``peer`` never comes here
+        first: only a VM without one, or one that failed over here)."""
+        avoid = self._failed_peer
+        if avoid is None and self.peer and self.peer not in self.orch.connected_peers():
+            avoid = self.peer  # the last backup is gone: its lease may not have expired yet
+        memory_kib = 0
+        with contextlib.suppress(CujuError, libvirt.libvirtError):
+            memory_kib = int(self.orch.lookup(self.uuid).info()[1])
+        try:
+            chosen = members.request_standby(
+                self.uuid, self.name, avoid=avoid, memory_kib=memory_kib, wait=PLACEMENT_WAIT,
+                ended=lambda: self.ended.is_set() or self.orch.stopping.is_set())
+            if chosen is not None:
+                return chosen
+            placer = members.placer()
+        except CoordError as err:
+            raise CujuError(f"the cluster's placer (etcd) could not be asked for a backup host: "
+                            f"{err}") from err
+        raise CujuError(f"the cluster's placer ({placer or 'none elected yet'}) placed no standby within "
+                        f"{PLACEMENT_WAIT:.0f} s (see its log)")
 
     def _link_address(self, reply: dict[str, Any]) -> tuple[str, int]:
         """Where the FT link goes: the element's ``link`` for its own peer, else what the backup said."""
@@ -487,6 +557,11 @@ class PrimaryDomain:
         found = events.verdict(event)
         if found is None or self.ended.is_set():
             return
+        if isinstance(event, DomainEvent) and event.kind in ("pm-wakeup", "device-removed"):
+            # what kept it from being paired (asleep, a DIMM) may be gone: try now, not at the
+            # next back-off
+            self._fresh = True
+            self._wake.set()
         engine = self.engine
         active = engine is not None and (engine.running or self._starting) \
             and self.machine.state in (S.SYNCING, S.PROTECTED)
@@ -499,22 +574,41 @@ class PrimaryDomain:
             self.log.info("%s", found.cause)
 
     def _watch_disks(self) -> None:
-        """Compare the disks' image chains with the standby's (about twice a second while
-        protected): an external disk-only snapshot moves the disks onto overlays with no
-        event from libvirt, and a standby left on the old images would resume on them."""
+        """Compare the disks' image chains and sizes with the standby's (about twice a second
+        while protected). Neither comes with an event: an external disk-only snapshot moves
+        the disks onto overlays, and a standby left on the old images would resume on them;
+        ``virsh blockresize`` grows a disk, and a standby that opened it before would give
+        the guest the old size after a failover."""
         engine = self.engine
         if self._disk_chains is None or engine is None or not engine.running \
                 or self.machine.state is not S.PROTECTED:
             return
         try:
-            xml = self.orch.lookup(self.uuid).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+            dom = self.orch.lookup(self.uuid)
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
         except (CujuError, libvirt.libvirtError) as err:
             self.log.debug("could not read the live XML to compare the disks: %s", err)
             return
-        found = events.disks_changed(self._disk_chains, events.disk_chains(xml))
+        sizes = self._read_disk_sizes(dom)
+        for dev, size in sizes.items():  # a disk whose size a job hid at pairing: from now on
+            self._disk_sizes.setdefault(dev, size)
+        found = events.disks_changed(self._disk_chains, events.disk_chains(xml)) \
+            or events.disks_resized(self._disk_sizes, sizes)
         if found is not None:
             self._disk_chains = None
             engine.reconfigure(found.cause)
+
+    def _read_disk_sizes(self, dom: Any) -> events.DiskSizes:
+        """The disks' capacities as QEMU has them, from libvirt's block stats: one call for
+        every disk, no pause; NOWAIT, so that a libvirt job in progress (a snapshot, a save)
+        leaves the sizes out instead of holding the protection loop."""
+        try:
+            found = self.orch.libvirt.conn.domainListGetStats(
+                [dom], libvirt.VIR_DOMAIN_STATS_BLOCK, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)
+        except (CujuError, libvirt.libvirtError) as err:
+            self.log.debug("could not read the disks' sizes: %s", err)
+            return {}
+        return events.disk_sizes(found[0][1]) if found else {}
 
     def _note_due(self, cause: str) -> bool:
         """One INFO line per kind of note in a minute (a balloon reports every step)."""
@@ -538,7 +632,7 @@ class PrimaryDomain:
     def _decide(self, err: BaseException) -> bool:
         if self.ended.is_set() and alive(self.pid):
             return True  # cujud stops: shutdown() already has the peer's promise
-        if isinstance(err, MonitorError) or isinstance(err.__cause__, MonitorError):
+        if caused_by(err, MonitorError):
             # QEMU closes its monitor a moment before it exits: give it that moment
             deadline = time.monotonic() + QEMU_EXIT_WAIT
             while alive(self.pid) and time.monotonic() < deadline:
@@ -839,6 +933,11 @@ class Orchestrator:
         self.witness = coord.OwnershipStore(
             coord.EtcdClient(cfg.etcd_endpoints, timeout=cfg.etcd_timeout), cfg.etcd_prefix,
         ) if cfg.etcd_endpoints else None
+        #: This host in the cluster (its lease, the placer election; None: no witness).
+        self.cluster = cluster.ClusterMember(
+            self.witness, node=cfg.node_name, failure_domain=cfg.failure_domain,
+            ttl=math.ceil(cfg.host_lease_ttl), peers=self.connected_peers, stopping=stopping,
+        ) if self.witness is not None else None
         self.standbys = StandbyManager(
             libvirt_conn=libvirt, state_dir=cfg.state_dir, ft_host=cfg.ft_listen.host,
             ft_port=cfg.ft_listen.port, peer_silent_for=links.silent_for,
@@ -864,12 +963,19 @@ class Orchestrator:
         handlers.notes["primary-crashed"] = self._note_crashed
         handlers.notes["standby-lost"] = self._note_standby_lost
 
+    def start(self) -> None:
+        """Join the cluster (register this host, stand for placer); nothing without a witness."""
+        if self.cluster is not None:
+            self.cluster.start()
+
     def close(self) -> None:
         with self._lock:
             primaries = list(self.primaries.values())
         for p in primaries:
             p.shutdown()
         self.standbys.close()
+        if self.cluster is not None:
+            self.cluster.close()
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -907,16 +1013,21 @@ class Orchestrator:
         is connected; otherwise the connected peer that holds the fewest standbys of this
         host's other VMs, by name on a tie. Never this host: only peers are candidates.
         """
-        connected = []
-        for name in sorted(self.links):
-            with contextlib.suppress(CujuError):
-                self.links.connection(name)
-                connected.append(name)
+        connected = self.connected_peers()
         if prefer in connected:
             return prefer
         with self._lock:
             load = [p.peer for p in self.primaries.values() if p.uuid != uuid]
         return min(connected, key=lambda n: (load.count(n), n), default=None)
+
+    def connected_peers(self) -> list[str]:
+        """The configured peers whose cujud is connected right now, by name."""
+        connected = []
+        for name in sorted(self.links):
+            with contextlib.suppress(CujuError):
+                self.links.connection(name)
+                connected.append(name)
+        return connected
 
     def _after_takeover(self, sb: Standby) -> None:
         """A standby of this host took its VM over: re-protect the VM, with the old primary

@@ -106,6 +106,10 @@ class PeerOptions:
 # --- framing -----------------------------------------------------------------------------------
 
 
+#: A connection that ended before a frame began.
+CLOSED_BY_PEER = "connection closed by the peer"
+
+
 def _recv_exact(sock: Stream, n: int, deadline: float, what: str) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -114,7 +118,7 @@ def _recv_exact(sock: Stream, n: int, deadline: float, what: str) -> bytes:
         if chunk is None:  # TLS: part of a record arrived
             continue
         if not chunk:
-            raise PeerError(f"connection closed inside {what}" if buf else "connection closed by the peer")
+            raise PeerError(f"connection closed inside {what}" if buf else CLOSED_BY_PEER)
         buf += chunk
     return bytes(buf)
 
@@ -236,7 +240,14 @@ def client_handshake(
     """Authenticate as a client on a connected socket; returns the session and the server's name."""
     nc = os.urandom(NONCE_BYTES)
     write_frame(sock, _encode({"msg": "hello", "proto": PROTOCOL, "node": node, "nonce": nc.hex()}))
-    challenge = _decode(read_frame(sock, MAX_HANDSHAKE_FRAME, deadline, frame_timeout))
+    try:
+        challenge = _decode(read_frame(sock, MAX_HANDSHAKE_FRAME, deadline, frame_timeout))
+    except (PeerError, ConnectionResetError) as err:
+        if isinstance(err, PeerError) and str(err) != CLOSED_BY_PEER:
+            raise
+        # A peer with peer_tls: on ends a plain hello this way (OpenSSL sends no alert for it).
+        raise PeerError(f"{CLOSED_BY_PEER} at our pre-shared-key hello (is it configured with "
+                        "peer_tls: on? set peer_tls to the same value on both hosts)") from err
     if challenge.get("msg") == "refused":
         raise PeerError(f"peer refused the connection: {str(challenge.get('reason'))[:200]}")
     _expect(challenge, "challenge")

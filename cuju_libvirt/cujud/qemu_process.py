@@ -47,24 +47,34 @@ def ram_backing(pid: int) -> RamBacking:
     """The guest-RAM file of QEMU ``pid`` (``mem-path`` on its command line) and its size.
 
     libvirt names the file differently with every start and removes it at stop, so it is
-    read from the running process. Only one RAM backend is supported (no NUMA cells).
+    read from the running process. Only one RAM backend is supported (one NUMA cell at most, no
+    DIMM): more is refused with what to do.
     """
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError as err:
         raise CujuError(f"QEMU process {pid} is gone: {err.strerror}") from err
     paths: list[str] = []
+    ids: list[str] = []
     for arg in argv:
         text = arg.decode(errors="replace")
         if text.startswith("{") and '"mem-path"' in text:
             with_path = json.loads(text)
             paths.append(str(with_path["mem-path"]))
-        else:
+            ids.append(str(with_path.get("id", "?")))
+        elif "mem-path=" in text:
             paths += re.findall(r"mem-path=([^,]+)", text)
-    if len(paths) != 1:
-        what = "no file-backed guest RAM (mem-path)" if not paths else f"{len(paths)} RAM backends"
-        raise CujuError(f"QEMU process {pid} has {what}: FT needs exactly one shared RAM file "
-                        "(<memoryBacking><source type='file'/><access mode='shared'/>)")
+            ids += re.findall(r"(?:^|,)id=([^,]+)", text) or ["?"]
+    if not paths:
+        raise CujuError(f"QEMU process {pid} has no file-backed guest RAM (mem-path): FT needs exactly one "
+                        "shared RAM file (<memoryBacking><source type='file'/><access mode='shared'/>)")
+    if len(paths) > 1:
+        raise CujuError(
+            f"QEMU process {pid} has {len(paths)} RAM backends ({', '.join(ids)}): FT replicates exactly one "
+            "shared RAM file, and each DIMM (<memory model='dimm'>, also one hot-plugged with virsh "
+            "attach-device) or further NUMA cell is a RAM backend of its own that a standby would lack; "
+            "the VM stays UNPROTECTED until you remove the DIMM (virsh detach-device, if the guest lets "
+            "it go) or restart the VM without it")
     path = paths[0]
     if os.path.isdir(path):  # memory_backing_dir without a file name: QEMU made one inside
         raise CujuError(f"QEMU process {pid}: mem-path {path} is a directory, not the RAM file")

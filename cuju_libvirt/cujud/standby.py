@@ -42,10 +42,10 @@ from typing import Any, cast
 import libvirt
 from lxml import etree
 
-from cuju_libvirt import fitness
+from cuju_libvirt import disk_server, fitness
 from cuju_libvirt.cujud import records
 from cuju_libvirt.cujud.coord import OwnershipStore
-from cuju_libvirt.cujud.disks import backup_replicas, stop_servers
+from cuju_libvirt.cujud.disks import backup_replicas, disk_targets, stop_servers, take_over_replica
 from cuju_libvirt.cujud.qemu_process import qemu_pid, ram_backing
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.errors import CoordError, CujuError, StateError
@@ -296,6 +296,12 @@ class Standby:
         self.disk_sizes: list[int] = []
         #: The replica images, (path, size), served and applied to (docs/disks.md).
         self.replicas: list[tuple[str, int]] = []
+        #: The primary's claim per disk (standby-create), and this host's answer: the replica
+        #: id and whether it was kept for a resync of only what changed (cujud/disks.py).
+        self.disk_claims: list[dict[str, Any]] = []
+        self.disk_answers: list[dict[str, Any]] = []
+        #: The primary's format per disk (standby-create; cujud/disks.py disk_formats).
+        self.disk_formats: list[dict[str, Any]] = []
         #: A claim was sent and etcd gave no answer: it may have been applied. Until a later
         #: claim answers, this standby neither resumes nor promises to stay down.
         self.undecided = False
@@ -327,7 +333,9 @@ class Standby:
         """Start the paused standby and wait for the primary's link; returns the link token."""
         virt = self.manager.libvirt
         # The standby QEMU opens its disks over NBD at start: their replicas must be served.
-        self.replicas = backup_replicas(self.uuid, self.xml, self.disk_sizes, self.manager.disk_replica_dir)
+        self.replicas, self.disk_answers = backup_replicas(
+            self.uuid, self.xml, self.disk_sizes, self.manager.disk_replica_dir, claims=self.disk_claims,
+            receiver_journal=str(self._state_path()) + ".journal", formats=self.disk_formats)
         try:
             with translate(f"creating the standby of {self.name}"):
                 virt.conn.createXML(standby_xml(self.xml), libvirt.VIR_DOMAIN_START_PAUSED)
@@ -351,6 +359,10 @@ class Standby:
                       ram.path, ram.size >> 20)
         return self.token
 
+    def _state_path(self) -> Path:
+        """The committed device state (its receiver journal beside it, ``.journal``)."""
+        return self.manager.state_dir / "standby" / f"{self.uuid}.devstate"
+
     def _linked(self, sock: socket.socket, generation: int) -> None:
         with self.lock:
             if self.abandoned:
@@ -360,7 +372,7 @@ class Standby:
                                  f"paired at generation {self.generation}: refused")
             assert self.qmp is not None
             self.link = sock
-            state_path = self.manager.state_dir / "standby" / f"{self.uuid}.devstate"
+            state_path = self._state_path()
             state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.engine = BackupEngine(
                 qmp=self.qmp, ram_path=self.ram_path, link=sock, device_state_path=str(state_path),
@@ -437,6 +449,10 @@ class Standby:
             records.remove(self.manager.state_dir, records.CEDED, self.uuid)
             if verdict == "unknown":
                 self.manager.settle_later(self)
+            # The VM's live disks from now on: never a replica's base again, but the old
+            # primary's own image may be resynced with only what either side changed.
+            for (path, _), target in zip(self.replicas, disk_targets(self.xml), strict=False):
+                take_over_replica(path, disk_server.ServerPaths.of(self.uuid, target).journal)
             report = self.engine.failover()
             self.resumed_epoch = report.epoch
             self.stats.role = "primary"  # the VM runs here now (unprotected until a new standby)
@@ -592,13 +608,15 @@ class StandbyManager:
                           reason=f"it runs on {peer}, protected by a standby here")
         sb.link_secret = linkkeys.new_secret() if encrypt_link else None
         sb.disk_sizes = [int(n) for n in body.get("disk_sizes", [])]
+        sb.disk_claims = [dict(c) if isinstance(c, dict) else {} for c in body.get("disk_claims", [])]
+        sb.disk_formats = [dict(c) if isinstance(c, dict) else {} for c in body.get("disk_formats", [])]
         token = sb.create()
         with self._lock:
             self.standbys[uuid] = sb
         self._register(sb.stats, sb.machine)
         assert sb.profile is not None
         reply: dict[str, Any] = {"token": token, "machine": sb.profile.to_json(),
-                                 "ft_address": self.ft_address}
+                                 "ft_address": self.ft_address, "disk_replicas": sb.disk_answers}
         if sb.link_secret is not None:
             reply["link_secret"] = sb.link_secret.hex()
         return reply

@@ -23,20 +23,46 @@ Synchronisation (initial, or after the backup was away)::
 ``full=False`` sends only the blocks written since the last acknowledged epoch: the
 dirty bitmaps of every journal buffer not yet acknowledged, including writes made
 while there was no backup at all (a buffer that overflows keeps marking its bitmap).
+
+Resynchronising a *new* standby whose replica survived (docs/disks.md, "Resync")::
+
+    claims = disks.claims()                   # per disk: this journal's lineage, the replica
+                                              # its bitmaps are relative to ("" if none)
+    ... the backup answers (replica id, kept) per disk (cujud/disks.py) ...
+    disks.set_replicas(answers)               # a disk is trusted only if both sides agree
+    disks.begin_sync(full=True)               # trusted disks: only the changed blocks
+    ... on the acknowledgement of the sync's last epoch:
+    disks.sync_complete()                     # the replicas equal the images: pair them
+
+After a failover the new primary's journal marks every block it wrote since the takeover
+(:func:`record_takeover` says which pairing its image came from), and the old primary's
+journal every block it wrote after the last epoch it saw acknowledged
+(:func:`changed_since_ack`): a re-protection onto the old primary's own image resends only
+the union (docs/disks.md, "Resync after a failover").
+
+Beside each journal (same tmpfs directory, same lifetime) two files record what a later
+resync may trust: ``<journal>.pair`` (JSON: the journal's lineage, the replica id, and
+whether a sync to it completed) and ``<journal>.resync`` (the lineage, then the bitmap a
+sync has not yet delivered: written before the journal's bitmaps are reset, so a cujud
+killed in the middle of a resync loses no block).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import logging
 import mmap
 import os
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cuju_libvirt import _cuju
 from cuju_libvirt.errors import ReplicationError
-from cuju_libvirt.ft_engine.replicator import MAX_DISK_SECTION, DiskPart
+from cuju_libvirt.ft_engine.replicator import MAX_DISK_SECTION, DiskPart, EpochReceiver
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +72,125 @@ SYNC_CHUNK_BYTES = 16 << 20
 _SCRATCH = MAX_DISK_SECTION // 2
 
 
+#: DiskSync.mode of a synchronisation that copies every allocated block / only what changed.
+FULL, CHANGED = "full", "changed"
+
+
 class DiskError(ReplicationError):
     """A protected disk's journal cannot be used (server gone, epoch too large)."""
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _pair_file(journal: str) -> str:
+    return journal + ".pair"
+
+
+def _resync_file(journal: str) -> str:
+    return journal + ".resync"
+
+
+def _takeover_file(journal: str) -> str:
+    return journal + ".takeover"
+
+
+def _saved_resync(journal: str, lineage: int, nbytes: int) -> int:
+    """The bitmap an earlier, unfinished sync had not delivered (0 if none or stale)."""
+    try:
+        with open(_resync_file(journal), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0
+    if len(data) != 8 + nbytes or int.from_bytes(data[:8], "little") != lineage:
+        return 0
+    return int.from_bytes(data[8:], "little")
+
+
+def _bitmaps(dj: _cuju.DiskJournal, view: memoryview) -> int:
+    """The union of both buffers' dirty bitmaps, as an integer (bit b: block b)."""
+    acc = 0
+    for idx in (0, 1):
+        _, _, bm_off, bm_len, _ = dj.spans(idx)
+        acc |= int.from_bytes(view[bm_off:bm_off + bm_len], "little")
+    return acc
+
+
+def read_pair(journal: str) -> dict[str, Any]:
+    """``<journal>.pair``: the lineage, the replica id a sync paired with it, whether that
+    sync completed, and the image the journal's server served ({} when there is none)."""
+    return _read_json(_pair_file(journal))
+
+
+#: A bitmap sent in a peer message (zlib, base64) may take at most this many characters.
+MAX_PACKED_BITMAP = 256 << 10
+
+
+def pack_bitmap(bitmap: int, nbytes: int) -> str:
+    """A dirty bitmap (bit b: block b) of ``nbytes`` bytes for a peer message (zlib, base64)."""
+    return base64.b64encode(zlib.compress(bitmap.to_bytes(nbytes, "little"), 6)).decode()
+
+
+def unpack_bitmap(text: str, nbytes: int) -> int | None:
+    """The bitmap :func:`pack_bitmap` packed, or None if it is not one of ``nbytes`` bytes."""
+    try:
+        raw = zlib.decompressobj().decompress(base64.b64decode(text, validate=True), nbytes + 1)
+    except (ValueError, zlib.error):
+        return None
+    return int.from_bytes(raw, "little") if len(raw) == nbytes else None
+
+
+def forget_pair(journal: str) -> None:
+    """No later resync may trust this journal's pairing (``<journal>.pair`` goes)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_pair_file(journal))
+
+
+def changed_since_ack(journal: str) -> tuple[int, _cuju.DiskJournalInfo, int]:
+    """(lineage, the journal's info, bitmap) of the journal of a disk this host served as
+    the primary: every block written since the last epoch it saw acknowledged (both
+    buffers' bitmaps; a buffer's bitmap is reset only when its epoch is acknowledged) and
+    what an unfinished resync had not delivered. Open it only while its server runs (the
+    server's start renews the lineage if the image changed while none ran)."""
+    dj = _cuju.DiskJournal(journal)
+    view = memoryview(dj)
+    try:
+        info = dj.info()
+        acc = _bitmaps(dj, view) | _saved_resync(journal, info["lineage"], info["bitmap_bytes"])
+        return info["lineage"], info, acc
+    finally:
+        view.release()
+        dj.close()
+
+
+def record_takeover(journal: str, identity: Mapping[str, Any]) -> None:
+    """At a takeover: the replica this host's server journals becomes the VM's live disk. Its
+    ``identity`` (the replica's ``.id``: id and the primary lineage it was paired with) and
+    this journal's lineage now go to ``<journal>.takeover``: from here on the journal marks
+    every block the new primary writes, so a re-protection onto the old primary's own image
+    may resend only what either side changed (:meth:`DiskSet.claims`)."""
+    dj = _cuju.DiskJournal(journal)
+    try:
+        lineage = dj.info()["lineage"]
+    finally:
+        dj.close()
+    _write_atomic(_takeover_file(journal), json.dumps({
+        "lineage": f"{lineage:016x}", "from_lineage": str(identity.get("lineage", "")),
+        "from_replica": str(identity.get("replica", "")),
+    }).encode())
 
 
 @dataclass(frozen=True)
@@ -65,8 +208,9 @@ class DiskSet:
     """The primary's protected disks, in the order the backup's replicas are listed."""
 
     def __init__(self, disks: Sequence[ProtectedDisk],
-                 progress: Callable[[str, int, int], None] | None = None) -> None:
-        """``progress(target, synced_bytes, total_bytes)`` is called while synchronising."""
+                 progress: Callable[[str, int, int, str], None] | None = None) -> None:
+        """``progress(target, synced_bytes, total_bytes, mode)`` is called while synchronising
+        (``mode``: :data:`FULL` or :data:`CHANGED`)."""
         self.disks = tuple(disks)
         self._progress = progress
         self._journals: list[_cuju.DiskJournal] = []
@@ -77,6 +221,21 @@ class DiskSet:
         self._cursor: list[int] = []
         self._sync_total: list[int] = []
         self._sync_done: list[int] = []
+        self._mode: list[str] = []
+        #: Per disk: the backup's replica id (set_replicas) and whether it was proven to be
+        #: the replica this journal's bitmaps are relative to.
+        self._replica: list[str] = []
+        self._trusted: list[bool] = []
+        #: Per disk: the backup kept an earlier replica (False: it starts from an empty file).
+        self._kept: list[bool] = []
+        #: Per disk: bytes at the start of an emptied replica the backup wrote (a qcow2 header
+        #: its standby's QEMU can open): a full copy sends those blocks even where they are holes.
+        self._written: list[int] = []
+        #: Per disk: the blocks the backup's own image (the old primary's, after a failover)
+        #: changed since the epoch this image came from (its journal's bitmaps), or None.
+        self._remote: list[int | None] = []
+        #: Per disk: the journal's lineage when the current synchronisation began.
+        self._sync_lineage: list[int] = []
         try:
             for d in self.disks:
                 dj = _cuju.DiskJournal(d.journal)
@@ -88,6 +247,13 @@ class DiskSet:
                 self._cursor.append(0)
                 self._sync_total.append(0)
                 self._sync_done.append(0)
+                self._mode.append(FULL)
+                self._replica.append("")
+                self._trusted.append(False)
+                self._kept.append(False)
+                self._written.append(0)
+                self._remote.append(None)
+                self._sync_lineage.append(0)
         except BaseException:
             self.close()
             raise
@@ -95,8 +261,8 @@ class DiskSet:
         self.sizes = tuple(i["disk_size"] for i in infos)
         self._block = [i["block_size"] for i in infos]
 
-    def set_progress(self, progress: Callable[[str, int, int], None] | None) -> None:
-        """Report synchronisation progress to ``progress(target, synced_bytes, total_bytes)``."""
+    def set_progress(self, progress: Callable[[str, int, int, str], None] | None) -> None:
+        """Report synchronisation progress to ``progress(target, synced_bytes, total_bytes, mode)``."""
         self._progress = progress
 
     def __len__(self) -> int:
@@ -155,35 +321,174 @@ class DiskSet:
 
     # -- synchronisation ------------------------------------------------------------------
 
+    # -- which replica the bitmaps are relative to ---------------------------------------
+
+    def _pair_path(self, i: int) -> str:
+        return _pair_file(self.disks[i].journal)
+
+    def _resync_path(self, i: int) -> str:
+        return _resync_file(self.disks[i].journal)
+
+    def _takeover(self, i: int, lineage: int) -> dict[str, Any]:
+        """The takeover record of disk ``i`` if it still holds (same lineage), else {}."""
+        took = _read_json(_takeover_file(self.disks[i].journal))
+        ok = (took.get("lineage") == f"{lineage:016x}" and bool(took.get("from_replica"))
+              and bool(took.get("from_lineage")))
+        return took if ok else {}
+
+    def _lineage(self, i: int) -> int:
+        return self._journals[i].info()["lineage"]
+
+    def claims(self) -> list[dict[str, str]]:
+        """Per disk, what the backup is asked to prove (``standby-create``): ``lineage``, this
+        journal's, and ``replica``, the id of the replica a completed sync paired with it in
+        that lineage ("" when there is none: the backup then starts its replica afresh).
+        Without such a replica, a disk this host took over says ``takeover``: the pairing its
+        image came from (``from_replica``, ``from_lineage``); the old primary may then offer
+        its own image and the blocks it changed since (cujud/disks.py)."""
+        out: list[dict[str, Any]] = []
+        for i in range(len(self.disks)):
+            raw = self._lineage(i)
+            lineage = f"{raw:016x}"
+            pair = _read_json(self._pair_path(i))
+            ok = pair.get("lineage") == lineage and pair.get("synced") is True
+            claim: dict[str, Any] = {"lineage": lineage,
+                                     "replica": str(pair.get("replica", "")) if ok else ""}
+            took = self._takeover(i, raw)
+            if not claim["replica"] and took:
+                claim["takeover"] = {"from_replica": took["from_replica"],
+                                     "from_lineage": took["from_lineage"]}
+            out.append(claim)
+        return out
+
+    def set_replicas(self, answers: Sequence[Mapping[str, Any]], claims: Sequence[Mapping[str, Any]]) -> None:
+        """The backup's answer per disk (``replica`` id, ``kept``) to ``claims``: a disk is
+        resynchronised incrementally only if the backup kept the very replica claimed, in
+        the same lineage, or (``takeover`` claimed) kept its own image and sent the blocks it
+        changed since (``changed``, :func:`pack_bitmap`, in ``block_size`` blocks); the journal's lineage is
+        checked again at :meth:`begin_sync`."""
+        if len(answers) != len(self.disks) or len(claims) != len(self.disks):
+            raise DiskError(f"the backup answered for {len(answers)} replica(s), {len(self.disks)} disk(s) "
+                            "are protected")
+        for i, (answer, claim) in enumerate(zip(answers, claims, strict=True)):
+            rid = str(answer.get("replica", ""))
+            self._replica[i] = rid
+            self._kept[i] = answer.get("kept") is True
+            self._written[i] = max(0, min(int(answer.get("written") or 0), self.sizes[i]))
+            self._trusted[i] = bool(claim["replica"]) and self._kept[i] and rid == claim["replica"]
+            self._remote[i] = None
+            if not claim["replica"] and claim.get("takeover") and self._kept[i]:
+                self._remote[i] = self._remote_bitmap(i, answer)
+                self._trusted[i] = self._remote[i] is not None
+
+    def _remote_bitmap(self, i: int, answer: Mapping[str, Any]) -> int | None:
+        """The backup's ``changed`` blocks, if they are in this journal's geometry."""
+        nbytes = self._journals[i].info()["bitmap_bytes"]
+        bitmap = unpack_bitmap(str(answer.get("changed", "")), nbytes)
+        if answer.get("block_size") != self._block[i] or bitmap is None:
+            log.info("disk %s: the backup's bitmap is not in this journal's geometry: a full copy",
+                     self.disks[i].target)
+            return None
+        return bitmap
+
     def begin_sync(self, *, full: bool) -> int:
         """Decide what the next synchronisation sends; returns its bytes (all disks).
 
-        From here on every write is in the journals again (shipped with the epochs);
-        what was written before is read from the images by :meth:`sync_chunk`.
+        ``full``: the backup holds no epoch of this session (a new standby). Each disk is
+        then copied in full (every allocated block), unless :meth:`set_replicas` proved its
+        replica: then only the blocks changed since the epoch that replica holds. With
+        ``full=False`` (the backup holds an epoch of this session) every disk sends only
+        what changed. From here on every write is in the journals again (shipped with the
+        epochs); what was written before is read from the images by :meth:`sync_chunk`.
         """
         total = 0
         for i, dj in enumerate(self._journals):
             info = dj.info()
             nbytes = info["bitmap_bytes"]
-            acc = 0
+            lineage = info["lineage"]
+            disk_full = full and not (self._trusted[i] and self._claim_matches(i, lineage))
             other = info["active"] ^ 1
             # The buffer not receiving writes holds an unacknowledged epoch, or nothing.
-            acc |= self._bitmap_int(i, other)
+            acc = self._bitmap_int(i, other) | self._bitmap_int(i, info["active"])
+            if disk_full:
+                # Nothing about the replica can be trusted until this sync completes.
+                self._write_pair(i, lineage, synced=False)
+                for stale in (self._resync_path(i), _takeover_file(self.disks[i].journal)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(stale)
+            else:
+                acc |= _saved_resync(self.disks[i].journal, lineage, nbytes) | (self._remote[i] or 0)
+                # Persisted before the journal forgets it: a cujud killed from here on
+                # until sync_complete() loses no block of this resync.
+                saved = lineage.to_bytes(8, "little") + acc.to_bytes(nbytes, "little")
+                _write_atomic(self._resync_path(i), saved)
             dj.reset(other)
             idx = dj.seal(0)  # the other (empty) buffer takes the writes from now on
-            acc |= self._bitmap_int(i, idx)
             dj.reset(idx)
             bitmap = bytearray(acc.to_bytes(nbytes, "little"))
-            if full:
+            if disk_full and self._kept[i]:
+                # A kept replica that is not trusted after all (the journal changed lineage
+                # since): every block, holes too (sent as zeros), or stale data would stay.
+                nblocks = info["nblocks"]
+                bitmap[:] = ((1 << nblocks) - 1).to_bytes(nbytes, "little")
+            elif disk_full:
+                # The backup's replica is an empty file: only the allocated blocks, and those
+                # the backup wrote itself (a qcow2 header), which a hole here must clear.
                 _cuju.disk_mark_allocated(self._images[i], self.sizes[i], self._block[i], bitmap)
+                for b in range(-(-self._written[i] // self._block[i])):
+                    bitmap[b >> 3] |= 1 << (b & 7)
             self._sync[i] = bitmap
             self._cursor[i] = 0
+            self._mode[i] = FULL if disk_full else CHANGED
+            self._sync_lineage[i] = lineage
             blocks = int.from_bytes(bitmap, "little").bit_count()
             self._sync_total[i] = min(blocks * self._block[i], self.sizes[i])
             self._sync_done[i] = 0
             total += self._sync_total[i]
+            log.info("disk %s: %s: %d of %d bytes to send", self.disks[i].target,
+                     self._why(i, full, disk_full), self._sync_total[i], self.sizes[i])
             self._report(i)
         return total
+
+    def _write_pair(self, i: int, lineage: int, *, synced: bool) -> None:
+        _write_atomic(self._pair_path(i), json.dumps({
+            "lineage": f"{lineage:016x}", "replica": self._replica[i], "synced": synced,
+            "image": os.path.abspath(self.disks[i].image)}).encode())
+
+    def _claim_matches(self, i: int, lineage: int) -> bool:
+        if self._remote[i] is not None:  # the backup's own image, after a failover
+            return bool(self._takeover(i, lineage))
+        pair = _read_json(self._pair_path(i))
+        return (pair.get("lineage") == f"{lineage:016x}" and pair.get("synced") is True
+                and pair.get("replica") == self._replica[i] != "")
+
+    def _why(self, i: int, full: bool, disk_full: bool) -> str:
+        if not disk_full:
+            if full and self._remote[i] is not None:
+                return ("resync of the changed blocks only (the backup's own image, this disk before the "
+                        "failover: the blocks either side changed since)")
+            if full:
+                return f"resync of the changed blocks only (replica {self._replica[i]} proven)"
+            return "resync of the changed blocks only (the backup holds an epoch of this session)"
+        if self._trusted[i]:
+            return "full sparse copy (the journal changed lineage since the backup proved its replica)"
+        return "full sparse copy (no replica this journal's bitmaps are proven relative to)"
+
+    def sync_complete(self) -> None:
+        """The synchronisation's last epoch is acknowledged: every replica equals its image at
+        a committed epoch. Pair them (a later resync may trust the bitmaps from here), unless
+        the journal changed lineage during the sync (a server restart: stay untrusted)."""
+        for i, dj in enumerate(self._journals):
+            lineage = dj.info()["lineage"]
+            if lineage == self._sync_lineage[i] and self._replica[i]:
+                self._write_pair(i, lineage, synced=True)
+                with contextlib.suppress(FileNotFoundError):  # the pair says it all from here
+                    os.unlink(_takeover_file(self.disks[i].journal))
+            else:
+                log.info("disk %s: not paired for a later resync (%s)", self.disks[i].target,
+                         "no replica id" if not self._replica[i] else "its server restarted during the sync")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._resync_path(i))
 
     def _bitmap_int(self, i: int, idx: int) -> int:
         _, _, bm_off, bm_len, _ = self._journals[i].spans(idx)
@@ -191,7 +496,7 @@ class DiskSet:
 
     def _report(self, i: int) -> None:
         if self._progress is not None:
-            self._progress(self.disks[i].target, self._sync_done[i], self._sync_total[i])
+            self._progress(self.disks[i].target, self._sync_done[i], self._sync_total[i], self._mode[i])
 
     def sync_chunk(self, max_bytes: int = SYNC_CHUNK_BYTES) -> list[DiskPart]:
         """The next records of the synchronisation (empty when it is complete)."""
@@ -240,11 +545,55 @@ class DiskSet:
         self._scratch.clear()
 
 
-def prepare_replica(path: str, size: int) -> None:
-    """Make sure the backup's replica image exists with the primary's size (sparse)."""
+def prepare_replica(path: str, size: int, *, empty: bool = False) -> None:
+    """Make sure the backup's replica image exists with the primary's size (sparse);
+    ``empty``: drop whatever it held (a full sync then sends only the allocated blocks)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        if empty:
+            os.ftruncate(fd, 0)
         if os.fstat(fd).st_size != size:
             os.ftruncate(fd, size)
     finally:
         os.close(fd)
+
+
+def replay_receiver_journal(journal: str, replicas: Sequence[tuple[str, int]]) -> int | None:
+    """Bring the replicas to the last epoch a backup's receiver journal committed (the epoch
+    an earlier standby may have been killed applying, or between its ACK and the apply:
+    :class:`~.replicator.EpochReceiver` replays it); returns that epoch, or None if the
+    journal is missing or cannot be replayed (the replicas' state is then unknown).
+
+    The pages and device state the journal holds go to a scratch region and file: only
+    the disks matter here (a new standby's memory is copied in full)."""
+    try:
+        with open(journal, "rb") as f:
+            meta = f.read(24)
+    except FileNotFoundError:
+        return None
+    if len(meta) < 24:
+        return None
+    page_size = int.from_bytes(meta[12:16], "little")
+    region_size = int.from_bytes(meta[16:24], "little")
+    if not page_size or not region_size or region_size % page_size:
+        return None
+    scratch = journal + ".replay"
+    try:
+        region = mmap.mmap(-1, region_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, ValueError, OverflowError):
+        return None
+    try:
+        rx = EpochReceiver(region, scratch, journal, page_size=page_size, disks=replicas)
+    except (ReplicationError, ValueError, OSError) as err:
+        log.warning("cannot replay %s into the replicas (%s): they will be copied in full", journal, err)
+        return None
+    finally:
+        for leftover in (scratch, scratch + ".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+    applied = rx.last_applied
+    rx.close()
+    del rx  # it holds the region until it is freed
+    with contextlib.suppress(BufferError):
+        region.close()
+    return applied

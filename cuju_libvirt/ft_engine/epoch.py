@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cuju_libvirt.errors import CujuError, ReplicationError, StateError
+from cuju_libvirt.errors import CujuError, ReplicationError, StateError, caused_by
 from cuju_libvirt.ft_engine import trackers as T
 from cuju_libvirt.ft_engine.chardevs import ChardevHold
 from cuju_libvirt.ft_engine.devstate import (
@@ -79,6 +79,8 @@ MIN_EPOCH_MS = 1
 MAX_EPOCH_MS = 10_000
 #: How often the running epoch's packet count is polled (s): well below 10,000 packets at any rate.
 PACKET_POLL_S = 0.001
+#: The longest the loop waits for output without looking at a stop request (s).
+STOP_POLL_S = 0.05
 #: Pages per epoch while the initial synchronisation copies a running VM (16 MiB).
 SYNC_CHUNK_PAGES = 4096
 #: How much earlier than the ``stop`` command's send time a STOP event may be stamped and
@@ -105,6 +107,21 @@ class ReconfiguredError(EngineError):
     """The VM's configuration changed under protection (libvirt reported a hot-plug, a block
     job that changed a disk, ...: :meth:`PrimaryEngine.reconfigure`): the standby no longer
     matches it, so the epoch that would have shipped next is dropped and protection ends."""
+
+
+class SuspendedToRAMError(EngineError):
+    """The guest suspended itself to RAM (ACPI S3: ``virsh dompmsuspend``, or the guest's
+    own choice). QEMU's ``stop`` leaves a suspended VM as it is (no STOP event), the
+    device state is saved only from a stopped VM, and QEMU has no command that puts a
+    standby to sleep: a failover could not give back a sleeping guest. So the epoch that
+    found the VM suspended is dropped and protection ends; cujud pairs the VM again when it
+    wakes (``virsh dompmwakeup``)."""
+
+
+#: The words of :class:`SuspendedToRAMError` (and of cujud's refusal to pair meanwhile).
+SUSPENDED_TO_RAM = ("the guest is suspended to RAM (ACPI S3: virsh dompmsuspend or the guest itself), a "
+                    "state QEMU can neither save as it is nor give a standby: it is not protected while it "
+                    "sleeps, and cujud protects it again when it wakes (virsh dompmwakeup)")
 
 
 @dataclass
@@ -401,6 +418,8 @@ class PrimaryEngine:
         reply and stamped with the host's wall clock. No STOP stamped at or after the moment
         the command was sent means somebody else had paused the VM (``virsh suspend``, a
         libvirt job, an I/O error with ``werror=stop``): the engine then never resumes it.
+        Or the guest is suspended to RAM (``stop`` does nothing to that run state either):
+        :class:`SuspendedToRAMError`.
         """
         sent = time.time() - _CLOCK_SLACK
         request = self.qmp.send("stop")
@@ -411,6 +430,11 @@ class PrimaryEngine:
         stops = [stamp for ev in self.qmp.events("STOP") if (stamp := _event_time(ev)) >= sent]
         ours = bool(stops)
         self._stop_stamp = stops[-1] if stops else None
+        if not ours and self.qmp.execute("query-status").get("status") == "suspended":
+            # before anything of this epoch is staged (a pipelined save's answer is left
+            # unread: the engine's monitor is closed when protection ends)
+            self._foreign_pause = True
+            raise SuspendedToRAMError(SUSPENDED_TO_RAM)
         if not ours and not self._foreign_pause:
             self.log.info("the VM was paused by someone else (virsh suspend or a libvirt job): it stays "
                           "paused and protected; epochs go on without resuming it")
@@ -486,11 +510,11 @@ class PrimaryEngine:
         try:
             tracker.arm()
             if self._disks is not None:
-                # Each disk: every allocated block of a backup that holds nothing, else only
-                # what changed since its last acknowledged epoch.
+                # Each disk: every allocated block of a backup that holds nothing (unless cujud
+                # proved its replica, DiskSet.set_replicas), else only what changed since its
+                # last acknowledged epoch. DiskSet logs which, per disk.
                 disk_bytes = self._disks.begin_sync(full=self._held_at_start == 0)
-                self.log.info("disks: synchronising %d bytes (%s)", disk_bytes,
-                              "full" if self._held_at_start == 0 else "changed blocks only")
+                self.log.info("disks: synchronising %d bytes", disk_bytes)
         finally:
             self._vm_cont()
         rep.first_epoch = self._next
@@ -553,6 +577,8 @@ class PrimaryEngine:
         self._shipped(epoch, end, count)
         self.stats.record_epoch(pause_s=end - t0, dirty_pages=count, device_state_bytes=len(saved.blob))
         self._await_ack(epoch, cfg.ack_timeout + 30.0)
+        if self._disks is not None:
+            self._disks.sync_complete()  # the replicas equal the images: a later resync may trust them
         rep.seconds = self._clock() - t_start
         self.stats.set_initial_sync(1.0)
         self._move(S.PROTECTED, expect=S.SYNCING)
@@ -646,8 +672,12 @@ class PrimaryEngine:
                     if pending >= cfg.max_packets:
                         self.log.debug("epoch ends early: %d packets held", pending)
                         break
-                    if end_on_output and pending > 0:
-                        break
+                    if end_on_output:
+                        if pending > 0:
+                            break
+                        # woken by the first packet (inotify on the counter), not by polling
+                        self._output.wait_output(min(deadline - now, STOP_POLL_S))
+                        continue
                     time.sleep(min(PACKET_POLL_S, deadline - now))
                 else:
                     time.sleep(deadline - now)
@@ -668,28 +698,34 @@ class PrimaryEngine:
         self._vm_stop(then=saver.begin if pipelined else None)
         if self._foreign_pause and self._last_blob is not None:
             return self._idle_epoch(t0)
+        output = self._output
+        packets = None
         try:
             t1 = clock()
+            # The boundary's switches go right behind the save (QEMU runs them in order):
+            # no round trip of theirs waits inside the pause.
+            before = output.stats.packets_closed if output is not None else None
+            if output is not None:
+                output.begin_boundary()
             h = tracker.harvest(self._pages)
             t2 = clock()
-            packets = None
-            if self._output is not None:
-                before = self._output.stats.packets_closed
-                self._output.boundary()
-                self._held_output = True
-                after = self._output.stats.packets_closed
-                if after is not None:
-                    packets = after - (before or 0)
-            self._cut_chardevs()
-            t3 = clock()
+            self._cut_chardevs()  # VM stopped: the serial output so far is this epoch's
             try:
                 saved = saver.finish() if pipelined else saver.save()
             except StateError as err:  # running again: only somebody else can have resumed it
                 raise ResumedElsewhereError(
                     f"the VM was resumed by someone else while an epoch captured it ({err}): that epoch is "
                     "discarded and protection is established anew") from err
-            parts = self._seal_disks()
+            finally:
+                t3 = clock()
+                if output is not None:
+                    output.finish_boundary()
+                    self._held_output = True
+                    after = output.stats.packets_closed
+                    if after is not None:
+                        packets = after - (before or 0)
             t4 = clock()
+            parts = self._seal_disks()
             if h.full_resync:
                 self.log.warning("tracker asks for a full resync: sending all %d pages", tracker.npages)
                 if self.machine.state is S.PROTECTED:
@@ -718,8 +754,8 @@ class PrimaryEngine:
         self.stats.record_epoch(pause_s=end - t0, dirty_pages=count, device_state_bytes=len(saved.blob))
         if packets is not None:
             self.stats.set_packets_held(packets)
-        self.times.add(end - t0, self._guest_pause(), stop=t1 - t0, harvest=t2 - t1, boundary=t3 - t2,
-                       devstate=t4 - t3, stage=t5 - t4, cont=end - t5)
+        self.times.add(end - t0, self._guest_pause(), stop=t1 - t0, harvest=t2 - t1, devstate=t3 - t2,
+                       boundary=t4 - t3, stage=t5 - t4, cont=end - t5)
         self._drop_events()  # drop the STOP/RESUME/MIGRATION events of this pause
         return end
 
@@ -843,9 +879,10 @@ class PrimaryEngine:
             return
         if self.ending is not None:
             self.log.info("FT ends (%s): %s; the VM continues unprotected", self.ending, err)
-        elif isinstance(err, (DevicesChangedError, ReconfiguredError, ResumedElsewhereError)):  # no fault
+        elif isinstance(err, (DevicesChangedError, ReconfiguredError, ResumedElsewhereError,
+                              SuspendedToRAMError)):  # no fault
             self.log.warning("%s; the VM continues unprotected until then", err)
-        elif isinstance(err, StandbyMismatchError) or isinstance(err.__cause__, StandbyMismatchError):
+        elif caused_by(err, StandbyMismatchError):
             # the VM changed between the XML the standby was made from and the first save (a
             # device libvirt had not yet removed from its XML): the next attempt reads it anew
             self.log.warning("%s: %s; the VM continues unprotected, the next pairing reads its configuration "

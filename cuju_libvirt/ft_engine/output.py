@@ -21,6 +21,10 @@ netdev (mechanism only; when to end an epoch is the engine's policy)::
   closed epoch's packets move into F2. :meth:`OutputCommit.release` (the ack, VM
   running): switch F2 off and on: exactly that epoch's packets leave. A release while the
   VM is stopped goes out only at ``cont`` (QEMU queues it in the netdev).
+* The ``qom-set`` commands of a switch are sent back to back and their answers collected
+  afterwards (QEMU runs a monitor's commands in the order sent): one round trip, not two
+  per netdev. :meth:`OutputCommit.begin_boundary` sends the boundary's right behind the
+  engine's ``stop`` and device-state save; :meth:`OutputCommit.finish_boundary` collects them.
 * :meth:`OutputCommit.release_all` and :meth:`OutputCommit.remove` let everything out,
   in order, and nothing is dropped: a buffer that is deleted while it holds packets would
   drop them, so it is always switched off (flushed) first.
@@ -52,6 +56,7 @@ import ctypes
 import enum
 import logging
 import os
+import select
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +81,12 @@ _PERIPHERAL_PATHS = ("/machine/peripheral", "/machine/peripheral-anon")
 _PUNCH_EVERY = 1 << 20
 #: How the ids of a netdev's output-commit objects end (running and shipped buffer, counter).
 _SUFFIXES = ("-f1", "-f2", "-count")
+#: inotify(7): a file was written; inotify_init1's flags.
+_IN_MODIFY = 0x00000002
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+#: How often :meth:`OutputCommit.wait_output` looks at the counters without inotify (s).
+_POLL_S = 0.001
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -135,6 +146,17 @@ class OutputStats:
 
 
 _RECENT = 1024
+
+#: One filter switch: (filter id, its netdev, on).
+_Step = tuple[str, str, bool]
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """Switches sent and not yet answered (QMP id, step), and a send that failed."""
+
+    sent: list[tuple[int, _Step]]
+    failure: OutputCommitError | None
 
 
 def _qemu_words(err: MonitorError) -> str:
@@ -231,6 +253,36 @@ def _punch(path: Path, upto: int) -> None:
         os.close(fd)
 
 
+class _CounterWatch:
+    """An inotify descriptor that becomes readable as soon as QEMU writes a counter file:
+    the engine learns of a held packet at once, without polling."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_init1: {os.strerror(ctypes.get_errno())}")
+        self.fd = fd
+        for path in paths:
+            if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
+                errno = ctypes.get_errno()
+                self.close()
+                raise OSError(errno, f"inotify_add_watch {path}: {os.strerror(errno)}")
+
+    def wait(self, timeout: float) -> None:
+        """Return once a counter file was written since the last call, or after ``timeout`` s."""
+        ready, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self.fd, 4096):
+                    pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class OutputCommit:
     """The output-commit filters of one VM, driven by its epoch engine.
 
@@ -258,7 +310,11 @@ class OutputCommit:
         self.epoch = 0
         self._held: int | None = None
         self._held_packets: int | None = None
+        #: A boundary sent and not yet collected: its switches, the counts, its start.
+        self._boundary: tuple[_Sent, dict[str, int] | None, float] | None = None
         self._counted_at_boundary: dict[str, int] = {}
+        #: Wakes :meth:`wait_output` when a counter file is written (None: not yet, False: no inotify).
+        self._watch: _CounterWatch | bool | None = None
         self._punched: dict[str, int] = {}
         self._log = log.getChild(tag)
 
@@ -305,6 +361,7 @@ class OutputCommit:
         self.epoch = 0
         self._held = None
         self._held_packets = None
+        self._boundary = None
         self._counted_at_boundary = {f.netdev: 0 for f in installed}
         self._punched = {}
         if self.counter_dir is not None:
@@ -371,7 +428,19 @@ class OutputCommit:
         """Close the running epoch (call while the VM is stopped); return its number.
 
         Its packets move from F1 into F2, where they wait for :meth:`release`. The previous
-        epoch must have been released: F2 holds one epoch at a time.
+        epoch must have been released: F2 holds one epoch at a time. The same as
+        :meth:`begin_boundary` followed by :meth:`finish_boundary`.
+        """
+        self.begin_boundary()
+        return self.finish_boundary()
+
+    def begin_boundary(self) -> None:
+        """Send the boundary's commands (VM stopped) without waiting for their answers.
+
+        QEMU runs a monitor's commands in the order sent, so a caller may send them right
+        behind its ``stop`` (and its device-state save) and work while QEMU runs them;
+        :meth:`finish_boundary` collects the answers. The packets of the closed epoch are
+        counted here, while the VM is stopped.
         """
         self._require_installed("close an epoch")
         if self._held is not None:
@@ -379,10 +448,24 @@ class OutputCommit:
                 f"epoch {self._held} is still held (not acknowledged): release it before closing "
                 f"epoch {self.epoch}"
             )
+        if self._boundary is not None:
+            raise StateError(f"the boundary of epoch {self.epoch} is already under way")
         counts = self._counts()
         started = time.perf_counter()
-        for one in self.filters:
-            self._toggle(one.running, one.netdev)
+        steps = [(one.running, one.netdev, on) for one in self.filters for on in (False, True)]
+        self._boundary = (self._send_steps(steps), counts, started)
+
+    def finish_boundary(self) -> int:
+        """Collect the answers of :meth:`begin_boundary`; return the number of the closed epoch.
+
+        Raises :class:`OutputCommitError` for the first command QEMU refused (every answer
+        is collected first); nothing is counted as held then.
+        """
+        if self._boundary is None:
+            raise StateError("no epoch boundary was begun")
+        pending, counts, started = self._boundary
+        self._boundary = None
+        self._collect(pending)
         elapsed = (time.perf_counter() - started) * 1e3
         closed = self.epoch
         self._held = closed
@@ -414,8 +497,7 @@ class OutputCommit:
         if epoch is not None and epoch != self._held:
             raise StateError(f"acknowledgement of epoch {epoch}, but epoch {self._held} is held")
         started = time.perf_counter()
-        for one in self.filters:
-            self._toggle(one.shipped, one.netdev)
+        self._switch([(one.shipped, one.netdev, on) for one in self.filters for on in (False, True)])
         elapsed = (time.perf_counter() - started) * 1e3
         released, self._held = self._held, None
         st = self.stats
@@ -440,6 +522,46 @@ class OutputCommit:
             return None
         return max((counts[n] - self._counted_at_boundary.get(n, 0) for n in counts), default=0)
 
+    def wait_output(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for the running epoch to hold a packet; return
+        :meth:`pending_packets` (None without counting: then it only sleeps).
+
+        The counter files are watched with inotify, so a packet wakes the caller at once
+        (the first written after the watch was set never goes unnoticed: its event waits in
+        the descriptor). Without inotify (or past its limits) the counters are polled every
+        millisecond, as before.
+        """
+        pending = self.pending_packets()
+        if pending:
+            return pending
+        if pending is None:
+            time.sleep(max(0.0, timeout))
+            return None
+        if self._watch is None:
+            try:
+                files = [f.counter_file for f in self.filters if f.counter_file is not None]
+                self._watch = _CounterWatch(files)
+            except OSError as err:
+                self._log.info("cannot watch the packet counters (%s): polling them every %.0f ms instead",
+                               err, _POLL_S * 1e3)
+                self._watch = False
+            pending = self.pending_packets()  # a packet written before the watch was set
+            if pending:
+                return pending
+        if isinstance(self._watch, _CounterWatch):
+            self._watch.wait(timeout)
+            return self.pending_packets()
+        deadline = time.monotonic() + timeout
+        while not pending and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(_POLL_S, left))
+            pending = self.pending_packets()
+        return pending
+
+    def _unwatch(self) -> None:
+        if isinstance(self._watch, _CounterWatch):
+            self._watch.close()
+        self._watch = None
+
     def release_all(self) -> None:
         """Let everything out in order (held and running epoch) and stop holding.
 
@@ -447,10 +569,8 @@ class OutputCommit:
         :meth:`resume_holding` (or :meth:`remove`). Used when FT stops.
         """
         self._require_installed("release everything")
-        for one in self.filters:
-            # F1 first: its packets queue behind F2's (older) ones; then F2 lets all out.
-            self._set_status(one.running, one.netdev, on=False)
-            self._set_status(one.shipped, one.netdev, on=False)
+        # F1 first: its packets queue behind F2's (older) ones; then F2 lets all out.
+        self._switch([(obj, one.netdev, False) for one in self.filters for obj in (one.running, one.shipped)])
         if self._held_packets is not None:
             self.stats.packets_released = (self.stats.packets_released or 0) + self._held_packets
         self._held = None
@@ -461,9 +581,7 @@ class OutputCommit:
         self._require_installed("hold again")
         if self._held is not None:
             raise StateError(f"epoch {self._held} is still held")
-        for one in self.filters:
-            self._set_status(one.shipped, one.netdev, on=True)
-            self._set_status(one.running, one.netdev, on=True)
+        self._switch([(obj, one.netdev, True) for one in self.filters for obj in (one.shipped, one.running)])
         counts = self._counts()
         if counts is not None:
             self._counted_at_boundary = counts
@@ -486,6 +604,7 @@ class OutputCommit:
                 with contextlib.suppress(OSError):
                     one.counter_file.unlink()
         self.filters = remaining
+        self._unwatch()
         if remaining:
             raise OutputCommitError(
                 f"could not delete every output-commit filter of {', '.join(f.netdev for f in remaining)}"
@@ -501,22 +620,34 @@ class OutputCommit:
         if not self.filters:
             raise StateError(f"output commit {self.tag} is not installed: cannot {what}")
 
-    def _toggle(self, obj: str, netdev: str) -> None:
-        """Switch a buffer off (it flushes into the next filter) and on again."""
-        self._set_status(obj, netdev, on=False)
-        self._set_status(obj, netdev, on=True)
+    def _switch(self, steps: Sequence[_Step]) -> None:
+        """Switch filters (``(id, netdev, on)`` each) in this order, pipelined: one round trip."""
+        self._collect(self._send_steps(steps))
 
-    def _set_status(self, obj: str, netdev: str, *, on: bool) -> None:
-        try:
-            self.qmp.execute(
-                "qom-set", {"path": f"/objects/{obj}", "property": "status", "value": "on" if on else "off"}
-            )
-        except MonitorError as err:
-            raise OutputCommitError(
-                f"cannot switch filter {obj} of netdev {netdev} {'on' if on else 'off'}: {_qemu_words(err)}",
-                netdev=netdev,
-                qemu_message=_qemu_words(err),
-            ) from err
+    def _send_steps(self, steps: Sequence[_Step]) -> _Sent:
+        """Send a ``qom-set`` of ``status`` per step without waiting (QEMU runs them in order)."""
+        sent: list[tuple[int, _Step]] = []
+        for step in steps:
+            obj, _netdev, on = step
+            try:
+                args = {"path": f"/objects/{obj}", "property": "status", "value": "on" if on else "off"}
+                req = self.qmp.send("qom-set", args)
+            except MonitorError as err:
+                return _Sent(sent, _switch_error(step, err))
+            sent.append((req, step))
+        return _Sent(sent, None)
+
+    def _collect(self, pending: _Sent) -> None:
+        """Every answer of ``pending``; then raise the first failure (in the order sent)."""
+        failure: OutputCommitError | None = None
+        for req, step in pending.sent:
+            try:
+                self.qmp.reply(req)
+            except MonitorError as err:
+                failure = failure or _switch_error(step, err)
+        failure = failure or pending.failure
+        if failure is not None:
+            raise failure
 
     def _counts(self) -> dict[str, int] | None:
         """Packets counted so far per netdev (since install), None without counting."""
@@ -542,6 +673,19 @@ class OutputCommit:
             if used - self._punched.get(one.netdev, 0) >= _PUNCH_EVERY:
                 _punch(one.counter_file, used)
                 self._punched[one.netdev] = used
+
+
+def _switch_error(step: _Step, err: MonitorError) -> OutputCommitError:
+    """The error of a failed switch, raised later (after every answer is collected): it keeps
+    the monitor's error as its cause, as ``raise ... from err`` would. cujud reads a lost
+    monitor from the cause: QEMU closes it a moment before it exits (``virsh destroy``),
+    and a switch is often the first command to meet that."""
+    obj, netdev, on = step
+    words = _qemu_words(err)
+    failure = OutputCommitError(f"cannot switch filter {obj} of netdev {netdev} {'on' if on else 'off'}: "
+                                f"{words}", netdev=netdev, qemu_message=words)
+    failure.__cause__ = err
+    return failure
 
 
 def _remember(recent: list[float], value: float) -> None:

@@ -75,7 +75,8 @@ class DiskSync:
 
     target: str  # the disk's <target dev>
     synced_bytes: int  # bytes of the disk the backup's replica already holds
-    total_bytes: int  # bytes to copy in this sync (the disk's size for an initial sync)
+    total_bytes: int  # bytes to copy in this sync (the allocated blocks for a full sync)
+    mode: str = "full"  # "full" (a sparse copy of the disk) or "changed" (only the changed blocks)
 
     @property
     def ratio(self) -> float:
@@ -199,12 +200,13 @@ class DomainStats:
         with self._lock:
             self._sync_ratio = min(1.0, max(0.0, ratio))
 
-    def set_disk_sync(self, target: str, synced_bytes: int, total_bytes: int) -> None:
-        """The disk data path's progress copying disk ``target`` to the backup."""
+    def set_disk_sync(self, target: str, synced_bytes: int, total_bytes: int, mode: str = "full") -> None:
+        """The disk data path's progress copying disk ``target`` to the backup (``mode``: "full"
+        or "changed", see :class:`DiskSync`)."""
         if not 0 <= synced_bytes <= total_bytes:
             raise ValueError(f"disk {target}: synced_bytes {synced_bytes} outside 0..{total_bytes}")
         with self._lock:
-            self._disk_sync[target] = DiskSync(target, synced_bytes, total_bytes)
+            self._disk_sync[target] = DiskSync(target, synced_bytes, total_bytes, mode)
 
     def record_failover(self, duration_s: float) -> None:
         with self._lock:

@@ -104,8 +104,20 @@ class DiskVerdict:
         return self.fsck_clean and self.clean_prefix and self.records_lost == 0
 
 
-def judge_image(image: Path, seen: set[int]) -> DiskVerdict:
-    """``e2fsck -fn`` of ``image`` and its ``/records`` against the numbers the observer saw."""
+def judge_image(image: Path, seen: set[int], fmt: str = "raw") -> DiskVerdict:
+    """``e2fsck -fn`` of ``image`` and its ``/records`` against the numbers the observer saw.
+    A qcow2 image must first pass ``qemu-img check``; its guest-visible bytes are judged."""
+    if fmt != "raw":
+        check = subprocess.run([tool("qemu-img"), "check", "-f", fmt, str(image)], capture_output=True,
+                               text=True, timeout=120, check=False)
+        if check.returncode != 0:
+            return DiskVerdict(fsck_clean=False, fsck_output=f"qemu-img check: {check.stdout}{check.stderr}",
+                               records_on_disk=0, clean_prefix=False, records_lost=len(seen))
+        with tempfile.TemporaryDirectory(prefix="cuju-judge.") as tmp:
+            raw = Path(tmp) / "disk.raw"
+            subprocess.run([tool("qemu-img"), "convert", "-f", fmt, "-O", "raw", str(image), str(raw)],
+                           check=True, capture_output=True, timeout=300)
+            return judge_image(raw, seen)
     fsck = subprocess.run([tool("e2fsck"), "-fn", str(image)], capture_output=True, text=True, timeout=120,
                           check=False)
     with tempfile.TemporaryDirectory(prefix="cuju-records.") as tmp:
@@ -149,17 +161,23 @@ def data_image(rig: Rig, name: str) -> Path:
 def run_with_sigkill(rig: Rig, guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud], name: str,
                      *, mac: str, rng: random.Random | None = None,
                      before_kill: Callable[[], None] | None = None,
-                     fail: Callable[[], None] | None = None) -> DiskRun:
+                     fail: Callable[[], None] | None = None, disk_format: str = "raw") -> DiskRun:
     """Define and start ``name`` (the fsrec guest on a fresh ext4 disk, every disk served) on
     host a, SIGKILL its QEMU at a random moment of FT mode, verify from inside the guest on
     host b, halt it there and judge host b's replica. ``before_kill`` runs once the VM is
     protected and writing (e.g. a backup loss and the re-protection after it); ``fail``
-    replaces the SIGKILL (e.g. a crash of host a)."""
+    replaces the SIGKILL (e.g. a crash of host a). ``disk_format`` qcow2: the ext4 image is
+    converted to qcow2 first (the replica is then a copy of the qcow2 file)."""
     ca, cb = cujuds
     rng = rng or random.Random()
     image = make_ext4_image(data_image(rig, name))
+    if disk_format != "raw":
+        converted = image.with_suffix("." + disk_format)
+        subprocess.run([tool("qemu-img"), "convert", "-f", "raw", "-O", disk_format, str(image),
+                        str(converted)], check=True, capture_output=True, timeout=120)
+        os.replace(converted, image)
     xml = protected_linux_xml(rig, guest, name, observer, mac=mac, pps=1, mode="fsrec", data_disk=image,
-                              params=PARAMS)
+                              params=PARAMS, data_disk_format=disk_format)
     rig.a.virsh("define", str(xml))
     rig.a.virsh("start", name)
     ca.wait_domain(name, "protected", timeout=180)
@@ -187,8 +205,8 @@ def run_with_sigkill(rig: Rig, guest: LinuxGuest, observer: Observer, cujuds: tu
         raise RigError(f"{name}: the guest could not unmount its file system: {halted}")
     _wait_halted(rig, name)
     uuid = rig.b.virsh("domuuid", name).strip()
-    replica = rig.b.outside(f"/var/lib/cuju-libvirt/replicas/{uuid}/vda.raw")
-    return DiskRun(judge_image(replica, seen), answer, (first_after - killed_at) * 1e3)
+    replica = rig.b.outside(f"/var/lib/cuju-libvirt/replicas/{uuid}/vda.{disk_format}")
+    return DiskRun(judge_image(replica, seen, disk_format), answer, (first_after - killed_at) * 1e3)
 
 
 def _wait_halted(rig: Rig, name: str, timeout: float = 60.0) -> None:

@@ -56,6 +56,7 @@ def domain_xml(
     vcpus: int = 1,
     disk: str | os.PathLike[str] | None = None,
     data_disk: str | os.PathLike[str] | None = None,
+    data_disk_format: str = "raw",
     kernel: str | os.PathLike[str] | None = None,
     initrd: str | os.PathLike[str] | None = None,
     cmdline: str | None = None,
@@ -72,7 +73,8 @@ def domain_xml(
 
     ``serial_log`` alone gives ``<serial type='file'>``; with ``pty_console`` the serial port
     is a pty (``virsh console`` works) whose output libvirt also logs to ``serial_log``.
-    ``data_disk`` adds a writable raw image as virtio disk ``vda`` (not booted from).
+    ``data_disk`` adds a writable image (``data_disk_format``: raw or qcow2) as virtio disk
+    ``vda`` (not booted from).
     ``bridge`` adds a virtio NIC on that bridge (``mac`` optional). ``metadata`` holds
     namespaced elements as XML strings.
     """
@@ -124,7 +126,7 @@ def domain_xml(
         _sub(disk_el, "target", dev="hda", bus="ide")
     if data_disk is not None:
         disk_el = _sub(devices, "disk", type="file", device="disk")
-        _sub(disk_el, "driver", name="qemu", type="raw")
+        _sub(disk_el, "driver", name="qemu", type=data_disk_format)
         _sub(disk_el, "source", file=os.fspath(data_disk))
         _sub(disk_el, "target", dev="vda", bus="virtio")
     if pty_console:

@@ -50,8 +50,9 @@ COUNTER_GPA = 0x8000
 MAGIC_GPA = 0x8004
 #: The command word of a ``power=True`` guest (:func:`command_guest`).
 COMMAND_GPA = 0x800C
-#: Commands of a ``power=True`` guest: the guest itself powers off (ACPI S5) or resets.
-POWER_OFF, RESET = 1, 2
+#: Commands of a ``power=True`` guest: the guest itself powers off (ACPI S5), resets, or
+#: suspends to RAM (ACPI S3; woken, it boots again).
+POWER_OFF, RESET, SUSPEND = 1, 2, 3
 MAGIC = 0x554A5543  # b"CUJU"
 #: Guest-physical address of the writer's xorshift32 state.
 RNG_GPA = 0x8008
@@ -189,8 +190,9 @@ def _assemble(source: bytes, defines: dict[str, int], directory: Path, target: P
 
 
 def command_guest(ram_path: str | os.PathLike[str], command: int) -> None:
-    """Ask a ``power=True`` guest to power off (:data:`POWER_OFF`) or reset (:data:`RESET`)
-    itself: the command word is written through its RAM file and read by its next iteration."""
+    """Ask a ``power=True`` guest to power off (:data:`POWER_OFF`), reset (:data:`RESET`) or
+    suspend to RAM (:data:`SUSPEND`) itself: the command word is written through its RAM file
+    and read by its next iteration."""
     fd = os.open(ram_path, os.O_WRONLY)
     try:
         os.pwrite(fd, struct.pack("<I", command), COMMAND_GPA)

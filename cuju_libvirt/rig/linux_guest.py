@@ -71,7 +71,7 @@ MODULES = (
     "ext4",
 )
 #: Workloads the agent knows (``cuju.mode``; several may be joined with commas).
-MODES = ("count", "udp", "echo", "stress", "balloon", "diskread", "cpu", "service", "fsrec")
+MODES = ("count", "udp", "echo", "stress", "balloon", "diskread", "cpu", "service", "fsrec", "pattern")
 #: The Debian meta package whose dependency names the kernel package.
 KERNEL_META_PACKAGE = "linux-image-amd64"
 #: Bumped whenever the layout of the build changes in a way the inputs do not show.

@@ -39,6 +39,9 @@ OBSERVER_ADDRESS = "198.19.0.1"
 FIRST_GUEST_ADDRESS = "198.19.0.100"
 FT_IFACE = "ft0"
 LAN_BRIDGE = "br-lan"
+#: Each host's ``br-lan`` has the address PREFIX:NN (NN: the host's number from 1), set
+#: when it is made: locally administered, unique in a rig (rigs do not share a LAN).
+LAN_BRIDGE_MAC_PREFIX = "02:00:c6:13:00"
 
 
 #: The FT network of a rig of three or more hosts: one bridge, every host's ``ft0`` on it.

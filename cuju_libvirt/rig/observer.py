@@ -61,6 +61,29 @@ def encode_datagram(seq: int, guest_ns: int = 0, tcp_counters: int = 0) -> bytes
     return DATAGRAM.pack(MAGIC, VERSION, seq, guest_ns, tcp_counters)
 
 
+#: A pcap record's header (seconds, microseconds, captured length, length), little-endian.
+_PCAP_RECORD = struct.Struct("<IIII")
+_PCAP_FILE_HEADER = 24
+
+
+def datagrams_in_dump(data: bytes) -> list[tuple[int, int]]:
+    """(sequence number, end offset of its record) of every guest datagram in the pcap file
+    ``data`` a QEMU ``filter-dump`` wrote (``maxlen`` large enough for the datagram). The
+    offsets order the datagrams as the filter saw them, so a file size noted at a moment
+    tells which datagrams had passed by then."""
+    found: list[tuple[int, int]] = []
+    pos = _PCAP_FILE_HEADER
+    while pos + _PCAP_RECORD.size <= len(data):
+        _, _, caplen, _ = _PCAP_RECORD.unpack_from(data, pos)
+        packet = data[pos + _PCAP_RECORD.size : pos + _PCAP_RECORD.size + caplen]
+        pos += _PCAP_RECORD.size + caplen
+        at = packet.find(MAGIC)  # the guest's datagram is the UDP payload
+        decoded = decode_datagram(packet[at : at + DATAGRAM.size]) if at >= 0 else None
+        if decoded is not None:
+            found.append((decoded[0], pos))
+    return found
+
+
 def counter_stream(first: int, count: int) -> bytes:
     """``count`` consecutive counters from ``first`` as the guest sends them on TCP."""
     return b"".join(COUNTER.pack(n) for n in range(first, first + count))

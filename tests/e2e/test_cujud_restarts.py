@@ -27,9 +27,7 @@ from cuju_libvirt.rig.observer import (
     Observer,
     Recording,
     Rules,
-    epoch_ms_from_rate,
     judge_run,
-    one_epoch_packets,
 )
 
 MAC = "52:54:00:19:13:00"
@@ -181,8 +179,7 @@ def test_a_restarted_cujud_cedes_a_copy_the_backup_took_over_after_its_sigkill(
         start_protected(rig, linux_guest, observer, name, cujuds)
         uuid = uuid_of(rig.a, name)
         time.sleep(random.uniform(0.5, 2.0))
-        rate = (ca.domain(name) or {}).get("epochs_per_s")
-        max_gap = one_epoch_packets(PPS, epoch_ms_from_rate(EPOCH_MS, rate))
+        max_gap = ca.one_epoch_gap(name, PPS, EPOCH_MS)
         assert ca.proc is not None
         killed_at = time.monotonic()
         ca.proc.kill()
@@ -233,8 +230,7 @@ def test_a_libvirtd_restart_on_the_backup_host_keeps_the_standby_ready_to_take_o
         assert cb.domain(name)["state"] == "standby"  # type: ignore[index]
         assert ca.domain(name)["state"] == "protected"  # type: ignore[index]
 
-        rate = (ca.domain(name) or {}).get("epochs_per_s")
-        max_gap = one_epoch_packets(PPS, epoch_ms_from_rate(EPOCH_MS, rate))
+        max_gap = ca.one_epoch_gap(name, PPS, EPOCH_MS)
         pid = rig.a.qemu_pid(name)
         assert pid is not None
         killed_at = time.monotonic()

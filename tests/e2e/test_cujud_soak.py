@@ -29,7 +29,7 @@ import pytest
 from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, protected_linux_xml
 from cuju_libvirt.rig.hosts import Host, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
-from cuju_libvirt.rig.observer import Observer, Rules, epoch_ms_from_rate, judge_run, one_epoch_packets
+from cuju_libvirt.rig.observer import Observer, Rules, judge_run
 from tests.e2e.test_cujud_restarts import EPOCH_MS, MAC, PPS, make_observer, still_counting
 
 KILLS = 5
@@ -81,11 +81,6 @@ def _settled(rig: Rig, ca: Cujud, cb: Cujud, name: str) -> str | None:
     return None
 
 
-def _one_epoch(ca: Cujud, name: str) -> int:
-    rate = (ca.domain(name) or {}).get("epochs_per_s")
-    return one_epoch_packets(PPS, epoch_ms_from_rate(EPOCH_MS, rate))
-
-
 def soak(rig: Rig, guest: LinuxGuest, cujuds: tuple[Cujud, Cujud], kills: int,
          rng: random.Random, *, libvirtd: bool = False) -> list[str]:
     ca, cb = cujuds
@@ -112,7 +107,7 @@ def soak(rig: Rig, guest: LinuxGuest, cujuds: tuple[Cujud, Cujud], kills: int,
                     victim = rng.choice((ca, cb))
                     sig = rng.choice((signal.SIGKILL, signal.SIGTERM))
                     moment = (ca.domain(name) or {}).get("state", "?")
-                    gap = _one_epoch(ca, name)
+                    gap = ca.one_epoch_gap(name, PPS, EPOCH_MS)
                     killed_at = time.monotonic()
                     if libvirtd and rng.random() < 1 / 3:  # libvirtd restarts, cujud runs on
                         victim.host.restart_libvirtd()
@@ -206,7 +201,7 @@ def test_a_backup_cujud_down_when_the_primary_dies_still_fails_over(
             obs.wait_for(lambda r: len(r.udp) >= 30, timeout=90)
             pid = rig.a.qemu_pid(name)
             assert pid is not None
-            gap = _one_epoch(ca, name)
+            gap = ca.one_epoch_gap(name, PPS, EPOCH_MS)
             _kill(cb, signal.SIGKILL)
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)

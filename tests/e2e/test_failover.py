@@ -14,7 +14,8 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pytest
 
@@ -26,23 +27,12 @@ from cuju_libvirt.rig.observer import (
     Recording,
     Rules,
     Verdict,
-    epoch_ms_from_rate,
     judge_run,
-    one_epoch_packets,
 )
 
 MAC = "52:54:00:19:04:00"
 PPS = 300
 EPOCH_MS = 20
-
-
-def one_epoch_gap(cujud: Cujud, name: str) -> int:
-    """The largest gap the claim allows: one epoch's datagrams, for the epochs as they ran
-    just now (an epoch lasts at least ``EPOCH_MS``; under TCG on 2 shared cores it also waits
-    for its predecessor's acknowledgement, so cujud's measured epoch rate decides)."""
-    status = cujud.domain(name)
-    rate = None if status is None else status.get("epochs_per_s")
-    return one_epoch_packets(PPS, epoch_ms_from_rate(EPOCH_MS, rate))
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +48,13 @@ def observer(ft_rig: Rig) -> Iterator[Observer]:
 
 def _start_protected(
     rig: Rig, guest: LinuxGuest, observer: Observer, name: str, cujuds: tuple[Cujud, Cujud],
-    *, extra: tuple[str, ...] = (),
+    *, extra: tuple[str, ...] = (), mode: str = "count,udp", params: Mapping[str, Any] | None = None,
 ) -> None:
-    """Define and start the Linux guest protected (``extra``: more ``xml enable`` options)."""
+    """Define and start the Linux guest protected (``extra``: more ``xml enable`` options;
+    ``mode`` and ``params``: the guest's workloads, which must include ``udp``)."""
     ca, cb = cujuds
-    xml = protected_linux_xml(rig, guest, name, observer, mac=MAC, pps=PPS, epoch_ms=EPOCH_MS, extra=extra)
+    xml = protected_linux_xml(rig, guest, name, observer, mac=MAC, pps=PPS, epoch_ms=EPOCH_MS, extra=extra,
+                              mode=mode, params=params)
     rig.a.virsh("define", str(xml))
     rig.a.virsh("start", name)
     ca.wait_domain(name, "protected", timeout=120)
@@ -95,7 +87,7 @@ def kill_primary_and_judge(rig: Rig, observer: Observer, ca: Cujud, name: str) -
     the moment of the kill."""
     pid = rig.a.qemu_pid(name)
     assert pid is not None
-    max_gap = one_epoch_gap(ca, name)
+    max_gap = ca.one_epoch_gap(name, PPS, EPOCH_MS)
     killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     rec = _still_counting(observer, killed_at + 0.2, 3 * PPS, timeout=60)
@@ -289,7 +281,7 @@ def test_primary_host_crash_fails_over_and_the_rebooted_host_becomes_the_backup(
     try:
         _start_protected(rig, linux_guest, observer, name, cujuds)
         time.sleep(random.uniform(0.5, 2.0))
-        max_gap = one_epoch_gap(ca, name)
+        max_gap = ca.one_epoch_gap(name, PPS, EPOCH_MS)
         crashed_at = time.monotonic()
         rig.a.crash()
         cb.wait_failed_over(name, timeout=20)

@@ -1,29 +1,42 @@
 """The product path with peer_tls: on: a protected VM whose peer channel is mutual TLS and
-whose FT link runs encrypted (docs/security.md), read by a listener on the FT link and then
-killed and failed over like in test_failover.py, judged by the observer's stream.
+whose FT link runs encrypted (docs/security.md), read by an eavesdropper on the LAN and on
+the FT link, tampered with on the FT link, and failed over like in test_failover.py, judged
+by the observer's stream.
 
-The listener is a raw packet socket on host b's ``ft0`` (an attacker with a tap on the FT
-link). Every epoch frame ends with the trailer magic ``CUJU-END`` (c_ext/wire.h): in the
-lesser mode (no TLS) a capture of the initial sync and a few epochs shows it, with TLS it
-must not show it nor any other frame magic.
+The eavesdropper (:class:`~cuju_libvirt.rig.tap.Tap`) reads every frame on host b's ``ft0``
+(the FT link) and on every interface of the LAN namespace (both hosts' uplinks: the peer
+channel and the guests' traffic) from before cujud starts until the guest has run epochs:
+the peer channel's handshake, the pairing that hands out the FT-link token, the initial
+sync and a few epochs. The guest fills 8 MiB of its RAM with a 16-byte marker drawn for
+this run and keeps rewriting it (agent mode ``pattern``); the token and the link secret are
+read from cujud on host b (:meth:`~cuju_libvirt.rig.cujud.Cujud.link_tokens`). With TLS
+neither the marker (nor its hex digits, on the guest's kernel command line), the token, the
+secret nor any frame magic may be found in any frame or TCP stream, while the FT link's
+streams carried at least the marker's 8 MiB. In the lesser mode (no TLS) the same capture
+shows the marker and the token on the FT link and the token on the LAN: the check can fail.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, cujud_pair
+from cuju_libvirt.rig.cujud import cleanup_protected, cujud_pair, protected_linux_xml
 from cuju_libvirt.rig.hosts import Rig
-from cuju_libvirt.rig.linux_guest import LinuxGuest
+from cuju_libvirt.rig.linux_guest import LinuxGuest, parse_serial
 from cuju_libvirt.rig.nodes import FT_IFACE
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
+from cuju_libvirt.rig.tap import Capture, Tap, read_capture
 from tests.e2e.test_failover import (
+    EPOCH_MS,
+    MAC,
     PPS,
     _start_protected,
     _still_counting,
@@ -34,22 +47,104 @@ from tests.e2e.test_failover import (
 
 __all__ = ["linux_guest", "observer"]  # fixtures shared with test_failover
 
-#: Runs inside host b: every frame seen on the interface, appended to a file, until killed
-#: or CAPTURE_BYTES are written.
-CAPTURE = """
-import socket, sys
-iface, out, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-s.bind((iface, 0))
-n = 0
-with open(out, "wb", buffering=0) as f:
-    while n < limit:
-        data = s.recv(1 << 17)
-        f.write(data)
-        n += len(data)
-"""
-CAPTURE_BYTES = 48 << 20
 MAGICS = (b"CUJU-END", b"CUJU-FT")
+#: How much of the guest's RAM holds the marker (agent mode ``pattern``).
+PATTERN_MB = 8
+PEER_PORT, FT_PORT = 7790, 7791
+
+
+def _needles(marker: bytes, tokens: list[dict[str, str | None]]) -> dict[str, bytes]:
+    """What the eavesdropper must not read: the marker, raw and as the hex digits the guest's
+    kernel command line carries, each token and link secret, raw and in hex, the frame magics."""
+    out = {"marker": marker, "marker (hex)": marker.hex().encode()}
+    for i, entry in enumerate(tokens):
+        for kind in ("token", "secret"):
+            value = entry[kind]
+            if value is not None:
+                out[f"{kind} {i}"] = bytes.fromhex(value)
+                out[f"{kind} {i} (hex)"] = value.encode()
+    out.update({m.decode(): m for m in MAGICS})
+    return out
+
+
+def _pattern_rewrites(serial: Path, timeout: float = 120.0) -> int:
+    """The guest's count of pattern rewrites, once it has filled its pattern and rewritten it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reports = parse_serial(serial.read_text(errors="replace") if serial.exists() else "", "pattern")
+        assert not [r for r in reports if "error" in r], reports
+        rewrites = [int(r["rewrites"]) for r in reports if "rewrites" in r]
+        if rewrites:
+            return rewrites[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"the guest did not fill its pattern within {timeout:.0f} s (see {serial})")
+
+
+def _summary(name: str, cap: Capture, stats: Mapping[str, int]) -> str:
+    return json.dumps({"capture": name, "frames": cap.frames, "bytes": cap.bytes, "tap": dict(stats),
+                       "ft_stream_bytes": cap.tcp_bytes(FT_PORT),
+                       "peer_stream_bytes": cap.tcp_bytes(PEER_PORT),
+                       "missing_stream_bytes": cap.missing, "hits": cap.hits})
+
+
+@pytest.fixture(params=[True, False], ids=["tls", "plain"])
+def tls(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+@pytest.mark.timeout(480)
+def test_an_eavesdropper_on_the_lan_and_the_ft_link_reads_no_memory_and_no_token_and_failover_works(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, tmp_path: Path, tls: bool
+) -> None:
+    rig = ft_rig
+    name = "ft-tls" if tls else "ft-plain-tap"
+    marker = secrets.token_bytes(16)
+    ft_tap = Tap(rig.b, tmp_path / "ft-link.cap", [FT_IFACE])
+    lan_tap = Tap(rig.lan, tmp_path / "lan.cap")
+    try:
+        with ft_tap, lan_tap, \
+                cujud_pair(rig, logs=tmp_path / "logs", tls=tls, record_tokens=True) as (ca, cb):
+            try:
+                if tls:
+                    peers = ca.call("peers")["peers"]
+                    assert peers[0]["security"].startswith("TLS (TLSv1.3, certificates)"), peers
+                _start_protected(rig, linux_guest, observer, name, (ca, cb), mode="count,udp,pattern",
+                                 params={"marker": marker.hex(), "pattern_mb": PATTERN_MB})
+                serial = rig.a.outside(f"/var/log/libvirt/qemu/{name}-serial.log")
+                # a committed epoch holds the filled pattern, and a few more epochs ran
+                ca.committed_checkpoint(name, lambda: _pattern_rewrites(serial))
+                ft_stats, lan_stats = ft_tap.stop(), lan_tap.stop()
+                tokens = cb.link_tokens()
+                assert tokens, f"host b handed out no FT-link token (see {cb.log_path})"
+                needles = _needles(marker, tokens)
+                ft, lan = read_capture(ft_tap.out, needles), read_capture(lan_tap.out, needles)
+                said = f"{_summary('ft-link', ft, ft_stats)}\n{_summary('lan', lan, lan_stats)}"
+                print(said)
+                # the check can fail: the FT link carried at least the marker's pages, the LAN the
+                # peer channel (handshake, pairing, heartbeats)
+                assert ft.tcp_bytes(FT_PORT) >= PATTERN_MB << 20, said
+                assert lan.tcp_bytes(PEER_PORT) > 0, said
+                log = ca.log
+                if tls:
+                    assert all(entry["secret"] for entry in tokens), tokens
+                    assert "AES-256-GCM" in log() and "NOT encrypted" not in log(), log()[-2000:]
+                    assert not ft.hits and not lan.hits, said
+                else:
+                    assert "NOT encrypted" in log()
+                    # what the same eavesdropper reads in the lesser mode
+                    assert {"marker", "token 0", "CUJU-END"} <= set(ft.hits), said
+                    assert {"token 0 (hex)", "marker (hex)"} <= set(lan.hits), said
+
+                kill_primary_and_judge(rig, observer, ca, name)
+                after = cb.domain(name)
+                # host b runs the VM now (and may already be re-protecting it onto host a)
+                assert after is not None and after["role"] == "primary" and after["failovers"] == 1, after
+            finally:
+                cleanup_protected(rig, name)
+    finally:
+        for tap in (ft_tap, lan_tap):
+            tap.out.unlink(missing_ok=True)  # hundreds of MiB; the summary above says what they held
+
 
 #: Runs inside host a: the FT link's man in the middle. It forwards every connection from
 #: 127.0.0.1:PORT to the backup's FT listener; once the file TRIGGER exists it flips one bit
@@ -97,57 +192,6 @@ while True:
 TAMPER_PORT = 7799
 
 
-@pytest.fixture(params=[True, False], ids=["tls", "plain"])
-def tls(request: pytest.FixtureRequest) -> bool:
-    return bool(request.param)
-
-
-@pytest.fixture
-def pair(ft_rig: Rig, tmp_path: Path, tls: bool) -> Iterator[tuple[Cujud, Cujud]]:
-    with cujud_pair(ft_rig, logs=tmp_path / "logs", tls=tls) as p:
-        yield p
-
-
-@pytest.mark.timeout(300)
-def test_a_tap_on_the_ft_link_reads_nothing_with_tls_and_failover_works(
-    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, pair: tuple[Cujud, Cujud], tls: bool
-) -> None:
-    rig, (ca, cb) = ft_rig, pair
-    name = "ft-tls" if tls else "ft-plain-tap"
-    capture = rig.b.outside("/var/log/cuju-libvirt") / "ft-link.cap"
-    capture.parent.mkdir(parents=True, exist_ok=True)
-    tap = rig.b.popen([sys.executable, "-c", CAPTURE, FT_IFACE, "/var/log/cuju-libvirt/ft-link.cap",
-                       str(CAPTURE_BYTES)], stderr=subprocess.PIPE)
-    try:
-        peers = ca.call("peers")["peers"]
-        log = ca.log_path.read_text
-        if tls:
-            assert peers[0]["security"].startswith("TLS (TLSv1.3, certificates)"), peers
-        _start_protected(rig, linux_guest, observer, name, pair)
-        time.sleep(1.0)  # a few epochs after the initial sync
-        tap.terminate()
-        tap.wait(10)
-        seen = capture.read_bytes()
-        assert len(seen) > 1 << 20, (len(seen), tap.stderr.read() if tap.stderr else "")
-        if tls:
-            assert "AES-256-GCM" in log() and "NOT encrypted" not in log(), log()[-2000:]
-            assert not [m for m in MAGICS if m in seen]
-        else:
-            assert "NOT encrypted" in log()
-            assert b"CUJU-END" in seen  # the tap does read frames: the check above can fail
-
-        kill_primary_and_judge(rig, observer, ca, name)
-        after = cb.domain(name)
-        # host b runs the VM now (and may already be re-protecting it onto host a)
-        assert after is not None and after["role"] == "primary" and after["failovers"] == 1, after
-    finally:
-        if tap.poll() is None:
-            tap.kill()
-            tap.wait(10)
-        capture.unlink(missing_ok=True)
-        cleanup_protected(rig, name)
-
-
 def _read_int(path: Path) -> int:
     try:
         return int(path.read_text() or 0)
@@ -185,7 +229,7 @@ def test_a_bit_flipped_on_the_encrypted_ft_link_is_refused_and_protection_comes_
             assert _read_int(done) == before  # the live link was the one tampered with
 
             # refused on the backup with the reason; the primary is never fenced for it
-            said_b = cb.log_path.read_text
+            said_b = cb.log
             deadline = time.monotonic() + 60
             while "failed authentication" not in said_b() and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -214,3 +258,70 @@ def test_a_bit_flipped_on_the_encrypted_ft_link_is_refused_and_protection_comes_
         for path in (trigger, done, conns):
             path.unlink(missing_ok=True)
         cleanup_protected(rig, name)
+
+
+#: Runs inside host a: one connection attempt to ADDR:PORT (refused: nothing listens there).
+PROBE = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()
+except OSError:
+    pass
+"""
+PROBE_PORT = 9
+
+
+@pytest.fixture(params=["a", "b"], ids=["tls-primary-plain-backup", "plain-primary-tls-backup"])
+def tls_host(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.mark.timeout(300)
+def test_a_tls_host_refuses_a_plain_peer_and_no_ft_link_is_ever_made(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, tmp_path: Path, tls_host: str
+) -> None:
+    """One host runs peer_tls: on as packaged, the other was left in the lesser mode. The TLS
+    host refuses the plain one on the peer channel (as primary and as backup), both log why,
+    so the VM started on host a runs
+    unprotected (its output is not held), no standby is made on host b and nobody ever opens
+    a connection to host b's FT-link port: a capture of ft0 holds not one segment of it."""
+    rig, name = ft_rig, f"ft-mixed-{tls_host}"
+    ft_tap = Tap(rig.b, tmp_path / "ft-link.cap", [FT_IFACE])
+    tls_side = rig.hosts[tls_host]
+    try:
+        with ft_tap, cujud_pair(rig, logs=tmp_path / "logs", tls=[tls_side], connected=False) as (ca, cb):
+            try:
+                by_tls = {True: ca if tls_host == "a" else cb, False: cb if tls_host == "a" else ca}
+                xml = protected_linux_xml(rig, linux_guest, name, observer, mac=MAC, pps=PPS,
+                                          epoch_ms=EPOCH_MS)
+                rig.a.virsh("define", str(xml))
+                rig.a.virsh("start", name)
+                # the VM runs and its output reaches the LAN: nothing holds it for a backup
+                rec = observer.wait_for(lambda r: len(r.udp) >= PPS, timeout=120)
+                assert len(rec.udp) >= PPS, f"the guest's stream did not start (see {rig.a.log_file(name)})"
+                # host a tried to protect it, more than once, and was refused each time
+                log_a = ca.log
+                deadline = time.monotonic() + 120
+                while log_a().count("protection not established") < 2 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert log_a().count("protection not established") >= 2, log_a()[-3000:]
+                # each side says why, whether it dials or accepts (docs/security.md)
+                said_tls, said_plain = by_tls[True].log(), by_tls[False].log()
+                assert "is it configured with peer_tls: on?" in said_tls, said_tls[-3000:]
+                assert ("the peer speaks TLS and this host does not" in said_plain
+                        or "is it configured with peer_tls: on?" in said_plain), said_plain[-3000:]
+                assert not ca.peer_connected() and not cb.peer_connected()
+                entry = ca.domain(name)
+                assert entry is not None and entry["state"] == "unprotected", entry
+                assert cb.domain(name) is None  # no standby
+                # the tap does see connections on ft0: one from host a to a closed port of host b
+                rig.a.run([sys.executable, "-c", PROBE, rig.b.ft_address, str(PROBE_PORT)])
+                stats = ft_tap.stop()
+                ft = read_capture(ft_tap.out, {})
+                print(_summary("ft-link", ft, stats))
+                assert [flow for flow in ft.streams if flow[3] == PROBE_PORT], ft.streams
+                assert not [flow for flow in ft.streams if FT_PORT in (flow[1], flow[3])], ft.streams
+            finally:
+                cleanup_protected(rig, name)
+    finally:
+        ft_tap.out.unlink(missing_ok=True)

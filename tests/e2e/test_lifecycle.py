@@ -19,7 +19,7 @@ from lxml import etree
 
 from cuju_libvirt.errors import RigError
 from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, protected_counter_xml
-from cuju_libvirt.rig.guests import read_counter
+from cuju_libvirt.rig.guests import SUSPEND, boot_image, command_guest, read_counter
 from cuju_libvirt.rig.hosts import LAN_BRIDGE, Host, Rig
 from tests.e2e.test_failover import runs
 
@@ -35,12 +35,14 @@ def with_acpi(xml: Path) -> None:
 
 
 def protect(rig: Rig, image: Path, ca: Cujud, cb: Cujud, name: str, *,
-            edit: Callable[[etree._Element], None] | None = None) -> Path:
+            edit: Callable[[etree._Element], None] | None = None, served: bool = False,
+            disk_format: str = "raw") -> Path:
     """Define and start ``name`` (the counter guest) on host a, protected by host b; return
     its RAM file. ``edit`` changes the domain XML before it is defined."""
-    # These tests are about the lifecycle: the boot disk stays a plain file (served disks have
-    # their own tests, tests/e2e/test_disk_failover.py).
-    xml = protected_counter_xml(rig, image, name, mac=MAC, epoch_ms=20, extra=("--no-serve-disks",))
+    # These tests are about the lifecycle: the boot disk stays a plain file unless a row is
+    # about served disks (those have their own tests, tests/e2e/test_disk_failover.py).
+    xml = protected_counter_xml(rig, image, name, mac=MAC, epoch_ms=20, disk_format=disk_format,
+                                extra=() if served else ("--no-serve-disks",))
     with_acpi(xml)
     if edit is not None:
         root = etree.parse(str(xml)).getroot()
@@ -51,6 +53,15 @@ def protect(rig: Rig, image: Path, ca: Cujud, cb: Cujud, name: str, *,
     ca.wait_domain(name, "protected", timeout=90)
     cb.wait_domain(name, "standby", timeout=30)
     return rig.a.ram_files(name)[0]
+
+
+def capacity(host: Host, name: str, dev: str = "hda") -> int:
+    """The size of ``dev`` that the QEMU of ``name`` on ``host`` gives the guest (``virsh domblkinfo``)."""
+    info = host.virsh("domblkinfo", name, dev)
+    for line in info.splitlines():
+        if line.startswith("Capacity:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no capacity in {info!r}")
 
 
 def frozen_for(ram: Path, seconds: float) -> bool:
@@ -299,5 +310,103 @@ def test_hot_plugged_nic_recreates_the_standby_and_a_failover_then_works(
         assert read_counter(ram_b) >= committed, (read_counter(ram_b), committed)
         assert advancing(ram_b), "the VM does not run on host b after the failover"
         assert rig.b.virsh("dumpxml", name).count("<interface") == 2
+    finally:
+        cleanup_protected(rig, name)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("disk_format", ["raw", "qcow2"])
+def test_blockresize_of_a_served_disk(ft_rig: Rig, counter_image: Path, cujuds: tuple[Cujud, Cujud],
+                                      disk_format: str) -> None:
+    """A served disk is an NBD export of a fixed size. raw: QEMU refuses to grow it and
+    nothing changes. qcow2: QEMU grows the virtual size inside the export (the hook leaves
+    the file room to grow), the new header reaches the replica like any write, and cujud
+    pairs anew: the new standby reads the new size from its replica."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = f"lc-resize-{disk_format}"
+    try:
+        ram = protect(rig, counter_image, ca, cb, name, served=True, disk_format=disk_format)
+        standby, offset = rig.b.qemu_pid(name), ca.log_path.stat().st_size
+        old = capacity(rig.a, name)
+        new = old + (1 << 20)
+        try:
+            rig.a.virsh("blockresize", name, "hda", f"{new}B")
+            refused = ""
+        except RigError as err:
+            refused = str(err)
+        print(f"virsh blockresize of a served {disk_format} disk: {refused or 'done'}")
+        if disk_format == "raw":
+            assert "Failed to resize" in refused, refused
+            assert capacity(rig.a, name) == old
+            time.sleep(1.5)
+            assert rig.b.qemu_pid(name) == standby, "the standby was replaced"
+            assert (ca.domain(name) or {}).get("state") == "protected"
+        else:
+            assert capacity(rig.a, name) == new
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and (rig.b.qemu_pid(name) in (None, standby) or
+                                                   (ca.domain(name) or {}).get("state") != "protected"):
+                time.sleep(0.2)
+            text = ca.log_path.read_text(errors="replace")[offset:]
+            assert "disk hda was resized" in text, text[-3000:]
+            cb.wait_domain(name, "standby", timeout=60)
+            assert capacity(rig.b, name) == new, "the replica's image kept the old size"
+        assert " ERROR " not in ca.log_path.read_text(errors="replace")[offset:]
+        assert advancing(ram)
+    finally:
+        cleanup_protected(rig, name)
+
+
+@pytest.mark.timeout(300)
+def test_suspend_to_ram_ends_protection_and_waking_protects_again(
+    ft_rig: Rig, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """ACPI S3 (what `virsh dompmsuspend mem` asks a guest agent to do; here the guest does it
+    itself). QEMU 7.2 can neither save a suspended VM as it is nor put a standby to sleep, so
+    a failover could not give back a sleeping guest. The epoch that finds it suspended is
+    dropped and the standby too, one WARNING says why and what wakes it, no standby is asked
+    for while it sleeps, and `virsh dompmwakeup` (the guest boots again: no resume vector)
+    protects it anew without waiting for a back-off. Before, the engine took S3 for a `virsh
+    suspend` and paired again and again while the guest slept."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "lc-s3"
+    try:
+        ram = protect(rig, boot_image(power=True), ca, cb, name)
+        standby, offset = rig.b.qemu_pid(name), ca.log_path.stat().st_size
+        assert advancing(ram)
+        command_guest(ram, SUSPEND)
+        deadline = time.monotonic() + 30
+        while "pmsuspended" not in rig.a.virsh("domstate", name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "pmsuspended" in rig.a.virsh("domstate", name), "the guest did not suspend itself"
+        deadline = time.monotonic() + 30
+        while rig.b.qemu_pid(name) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert rig.b.qemu_pid(name) is None, "host b still holds a standby of a suspended guest"
+        time.sleep(4.0)  # longer than the first back-offs
+        text = ca.log_path.read_text(errors="replace")[offset:]
+        said = [line for line in text.splitlines() if "suspended to RAM" in line and " WARNING " in line]
+        assert said and "virsh dompmwakeup" in said[0], text[-3000:]
+        # the engine's line and, at most, one refusal to pair while it sleeps (said once)
+        assert len(said) <= 2, text[-3000:]
+        assert "for a standby" not in text, "cujud asked for a standby while the guest slept"
+        assert " ERROR " not in text, text[-3000:]
+        assert "pmsuspended" in rig.a.virsh("domstate", name), "cujud woke (or resumed) the guest"
+        entry = ca.domain(name)
+        assert entry is not None and not entry["protected"], entry
+
+        before = read_counter(ram)
+        rig.a.virsh("dompmwakeup", name)
+        deadline = time.monotonic() + 30
+        while not 0 < read_counter(ram) < before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0 < read_counter(ram) < before, "the guest did not boot again after its wake-up"
+        ca.wait_domain(name, "protected", timeout=60)
+        cb.wait_domain(name, "standby", timeout=30)
+        assert rig.b.qemu_pid(name) not in (None, standby)
+        assert advancing(ram)
+        text = ca.log_path.read_text(errors="replace")[offset:]
+        assert " ERROR " not in text, text[-3000:]
+        print("\n".join(line for line in text.splitlines() if " INFO " in line or " WARNING " in line))
     finally:
         cleanup_protected(rig, name)

@@ -25,7 +25,7 @@ from cuju_libvirt.errors import RigError
 from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, cujud_pair
 from cuju_libvirt.rig.guests import POWER_OFF, RESET, boot_image, command_guest, read_counter
 from cuju_libvirt.rig.hosts import Rig
-from tests.e2e.test_lifecycle import advancing, protect
+from tests.e2e.test_lifecycle import advancing, capacity, protect
 
 NAME = "lc-rows"
 #: The engine's words when the blob's device sections changed.
@@ -258,6 +258,20 @@ def test_blockcopy_with_pivot_pairs_again_with_the_standby_on_the_copy(row: Row)
     row.rig.a.virsh("blockcopy", NAME, "hda", str(copy), "--wait", "--pivot", "--transient-job", timeout=120)
     row.repaired(standby, offset, "virsh blockcopy of disk hda finished")
     assert str(copy) in row.rig.b.virsh("dumpxml", NAME)
+    assert advancing(row.ram)
+
+
+def test_blockresize_pairs_again_with_a_standby_of_the_new_size(row: Row) -> None:
+    """libvirt and QEMU send no event for a resize: before, the standby kept the old size,
+    and after a failover the guest would have seen its disk shrink back."""
+    standby, offset = row.standby(), row.log_size()
+    old = capacity(row.rig.a, NAME)
+    assert capacity(row.rig.b, NAME) == old
+    new = old + (1 << 20)
+    row.rig.a.virsh("blockresize", NAME, "hda", f"{new}B")
+    assert capacity(row.rig.a, NAME) == new
+    row.repaired(standby, offset, "disk hda was resized")
+    assert capacity(row.rig.b, NAME) == new, "the standby opened the disk at its old size"
     assert advancing(row.ram)
 
 

@@ -19,7 +19,7 @@ from cuju_libvirt.rig.hosts import OBSERVER_ADDRESS, Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest, build_linux_guest
 from cuju_libvirt.rig.observer import Observer, Rules, judge_run
 from tests.e2e.conftest import hooked_rig_or_skip
-from tests.e2e.test_failover import PPS, _still_counting, one_epoch_gap, runs
+from tests.e2e.test_failover import EPOCH_MS, PPS, _still_counting, runs
 
 MAC = "52:54:00:19:0a:00"
 NAME = "rp3-vm"
@@ -50,7 +50,7 @@ def test_primary_host_crash_fails_over_to_b_and_re_protects_onto_c(
         cb.wait_domain(NAME, "standby", timeout=30)
         obs.wait_for(lambda r: len(r.udp) >= PPS and len(r.tcp_data) >= 400, timeout=90)
         time.sleep(random.uniform(0.5, 2.0))
-        max_gap = one_epoch_gap(ca, NAME)
+        max_gap = ca.one_epoch_gap(NAME, PPS, EPOCH_MS)
         crashed_at = time.monotonic()
         a.crash()
 

@@ -186,6 +186,26 @@ def test_ft_link_and_lan_carry_traffic(rig: Rig) -> None:
     assert FT_IFACE in rig.a.run(["ip", "-o", "addr", "show", "to", rig.a.ft_address]).stdout
 
 
+def test_a_guest_tap_never_becomes_the_lan_bridges_address(rig: Rig) -> None:
+    """A Linux bridge whose address was never set takes the lowest address of its ports, and
+    libvirt gives a guest's tap fe:54:... of the guest's MAC, the same on the primary's host
+    and the standby's. When a random uplink address lay above it, host a's br-lan took the
+    primary's tap address; once host b's standby had its tap (the same address, a local
+    entry of b's bridge), b delivered every frame for host a to itself: the peer channel
+    was cut for a minute and more. Each host's br-lan keeps the address the rig gave it."""
+    ip = ["ip", "-o", "link", "show", LAN_BRIDGE]
+    for host in rig.hosts.values():
+        before = host.run(ip).stdout.split("link/ether ")[1].split()[0]
+        host.run(["ip", "link", "add", "tap-probe", "address", "00:00:5e:00:53:01", "type", "veth",
+                  "peer", "name", "tap-probe-peer"])
+        try:
+            host.run(["ip", "link", "set", "tap-probe", "master", LAN_BRIDGE])
+            after = host.run(ip).stdout.split("link/ether ")[1].split()[0]
+        finally:
+            host.run(["ip", "link", "del", "tap-probe"])
+        assert after == before, f"host {host.name}: br-lan took its new port's address ({before} -> {after})"
+
+
 def _snapshot(name: str) -> dict[str, list[str]]:
     """What a rig called ``name`` could leave in the root namespaces."""
     cg = cgroup2_mount()

@@ -30,9 +30,10 @@ EPOCH_MS = 20
 #: mode it stands still only during an epoch's pause (a few ms; tens of ms under TCG on this
 #: shared 2-core machine); losing the standby costs one failed epoch plus the teardown of the
 #: replication (QMP round trips, no waiting on the dead peer). The bug this guards against
-#: left the VM paused until a new standby was protected (~0.9 s and more).
+#: left the VM paused until a new standby was protected (~0.9 s and more). Judged up to the
+#: new pairing's request (its initial sync pauses the VM by design, see the test).
 STALL_BOUND = 0.5
-#: How long the counter is watched after the kill (the re-protection lands within it).
+#: How long the counter is watched after the kill (the new pairing begins within it).
 WATCH_S = 4.0
 
 
@@ -52,16 +53,10 @@ def test_killing_the_standby_qemu_does_not_pause_the_primary(
         assert standby is not None, "host b runs no standby QEMU"
         time.sleep(0.5)  # a few protected epochs
 
-        killed_at = time.monotonic()
+        offset = ca.log_path.stat().st_size
+        killed_at = time.time()
         os.kill(standby, signal.SIGKILL)
-        last, last_change, stall = read_counter(ram), killed_at, 0.0
-        while time.monotonic() - killed_at < WATCH_S:
-            time.sleep(0.005)
-            now, value = time.monotonic(), read_counter(ram)
-            if value != last:
-                stall = max(stall, now - last_change)
-                last, last_change = value, now
-        stall = max(stall, time.monotonic() - last_change)
+        samples = watch_counter(ram, WATCH_S)
         # Re-protected means a *new* standby QEMU on host b (under load, host b's libvirt may
         # report the killed one seconds late, and "protected" may still be the old state).
         deadline = time.monotonic() + 60
@@ -69,9 +64,17 @@ def test_killing_the_standby_qemu_does_not_pause_the_primary(
             time.sleep(0.05)
         assert rig.b.qemu_pid(NAME) not in (None, standby), "no new standby on host b"
         ca.wait_domain(NAME, "protected", timeout=60)
-        reprotected_s = time.monotonic() - killed_at
+        reprotected_s = time.time() - killed_at
+        # The new pairing begins with this line, and its initial sync stops the VM by design
+        # (to arm the tracker, for each round's harvest, for the final round): those pauses
+        # begin after it, once the new standby exists, and are not the loss's. A stall that
+        # began before it counts in full, however long it lasts (the bug above: paused from
+        # the loss until the new standby was protected).
+        asked = ca.logged_at("for a standby", offset)
+        assert asked is not None and asked > killed_at, "cujud did not ask for a new standby"
+        stall = longest_stall(samples, begun_before=asked)
         print(f"longest stall of the primary's counter after the kill: {stall * 1e3:.0f} ms; "
-              f"re-protected {reprotected_s:.1f} s after it")
+              f"new standby asked for {asked - killed_at:.2f} s and protected {reprotected_s:.1f} s after it")
         assert stall < STALL_BOUND, f"the primary stood still for {stall:.2f} s (see {ca.log_path})"
         log = ca.log_path.read_text(errors="replace")
         assert "Permission denied" not in log, f"the primary's QEMU lost its disk (see {ca.log_path})"
@@ -93,6 +96,31 @@ def test_killing_the_standby_qemu_does_not_pause_the_primary(
         assert not [x for x in lines if " ERROR " in x], lines
     finally:
         cleanup_protected(rig, NAME)
+
+
+def watch_counter(ram: Path, seconds: float) -> list[tuple[float, int]]:
+    """(wall-clock time, counter) read every few ms for ``seconds``."""
+    samples, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        samples.append((time.time(), read_counter(ram)))
+        time.sleep(0.005)
+    return samples
+
+
+def longest_stall(samples: list[tuple[float, int]], begun_before: float) -> float:
+    """The longest time the counter provably stood still (from the first to the last read of
+    one value) among the stills that began before ``begun_before``. A gap in the reads
+    themselves (this process starved on a loaded machine) with the counter moving on across
+    it is no stall: the VM ran meanwhile."""
+    longest, i = 0.0, 0
+    while i < len(samples):
+        j = i
+        while j + 1 < len(samples) and samples[j + 1][1] == samples[i][1]:
+            j += 1
+        if samples[i][0] < begun_before:
+            longest = max(longest, samples[j][0] - samples[i][0])
+        i = j + 1
+    return longest
 
 
 def _log_since(path: Path, offset: int) -> str:

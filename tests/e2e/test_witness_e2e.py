@@ -28,9 +28,7 @@ from cuju_libvirt.rig.observer import (
     Observer,
     Recording,
     Rules,
-    epoch_ms_from_rate,
     judge_run,
-    one_epoch_packets,
 )
 from cuju_libvirt.rig.sandbox import pid_alive
 
@@ -91,12 +89,6 @@ def still_counting(observer: Observer, after: float, more: int, timeout: float =
     def enough(r: Recording) -> bool:
         return sum(1 for _, t in r.udp if t >= after) >= more and any(t >= after for _, t in r.tcp_chunks)
     return observer.wait_for(enough, timeout)
-
-
-def one_epoch_gap(cujud: Cujud, name: str) -> int:
-    status = cujud.domain(name)
-    rate = None if status is None else status.get("epochs_per_s")
-    return one_epoch_packets(PPS, epoch_ms_from_rate(EPOCH_MS, rate))
 
 
 def runs(host: Host, name: str) -> bool:
@@ -167,7 +159,7 @@ def test_primary_isolated_from_everyone_fences_and_the_backup_takes_over(
     name = "wit-isolate"
     try:
         uuid = start_protected(rig, linux_guest, observer, name, pair)
-        max_gap = one_epoch_gap(ca, name)
+        max_gap = ca.one_epoch_gap(name, PPS, EPOCH_MS)
         cut_at = time.monotonic()
         rig.a.set_links(False)
         cb.wait_failed_over(name, timeout=20)
@@ -232,7 +224,7 @@ def test_etcd_leader_killed_during_a_failover(
     name = "wit-leader"
     try:
         uuid = start_protected(rig, linux_guest, observer, name, pair)
-        max_gap = one_epoch_gap(ca, name)
+        max_gap = ca.one_epoch_gap(name, PPS, EPOCH_MS)
         leader = etcd.leader()
         crashed_at = time.monotonic()
         rig.a.crash()
@@ -276,7 +268,7 @@ def test_etcd_down_a_healthy_pair_carries_on_and_a_crash_fails_over_on_the_prima
         assert status is not None and status["state"] == "protected" and status["epochs_committed"] > before
         assert cb.domain(name)["state"] == "standby"  # type: ignore[index]
 
-        max_gap = one_epoch_gap(ca, name)
+        max_gap = ca.one_epoch_gap(name, PPS, EPOCH_MS)
         pid = rig.a.qemu_pid(name)
         assert pid is not None
         killed_at = time.monotonic()
@@ -307,7 +299,7 @@ def test_cujud_killed_on_the_primary_and_restarted_destroys_its_stale_copy(
     name = "wit-restart"
     try:
         uuid = start_protected(rig, linux_guest, observer, name, pair)
-        max_gap = one_epoch_gap(ca, name)
+        max_gap = ca.one_epoch_gap(name, PPS, EPOCH_MS)
         assert ca.proc is not None
         killed_at = time.monotonic()
         ca.proc.kill()

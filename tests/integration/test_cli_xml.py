@@ -175,9 +175,13 @@ def test_enable_updates_only_the_given_settings(run: Runner, tmp_path: Path) -> 
     assert dx.parse_domain(result.out) == dx.FTSpec(peer="[2001:db8::2]:7800", epoch_ms=40, tracker="scan")
 
 
-def test_enable_needs_peer_for_a_new_element(run: Runner, tmp_path: Path) -> None:
+def test_enable_without_peer_leaves_the_backup_to_the_clusters_placer(run: Runner, tmp_path: Path) -> None:
     result = run("xml", "enable", write(tmp_path, "vm.xml", read_fixture("tabs.xml")))
-    assert result.code == 2 and "--peer is required" in result.err and result.out == b""
+    assert result.code == 0, result.err
+    spec = dx.parse_domain(result.out)
+    assert spec is not None and spec.placed and b"peer=" not in result.out
+    shown = run("xml", "show", "-", stdin=result.out)
+    assert b"placed by the cluster" in shown.out
 
 
 @pytest.mark.parametrize(

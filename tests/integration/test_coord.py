@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import libvirt
 import pytest
 
 from cuju_libvirt.cujud import daemon, orchestrator
@@ -98,9 +99,14 @@ def test_a_retried_pairing_keeps_its_generation_until_ownership_changes(store: O
 
 def test_status_lists_the_witness_records_and_says_when_etcd_does_not_answer(store: OwnershipStore) -> None:
     store.protect("u1", "web", owner="a", backup="c")
-    cujud: Any = SimpleNamespace(orchestrator=SimpleNamespace(witness=store))
-    assert daemon.Daemon.cluster_status(cujud) == {"vms": [
-        {"uuid": "u1", "name": "web", "owner": "a", "backup": "c", "mode": "protected", "generation": 1}]}
+    cujud: Any = SimpleNamespace(orchestrator=SimpleNamespace(witness=store, cluster=None),
+                                 cfg=SimpleNamespace(peers={"c": None}))
+    answer = daemon.Daemon.cluster_status(cujud)
+    assert answer["vms"] == [{"uuid": "u1", "name": "web", "owner": "a", "backup": "c", "mode": "protected",
+                              "generation": 1, "placement": None}]
+    # no host registered (no cluster member here): the hosts the records and peers name, not alive
+    assert [(h["name"], h["lease_alive"], h["primaries"], h["backups"]) for h in answer["hosts"]] == [
+        ("a", False, 1, 0), ("c", False, 0, 1)]
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         dead = OwnershipStore(EtcdClient([f"http://127.0.0.1:{unused.getsockname()[1]}"], timeout=0.3))
@@ -133,13 +139,17 @@ def test_a_failing_pairing_raises_the_generation_only_without_the_peers_promise(
     spec = parse_domain(domain_xml("vm", kernel="/k", metadata=[
         '<cuju:ft xmlns:cuju="https://cuju-ft.github.io/libvirt/ft/1.0" peer="hostb"/>']))
     assert spec is not None
-    dom = SimpleNamespace(XMLDesc=lambda flags: "<domain/>", isPersistent=lambda: False)
+    dom = SimpleNamespace(XMLDesc=lambda flags: "<domain/>", isPersistent=lambda: False,
+                          state=lambda: [libvirt.VIR_DOMAIN_RUNNING, 0])
+    no_stats = SimpleNamespace(domainListGetStats=lambda *a: [])  # no disk sizes (3c23cd8 reads them)
     orch: Any = SimpleNamespace(node="hosta", witness=store, state_dir=tmp_path, lookup=lambda uuid: dom,
                                 links=SimpleNamespace(connection=lambda name: RefusingPeer(promises)),
-                                cfg=SimpleNamespace(request_timeout=1.0))
+                                cfg=SimpleNamespace(request_timeout=1.0),
+                                libvirt=SimpleNamespace(conn=no_stats))
     orch.witness_protect = lambda *a, **k: orchestrator.Orchestrator.witness_protect(orch, *a, **k)
     monkeypatch.setattr(orchestrator, "qemu_pid", lambda name: 1)
     monkeypatch.setattr(orchestrator, "ram_backing", lambda pid: None)
+    monkeypatch.setattr(orchestrator.fitness, "check_live_fitness", lambda xml: [])  # the fake's "<domain/>"
     p = orchestrator.PrimaryDomain(orch, "vm", uuid, spec, "hostb", spec_link=False)
     monkeypatch.setattr(p, "_settle", lambda: True)
     generations = []

@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 
 from cuju_libvirt import disk_server
+from cuju_libvirt.cujud.disks import adopt_own_image, choose_replicas, replica_identity, take_over_replica
 from cuju_libvirt.errors import ReplicationError
 from cuju_libvirt.ft_engine import linkkeys
-from cuju_libvirt.ft_engine.disks import DiskSet, prepare_replica
+from cuju_libvirt.ft_engine.disks import CHANGED, FULL, DiskSet, prepare_replica
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.replicator import DiskPart, EpochReceiver, EpochSender, page_indexes
 
@@ -218,6 +219,119 @@ def test_initial_sync_sparse_then_journal_then_incremental_resync(shm_dir: Path)
             ds.close()
 
 
+def _new_standby(shm_dir: Path, ds: DiskSet, replicas: list[tuple[str, int]]) -> list[dict[str, object]]:
+    """What cujud does at ``standby-create``: the primary's claims, the backup's answers (it
+    replays the last standby's receiver journal first), then a fresh receiver journal."""
+    claims = ds.claims()
+    answers = choose_replicas(replicas, claims, str(shm_dir / "state.journal"), [p for p, _ in replicas])
+    ds.set_replicas(answers, claims)
+    for leftover in ("state", "state.journal", "state.tmp"):  # as BackupEngine.start
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(shm_dir / leftover)
+    return answers
+
+
+@pytest.mark.timeout(240)
+def test_a_new_standby_with_a_proven_replica_gets_only_the_changed_blocks(shm_dir: Path) -> None:
+    """docs/disks.md, "Resync": a new standby (it holds no epoch of the new session) whose
+    replica survived and is proven gets only the blocks changed since; a cujud killed in
+    the middle of that resync loses no block (the bitmap persisted beside the journal);
+    a server killed (the journal changes lineage) or a replica that is not the one paired
+    means a full copy into an emptied replica. Every session ends with replica == model."""
+    rng = random.Random(21)
+    modes: list[str] = []
+
+    def progress(_target: str, _done: int, _total: int, mode: str) -> None:
+        modes.append(mode)
+
+    with served_disks(shm_dir, {"vda": 24 << 20}) as disks:
+        d = disks[0]
+        d.run(d.ops(rng, 40))  # before protection
+        replicas = _replicas(shm_dir, disks)
+        ds = disk_set(disks)
+        ds.set_progress(progress)
+
+        def session(*, finish: bool = True) -> int:
+            with _pair(shm_dir, disks, ds, replicas=replicas) as pair:
+                tx = pair.tx
+                assert tx.handshake(5) == 0  # a new standby: it holds nothing of this session
+                total = ds.begin_sync(full=True)
+                epoch = 0
+                d.run(d.ops(rng, 6))  # the guest keeps writing during the sync
+                while parts := ds.sync_chunk(128 << 10):
+                    epoch += 1
+                    tx.stage(epoch, NO_PAGES, b"", disks=parts)
+                    tx.ship()
+                    assert tx.wait_ack(epoch, 10)
+                    if not finish:
+                        return total  # cujud killed in the middle of the resync
+                epoch += 1
+                pair.commit(epoch, b"dev")  # the journal since begin_sync: replica == model
+                ds.sync_complete()
+                # The backup goes away with an epoch in flight.
+                d.run(d.ops(rng, 5))
+                epoch += 1
+                tx.stage(epoch, NO_PAGES, b"", disks=ds.seal(epoch))
+                tx.ship()
+                return total
+
+        try:
+            answers = _new_standby(shm_dir, ds, replicas)
+            assert answers[0]["kept"] is False
+            full_bytes = session()
+            assert modes[-1] == FULL
+            rid = answers[0]["replica"]
+            assert replica_identity(replicas[0][0])["replica"] == rid
+
+            d.run(d.ops(rng, 8))  # written while there is no backup
+            answers = _new_standby(shm_dir, ds, replicas)
+            assert answers == [{"replica": rid, "kept": True, "written": 0}]
+            changed_bytes = session()
+            assert modes[-1] == CHANGED
+            assert 0 < changed_bytes < full_bytes // 2, (changed_bytes, full_bytes)
+
+            # A resync cut short by a cujud killed after its first chunk; then another
+            # cujud (a new DiskSet on the same journal) resyncs again.
+            d.run(d.ops(rng, 8))
+            _new_standby(shm_dir, ds, replicas)
+            session(finish=False)
+            ds.close()
+            ds = disk_set(disks)
+            ds.set_progress(progress)
+            d.run(d.ops(rng, 3))
+            assert _new_standby(shm_dir, ds, replicas)[0]["kept"] is True
+            session()  # replica == model: the blocks the cut resync never sent were not lost
+            assert modes[-1] == CHANGED
+
+            # A killed server: the journal's lineage changes, the replica cannot be trusted.
+            pid = disk_server.running_pid(d.paths)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while disk_server.running_pid(d.paths) is not None:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            disk_server.start(d.paths, str(d.image), target="vda")
+            d.run(d.ops(rng, 3))
+            assert ds.claims()[0]["replica"] == ""
+            answers = _new_standby(shm_dir, ds, replicas)
+            assert answers[0]["kept"] is False and answers[0]["replica"] != rid
+            assert os.stat(replicas[0][0]).st_blocks == 0, "a replica not kept must start empty"
+            session()
+            assert modes[-1] == FULL
+
+            # A replica that is not the one the primary paired with (another id) is not kept.
+            d.run(d.ops(rng, 3))
+            ident = replicas[0][0] + ".id"
+            Path(ident).write_text(Path(ident).read_text().replace(str(replica_identity(replicas[0][0])["replica"]),
+                                                                   "0123456789abcdef"))
+            assert _new_standby(shm_dir, ds, replicas)[0]["kept"] is False
+            session()
+            assert modes[-1] == FULL
+        finally:
+            ds.close()
+
+
 @pytest.mark.timeout(60)
 def test_server_restart_keeps_the_journal(shm_dir: Path) -> None:
     rng = random.Random(11)
@@ -226,6 +340,7 @@ def test_server_restart_keeps_the_journal(shm_dir: Path) -> None:
         d.run(d.ops(rng, 10))
         first = disk_server.running_pid(d.paths)
         assert first is not None
+        assert disk_server.served_image(d.paths) == str(d.image)  # what a sync reads (primary_disks)
         # The server is no child of its starter (nbdkit's own daemon): it outlives cujud.
         assert f"PPid:\t{os.getpid()}\n" not in Path(f"/proc/{first}/status").read_text()
         assert disk_server.stop(d.paths)
@@ -331,12 +446,25 @@ def test_backup_killed_applying_disk_records_holds_a_committed_epoch(
             ds.close()
 
 
+def same_file(image: Path, replica: str) -> None:
+    """The replica holds the primary's file, then zeros up to the export's end."""
+    prim, rep = image.read_bytes(), Path(replica).read_bytes()
+    assert rep[:len(prim)] == prim and rep[len(prim):].count(0) == len(rep) - len(prim)
+
+
 @pytest.mark.timeout(120)
 def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
     """QEMU decodes the qcow2 over NBD; the server journals the file's bytes; the file grows
-    (allocations) inside the larger export; the replica is the same qcow2."""
+    (allocations) inside the larger export; the replica is the same qcow2.
+
+    The replica starts as the backup makes it for a new standby (``choose_replicas``): an
+    empty qcow2 of the disk's virtual size that the standby's QEMU can open before the sync
+    (all zeros would be 'not in qcow2 format'). Its tables here span more of the file than
+    the primary's (64 KiB clusters, the primary has 4 KiB ones): the sync must overwrite
+    them, holes too, or the replica would not equal the primary's file."""
     image = shm_dir / "vda.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "24M"], check=True, timeout=30)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(image), "24M"],
+                   check=True, timeout=30)
     before = image.stat().st_size
     size = disk_server.export_size_for(str(image), "qcow2")
     assert size is not None and size >= (24 << 20)
@@ -347,7 +475,12 @@ def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
         ds = disk_set([ModelDisk("vda", image, paths, size)])
         assert ds.sizes == (size,)
         replica = str(shm_dir / "vda.replica.qcow2")
-        prepare_replica(replica, size)
+        fmt = {"format": "qcow2", "virtual_size": 24 << 20, "cluster_size": 65536}
+        answers = choose_replicas([(replica, size)], [{}], None, ["vda"], formats=[fmt])
+        assert answers[0]["kept"] is False and answers[0]["written"] > before
+        assert os.stat(replica).st_size == size
+        assert disk_server.image_info(replica, "qcow2")["virtual-size"] == 24 << 20  # QEMU can open it
+        ds.set_replicas(answers, ds.claims())
         region, standby = mmap.mmap(-1, PAGE), mmap.mmap(-1, PAGE)
         a, b = socket.socketpair()
         rx = EpochReceiver(standby, str(shm_dir / "state"), disks=[(replica, size)])
@@ -363,6 +496,9 @@ def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
                 tx.stage(epoch, NO_PAGES, b"", disks=parts)
                 tx.ship()
             synced = epoch
+            assert tx.wait_ack(synced, 10)
+            _wait_applied(rx, synced)
+            same_file(image, replica)  # nothing of the placeholder is left
             for epoch in range(synced + 1, synced + 6):
                 cmds = [f"write -P {rng.randrange(1, 256)} {rng.randrange(0, 23 << 8) * 4096} 65536"
                         for _ in range(20)]
@@ -375,9 +511,7 @@ def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
                 assert tx.wait_ack(epoch, 10)
                 ds.acked(epoch)
                 _wait_applied(rx, epoch)
-                prim = image.read_bytes()
-                rep = Path(replica).read_bytes()
-                assert rep[:len(prim)] == prim and rep[len(prim):].count(0) == len(rep) - len(prim)
+                same_file(image, replica)
             assert image.stat().st_size > before  # it grew inside the export
             for argv in (["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(image), replica],
                          ["qemu-img", "check", "-f", "qcow2", replica]):
@@ -392,3 +526,113 @@ def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
         if ds is not None:
             ds.close()
         disk_server.stop(paths)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("last_epoch", ["applied, its ACK lost", "not applied", "image changed after"])
+def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_changed(
+    shm_dir: Path, last_epoch: str
+) -> None:
+    """docs/disks.md, "Resync after a failover": host a protects the disk onto host b's
+    replica; a's last epoch reaches b (its ACK is lost) or not, a writes on and dies (its
+    server stops cleanly, as the release hook stops it); b takes over its replica (its own
+    server journals every write from then on) and writes on. Re-protected onto a, a offers
+    its own image and the blocks its journal marked since its last acknowledged epoch; b
+    sends only the union with its own marks, and a's image then equals b's disk (its model)
+    at every epoch. An image changed while no server ran is refused (its server gone)."""
+    rng = random.Random(33)
+    modes: list[str] = []
+    host_b = shm_dir / "b"
+    host_b.mkdir()
+    b_paths = disk_server.ServerPaths.under(host_b, "vda")
+    with served_disks(shm_dir, {"vda": 24 << 20}) as disks:
+        a = disks[0]
+        a.run(a.ops(rng, 40))  # before protection
+        replicas = _replicas(host_b, disks)
+        ds = disk_set(disks)
+        ds_b = None
+        try:
+            first = _new_standby(shm_dir, ds, replicas)
+            with _pair(shm_dir, disks, ds, replicas=replicas) as pair:
+                tx = pair.tx
+                assert tx.handshake(5) == 0
+                full_bytes = ds.begin_sync(full=True)
+                epoch = 0
+                while parts := ds.sync_chunk(256 << 10):
+                    epoch += 1
+                    tx.stage(epoch, NO_PAGES, b"", disks=parts)
+                    tx.ship()
+                    assert tx.wait_ack(epoch, 10)
+                epoch += 1
+                pair.commit(epoch, b"dev")
+                ds.sync_complete()
+                for _ in range(3):
+                    a.run(a.ops(rng, 5))
+                    epoch += 1
+                    pair.commit(epoch)
+                a.run(a.ops(rng, 5))
+                epoch += 1
+                tx.stage(epoch, NO_PAGES, b"", disks=ds.seal(epoch))
+                if last_epoch != "not applied":
+                    tx.ship()  # committed and applied on b; a never handles the ACK
+                    _wait_applied(pair.rx, epoch)
+                taken = bytearray(Path(replicas[0][0]).read_bytes())  # b's disk at the takeover
+                a.run(a.ops(rng, 6))  # a writes on after its last seal, then dies
+            ds.close()
+            disk_server.stop(a.paths)  # the release hook: a clean stop
+            if last_epoch == "image changed after":
+                with open(a.image, "r+b") as f:  # e.g. an operator's qemu-img on host a
+                    f.write(b"x")
+
+            # b takes over: its server journals the replica, the VM writes on.
+            disk_server.start(b_paths, replicas[0][0], target="vda")
+            take_over_replica(replicas[0][0], b_paths.journal)
+            assert not Path(replicas[0][0] + ".id").exists()
+            b = ModelDisk("vda", Path(replicas[0][0]), b_paths, a.size, taken)
+            b.run(b.ops(rng, 8))
+            ds_b = disk_set([b])
+            ds_b.set_progress(lambda _t, _d, _n, mode: modes.append(mode))
+            claims = ds_b.claims()
+            assert claims[0]["replica"] == ""
+            assert claims[0]["takeover"]["from_replica"] == first[0]["replica"]
+
+            got = adopt_own_image(a.paths, a.size, claims[0], target="vda")
+            if last_epoch == "image changed after":
+                assert isinstance(got, str) and "changed" in got, got
+                assert disk_server.running_pid(a.paths) is None
+                return
+            assert not isinstance(got, str), got
+            image, extra = got
+            assert image == str(a.image)
+            # Once only: a second attempt (this resync cut short) copies in full.
+            assert "never completed a sync" in str(adopt_own_image(a.paths, a.size, claims[0], target="vda"))
+            answers = choose_replicas([(image, a.size)], claims, None, ["vda"], adopted={0: extra})
+            assert answers[0]["kept"] is True
+            ds_b.set_replicas(answers, claims)
+            standby_a = shm_dir / "a-standby"  # the new standby's receiver journal: a fresh one
+            standby_a.mkdir()
+            with _pair(standby_a, [b], ds_b, replicas=[(image, a.size)]) as pair:
+                tx = pair.tx
+                assert tx.handshake(5) == 0  # a new standby on a
+                total = ds_b.begin_sync(full=True)
+                assert modes[-1] == CHANGED
+                assert 0 < total < full_bytes // 2, (total, full_bytes)
+                b.run(b.ops(rng, 4))  # b writes on during the resync
+                epoch = 0
+                while parts := ds_b.sync_chunk(128 << 10):
+                    epoch += 1
+                    tx.stage(epoch, NO_PAGES, b"", disks=parts)
+                    tx.ship()
+                    assert tx.wait_ack(epoch, 10)
+                epoch += 1
+                pair.commit(epoch, b"dev")  # a's image == b's disk == its model
+                ds_b.sync_complete()
+                b.run(b.ops(rng, 4))
+                pair.commit(epoch + 1)
+            assert ds_b.claims()[0]["replica"] == answers[0]["replica"]  # paired as usual from here
+            assert "takeover" not in ds_b.claims()[0]
+        finally:
+            ds.close()
+            if ds_b is not None:
+                ds_b.close()
+            disk_server.stop(b_paths)

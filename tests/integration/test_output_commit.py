@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import shutil
-import struct
 import subprocess
 import tempfile
 import time
@@ -40,7 +39,7 @@ from cuju_libvirt.ft_engine.output import (
 from cuju_libvirt.qmp import QMPClient
 from cuju_libvirt.rig.guest_net import GuestNetwork
 from cuju_libvirt.rig.linux_guest import build_linux_guest, kernel_cmdline
-from cuju_libvirt.rig.observer import DATAGRAM, MAGIC, Observer, Recording, Rules, decode_datagram, judge_run
+from cuju_libvirt.rig.observer import Observer, Recording, Rules, datagrams_in_dump, judge_run
 from cuju_libvirt.rig.qemu_direct import DirectGuest
 
 pytestmark = [
@@ -53,7 +52,6 @@ TAP = "outputcommit"
 NETDEV = "hostnet0"  # libvirt's name for the first interface's netdev
 PPS = 500
 BOOT_TIMEOUT = 90.0
-PCAP_RECORD_HEADER = struct.Struct("<IIII")
 
 
 @dataclass
@@ -144,18 +142,7 @@ class SentLog:
 
     def udp_by_offset(self) -> list[tuple[int, int]]:
         """(sequence number, end offset of its record) of every guest datagram in the dump."""
-        data = self.path.read_bytes()
-        found: list[tuple[int, int]] = []
-        pos = 24
-        while pos + PCAP_RECORD_HEADER.size <= len(data):
-            _, _, caplen, _ = PCAP_RECORD_HEADER.unpack_from(data, pos)
-            packet = data[pos + 16 : pos + 16 + caplen]
-            pos += 16 + caplen
-            at = packet.find(MAGIC)  # the guest's datagram is the UDP payload
-            decoded = decode_datagram(packet[at : at + DATAGRAM.size]) if at >= 0 else None
-            if decoded is not None:
-                found.append((decoded[0], pos))
-        return found
+        return datagrams_in_dump(self.path.read_bytes())
 
 
 @dataclass

@@ -96,6 +96,9 @@ def test_dropin_replaces_the_whole_peers_value(etc: Path) -> None:
         ("etcd_endpoints: [https://e1:2379]\n", ["etcd_endpoints", "TLS is not supported yet"]),
         ("etcd_endpoints: {a: b}\n", ["etcd_endpoints", "expected a list"]),
         ("etcd_endpoints: [http://e1:99999]\n", ["etcd_endpoints", "port must be a number"]),
+        ("failure_domain: 'rack 1'\n", ["failure_domain", "not a failure-domain label", "A-Z a-z 0-9 . _ -"]),
+        ("failure_domain: 3\n", ["failure_domain", "an integer", "not a failure-domain label"]),
+        ("host_lease_ttl: 1\n", ["host_lease_ttl", "out of range", "2 to 300 s"]),
     ],
 )
 def test_errors_name_file_key_and_fix(etc: Path, text: str, needles: list[str]) -> None:
@@ -266,3 +269,10 @@ def test_etcd_endpoints_parse_to_urls(etc: Path) -> None:
     assert load(etc).etcd_endpoints == ("http://e3:2379",)
     (etc / "cujud.yaml").write_text("# none\n")
     assert load(etc).etcd_endpoints == ()
+
+
+def test_the_failure_domain_defaults_to_the_node_name(etc: Path) -> None:
+    (etc / "cujud.yaml").write_text("node_name: a\n")
+    assert load(etc).failure_domain == "a"
+    (etc / "cujud.yaml").write_text("node_name: a\nfailure_domain: rack-2.east\n")
+    assert load(etc).failure_domain == "rack-2.east"

@@ -103,9 +103,9 @@ def life(event: str, detail: str) -> LifecycleEvent:
     (ev("block-job", disk="vda", type="BACKUP", status="COMPLETED"), Action.NOTE, "stays on its image"),
     (ev("job-completed", operation="SNAPSHOT"), Action.RECONFIGURE, "virsh snapshot-create"),
     (ev("balloon-change", actual_kib=1024), Action.NOTE, "setmem"),
-    (ev("pm-suspend"), Action.NOTE, "protection goes on"),
+    (ev("pm-suspend"), Action.NOTE, "protection ends while it sleeps"),
     (ev("pm-suspend", disk=True), Action.NOTE, "ends protection"),
-    (ev("pm-wakeup"), Action.NOTE, "woke up"),
+    (ev("pm-wakeup"), Action.NOTE, "protects it again"),
     (ev("reboot"), Action.NOTE, "virsh reset"),
     (life("UNDEFINED", "REMOVED"), Action.RECONFIGURE, "virsh undefine"),
     (life("DEFINED", "UPDATED"), Action.RECONFIGURE, "virsh define"),
@@ -194,3 +194,17 @@ def test_a_disk_moved_to_an_overlay_without_any_event_is_a_reconfiguration() -> 
     assert found.cause == "disk hda is on other images now (virsh snapshot-create --disk-only?)"
     gone = events.disks_changed(before, events.disk_chains(domain_xml("vm", kernel="/boot/vmlinuz")))
     assert gone is not None and gone.cause == "disk hda went"
+
+
+def test_a_disk_resized_without_any_event_is_a_reconfiguration() -> None:
+    """`virsh blockresize` sends no event: the capacity in libvirt's block stats shows it."""
+    stats = {"block.count": 2, "block.0.name": "hda", "block.0.capacity": 1 << 20,
+             "block.1.name": "hdb"}  # hdb's size hidden (a job held the domain): left out
+    before = events.disk_sizes(stats)
+    assert before == {"hda": 1 << 20}
+    assert events.disks_resized(before, events.disk_sizes(stats)) is None
+    grown = events.disk_sizes({**stats, "block.0.capacity": 2 << 20, "block.1.capacity": 4096})
+    found = events.disks_resized(before, grown)
+    assert found is not None and found.action is Action.RECONFIGURE
+    assert found.cause == "disk hda was resized from 1048576 to 2097152 bytes (virsh blockresize)"
+    assert events.disks_resized(before, {}) is None  # nothing read: nothing judged

@@ -107,6 +107,20 @@ def test_errors_name_the_device(devices: str, code: str, subject: str) -> None:
     assert "; fix: " in str(errors[0])
 
 
+def test_the_live_rules_catch_what_a_hot_plug_brings_and_nothing_else() -> None:
+    """cujud applies them to the live XML before each pairing: a DIMM or a host device
+    hot-plugged since the start is refused, with what to do; a fit domain passes (its
+    unprepared disk, a warning, is no reason to refuse a re-pairing)."""
+    plain_disk = "<disk type='file' device='disk'><source file='/img/a.raw'/><target dev='vda'/></disk>"
+    assert ft.check_live_fitness(fit(plain_disk)) == []
+    dimm = "<memory model='dimm'><target><size unit='MiB'>128</size><node>0</node></target></memory>"
+    (found,) = ft.check_live_fitness(fit(dimm))
+    assert found.code == "memory-device" and "virsh detach-device" in found.fix
+    hostdev = ("<hostdev mode='subsystem' type='pci'><source><address domain='0' bus='1' slot='0' "
+               "function='0'/></source></hostdev>")
+    assert [p.code for p in ft.check_live_fitness(fit(hostdev))] == ["hostdev"]
+
+
 @pytest.mark.parametrize(
     ("devices", "code", "subject"),
     [

@@ -123,6 +123,18 @@ def test_ram_backing_read_from_a_real_process_command_line(tmp_path: Path) -> No
     finally:
         none.kill()
         none.wait()
+    # a hot-plugged DIMM (libvirt's memdimm0 backend) beside the cell's RAM: refused, naming
+    # both backends and what to do
+    dimm = json.dumps({"qom-type": "memory-backend-file", "id": "memdimm0", "mem-path": str(ram)})
+    two = subprocess.Popen([sys.executable, "-c", code, "-object", obj.replace("pc.ram", "ram-node0", 1),
+                            "-object", dimm])
+    try:
+        wait_exec(two.pid, b"memdimm0")
+        with pytest.raises(CujuError, match=r"2 RAM backends \(ram-node0, memdimm0\).*virsh detach-device"):
+            ram_backing(two.pid)
+    finally:
+        two.kill()
+        two.wait()
 
 
 class FakeEngine:
@@ -373,6 +385,8 @@ def test_placement_keeps_a_connected_backup_and_otherwise_balances_over_connecte
     orch: Any = SimpleNamespace(links=FakeLinks(["hostb", "hostc", "hostd"], {"hostb", "hostc", "hostd"}),
                                 primaries=primaries, _lock=threading.Lock())
 
+    orch.connected_peers = lambda: orchestrator.Orchestrator.connected_peers(orch)
+
     def place(uuid: str, prefer: str | None = None) -> str | None:
         return orchestrator.Orchestrator.place(orch, uuid, prefer=prefer)
 
@@ -410,6 +424,7 @@ def test_an_element_without_peer_needs_the_cluster_and_says_so() -> None:
                                 primaries={}, _lock=threading.Lock())
     orch.names_this_host = lambda s: orchestrator.Orchestrator.names_this_host(orch, s)
     orch.place = lambda uuid, prefer=None: orchestrator.Orchestrator.place(orch, uuid, prefer=prefer)
+    orch.connected_peers = lambda: orchestrator.Orchestrator.connected_peers(orch)
     with pytest.raises(CujuError, match=r"no peer attribute.*etcd_endpoints.*fix: add peer="):
         orchestrator.Orchestrator.resolve_peer(orch, spec)
     orch.witness = object()  # with the witness, the standby is placed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -13,6 +15,7 @@ from cuju_libvirt.ft_engine.output import (
     PCAP_RECORD,
     OutputCommit,
     OutputCommitError,
+    _CounterWatch,
     discover_netdevs,
     leftover_filters,
     remove_leftovers,
@@ -27,6 +30,7 @@ class FakeQMP:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.fail = fail or {}
         self.objects: list[str] = []
+        self.answers: list[Any] = []
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None, **_: Any) -> Any:
         args = arguments or {}
@@ -41,6 +45,21 @@ class FakeQMP:
         elif command == "object-del":
             self.objects.remove(args["id"])
         return {}
+
+    def send(self, command: str, arguments: dict[str, Any] | None = None, **_: Any) -> int:
+        """Run the command at once (as QEMU does, in order); :meth:`reply` hands out its outcome."""
+        try:
+            outcome: Any = self.execute(command, arguments)
+        except Exception as err:  # QEMU's refusal travels in the answer
+            outcome = err
+        self.answers.append(outcome)
+        return len(self.answers) - 1
+
+    def reply(self, req_id: int, **_: Any) -> Any:
+        outcome = self.answers[req_id]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
 
 def make(fake: FakeQMP, **kwargs: Any) -> OutputCommit:
@@ -94,13 +113,99 @@ def test_counts_come_from_the_dump_files_size(tmp_path: Path) -> None:
         oc.pending_packets()
 
 
+def test_wait_output_wakes_on_the_first_counted_packet_not_at_its_timeout(tmp_path: Path) -> None:
+    fake = FakeQMP()
+    oc = make(fake, counter_dir=tmp_path)
+    (one,) = oc.install(["net0"])
+    assert one.counter_file is not None
+    t0 = time.monotonic()
+    assert oc.wait_output(0.05) == 0  # nothing held: it waits out its timeout
+    assert time.monotonic() - t0 >= 0.05
+
+    def packet() -> None:
+        time.sleep(0.2)
+        with one.counter_file.open("ab") as out:  # type: ignore[union-attr]
+            out.write(b"\0" * PCAP_RECORD)
+
+    writer = threading.Thread(target=packet)
+    t0 = time.monotonic()
+    writer.start()
+    assert oc.wait_output(60.0) == 1  # woken by the write, long before 60 s
+    assert time.monotonic() - t0 < 30.0
+    assert isinstance(oc._watch, _CounterWatch)  # inotify woke it, not a poll
+    writer.join()
+    assert oc.wait_output(60.0) == 1  # a held packet returns at once
+    oc.remove()
+    assert oc._watch is None
+
+
+def test_wait_output_without_counting_only_sleeps() -> None:
+    oc = make(FakeQMP())
+    oc.install(["net0"])
+    assert oc.wait_output(0.01) is None
+
+
 def test_a_failed_toggle_raises_with_the_filter_and_netdev() -> None:
     fake = FakeQMP({("qom-set", "cuju-oc-net0-f1"): QMPConnectionError("QMP connection lost")})
     oc = make(fake)
     oc.install(["net0"])
-    with pytest.raises(OutputCommitError, match="filter cuju-oc-net0-f1 of netdev net0 off"):
+    with pytest.raises(OutputCommitError, match="filter cuju-oc-net0-f1 of netdev net0 off") as info:
         oc.boundary()
     assert oc.held_epoch is None and oc.stats.boundaries == 0
+    # cujud reads a lost monitor (QEMU exiting: virsh destroy) from the cause
+    assert isinstance(info.value.__cause__, QMPConnectionError)
+
+
+class OrderedQMP(FakeQMP):
+    """Also notes when each answer is collected."""
+
+    def __init__(self, fail: dict[tuple[str, str], Exception] | None = None) -> None:
+        super().__init__(fail)
+        self.log: list[str] = []
+
+    def send(self, command: str, arguments: dict[str, Any] | None = None, **kw: Any) -> int:
+        self.log.append("send")
+        return super().send(command, arguments, **kw)
+
+    def reply(self, req_id: int, **kw: Any) -> Any:
+        self.log.append("reply")
+        return super().reply(req_id, **kw)
+
+
+def test_a_boundary_and_a_release_send_every_switch_before_the_first_answer() -> None:
+    fake = OrderedQMP()
+    oc = make(fake)
+    oc.install(["net0", "net1"])
+    fake.log.clear()
+    oc.begin_boundary()
+    assert fake.log == ["send"] * 4  # nothing waited for: the caller may harvest meanwhile
+    assert oc.held_epoch is None
+    assert oc.finish_boundary() == 0 and oc.held_epoch == 0
+    assert fake.log == ["send"] * 4 + ["reply"] * 4
+    fake.log.clear()
+    assert oc.release(0) == 0
+    assert fake.log == ["send"] * 4 + ["reply"] * 4
+    switches = [(a["path"].rpartition("/")[2], a["value"]) for c, a in fake.calls if c == "qom-set"]
+    assert switches == [  # in order: each netdev's F1 off and on, then each F2 off and on
+        ("cuju-oc-net0-f1", "off"), ("cuju-oc-net0-f1", "on"), ("cuju-oc-net1-f1", "off"),
+        ("cuju-oc-net1-f1", "on"), ("cuju-oc-net0-f2", "off"), ("cuju-oc-net0-f2", "on"),
+        ("cuju-oc-net1-f2", "off"), ("cuju-oc-net1-f2", "on"),
+    ]  # fmt: skip
+
+
+def test_a_refused_switch_is_reported_after_every_answer_is_collected() -> None:
+    refused = QMPError("qom-set", "GenericError", "no such object")
+    fake = OrderedQMP({("qom-set", "cuju-oc-net0-f1"): refused})
+    oc = make(fake)
+    oc.install(["net0", "net1"])
+    fake.log.clear()
+    with pytest.raises(OutputCommitError, match="cuju-oc-net0-f1 of netdev net0 off: no such object") as info:
+        oc.boundary()
+    assert info.value.netdev == "net0"
+    assert fake.log == ["send"] * 4 + ["reply"] * 4  # no answer is left behind on the monitor
+    assert oc.held_epoch is None and oc.stats.boundaries == 0
+    with pytest.raises(StateError, match="no epoch boundary was begun"):
+        oc.finish_boundary()
 
 
 def test_remove_tries_every_filter_and_reports_what_is_left() -> None:

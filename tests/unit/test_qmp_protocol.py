@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cuju_libvirt.errors import CujuError, MonitorError, StateError
+from cuju_libvirt.errors import CujuError, MonitorError, ReplicationError, StateError, caused_by
 from cuju_libvirt.qmp import QMPClient, QMPConnectionError, QMPError, QMPTimeoutError
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": ["oob"]}}
@@ -119,6 +119,22 @@ def test_error_reply_raises_qmperror_with_class_and_desc(serve: Callable[..., Sc
     assert info.value.error_class == "CommandNotFound"
     assert info.value.command == "nope"
     assert "has not been found" in info.value.desc and "nope" in str(info.value)
+
+
+def test_caused_by_finds_a_monitor_error_anywhere_in_the_chain_of_causes() -> None:
+    lost = QMPConnectionError("QMP connection lost")
+    try:
+        try:
+            raise ReplicationError("cannot switch filter") from lost
+        except ReplicationError as inner:
+            raise StateError("epoch loop failed") from inner
+    except StateError as outer:
+        assert caused_by(outer, MonitorError) and caused_by(lost, QMPConnectionError)
+        assert not caused_by(outer, QMPError)
+    looped = ReplicationError("a cycle")
+    looped.__cause__ = StateError("back")
+    looped.__cause__.__cause__ = looped
+    assert not caused_by(looped, MonitorError)
 
 
 def test_timeout_leaves_connection_usable_and_drops_the_late_reply(

@@ -63,6 +63,12 @@ def test_disks_still_syncing_get_a_line_each() -> None:
     assert " disk " not in render({"node": "a", "domains": [domain()]}, NOW)
 
 
+def test_a_resync_of_changed_blocks_says_so() -> None:
+    disks = [{"target": "vda", "synced_bytes": 2**20, "total_bytes": 4 * 2**20, "mode": "changed"}]
+    text = render({"node": "a", "domains": [domain(disk_sync=disks)]}, NOW)
+    assert "web disk vda: resyncing changed blocks [#####...............]  25% (1.0 MiB of 4.0 MiB)" in text
+
+
 def test_the_witness_generation_shows_next_to_the_peer_only_with_a_witness() -> None:
     with_witness = render({"node": "a", "domains": [domain(peer="cuju-c", generation=4)]}, NOW)
     assert "cuju-c (generation 4)" in with_witness
@@ -84,3 +90,25 @@ def test_the_cluster_records_are_shown_only_under_the_witness() -> None:
                     ["web", "hosta", "hostc", "protected", "3"], ["db", "hostb", "-", "unprotected", "7"]]
     down = render({**base, "cluster": {"error": "no etcd member answered", "vms": []}}, 0.0)
     assert "cluster (etcd): NO ANSWER (no etcd member answered)" in down
+
+
+def test_the_cluster_hosts_show_lease_failure_domain_free_memory_and_vms() -> None:
+    hosts = [
+        {"name": "hosta", "lease_alive": True, "failure_domain": "rack1", "mem_free_kib": 2 << 20,
+         "cpus": 4, "load1": 1.5, "primaries": 2, "backups": 0},
+        {"name": "hostc", "lease_alive": False, "failure_domain": None, "mem_free_kib": None,
+         "cpus": None, "load1": None, "primaries": 0, "backups": 1},
+    ]
+    text = render({"node": "hosta", "domains": [], "peers": [], "cluster": {
+        "hosts": hosts, "placer": "hosta",
+        "vms": [{"uuid": "u3", "name": "new", "owner": "hosta", "backup": None, "mode": "unprotected",
+                 "generation": 1, "placement": "hostb"}]}}, 0.0)
+    assert "cluster (etcd): 1 of 2 host(s) alive, placer hosta" in text
+    rows = [line.split("  ") for line in text.splitlines() if line.startswith("  ")]
+    cells = [[c.strip() for c in r if c.strip()] for r in rows]
+    header = ["HOST", "LEASE", "FAILURE DOMAIN", "FREE MEM", "CPUS (LOAD)", "VMS (PRIMARY/BACKUP)"]
+    assert cells[:3] == [header,
+                         ["hosta", "alive", "rack1", "2.0 GiB", "4 (1.50)", "2/0"],
+                         ["hostc", "GONE", "-", "-", "-", "0/1"]]
+    assert ["new", "hosta", "placed on hostb", "unprotected", "1"] in cells
+    assert "placer NONE ELECTED" in render({"node": "a", "cluster": {"hosts": [], "vms": []}}, 0.0)

@@ -27,6 +27,14 @@
  *             reads requests of cuju.req_bytes (64) bytes and answers each with
  *             the same bytes, byte 0 incremented; "cuju-service: listening
  *             port=P", then served=N every report_ms.
+ *   pattern   fills cuju.pattern_mb (8) MiB of anonymous memory with the 16-byte
+ *             cuju.marker (32 hex digits, required) repeated, says "cuju-pattern:
+ *             filled mb=N", then rewrites cuju.pattern_pages (64) of those pages
+ *             with the same bytes every cuju.interval_ms (100), round robin, so that
+ *             the marker is in every few epochs too (what an eavesdropper on the
+ *             FT link must not read); "cuju-pattern: rewrites=N" every report_ms.
+ *             The marker's binary form exists only in this RAM: the kernel
+ *             command line carries its hex digits.
  *   balloon   idles and reports MemTotal/MemFree every report_ms, so that a
  *             host inflating the virtio balloon can see the guest shrink.
  *   diskread  reads cuju.disk (/dev/vda) over and over into cuju.bufs (8)
@@ -398,6 +406,72 @@ static int mode_stress(void)
                 }
             }
         }
+    }
+}
+
+/* ---- pattern ------------------------------------------------------------- */
+
+#define MARKER_LEN 16
+
+static int hex_nibble(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+static int mode_pattern(void)
+{
+    const char *hex = param("marker");
+    long mb = param_long("pattern_mb", 8, 1, 1 << 16);
+    long per_tick = param_long("pattern_pages", 64, 1, 1 << 20);
+    long interval_ms = param_long("interval_ms", 100, 1, 3600000);
+    long report_ms = param_long("report_ms", 1000, 10, 3600000);
+    unsigned char marker[MARKER_LEN];
+    for (int i = 0; i < MARKER_LEN; i++) {
+        int hi = hex && strlen(hex) == 2 * MARKER_LEN ? hex_nibble(hex[2 * i]) : -1;
+        int lo = hi >= 0 ? hex_nibble(hex[2 * i + 1]) : -1;
+        if (lo < 0) {
+            printf("cuju-pattern: error=bad-parameter key=cuju.marker want=%d-hex-digits\n", 2 * MARKER_LEN);
+            return 2;
+        }
+        marker[i] = (unsigned char)(hi << 4 | lo);
+    }
+    size_t size = (size_t)mb << 20, pages = size / PAGE;
+    unsigned char *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) {
+        printf("cuju-pattern: error=mmap mb=%ld errno=%d\n", mb, errno);
+        return 1;
+    }
+    for (size_t off = 0; off < size; off += MARKER_LEN)
+        memcpy(mem + off, marker, MARKER_LEN);
+    printf("cuju-pattern: filled mb=%ld pages=%zu\n", mb, pages);
+    uint64_t rewrites = 0, next = now_ns(), report = next + (uint64_t)report_ms * 1000000ull;
+    uint64_t m[2];
+    memcpy(m, marker, MARKER_LEN);
+    for (size_t p = 0;;) {
+        /* The same bytes again, through volatile stores: the page is written (dirty) all the same. */
+        for (long i = 0; i < per_tick; i++, p = (p + 1) % pages) {
+            volatile uint64_t *w = (volatile uint64_t *)(void *)(mem + p * PAGE);
+            for (size_t k = 0; k < PAGE / 8; k += 2) {
+                w[k] = m[0];
+                w[k + 1] = m[1];
+            }
+        }
+        rewrites += (uint64_t)per_tick;
+        uint64_t now = now_ns();
+        if (now >= report) {
+            printf("cuju-pattern: rewrites=%llu\n", (unsigned long long)rewrites);
+            report = now + (uint64_t)report_ms * 1000000ull;
+        }
+        next += (uint64_t)interval_ms * 1000000ull;
+        if (next < now)
+            next = now;
+        sleep_until(next);
     }
 }
 
@@ -796,7 +870,7 @@ int main(int argc, char **argv)
     load_cmdline();
     const char *mode = argc > 1 ? argv[1] : param("mode");
     if (!mode) {
-        printf("cuju-agent: error=no-mode usage=agent count|udp|echo|stress|balloon|diskread|cpu|service|fsrec "
+        printf("cuju-agent: error=no-mode usage=agent count|udp|echo|stress|balloon|diskread|cpu|service|fsrec|pattern "
                "[cuju.KEY=VALUE ...]\n");
         return 2;
     }
@@ -818,7 +892,9 @@ int main(int argc, char **argv)
         return mode_service();
     if (strcmp(mode, "fsrec") == 0)
         return mode_fsrec();
-    printf("cuju-agent: error=unknown-mode mode=%s known=count,udp,echo,stress,balloon,diskread,cpu,service,fsrec\n",
+    if (strcmp(mode, "pattern") == 0)
+        return mode_pattern();
+    printf("cuju-agent: error=unknown-mode mode=%s known=count,udp,echo,stress,balloon,diskread,cpu,service,fsrec,pattern\n",
            mode);
     return 2;
 }

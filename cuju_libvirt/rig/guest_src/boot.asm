@@ -11,7 +11,9 @@
 ;   0x8008         u32 xorshift32 state (writer mode)
 ;   0x800c         u32 command (POWER builds only; zeroed at boot, read every iteration, written
 ;                  from outside through the RAM file): 1 = power off (ACPI S5 through the
-;                  PIIX4 PM1a control register at 0x604), 2 = reset (keyboard controller)
+;                  PIIX4 PM1a control register at 0x604), 2 = reset (keyboard controller),
+;                  3 = suspend to RAM (ACPI S3, same register; a wake-up without a resume
+;                  vector makes the firmware reset the machine: the guest boots again)
 ;   SPAN_BASE..    writer mode only: SPAN_PAGES pages; each iteration writes the counter
 ;                  into WRITES pseudo-random pages, and every RUN_EVERY-th iteration into
 ;                  RUN_PAGES consecutive pages from a random start (wrapping in the span).
@@ -162,6 +164,12 @@ main_loop:
         mov al, 0xfe                   ; pulse the CPU reset line
         out 0x64, al
 .no_reset:
+        cmp eax, 3
+        jne .no_suspend
+        mov dx, 0x604
+        mov ax, 0x2400                 ; SLP_EN, SLP_TYP 1: S3
+        out dx, ax
+.no_suspend:
 %endif
         jmp main_loop
 
