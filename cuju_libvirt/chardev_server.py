@@ -35,6 +35,7 @@ until cujud settles it with the epoch the backup resumed from.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -207,18 +208,29 @@ class _SocketTarget(_Target):
             self._connect()
 
     def _connect(self) -> None:
+        """Start connecting without waiting (the server's one thread answers every pause): a
+        TCP connect completes in the background (sends wait in the backlog meanwhile), a target
+        that cannot take it now (refused, backlog full) is tried again in a second."""
         self.next_try = time.monotonic() + 1.0
+        address: Any
         try:
             if self.t.kind == "unix":
                 assert self.t.path is not None
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.connect(self.t.path)
+                family, address = socket.AF_UNIX, self.t.path
             else:
-                sock = socket.create_connection((self.t.host or "localhost", int(self.t.service or 0)), 2.0)
+                info = socket.getaddrinfo(self.t.host or "localhost", self.t.service,
+                                          type=socket.SOCK_STREAM)[0]
+                family, address = info[0], info[4]
         except OSError as err:
-            log.debug("%s: cannot connect (%s); trying again", self.t.describe(), err)
+            log.debug("%s: cannot resolve (%s); trying again", self.t.describe(), err)
             return
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
+        code = sock.connect_ex(address)
+        if code not in (0, errno.EINPROGRESS):
+            log.debug("%s: cannot connect (%s); trying again", self.t.describe(), os.strerror(code))
+            sock.close()
+            return
         self.conn = sock
 
     def fileno(self) -> int | None:

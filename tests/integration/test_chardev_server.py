@@ -9,7 +9,9 @@ earlier; one that took bytes of the next epoch would show C+1.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,3 +122,51 @@ def test_finish_exits_once_nothing_is_held(server: tuple[cs.ServerPaths, Path]) 
         client.call("cut", epoch=1)
     cs.finish(paths)
     _wait(lambda: cs.running_pid(paths) is None, "the server's exit", 20)
+
+
+def test_a_socket_target_that_cannot_take_a_connection_never_stalls_the_server(tmp_path: Path) -> None:
+    """A ``connect`` target whose listener does not accept (its backlog full) used to block the
+    server's one thread in connect(): no cut was answered (each pause waited on it) and QEMU's
+    writes stopped being read. The server must keep answering and connect once it can."""
+    user = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    user.bind(str(tmp_path / "user.sock"))
+    user.listen(0)
+    fillers = []
+    while True:  # fill the backlog: a blocking connect() to it now waits forever
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        fillers.append(s)
+        if s.connect_ex(str(tmp_path / "user.sock")) != 0:
+            break
+    paths = cs.ServerPaths(str(tmp_path / "chardev"))
+    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        cs.start(paths, {"serial0": ChardevTarget("unix", path=str(tmp_path / "user.sock"), mode="connect")})
+        qemu.connect(paths.socket("serial0"))
+        with cs.ChardevClient(paths.control, timeout=10.0) as client:
+            for i in range(5):
+                qemu.sendall(f"line {i}\r\n".encode())  # passing: released at once, to a closed target
+                time.sleep(0.2)
+                assert client.call("status")["chardevs"]["serial0"]["qemu_connected"]
+            for s in fillers:
+                s.close()
+            got, conns = b"", []
+            deadline = time.monotonic() + 30
+            user.settimeout(0.2)
+            while b"later" not in got:  # the fillers' queued connections first, then the server's
+                assert time.monotonic() < deadline, f"the target never got the output once it could: {got!r}"
+                qemu.sendall(b"later\r\n")
+                with contextlib.suppress(TimeoutError):
+                    conns.append(user.accept()[0])
+                    conns[-1].setblocking(False)
+                for conn in conns:
+                    with contextlib.suppress(BlockingIOError):
+                        got += conn.recv(4096)
+            for conn in conns:
+                conn.close()
+    finally:
+        qemu.close()
+        user.close()
+        for s in fillers:
+            s.close()
+        cs.stop(paths)
