@@ -343,6 +343,11 @@ class PrimaryDomain:
         if self.spec.chardevs and chardevs is None:
             self.log.warning("the chardev server of %s does not run: its serial output is NOT held (it "
                              "starts with the VM; restart the VM to hold it)", self.name)
+        if chardevs is not None:
+            # A new protection of a VM that runs here: what an earlier one left held (a cujud
+            # killed mid-protection, the VM adopted since) is this VM's past output, and the
+            # new engine's epochs start again from the backup's.
+            chardevs.release_all()
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
                                     machine=self.machine, may_release=self._may_release, link_keys=link_keys,
                                     disks=disks, chardevs=chardevs)
