@@ -294,6 +294,24 @@ def disk_targets(xml: str) -> list[str]:
     return [d.target for d in spec.disks] if spec is not None else []
 
 
+def left_replicas(uuid: str, xml: str, sizes: Sequence[int]) -> list[tuple[str, int]]:
+    """The replicas of a standby an earlier cujud of this host left (it died), exactly as they
+    are: they hold the committed epochs (the receiver's journal replays the last one), so they
+    are never emptied nor re-chosen here. Each is the image its block server serves (nbdkit
+    outlives cujud; the standby QEMU is connected to it): a disk whose server is gone means
+    the standby cannot be taken back (CujuError)."""
+    targets = disk_targets(xml)
+    if len(targets) != len(sizes):
+        raise CujuError(f"the standby's record has {len(sizes)} disk size(s), its XML {len(targets)} disk(s)")
+    out = []
+    for target, size in zip(targets, sizes, strict=True):
+        image = disk_server.served_image(disk_server.ServerPaths.of(uuid, target))
+        if image is None or not os.path.exists(image):
+            raise CujuError(f"disk {target}: the block server of its replica no longer runs")
+        out.append((image, size))
+    return out
+
+
 def stop_servers(uuid: str, xml: str) -> None:
     """Stop the servers of the prepared disks of ``xml`` (a standby that is dropped)."""
     for target in disk_targets(xml):

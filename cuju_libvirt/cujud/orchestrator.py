@@ -643,21 +643,7 @@ class PrimaryDomain:
             while alive(self.pid) and time.monotonic() < deadline:
                 time.sleep(0.005)
         if not alive(self.pid):
-            how = self._classify_exit()
-            if self.engine is not None:
-                self.engine.vm_ended = how  # the engine then says so in one INFO line, no clean-up in QEMU
-            if how.startswith("crash"):
-                self._crashed(how)
-                self._settle_serial_later()
-            else:
-                if self.engine is not None and self.engine.chardevs is not None:
-                    self.engine.chardevs.release_all()  # the VM ended here: its last words are real
-                # one INFO line: the engine's "the VM ended (...)" when it runs, else this one
-                level = logging.INFO if self.engine is None else logging.DEBUG
-                self.log.log(level, "QEMU ended (%s): stopping protection, the standby is dropped", how)
-                self._ask_abandon(how, quiet=True, vm_ended=True)
-                self.orch.witness_stopped(self)
-                self._finish()
+            self._qemu_ended()
             return True  # nothing left to hold: the QEMU is gone
         won = self._claim()
         if won:
@@ -684,6 +670,25 @@ class PrimaryDomain:
             return False
         threading.Thread(target=self._resolve_fence, name=f"cujud-fence-{self.name}", daemon=True).start()
         return False
+
+    def _qemu_ended(self, *, engine_runs: bool = True) -> None:
+        """The VM's QEMU is gone: a crash cedes the VM to the standby, anything else ends
+        protection (the standby is dropped)."""
+        how = self._classify_exit()
+        if self.engine is not None:
+            self.engine.vm_ended = how  # the engine then says so in one INFO line, no clean-up in QEMU
+        if how.startswith("crash"):
+            self._crashed(how)
+            self._settle_serial_later()
+            return
+        if self.engine is not None and self.engine.chardevs is not None:
+            self.engine.chardevs.release_all()  # the VM ended here: its last words are real
+        # one INFO line: the engine's "the VM ended (...)" when it runs, else this one
+        level = logging.DEBUG if self.engine is not None and engine_runs else logging.INFO
+        self.log.log(level, "QEMU ended (%s): stopping protection, the standby is dropped", how)
+        self._ask_abandon(how, quiet=True, vm_ended=True)
+        self.orch.witness_stopped(self)
+        self._finish()
 
     def _claim(self, *, quiet: bool = False) -> bool | None:
         """Race the peer for the ownership record: True won, False lost, None no witness or
@@ -753,8 +758,8 @@ class PrimaryDomain:
         try:
             self.orch.links.connection(self.peer).notify("primary-crashed", {"uuid": self.uuid, "how": how})
         except CujuError as err:
-            self.log.warning("could not tell %s (%s): it takes over when both paths are silent",
-                             self.peer, err)
+            self.log.warning("could not tell %s (%s): it takes over when both paths are silent, or asks "
+                             "this host when its cujud runs again", self.peer, err)
         self._finish()
 
     def _settle_serial_later(self) -> None:
@@ -825,6 +830,9 @@ class PrimaryDomain:
         self.log.error("FENCED: %s is unreachable and may have taken over; the VM stays stopped with "
                        "its output held until %s answers", self.peer, self.peer)
         while not self.ended.is_set() and not self.orch.stopping.is_set():
+            if not alive(self.pid):  # the fenced copy died: the standby is all that is left of the VM
+                self._qemu_ended(engine_runs=False)
+                return
             won = self._claim(quiet=True)
             if won and engine is not None:
                 self.log.warning("the witness made this host the sole owner (generation %d): unfencing",
@@ -947,6 +955,7 @@ class Orchestrator:
             libvirt_conn=libvirt, state_dir=cfg.state_dir, ft_host=cfg.ft_listen.host,
             ft_port=cfg.ft_listen.port, peer_silent_for=links.silent_for,
             register=domains.add, unregister=self._unregister, notify_peer=self._notify_peer,
+            ask_peer=self._ask_peer,
             runs_here=self._runs_here, on_taken_over=self._after_takeover,
             disk_replica_dir=cfg.disk_replica_dir,
             witness=self.witness, node=cfg.node_name,
@@ -963,8 +972,9 @@ class Orchestrator:
         handlers.requests["standby-create"] = lambda conn, body: self.standbys.create(
             conn.remote, body, encrypt_link=conn.encrypted)
         handlers.requests["standby-abandon"] = lambda conn, body: self.standbys.abandon(body)
-        handlers.requests["holds"] = lambda conn, body: {"holds": self.standbys.holds(str(body["uuid"]))}
+        handlers.requests["holds"] = lambda conn, body: self._holds(str(body["uuid"]))
         handlers.requests["takeover-epoch"] = lambda conn, body: self.standbys.takeover_epoch(body)
+        handlers.requests["vm-state"] = lambda conn, body: {"state": self.vm_state(str(body["uuid"]))}
         handlers.notes["primary-crashed"] = self._note_crashed
         handlers.notes["standby-lost"] = self._note_standby_lost
 
@@ -1147,6 +1157,41 @@ class Orchestrator:
     def _notify_peer(self, name: str, kind: str, body: dict[str, Any]) -> None:
         self.links.connection(name).notify(kind, body)
 
+    def _holds(self, uuid: str) -> dict[str, Any]:
+        """``holds``: did this host take ``uuid`` over (``undecided``: a standby left by an
+        earlier cujud is not settled yet and may still take it over)."""
+        return {"holds": self.standbys.holds(uuid), "undecided": self.standbys.deciding(uuid)}
+
+    def _ask_peer(self, name: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.links.connection(name).request(kind, body, timeout=min(2.0, self.cfg.request_timeout))
+
+    def vm_state(self, uuid: str) -> str:
+        """What this host is to ``uuid``, for a peer whose cujud restarted with a standby of it
+        (``vm-state``; :meth:`Standby.settle_after_restart` acts on it). Facts, no decision:
+
+        * ``ceded``: this host gave the VM up (its QEMU crashed, or the peer took it over);
+        * ``runs``: a QEMU of it runs here (this host is its primary, fenced or not);
+        * ``deciding``: its QEMU just ended and this cujud is still finding out why;
+        * ``down``: it was protected, and its copy here is gone without an orderly end (this
+          host will not start it before the peer answers ``holds``);
+        * ``stopped``: it does not run here and was not left protected (stopped on purpose).
+        """
+        if records.read(self.state_dir, records.CEDED, uuid) is not None:
+            return "ceded"
+        with self._lock:
+            p = self.primaries.get(uuid)
+        name = p.name if p is not None else None
+        if name is None:
+            with contextlib.suppress(CujuError, libvirt.libvirtError):
+                name = self.lookup(uuid).name()
+        if name is not None and qemu_pid(name) is not None:
+            return "runs"
+        if p is not None and not p.ended.is_set():
+            return "deciding"
+        if records.read(self.state_dir, records.PROTECTED, uuid) is not None:
+            return "down"
+        return "stopped"
+
     def _unregister(self, uuid: str) -> None:
         with contextlib.suppress(KeyError):
             self.domains.remove(uuid)
@@ -1287,9 +1332,14 @@ class Orchestrator:
             return {"start": True, "protect": False, "reason": str(err)}
         if was_protected is not None:
             try:
-                holds = conn.request("holds", {"uuid": uuid}, timeout=2.0).get("holds")
+                answer = conn.request("holds", {"uuid": uuid}, timeout=2.0)
             except CujuError as err:
                 return {"start": False, "protect": False, "reason": self._unknown_holder(was_protected, err)}
+            holds = answer.get("holds")
+            if answer.get("undecided"):
+                return {"start": False, "protect": False,
+                        "reason": f"{name} holds a standby of this VM that its cujud is settling after a "
+                                  "restart (it may take the VM over): try again in a few seconds"}
             if holds:
                 records.write(self.state_dir, records.CEDED, uuid, domain=was_protected.get("domain"),
                               peer=name, reason="the peer took the VM over while this host was down")

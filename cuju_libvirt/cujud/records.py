@@ -9,6 +9,11 @@
   the domain again while the peer holds it. The hook refuses ``virsh start`` while the
   file exists (even when cujud is not running); an operator who has made sure the peer no
   longer runs the VM removes it (``cuju-libvirt ft forget-ceded DOMAIN``).
+* ``standbys/UUID.json`` on the backup while a standby of the domain exists here: what a
+  restarted cujud needs to settle it (its name, peer, generation, XML and replicas). Written
+  before the standby can receive a single epoch, removed when it is dropped or takes over.
+  Without it a standby found at start-up is an orphan and destroyed; with it the standby
+  stays paused until the peer (or the witness) says whether the primary still runs.
 
 Files are written atomically (temporary file, fsync, rename).
 """
@@ -25,6 +30,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/cuju-libvirt")
 TAKEOVERS = "takeovers"
 CEDED = "ceded"
 PROTECTED = "protected"
+STANDBYS = "standbys"
 
 
 def _path(state_dir: Path, kind: str, uuid: str) -> Path:
@@ -59,6 +65,15 @@ def read(state_dir: Path, kind: str, uuid: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_all(state_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """Every readable record of ``kind`` (in UUID order)."""
+    try:
+        names = sorted(p.stem for p in (state_dir / kind).glob("*.json"))
+    except OSError:
+        return []
+    return [rec for name in names if (rec := read(state_dir, kind, name)) is not None]
 
 
 def remove(state_dir: Path, kind: str, uuid: str) -> bool:

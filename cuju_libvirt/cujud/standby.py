@@ -45,7 +45,13 @@ from lxml import etree
 from cuju_libvirt import disk_server, fitness
 from cuju_libvirt.cujud import records
 from cuju_libvirt.cujud.coord import OwnershipStore
-from cuju_libvirt.cujud.disks import backup_replicas, disk_targets, stop_servers, take_over_replica
+from cuju_libvirt.cujud.disks import (
+    backup_replicas,
+    disk_targets,
+    left_replicas,
+    stop_servers,
+    take_over_replica,
+)
 from cuju_libvirt.cujud.qemu_process import qemu_pid, ram_backing
 from cuju_libvirt.cujud.virt import LibvirtConnection, LifecycleEvent, LinkState, translate
 from cuju_libvirt.errors import CoordError, CujuError, StateError
@@ -74,6 +80,11 @@ HANDSHAKE_TIMEOUT = 2.0
 MAX_PENDING = 16
 #: How often an undecided claim (no answer from etcd) is asked again (s).
 CLAIM_RETRY = 0.25
+#: How often a standby left by an earlier cujud asks the primary's host again (s).
+SETTLE_RETRY = 0.5
+#: ... and how long it waits for the peer channel (re)connecting after the restart before it
+#: says in a WARNING that it cannot decide (s).
+SETTLE_WARN_AFTER = 5.0
 
 
 def standby_xml(xml: str) -> str:
@@ -326,6 +337,33 @@ class Standby:
         self.gone = threading.Event()
         self._last_epoch = 0
         self._last_progress = time.monotonic()
+        #: Found at start-up from its record (an earlier cujud created it and died): paused
+        #: until the peer or the witness says who owns the VM (:meth:`settle_after_restart`).
+        self.recovering = False
+        #: The primary's word that arrived while recovering ('ceded': its QEMU crashed).
+        self.peer_word: str | None = None
+        self._manual_told = False
+
+    # -- the record (what a restarted cujud needs) ------------------------------------------
+
+    def save_record(self) -> None:
+        """Written before the first epoch can arrive: a cujud that dies from then on leaves a
+        standby its successor must settle with the peer, never destroy unasked."""
+        records.write(self.manager.state_dir, records.STANDBYS, self.uuid, domain=self.name, peer=self.peer,
+                      xml=self.xml, persistent_xml=self.persistent_xml, persistent=self.persistent,
+                      timeout_ms=round(self.timeout_s * 1e3), auto_failover=self.auto_failover,
+                      generation=self.generation, disk_sizes=self.disk_sizes)
+
+    @classmethod
+    def from_record(cls, manager: StandbyManager, rec: dict[str, Any]) -> Standby:
+        """A standby an earlier cujud of this host created (its record), not yet reopened."""
+        sb = cls(manager, name=str(rec["domain"]), uuid=str(rec["uuid"]), peer=str(rec["peer"]),
+                 xml=str(rec["xml"]), persistent_xml=str(rec["persistent_xml"]),
+                 timeout_s=int(rec["timeout_ms"]) / 1e3, auto_failover=bool(rec["auto_failover"]),
+                 generation=int(rec["generation"]), persistent=bool(rec["persistent"]))
+        sb.disk_sizes = [int(n) for n in rec["disk_sizes"]]
+        sb.recovering = True
+        return sb
 
     # -- creation ----------------------------------------------------------------------------
 
@@ -384,6 +422,121 @@ class Standby:
             self._last_progress = time.monotonic()
         threading.Thread(target=self._detect, name=f"cujud-detect-{self.name}", daemon=True).start()
         self.log.info("FT link from the primary connected; receiving")
+
+    # -- after a restart of cujud ------------------------------------------------------------------
+
+    def reopen(self) -> bool:
+        """Take back the standby an earlier cujud left (libvirt is connected): its QEMU, RAM
+        file, replicas and journal; replay the committed epochs. False when there is nothing
+        to take back (the standby QEMU is gone, or was dropped meanwhile)."""
+        with self.lock:
+            if self.abandoned or self.engine is not None:
+                return False
+            try:
+                dom = self.manager.libvirt.conn.lookupByUUIDString(self.uuid)
+                if not dom.isActive() or not is_standby_xml(dom.XMLDesc(0).encode()):
+                    raise CujuError("its QEMU no longer runs")
+                pid = qemu_pid(self.name)
+                if pid is None:
+                    raise CujuError("its QEMU pid file is missing")
+                self.ram_path = ram_backing(pid).path
+                self.replicas = left_replicas(self.uuid, self.xml, self.disk_sizes)
+                self.qmp = _connect_qmp(fitness.qmp_socket_path(self.name), 10.0)
+                self.profile = standby_profile(self.qmp)
+                self.engine = BackupEngine(
+                    qmp=self.qmp, ram_path=self.ram_path, link=None,
+                    device_state_path=str(self._state_path()), stats=self.stats, machine=self.machine,
+                    tag=self.name, standby=self.profile, disks=self.replicas)
+                epoch = self.engine.recover()
+            except (CujuError, libvirt.libvirtError, OSError) as err:
+                self.log.warning("the standby an earlier cujud left could not be taken back (%s): "
+                                 "dropping it", err)
+                self.log.debug("details", exc_info=True)
+                if self.qmp is not None:
+                    self.qmp.close()
+                    self.qmp = None
+                self.engine = None
+                self.recovering = False
+                self.abandon("it could not be taken back after cujud restarted")
+                return False
+        self.log.info("an earlier cujud left this standby (paused, %s); asking %s whether the primary still "
+                      "runs before anything else", f"committed epoch {epoch}" if self.engine.consistent()
+                      else "no consistent epoch yet", self.peer)
+        return True
+
+    def settle_after_restart(self) -> None:
+        """Decide what the reopened standby is now, from the primary host's word (``vm-state``)
+        or, when that host does not answer, the witness; never on a guess:
+
+        * the primary runs the VM, or stopped it on purpose -> drop the standby;
+        * its copy is gone (its QEMU crashed: it ceded the VM; or its cujud restarted and
+          the VM no longer runs there) -> take over, as a failover does;
+        * no answer: with the witness, race for the ownership record (the fencing token) once
+          the peer is silent for the heartbeat timeout; without one, the standby stays paused
+          (one WARNING) and asks again until the peer answers or an operator takes over."""
+        warned = False
+        silent_since = time.monotonic()
+        delay = 0.0
+        while not self._done.wait(delay):
+            delay = SETTLE_RETRY
+            with self.lock:
+                if self.abandoned or self.taken_over:
+                    return
+            word, why = self.peer_word, "no answer"
+            if word is None:
+                try:
+                    word = str(self.manager.ask_peer(self.peer, "vm-state", {"uuid": self.uuid})["state"])
+                except (CujuError, KeyError) as err:
+                    why = str(err)
+            if word == "runs":
+                self._settled_drop(f"{self.peer} runs the VM: this older standby is not needed")
+                return
+            if word == "stopped":
+                self._settled_drop(f"the VM was stopped on purpose on {self.peer}")
+                records.remove(self.manager.state_dir, records.CEDED, self.uuid)
+                return
+            if word in ("ceded", "down"):
+                what = "its QEMU died (it ceded the VM)" if word == "ceded" else "the VM no longer runs there"
+                if not self._take_over_settled(f"{self.peer} says {what} while cujud here was down",
+                                               by_word=True).get("undecided"):
+                    return
+                continue
+            if word == "deciding":  # its QEMU just ended; the primary's cujud is classifying it
+                continue
+            if self.manager.witness is not None and self.generation:
+                if time.monotonic() - silent_since >= self.timeout_s and not self._take_over_settled(
+                        f"{self.peer} does not answer ({why}), the witness decides").get("undecided"):
+                    return
+                continue
+            if not warned and time.monotonic() - silent_since >= max(self.timeout_s, SETTLE_WARN_AFTER):
+                self.log.warning("cannot tell whether %s still runs the VM (%s) and there is no witness: the "
+                                 "standby stays PAUSED (it never resumes on a guess) and asks again until %s "
+                                 "answers; if that host is known to be dead: cuju-libvirt takeover %s",
+                                 self.peer, why, self.peer, self.name)
+                warned = True
+
+    def _settled_drop(self, reason: str) -> None:
+        self.recovering = False
+        self.abandon(reason)
+
+    def _take_over_settled(self, reason: str, *, by_word: bool = False) -> dict[str, Any]:
+        """Take over once settled (``undecided``: not now, ask again)."""
+        engine = self.engine
+        if engine is None or not engine.consistent():
+            self.log.error("%s, but this standby holds no consistent epoch (the primary died during the "
+                           "initial synchronisation): nothing to resume", reason)
+            self._settled_drop("nothing consistent to resume")
+            return {"taken_over": False}
+        if not self.auto_failover:
+            if not self._manual_told:
+                self.log.error("%s; failover='manual': the standby stays paused until an operator runs "
+                               "'cuju-libvirt takeover %s'", reason, self.name)
+                self._manual_told = True
+            return {"taken_over": False, "undecided": True}
+        answer = self.take_over(reason, by_word=by_word)
+        if not answer.get("undecided"):
+            self.recovering = False
+        return answer
 
     # -- failure detection -----------------------------------------------------------------------
 
@@ -445,6 +598,7 @@ class Standby:
             self._done.set()
             records.write(self.manager.state_dir, records.TAKEOVERS, self.uuid, domain=self.name,
                           peer=self.peer, reason=reason, generation=self.generation)
+            records.remove(self.manager.state_dir, records.STANDBYS, self.uuid)
             # this host holds the VM now: a 'ceded' record from when it lost it is stale
             records.remove(self.manager.state_dir, records.CEDED, self.uuid)
             if verdict == "unknown":
@@ -497,6 +651,7 @@ class Standby:
         if self.qmp is not None:
             self.qmp.close()
         self._destroy_domain()
+        records.remove(self.manager.state_dir, records.STANDBYS, self.uuid)
         with contextlib.suppress(StateError):
             self.machine.move(S.STOPPING)
             self.machine.move(S.STOPPED)
@@ -518,6 +673,10 @@ class Standby:
                 stop_servers(self.uuid, self.xml)
 
 
+def _no_peer(name: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    raise CujuError(f"no channel to peer {name} ({kind})")
+
+
 def _connect_qmp(path: str, timeout: float) -> QMPClient:
     deadline = time.monotonic() + timeout
     while True:
@@ -535,6 +694,7 @@ class StandbyManager:
     def __init__(self, *, libvirt_conn: LibvirtConnection, state_dir: Path, ft_host: str, ft_port: int,
                  peer_silent_for: Callable[[str], float], register: Callable[[DomainStats, FTMachine], None],
                  unregister: Callable[[str], None], notify_peer: Callable[[str, str, dict[str, Any]], None],
+                 ask_peer: Callable[[str, str, dict[str, Any]], dict[str, Any]] | None = None,
                  witness: OwnershipStore | None = None, node: str = "",
                  runs_here: Callable[[str], bool] = lambda _uuid: False,
                  on_taken_over: Callable[[Standby], None] = lambda _sb: None,
@@ -547,6 +707,8 @@ class StandbyManager:
         self._register = register
         self._unregister = unregister
         self._notify_peer = notify_peer
+        #: A request to a peer's cujud (kind, body) -> its answer; CujuError without one.
+        self.ask_peer = ask_peer if ask_peer is not None else _no_peer
         self.witness = witness
         self.node = node
         self._closing = threading.Event()
@@ -560,6 +722,7 @@ class StandbyManager:
         self.standbys: dict[str, Standby] = {}
         self.failed_over: dict[str, Standby] = {}
         self._lock = threading.Lock()
+        self._load_records()
         libvirt_conn.add_lifecycle_listener(self._lifecycle)
         libvirt_conn.add_state_listener(self._libvirt_state)
 
@@ -611,6 +774,11 @@ class StandbyManager:
         sb.disk_claims = [dict(c) if isinstance(c, dict) else {} for c in body.get("disk_claims", [])]
         sb.disk_formats = [dict(c) if isinstance(c, dict) else {} for c in body.get("disk_formats", [])]
         token = sb.create()
+        try:
+            sb.save_record()
+        except OSError:
+            sb.abandon("its record could not be written")
+            raise
         with self._lock:
             self.standbys[uuid] = sb
         self._register(sb.stats, sb.machine)
@@ -665,6 +833,12 @@ class StandbyManager:
             return {"epoch": sb.resumed_epoch}
         return {"pending": True}
 
+    def deciding(self, uuid: str) -> bool:
+        """True while a standby an earlier cujud left is not settled yet: it may still take over."""
+        with self._lock:
+            sb = self.standbys.get(uuid)
+        return sb is not None and sb.recovering
+
     def holds(self, uuid: str) -> bool:
         """True if this host took the domain over (the old primary must not start it)."""
         with self._lock:
@@ -681,6 +855,9 @@ class StandbyManager:
         with self._lock:
             sb = self.standbys.get(str(body["uuid"]))
         if sb is None:
+            return
+        if sb.recovering:  # an earlier cujud's standby: settle_after_restart acts on the word
+            sb.peer_word = "ceded"
             return
         if sb.machine.state is S.STANDBY and sb.auto_failover:
             sb.take_over(f"the primary's cujud reports its QEMU crashed ({body.get('how', '?')})",
@@ -745,13 +922,43 @@ class StandbyManager:
             self.failed_over.pop(uuid, None)
         records.remove(self.state_dir, records.TAKEOVERS, uuid)
 
+    def _load_records(self) -> None:
+        """The standbys an earlier cujud of this host created and left (it died): tracked from
+        the start, so that no peer request about them is answered as if they did not exist;
+        reopened once libvirt is connected (:meth:`_reopen_left`)."""
+        for rec in records.read_all(self.state_dir, records.STANDBYS):
+            try:
+                sb = Standby.from_record(self, rec)
+            except (KeyError, TypeError, ValueError) as err:
+                LOG.warning("unreadable standby record %s (%s): its standby counts as an orphan",
+                            rec.get("uuid"), err)
+                with contextlib.suppress(ValueError):
+                    records.remove(self.state_dir, records.STANDBYS, str(rec.get("uuid")))
+                continue
+            self.standbys[sb.uuid] = sb
+            self._register(sb.stats, sb.machine)
+
     def _libvirt_state(self, state: LinkState) -> None:
         if state is LinkState.CONNECTED:
-            threading.Thread(target=self._drop_orphans, name="cujud-orphans", daemon=True).start()
+            threading.Thread(target=self._after_connect, name="cujud-orphans", daemon=True).start()
+
+    def _after_connect(self) -> None:
+        self._reopen_left()
+        self._drop_orphans()
+
+    def _reopen_left(self) -> None:
+        """Reopen the standbys an earlier cujud left and settle each with its peer."""
+        with self._lock:
+            left = [sb for sb in self.standbys.values() if sb.recovering and sb.engine is None]
+        for sb in left:
+            if sb.reopen():
+                threading.Thread(target=sb.settle_after_restart, name=f"cujud-settle-{sb.name}",
+                                 daemon=True).start()
 
     def _drop_orphans(self) -> None:
-        """Destroy standbys nobody here tracks (left by a cujud that died): only the cujud that
-        created a standby may ever resume it, and that one is gone."""
+        """Destroy standbys nobody here tracks and no record names (left by a cujud that died
+        before the standby could hold anything): only the cujud that created a standby may
+        ever resume it, and that one is gone."""
         try:
             domains = self.libvirt.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)
         except libvirt.libvirtError as err:

@@ -1061,10 +1061,11 @@ class BackupEngine:
 
     ``qmp`` is the standby QEMU's direct monitor (started paused with ``-incoming defer
     -global migration.send-configuration=off``); ``ram_path`` its guest RAM file
-    (written in place, never replaced); ``link`` the accepted FT-link socket;
-    ``device_state_path`` where committed device state is kept (its journal next to it).
-    A fresh standby starts from nothing: stale device state and journal files at those
-    paths are removed. ``standby`` is the standby's profile (listed at start if None).
+    (written in place, never replaced); ``link`` the accepted FT-link socket (None for
+    :meth:`recover`); ``device_state_path`` where committed device state is kept (its
+    journal next to it). A fresh standby (:meth:`start`) starts from nothing: stale device
+    state and journal files at those paths are removed; :meth:`recover` keeps and replays
+    them. ``standby`` is the standby's profile (listed at start if None).
     """
 
     def __init__(
@@ -1072,7 +1073,7 @@ class BackupEngine:
         *,
         qmp: QMPClient,
         ram_path: str,
-        link: socket.socket,
+        link: socket.socket | None,
         device_state_path: str,
         stats: DomainStats,
         machine: FTMachine,
@@ -1112,10 +1113,33 @@ class BackupEngine:
 
     def start(self) -> None:
         """Serve the FT link in the receiver's C threads; ``STANDBY`` once a consistent epoch is in."""
+        if self.link is None:
+            raise StateError("the backup engine has no FT link to serve (recover() reopens one without)")
         base = self.device_state_path
         for path in (base, base + ".journal", base + ".tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        self._open()
+        assert self._rx is not None
+        self._rx.start(self.link, io_timeout=self.io_timeout, link_keys=self._link_keys)
+        self.stats.set_state(self.machine.state.value)
+        self._watch = threading.Thread(target=self._watch_link, name="cuju-standby-watch", daemon=True)
+        self._watch.start()
+
+    def recover(self) -> int:
+        """Reopen what an earlier engine of this standby left (its cujud died; the standby
+        QEMU, its RAM file, journal and device-state file survived): replay the committed
+        epochs the journal holds, without a link. ``STANDBY`` if a consistent epoch is in
+        (:meth:`failover` can then resume it). Returns the epoch the standby holds (0: none)."""
+        self._open()
+        assert self._rx is not None
+        if self.machine.state is S.STANDBY_STARTING and self.consistent():
+            self.machine.move(S.STANDBY, expect=S.STANDBY_STARTING)
+        self.stats.set_state(self.machine.state.value)
+        return self._rx.last_applied
+
+    def _open(self) -> None:
+        """Map the standby's RAM and open the receiver on the journal (replaying it)."""
         fd = os.open(self.ram_path, os.O_RDWR)
         try:
             # Populated now, while pairing: applying an epoch then takes no page fault (first
@@ -1129,10 +1153,6 @@ class BackupEngine:
         if self.standby is None or not self.standby.sections:
             self.standby = standby_profile(self.qmp)
         self._rx = EpochReceiver(self._ram, self.device_state_path, disks=self.disks)
-        self._rx.start(self.link, io_timeout=self.io_timeout, link_keys=self._link_keys)
-        self.stats.set_state(self.machine.state.value)
-        self._watch = threading.Thread(target=self._watch_link, name="cuju-standby-watch", daemon=True)
-        self._watch.start()
 
     @property
     def last_applied(self) -> int:

@@ -132,12 +132,20 @@ class Cujud:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            self.kill(signal.SIGTERM)
+        self.proc = None
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send ``sig`` to this cujud and reap it (SIGKILL if it outlives 30 s): what it
+        started (QEMU, block servers) lives on, as after a crash of the daemon."""
+        if self.proc is None:
+            raise RigError(f"cujud on {self.host.label} does not run")
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
         self.proc = None
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -100,6 +100,29 @@ def test_backup_loss_with_a_served_disk_then_a_sigkill_keeps_every_record(
 
 
 @pytest.mark.timeout(600)
+def test_a_backup_cujud_down_when_the_primary_dies_takes_over_from_its_replica_as_it_was(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """Host b's cujud is SIGKILLed, then the primary's QEMU; started again, host b's cujud
+    takes its standby back and takes over. Its replica holds the committed epochs: taken
+    back as it is (it was first emptied as for a new standby), every record is on it, the
+    file system clean, memory and disk in agreement."""
+    rig, (_ca, cb) = ft_rig, cujuds
+    name = "disk-bkdown"
+
+    def kill_both() -> None:
+        cb.kill()
+        pid = rig.a.qemu_pid(name)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)
+        cb.start()
+
+    judged_run(rig, linux_guest, observer, cujuds, name, fail=kill_both)
+    assert "an earlier cujud left this standby" in cb.log_path.read_text(errors="replace")
+
+
+@pytest.mark.timeout(600)
 def test_primary_host_crash_with_a_served_disk_keeps_every_record(
     ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
 ) -> None:

@@ -129,6 +129,23 @@ class RefusingPeer:
         raise CujuError(f"{kind}: refused by the test's peer")
 
 
+class RunningQMP:
+    """The QMP client of a QEMU that runs: the pairing asks QEMU's run state before any standby."""
+
+    def __init__(self, path: object) -> None:
+        self.path = path
+
+    def __enter__(self) -> RunningQMP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def execute(self, command: str) -> dict[str, str]:
+        assert command == "query-status", command
+        return {"status": "running"}
+
+
 @pytest.mark.parametrize("promises", [True, False])
 def test_a_failing_pairing_raises_the_generation_only_without_the_peers_promise(
         store: OwnershipStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, promises: bool) -> None:
@@ -150,6 +167,7 @@ def test_a_failing_pairing_raises_the_generation_only_without_the_peers_promise(
     monkeypatch.setattr(orchestrator, "qemu_pid", lambda name: 1)
     monkeypatch.setattr(orchestrator, "ram_backing", lambda pid: None)
     monkeypatch.setattr(orchestrator.fitness, "check_live_fitness", lambda xml: [])  # the fake's "<domain/>"
+    monkeypatch.setattr(orchestrator, "QMPClient", RunningQMP)  # d97b844 asks QEMU for its run state
     p = orchestrator.PrimaryDomain(orch, "vm", uuid, spec, "hostb", spec_link=False)
     monkeypatch.setattr(p, "_settle", lambda: True)
     generations = []

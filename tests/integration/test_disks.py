@@ -23,9 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from cuju_libvirt import disk_server
-from cuju_libvirt.cujud.disks import adopt_own_image, choose_replicas, replica_identity, take_over_replica
-from cuju_libvirt.errors import ReplicationError
+from cuju_libvirt import FT_NAMESPACE, disk_server
+from cuju_libvirt.cujud.disks import (
+    adopt_own_image,
+    choose_replicas,
+    left_replicas,
+    replica_identity,
+    take_over_replica,
+)
+from cuju_libvirt.domain_xml import parse_domain
+from cuju_libvirt.errors import CujuError, ReplicationError
 from cuju_libvirt.ft_engine import linkkeys
 from cuju_libvirt.ft_engine.disks import CHANGED, FULL, DiskSet, prepare_replica
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
@@ -526,6 +533,40 @@ def test_qcow2_is_replicated_byte_for_byte_and_may_grow(shm_dir: Path) -> None:
         if ds is not None:
             ds.close()
         disk_server.stop(paths)
+
+
+@pytest.mark.timeout(60)
+def test_a_restarted_cujud_takes_back_the_replicas_of_a_left_standby_as_they_are(tmp_path: Path) -> None:
+    """A standby an earlier cujud left holds its committed epochs in its replicas: taking it
+    back keeps them byte for byte (the reopen first emptied them, as for a new standby that
+    proves nothing) and takes the image its block server serves; it refuses when that server
+    is gone (the standby's QEMU lost its disk)."""
+    uuid = "7a3c0e52-13aa-4c55-8f00-00000000d15c"
+    disk = ("<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+            "<source file='/var/lib/libvirt/images/vm.raw'/><target dev='vda' bus='virtio'/></disk>")
+    xml = (f"<domain type='qemu'><name>vm</name><uuid>{uuid}</uuid><metadata>"
+           f"<cuju:ft xmlns:cuju='{FT_NAMESPACE}' peer='b'><cuju:disk target='vda'>{disk}</cuju:disk>"
+           "</cuju:ft></metadata></domain>")
+    size = 1 << 20
+    content = random.Random(13).randbytes(size)
+    spec = parse_domain(xml)
+    assert spec is not None
+    replica = Path(spec.disks[0].replica_path(str(tmp_path), uuid))
+    replica.parent.mkdir(parents=True)
+    replica.write_bytes(content)
+    paths = disk_server.ServerPaths.of(uuid, "vda")
+    with pytest.raises(CujuError, match="block server of its replica no longer runs"):
+        left_replicas(uuid, xml, [size])
+    disk_server.start(paths, str(replica), target="vda")
+    try:
+        assert left_replicas(uuid, xml, [size]) == [(str(replica), size)]
+        assert replica.read_bytes() == content
+    finally:
+        disk_server.stop(paths)
+        disk_server.forget(paths)
+        with contextlib.suppress(OSError):
+            Path(paths.socket).parent.rmdir()
+    assert replica.read_bytes() == content
 
 
 @pytest.mark.timeout(240)

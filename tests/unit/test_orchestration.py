@@ -21,6 +21,7 @@ from lxml import etree
 from cuju_libvirt import domain_xml as dx
 from cuju_libvirt import fitness
 from cuju_libvirt.cujud import orchestrator, records
+from cuju_libvirt.cujud import standby as standby_mod
 from cuju_libvirt.cujud.qemu_process import ended_on_signal, log_offset, ram_backing
 from cuju_libvirt.cujud.standby import Standby, StandbyManager, is_standby_xml, standby_xml
 from cuju_libvirt.cujud.virt import LifecycleEvent
@@ -151,12 +152,27 @@ class FakeEngine:
     def close(self) -> None:
         self.closed = True
 
+    def consistent(self) -> bool:
+        return self.holds_epoch
+
+    holds_epoch = True
+
 
 def make_standby(tmp_path: Path, verdicts: list[str] | None = None, *,
-                 persistent: bool = False) -> tuple[Standby, list[str]]:
+                 persistent: bool = False, peer_says: list[str | None] | None = None
+                 ) -> tuple[Standby, list[str]]:
     """A standby with fakes around it; ``verdicts``: what the witness answers, claim by claim
-    (none: no witness); ``persistent``: the domain is also defined on this host."""
+    (none: no witness); ``persistent``: the domain is also defined on this host; ``peer_says``:
+    the peer's answers to ``vm-state``, one per question (None: no answer; the last repeats)."""
     events: list[str] = []
+    answers = list(peer_says or [None])
+
+    def ask_peer(name: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        events.append(kind)
+        said = answers.pop(0) if len(answers) > 1 else answers[0]
+        if said is None:
+            raise CujuError(f"peer {name} is not connected")
+        return {"state": said}
 
     def claim(sb: Standby, quiet: bool = False) -> str:
         if verdicts is None:
@@ -172,7 +188,8 @@ def make_standby(tmp_path: Path, verdicts: list[str] | None = None, *,
     manager: Any = SimpleNamespace(
         libvirt=SimpleNamespace(conn=conn), state_dir=tmp_path, ft=SimpleNamespace(forget=lambda t: None),
         taken_over=lambda sb: events.append("taken_over"), forget=lambda sb: events.append("forget"),
-        claim=claim, settle_later=lambda sb: events.append("settle_later"),
+        claim=claim, settle_later=lambda sb: events.append("settle_later"), ask_peer=ask_peer,
+        witness=None if verdicts is None else object(),
     )
     sb = Standby(manager, name="vm", uuid="0f1e2d3c-0000-4000-8000-000000000002", peer="hosta",
                  xml="<domain/>", persistent_xml="<domain/>", timeout_s=0.5, auto_failover=True,
@@ -429,3 +446,115 @@ def test_an_element_without_peer_needs_the_cluster_and_says_so() -> None:
         orchestrator.Orchestrator.resolve_peer(orch, spec)
     orch.witness = object()  # with the witness, the standby is placed
     assert orchestrator.Orchestrator.resolve_peer(orch, spec) == "hostb"
+
+
+def settle(sb: Standby, monkeypatch: pytest.MonkeyPatch, *, within: float = 5.0) -> threading.Thread:
+    """Run ``settle_after_restart`` as the restarted cujud does (asking again every 10 ms)."""
+    monkeypatch.setattr(standby_mod, "SETTLE_RETRY", 0.01)
+    sb.recovering = True
+    t = threading.Thread(target=sb.settle_after_restart, daemon=True)
+    t.start()
+    t.join(within)
+    return t
+
+
+def test_a_standby_left_by_a_dead_cujud_takes_over_when_the_primary_ceded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bug that lost the VM: the restarted backup cujud destroyed this standby as an orphan."""
+    sb, events = make_standby(tmp_path, peer_says=["ceded"])
+    sb.save_record()
+    assert not settle(sb, monkeypatch).is_alive()
+    assert sb.taken_over and not sb.recovering
+    assert events == ["vm-state", "define", "taken_over"]
+    assert records.read(tmp_path, records.TAKEOVERS, sb.uuid) is not None
+    assert records.read(tmp_path, records.STANDBYS, sb.uuid) is None
+
+
+def test_a_standby_left_by_a_dead_cujud_is_dropped_while_the_primary_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb, events = make_standby(tmp_path, peer_says=["runs"])
+    sb.save_record()
+    assert not settle(sb, monkeypatch).is_alive()
+    _join_drops()
+    assert sb.abandoned and not sb.taken_over and "destroy" in events
+    assert sb.engine is not None and sb.engine.failovers == 0  # type: ignore[attr-defined]
+    assert records.read(tmp_path, records.STANDBYS, sb.uuid) is None
+
+
+def test_without_an_answer_nor_a_witness_the_left_standby_stays_paused_then_follows_the_word(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never a guess: no answer keeps it paused (and claimed by nobody); the QEMU that died
+    while its cujud was classifying ('deciding') is followed once the primary's host ceded."""
+    sb, events = make_standby(tmp_path, peer_says=[None] * 20 + ["deciding"] * 5 + ["ceded"])
+    assert not settle(sb, monkeypatch).is_alive()
+    assert sb.taken_over
+    assert events.count("vm-state") == 26 and events[-2:] == ["define", "taken_over"]
+
+
+def test_a_left_standby_follows_the_primarys_crash_note_and_a_stop_drops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb, events = make_standby(tmp_path, peer_says=[None])
+    sb.peer_word = "ceded"  # primary-crashed arrived while it was being reopened
+    assert not settle(sb, monkeypatch).is_alive() and sb.taken_over and "vm-state" not in events
+    stopped, events2 = make_standby(tmp_path / "b", peer_says=["stopped"])
+    records.write(tmp_path / "b", records.CEDED, stopped.uuid, peer="hosta", reason="a standby here")
+    assert not settle(stopped, monkeypatch).is_alive()
+    _join_drops()
+    assert stopped.abandoned and "destroy" in events2
+    assert records.read(tmp_path / "b", records.CEDED, stopped.uuid) is None  # it may start here again
+
+
+def test_a_left_standby_without_a_consistent_epoch_never_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb, events = make_standby(tmp_path, peer_says=["ceded"])
+    sb.engine.holds_epoch = False  # type: ignore[union-attr]
+    assert not settle(sb, monkeypatch).is_alive()
+    _join_drops()
+    assert sb.abandoned and not sb.taken_over and "define" not in events
+
+
+def test_a_left_standby_with_a_silent_peer_asks_the_witness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ownership record's generation is the fencing token: unknown -> ask again, won -> resume."""
+    sb, events = make_standby(tmp_path, verdicts=["unknown", "won"], peer_says=[None])
+    sb.timeout_s = 0.05
+    assert not settle(sb, monkeypatch).is_alive()
+    assert sb.taken_over and events.count("claim") == 2
+    lost, events2 = make_standby(tmp_path / "b", verdicts=["lost"], peer_says=[None])
+    lost.timeout_s = 0.05
+    assert not settle(lost, monkeypatch).is_alive()
+    _join_drops()
+    assert lost.abandoned and not lost.taken_over and "destroy" in events2
+
+
+def test_the_standby_record_holds_what_a_restarted_cujud_needs(tmp_path: Path) -> None:
+    sb, _events = make_standby(tmp_path, verdicts=["won"])
+    sb.disk_sizes = [1 << 20]
+    sb.save_record()
+    again = Standby.from_record(sb.manager, records.read_all(tmp_path, records.STANDBYS)[0])
+    assert again.recovering and not sb.recovering
+    for field in ("name", "uuid", "peer", "xml", "persistent_xml", "persistent", "timeout_s", "auto_failover",
+                  "generation", "disk_sizes"):
+        assert getattr(again, field) == getattr(sb, field), field
+
+
+def test_vm_state_tells_a_restarted_backup_what_this_host_is_to_the_vm(tmp_path: Path) -> None:
+    uuid = "0f1e2d3c-0000-4000-8000-000000000009"
+
+    def lookup(u: str) -> Any:
+        raise CujuError("not defined here")
+
+    orch: Any = SimpleNamespace(state_dir=tmp_path, _lock=threading.Lock(), primaries={}, lookup=lookup)
+    assert orchestrator.Orchestrator.vm_state(orch, uuid) == "stopped"
+    records.write(tmp_path, records.PROTECTED, uuid, peer="hostb")
+    assert orchestrator.Orchestrator.vm_state(orch, uuid) == "down"
+    orch.primaries[uuid] = SimpleNamespace(name="no-such-vm-here", ended=threading.Event())
+    assert orchestrator.Orchestrator.vm_state(orch, uuid) == "deciding"  # its QEMU is gone, not classified
+    records.write(tmp_path, records.CEDED, uuid, peer="hostb")
+    assert orchestrator.Orchestrator.vm_state(orch, uuid) == "ceded"
