@@ -25,7 +25,7 @@ import dataclasses
 import difflib
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -136,7 +136,7 @@ class Attribute:
 
     name: str  # XML attribute name (also the JSON key and the CLI option name)
     field: str  # FTSpec field
-    kind: Literal["endpoint", "int", "choice", "onoff"]
+    kind: Literal["endpoint", "int", "choice", "onoff", "ports"]
     default: str | int | bool | None
     doc: str
     bounds: tuple[int, int] | None = None
@@ -186,11 +186,13 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         choices=("on", "off"),
     ),
     Attribute(
-        "serial-commit", "serial_commit", "onoff", True,
-        "with --prepare, hold the output of every <serial>/<console> of type file, pty, unix or tcp "
-        "(raw) per epoch like network output (a chardev server per domain writes it to the original "
-        "target); off: serial lines of the epoch a failover loses are printed again by the standby",
-        choices=("on", "off"),
+        "serial-commit", "serial_commit", "ports", "auto",
+        "with --prepare, which <serial>/<console> ports have their output held per epoch like network "
+        "output (a chardev server per domain writes it to the original target): auto (every file, "
+        "unix and tcp (raw) port; a pty stays libvirt's, so virsh console works, unheld), on (also "
+        "ptys), off (none), or the ports themselves, e.g. 'serial0 console1'. An unheld port is "
+        "at-least-once: the standby prints again the lines of the epoch a failover loses",
+        choices=("auto", "on", "off"),
     ),
     Attribute(
         "max-epoch-packets", "max_epoch_packets", "int", 5000,
@@ -221,6 +223,8 @@ ATTRIBUTE_BY_NAME: Mapping[str, Attribute] = {a.name: a for a in ATTRIBUTES}
 def _allowed(attr: Attribute) -> str:
     if attr.bounds:
         return f"an integer from {attr.bounds[0]} to {attr.bounds[1]}"
+    if attr.kind == "ports":
+        return " or ".join(repr(c) for c in attr.choices) + " or port names (e.g. 'serial0 console1')"
     if attr.choices:
         return " or ".join(repr(c) for c in attr.choices)
     return "HOST or HOST:PORT (host name, IPv4 address, or [IPv6 address])"
@@ -257,7 +261,8 @@ class FTSpec:
     max_epoch_ms: int = 100
     tracker: Tracker = "auto"
     output_commit: bool = True
-    serial_commit: bool = True
+    #: ``auto``, ``on``, ``off`` or the held ports' keys, space-separated (:meth:`holds_port`).
+    serial_commit: str = "auto"
     max_epoch_packets: int = 5000
     failover: Failover = "auto"
     heartbeat_timeout_ms: int = 500
@@ -328,6 +333,14 @@ class FTSpec:
         if problems:
             raise FTElementError(problems)
         return cls(**values)  # type: ignore[arg-type]  # fields checked in __post_init__
+
+    def holds_port(self, names: Iterable[str], kind: str) -> bool:
+        """Whether ``serial-commit`` selects a holdable port: ``names`` are its own name
+        (``console0``) and its key (``serial0`` for the console that mirrors COM1), ``kind``
+        its original type (``auto`` leaves ptys alone: they are interactive consoles)."""
+        if self.serial_commit in ("auto", "on", "off"):
+            return self.serial_commit == "on" or (self.serial_commit == "auto" and kind != "pty")
+        return not set(self.serial_commit.split()).isdisjoint(names)
 
     def disk(self, target: str) -> FTDisk | None:
         """The record of the prepared disk ``target``, or None."""
@@ -415,7 +428,19 @@ def _check_value(attr: Attribute, value: object) -> str | None:
         return None if lo <= value <= hi else f"outside {lo}..{hi}"
     if attr.kind == "onoff":
         return None if isinstance(value, bool) else "not on/off"
+    if attr.kind == "ports":
+        return None if isinstance(value, str) and (value in attr.choices or _port_list(value)) else \
+            "not auto, on, off or a list of ports such as 'serial0 console1'"
     return None if value in attr.choices else "not one of the choices"
+
+
+_PORT_NAME = re.compile(r"(serial|console)[0-9]{1,4}")
+
+
+def _port_list(text: str) -> bool:
+    """``text`` names ports, each once: ``serial0 console1``."""
+    words = text.split()
+    return bool(words) and len(set(words)) == len(words) and all(_PORT_NAME.fullmatch(w) for w in words)
 
 
 def _from_text(attr: Attribute, text: str) -> object:
@@ -428,6 +453,10 @@ def _from_text(attr: Attribute, text: str) -> object:
         if len(text) > 9:
             raise ValueError("too many digits")
         return int(text)
+    if attr.kind == "ports" and text not in attr.choices:
+        if not _port_list(text):
+            raise ValueError("not auto, on, off or port names such as 'serial0 console1', each once")
+        return " ".join(text.split())
     if text not in attr.choices:
         raise ValueError("unknown value")
     if attr.kind == "onoff":

@@ -29,7 +29,7 @@ import enum
 import itertools
 import logging
 import uuid as uuid_module
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import AnyStr, Generic
 
@@ -51,6 +51,7 @@ from cuju_libvirt.disk_xml import (
 from cuju_libvirt.disk_xml import NBD_SOCKET_DIR as NBD_SOCKET_DIR  # noqa: PLC0414
 from cuju_libvirt.disk_xml import nbd_socket_path as nbd_socket_path  # noqa: PLC0414
 from cuju_libvirt.domain_xml import FTSpec, find_ft, is_nbd_export, load_domain, set_ft_in, spec_from_element
+from cuju_libvirt.errors import FTElementError
 
 LOG = logging.getLogger(__name__)
 
@@ -896,25 +897,41 @@ def _prepare_disks(root: etree._Element, changes: list[str], serve: bool) -> Non
 
 
 def _prepare_chardevs(root: etree._Element, changes: list[str]) -> None:
-    """Hold every holdable ``<serial>``/``<console>`` (``serial-commit='on'``): rewrite it to
-    its chardev server's socket and record the original in ``<cuju:ft>``; elements prepared
-    before keep their record (and get their socket path right)."""
+    """Hold the ``<serial>``/``<console>`` ports ``serial-commit`` selects (:meth:`FTSpec.holds_port`):
+    rewrite each to its chardev server's socket and record the original in ``<cuju:ft>``.
+    Ports prepared before keep their record (and get their socket path right); a recorded
+    port no longer selected is given back (the user opted it out)."""
     element = find_ft(root)
     devices = root.find("devices")
     if element is None or devices is None:
         return
     spec = spec_from_element(element)
-    if not spec.serial_commit:
-        return
-    recorded = {(c.device, c.index) for c in spec.chardevs}
     found = chardev_xml.chardevs_in(root)
-    pending = [(d, i, e) for d, i, e in found if (d, i) not in recorded and chardev_xml.unholdable(e) is None]
-    if not pending and not recorded:
+    keys = {(d, i): chardev_xml.key_of(devices, d, i) for d, i, _ in found}
+    names: dict[str, set[str]] = {}  # key -> the names of the elements that are that port
+    for (device, index), key in keys.items():
+        names.setdefault(key, {key}).add(f"{device}{index}")
+    _check_listed_ports(spec, found, keys, names)
+    recorded = {(c.device, c.index): c for c in spec.chardevs}
+
+    def selected(device: chardev_xml.ChardevDevice, index: int, kind: str) -> bool:
+        return spec.holds_port(names[keys[(device, index)]], kind)
+
+    dropped = tuple(r for r in spec.chardevs if (r.device, r.index) in keys
+                    and not selected(r.device, r.index, r.target.kind))
+    for line in chardev_xml.restore_chardevs_in(root, dropped):
+        changes.append(f"{line}: serial-commit='{spec.serial_commit}' does not hold it (its output is "
+                       "not held: after a failover the standby prints again the lines of the lost epoch)")
+    pending = {(d, i) for d, i, e in found if (d, i) not in recorded and chardev_xml.unholdable(e) is None
+               and selected(d, i, e.get("type", "pty"))}
+    if not pending and len(recorded) == len(dropped):
+        if dropped:
+            set_ft_in(root, spec.replace(chardevs=tuple(r for r in spec.chardevs if r not in dropped)))
         return
     uuid = _prepare_uuid(root, changes)
-    records = list(spec.chardevs)
+    records = [r for r in spec.chardevs if r not in dropped]
     for device, index, el in found:
-        key = chardev_xml.key_of(devices, device, index)
+        key = keys[(device, index)]
         path = chardev_xml.chardev_socket_path(uuid, key)
         if (device, index) in recorded:
             source = el.find("source")
@@ -923,7 +940,7 @@ def _prepare_chardevs(root: etree._Element, changes: list[str]) -> None:
                                f"(was {source.get('path')})")
                 source.set("path", path)
             continue
-        if chardev_xml.unholdable(el) is not None:
+        if (device, index) not in pending:
             continue
         record = chardev_xml.FTChardev.from_element(el, device, index, indent_of(el))
         chardev_xml.hold_over_socket(el, path)
@@ -932,8 +949,29 @@ def _prepare_chardevs(root: etree._Element, changes: list[str]) -> None:
                        f"QEMU writes to the chardev server's socket {path}, which writes what each "
                        "committed epoch printed to the original target; the original is recorded in "
                        "<cuju:ft>")
-    if len(records) != len(spec.chardevs):
+    if records != list(spec.chardevs):
         set_ft_in(root, spec.replace(chardevs=tuple(records)))
+
+
+def _check_listed_ports(spec: FTSpec, found: Sequence[tuple[chardev_xml.ChardevDevice, int, etree._Element]],
+                        keys: Mapping[tuple[chardev_xml.ChardevDevice, int], str],
+                        names: Mapping[str, set[str]]) -> None:
+    """A port ``serial-commit`` names must exist and be holdable (a typo must not leave it unheld)."""
+    if spec.serial_commit in ("auto", "on", "off"):
+        return
+    known = {n for ns in names.values() for n in ns}
+    problems = [f"serial-commit names '{n}', but the domain has no such port (ports: "
+                f"{', '.join(sorted(known)) or 'none'}); fix: name ports that exist, or use auto"
+                for n in spec.serial_commit.split() if n not in known]
+    recorded = {(c.device, c.index) for c in spec.chardevs}
+    for device, index, el in found:
+        why = chardev_xml.unholdable(el)
+        if why is not None and (device, index) not in recorded and \
+                spec.holds_port(names[keys[(device, index)]], el.get("type", "pty")):
+            problems.append(f"serial-commit names <{device}> {index}, whose output cannot be held: {why}; "
+                            "fix: change its type or leave it out of serial-commit")
+    if problems:
+        raise FTElementError(problems)
 
 
 def prepare_in(root: etree._Element, *, disks: bool = True) -> list[str]:

@@ -36,6 +36,9 @@ def add_ft_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 option, dest=dest, metavar="N", help=f"{attr.doc}; {lo}..{hi}, default {attr.default}"
             )
+        elif attr.kind == "ports":
+            group.add_argument(option, dest=dest, metavar="auto|on|off|PORTS",
+                               help=f"{attr.doc}; default {attr.default}")
         else:
             default = ("on" if attr.default else "off") if attr.kind == "onoff" else attr.default
             group.add_argument(

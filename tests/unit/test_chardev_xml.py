@@ -68,7 +68,7 @@ def prepared(spec: dx.FTSpec | None = None) -> str:
 
 
 def test_prepare_holds_each_holdable_chardev_and_records_it() -> None:
-    xml = prepared()
+    xml = prepared(dx.FTSpec.defaults("hostb").replace(serial_commit="on"))
     root = etree.fromstring(xml)
     devices = root.find("devices")
     assert devices is not None
@@ -96,6 +96,63 @@ def test_prepare_holds_each_holdable_chardev_and_records_it() -> None:
     assert targets["serial3"].describe() == "unix bind /run/vm/com4.sock"
 
 
+def _held(xml: str) -> list[tuple[str, int]]:
+    spec = dx.parse_domain(xml)
+    assert spec is not None
+    return [(c.device, c.index) for c in spec.chardevs]
+
+
+def test_by_default_a_pty_stays_libvirts_so_virsh_console_works() -> None:
+    """Review finding: holding a pty by default took ``virsh console`` away (libvirt only
+    opens ptys it made). The default holds the log-like ports, file, unix and tcp."""
+    xml = prepared()
+    devices = etree.fromstring(xml).find("devices")
+    assert devices is not None
+    serials, consoles = devices.findall("serial"), devices.findall("console")
+    assert serials[1].get("type") == "pty" and serials[1].find("log") is not None  # as it was
+    assert consoles[1].get("type") == "pty"
+    assert _held(xml) == [("serial", 0), ("serial", 2), ("serial", 3), ("console", 0)]
+    assert dx.parse_domain(xml).serial_commit == "auto"  # type: ignore[union-attr]
+    assert "serial-commit" not in xml  # the default is not written
+
+
+def test_serial_commit_can_name_the_ports_to_hold() -> None:
+    xml = prepared(dx.FTSpec.defaults("hostb").replace(serial_commit="serial1 serial3"))
+    assert _held(xml) == [("serial", 1), ("serial", 3)]  # a pty opted in, the file opted out
+    assert "serial-commit=\"serial1 serial3\"" in xml
+    # the console that mirrors COM1 is that port: naming either holds both
+    assert _held(prepared(dx.FTSpec.defaults("hostb").replace(serial_commit="console0"))) == [
+        ("serial", 0), ("console", 0)]
+
+
+def test_a_port_opted_out_later_is_given_back_exactly() -> None:
+    held_all = prepared(dx.FTSpec.defaults("hostb").replace(serial_commit="on"))
+    spec = dx.parse_domain(held_all)
+    assert spec is not None
+    result = ft.prepare(dx.set_ft(held_all, spec.replace(serial_commit="auto")))
+    assert _held(result.xml) == [("serial", 0), ("serial", 2), ("serial", 3), ("console", 0)]
+    assert any("restored <serial> 1" in c and "does not hold it" in c for c in result.changes), result.changes
+    assert devices_text(dx.remove_ft(result.xml)) == devices_text(DOMAIN)
+    none = ft.prepare(dx.set_ft(result.xml, spec.replace(serial_commit="off", chardevs=dx.parse_domain(
+        result.xml).chardevs)))  # type: ignore[union-attr]
+    assert _held(none.xml) == [] and devices_text(none.xml) == devices_text(DOMAIN)
+
+
+@pytest.mark.parametrize("ports, message", [
+    ("serial9", "no such port"),
+    ("serial4", "cannot be held: tcp with protocol 'telnet'"),
+])
+def test_a_named_port_that_cannot_be_held_is_refused(ports: str, message: str) -> None:
+    with pytest.raises(FTElementError, match=message):
+        prepared(dx.FTSpec.defaults("hostb").replace(serial_commit=ports))
+
+
+@pytest.mark.parametrize("value", ["serial0 serial0", "com1", "", "on off"])
+def test_serial_commit_values_are_checked(value: str) -> None:
+    with pytest.raises(FTElementError, match="serial-commit"):
+        dx.FTSpec.from_attributes({"peer": "b", "serial-commit": value})
+
+
 def devices_text(xml: str) -> str:
     """The ``<devices>`` element as written (prepare's other changes, memory backing and the
     QMP socket, are outside it and stay after disable, as documented). lxml writes every
@@ -119,12 +176,12 @@ def test_round_trip_keeps_any_consistent_indentation(indent: str) -> None:
 
 
 def test_serial_commit_off_leaves_the_chardevs_alone() -> None:
-    spec = dx.FTSpec.defaults("hostb").replace(serial_commit=False)
+    spec = dx.FTSpec.defaults("hostb").replace(serial_commit="off")
     enabled = dx.set_ft(DOMAIN, spec)
     result = ft.prepare(enabled)
     assert "chardev" not in result.xml.replace("<cuju:ft", "")
     spec2 = dx.parse_domain(result.xml)
-    assert spec2 is not None and spec2.chardevs == () and not spec2.serial_commit
+    assert spec2 is not None and spec2.chardevs == () and spec2.serial_commit == "off"
 
 
 def test_the_libvirt_metadata_form_round_trips_the_records() -> None:
