@@ -603,11 +603,7 @@ def stop(paths: ServerPaths, timeout: float = 10.0) -> bool:
                 os.kill(pid, signal.SIGKILL)
                 deadline = time.monotonic() + timeout
             time.sleep(0.01)
-    for stale in (paths.control, paths.pidfile, paths.config, f"{paths.directory}/server.err"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(stale)
-    with contextlib.suppress(OSError):
-        os.rmdir(paths.directory)
+    _clean(paths, keep_error=False)
     return pid is not None
 
 
@@ -642,10 +638,23 @@ def main(argv: list[str]) -> int:
     try:
         server.serve()
     finally:
-        with contextlib.suppress(OSError):
-            if _read_pid(paths) == os.getpid():
-                os.unlink(paths.pidfile)
+        if _read_pid(paths) == os.getpid():  # no new server of this domain started meanwhile
+            _clean(paths)
     return 0
+
+
+def _clean(paths: ServerPaths, keep_error: bool = True) -> None:
+    """Remove what a server leaves in its directory, and the directory (``keep_error``: an
+    error log that says something stays, with the directory)."""
+    err = Path(f"{paths.directory}/server.err")
+    with contextlib.suppress(OSError):
+        if not keep_error or err.stat().st_size == 0:
+            err.unlink()
+    for stale in (paths.control, paths.config, paths.pidfile):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
+    with contextlib.suppress(OSError):
+        os.rmdir(paths.directory)
 
 
 if __name__ == "__main__":

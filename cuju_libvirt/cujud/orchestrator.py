@@ -768,9 +768,11 @@ class PrimaryDomain:
             threading.Thread(target=self._settle_serial, args=(engine.chardevs, engine.last_acked),
                              name=f"cujud-serial-{self.name}", daemon=True).start()
 
-    def _settle_serial(self, hold: ChardevHold, last_acked: int) -> None:
+    def _settle_serial(self, hold: ChardevHold, last_acked: int | None) -> None:
         """The peer took over (or is taking over): release the held serial output up to the
-        epoch it resumed from and drop the rest, which its standby prints again."""
+        epoch it resumed from and drop the rest, which its standby prints again. Without the
+        peer's word, up to ``last_acked`` (None: a restarted cujud, which knows no epoch: the
+        server has been told of every ack, so what it holds was never acknowledged)."""
         deadline = time.monotonic() + SERIAL_SETTLE_WAIT
         answer: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -789,11 +791,16 @@ class PrimaryDomain:
                               answer["epoch"], self.peer)
             elif answer.get("resumed") is False:
                 hold.release_all()  # nobody resumes it: what it printed is its last output
-            else:
+            elif last_acked is not None:
                 hold.settle(last_acked)
                 self.log.warning("%s did not say which epoch it resumed from: serial output released up to "
                                  "epoch %d, the last one it acknowledged here (a line of the epoch after it "
                                  "may be missing, none is repeated)", self.peer, last_acked)
+            else:
+                hold.settle(-1)
+                self.log.warning("%s did not say which epoch it resumed from: the serial output held "
+                                 "since the last acknowledgement is dropped (a line of those epochs may be "
+                                 "missing, none is repeated)", self.peer)
         finally:
             hold.close()
 
@@ -858,8 +865,11 @@ class PrimaryDomain:
 
     def _cede(self, why: str) -> None:
         engine = self._wait_engine_done()
-        if engine is not None and engine.chardevs is not None:
-            self._settle_serial(engine.chardevs, engine.last_acked)
+        # A restarted cujud has no engine, but the chardev server outlived the old one with
+        # what it held: settle it too, or it waits for a word that never comes.
+        hold = engine.chardevs if engine is not None else ChardevHold.of(self.uuid)
+        if hold is not None:
+            self._settle_serial(hold, engine.last_acked if engine is not None else None)
         self.log.error("%s: destroying the local copy; this host will refuse to start it", why)
         records.write(self.orch.state_dir, records.CEDED, self.uuid, domain=self.name, peer=self.peer,
                       reason=why)

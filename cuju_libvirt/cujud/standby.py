@@ -609,6 +609,10 @@ class Standby:
                 take_over_replica(path, disk_server.ServerPaths.of(self.uuid, target).journal)
             report = self.engine.failover()
             self.resumed_epoch = report.epoch
+            # for the old primary's held serial output, also when this cujud restarts meanwhile
+            records.write(self.manager.state_dir, records.TAKEOVERS, self.uuid, domain=self.name,
+                          peer=self.peer, reason=reason, generation=self.generation,
+                          resumed_epoch=report.epoch)
             self.stats.role = "primary"  # the VM runs here now (unprotected until a new standby)
             try:
                 if self.persistent:
@@ -822,12 +826,18 @@ class StandbyManager:
 
     def takeover_epoch(self, body: dict[str, Any]) -> dict[str, Any]:
         """The old primary asks which epoch a takeover resumed from (to settle its held serial
-        output): ``{"epoch": N}``, ``{"pending": True}`` while undecided or under way, or
-        ``{"resumed": False}`` when this host will not resume it."""
+        output): ``{"epoch": N}``, ``{"pending": True}`` while undecided or under way,
+        ``{"resumed": False}`` when this host will not resume it, ``{"known": False}`` when an
+        earlier cujud of this host began a takeover and no record says where it resumed."""
         uuid = str(body["uuid"])
         with self._lock:
             sb = self.failed_over.get(uuid) or self.standbys.get(uuid)
-        if sb is None or sb.abandoned:
+        if sb is None:  # an earlier cujud of this host may have taken it over
+            took = records.read(self.state_dir, records.TAKEOVERS, uuid)
+            if took is None:
+                return {"resumed": False}
+            return {"epoch": int(took["resumed_epoch"])} if "resumed_epoch" in took else {"known": False}
+        if sb.abandoned:
             return {"resumed": False}
         if sb.resumed_epoch is not None:
             return {"epoch": sb.resumed_epoch}
