@@ -4,7 +4,7 @@ Pure: lxml only, no libvirt calls. A writable disk of a protected domain is *pre
 by rewriting it to a host-local NBD export over a UNIX socket::
 
     <disk type='network' device='disk'>
-      <driver name='qemu' type='qcow2' error_policy='stop' rerror_policy='stop'/>
+      <driver name='qemu' type='qcow2' error_policy='stop' rerror_policy='stop' discard='unmap'/>
       <source protocol='nbd' name='vda'>
         <host transport='unix' socket='/run/cuju-libvirt/nbd/UUID/vda.sock'/>
       </source>
@@ -340,8 +340,9 @@ def serve_over_nbd(disk: etree._Element, socket_path: str) -> list[str]:
     Keeps everything but ``type`` and ``<source>`` (``<encryption>`` and ``<slices>`` move
     into the new source); adds ``error_policy='stop' rerror_policy='stop'`` to ``<driver>``
     (created with the image's format if missing) so that a block-server restart pauses the
-    VM instead of failing its I/O. Returns what was dropped (``<source>`` attributes and
-    children that have no meaning on an NBD source).
+    VM instead of failing its I/O, and ``discard='unmap'`` unless the disk says otherwise (a
+    guest's TRIM then reaches the server and replicates). Returns what was dropped
+    (``<source>`` attributes and children that have no meaning on an NBD source).
     """
     target = str(target_of(disk))
     fmt = _format_of(disk)
@@ -371,6 +372,10 @@ def serve_over_nbd(disk: etree._Element, socket_path: str) -> list[str]:
         disk.insert(disk.index(new), driver)
     for name, value in ERROR_POLICIES:
         driver.set(name, value)
+    if driver.get("discard") is None:
+        # The guest's TRIM reaches the server, which punches the hole and journals it: the
+        # replica follows (an explicit discard='ignore' is kept).
+        driver.set("discard", "unmap")
     return dropped
 
 

@@ -143,7 +143,8 @@ class Attribute:
     choices: tuple[str, ...] = ()
 
 
-#: ``peer='auto'``: this host's cujud chooses the backup among its peers.
+#: ``peer='auto'``: cujud chooses the backup (with etcd the cluster's placer, as for an
+#: element without ``peer``; without etcd this host's cujud, among its peers).
 AUTO_PEER = "auto"
 #: ``FTSpec.peer`` of an element without ``peer``: the cluster (etcd) places the standby.
 PLACED = ""
@@ -152,7 +153,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute(
         "peer", "peer", "endpoint", None,
         "the peer host's cujud, HOST[:PORT] (host name, IPv4 or [IPv6]); "
-        f"port {DEFAULT_PEER_PORT} if omitted; 'auto': chosen by this host's cujud; absent: "
+        f"port {DEFAULT_PEER_PORT} if omitted; 'auto': placed by the cluster with etcd, else chosen by "
+        "this host's cujud; absent: "
         "placed by the cluster (needs etcd_endpoints)",
     ),
     Attribute(

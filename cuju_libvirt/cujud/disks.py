@@ -104,17 +104,18 @@ def keep_replica(path: str, size: int, claim: Mapping[str, Any] | None, replayed
     return None
 
 
-def primary_disks(uuid: str, disks: Sequence[FTDisk]) -> DiskSet | None:
+def primary_disks(uuid: str, disks: Sequence[FTDisk], name: str = "") -> DiskSet | None:
     """The journals of the prepared disks (their servers were started by the hook, or, after a
     takeover, by the standby), or None. The images a sync reads are those the servers serve:
-    after a takeover that is this host's replica, not the path the disk had on the old primary."""
+    after a takeover that is this host's replica, not the path the disk had on the old primary.
+    ``name``: the VM's, in the logger of every line about its disks."""
     if not disks:
         return None
     out = []
     for d in disks:
         paths = disk_server.ServerPaths.of(uuid, d.target)
         out.append(ProtectedDisk(d.target, disk_server.served_image(paths) or d.source, paths.journal))
-    return DiskSet(out)
+    return DiskSet(out, tag=name)
 
 
 def disk_formats(uuid: str, disks: Sequence[FTDisk]) -> list[dict[str, Any]]:

@@ -128,6 +128,15 @@ class NotProtectableNow(CujuError):
     while it holds, retried quietly at the longest back-off; the libvirt event that may end
     it (PMWAKEUP, DEVICE_REMOVED) starts an attempt at once."""
 
+    until = "until then"
+
+
+class NotPlaced(NotProtectableNow):
+    """No host of the cluster fits the VM's standby (the placer's reason): said once while it
+    holds, retried with the usual back-off; a peer's cujud connecting starts an attempt at once."""
+
+    until = "until a host fits (retried)"
+
 
 class PrimaryDomain:
     """A domain that runs on this host and is (to be) protected by a standby on ``peer``.
@@ -231,10 +240,11 @@ class PrimaryDomain:
                 self._failed_peer = self._said_not_now = None
                 continue
             except NotProtectableNow as err:  # not the peer's fault: no other peer is chosen
-                if str(err) != self._said_not_now:  # once while it holds; an event ends the wait
-                    self.log.warning("%s; the VM runs UNPROTECTED until then", err)
-                    self._said_not_now = str(err)
-                delay = BACKOFF_MAX
+                if cluster.gist(str(err)) != self._said_not_now:  # once while it holds
+                    self.log.warning("%s; the VM runs UNPROTECTED %s", err, err.until)
+                    self._said_not_now = cluster.gist(str(err))
+                if not isinstance(err, NotPlaced):  # an event ends the wait; a host may fit any time
+                    delay = BACKOFF_MAX
             except CujuError as err:
                 self._failed_peer = self.peer if self.placed else None
                 self._said_not_now = None
@@ -284,7 +294,7 @@ class PrimaryDomain:
         try:
             if self.spec_link:  # the address is known before the peer is asked
                 self._probe_link()
-            disks = primary_disks(self.uuid, self.spec.disks)
+            disks = primary_disks(self.uuid, self.spec.disks, self.name)
             self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer, again=self._again)
             self._again = 0
             self.log.info("asking %s for a standby", self.peer)
@@ -480,10 +490,10 @@ class PrimaryDomain:
 
     def _choose_peer(self) -> None:
         members = self.orch.cluster
-        if members is not None and (self.spec.placed or self.spec.peer_host != AUTO_PEER):
+        if members is not None:  # the witness: the cluster's placer chooses (peer='auto' too)
             placed = self._placed_peer(members)
             if placed != self.peer:
-                self.log.info("the cluster's placer puts the standby on %s", placed)
+                self.log.info("the standby goes to %s, the cluster's choice", placed)
                 self.peer = self.stats.peer = placed
             return
         chosen = self.orch.place(self.uuid, prefer=self.peer)
@@ -495,26 +505,42 @@ class PrimaryDomain:
             self.peer = self.stats.peer = chosen
 
     def _placed_peer(self, members: cluster.ClusterMember) -> str:
-        """The backup host the cluster's placer chooses (an explicit ``peer`` never comes here
-        first: only a VM without one, or one that failed over here)."""
+        """The backup host the cluster's placer chooses for a VM whose element leaves it to
+        cujud (no ``peer``, ``peer='auto'``, or the VM failed over here). A placer that says
+        nothing within PLACEMENT_WAIT (none elected, or stuck) leaves the choice to this host,
+        by the same rules (:meth:`cluster.ClusterMember.choose_here`); one that finds no host
+        that fits is believed: :class:`NotPlaced`."""
         avoid = self._failed_peer
         if avoid is None and self.peer and self.peer not in self.orch.connected_peers():
             avoid = self.peer  # the last backup is gone: its lease may not have expired yet
         memory_kib = 0
         with contextlib.suppress(CujuError, libvirt.libvirtError):
             memory_kib = int(self.orch.lookup(self.uuid).info()[1])
+
+        def ended() -> bool:
+            return self.ended.is_set() or self.orch.stopping.is_set()
+
         try:
-            chosen = members.request_standby(
-                self.uuid, self.name, avoid=avoid, memory_kib=memory_kib, wait=PLACEMENT_WAIT,
-                ended=lambda: self.ended.is_set() or self.orch.stopping.is_set())
+            chosen, said = members.request_standby(self.uuid, self.name, avoid=avoid, memory_kib=memory_kib,
+                                                   wait=PLACEMENT_WAIT, ended=ended)
             if chosen is not None:
                 return chosen
-            placer = members.placer()
+            if ended():
+                raise CujuError("the domain ends")
+            placer = members.placer() or "none elected yet"
+            if said:
+                raise NotPlaced(f"the cluster's placer ({placer}) finds no host for its standby: {said}")
+            chosen, note = members.choose_here(self.uuid)
         except CoordError as err:
             raise CujuError(f"the cluster's placer (etcd) could not be asked for a backup host: "
                             f"{err}") from err
-        raise CujuError(f"the cluster's placer ({placer or 'none elected yet'}) placed no standby within "
-                        f"{PLACEMENT_WAIT:.0f} s (see its log)")
+        if chosen is None:
+            raise NotPlaced(f"the cluster's placer ({placer}) placed no standby within "
+                            f"{PLACEMENT_WAIT:.0f} s, and no host fits by its rules here either: {note}")
+        self.log.warning("the cluster's placer (%s) placed no standby within %.0f s and said nothing "
+                         "(see its log): this host chooses by the same rules: %s%s", placer, PLACEMENT_WAIT,
+                         chosen, f" ({note})" if note else "")
+        return chosen
 
     def _link_address(self, reply: dict[str, Any]) -> tuple[str, int]:
         """Where the FT link goes: the element's ``link`` for its own peer, else what the backup said."""
@@ -1069,8 +1095,9 @@ class Orchestrator:
             if sb.uuid in self.primaries or self.stopping.is_set():
                 return
             self.primaries[sb.uuid] = p
-        p.log.info("running here after the failover: re-protecting it (backup: %s while it answers, "
-                   "else another peer)", sb.peer)
+        p.log.info("running here after the failover: re-protecting it (backup: %s)",
+                   "the cluster's placer chooses" if self.cluster is not None
+                   else f"{sb.peer} while it answers, else another peer")
         p.start()
 
     def names_this_host(self, spec: FTSpec) -> bool:
@@ -1086,8 +1113,8 @@ class Orchestrator:
         if spec.placed and self.witness is None:
             raise CujuError("<cuju:ft> has no peer attribute, so the cluster places the standby, but this "
                             "cujud has no witness (etcd_endpoints is not set in cujud.yaml); fix: add "
-                            "peer='HOST[:PORT]' naming the backup's cujud (or peer='auto': this host's cujud "
-                            "chooses among its peers), or set etcd_endpoints on every host")
+                            "peer='HOST[:PORT]' naming the backup's cujud (or peer='auto': without etcd this "
+                            "host's cujud chooses among its peers), or set etcd_endpoints on every host")
         if self.names_this_host(spec) and self.links:
             return self.place("", prefer=None) or sorted(self.links)[0]
         host = spec.peer_host

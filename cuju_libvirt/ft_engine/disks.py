@@ -208,10 +208,12 @@ class DiskSet:
     """The primary's protected disks, in the order the backup's replicas are listed."""
 
     def __init__(self, disks: Sequence[ProtectedDisk],
-                 progress: Callable[[str, int, int, str], None] | None = None) -> None:
+                 progress: Callable[[str, int, int, str], None] | None = None, *, tag: str = "") -> None:
         """``progress(target, synced_bytes, total_bytes, mode)`` is called while synchronising
-        (``mode``: :data:`FULL` or :data:`CHANGED`)."""
+        (``mode``: :data:`FULL` or :data:`CHANGED`); ``tag`` (the VM's name) names the logger
+        of every line about these disks, as the engine's."""
         self.disks = tuple(disks)
+        self.log = log.getChild(tag.replace(".", "_")) if tag else log
         self._progress = progress
         self._journals: list[_cuju.DiskJournal] = []
         self._views: list[memoryview] = []
@@ -307,7 +309,7 @@ class DiskSet:
         if cursor * self._block[i] < self.sizes[i]:
             raise DiskError(f"disk {self.disks[i].target}: epoch {epoch} wrote more than one epoch can "
                             f"carry ({_SCRATCH} bytes); the disk needs a resync")
-        log.info("disk %s: epoch %d overflowed its journal; sent %d bytes from the dirty bitmap",
+        self.log.info("disk %s: epoch %d overflowed its journal; sent %d bytes from the dirty bitmap",
                  self.disks[i].target, epoch, n)
         return memoryview(out)[:n]
 
@@ -386,7 +388,7 @@ class DiskSet:
         nbytes = self._journals[i].info()["bitmap_bytes"]
         bitmap = unpack_bitmap(str(answer.get("changed", "")), nbytes)
         if answer.get("block_size") != self._block[i] or bitmap is None:
-            log.info("disk %s: the backup's bitmap is not in this journal's geometry: a full copy",
+            self.log.info("disk %s: the backup's bitmap is not in this journal's geometry: a full copy",
                      self.disks[i].target)
             return None
         return bitmap
@@ -445,7 +447,7 @@ class DiskSet:
             self._sync_total[i] = min(blocks * self._block[i], self.sizes[i])
             self._sync_done[i] = 0
             total += self._sync_total[i]
-            log.info("disk %s: %s: %d of %d bytes to send", self.disks[i].target,
+            self.log.info("disk %s: %s: %d of %d bytes to send", self.disks[i].target,
                      self._why(i, full, disk_full), self._sync_total[i], self.sizes[i])
             self._report(i)
         return total
@@ -485,7 +487,7 @@ class DiskSet:
                 with contextlib.suppress(FileNotFoundError):  # the pair says it all from here
                     os.unlink(_takeover_file(self.disks[i].journal))
             else:
-                log.info("disk %s: not paired for a later resync (%s)", self.disks[i].target,
+                self.log.info("disk %s: not paired for a later resync (%s)", self.disks[i].target,
                          "no replica id" if not self._replica[i] else "its server restarted during the sync")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._resync_path(i))

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from cuju_libvirt.rig.cujud import Cujud, cleanup_protected, protected_linux_xml
-from cuju_libvirt.rig.disk_records import PARAMS, data_image, make_ext4_image
+from cuju_libvirt.rig.disk_records import PARAMS, command, data_image, make_ext4_image
 from cuju_libvirt.rig.hosts import Rig
 from cuju_libvirt.rig.linux_guest import LinuxGuest
 from cuju_libvirt.rig.observer import Observer
@@ -185,6 +185,59 @@ def test_after_a_failover_the_new_backups_replica_equals_the_disk_the_vm_runs_on
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
         rig.b.virsh("resume", name)
+    finally:
+        cleanup_protected(rig, name)
+        image.unlink(missing_ok=True)
+
+
+@pytest.mark.timeout(600)
+def test_a_guest_fstrim_replicates_and_the_replica_equals_the_image(
+    ft_rig: Rig, linux_guest: LinuxGuest, observer: Observer, cujuds: tuple[Cujud, Cujud]
+) -> None:
+    """The guest deletes a 96 MiB file and trims its file system (FITRIM, as ``fstrim``) while
+    it appends its fsync'd records: ``xml enable --prepare`` gave the disk discard='unmap', so
+    the trims reach the block server, which punches the holes and journals them. Host b's
+    replica loses those blocks too and, with the VM paused by the user and two later epochs
+    applied, equals host a's image (``qemu-img compare``)."""
+    rig, (ca, cb) = ft_rig, cujuds
+    name = "disk-trim"
+    image = _filled_ext4_image(data_image(rig, name))
+    try:
+        xml = protected_linux_xml(rig, linux_guest, name, observer, mac=MAC, pps=1, mode="fsrec",
+                                  data_disk=image, params=PARAMS)
+        assert "discard=\"unmap\"" in xml.read_text() or "discard='unmap'" in xml.read_text()
+        rig.a.virsh("define", str(xml))
+        rig.a.virsh("start", name)
+        ca.wait_domain(name, "protected", timeout=180)
+        cb.wait_domain(name, "standby", timeout=60)
+        observer.wait_for(lambda r: len(r.udp) >= 100, timeout=90)
+        uuid = rig.b.virsh("domuuid", name).strip()
+        replica = rig.b.outside(f"/var/lib/cuju-libvirt/replicas/{uuid}/vda.raw")
+        image_before, replica_before = image.stat().st_blocks * 512, replica.stat().st_blocks * 512
+        assert replica_before >= FILLER_MIB << 20, "the sync must have copied the filler"
+
+        answer = command(rig, "trim")
+        print(f"{name}: the guest says {answer}")
+        assert answer["what"] == "trimmed" and answer.get("unlinked") == "1", answer
+        assert answer.get("fitrim") == "0", f"the guest cannot trim (no discard on its disk?): {answer}"
+        assert int(answer["bytes"]) >= FILLER_MIB << 20, answer
+        recorded = len(observer.recording().udp)
+        observer.wait_for(lambda r: len(r.udp) >= recorded + 50, timeout=90)  # the records go on
+
+        suspend_until_paused_by_user(rig.a, name)
+        acked = int(ca.domain(name)["last_acked_epoch"] or 0)  # type: ignore[index]
+        cb.wait_for(name, lambda e: int(e["last_acked_epoch"] or 0) >= acked + 2,
+                    f"epoch {acked + 2} applied", timeout=120)
+        freed = (FILLER_MIB << 20) * 9 // 10
+        image_after, replica_after = image.stat().st_blocks * 512, replica.stat().st_blocks * 512
+        print(f"{name}: allocated bytes, image {image_before} -> {image_after}, "
+              f"replica {replica_before} -> {replica_after}")
+        assert image_before - image_after >= freed, (image_before, image_after)
+        assert replica_before - replica_after >= freed, (replica_before, replica_after)
+        argv = [tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(image), str(replica)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        rig.a.virsh("resume", name)
     finally:
         cleanup_protected(rig, name)
         image.unlink(missing_ok=True)

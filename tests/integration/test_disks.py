@@ -8,6 +8,7 @@ Each epoch ends when every write of it is replied (qemu-io has exited), the cut 
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import random
@@ -34,7 +35,7 @@ from cuju_libvirt.cujud.disks import (
 from cuju_libvirt.domain_xml import parse_domain
 from cuju_libvirt.errors import CujuError, ReplicationError
 from cuju_libvirt.ft_engine import linkkeys
-from cuju_libvirt.ft_engine.disks import CHANGED, FULL, DiskSet, prepare_replica
+from cuju_libvirt.ft_engine.disks import CHANGED, FULL, DiskSet, ProtectedDisk, prepare_replica
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.replicator import DiskPart, EpochReceiver, EpochSender, page_indexes
 
@@ -677,3 +678,20 @@ def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_
             if ds_b is not None:
                 ds_b.close()
             disk_server.stop(b_paths)
+
+
+@pytest.mark.timeout(60)
+def test_every_log_line_about_the_disks_names_the_vm(shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two protected VMs' disks are both 'vda': cujud's lines say whose (the logger, as the engine's)."""
+    caplog.set_level(logging.INFO, logger="cuju_libvirt.ft_engine.disks")
+    with served_disks(shm_dir, {"vda": 4 << 20}) as disks:
+        ds = DiskSet([ProtectedDisk(d.target, str(d.image), d.paths.journal) for d in disks], tag="web.1")
+        try:
+            ds.begin_sync(full=True)
+            ds.sync_complete()
+        finally:
+            ds.close()
+    lines = [r for r in caplog.records if r.name.startswith("cuju_libvirt.ft_engine.disks")]
+    assert lines, caplog.text
+    assert all(r.name == "cuju_libvirt.ft_engine.disks.web_1" for r in lines), [r.name for r in lines]
+    assert any("disk vda: full sparse copy" in r.getMessage() for r in lines), caplog.text

@@ -436,8 +436,11 @@ def test_prepare_serves_every_writable_disk_on_every_bus_and_keeps_the_rest() ->
         assert [disk_c14n(c) for c in disk if c.tag not in ("source", "driver")] == kept
         old_driver = old.find("driver")
         if old_driver is not None:
-            policies = {"error_policy": "stop", "rerror_policy": "stop"}
+            policies = {"error_policy": "stop", "rerror_policy": "stop",
+                        "discard": old_driver.get("discard", "unmap")}
             assert {**old_driver.attrib, **policies} == dict(driver.attrib)
+        if old_driver is None or old_driver.get("discard") is None:
+            assert driver.get("discard") == "unmap"  # a guest's TRIM reaches the server and replicates
     for untouched in ("sdd", "vdc", "vdd"):  # cdrom, read-only, shareable
         assert disk_c14n(after[untouched]) == disk_c14n(before[untouched])
     warnings = [str(p) for p in result.problems if p.code == "disk"]
