@@ -15,23 +15,27 @@ a compare-and-swap (the pattern of etcd's ``concurrency.Election``): each cujud 
 went through is the placer for as long as its lease lives. When that host dies its lease
 expires, the key goes with it, and the next try of another cujud wins.
 
-**Placing.** An owner that needs a backup host (a VM without ``peer``, or one that failed
-over here, or whose backup was lost) sets ``wants_standby`` in its ownership record
+**Placing.** An owner that needs a backup host (a VM without ``peer`` or with
+``peer='auto'``, or one that failed over here, or whose backup was lost) sets
+``wants_standby`` in its ownership record
 (:meth:`~cuju_libvirt.cujud.coord.OwnershipStore.want_standby`). The placer chooses a host
 (:func:`choose`) and writes it as the record's ``placement`` in one transaction that
 compares both the record's ``mod_revision`` and the ``create_revision`` of its own placer
-key: a placer that lost its election (or a second one that believes it won) can never
-place, and two placements of one record can never both go through. The owner reads the
-placement and pairs with that host as before (``protect`` then clears the request).
+key: a placer that lost its election (or a second one that believes it won) can never place,
+and two placements of one record can never both go through. The owner reads the placement
+and pairs with that host as before (``protect`` then clears the request).
 
 The choice (:func:`choose`): only live hosts (a lease) other than the owner, that the
 owner's cujud is connected to, with room for the VM's memory (the host's registered free
 memory less the memory of the standbys already placed there but not yet paired); never in
 the owner's failure domain while a host of another domain qualifies (a fallback into the
 same domain is logged as a WARNING); not the host the owner's last pairing failed with
-(``avoid``) while another qualifies; then the fewest standbys, the most free memory, the
-name. A placement on the avoided host (it was the only one) is moved as soon as another
-host qualifies, and otherwise left alone (no rewrite every round).
+(``avoid``) while another qualifies; then the fewest standbys, the most headroom
+(:func:`headroom`: the share left of the host's scarcer resource, memory or idle CPU, then
+of its memory; within :data:`HEADROOM_TIE` counts as equal), the name. No host fits: the
+reason goes into the record (``unplaced``) for the owner to say. A placement on the avoided
+host (it was the only one) is moved as soon as another host qualifies, and otherwise left
+alone (no rewrite every round).
 """
 
 from __future__ import annotations
@@ -65,6 +69,11 @@ LOG = logging.getLogger(__name__)
 ROUND_INTERVAL = 0.5
 #: How often an owner re-reads its record while it waits for a placement (s).
 PLACEMENT_POLL = 0.25
+#: Two hosts whose headroom (:func:`headroom`) differs by less than this share of a host
+#: count as equally free: free memory and load move all the time, and noise must not decide.
+HEADROOM_TIE = 0.05
+#: How long an owner still waits once the placer wrote that no host fits (a few rounds) (s).
+UNPLACED_WAIT = 3 * ROUND_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -179,8 +188,23 @@ def choose(rec: Ownership, hosts: Mapping[str, HostInfo], standbys: Mapping[str,
     elif domain is not None:
         note = (f"no live host outside failure domain {domain!r} of {rec.owner} can hold it: anti-affinity "
                 "falls back to a host of the same failure domain")
-    best = min(candidates, key=lambda h: (standbys.get(h.name, 0), -free(h), h.name))
-    return best.name, note
+    fewest = min(standbys.get(h.name, 0) for h in candidates)
+    pool = [h for h in candidates if standbys.get(h.name, 0) == fewest]
+    room = {h.name: headroom(h, free(h) - rec.memory_kib) for h in pool}
+    for part in (0, 1):  # the scarcer resource, then memory; near-equal counts as equal
+        best = max(room[h.name][part] for h in pool)
+        pool = [h for h in pool if room[h.name][part] >= best - HEADROOM_TIE]
+    return min(pool, key=lambda h: h.name).name, note
+
+
+def headroom(h: HostInfo, mem_left_kib: int) -> tuple[float, float]:
+    """What ``h`` has left once the standby is there, as shares of the host: (that of its
+    scarcer resource, that of its memory). Memory: ``mem_left_kib`` of its total; CPU: the
+    CPUs its 1-minute load leaves idle, of its CPUs (0 when saturated or over). A host that
+    registered no total memory or CPU count has none of it to offer."""
+    mem = max(0.0, mem_left_kib / h.mem_total_kib) if h.mem_total_kib > 0 else 0.0
+    cpu = max(0.0, (h.cpus - h.load1) / h.cpus) if h.cpus > 0 else 0.0
+    return min(mem, cpu), mem
 
 
 class ClusterMember:
@@ -326,13 +350,11 @@ class ClusterMember:
                 continue  # no request, or its owner is gone (the VM is someone else's to re-protect)
             if rec.placement is not None and rec.placement in hosts and rec.placement != rec.avoid:
                 continue  # placed, and that host lives: the owner pairs with it
-            moving = rec.placement if rec.placement is not None and rec.placement in hosts else None
-            own: Counter[str] = Counter({moving: rec.memory_kib} if moving is not None else {})
-            host, note = choose(rec, hosts, counts, promised - own)
+            moving, (host, note) = self._choice(rec, hosts, counts, promised)
             if host is not None and host == rec.placement:
                 continue  # placed on the avoided host, still the only one that qualifies: left alone
             if host is None:
-                self._note(rec, f"cannot place the standby of {rec.name or rec.uuid} yet: {note}")
+                self._unplaced(v, note)
                 continue
             if self._place(v, host):
                 if moving is not None:  # moved off the avoided host: its count and memory go along
@@ -344,28 +366,46 @@ class ClusterMember:
                 target = hosts[host]
                 LOG.log(logging.WARNING if note else logging.INFO,
                         "placed the standby of %s (owner %s, failure domain %s) on %s (failure domain %s, "
-                        "%d standbys, %d MiB free)%s", rec.name or rec.uuid, rec.owner,
+                        "%d standbys, %d MiB free, load %.2f on %d CPUs)%s", rec.name or rec.uuid, rec.owner,
                         hosts[rec.owner].failure_domain, host, target.failure_domain, counts[host] - 1,
-                        target.mem_free_kib // 1024, f": {note}" if note else "")
+                        target.mem_free_kib // 1024, target.load1, target.cpus, f": {note}" if note else "")
                 self._noted.pop(rec.uuid, None)
         return placed
 
+    @staticmethod
+    def _choice(rec: Ownership, hosts: Mapping[str, HostInfo], counts: Mapping[str, int],
+                promised: Counter[str]) -> tuple[str | None, tuple[str | None, str]]:
+        """The live placement ``rec`` has now (None: none), and :func:`choose`'s answer for it
+        (its own placement's memory not counted against that host)."""
+        moving = rec.placement if rec.placement is not None and rec.placement in hosts else None
+        own: Counter[str] = Counter({moving: rec.memory_kib} if moving is not None else {})
+        return moving, choose(rec, hosts, counts, promised - own)
+
     def _place(self, expect: Versioned, host: str) -> bool:
-        won, _ = self.store.replace(expect, dc_replace(expect.record, placement=host),
+        won, _ = self.store.replace(expect, dc_replace(expect.record, placement=host, unplaced=None),
                                     also=[Compare.create_revision(self.placer_key, self.term)])
         return won
 
-    def _note(self, rec: Ownership, text: str) -> None:
-        if self._noted.get(rec.uuid) != text:
-            LOG.warning("%s", text)
-            self._noted[rec.uuid] = text
+    def _unplaced(self, v: Versioned, note: str) -> None:
+        """No host fits ``v``'s VM: say why, once while the reason holds, in this log and in the
+        record (its owner says it too). The figures in a reason (free MiB) move all the time:
+        only its words before them count as a change."""
+        rec = v.record
+        if gist(self._noted.get(rec.uuid, "")) != gist(note):
+            LOG.warning("cannot place the standby of %s yet: %s", rec.name or rec.uuid, note)
+            self._noted[rec.uuid] = note
+        if gist(rec.unplaced or "") != gist(note):
+            self.store.replace(v, dc_replace(rec, unplaced=note),
+                               also=[Compare.create_revision(self.placer_key, self.term)])
 
     # -- the owner's side --------------------------------------------------------------------
 
     def request_standby(self, uuid: str, name: str, *, avoid: str | None, memory_kib: int,
-                        wait: float, ended: Callable[[], bool]) -> str | None:
+                        wait: float, ended: Callable[[], bool]) -> tuple[str | None, str]:
         """Ask the placer for a backup host of ``name`` (this host runs it alone) and wait up to
-        ``wait`` seconds for its placement; the host, or None if none came."""
+        ``wait`` seconds for its placement: (the host, "") once placed; (None, the placer's
+        reason) when it finds no host that fits (given a few more rounds to change its mind);
+        (None, "") when it said nothing."""
         deadline = time.monotonic() + wait
         current: Versioned | None = self.store.want_standby(uuid, name, self.node, avoid=avoid,
                                                             memory_kib=memory_kib)
@@ -375,11 +415,31 @@ class ClusterMember:
                 raise CoordError(f"the ownership record of {name} changed while it waited for a placement "
                                  f"({rec})")
             if rec.placement is not None:  # ``avoid`` itself when no other host qualified
-                return rec.placement
+                return rec.placement, ""
+            if rec.unplaced is not None:
+                deadline = min(deadline, time.monotonic() + UNPLACED_WAIT)
             if time.monotonic() >= deadline or ended():
-                return None
+                return None, rec.unplaced or ""
             time.sleep(PLACEMENT_POLL)
             current = self.store.read(uuid)
+
+    def choose_here(self, uuid: str) -> tuple[str | None, str]:
+        """:func:`choose` for ``uuid``'s VM run by this cujud, from the cluster as etcd has it
+        now: the owner's fallback when the placer says nothing (its choice is not fenced, the
+        pairing's ``protect`` is)."""
+        hosts = self.hosts()
+        records = self.store.list()
+        mine = next((v.record for v in records if v.record.uuid == uuid), None)
+        if mine is None:
+            return None, f"no ownership record for {uuid}"
+        _, answer = self._choice(mine, hosts, standby_counts(v.record for v in records),
+                                 promised_memory(v.record for v in records))
+        return answer
+
+
+def gist(note: str) -> str:
+    """A reason without its figures (the words before its first parenthesis)."""
+    return note.split(" (", 1)[0]
 
 
 def cluster_status(store: OwnershipStore, member: ClusterMember | None,

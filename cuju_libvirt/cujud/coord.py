@@ -44,8 +44,9 @@ adopted. :class:`OwnershipStore`::
 
 A VM whose backup the cluster chooses carries ``wants_standby`` (set by its owner), then
 ``placement`` (the host written by the elected placer, in a transaction that also checks
-that it still is the placer; :mod:`cuju_libvirt.cujud.cluster`), and ``avoid`` (a host its
-owner could not pair with). Records without placement encode exactly as before.
+that it still is the placer; :mod:`cuju_libvirt.cujud.cluster`), ``avoid`` (a host its
+owner could not pair with) and ``unplaced`` (the placer's reason when no host fits, so that
+the owner can say it). Records without placement encode exactly as before.
 
 ``claim`` is what both sides of a pair race when they lose each other: the record must
 still be at ``generation`` with ``me`` as its owner or backup; one transaction makes ``me``
@@ -356,6 +357,8 @@ class Ownership:
     avoid: str | None = None
     #: The VM's memory (KiB), so that the placer chooses a host with room for its standby.
     memory_kib: int = 0
+    #: Why the placer found no host for the standby (None: placed, or not looked at yet).
+    unplaced: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -367,6 +370,8 @@ class Ownership:
         if self.wants_standby or self.placement is not None:  # records without placement look as before
             body.update(wants_standby=self.wants_standby, placement=self.placement, avoid=self.avoid,
                         memory_kib=self.memory_kib)
+            if self.unplaced is not None:
+                body["unplaced"] = self.unplaced
         return json.dumps(body, sort_keys=True).encode()
 
     @classmethod
@@ -378,7 +383,8 @@ class Ownership:
                        mode=str(data["mode"]), generation=int(data["generation"]),
                        wants_standby=bool(data.get("wants_standby", False)),
                        placement=_text_or_none(data.get("placement")), avoid=_text_or_none(data.get("avoid")),
-                       memory_kib=int(data.get("memory_kib") or 0))
+                       memory_kib=int(data.get("memory_kib") or 0),
+                       unplaced=_text_or_none(data.get("unplaced")))
         except (ValueError, KeyError, TypeError) as err:
             raise CoordError(f"malformed ownership record {raw[:120]!r}: {err}") from err
 
@@ -526,7 +532,7 @@ class OwnershipStore:
                 return rec
             new = dc_replace(rec, backup=None, mode=mode, generation=rec.generation + 1)
             if mode == "stopped":  # a stopped VM needs no standby
-                new = dc_replace(new, wants_standby=False, placement=None, avoid=None)
+                new = dc_replace(new, wants_standby=False, placement=None, avoid=None, unplaced=None)
             won, now = self.replace(current, new)
             if won:
                 return new

@@ -65,6 +65,7 @@ from cuju_libvirt.cujud.virt import DomainEvent, LibvirtConnection, LifecycleEve
 from cuju_libvirt.domain_xml import AUTO_PEER, DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
 from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError, caused_by
 from cuju_libvirt.ft_engine import linkkeys
+from cuju_libvirt.ft_engine.chardevs import ChardevHold
 from cuju_libvirt.ft_engine.devstate import (
     DevicesChangedError,
     MachineProfile,
@@ -109,6 +110,9 @@ STANDBY_CREATE_TIMEOUT = 120.0
 QEMU_USER = "libvirt-qemu"
 #: After its monitor broke, how long QEMU may take to exit before it counts as alive (s).
 QEMU_EXIT_WAIT = 1.0
+#: How long a crashed primary asks its peer which epoch the takeover resumed from, to settle
+#: the held serial output (then it settles at its own last acknowledged epoch: never a repeat).
+SERIAL_SETTLE_WAIT = 30.0
 #: How long a connection to the peer's FT-link listener may take before the link counts as down (s).
 LINK_PROBE_TIMEOUT = 2.0
 #: Engine failures that an operator's action caused (no fault: one WARNING line, then pairing anew).
@@ -123,6 +127,15 @@ class NotProtectableNow(CujuError):
     """The VM cannot be paired as it runs now (asleep in S3, a DIMM plugged in): said once
     while it holds, retried quietly at the longest back-off; the libvirt event that may end
     it (PMWAKEUP, DEVICE_REMOVED) starts an attempt at once."""
+
+    until = "until then"
+
+
+class NotPlaced(NotProtectableNow):
+    """No host of the cluster fits the VM's standby (the placer's reason): said once while it
+    holds, retried with the usual back-off; a peer's cujud connecting starts an attempt at once."""
+
+    until = "until a host fits (retried)"
 
 
 class PrimaryDomain:
@@ -227,10 +240,11 @@ class PrimaryDomain:
                 self._failed_peer = self._said_not_now = None
                 continue
             except NotProtectableNow as err:  # not the peer's fault: no other peer is chosen
-                if str(err) != self._said_not_now:  # once while it holds; an event ends the wait
-                    self.log.warning("%s; the VM runs UNPROTECTED until then", err)
-                    self._said_not_now = str(err)
-                delay = BACKOFF_MAX
+                if cluster.gist(str(err)) != self._said_not_now:  # once while it holds
+                    self.log.warning("%s; the VM runs UNPROTECTED %s", err, err.until)
+                    self._said_not_now = cluster.gist(str(err))
+                if not isinstance(err, NotPlaced):  # an event ends the wait; a host may fit any time
+                    delay = BACKOFF_MAX
             except CujuError as err:
                 self._failed_peer = self.peer if self.placed else None
                 self._said_not_now = None
@@ -335,9 +349,18 @@ class PrimaryDomain:
             counter_dir=str(counters), ack_timeout=self.spec.heartbeat_timeout_ms / 1e3, tag=self.name,
             standby_sections=standby.sections if standby is not None else None,
         )
+        chardevs = ChardevHold.of(self.uuid) if self.spec.chardevs else None
+        if self.spec.chardevs and chardevs is None:
+            self.log.warning("the chardev server of %s does not run: its serial output is NOT held (it "
+                             "starts with the VM; restart the VM to hold it)", self.name)
+        if chardevs is not None:
+            # A new protection of a VM that runs here: what an earlier one left held (a cujud
+            # killed mid-protection, the VM adopted since) is this VM's past output, and the
+            # new engine's epochs start again from the backup's.
+            chardevs.release_all()
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
                                     machine=self.machine, may_release=self._may_release, link_keys=link_keys,
-                                    disks=disks)
+                                    disks=disks, chardevs=chardevs)
         self.stats.set_initial_sync(0.0)
         self._starting = True
         try:
@@ -467,10 +490,10 @@ class PrimaryDomain:
 
     def _choose_peer(self) -> None:
         members = self.orch.cluster
-        if members is not None and (self.spec.placed or self.spec.peer_host != AUTO_PEER):
+        if members is not None:  # the witness: the cluster's placer chooses (peer='auto' too)
             placed = self._placed_peer(members)
             if placed != self.peer:
-                self.log.info("the cluster's placer puts the standby on %s", placed)
+                self.log.info("the standby goes to %s, the cluster's choice", placed)
                 self.peer = self.stats.peer = placed
             return
         chosen = self.orch.place(self.uuid, prefer=self.peer)
@@ -482,26 +505,42 @@ class PrimaryDomain:
             self.peer = self.stats.peer = chosen
 
     def _placed_peer(self, members: cluster.ClusterMember) -> str:
-        """The backup host the cluster's placer chooses (an explicit ``peer`` never comes here
-        first: only a VM without one, or one that failed over here)."""
+        """The backup host the cluster's placer chooses for a VM whose element leaves it to
+        cujud (no ``peer``, ``peer='auto'``, or the VM failed over here). A placer that says
+        nothing within PLACEMENT_WAIT (none elected, or stuck) leaves the choice to this host,
+        by the same rules (:meth:`cluster.ClusterMember.choose_here`); one that finds no host
+        that fits is believed: :class:`NotPlaced`."""
         avoid = self._failed_peer
         if avoid is None and self.peer and self.peer not in self.orch.connected_peers():
             avoid = self.peer  # the last backup is gone: its lease may not have expired yet
         memory_kib = 0
         with contextlib.suppress(CujuError, libvirt.libvirtError):
             memory_kib = int(self.orch.lookup(self.uuid).info()[1])
+
+        def ended() -> bool:
+            return self.ended.is_set() or self.orch.stopping.is_set()
+
         try:
-            chosen = members.request_standby(
-                self.uuid, self.name, avoid=avoid, memory_kib=memory_kib, wait=PLACEMENT_WAIT,
-                ended=lambda: self.ended.is_set() or self.orch.stopping.is_set())
+            chosen, said = members.request_standby(self.uuid, self.name, avoid=avoid, memory_kib=memory_kib,
+                                                   wait=PLACEMENT_WAIT, ended=ended)
             if chosen is not None:
                 return chosen
-            placer = members.placer()
+            if ended():
+                raise CujuError("the domain ends")
+            placer = members.placer() or "none elected yet"
+            if said:
+                raise NotPlaced(f"the cluster's placer ({placer}) finds no host for its standby: {said}")
+            chosen, note = members.choose_here(self.uuid)
         except CoordError as err:
             raise CujuError(f"the cluster's placer (etcd) could not be asked for a backup host: "
                             f"{err}") from err
-        raise CujuError(f"the cluster's placer ({placer or 'none elected yet'}) placed no standby within "
-                        f"{PLACEMENT_WAIT:.0f} s (see its log)")
+        if chosen is None:
+            raise NotPlaced(f"the cluster's placer ({placer}) placed no standby within "
+                            f"{PLACEMENT_WAIT:.0f} s, and no host fits by its rules here either: {note}")
+        self.log.warning("the cluster's placer (%s) placed no standby within %.0f s and said nothing "
+                         "(see its log): this host chooses by the same rules: %s%s", placer, PLACEMENT_WAIT,
+                         chosen, f" ({note})" if note else "")
+        return chosen
 
     def _link_address(self, reply: dict[str, Any]) -> tuple[str, int]:
         """Where the FT link goes: the element's ``link`` for its own peer, else what the backup said."""
@@ -666,7 +705,10 @@ class PrimaryDomain:
             self.engine.vm_ended = how  # the engine then says so in one INFO line, no clean-up in QEMU
         if how.startswith("crash"):
             self._crashed(how)
+            self._settle_serial_later()
             return
+        if self.engine is not None and self.engine.chardevs is not None:
+            self.engine.chardevs.release_all()  # the VM ended here: its last words are real
         # one INFO line: the engine's "the VM ended (...)" when it runs, else this one
         level = logging.DEBUG if self.engine is not None and engine_runs else logging.INFO
         self.log.log(level, "QEMU ended (%s): stopping protection, the standby is dropped", how)
@@ -746,6 +788,48 @@ class PrimaryDomain:
                              "this host when its cujud runs again", self.peer, err)
         self._finish()
 
+    def _settle_serial_later(self) -> None:
+        engine = self.engine
+        if engine is not None and engine.chardevs is not None:
+            threading.Thread(target=self._settle_serial, args=(engine.chardevs, engine.last_acked),
+                             name=f"cujud-serial-{self.name}", daemon=True).start()
+
+    def _settle_serial(self, hold: ChardevHold, last_acked: int | None) -> None:
+        """The peer took over (or is taking over): release the held serial output up to the
+        epoch it resumed from and drop the rest, which its standby prints again. Without the
+        peer's word, up to ``last_acked`` (None: a restarted cujud, which knows no epoch: the
+        server has been told of every ack, so what it holds was never acknowledged)."""
+        deadline = time.monotonic() + SERIAL_SETTLE_WAIT
+        answer: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                answer = self.orch.links.connection(self.peer).request("takeover-epoch", {"uuid": self.uuid},
+                                                                       timeout=2.0)
+            except CujuError:
+                answer = {"pending": True}
+            if not answer.get("pending"):
+                break
+            time.sleep(0.1)
+        try:
+            if "epoch" in answer:
+                hold.settle(int(answer["epoch"]))
+                self.log.info("held serial output settled: released up to epoch %s, where %s resumed",
+                              answer["epoch"], self.peer)
+            elif answer.get("resumed") is False:
+                hold.release_all()  # nobody resumes it: what it printed is its last output
+            elif last_acked is not None:
+                hold.settle(last_acked)
+                self.log.warning("%s did not say which epoch it resumed from: serial output released up to "
+                                 "epoch %d, the last one it acknowledged here (a line of the epoch after it "
+                                 "may be missing, none is repeated)", self.peer, last_acked)
+            else:
+                hold.settle(-1)
+                self.log.warning("%s did not say which epoch it resumed from: the serial output held "
+                                 "since the last acknowledgement is dropped (a line of those epochs may be "
+                                 "missing, none is repeated)", self.peer)
+        finally:
+            hold.close()
+
     def _ask_abandon(self, reason: str, *, quiet: bool = False,
                      vm_ended: bool = False) -> dict[str, Any] | None:
         """``vm_ended``: the VM was stopped on purpose here, so the peer may start it again."""
@@ -806,7 +890,12 @@ class PrimaryDomain:
             time.sleep(0.5)
 
     def _cede(self, why: str) -> None:
-        self._wait_engine_done()
+        engine = self._wait_engine_done()
+        # A restarted cujud has no engine, but the chardev server outlived the old one with
+        # what it held: settle it too, or it waits for a word that never comes.
+        hold = engine.chardevs if engine is not None else ChardevHold.of(self.uuid)
+        if hold is not None:
+            self._settle_serial(hold, engine.last_acked if engine is not None else None)
         self.log.error("%s: destroying the local copy; this host will refuse to start it", why)
         records.write(self.orch.state_dir, records.CEDED, self.uuid, domain=self.name, peer=self.peer,
                       reason=why)
@@ -920,6 +1009,7 @@ class Orchestrator:
             conn.remote, body, encrypt_link=conn.encrypted)
         handlers.requests["standby-abandon"] = lambda conn, body: self.standbys.abandon(body)
         handlers.requests["holds"] = lambda conn, body: self._holds(str(body["uuid"]))
+        handlers.requests["takeover-epoch"] = lambda conn, body: self.standbys.takeover_epoch(body)
         handlers.requests["vm-state"] = lambda conn, body: {"state": self.vm_state(str(body["uuid"]))}
         handlers.notes["primary-crashed"] = self._note_crashed
         handlers.notes["standby-lost"] = self._note_standby_lost
@@ -1005,8 +1095,9 @@ class Orchestrator:
             if sb.uuid in self.primaries or self.stopping.is_set():
                 return
             self.primaries[sb.uuid] = p
-        p.log.info("running here after the failover: re-protecting it (backup: %s while it answers, "
-                   "else another peer)", sb.peer)
+        p.log.info("running here after the failover: re-protecting it (backup: %s)",
+                   "the cluster's placer chooses" if self.cluster is not None
+                   else f"{sb.peer} while it answers, else another peer")
         p.start()
 
     def names_this_host(self, spec: FTSpec) -> bool:
@@ -1022,8 +1113,8 @@ class Orchestrator:
         if spec.placed and self.witness is None:
             raise CujuError("<cuju:ft> has no peer attribute, so the cluster places the standby, but this "
                             "cujud has no witness (etcd_endpoints is not set in cujud.yaml); fix: add "
-                            "peer='HOST[:PORT]' naming the backup's cujud (or peer='auto': this host's cujud "
-                            "chooses among its peers), or set etcd_endpoints on every host")
+                            "peer='HOST[:PORT]' naming the backup's cujud (or peer='auto': without etcd this "
+                            "host's cujud chooses among its peers), or set etcd_endpoints on every host")
         if self.names_this_host(spec) and self.links:
             return self.place("", prefer=None) or sorted(self.links)[0]
         host = spec.peer_host

@@ -410,8 +410,8 @@ def protected_counter_xml(rig: Rig, image: Path, name: str, *, mac: str, epoch_m
 def _enable_ft(rig: Rig, plain: Path, out: Path, *, epoch_ms: int, heartbeat_timeout_ms: int,
                extra: tuple[str, ...] = (), peer: str | None = None) -> Path:
     """``cuju-libvirt xml enable --prepare`` of ``plain`` into ``out``; peer: host b (its FT
-    link named), or ``peer`` as given (``auto``: this host's cujud chooses the backup; ``""``:
-    no peer, the cluster's placer chooses it)."""
+    link named), or ``peer`` as given (``auto``: cujud chooses the backup, with etcd the
+    cluster's placer; ``""``: no peer, the cluster's placer chooses it)."""
     where = ["--peer", peer] if peer else [] if peer == "" else ["--peer", rig.b.hostname, "--link",
                                                                  f"{rig.b.hostname}-ft"]
     proc = subprocess.run(

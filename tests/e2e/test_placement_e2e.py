@@ -103,12 +103,14 @@ def observer(rig3: Rig) -> Iterator[Observer]:
         yield obs
 
 
-def start_placed(rig: Rig, guest: LinuxGuest, obs: Observer, name: str, mac: str) -> None:
+def start_placed(rig: Rig, guest: LinuxGuest, obs: Observer, name: str, mac: str, *,
+                 peer: str | None = "") -> None:
     """The Linux guest, marked for protection by ``xml enable`` without ``--peer`` (the placer
-    chooses its backup), defined and started on host a; until its stream flows."""
-    xml = protected_linux_xml(rig, guest, name, obs, mac=mac, pps=PPS, epoch_ms=EPOCH_MS, peer="")
+    chooses its backup; ``peer``: as given, None: host b), defined and started on host a."""
+    xml = protected_linux_xml(rig, guest, name, obs, mac=mac, pps=PPS, epoch_ms=EPOCH_MS, peer=peer)
     element = etree.parse(str(xml)).find(f".//{{{FT_NAMESPACE}}}ft")
-    assert element is not None and element.get("peer") is None
+    written = rig.b.hostname if peer is None else peer or None
+    assert element is not None and element.get("peer") == written
     rig.a.virsh("define", str(xml))
     rig.a.virsh("start", name)
 
@@ -207,7 +209,10 @@ def test_the_placer_host_dies_another_cujud_places_and_the_new_standby_takes_ove
     a wins the record and runs on (nothing lost, nothing repeated), c's lease expires, a or b
     is elected placer, and the VM is placed again: on b, its own rack being all there is (the
     fallback is logged). Then a dies too: b, the new placer's choice, takes over with at most
-    one epoch's gap, and only b runs it."""
+    one epoch's gap, and only b runs it. Then host a, the old primary, boots again (c stays
+    down): its cujud starts with the host, and b's VM, alone with no other live host, gets
+    its standby on a without any operator action; a never runs a copy of its own, the stream
+    flows on untouched, and the record names b as owner and a as backup."""
     ca, cb, cc = cujuds["a"], cujuds["b"], cujuds["c"]
     a, b, c = rig3.a, rig3.b, rig3.host("c")
     name = "pl-placer"
@@ -246,6 +251,71 @@ def test_the_placer_host_dies_another_cujud_places_and_the_new_standby_takes_ove
         got = _still_counting(observer, time.monotonic(), PPS, timeout=60)
         verdict = judge_run(got, Rules(max_gap=max_gap, failover_at=crashed_at, tolerance=0.5))
         assert verdict.ok, verdict.as_dict()
+
+        # the old primary host returns (its cujud starts at boot) and becomes the backup
+        a.reboot()
+        ca.start()
+        back = cb.wait_for(name, lambda e: e["state"] == "protected" and e["peer"] == "cuju-a",
+                           "protected again, by a", timeout=180)
+        assert back["role"] == "primary" and back["failovers"] == 1
+        assert ca.wait_domain(name, "standby", timeout=30)["peer"] == "cuju-b"
+        assert runs(b, name) and a.virsh("domstate", name).strip() == "paused"
+        rec = OwnershipStore(etcd.client(timeout=3.0)).read(b.virsh("domuuid", name).strip())
+        assert rec is not None and (rec.record.owner, rec.record.backup, rec.record.mode) == (
+            "cuju-b", "cuju-a", "protected")
+        # the whole stream: the one failover gap (a's crash) and nothing else, nothing repeated
+        got = _still_counting(observer, time.monotonic(), PPS, timeout=60)
+        verdict = judge_run(got, Rules(max_gap=max_gap, failover_at=crashed_at, tolerance=0.5))
+        assert verdict.ok, verdict.as_dict()
     finally:
         reboot_crashed(rig3)
         cleanup_protected(rig3, name)
+
+
+@pytest.mark.timeout(480)
+def test_peer_auto_is_placed_by_the_placer_and_an_explicit_peer_still_wins(
+    rig3: Rig, etcd: EtcdCluster, linux_guest: LinuxGuest, observer: Observer, cujuds: dict[str, Cujud]
+) -> None:
+    """With etcd, ``peer='auto'`` is placed like an element without ``peer``: the VM on a
+    (rack1) gets its standby on c (rack2), the placer's choice, where a's own choice among its
+    peers would be b (no standby either, first by name). Judged by where the standby runs,
+    by the ownership record and by both logs. Then the same guest with an explicit
+    ``peer='cuju-b'`` pairs with b, in a's own rack: the explicit peer wins, the placer is
+    not asked (no request in the record, nothing placed in c's log)."""
+    ca, cb, cc = cujuds["a"], cujuds["b"], cujuds["c"]
+    a, b, c = rig3.a, rig3.b, rig3.host("c")
+    auto, explicit = "pl-auto", "pl-explicit"
+    said_a, said_c = log_size(ca), log_size(cc)
+    store = OwnershipStore(etcd.client(timeout=3.0))
+    try:
+        wait_cluster(ca, lambda s: alive(s) == {"cuju-a", "cuju-b", "cuju-c"}, "three hosts alive")
+        start_placed(rig3, linux_guest, observer, auto, "52:54:00:19:0b:02", peer="auto")
+        assert ca.wait_domain(auto, "protected", timeout=180)["peer"] == "cuju-c"
+        assert cc.wait_domain(auto, "standby", timeout=30)["peer"] == "cuju-a"
+        assert cb.domain(auto) is None and b.qemu_pid(auto) is None
+        assert runs(a, auto) and c.virsh("domstate", auto).strip() == "paused"
+        rec = store.read(a.virsh("domuuid", auto).strip())
+        assert rec is not None
+        assert (rec.record.owner, rec.record.backup, rec.record.mode, rec.record.wants_standby) == (
+            "cuju-a", "cuju-c", "protected", False)
+        assert "placed the standby of pl-auto (owner cuju-a, failure domain rack1) on cuju-c " \
+               "(failure domain rack2" in log_since(cc, said_c)
+        assert "the standby goes to cuju-c, the cluster's choice" in log_since(ca, said_a)
+        wait_streaming(observer)
+        verdict = judge_run(_still_counting(observer, time.monotonic(), PPS, timeout=60), Rules())
+        assert verdict.ok, verdict.as_dict()  # protected all along: no gap, nothing repeated
+        cleanup_protected(rig3, auto)
+
+        said_c = log_size(cc)
+        start_placed(rig3, linux_guest, observer, explicit, "52:54:00:19:0b:03", peer=None)
+        assert ca.wait_domain(explicit, "protected", timeout=180)["peer"] == "cuju-b"
+        assert cb.wait_domain(explicit, "standby", timeout=30)["peer"] == "cuju-a"
+        assert cc.domain(explicit) is None and c.qemu_pid(explicit) is None
+        rec = store.read(a.virsh("domuuid", explicit).strip())
+        assert rec is not None
+        assert (rec.record.owner, rec.record.backup, rec.record.mode, rec.record.wants_standby,
+                rec.record.placement) == ("cuju-a", "cuju-b", "protected", False, None)
+        assert "pl-explicit" not in log_since(cc, said_c)
+    finally:
+        cleanup_protected(rig3, auto)
+        cleanup_protected(rig3, explicit)

@@ -99,7 +99,8 @@ def test_backup_host_crash_with_the_witness_re_protects_onto_the_third_host(
                                   epoch_ms=20, peer="auto")
         a.virsh("define", str(xml))
         a.virsh("start", name)
-        assert ca.wait_domain(name, "protected", timeout=120)["peer"] == "cuju-b"  # placed: by name
+        # the placer's choice: three like hosts, each its own failure domain, equal headroom: by name
+        assert ca.wait_domain(name, "protected", timeout=120)["peer"] == "cuju-b"
         cb.wait_domain(name, "standby", timeout=30)
         obs.wait_for(lambda r: len(r.udp) >= PPS and len(r.tcp_data) >= 400, timeout=90)
         time.sleep(random.uniform(0.5, 2.0))

@@ -102,7 +102,7 @@ def test_the_placer_places_outside_the_owners_failure_domain_in_one_fenced_trans
     assert placer.place_round() == [("web", "c")]
     assert placer.place_round() == []  # placed once: a second round leaves it alone
     got = a.request_standby("u1", "web", avoid=None, memory_kib=256 * 1024, wait=5, ended=lambda: False)
-    assert got == "c"
+    assert got == ("c", "")
     # the owner pairs with c: protect clears the request, a later loss asks again (and avoids c)
     rec = store.protect("u1", "web", "a", "c")
     assert (rec.generation, rec.wants_standby, rec.placement) == (2, False, None)
@@ -168,7 +168,7 @@ def test_the_avoided_host_when_it_is_the_only_one_is_placed_once_and_taken(store
     assert placer.place_round() == [("app", "a")]
     placed = store.read("u3")
     assert placer.place_round() == [] and store.read("u3") == placed
-    assert b.request_standby("u3", "app", avoid="a", memory_kib=0, wait=2, ended=lambda: False) == "a"
+    assert b.request_standby("u3", "app", avoid="a", memory_kib=0, wait=2, ended=lambda: False) == ("a", "")
     assert store.read("u3") == placed  # the same request: asked again, nothing rewritten
     for m in (a, b):
         m.close()
@@ -192,7 +192,7 @@ def test_a_placement_on_the_avoided_host_moves_as_soon_as_another_host_qualifies
     moved = store.read("u4")
     assert moved is not None and (moved.record.placement, moved.record.avoid) == ("c", "a")
     assert placer.place_round() == [] and store.read("u4") == moved  # c is not avoided: left alone
-    assert b.request_standby("u4", "app", avoid="a", memory_kib=0, wait=2, ended=lambda: False) == "c"
+    assert b.request_standby("u4", "app", avoid="a", memory_kib=0, wait=2, ended=lambda: False) == ("c", "")
     for m in (a, b, c):
         m.close()
 
@@ -216,7 +216,36 @@ def test_a_host_without_room_for_the_vm_is_never_chosen_and_placed_memory_counts
     second = store.read("u6")
     assert second is not None and second.record.placement is None
     said = [r.getMessage() for r in caplog.records if "big2" in r.getMessage()]
-    assert said == ["cannot place the standby of big2 yet: no live host has 2048 MiB free for its standby "
-                    "(most: 1024 MiB, standbys placed there but not yet paired counted)"]  # once
+    reason = ("no live host has 2048 MiB free for its standby (most: 1024 MiB, standbys placed there but "
+              "not yet paired counted)")
+    assert said == [f"cannot place the standby of big2 yet: {reason}"]  # once
+    # the reason is in the record: the owner stops waiting and says it (a few rounds, not 60 s)
+    assert second.record.unplaced == reason
+    asked_at = time.monotonic()
+    assert a.request_standby("u6", "big2", avoid=None, memory_kib=2048 * 1024, wait=60,
+                             ended=lambda: False) == (None, reason)
+    assert time.monotonic() - asked_at < 30
+    # b's first standby pairs, b registers 4 GiB free: the next round places big2 there
+    store.protect("u5", "big1", "a", "b")
+    b._resources = lambda: (4096 * 1024, 8 << 20, 2, 0.5)
+    b._renewed = 0.0
+    b.step()
+    assert placer.place_round() == [("big2", "b")]
+    placed = store.read("u6")
+    assert placed is not None and (placed.record.placement, placed.record.unplaced) == ("b", None)
+    for m in (a, b, c):
+        m.close()
+
+
+def test_when_the_placer_says_nothing_the_owner_chooses_by_the_same_rules(store: OwnershipStore) -> None:
+    """No placer places (none runs its rounds here): the owner's wait ends with no answer and
+    no reason, and ``choose_here`` gives the placer's choice from etcd's view of the cluster."""
+    a, b, c = member(store, "a", "rack1"), member(store, "b", "rack1"), member(store, "c", "rack2")
+    for m in (a, b, c):
+        m.step()
+    answer = a.request_standby("u7", "quiet", avoid=None, memory_kib=0, wait=1, ended=lambda: False)
+    assert answer == (None, "")
+    assert a.choose_here("u7") == ("c", "")  # outside a's rack, as the placer would
+    assert a.choose_here("nope")[0] is None
     for m in (a, b, c):
         m.close()

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from cuju_libvirt.cujud.cluster import HostInfo, choose, promised_memory, standby_counts
+from cuju_libvirt.cujud.cluster import HostInfo, choose, headroom, promised_memory, standby_counts
 from cuju_libvirt.cujud.coord import Ownership
 from cuju_libvirt.errors import CoordError
 
 GIB = 1 << 20  # KiB
 
 
-def host(name: str, domain: str, free_gib: int = 8, peers: tuple[str, ...] | None = None) -> HostInfo:
-    return HostInfo(name, domain, mem_free_kib=free_gib * GIB, mem_total_kib=16 * GIB, cpus=4,
-                    peers=peers if peers is not None else ("a", "b", "c", "d"))
+def host(name: str, domain: str, free_gib: float = 8, peers: tuple[str, ...] | None = None, *,
+         load1: float = 0.0, cpus: int = 4) -> HostInfo:
+    return HostInfo(name, domain, mem_free_kib=int(free_gib * GIB), mem_total_kib=16 * GIB, cpus=cpus,
+                    load1=load1, peers=peers if peers is not None else ("a", "b", "c", "d"))
 
 
 def want(owner: str = "a", **kw: object) -> Ownership:
@@ -40,6 +41,45 @@ def test_balance_fewest_standbys_then_most_free_memory_then_name() -> None:
     assert choose(want(), hosts, {"c": 2, "d": 2}) == ("b", "")
     assert choose(want(), hosts, {"b": 1}) == ("c", "")  # c and d tie on memory: by name
     assert choose(want(), hosts, {}) == ("c", "")
+
+
+def test_a_busy_cpu_weighs_like_scarce_memory_the_scarcer_resource_decides() -> None:
+    """Headroom is the share of the host left of its scarcer resource: b has twice c's memory
+    free but its 4 CPUs are all busy (load 4), so the standby goes to the idle c; with b half
+    busy (2 of 4 CPUs idle: 50 %) b's memory (50 %) and CPU tie above c's 25 % of memory."""
+    vm = want(memory_kib=GIB)
+    hosts = {"a": host("a", "r1"), "b": host("b", "r2", free_gib=9, load1=4.0),
+             "c": host("c", "r3", free_gib=5)}
+    assert choose(vm, hosts, {}) == ("c", "")
+    assert choose(vm, {**hosts, "b": host("b", "r2", free_gib=9, load1=2.0)}, {}) == ("b", "")
+    # the fewest standbys still come first: an idle host with one standby loses to a busy one
+    assert choose(vm, hosts, {"c": 1}) == ("b", "")
+
+
+def test_noise_in_free_memory_and_load_never_decides_between_equal_hosts() -> None:
+    """Hosts whose headroom differs by less than HEADROOM_TIE (5 % of a host) are equal: the
+    name decides, whatever the last renewal read (free memory and load move all the time)."""
+    for b_free, c_free, b_load, c_load in ((8.0, 8.3, 1.0, 1.1), (8.3, 8.0, 1.1, 1.0), (8.0, 8.0, 0.0, 0.1)):
+        hosts = {"a": host("a", "r1"), "b": host("b", "r2", b_free, load1=b_load),
+                 "c": host("c", "r3", c_free, load1=c_load)}
+        assert choose(want(), hosts, {}) == ("b", ""), (b_free, c_free, b_load, c_load)
+
+
+def test_with_every_cpu_saturated_memory_still_balances() -> None:
+    """A shared machine whose load exceeds its CPUs everywhere (no CPU headroom anywhere): the
+    memory left decides, not the name."""
+    hosts = {"a": host("a", "r1"), "b": host("b", "r2", free_gib=2, load1=9.0),
+             "c": host("c", "r3", free_gib=10, load1=6.0)}
+    assert choose(want(), hosts, {}) == ("c", "")
+
+
+def test_a_host_that_registered_no_cpu_count_or_total_memory_has_no_headroom() -> None:
+    old = HostInfo("b", "r2", mem_free_kib=12 * GIB)  # a record of an older cujud: no total, no CPUs
+    assert headroom(old, 12 * GIB) == (0.0, 0.0)
+    assert headroom(host("c", "r3", free_gib=4, load1=1.0), 4 * GIB) == (0.25, 0.25)
+    assert headroom(host("c", "r3", free_gib=8, load1=1.0), 8 * GIB) == (0.5, 0.5)
+    assert headroom(host("c", "r3", free_gib=8, load1=3.0), 8 * GIB) == (0.25, 0.5)
+    assert choose(want(), {"a": host("a", "r1"), "b": old, "c": host("c", "r3", free_gib=4)}, {}) == ("c", "")
 
 
 def test_only_hosts_the_owner_is_connected_to_and_with_room_for_the_vm() -> None:
@@ -92,6 +132,8 @@ def test_records_without_placement_encode_as_before_and_placement_round_trips() 
                               b'"owner": "a", "uuid": "u1"}')
     placed = want(placement="c", avoid="b", memory_kib=262144)
     assert Ownership.decode(placed.encode()) == placed
+    unplaced = want(unplaced="no live host has 1024 MiB free")
+    assert Ownership.decode(unplaced.encode()) == unplaced and b'"unplaced"' not in placed.encode()
     assert Ownership.decode(plain.encode()) == plain
 
 
