@@ -45,6 +45,7 @@ from cuju_libvirt.ft_engine.disks import (
     ProtectedDisk,
     prepare_replica,
     read_record,
+    record_takeover,
 )
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.replicator import DiskPart, EpochReceiver, EpochSender, page_indexes
@@ -720,6 +721,26 @@ def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_
             if ds_b is not None:
                 ds_b.close()
             disk_server.stop(b_paths)
+
+
+@pytest.mark.timeout(60)
+def test_a_full_copy_after_a_failover_says_why_the_backups_own_image_was_refused(shm_dir: Path) -> None:
+    """The backup's reason (``refused``: e.g. no durable record of that replica, unknown
+    lineage) reaches the primary's log and status (the progress' ``why``), with the full copy."""
+    whys: list[tuple[str, str]] = []
+    with served_disks(shm_dir, {"vda": 4 << 20}) as disks:
+        ds = disk_set(disks)
+        try:
+            record_takeover(disks[0].paths.journal, {"replica": "ab" * 8, "lineage": "cd" * 8})
+            claims = ds.claims()
+            assert claims[0]["takeover"]["block_size"] == ds.info()[0]["block_size"]
+            ds.set_replicas([{"replica": "ef" * 8, "kept": False, "refused": "unknown lineage, say"}], claims)
+            ds.set_progress(lambda _t, _d, _n, mode, why: whys.append((mode, why)))
+            ds.begin_sync(full=True)
+        finally:
+            ds.close()
+    assert whys[-1] == (FULL, "full sparse copy (the backup's own image cannot be the replica: "
+                              "unknown lineage, say)")
 
 
 @pytest.mark.timeout(60)
