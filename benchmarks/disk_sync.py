@@ -6,6 +6,7 @@ import argparse
 import mmap
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cuju_libvirt import disk_server
-from cuju_libvirt.cujud.disks import adopt_own_image, choose_replicas, take_over_replica
+from cuju_libvirt.cujud.disks import adopt_by_content, adopt_own_image, choose_replicas, take_over_replica
 from cuju_libvirt.ft_engine.disks import DiskSet, ProtectedDisk, prepare_replica
 from cuju_libvirt.ft_engine.replicator import EpochReceiver, EpochSender, page_indexes
 
@@ -30,7 +31,11 @@ DESCRIPTION = (
     "against the full sync of the same run. Then a failover: the primary writes --outage-write-mib more "
     "with no backup and stops, the backup takes its replica over behind a block server of its own and "
     "writes --outage-write-mib elsewhere, and the re-protection onto the old primary's own image resends "
-    "only the blocks either side's journal marked (failover_* keys, against the same full sync)."
+    "only the blocks either side's journal marked (failover_* keys, against the same full sync). Last, a "
+    "primary-host crash: host b (now the primary) writes --outage-write-mib, its block server is "
+    "SIGKILLed and its tmpfs journal lost; host a takes its copy over and writes --outage-write-mib; "
+    "the re-protection onto b's image (its durable pairing record names it) compares content digests "
+    "and resends only the units that differ (hostcrash_* keys, against the same full sync)."
 )
 TARGET_RATIO = 0.7
 PAGE = 4096
@@ -123,9 +128,10 @@ class _Standby:
         return self.epoch
 
     def sync(self, ds: DiskSet) -> tuple[float, int]:
-        """The disk part of the engine's initial sync; (seconds to the last ACK, bytes planned)."""
+        """The disk part of the engine's initial sync; (seconds to the last ACK, bytes sent from
+        the images: planned, or found to differ by a content compare)."""
         t0 = time.perf_counter()
-        total = ds.begin_sync(full=True)
+        ds.begin_sync(full=True)
         while parts := ds.sync_chunk():
             epoch = self.ship(parts)
             if epoch > 1:
@@ -136,7 +142,7 @@ class _Standby:
         seconds = time.perf_counter() - t0
         ds.acked(epoch)
         ds.sync_complete()
-        return seconds, total
+        return seconds, ds.sync_sent()[0]
 
     def settle(self, ds: DiskSet) -> None:
         """The load stopped: ship its last writes and wait until the replica holds them."""
@@ -211,6 +217,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  write_mib=args.outage_write_mib, load=load)
             ds = failover.pop("ds")
             out.update(failover)
+            crash = _host_crash(work, ds, paths=paths, image=image, replica=replica, size=size,
+                                write_mib=args.outage_write_mib, load=load)
+            ds = crash.pop("ds")
+            out.update(crash)
         finally:
             if fio is not None:
                 fio.terminate()
@@ -219,6 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 standby.close()
             ds.close()
             disk_server.stop(disk_server.ServerPaths.under(work / "b", "vda"))
+            disk_server.stop(disk_server.ServerPaths.under(work / "a2", "vda"))
         out["sync_s"] = round(sync_s, 3)
         out["sync_bytes_planned"] = total
         out["sync_epochs"] = epochs
@@ -230,6 +241,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["resync_s_vs_full"] = round(resync_s / sync_s, 4)
         out["failover_resync_bytes_ratio"] = round(out["failover_resync_bytes_planned"] / total, 4)
         out["failover_resync_s_vs_full"] = round(out["failover_resync_s"] / sync_s, 4)
+        out["hostcrash_resync_bytes_ratio"] = round(out["hostcrash_resync_bytes"] / total, 4)
+        out["hostcrash_resync_s_vs_full"] = round(out["hostcrash_resync_s"] / sync_s, 4)
         out["meets_target"] = out["ratio_vs_copy"] >= TARGET_RATIO
     finally:
         if fio is not None and fio.poll() is None:
@@ -244,13 +257,7 @@ def _failover(work: Path, ds: DiskSet, *, paths: disk_server.ServerPaths, image:
     """Host a (``paths``, ``image``) writes ``write_mib`` with no backup and stops; host b takes
     ``replica`` over and writes ``write_mib``; re-protected onto a's own image under ``load``.
     Returns the failover_* keys and ``ds``, host b's DiskSet (the caller closes it)."""
-    def write(on: disk_server.ServerPaths, seed: int) -> None:
-        # Other offsets than the outage's and than the other side's: with fio's default
-        # randrepeat=1 every run writes the same offsets, whatever --randseed says.
-        subprocess.run(_fio(on, size, "--rw", "randwrite", "--bs", "64k", "--iodepth", "4",
-                            f"--io_size={write_mib}M", "--randrepeat=0", f"--randseed={seed}"),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=600)
-
+    write = _writer(size, write_mib)
     write(paths, 11)
     ds.close()
     disk_server.stop(paths)  # the old primary's QEMU is gone: its server stops (the hook)
@@ -258,7 +265,8 @@ def _failover(work: Path, ds: DiskSet, *, paths: disk_server.ServerPaths, image:
     b_paths = disk_server.ServerPaths.under(work / "b", "vda")
     disk_server.start(b_paths, str(replica), target="vda")
     take_over_replica(str(replica), b_paths.journal)
-    ds_b = DiskSet([ProtectedDisk("vda", str(replica), b_paths.journal)])
+    # Host b's durable pairing record (cujud keeps it in its state_dir): for the host crash below.
+    ds_b = DiskSet([ProtectedDisk("vda", str(replica), b_paths.journal, str(work / "b-state" / "vda.pair"))])
     out: dict[str, Any] = {"ds": ds_b}
     write(b_paths, 12)
     got = adopt_own_image(paths, size, ds_b.claims()[0], target="vda")
@@ -277,6 +285,67 @@ def _failover(work: Path, ds: DiskSet, *, paths: disk_server.ServerPaths, image:
         out["failover_resync_s"] = round(seconds, 3)
         out["failover_resync_bytes_planned"] = total
         out["failover_replica_equal"] = _same(replica, image)
+    finally:
+        if fio.poll() is None:
+            fio.terminate()
+            fio.wait(10)
+        standby.close()
+    return out
+
+
+def _writer(size: int, write_mib: int) -> Any:
+    def write(on: disk_server.ServerPaths, seed: int) -> None:
+        # Other offsets than the outage's and than the other side's: with fio's default
+        # randrepeat=1 every run writes the same offsets, whatever --randseed says.
+        subprocess.run(_fio(on, size, "--rw", "randwrite", "--bs", "64k", "--iodepth", "4",
+                            f"--io_size={write_mib}M", "--randrepeat=0", f"--randseed={seed}"),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=600)
+    return write
+
+
+def _host_crash(work: Path, ds_b: DiskSet, *, paths: disk_server.ServerPaths, image: Path, replica: Path,
+                size: int, write_mib: int, load: tuple[str, ...]) -> dict[str, Any]:
+    """Host b, the primary since the failover (``ds_b`` on ``replica``), writes ``write_mib`` and
+    crashes: its server SIGKILLed, its tmpfs journal gone. Host a takes ``image`` over behind a
+    server of its own and writes ``write_mib``; re-protected onto b's image, which b's durable
+    pairing record names, by content compare under ``load``. Returns the hostcrash_* keys and
+    ``ds``, host a's DiskSet (the caller closes it)."""
+    write = _writer(size, write_mib)
+    b_paths = disk_server.ServerPaths.under(work / "b", "vda")
+    record = ds_b.disks[0].record
+    write(b_paths, 13)
+    ds_b.close()
+    pid = disk_server.running_pid(b_paths)
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+        while disk_server.running_pid(b_paths) is not None:
+            time.sleep(0.01)
+    for left in (work / "b").iterdir():  # the tmpfs of host b
+        left.unlink()
+    (work / "a2").mkdir()
+    a_paths = disk_server.ServerPaths.under(work / "a2", "vda")
+    disk_server.start(a_paths, str(image), target="vda")
+    take_over_replica(str(image), a_paths.journal)
+    ds_a = DiskSet([ProtectedDisk("vda", str(image), a_paths.journal)])
+    out: dict[str, Any] = {"ds": ds_a}
+    write(a_paths, 14)
+    got = adopt_by_content(record, size, ds_a.claims()[0])
+    if isinstance(got, str):
+        raise RuntimeError(f"host b's image was not adopted for a content compare: {got}")
+    (work / "b2").mkdir()
+    standby = _Standby(work / "b2", ds_a, replica, size, adopted={0: got[1]})
+    fio = _background(_fio(a_paths, size, *load))
+    try:
+        out["hostcrash_image_adopted"] = standby.answers[0]["kept"]
+        out["hostcrash_digest_unit"] = got[1]["unit"]
+        time.sleep(0.5)
+        seconds, sent = standby.sync(ds_a)
+        fio.terminate()
+        fio.wait(10)
+        standby.settle(ds_a)
+        out["hostcrash_resync_s"] = round(seconds, 3)
+        out["hostcrash_resync_bytes"] = sent
+        out["hostcrash_replica_equal"] = _same(image, replica)
     finally:
         if fio.poll() is None:
             fio.terminate()

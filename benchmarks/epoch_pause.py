@@ -42,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-rounds", type=int, default=3,
                         help="with --tls: rounds of one plain and one encrypted session, interleaved "
                              "(default 3); tls_added_ci95_ms is their bootstrap interval")
+    parser.add_argument("--serial", action="store_true",
+                        help="with --engine: also run the --memory-mib case with COM1 a held serial port "
+                             "(chardev server cut in every pause) in the same run: median_ms_serial, "
+                             "serial_added_ms")
+    parser.add_argument("--serial-rounds", type=int, default=3,
+                        help="with --serial: rounds of one plain and one held-serial session, interleaved "
+                             "(default 3)")
     parser.add_argument("--engine", action="store_true",
                         help="measure the real epoch engine instead (PrimaryEngine + BackupEngine over "
                              "loopback, C gather, pipelined shipping; epoch length = --run-ms)")

@@ -25,7 +25,7 @@ import dataclasses
 import difflib
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -34,7 +34,9 @@ from typing import AnyStr, Literal, NamedTuple, cast
 from lxml import etree
 
 from cuju_libvirt import FT_NAMESPACE as _PACKAGE_FT_NAMESPACE
+from cuju_libvirt import chardev_xml
 from cuju_libvirt._xml import Document, close_indent, indent_of, insert_child, is_empty, remove_child
+from cuju_libvirt.chardev_xml import FTChardev as FTChardev  # noqa: PLC0414  (re-exported: FTSpec.chardevs)
 from cuju_libvirt.disk_xml import (
     NBD_SOCKET_DIR,
     TARGET_PATTERN,
@@ -54,6 +56,7 @@ FT_NAMESPACE_BASE = "https://cuju-ft.github.io/libvirt/ft/"
 FT_PREFIX = "cuju"
 FT_TAG = f"{{{FT_NAMESPACE}}}ft"
 FT_DISK_TAG = f"{{{FT_NAMESPACE}}}disk"
+FT_CHARDEV_TAG = f"{{{FT_NAMESPACE}}}chardev"
 
 DEFAULT_PEER_PORT = 7790
 DEFAULT_LINK_PORT = 7791
@@ -133,7 +136,7 @@ class Attribute:
 
     name: str  # XML attribute name (also the JSON key and the CLI option name)
     field: str  # FTSpec field
-    kind: Literal["endpoint", "int", "choice", "onoff"]
+    kind: Literal["endpoint", "int", "choice", "onoff", "ports"]
     default: str | int | bool | None
     doc: str
     bounds: tuple[int, int] | None = None
@@ -185,6 +188,15 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         choices=("on", "off"),
     ),
     Attribute(
+        "serial-commit", "serial_commit", "ports", "auto",
+        "with --prepare, which <serial>/<console> ports have their output held per epoch like network "
+        "output (a chardev server per domain writes it to the original target): auto (every file, "
+        "unix and tcp (raw) port; a pty stays libvirt's, so virsh console works, unheld), on (also "
+        "ptys), off (none), or the ports themselves, e.g. 'serial0 console1'. An unheld port is "
+        "at-least-once: the standby prints again the lines of the epoch a failover loses",
+        choices=("auto", "on", "off"),
+    ),
+    Attribute(
         "max-epoch-packets", "max_epoch_packets", "int", 5000,
         "end an epoch early once this many outgoing packets are held (QEMU's filter-buffer "
         "drops packets beyond 10,000)",
@@ -213,6 +225,8 @@ ATTRIBUTE_BY_NAME: Mapping[str, Attribute] = {a.name: a for a in ATTRIBUTES}
 def _allowed(attr: Attribute) -> str:
     if attr.bounds:
         return f"an integer from {attr.bounds[0]} to {attr.bounds[1]}"
+    if attr.kind == "ports":
+        return " or ".join(repr(c) for c in attr.choices) + " or port names (e.g. 'serial0 console1')"
     if attr.choices:
         return " or ".join(repr(c) for c in attr.choices)
     return "HOST or HOST:PORT (host name, IPv4 address, or [IPv6 address])"
@@ -249,12 +263,16 @@ class FTSpec:
     max_epoch_ms: int = 100
     tracker: Tracker = "auto"
     output_commit: bool = True
+    #: ``auto``, ``on``, ``off`` or the held ports' keys, space-separated (:meth:`holds_port`).
+    serial_commit: str = "auto"
     max_epoch_packets: int = 5000
     failover: Failover = "auto"
     heartbeat_timeout_ms: int = 500
     on_peer_unavailable: PeerUnavailable = "start-unprotected"
     #: The prepared disks (``<cuju:disk>`` children), in document order.
     disks: tuple[FTDisk, ...] = ()
+    #: The held serial ports and consoles (``<cuju:chardev>`` children), in document order.
+    chardevs: tuple[FTChardev, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -278,6 +296,13 @@ class FTSpec:
                     f"<cuju:ft> records disk '{target}' {targets.count(target)} times; "
                     "fix: keep one <cuju:disk> per target"
                 )
+        if not isinstance(self.chardevs, tuple) or not all(isinstance(c, FTChardev) for c in self.chardevs):
+            problems.append("FTSpec.chardevs must be a tuple of FTChardev")
+        else:
+            seen = [(c.device, c.index) for c in self.chardevs]
+            for device, index in sorted({x for x in seen if seen.count(x) > 1}):
+                problems.append(f"<cuju:ft> records <{device}> {index} more than once; fix: keep one "
+                                "<cuju:chardev> per element")
         if problems:
             raise FTElementError(problems)
 
@@ -310,6 +335,14 @@ class FTSpec:
         if problems:
             raise FTElementError(problems)
         return cls(**values)  # type: ignore[arg-type]  # fields checked in __post_init__
+
+    def holds_port(self, names: Iterable[str], kind: str) -> bool:
+        """Whether ``serial-commit`` selects a holdable port: ``names`` are its own name
+        (``console0``) and its key (``serial0`` for the console that mirrors COM1), ``kind``
+        its original type (``auto`` leaves ptys alone: they are interactive consoles)."""
+        if self.serial_commit in ("auto", "on", "off"):
+            return self.serial_commit == "on" or (self.serial_commit == "auto" and kind != "pty")
+        return not set(self.serial_commit.split()).isdisjoint(names)
 
     def disk(self, target: str) -> FTDisk | None:
         """The record of the prepared disk ``target``, or None."""
@@ -397,7 +430,19 @@ def _check_value(attr: Attribute, value: object) -> str | None:
         return None if lo <= value <= hi else f"outside {lo}..{hi}"
     if attr.kind == "onoff":
         return None if isinstance(value, bool) else "not on/off"
+    if attr.kind == "ports":
+        return None if isinstance(value, str) and (value in attr.choices or _port_list(value)) else \
+            "not auto, on, off or a list of ports such as 'serial0 console1'"
     return None if value in attr.choices else "not one of the choices"
+
+
+_PORT_NAME = re.compile(r"(serial|console)[0-9]{1,4}")
+
+
+def _port_list(text: str) -> bool:
+    """``text`` names ports, each once: ``serial0 console1``."""
+    words = text.split()
+    return bool(words) and len(set(words)) == len(words) and all(_PORT_NAME.fullmatch(w) for w in words)
 
 
 def _from_text(attr: Attribute, text: str) -> object:
@@ -410,6 +455,10 @@ def _from_text(attr: Attribute, text: str) -> object:
         if len(text) > 9:
             raise ValueError("too many digits")
         return int(text)
+    if attr.kind == "ports" and text not in attr.choices:
+        if not _port_list(text):
+            raise ValueError("not auto, on, off or port names such as 'serial0 console1', each once")
+        return " ".join(text.split())
     if text not in attr.choices:
         raise ValueError("unknown value")
     if attr.kind == "onoff":
@@ -561,6 +610,54 @@ def disk_from_element(record: etree._Element) -> FTDisk:
     return FTDisk(target, record_text(originals[0], indent_of(originals[0])), replica)
 
 
+def _is_chardev_record(node: etree._Element) -> bool:
+    return node.tag == FT_CHARDEV_TAG
+
+
+def chardev_from_element(record: etree._Element) -> FTChardev:
+    """One ``<cuju:chardev device='serial' index='0'>`` record holding the original element."""
+    device, index = record.get("device"), record.get("index")
+    where = f"<cuju:chardev device='{device}' index='{index}'>"
+    problems: list[str] = []
+    for name in record.attrib:
+        if name not in ("device", "index"):
+            problems.append(f"{where} has an unknown attribute '{name!s}'; fix: remove it "
+                            "(known: device, index)")
+    if device not in chardev_xml.DEVICES:
+        problems.append(f"{where}{_line(record)}: device must be 'serial' or 'console'")
+    if index is None or _DIGITS.match(index) is None:
+        problems.append(f"{where}{_line(record)}: index must be the element's position among its kind "
+                        "(0, 1, ...)")
+    children = [c for c in record if isinstance(c.tag, str)]
+    texts = [record.text, *(c.tail for c in record)]
+    if (len(children) != 1 or etree.QName(children[0]).localname != device
+            or any(t and t.strip() for t in texts)):
+        problems.append(
+            f"{where}{_line(record)} must hold exactly one element, the <{device}> as it was before prepare; "
+            "fix: restore it by hand and run 'cuju-libvirt xml enable --prepare' again"
+        )
+    if problems:
+        raise FTElementError(problems)
+    assert device is not None and index is not None
+    return FTChardev(cast(chardev_xml.ChardevDevice, device), int(index),
+                     record_text(children[0], indent_of(children[0])))
+
+
+def chardevs_from_element(element: etree._Element) -> tuple[FTChardev, ...]:
+    """The chardev records of a ``<cuju:ft>`` element, all problems at once."""
+    found: list[FTChardev] = []
+    problems: list[str] = []
+    for child in element:
+        if isinstance(child.tag, str) and _is_chardev_record(child):
+            try:
+                found.append(chardev_from_element(child))
+            except FTElementError as err:
+                problems.extend(err.problems)
+    if problems:
+        raise FTElementError(problems)
+    return tuple(found)
+
+
 def disks_from_element(element: etree._Element) -> tuple[FTDisk, ...]:
     """The disk records of a ``<cuju:ft>`` element, all problems at once."""
     disks: list[FTDisk] = []
@@ -580,10 +677,10 @@ def spec_from_element(element: etree._Element) -> FTSpec:
     """Validate one ``<cuju:ft>`` element (typed checks, then the schema) and return its settings."""
     problems: list[str] = []
     for child in element:
-        if isinstance(child.tag, str) and not _is_disk_record(child):
+        if isinstance(child.tag, str) and not _is_disk_record(child) and not _is_chardev_record(child):
             problems.append(
                 f"<cuju:ft> has a child element <{etree.QName(child).localname}>; it takes attributes "
-                "and <cuju:disk> records only; fix: remove the child"
+                "and <cuju:disk>/<cuju:chardev> records only; fix: remove the child"
             )
     texts = [element.text, *(c.tail for c in element)]
     if any(t and t.strip() for t in texts):
@@ -591,8 +688,13 @@ def spec_from_element(element: etree._Element) -> FTSpec:
             "<cuju:ft> contains text; it takes attributes and <cuju:disk> records only; fix: remove the text"
         )
     disks: tuple[FTDisk, ...] = ()
+    chardevs: tuple[FTChardev, ...] = ()
     try:
         disks = disks_from_element(element)
+    except FTElementError as err:
+        problems.extend(err.problems)
+    try:
+        chardevs = chardevs_from_element(element)
     except FTElementError as err:
         problems.extend(err.problems)
     try:
@@ -602,7 +704,7 @@ def spec_from_element(element: etree._Element) -> FTSpec:
     if problems:
         raise FTElementError(problems)
     _schema_check(element)
-    return spec.replace(disks=disks)
+    return spec.replace(disks=disks, chardevs=chardevs)
 
 
 def check_domain_root(root: etree._Element) -> None:
@@ -679,6 +781,11 @@ def ft_element(
         if disk.replica is not None:
             record.set("replica", disk.replica)
         record.append(record_element(disk.original, None if indent is None else indent + 2 * step))
+    for chardev in spec.chardevs:
+        record = etree.SubElement(element, FT_CHARDEV_TAG)
+        record.set("device", chardev.device)
+        record.set("index", str(chardev.index))
+        record.append(record_element(chardev.original, None if indent is None else indent + 2 * step))
     if indent is not None and len(element):
         _layout(element, indent, step)
     return element
@@ -708,6 +815,11 @@ def libvirt_metadata_xml(spec: FTSpec) -> str:
         if disk.replica is not None:
             record.set("replica", disk.replica)
         record.append(record_element(disk.original, "    "))
+    for chardev in spec.chardevs:
+        record = etree.SubElement(element, FT_CHARDEV_TAG, nsmap={None: FT_NAMESPACE})  # type: ignore[dict-item]
+        record.set("device", chardev.device)
+        record.set("index", str(chardev.index))
+        record.append(record_element(chardev.original, "    "))
     if len(element):
         _layout(element, "", "  ")
     return etree.tostring(element, encoding="unicode")
@@ -743,7 +855,7 @@ def set_ft_in(root: etree._Element, spec: FTSpec) -> bool:
     insert_child(metadata, new)
     if created:
         close_indent(metadata)
-    if spec.disks:
+    if spec.disks or spec.chardevs:
         indent, step = _placement(new)
         laid_out = ft_element(spec, new.prefix or FT_PREFIX, indent, step)
         laid_out.tail = new.tail
@@ -774,7 +886,7 @@ def remove_ft_in(root: etree._Element, restore_disks: bool = True) -> bool:
     if element is None:
         return False
     if restore_disks:
-        restore_disks_in(root, disks_from_element(element))
+        restore_records_in(root, element)
     metadata = element.getparent()
     assert metadata is not None
     remove_child(element)
@@ -835,6 +947,18 @@ def restore_disks_in(root: etree._Element, disks: tuple[FTDisk, ...]) -> list[st
         parent.replace(current, original)
         restored.append(f"restored <disk> {record.target} ({record.source}) from its record in <cuju:ft>")
     return restored
+
+
+def restore_records_in(root: etree._Element, element: etree._Element) -> list[str]:
+    """Give back every prepared disk and chardev recorded in ``element``; what was restored.
+    Nothing changes when one of them cannot be given back (:class:`FTElementError`)."""
+    disks, chardevs = disks_from_element(element), chardevs_from_element(element)
+    chardev_xml.restore_chardevs_in(copy_of(root), chardevs)  # refuses before anything changed
+    return restore_disks_in(root, disks) + chardev_xml.restore_chardevs_in(root, chardevs)
+
+
+def copy_of(root: etree._Element) -> etree._Element:
+    return etree.fromstring(etree.tostring(root))
 
 
 def set_ft(xml: AnyStr, spec: FTSpec) -> AnyStr:

@@ -29,12 +29,13 @@ import enum
 import itertools
 import logging
 import uuid as uuid_module
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import AnyStr, Generic
 
 from lxml import etree
 
+from cuju_libvirt import chardev_xml
 from cuju_libvirt._xml import close_indent, indent_of, insert_child
 from cuju_libvirt.disk_xml import (
     ERROR_POLICIES,
@@ -50,6 +51,7 @@ from cuju_libvirt.disk_xml import (
 from cuju_libvirt.disk_xml import NBD_SOCKET_DIR as NBD_SOCKET_DIR  # noqa: PLC0414
 from cuju_libvirt.disk_xml import nbd_socket_path as nbd_socket_path  # noqa: PLC0414
 from cuju_libvirt.domain_xml import FTSpec, find_ft, is_nbd_export, load_domain, set_ft_in, spec_from_element
+from cuju_libvirt.errors import FTElementError
 
 LOG = logging.getLogger(__name__)
 
@@ -894,6 +896,84 @@ def _prepare_disks(root: etree._Element, changes: list[str], serve: bool) -> Non
         set_ft_in(root, spec.replace(disks=tuple(records)))
 
 
+def _prepare_chardevs(root: etree._Element, changes: list[str]) -> None:
+    """Hold the ``<serial>``/``<console>`` ports ``serial-commit`` selects (:meth:`FTSpec.holds_port`):
+    rewrite each to its chardev server's socket and record the original in ``<cuju:ft>``.
+    Ports prepared before keep their record (and get their socket path right); a recorded
+    port no longer selected is given back (the user opted it out)."""
+    element = find_ft(root)
+    devices = root.find("devices")
+    if element is None or devices is None:
+        return
+    spec = spec_from_element(element)
+    found = chardev_xml.chardevs_in(root)
+    keys = {(d, i): chardev_xml.key_of(devices, d, i) for d, i, _ in found}
+    names: dict[str, set[str]] = {}  # key -> the names of the elements that are that port
+    for (device, index), key in keys.items():
+        names.setdefault(key, {key}).add(f"{device}{index}")
+    _check_listed_ports(spec, found, keys, names)
+    recorded = {(c.device, c.index): c for c in spec.chardevs}
+
+    def selected(device: chardev_xml.ChardevDevice, index: int, kind: str) -> bool:
+        return spec.holds_port(names[keys[(device, index)]], kind)
+
+    dropped = tuple(r for r in spec.chardevs if (r.device, r.index) in keys
+                    and not selected(r.device, r.index, r.target.kind))
+    for line in chardev_xml.restore_chardevs_in(root, dropped):
+        changes.append(f"{line}: serial-commit='{spec.serial_commit}' does not hold it (its output is "
+                       "not held: after a failover the standby prints again the lines of the lost epoch)")
+    pending = {(d, i) for d, i, e in found if (d, i) not in recorded and chardev_xml.unholdable(e) is None
+               and selected(d, i, e.get("type", "pty"))}
+    if not pending and len(recorded) == len(dropped):
+        if dropped:
+            set_ft_in(root, spec.replace(chardevs=tuple(r for r in spec.chardevs if r not in dropped)))
+        return
+    uuid = _prepare_uuid(root, changes)
+    records = [r for r in spec.chardevs if r not in dropped]
+    for device, index, el in found:
+        key = keys[(device, index)]
+        path = chardev_xml.chardev_socket_path(uuid, key)
+        if (device, index) in recorded:
+            source = el.find("source")
+            if chardev_xml.is_held_socket(el, key) and source is not None and source.get("path") != path:
+                changes.append(f"pointed <{device}> {index} at its chardev socket {path} "
+                               f"(was {source.get('path')})")
+                source.set("path", path)
+            continue
+        if (device, index) not in pending:
+            continue
+        record = chardev_xml.FTChardev.from_element(el, device, index, indent_of(el))
+        chardev_xml.hold_over_socket(el, path)
+        records.append(record)
+        changes.append(f"holding the output of <{device}> {index} ({record.target.describe()}) per epoch: "
+                       f"QEMU writes to the chardev server's socket {path}, which writes what each "
+                       "committed epoch printed to the original target; the original is recorded in "
+                       "<cuju:ft>")
+    if records != list(spec.chardevs):
+        set_ft_in(root, spec.replace(chardevs=tuple(records)))
+
+
+def _check_listed_ports(spec: FTSpec, found: Sequence[tuple[chardev_xml.ChardevDevice, int, etree._Element]],
+                        keys: Mapping[tuple[chardev_xml.ChardevDevice, int], str],
+                        names: Mapping[str, set[str]]) -> None:
+    """A port ``serial-commit`` names must exist and be holdable (a typo must not leave it unheld)."""
+    if spec.serial_commit in ("auto", "on", "off"):
+        return
+    known = {n for ns in names.values() for n in ns}
+    problems = [f"serial-commit names '{n}', but the domain has no such port (ports: "
+                f"{', '.join(sorted(known)) or 'none'}); fix: name ports that exist, or use auto"
+                for n in spec.serial_commit.split() if n not in known]
+    recorded = {(c.device, c.index) for c in spec.chardevs}
+    for device, index, el in found:
+        why = chardev_xml.unholdable(el)
+        if why is not None and (device, index) not in recorded and \
+                spec.holds_port(names[keys[(device, index)]], el.get("type", "pty")):
+            problems.append(f"serial-commit names <{device}> {index}, whose output cannot be held: {why}; "
+                            "fix: change its type or leave it out of serial-commit")
+    if problems:
+        raise FTElementError(problems)
+
+
 def prepare_in(root: etree._Element, *, disks: bool = True) -> list[str]:
     """Make the safe changes in a parsed ``<domain>`` tree; returns what was changed.
 
@@ -905,6 +985,7 @@ def prepare_in(root: etree._Element, *, disks: bool = True) -> list[str]:
     _prepare_nics(root, changes)
     _prepare_qmp(root, changes)
     _prepare_disks(root, changes, serve=disks)
+    _prepare_chardevs(root, changes)
     for change in changes:
         LOG.debug("prepare %s: %s", (root.findtext("name") or "?").strip(), change)
     return changes

@@ -36,6 +36,9 @@ def add_ft_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 option, dest=dest, metavar="N", help=f"{attr.doc}; {lo}..{hi}, default {attr.default}"
             )
+        elif attr.kind == "ports":
+            group.add_argument(option, dest=dest, metavar="auto|on|off|PORTS",
+                               help=f"{attr.doc}; default {attr.default}")
         else:
             default = ("on" if attr.default else "off") if attr.kind == "onoff" else attr.default
             group.add_argument(
@@ -53,8 +56,10 @@ def spec_from_args(args: argparse.Namespace, existing: FTSpec | None) -> FTSpec:
     }
     merged = existing.to_attributes() if existing is not None else {}
     merged.update(given)
-    # the disk records stay: they hold the originals of the prepared disks
-    return FTSpec.from_attributes(merged).replace(disks=existing.disks if existing is not None else ())
+    # the records stay: they hold the originals of the prepared disks and chardevs
+    if existing is None:
+        return FTSpec.from_attributes(merged)
+    return FTSpec.from_attributes(merged).replace(disks=existing.disks, chardevs=existing.chardevs)
 
 
 def add_disk_options(parser: argparse.ArgumentParser) -> None:

@@ -33,6 +33,7 @@ from cuju_libvirt.domain_xml import (
     FT_NAMESPACE,
     FT_PREFIX,
     FTSpec,
+    chardevs_from_element,
     disks_from_element,
     find_ft,
     libvirt_metadata_xml,
@@ -40,7 +41,7 @@ from cuju_libvirt.domain_xml import (
     parse_domain,
     parse_libvirt_metadata,
     remove_ft_in,
-    restore_disks_in,
+    restore_records_in,
     set_ft_in,
     spec_from_element,
 )
@@ -272,9 +273,9 @@ def _restore_disks(conn: Any, dom: Any) -> bool:
     """
     doc = load_domain(_xml(dom, inactive=True))
     element = find_ft(doc.root)
-    if element is None or not disks_from_element(element):
+    if element is None or not (disks_from_element(element) or chardevs_from_element(element)):
         return False
-    restored = restore_disks_in(doc.root, disks_from_element(element))
+    restored = restore_records_in(doc.root, element)
     remove_ft_in(doc.root, restore_disks=False)
     _define(conn, dom, doc.to_str(), restored)
     if dom.isActive():

@@ -177,6 +177,15 @@ def _failover(d: Mapping[str, Any], now: float) -> str:
     return f"{_duration(max(0.0, now - at))} ago{took_text} ({count} total)"
 
 
+_SYNC_WORDS = {"changed": "resyncing changed blocks", "compare": "comparing, resending what differs"}
+
+
+def _why_full(why: str) -> str:
+    """The reason inside DiskSet's "full sparse copy (...)"."""
+    inner = why.removeprefix("full sparse copy (").removesuffix(")")
+    return inner or why
+
+
 def _disk_lines(d: Mapping[str, Any]) -> list[str]:
     """One line per disk still being copied to the backup (nothing once every disk is in sync)."""
     lines = []
@@ -186,7 +195,9 @@ def _disk_lines(d: Mapping[str, Any]) -> list[str]:
             continue
         ratio = synced / total
         filled = int(ratio * BAR_WIDTH)
-        what = "resyncing changed blocks" if disk.get("mode") == "changed" else "syncing"
+        what = _SYNC_WORDS.get(str(disk.get("mode")), "syncing")
+        if disk.get("mode") not in ("changed", "compare") and disk.get("why"):
+            what = f"syncing in full ({_why_full(str(disk['why']))})"  # say why not only what changed
         lines.append(
             f"  {d.get('domain', '?')} disk {disk.get('target', '?')}: {what} "
             f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {ratio * 100:3.0f}% "

@@ -20,11 +20,10 @@ from cuju_libvirt.cli._common import (
     spec_from_args,
 )
 from cuju_libvirt.domain_xml import (
-    disks_from_element,
     find_ft,
     load_domain,
     remove_ft_in,
-    restore_disks_in,
+    restore_records_in,
     set_ft_in,
     spec_from_element,
 )
@@ -154,7 +153,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
 def cmd_disable(args: argparse.Namespace) -> int:
     doc = load_domain(read_input(args.file), _label(args.file))
     element = find_ft(doc.root)
-    restored = restore_disks_in(doc.root, disks_from_element(element)) if element is not None else []
+    restored = restore_records_in(doc.root, element) if element is not None else []
     if not remove_ft_in(doc.root, restore_disks=False):
         print_lines(["no <cuju:ft> element: document unchanged"])
     print_lines([f"changed: {change}" for change in restored])

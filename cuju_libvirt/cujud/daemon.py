@@ -57,8 +57,9 @@ FEATURES: dict[str, bool] = {
 }
 #: What protection does not cover yet (``status`` shows it; docs/failover.md has the details).
 LIMITS = ("disk writes are not held per epoch: a failover keeps the writes the dead primary made after the "
-          "last committed epoch; serial output (<serial>, <console>) is not held either: after a failover "
-          "the lines of the lost epoch can appear twice (see docs/failover.md)")
+          "last committed epoch; serial output is held only on the ports --prepare held (serial-commit, "
+          "by default file, unix and tcp; a pty console is not): on the others the lines of the lost "
+          "epoch can appear twice after a failover (see docs/failover.md)")
 #: Seconds between two samples of each domain's epoch count (for the epoch rate in ``status``).
 RATE_SAMPLE_INTERVAL = 1.0
 
@@ -325,7 +326,7 @@ class Daemon:
                 "generation": snap.generation,
                 "disk_sync": [
                     {"target": d.target, "synced_bytes": d.synced_bytes, "total_bytes": d.total_bytes,
-                     "mode": d.mode}
+                     "mode": d.mode, "why": d.why}
                     for d in snap.disk_sync
                 ],
             })

@@ -33,10 +33,14 @@ from cuju_libvirt.ft_engine.disks import (
     DiskSet,
     ProtectedDisk,
     changed_since_ack,
+    content_digests,
+    digest_unit,
     forget_pair,
     pack_bitmap,
+    pack_bytes,
     prepare_replica,
     read_pair,
+    read_record,
     record_takeover,
     replay_receiver_journal,
 )
@@ -104,17 +108,27 @@ def keep_replica(path: str, size: int, claim: Mapping[str, Any] | None, replayed
     return None
 
 
-def primary_disks(uuid: str, disks: Sequence[FTDisk], name: str = "") -> DiskSet | None:
+def pairing_record(state_dir: Path | str, uuid: str, target: str) -> str:
+    """Where this host keeps the durable pairing record of a disk it serves as the primary
+    (:func:`~cuju_libvirt.ft_engine.disks.read_record`): on persistent storage, unlike the journal."""
+    return str(Path(state_dir) / "disks" / uuid / f"{target}.pair")
+
+
+def primary_disks(uuid: str, disks: Sequence[FTDisk], name: str = "", *,
+                  state_dir: Path | str | None = None) -> DiskSet | None:
     """The journals of the prepared disks (their servers were started by the hook, or, after a
     takeover, by the standby), or None. The images a sync reads are those the servers serve:
     after a takeover that is this host's replica, not the path the disk had on the old primary.
-    ``name``: the VM's, in the logger of every line about its disks."""
+    ``name``: the VM's, in the logger of every line about its disks; ``state_dir``: where a
+    completed sync leaves each disk's durable pairing record (:func:`pairing_record`)."""
     if not disks:
         return None
     out = []
     for d in disks:
         paths = disk_server.ServerPaths.of(uuid, d.target)
-        out.append(ProtectedDisk(d.target, disk_server.served_image(paths) or d.source, paths.journal))
+        record = pairing_record(state_dir, uuid, d.target) if state_dir is not None else ""
+        image = disk_server.served_image(paths) or d.source
+        out.append(ProtectedDisk(d.target, image, paths.journal, record))
     return DiskSet(out, tag=name)
 
 
@@ -200,6 +214,48 @@ def adopt_own_image(paths: disk_server.ServerPaths, size: int, claim: Mapping[st
     return image, {"changed": packed, "block_size": info["block_size"]}
 
 
+def adopt_by_content(record: str, size: int, claim: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | str:
+    """After a failover whose journal here cannot say what this host changed (its host crashed
+    and the tmpfs journal is gone, its server was killed, an earlier resync was cut short):
+    may this host's own image of the disk be the replica, resynced by content compare?
+
+    Only if this host's durable pairing record (``record``, :func:`pairing_record`) says that
+    its image was paired with the very replica the new primary took over
+    (``claim['takeover']``): the image is then this disk at some moment, and its content
+    digests (:func:`~cuju_libvirt.ft_engine.disks.content_digests`, in units the primary's
+    ``block_size`` divides) let the primary resend only the units that differ, whatever this
+    host wrote after its last acknowledged epoch. Without such a record the image's lineage
+    is unknown: why not (a full copy follows). Returns (image, the answer's ``digests``,
+    ``unit``, ``block_size``)."""
+    took = claim.get("takeover")
+    if not isinstance(took, Mapping):
+        return "the primary holds no takeover of a replica of this disk"
+    rec = read_record(record) if record else {}
+    image = str(rec.get("image", ""))
+    if not rec or rec.get("replica") != took.get("from_replica") or not image:
+        return ("this host holds no durable record that its image was paired with the replica the primary "
+                "took over (unknown lineage)")
+    block = took.get("block_size")
+    if not isinstance(block, int) or block < 4096 or block & (block - 1):
+        return "the primary gave no block size for a content compare (the two cujud versions differ)"
+    try:
+        have = os.stat(image).st_size
+    except FileNotFoundError:
+        return f"its image {image} is gone"
+    if have > size:
+        return f"its image {image} is larger than the disk"
+    prepare_replica(image, size)  # a qcow2 file grows to the export's size, as every replica
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        unit = digest_unit(fd, size, block, MAX_PACKED_BITMAP)
+        packed = pack_bytes(content_digests(fd, size, unit))
+    finally:
+        os.close(fd)
+    if len(packed) > MAX_PACKED_BITMAP:
+        return "its content digests are too many to send in a message"
+    return image, {"digests": packed, "unit": unit, "block_size": block}
+
+
 def choose_replicas(replicas: Sequence[tuple[str, int]], claims: Sequence[Mapping[str, Any]],
                     receiver_journal: str | None, targets: Sequence[str], *,
                     formats: Sequence[Mapping[str, Any]] = (),
@@ -225,8 +281,10 @@ def choose_replicas(replicas: Sequence[tuple[str, int]], claims: Sequence[Mappin
         claim = claims[i] if i < len(claims) else None
         if i in adopted:
             rid = secrets.token_hex(8)
-            log.info("disk %s: this host's own image %s is the replica (%s): only the blocks either side "
-                     "changed since the failover will be resent", targets[i], path, rid)
+            what = ("the units whose content differs" if "digests" in adopted[i]
+                    else "the blocks either side changed since the failover")
+            log.info("disk %s: this host's own image %s is the replica (%s): only %s will be resent",
+                     targets[i], path, rid, what)
             _write_identity(path, rid, str(claim.get("lineage", "")) if claim else "")
             answers.append({"replica": rid, "kept": True, "written": 0, **adopted[i]})
             continue
@@ -249,7 +307,7 @@ def choose_replicas(replicas: Sequence[tuple[str, int]], claims: Sequence[Mappin
 def backup_replicas(
     uuid: str, xml: str, sizes: Sequence[int], replica_dir: Path, *,
     claims: Sequence[Mapping[str, Any]] | None = None, receiver_journal: str | None = None,
-    formats: Sequence[Mapping[str, Any]] = (),
+    formats: Sequence[Mapping[str, Any]] = (), state_dir: Path | None = None,
 ) -> tuple[list[tuple[str, int]], list[dict[str, Any]]]:
     """Prepare the replica of every prepared disk of ``xml`` (the primary's sizes, in its disk
     order) and serve it on the same socket path as on the primary, so that the standby QEMU
@@ -258,7 +316,9 @@ def backup_replicas(
     ``claims`` (the primary's, per disk) and ``receiver_journal`` (the last standby's):
     which replicas may be kept for a resync of only what changed (see the module's doc).
     ``formats``: the primary's :func:`disk_formats` (an emptied qcow2 replica gets a header).
-    Returns the replicas (path, size) and the answer per disk (``replica`` id, ``kept``, ``written``)."""
+    ``state_dir``: where this host's durable pairing records are (:func:`adopt_by_content`).
+    Returns the replicas (path, size) and the answer per disk (``replica`` id, ``kept``, ``written``,
+    and ``refused``: why this host's own image could not be the replica after a failover)."""
     spec = parse_domain(xml)
     disks = spec.disks if spec is not None else ()
     if len(disks) != len(sizes):
@@ -267,13 +327,20 @@ def backup_replicas(
     out = [(d.replica_path(str(replica_dir), uuid), size) for d, size in zip(disks, sizes, strict=True)]
     owner = disk_server.qemu_owner()  # the standby's QEMU (not root under libvirt) connects to it
     adopted: dict[int, dict[str, Any]] = {}
+    refused: dict[int, str] = {}
     for i, (d, claim) in enumerate(zip(disks, claims or [], strict=False)):
         if claim.get("takeover") and not claim.get("replica"):
             got = adopt_own_image(disk_server.ServerPaths.of(uuid, d.target), sizes[i], claim,
                                   target=d.target, owner=owner)
             if isinstance(got, str):
+                record = pairing_record(state_dir, uuid, d.target) if state_dir is not None else ""
+                log.info("disk %s: this host's journal cannot say what its own image changed (%s): "
+                         "trying a content compare", d.target, got)
+                got = adopt_by_content(record, sizes[i], claim)
+            if isinstance(got, str):
                 log.info("disk %s: this host's own image cannot be the replica (%s): a full copy follows",
                          d.target, got)
+                refused[i] = got
             else:
                 out[i] = (got[0], sizes[i])
                 adopted[i] = got[1]
@@ -282,6 +349,8 @@ def backup_replicas(
             Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     answers = choose_replicas(out, claims or [], receiver_journal, [d.target for d in disks], formats=formats,
                               adopted=adopted)
+    for i, why in refused.items():
+        answers[i]["refused"] = why
     for d, (path, _) in zip(disks, out, strict=True):
         disk_server.start(disk_server.ServerPaths.of(uuid, d.target), path, target=d.target, owner=owner)
     if out:

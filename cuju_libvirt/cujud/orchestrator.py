@@ -65,6 +65,7 @@ from cuju_libvirt.cujud.virt import DomainEvent, LibvirtConnection, LifecycleEve
 from cuju_libvirt.domain_xml import AUTO_PEER, DEFAULT_LINK_PORT, FTSpec, parse_domain, parse_endpoint
 from cuju_libvirt.errors import CoordError, CujuError, DomainXMLError, MonitorError, StateError, caused_by
 from cuju_libvirt.ft_engine import linkkeys
+from cuju_libvirt.ft_engine.chardevs import ChardevHold
 from cuju_libvirt.ft_engine.devstate import (
     DevicesChangedError,
     MachineProfile,
@@ -109,6 +110,9 @@ STANDBY_CREATE_TIMEOUT = 120.0
 QEMU_USER = "libvirt-qemu"
 #: After its monitor broke, how long QEMU may take to exit before it counts as alive (s).
 QEMU_EXIT_WAIT = 1.0
+#: How long a crashed primary asks its peer which epoch the takeover resumed from, to settle
+#: the held serial output (then it settles at its own last acknowledged epoch: never a repeat).
+SERIAL_SETTLE_WAIT = 30.0
 #: How long a connection to the peer's FT-link listener may take before the link counts as down (s).
 LINK_PROBE_TIMEOUT = 2.0
 #: Engine failures that an operator's action caused (no fault: one WARNING line, then pairing anew).
@@ -290,7 +294,7 @@ class PrimaryDomain:
         try:
             if self.spec_link:  # the address is known before the peer is asked
                 self._probe_link()
-            disks = primary_disks(self.uuid, self.spec.disks, self.name)
+            disks = primary_disks(self.uuid, self.spec.disks, self.name, state_dir=self.orch.state_dir)
             self.generation = self.orch.witness_protect(self.uuid, self.name, self.peer, again=self._again)
             self._again = 0
             self.log.info("asking %s for a standby", self.peer)
@@ -345,9 +349,18 @@ class PrimaryDomain:
             counter_dir=str(counters), ack_timeout=self.spec.heartbeat_timeout_ms / 1e3, tag=self.name,
             standby_sections=standby.sections if standby is not None else None,
         )
+        chardevs = ChardevHold.of(self.uuid) if self.spec.chardevs else None
+        if self.spec.chardevs and chardevs is None:
+            self.log.warning("the chardev server of %s does not run: its serial output is NOT held (it "
+                             "starts with the VM; restart the VM to hold it)", self.name)
+        if chardevs is not None:
+            # A new protection of a VM that runs here: what an earlier one left held (a cujud
+            # killed mid-protection, the VM adopted since) is this VM's past output, and the
+            # new engine's epochs start again from the backup's.
+            chardevs.release_all()
         self.engine = PrimaryEngine(cfg, qmp=self.qmp, pid=pid, link=sock, stats=self.stats,
                                     machine=self.machine, may_release=self._may_release, link_keys=link_keys,
-                                    disks=disks)
+                                    disks=disks, chardevs=chardevs)
         self.stats.set_initial_sync(0.0)
         self._starting = True
         try:
@@ -692,7 +705,10 @@ class PrimaryDomain:
             self.engine.vm_ended = how  # the engine then says so in one INFO line, no clean-up in QEMU
         if how.startswith("crash"):
             self._crashed(how)
+            self._settle_serial_later()
             return
+        if self.engine is not None and self.engine.chardevs is not None:
+            self.engine.chardevs.release_all()  # the VM ended here: its last words are real
         # one INFO line: the engine's "the VM ended (...)" when it runs, else this one
         level = logging.DEBUG if self.engine is not None and engine_runs else logging.INFO
         self.log.log(level, "QEMU ended (%s): stopping protection, the standby is dropped", how)
@@ -772,6 +788,48 @@ class PrimaryDomain:
                              "this host when its cujud runs again", self.peer, err)
         self._finish()
 
+    def _settle_serial_later(self) -> None:
+        engine = self.engine
+        if engine is not None and engine.chardevs is not None:
+            threading.Thread(target=self._settle_serial, args=(engine.chardevs, engine.last_acked),
+                             name=f"cujud-serial-{self.name}", daemon=True).start()
+
+    def _settle_serial(self, hold: ChardevHold, last_acked: int | None) -> None:
+        """The peer took over (or is taking over): release the held serial output up to the
+        epoch it resumed from and drop the rest, which its standby prints again. Without the
+        peer's word, up to ``last_acked`` (None: a restarted cujud, which knows no epoch: the
+        server has been told of every ack, so what it holds was never acknowledged)."""
+        deadline = time.monotonic() + SERIAL_SETTLE_WAIT
+        answer: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                answer = self.orch.links.connection(self.peer).request("takeover-epoch", {"uuid": self.uuid},
+                                                                       timeout=2.0)
+            except CujuError:
+                answer = {"pending": True}
+            if not answer.get("pending"):
+                break
+            time.sleep(0.1)
+        try:
+            if "epoch" in answer:
+                hold.settle(int(answer["epoch"]))
+                self.log.info("held serial output settled: released up to epoch %s, where %s resumed",
+                              answer["epoch"], self.peer)
+            elif answer.get("resumed") is False:
+                hold.release_all()  # nobody resumes it: what it printed is its last output
+            elif last_acked is not None:
+                hold.settle(last_acked)
+                self.log.warning("%s did not say which epoch it resumed from: serial output released up to "
+                                 "epoch %d, the last one it acknowledged here (a line of the epoch after it "
+                                 "may be missing, none is repeated)", self.peer, last_acked)
+            else:
+                hold.settle(-1)
+                self.log.warning("%s did not say which epoch it resumed from: the serial output held "
+                                 "since the last acknowledgement is dropped (a line of those epochs may be "
+                                 "missing, none is repeated)", self.peer)
+        finally:
+            hold.close()
+
     def _ask_abandon(self, reason: str, *, quiet: bool = False,
                      vm_ended: bool = False) -> dict[str, Any] | None:
         """``vm_ended``: the VM was stopped on purpose here, so the peer may start it again."""
@@ -832,7 +890,12 @@ class PrimaryDomain:
             time.sleep(0.5)
 
     def _cede(self, why: str) -> None:
-        self._wait_engine_done()
+        engine = self._wait_engine_done()
+        # A restarted cujud has no engine, but the chardev server outlived the old one with
+        # what it held: settle it too, or it waits for a word that never comes.
+        hold = engine.chardevs if engine is not None else ChardevHold.of(self.uuid)
+        if hold is not None:
+            self._settle_serial(hold, engine.last_acked if engine is not None else None)
         self.log.error("%s: destroying the local copy; this host will refuse to start it", why)
         records.write(self.orch.state_dir, records.CEDED, self.uuid, domain=self.name, peer=self.peer,
                       reason=why)
@@ -946,6 +1009,7 @@ class Orchestrator:
             conn.remote, body, encrypt_link=conn.encrypted)
         handlers.requests["standby-abandon"] = lambda conn, body: self.standbys.abandon(body)
         handlers.requests["holds"] = lambda conn, body: self._holds(str(body["uuid"]))
+        handlers.requests["takeover-epoch"] = lambda conn, body: self.standbys.takeover_epoch(body)
         handlers.requests["vm-state"] = lambda conn, body: {"state": self.vm_state(str(body["uuid"]))}
         handlers.notes["primary-crashed"] = self._note_crashed
         handlers.notes["standby-lost"] = self._note_standby_lost

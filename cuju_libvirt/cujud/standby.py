@@ -329,6 +329,9 @@ class Standby:
         self.link_secret: bytes | None = None
         self.abandoned = False
         self.taken_over = False
+        #: The epoch the failover resumed from (None until it did): the old primary's chardev
+        #: server releases its held serial output up to it and drops the rest.
+        self.resumed_epoch: int | None = None
         self._done = threading.Event()
         #: Set once an abandoned standby's QEMU is destroyed and it is forgotten.
         self.gone = threading.Event()
@@ -370,7 +373,8 @@ class Standby:
         # The standby QEMU opens its disks over NBD at start: their replicas must be served.
         self.replicas, self.disk_answers = backup_replicas(
             self.uuid, self.xml, self.disk_sizes, self.manager.disk_replica_dir, claims=self.disk_claims,
-            receiver_journal=str(self._state_path()) + ".journal", formats=self.disk_formats)
+            receiver_journal=str(self._state_path()) + ".journal", formats=self.disk_formats,
+            state_dir=self.manager.state_dir)
         try:
             with translate(f"creating the standby of {self.name}"):
                 virt.conn.createXML(standby_xml(self.xml), libvirt.VIR_DOMAIN_START_PAUSED)
@@ -605,6 +609,11 @@ class Standby:
             for (path, _), target in zip(self.replicas, disk_targets(self.xml), strict=False):
                 take_over_replica(path, disk_server.ServerPaths.of(self.uuid, target).journal)
             report = self.engine.failover()
+            self.resumed_epoch = report.epoch
+            # for the old primary's held serial output, also when this cujud restarts meanwhile
+            records.write(self.manager.state_dir, records.TAKEOVERS, self.uuid, domain=self.name,
+                          peer=self.peer, reason=reason, generation=self.generation,
+                          resumed_epoch=report.epoch)
             self.stats.role = "primary"  # the VM runs here now (unprotected until a new standby)
             try:
                 if self.persistent:
@@ -815,6 +824,25 @@ class StandbyManager:
             # stopped on purpose on the peer: it runs nowhere, this host may start it again
             records.remove(self.state_dir, records.CEDED, uuid)
         return answer
+
+    def takeover_epoch(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The old primary asks which epoch a takeover resumed from (to settle its held serial
+        output): ``{"epoch": N}``, ``{"pending": True}`` while undecided or under way,
+        ``{"resumed": False}`` when this host will not resume it, ``{"known": False}`` when an
+        earlier cujud of this host began a takeover and no record says where it resumed."""
+        uuid = str(body["uuid"])
+        with self._lock:
+            sb = self.failed_over.get(uuid) or self.standbys.get(uuid)
+        if sb is None:  # an earlier cujud of this host may have taken it over
+            took = records.read(self.state_dir, records.TAKEOVERS, uuid)
+            if took is None:
+                return {"resumed": False}
+            return {"epoch": int(took["resumed_epoch"])} if "resumed_epoch" in took else {"known": False}
+        if sb.abandoned:
+            return {"resumed": False}
+        if sb.resumed_epoch is not None:
+            return {"epoch": sb.resumed_epoch}
+        return {"pending": True}
 
     def deciding(self, uuid: str) -> bool:
         """True while a standby an earlier cujud left is not settled yet: it may still take over."""

@@ -38,7 +38,11 @@ After a failover the new primary's journal marks every block it wrote since the 
 (:func:`record_takeover` says which pairing its image came from), and the old primary's
 journal every block it wrote after the last epoch it saw acknowledged
 (:func:`changed_since_ack`): a re-protection onto the old primary's own image resends only
-the union (docs/disks.md, "Resync after a failover").
+the union (docs/disks.md, "Resync after a failover"). When the old primary's journal cannot
+say (its host crashed: the tmpfs journal is gone), its durable pairing record
+(:func:`read_record`) still says which image was the disk, and the backup sends the content
+digests of that image (:func:`content_digests`): the new primary compares its own image unit
+by unit while the VM runs and resends only the units that differ (mode :data:`COMPARE`).
 
 Beside each journal (same tmpfs directory, same lifetime) two files record what a later
 resync may trust: ``<journal>.pair`` (JSON: the journal's lineage, the replica id, and
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import mmap
@@ -72,19 +77,37 @@ SYNC_CHUNK_BYTES = 16 << 20
 _SCRATCH = MAX_DISK_SECTION // 2
 
 
-#: DiskSync.mode of a synchronisation that copies every allocated block / only what changed.
-FULL, CHANGED = "full", "changed"
+#: DiskSync.mode of a synchronisation that copies every allocated block / only what changed /
+#: only the units whose content differs from the backup's (compared digest by digest).
+FULL, CHANGED, COMPARE = "full", "changed", "compare"
+
+#: Bytes of one content digest (BLAKE2b-128; an all-zero digest stands for a unit of zeros).
+DIGEST_BYTES = 16
+_ZERO_DIGEST = bytes(DIGEST_BYTES)
+#: Bytes of the image one comparison step of :meth:`DiskSet.sync_chunk` reads.
+COMPARE_STEP_BYTES = 32 << 20
 
 
 class DiskError(ReplicationError):
     """A protected disk's journal cannot be used (server gone, epoch too large)."""
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def _write_atomic(path: str, data: bytes, *, durable: bool = False) -> None:
+    """Replace ``path`` with ``data`` at once; ``durable``: on the disk before this returns
+    (the file and the directory entry), so that a host crash leaves the old or the new."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -139,18 +162,85 @@ def read_pair(journal: str) -> dict[str, Any]:
 MAX_PACKED_BITMAP = 256 << 10
 
 
-def pack_bitmap(bitmap: int, nbytes: int) -> str:
-    """A dirty bitmap (bit b: block b) of ``nbytes`` bytes for a peer message (zlib, base64)."""
-    return base64.b64encode(zlib.compress(bitmap.to_bytes(nbytes, "little"), 6)).decode()
+def pack_bytes(raw: bytes) -> str:
+    """Bytes for a peer message (zlib, base64): a bitmap, or content digests."""
+    return base64.b64encode(zlib.compress(raw, 6)).decode()
 
 
-def unpack_bitmap(text: str, nbytes: int) -> int | None:
-    """The bitmap :func:`pack_bitmap` packed, or None if it is not one of ``nbytes`` bytes."""
+def unpack_bytes(text: str, nbytes: int) -> bytes | None:
+    """What :func:`pack_bytes` packed, or None if it is not ``nbytes`` bytes."""
     try:
         raw = zlib.decompressobj().decompress(base64.b64decode(text, validate=True), nbytes + 1)
     except (ValueError, zlib.error):
         return None
-    return int.from_bytes(raw, "little") if len(raw) == nbytes else None
+    return raw if len(raw) == nbytes else None
+
+
+def pack_bitmap(bitmap: int, nbytes: int) -> str:
+    """A dirty bitmap (bit b: block b) of ``nbytes`` bytes for a peer message (zlib, base64)."""
+    return pack_bytes(bitmap.to_bytes(nbytes, "little"))
+
+
+def unpack_bitmap(text: str, nbytes: int) -> int | None:
+    """The bitmap :func:`pack_bitmap` packed, or None if it is not one of ``nbytes`` bytes."""
+    raw = unpack_bytes(text, nbytes)
+    return None if raw is None else int.from_bytes(raw, "little")
+
+
+def content_digests(fd: int, size: int, unit: int, first: int = 0, count: int | None = None) -> bytes:
+    """The content digests of units ``first`` .. ``first + count`` of a disk of ``size`` bytes
+    whose image is ``fd`` (read as the disk: zeros past the file's end): per unit of ``unit``
+    bytes, BLAKE2b-128 of its bytes, or :data:`DIGEST_BYTES` zero bytes when it reads as zeros
+    (a hole is not read). Both sides of a content compare call this (docs/disks.md, "Resync
+    after a primary-host crash"), so a digest means the same on both."""
+    nunits = -(-size // unit)
+    last = nunits if count is None else min(nunits, first + count)
+    zeros = bytes(unit)
+    out = bytearray()
+    for u in range(first, last):
+        off = u * unit
+        n = min(unit, size - off)
+        try:
+            data_at = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data from off to the file's end
+            data_at = size
+        if data_at >= off + n:
+            out += _ZERO_DIGEST
+            continue
+        buf = os.pread(fd, n, off)
+        if len(buf) < n:
+            buf += bytes(n - len(buf))
+        out += _ZERO_DIGEST if buf == zeros[:n] else hashlib.blake2b(buf, digest_size=DIGEST_BYTES).digest()
+    return bytes(out)
+
+
+def digest_unit(fd: int, size: int, block_size: int, budget: int) -> int:
+    """The smallest unit (``block_size`` times a power of two) whose digests of the disk's
+    allocated units fit in ``budget`` bytes once packed (zero units cost next to nothing)."""
+    nblocks = -(-size // block_size)
+    bitmap = bytearray(-(-nblocks // 8))
+    _cuju.disk_mark_allocated(fd, size, block_size, bitmap)
+    unit, span = block_size, 1
+    while True:
+        nunits = -(-nblocks // span)
+        if span >= 8:
+            step = span // 8
+            allocated = sum(1 for k in range(0, len(bitmap), step) if any(bitmap[k:k + step]))
+        else:
+            mask = (1 << span) - 1
+            allocated = sum(1 for byte in bitmap if byte for j in range(0, 8, span) if (byte >> j) & mask)
+        # base64 (4/3), a margin for zlib, and the zero units' share of the compressed text
+        if (allocated * DIGEST_BYTES * 4) // 3 + nunits // 16 + 4096 <= budget or unit >= size:
+            return unit
+        unit, span = unit * 2, span * 2
+
+
+def read_record(record: str) -> dict[str, Any]:
+    """The durable pairing record of a disk this host served as the primary ({} if none):
+    ``replica`` (the id a completed sync paired its image with), ``image``, ``size``.
+    Unlike ``<journal>.pair`` (tmpfs) it survives a host crash; it says which image was
+    this disk and which replica it was paired with, not which blocks changed since."""
+    return _read_json(record)
 
 
 def forget_pair(journal: str) -> None:
@@ -202,16 +292,19 @@ class ProtectedDisk:
     image: str
     #: The server's journal file (``disk_server.ServerPaths.journal``).
     journal: str
+    #: Where the durable pairing record goes (:func:`read_record`; "" for none).
+    record: str = ""
 
 
 class DiskSet:
     """The primary's protected disks, in the order the backup's replicas are listed."""
 
     def __init__(self, disks: Sequence[ProtectedDisk],
-                 progress: Callable[[str, int, int, str], None] | None = None, *, tag: str = "") -> None:
-        """``progress(target, synced_bytes, total_bytes, mode)`` is called while synchronising
-        (``mode``: :data:`FULL` or :data:`CHANGED`); ``tag`` (the VM's name) names the logger
-        of every line about these disks, as the engine's."""
+                 progress: Callable[[str, int, int, str, str], None] | None = None, *, tag: str = "") -> None:
+        """``progress(target, synced_bytes, total_bytes, mode, why)`` is called while
+        synchronising (``mode``: :data:`FULL`, :data:`CHANGED` or :data:`COMPARE`; ``why``: the
+        reason, as logged); ``tag`` (the VM's name) names the logger of every line about these
+        disks, as the engine's."""
         self.disks = tuple(disks)
         self.log = log.getChild(tag.replace(".", "_")) if tag else log
         self._progress = progress
@@ -236,6 +329,17 @@ class DiskSet:
         #: Per disk: the blocks the backup's own image (the old primary's, after a failover)
         #: changed since the epoch this image came from (its journal's bitmaps), or None.
         self._remote: list[int | None] = []
+        #: Per disk: the backup's content digests of its own image (after a failover whose
+        #: journal cannot say what it changed) and their unit, or None: a content compare.
+        self._digests: list[bytes | None] = []
+        self._unit: list[int] = []
+        #: Per disk, in a content compare: bytes compared so far, bytes found to differ.
+        self._frontier: list[int] = []
+        self._differing: list[int] = []
+        #: Per disk: why the backup could not offer its own image ("" if it did not try).
+        self._refused: list[str] = []
+        #: Per disk: why the current synchronisation sends what it sends (log and status).
+        self._reason: list[str] = []
         #: Per disk: the journal's lineage when the current synchronisation began.
         self._sync_lineage: list[int] = []
         try:
@@ -255,6 +359,12 @@ class DiskSet:
                 self._kept.append(False)
                 self._written.append(0)
                 self._remote.append(None)
+                self._digests.append(None)
+                self._unit.append(0)
+                self._frontier.append(0)
+                self._differing.append(0)
+                self._refused.append("")
+                self._reason.append("")
                 self._sync_lineage.append(0)
         except BaseException:
             self.close()
@@ -263,8 +373,8 @@ class DiskSet:
         self.sizes = tuple(i["disk_size"] for i in infos)
         self._block = [i["block_size"] for i in infos]
 
-    def set_progress(self, progress: Callable[[str, int, int, str], None] | None) -> None:
-        """Report synchronisation progress to ``progress(target, synced_bytes, total_bytes, mode)``."""
+    def set_progress(self, progress: Callable[[str, int, int, str, str], None] | None) -> None:
+        """Report synchronisation progress to ``progress(target, synced_bytes, total_bytes, mode, why)``."""
         self._progress = progress
 
     def __len__(self) -> int:
@@ -359,7 +469,7 @@ class DiskSet:
             took = self._takeover(i, raw)
             if not claim["replica"] and took:
                 claim["takeover"] = {"from_replica": took["from_replica"],
-                                     "from_lineage": took["from_lineage"]}
+                                     "from_lineage": took["from_lineage"], "block_size": self._block[i]}
             out.append(claim)
         return out
 
@@ -379,9 +489,28 @@ class DiskSet:
             self._written[i] = max(0, min(int(answer.get("written") or 0), self.sizes[i]))
             self._trusted[i] = bool(claim["replica"]) and self._kept[i] and rid == claim["replica"]
             self._remote[i] = None
+            self._digests[i] = None
+            self._refused[i] = str(answer.get("refused") or "")
             if not claim["replica"] and claim.get("takeover") and self._kept[i]:
-                self._remote[i] = self._remote_bitmap(i, answer)
-                self._trusted[i] = self._remote[i] is not None
+                if "digests" in answer:
+                    self._digests[i], self._unit[i] = self._remote_digests(i, answer)
+                    self._trusted[i] = self._digests[i] is not None
+                else:
+                    self._remote[i] = self._remote_bitmap(i, answer)
+                    self._trusted[i] = self._remote[i] is not None
+
+    def _remote_digests(self, i: int, answer: Mapping[str, Any]) -> tuple[bytes | None, int]:
+        """The backup's content digests of its own image, if they are of this disk's units."""
+        unit = answer.get("unit")
+        if (answer.get("block_size") == self._block[i] and isinstance(unit, int) and unit >= self._block[i]
+                and unit % self._block[i] == 0):
+            digests = unpack_bytes(str(answer.get("digests", "")), -(-self.sizes[i] // unit) * DIGEST_BYTES)
+            if digests is not None:
+                return digests, unit
+        self.log.info("disk %s: the backup's content digests are not of this disk's blocks: a full copy",
+                      self.disks[i].target)
+        self._refused[i] = "its content digests were not of this disk's blocks"
+        return None, 0
 
     def _remote_bitmap(self, i: int, answer: Mapping[str, Any]) -> int | None:
         """The backup's ``changed`` blocks, if they are in this journal's geometry."""
@@ -409,15 +538,17 @@ class DiskSet:
             nbytes = info["bitmap_bytes"]
             lineage = info["lineage"]
             disk_full = full and not (self._trusted[i] and self._claim_matches(i, lineage))
+            compare = full and not disk_full and self._digests[i] is not None
             other = info["active"] ^ 1
             # The buffer not receiving writes holds an unacknowledged epoch, or nothing.
             acc = self._bitmap_int(i, other) | self._bitmap_int(i, info["active"])
             if disk_full:
                 # Nothing about the replica can be trusted until this sync completes.
                 self._write_pair(i, lineage, synced=False)
-                for stale in (self._resync_path(i), _takeover_file(self.disks[i].journal)):
+                stale = [self._resync_path(i), _takeover_file(self.disks[i].journal), self.disks[i].record]
+                for path in filter(None, stale):
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(stale)
+                        os.unlink(path)
             else:
                 acc |= _saved_resync(self.disks[i].journal, lineage, nbytes) | (self._remote[i] or 0)
                 # Persisted before the journal forgets it: a cujud killed from here on
@@ -427,7 +558,9 @@ class DiskSet:
             dj.reset(other)
             idx = dj.seal(0)  # the other (empty) buffer takes the writes from now on
             dj.reset(idx)
-            bitmap = bytearray(acc.to_bytes(nbytes, "little"))
+            # A content compare marks the units that differ as it reads them (sync_chunk); what
+            # the bitmaps hold stays in <journal>.resync all the same, for a later resync.
+            bitmap = bytearray(nbytes) if compare else bytearray(acc.to_bytes(nbytes, "little"))
             if disk_full and self._kept[i]:
                 # A kept replica that is not trusted after all (the journal changed lineage
                 # since): every block, holes too (sent as zeros), or stale data would stay.
@@ -441,14 +574,22 @@ class DiskSet:
                     bitmap[b >> 3] |= 1 << (b & 7)
             self._sync[i] = bitmap
             self._cursor[i] = 0
-            self._mode[i] = FULL if disk_full else CHANGED
+            self._mode[i] = FULL if disk_full else COMPARE if compare else CHANGED
             self._sync_lineage[i] = lineage
-            blocks = int.from_bytes(bitmap, "little").bit_count()
-            self._sync_total[i] = min(blocks * self._block[i], self.sizes[i])
+            self._reason[i] = self._why(i, full, disk_full)
             self._sync_done[i] = 0
-            total += self._sync_total[i]
-            self.log.info("disk %s: %s: %d of %d bytes to send", self.disks[i].target,
-                     self._why(i, full, disk_full), self._sync_total[i], self.sizes[i])
+            if compare:
+                # What differs is known once it is read: the progress is the bytes compared.
+                self._sync_total[i] = self.sizes[i]
+                self._frontier[i] = self._differing[i] = 0
+                self.log.info("disk %s: %s: comparing %d bytes in units of %d bytes", self.disks[i].target,
+                              self._reason[i], self.sizes[i], self._unit[i])
+            else:
+                blocks = int.from_bytes(bitmap, "little").bit_count()
+                self._sync_total[i] = min(blocks * self._block[i], self.sizes[i])
+                total += self._sync_total[i]
+                self.log.info("disk %s: %s: %d of %d bytes to send", self.disks[i].target,
+                              self._reason[i], self._sync_total[i], self.sizes[i])
             self._report(i)
         return total
 
@@ -457,7 +598,25 @@ class DiskSet:
             "lineage": f"{lineage:016x}", "replica": self._replica[i], "synced": synced,
             "image": os.path.abspath(self.disks[i].image)}).encode())
 
+    def _write_record(self, i: int) -> None:
+        """The durable pairing record (:func:`read_record`): after a crash of this host, which
+        image was this disk and which replica it was paired with (a content compare may then
+        resync the image with only what differs)."""
+        record = self.disks[i].record
+        if not record:
+            return
+        try:
+            os.makedirs(os.path.dirname(record), mode=0o700, exist_ok=True)
+            _write_atomic(record, json.dumps({
+                "replica": self._replica[i], "image": os.path.abspath(self.disks[i].image),
+                "size": self.sizes[i]}).encode(), durable=True)
+        except OSError as err:
+            self.log.warning("disk %s: no durable pairing record (%s): after a crash of this host its "
+                             "image is copied in full", self.disks[i].target, err)
+
     def _claim_matches(self, i: int, lineage: int) -> bool:
+        if self._digests[i] is not None:  # a content compare proves itself, whatever the lineage
+            return True
         if self._remote[i] is not None:  # the backup's own image, after a failover
             return bool(self._takeover(i, lineage))
         pair = _read_json(self._pair_path(i))
@@ -466,6 +625,10 @@ class DiskSet:
 
     def _why(self, i: int, full: bool, disk_full: bool) -> str:
         if not disk_full:
+            if full and self._digests[i] is not None:
+                return ("resync by content compare (the backup's own image, this disk before the failover, "
+                        "whose journal cannot say which blocks it changed: only the units whose digests "
+                        "differ are sent)")
             if full and self._remote[i] is not None:
                 return ("resync of the changed blocks only (the backup's own image, this disk before the "
                         "failover: the blocks either side changed since)")
@@ -474,6 +637,8 @@ class DiskSet:
             return "resync of the changed blocks only (the backup holds an epoch of this session)"
         if self._trusted[i]:
             return "full sparse copy (the journal changed lineage since the backup proved its replica)"
+        if self._refused[i]:
+            return f"full sparse copy (the backup's own image cannot be the replica: {self._refused[i]})"
         return "full sparse copy (no replica this journal's bitmaps are proven relative to)"
 
     def sync_complete(self) -> None:
@@ -484,6 +649,7 @@ class DiskSet:
             lineage = dj.info()["lineage"]
             if lineage == self._sync_lineage[i] and self._replica[i]:
                 self._write_pair(i, lineage, synced=True)
+                self._write_record(i)
                 with contextlib.suppress(FileNotFoundError):  # the pair says it all from here
                     os.unlink(_takeover_file(self.disks[i].journal))
             else:
@@ -498,28 +664,68 @@ class DiskSet:
 
     def _report(self, i: int) -> None:
         if self._progress is not None:
-            self._progress(self.disks[i].target, self._sync_done[i], self._sync_total[i], self._mode[i])
+            self._progress(self.disks[i].target, self._sync_done[i], self._sync_total[i], self._mode[i],
+                           self._reason[i])
 
     def sync_chunk(self, max_bytes: int = SYNC_CHUNK_BYTES) -> list[DiskPart]:
-        """The next records of the synchronisation (empty when it is complete)."""
+        """The next records of the synchronisation (empty when it is complete). A content
+        compare reads its image :data:`COMPARE_STEP_BYTES` at a time, marks the units whose
+        digests differ from the backup's, and builds records only up to where it compared."""
         for i, bitmap in enumerate(self._sync):
             if bitmap is None:
                 continue
             out = self._scratch_of(i)
-            start = self._cursor[i]
-            n, cursor = _cuju.disk_build(bitmap, self._block[i], self.sizes[i], self._images[i], start,
-                                         memoryview(out)[:max_bytes])
-            first, last = start // 8, (cursor + 7) // 8
-            covered = int.from_bytes(bitmap[first:last], "little").bit_count() * self._block[i]
-            self._sync_done[i] = min(self._sync_total[i], self._sync_done[i] + covered)
-            self._cursor[i] = cursor
+            compare = self._mode[i] == COMPARE
+            while True:
+                limit = self._frontier[i] if compare else self.sizes[i]
+                start = self._cursor[i]
+                n, cursor = _cuju.disk_build(bitmap, self._block[i], limit, self._images[i], start,
+                                             memoryview(out)[:max_bytes])
+                self._cursor[i] = cursor
+                if not compare:
+                    first, last = start // 8, (cursor + 7) // 8
+                    covered = int.from_bytes(bitmap[first:last], "little").bit_count() * self._block[i]
+                    self._sync_done[i] = min(self._sync_total[i], self._sync_done[i] + covered)
+                elif not n and cursor * self._block[i] >= limit and limit < self.sizes[i]:
+                    self._compare_step(i)  # everything compared so far is built: compare on
+                    self._sync_done[i] = self._frontier[i]
+                    self._report(i)
+                    continue
+                break
             if cursor * self._block[i] >= self.sizes[i]:
                 self._sync[i] = None
                 self._sync_done[i] = self._sync_total[i]
+                if compare:
+                    self.log.info("disk %s: content compare done: %d of %d bytes differed and were sent",
+                                  self.disks[i].target, self._differing[i], self.sizes[i])
             self._report(i)
             if n:
                 return [(i, memoryview(out)[:n])]
         return []
+
+    def _compare_step(self, i: int) -> None:
+        """Compare the next units of disk ``i`` with the backup's digests; mark those that differ."""
+        digests, unit, size, block = self._digests[i], self._unit[i], self.sizes[i], self._block[i]
+        bitmap = self._sync[i]
+        assert digests is not None and bitmap is not None
+        first = self._frontier[i] // unit
+        mine = content_digests(self._images[i], size, unit, first, max(1, COMPARE_STEP_BYTES // unit))
+        count = len(mine) // DIGEST_BYTES
+        per, nblocks = unit // block, -(-size // block)
+        for j in range(count):
+            at, theirs = j * DIGEST_BYTES, (first + j) * DIGEST_BYTES
+            if mine[at:at + DIGEST_BYTES] != digests[theirs:theirs + DIGEST_BYTES]:
+                u = first + j
+                for b in range(u * per, min((u + 1) * per, nblocks)):
+                    bitmap[b >> 3] |= 1 << (b & 7)
+                self._differing[i] += min(unit, size - u * unit)
+        self._frontier[i] = min(size, (first + count) * unit)
+
+    def sync_sent(self) -> list[int]:
+        """Per disk, the bytes the current (or last) synchronisation sends: for a content
+        compare, what it found to differ so far."""
+        return [self._differing[i] if self._mode[i] == COMPARE else self._sync_total[i]
+                for i in range(len(self.disks))]
 
     @property
     def syncing(self) -> bool:

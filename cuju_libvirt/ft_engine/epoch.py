@@ -48,6 +48,7 @@ from typing import Any
 
 from cuju_libvirt.errors import CujuError, ReplicationError, StateError, caused_by
 from cuju_libvirt.ft_engine import trackers as T
+from cuju_libvirt.ft_engine.chardevs import ChardevHold
 from cuju_libvirt.ft_engine.devstate import (
     DevicesChangedError,
     DeviceStateSaver,
@@ -233,6 +234,7 @@ class PrimaryEngine:
         may_release: Callable[[BaseException], bool] | None = None,
         disks: DiskSet | None = None,
         link_keys: bytes | None = None,
+        chardevs: ChardevHold | None = None,
     ) -> None:
         """``on_stopped(epoch)`` (tests, benchmarks) runs in every pause after staging ``epoch``;
         ``tracker_factory`` replaces :func:`~.trackers.select_tracker` (tests).
@@ -245,6 +247,10 @@ class PrimaryEngine:
         filters (:attr:`fenced` is True, the machine ``FAILED``) until :meth:`unfence`.
         """
         self.config = config
+        #: The domain's chardev server (held serial output): cut in every pause, committed on
+        #: every ack. The engine lets it all out when protection ends with the VM running here;
+        #: when QEMU is gone it is cujud's to settle (the backup's epoch decides), not the engine's.
+        self.chardevs = chardevs
         #: The protected disks (their journals are sealed in every pause); the engine closes it.
         self._disks = disks
         if disks is not None:
@@ -456,6 +462,11 @@ class PrimaryEngine:
         self._next += 1
         return epoch
 
+    def _cut_chardevs(self) -> None:
+        """VM stopped: the serial output so far belongs to the epoch staged in this pause."""
+        if self.chardevs is not None:
+            self.chardevs.cut(self._next)
+
     def _seal_disks(self) -> list[DiskPart] | None:
         """The disks' records since the last seal, for the epoch staged next."""
         return self._disks.seal(self._next) if self._disks is not None else None
@@ -551,6 +562,7 @@ class PrimaryEngine:
             if self._output is not None:
                 self._output.boundary()
                 self._held_output = True
+            self._cut_chardevs()
             epoch = self._stage(pages, count, saved.blob, disks=self._seal_disks())
             if self._on_stopped is not None:
                 self._on_stopped(epoch)
@@ -606,6 +618,8 @@ class PrimaryEngine:
         self.last_acked = epoch
         if self._disks is not None:
             self._disks.acked(epoch)
+        if self.chardevs is not None:
+            self.chardevs.acked(epoch)
         if epoch == self._unacked:
             self._unacked = 0
         if epoch == self._resync_epoch and self.machine.state is S.SYNCING:
@@ -695,6 +709,7 @@ class PrimaryEngine:
                 output.begin_boundary()
             h = tracker.harvest(self._pages)
             t2 = clock()
+            self._cut_chardevs()  # VM stopped: the serial output so far is this epoch's
             try:
                 saved = saver.finish() if pipelined else saver.save()
             except StateError as err:  # running again: only somebody else can have resumed it
@@ -933,6 +948,8 @@ class PrimaryEngine:
             except CujuError as err:
                 problems.append(f"output filters: {err}")
             self._fenced_output = None
+        if self.chardevs is not None:
+            self.chardevs.release_all()
         self.qmp.execute("cont")
         self.fenced = False
         self.stats.set_packets_held(0)
@@ -959,6 +976,8 @@ class PrimaryEngine:
             self._output, self._held_output = None, False
         if run_vm and qemu_alive:
             self._ensure_running(problems)
+            if self.chardevs is not None:  # the VM goes on here: its serial output with it
+                self.chardevs.release_all()
         if self._output is not None:
             try:
                 self._output.remove()

@@ -76,7 +76,10 @@ class DiskSync:
     target: str  # the disk's <target dev>
     synced_bytes: int  # bytes of the disk the backup's replica already holds
     total_bytes: int  # bytes to copy in this sync (the allocated blocks for a full sync)
-    mode: str = "full"  # "full" (a sparse copy of the disk) or "changed" (only the changed blocks)
+    #: "full" (a sparse copy of the disk), "changed" (only the changed blocks) or "compare"
+    #: (the backup's own image compared unit by unit: synced/total are the bytes compared)
+    mode: str = "full"
+    why: str = ""  # why this sync sends what it sends (e.g. why not only the changed blocks)
 
     @property
     def ratio(self) -> float:
@@ -200,13 +203,14 @@ class DomainStats:
         with self._lock:
             self._sync_ratio = min(1.0, max(0.0, ratio))
 
-    def set_disk_sync(self, target: str, synced_bytes: int, total_bytes: int, mode: str = "full") -> None:
-        """The disk data path's progress copying disk ``target`` to the backup (``mode``: "full"
-        or "changed", see :class:`DiskSync`)."""
+    def set_disk_sync(self, target: str, synced_bytes: int, total_bytes: int, mode: str = "full",
+                      why: str = "") -> None:
+        """The disk data path's progress copying disk ``target`` to the backup (``mode`` and
+        ``why``: see :class:`DiskSync`)."""
         if not 0 <= synced_bytes <= total_bytes:
             raise ValueError(f"disk {target}: synced_bytes {synced_bytes} outside 0..{total_bytes}")
         with self._lock:
-            self._disk_sync[target] = DiskSync(target, synced_bytes, total_bytes, mode)
+            self._disk_sync[target] = DiskSync(target, synced_bytes, total_bytes, mode, why)
 
     def record_failover(self, duration_s: float) -> None:
         with self._lock:

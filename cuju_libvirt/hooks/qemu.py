@@ -9,7 +9,9 @@ cost one read of stdin and one ``bytes in`` test (the shim does it before import
 operation       what the hook does
 ==============  ============================================================================
 prepare begin   validate ``<cuju:ft>`` and the domain's fitness, create the direct-QMP socket
-                directory for QEMU's user, start the block server of every prepared disk
+                directory for QEMU's user, start the chardev server of the held serial
+                ports (also for a standby: its QEMU connects to it too), start the block
+                server of every prepared disk
                 (``<cuju:disk>``: QEMU reaches it over NBD; the hook starts it itself, so
                 that the VM starts whether cujud runs or not, and the server is nbdkit's
                 own daemon, no child of the hook, cujud or libvirtd), ask cujud whether the
@@ -20,7 +22,8 @@ prepare begin   validate ``<cuju:ft>`` and the domain's fitness, create the dire
                 in the log.
 started begin   ask cujud to protect the domain (cujud does the work on its own threads)
 stopped end     tell cujud; cujud tells a deliberate stop from a crash itself
-release end     stop the disks' block servers (their journals stay for a later resync)
+release end     stop the disks' block servers (their journals stay for a later resync); tell
+                the chardev server to exit once it holds nothing
 reconnect begin ask cujud to (re-)protect the domain after a libvirtd restart
 migrate begin   (on the destination of ``virsh migrate``) refuse: the VM's standby and
                 replication stay with the source; say what to do instead
@@ -42,7 +45,8 @@ from pathlib import Path
 
 from lxml import etree
 
-from cuju_libvirt import disk_server
+from cuju_libvirt import chardev_server, disk_server
+from cuju_libvirt.chardev_xml import holdable_targets
 from cuju_libvirt.cujud import records
 from cuju_libvirt.cujud.control import ControlClient
 from cuju_libvirt.cujud.standby import is_standby_xml
@@ -101,6 +105,22 @@ def stop_disk_servers(uuid: str, disks: Sequence[FTDisk]) -> None:
         disk_server.stop(disk_server.ServerPaths.of(uuid, d.target))
 
 
+def start_chardev_server(uuid: str, xml: bytes) -> None:
+    """The chardev server of the held serial ports (primary and standby alike: both QEMUs
+    connect to it at start); idempotent."""
+    spec = parse_domain(xml)
+    if spec is None or not spec.chardevs:
+        return
+    targets = holdable_targets(spec.chardevs, etree.fromstring(xml))
+    chardev_server.start(chardev_server.ServerPaths.of(uuid), targets, owner=disk_server.qemu_owner())
+
+
+def finish_chardev_server(uuid: str, xml: bytes) -> None:
+    spec = parse_domain(xml)
+    if spec is not None and spec.chardevs:
+        chardev_server.finish(chardev_server.ServerPaths.of(uuid))
+
+
 def _uuid(xml: bytes) -> str:
     root = etree.fromstring(xml)
     return (root.findtext("uuid") or "").strip()
@@ -108,6 +128,11 @@ def _uuid(xml: bytes) -> str:
 
 def prepare(domain: str, xml: bytes) -> int:
     make_qmp_dir()
+    try:
+        start_chardev_server(_uuid(xml), xml)
+    except CujuError as err:
+        _log(domain, f"refusing to start: its held serial ports cannot be served: {err}", stderr=True)
+        return 1
     if is_standby_xml(xml):
         return 0
     try:
@@ -168,7 +193,9 @@ def notify(domain: str, method: str, xml: bytes) -> int:
 
 
 def release(domain: str, xml: bytes) -> int:
-    """QEMU is gone: its disks' servers go too (a standby's are cujud's)."""
+    """QEMU is gone: its disks' servers go too (a standby's are cujud's); its chardev server
+    goes once it holds nothing (a crashed primary's holds the tail until cujud settles it)."""
+    finish_chardev_server(_uuid(xml), xml)
     if is_standby_xml(xml):
         return 0
     spec = parse_domain(xml)

@@ -243,7 +243,7 @@ def on_host_b(demo: Demo) -> None:
                          "cuju_last_failover_duration_seconds"))
     before = max(demo.counters) if demo.counters else 0
     demo.counters = []
-    watch(demo, host=rig.b)
+    watch(demo, host=rig.b, after=rig.a)
     if demo.counters[0] < before:
         raise RigError(f"the counter went back from {before} to {demo.counters[0]}")
     demo.out(f"  the counter continued on host b: {before} before the kill (last sample on a), "
@@ -267,20 +267,30 @@ def reprotected(demo: Demo) -> None:
              "while host b runs it")
 
 
-def watch(demo: Demo, samples: int = 5, interval: float = 0.5, host: Host | None = None) -> None:
+def _com1_log(host: Host) -> Path:
+    return host.outside(f"/var/log/libvirt/qemu/{DOMAIN}-serial.log")
+
+
+def watch(demo: Demo, samples: int = 5, interval: float = 0.5, host: Host | None = None,
+          after: Host | None = None) -> None:
+    """Sample the counter in RAM and the last COM1 line. ``after``: the host the VM ran on
+    before a failover; COM1 as the user sees it is that host's log, then this one's (this
+    host's log starts where the checkpoint did, with no boot banner of its own)."""
     rig = demo.the_rig
     host = host or rig.a
     ram = host.ram_files(DOMAIN)[0]
-    serial = host.outside(f"/var/log/libvirt/qemu/{DOMAIN}-serial.log")
+    serial = _com1_log(host)
+    before = _com1_log(after).read_text(errors="replace") if after is not None else ""
     demo.out(f"  guest RAM file: {ram}")
-    demo.out(f"  COM1 log:       {serial}")
+    demo.out(f"  COM1 log:       {serial}" + (f" (continuing {_com1_log(after)})" if after else ""))
     deadline = time.monotonic() + 30
     while read_counter(ram) == 0:
         if time.monotonic() > deadline:
             raise RigError(f"the guest did not start counting within 30 s (see {rig.a.log_file(DOMAIN)})")
         time.sleep(0.1)
+    counts: list[int] = []
     for _ in range(samples):
-        counts = serial_counts(serial.read_text(errors="replace"))
+        counts = serial_counts(before + (serial.read_text(errors="replace") if serial.exists() else ""))
         value = read_counter(ram)
         demo.counters.append(value)
         last = counts[-1] if counts else "-"
@@ -288,6 +298,11 @@ def watch(demo: Demo, samples: int = 5, interval: float = 0.5, host: Host | None
         time.sleep(interval)
     if demo.counters[-1] <= demo.counters[0]:
         raise RigError(f"the counter did not advance: {demo.counters}")
+    if after is not None:
+        if counts != list(range(1, len(counts) + 1)):
+            raise RigError(f"COM1 across the failover repeats or skips a line (see {serial})")
+        demo.out(f"  COM1 across the failover: {len(counts)} lines, none twice, none missing "
+                 "(serial output is held per epoch like network output)")
 
 
 #: The demo, in order: (title, step).

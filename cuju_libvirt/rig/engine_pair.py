@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from cuju_libvirt.ft_engine.chardevs import ChardevHold
 from cuju_libvirt.ft_engine.epoch import BackupEngine, PrimaryConfig, PrimaryEngine
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.state import FTMachine, Role
@@ -111,9 +112,11 @@ def protected_pair(
     tracker_factory: Callable[[VmStopped], Tracker] | None = None,
     *,
     link_keys: LinkKeys | None = None,
+    chardevs: ChardevHold | None = None,
 ) -> Iterator[Pair]:
     """Start the backup engine, then the primary engine (initial sync); clean up after.
-    ``link_keys``: the FT link runs encrypted (as cujud's does with peer_tls: on)."""
+    ``link_keys``: the FT link runs encrypted (as cujud's does with peer_tls: on);
+    ``chardevs``: the primary's serial output is held by that chardev server."""
     state_dir = Path(tempfile.mkdtemp(prefix="eng-state.", dir="/dev/shm"))
     a, b = link_pair()
     pstats, bstats = DomainStats("eng", "u", "primary"), DomainStats("eng", "u", "backup")
@@ -127,7 +130,7 @@ def protected_pair(
                           link_keys=link_keys.backup if link_keys else None)
     engine = PrimaryEngine(config, qmp=primary.qmp, pid=primary.pid, link=a, stats=pstats, machine=pm,
                            on_stopped=on_stopped, tracker_factory=tracker_factory,
-                           link_keys=link_keys.primary if link_keys else None)
+                           link_keys=link_keys.primary if link_keys else None, chardevs=chardevs)
     try:
         backup.start()
         engine.start()

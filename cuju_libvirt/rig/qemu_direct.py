@@ -118,6 +118,7 @@ class DirectGuest:
         run_base: str | os.PathLike[str] = DEFAULT_RUN_BASE,
         start_timeout: float = 15.0,
         qemu: str = QEMU_BINARY,
+        serial_socket: str | os.PathLike[str] | None = None,
     ) -> None:
         if memory_mib < 1:
             raise ValueError(f"memory_mib must be at least 1, not {memory_mib}")
@@ -137,6 +138,8 @@ class DirectGuest:
         self.run_base = Path(run_base)
         self.start_timeout = start_timeout
         self.qemu = qemu
+        #: COM1 to this UNIX socket (QEMU connects as a client, as to a chardev server), not the log file.
+        self.serial_socket = Path(serial_socket) if serial_socket is not None else None
         self.dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QMPClient | None = None
@@ -197,7 +200,8 @@ class DirectGuest:
             "-object", f"memory-backend-file,id=pc.ram,size={size},mem-path={self.ram_path},share=on",
             "-chardev", f"socket,id=cuju-qmp,fd={qmp_fd},server=on,wait=off",
             "-mon", "chardev=cuju-qmp,mode=control",
-            "-chardev", f"file,id=cuju-com1,path={self.serial_path}",
+            "-chardev", (f"socket,id=cuju-com1,path={self.serial_socket}" if self.serial_socket is not None
+                         else f"file,id=cuju-com1,path={self.serial_path}"),
             "-serial", "chardev:cuju-com1",
         ]  # fmt: skip
         if self.disk is not None:

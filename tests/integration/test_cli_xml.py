@@ -156,7 +156,7 @@ def test_show_json_echoes_every_option_enable_set(run: Runner, tmp_path: Path) -
     source = write(tmp_path, "vm.xml", read_fixture("tabs.xml"))
     options = {
         "peer": "[2001:db8::7]:7800", "link": "198.18.0.2:7000", "epoch-ms": "12", "tracker": "uffd",
-        "output-commit": "off", "max-epoch-packets": "1000", "failover": "manual",
+        "output-commit": "off", "serial-commit": "off", "max-epoch-packets": "1000", "failover": "manual",
         "heartbeat-timeout-ms": "900", "on-peer-unavailable": "refuse-start", "epoch-policy": "fixed",
         "max-epoch-ms": "250",
     }

@@ -8,6 +8,7 @@ Each epoch ends when every write of it is replied (qemu-io has exited), the cut 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import mmap
 import os
@@ -26,6 +27,7 @@ import pytest
 
 from cuju_libvirt import FT_NAMESPACE, disk_server
 from cuju_libvirt.cujud.disks import (
+    adopt_by_content,
     adopt_own_image,
     choose_replicas,
     left_replicas,
@@ -35,7 +37,16 @@ from cuju_libvirt.cujud.disks import (
 from cuju_libvirt.domain_xml import parse_domain
 from cuju_libvirt.errors import CujuError, ReplicationError
 from cuju_libvirt.ft_engine import linkkeys
-from cuju_libvirt.ft_engine.disks import CHANGED, FULL, DiskSet, ProtectedDisk, prepare_replica
+from cuju_libvirt.ft_engine.disks import (
+    CHANGED,
+    COMPARE,
+    FULL,
+    DiskSet,
+    ProtectedDisk,
+    prepare_replica,
+    read_record,
+    record_takeover,
+)
 from cuju_libvirt.ft_engine.linkkeys import LinkKeys
 from cuju_libvirt.ft_engine.replicator import DiskPart, EpochReceiver, EpochSender, page_indexes
 
@@ -249,7 +260,7 @@ def test_a_new_standby_with_a_proven_replica_gets_only_the_changed_blocks(shm_di
     rng = random.Random(21)
     modes: list[str] = []
 
-    def progress(_target: str, _done: int, _total: int, mode: str) -> None:
+    def progress(_target: str, _done: int, _total: int, mode: str, _why: str) -> None:
         modes.append(mode)
 
     with served_disks(shm_dir, {"vda": 24 << 20}) as disks:
@@ -571,7 +582,8 @@ def test_a_restarted_cujud_takes_back_the_replicas_of_a_left_standby_as_they_are
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("last_epoch", ["applied, its ACK lost", "not applied", "image changed after"])
+@pytest.mark.parametrize("last_epoch", ["applied, its ACK lost", "not applied", "image changed after",
+                                        "host crashed"])
 def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_changed(
     shm_dir: Path, last_epoch: str
 ) -> None:
@@ -581,9 +593,17 @@ def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_
     server journals every write from then on) and writes on. Re-protected onto a, a offers
     its own image and the blocks its journal marked since its last acknowledged epoch; b
     sends only the union with its own marks, and a's image then equals b's disk (its model)
-    at every epoch. An image changed while no server ran is refused (its server gone)."""
+    at every epoch.
+
+    When a's journal cannot say what a changed (the image changed while no server ran, or
+    host a crashed: its server killed after its last writes, its tmpfs journal gone), a's
+    durable pairing record still names the image and the replica it was paired with: a
+    sends the image's content digests, b compares its own disk with them while it writes on
+    and sends only the units that differ (docs/disks.md, "Resync after a primary-host
+    crash"); without a record of that replica a's lineage is unknown and it is refused."""
     rng = random.Random(33)
     modes: list[str] = []
+    record = str(shm_dir / "state-a" / "disks" / "vda.pair")
     host_b = shm_dir / "b"
     host_b.mkdir()
     b_paths = disk_server.ServerPaths.under(host_b, "vda")
@@ -591,7 +611,7 @@ def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_
         a = disks[0]
         a.run(a.ops(rng, 40))  # before protection
         replicas = _replicas(host_b, disks)
-        ds = disk_set(disks)
+        ds = DiskSet([ProtectedDisk(a.target, str(a.image), a.paths.journal, record)])
         ds_b = None
         try:
             first = _new_standby(shm_dir, ds, replicas)
@@ -608,6 +628,8 @@ def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_
                 epoch += 1
                 pair.commit(epoch, b"dev")
                 ds.sync_complete()
+                assert read_record(record) == {"replica": first[0]["replica"], "image": str(a.image),
+                                               "size": a.size}
                 for _ in range(3):
                     a.run(a.ops(rng, 5))
                     epoch += 1
@@ -621,7 +643,16 @@ def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_
                 taken = bytearray(Path(replicas[0][0]).read_bytes())  # b's disk at the takeover
                 a.run(a.ops(rng, 6))  # a writes on after its last seal, then dies
             ds.close()
-            disk_server.stop(a.paths)  # the release hook: a clean stop
+            if last_epoch == "host crashed":  # its server dies at once, its tmpfs with the journal
+                pid = disk_server.running_pid(a.paths)
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                while disk_server.running_pid(a.paths) is not None:
+                    time.sleep(0.01)
+                for left in Path(a.paths.journal).parent.glob(Path(a.paths.journal).name + "*"):
+                    left.unlink()
+            else:
+                disk_server.stop(a.paths)  # the release hook: a clean stop
             if last_epoch == "image changed after":
                 with open(a.image, "r+b") as f:  # e.g. an operator's qemu-img on host a
                     f.write(b"x")
@@ -633,21 +664,30 @@ def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_
             b = ModelDisk("vda", Path(replicas[0][0]), b_paths, a.size, taken)
             b.run(b.ops(rng, 8))
             ds_b = disk_set([b])
-            ds_b.set_progress(lambda _t, _d, _n, mode: modes.append(mode))
+            ds_b.set_progress(lambda _t, _d, _n, mode, _why: modes.append(mode))
             claims = ds_b.claims()
             assert claims[0]["replica"] == ""
             assert claims[0]["takeover"]["from_replica"] == first[0]["replica"]
 
             got = adopt_own_image(a.paths, a.size, claims[0], target="vda")
-            if last_epoch == "image changed after":
-                assert isinstance(got, str) and "changed" in got, got
+            mode = CHANGED
+            if last_epoch in ("image changed after", "host crashed"):
+                assert isinstance(got, str), got
+                assert ("changed" if last_epoch == "image changed after" else "never completed a sync") in got
                 assert disk_server.running_pid(a.paths) is None
-                return
+                other = shm_dir / "other.pair"  # a record of another pairing: unknown lineage too
+                other.write_text(json.dumps({"replica": "0" * 16, "image": str(a.image), "size": a.size}))
+                for unknown in ("", str(shm_dir / "none.pair"), str(other)):
+                    assert "unknown lineage" in str(adopt_by_content(unknown, a.size, claims[0]))
+                got = adopt_by_content(record, a.size, claims[0])
+                mode = COMPARE
             assert not isinstance(got, str), got
             image, extra = got
             assert image == str(a.image)
-            # Once only: a second attempt (this resync cut short) copies in full.
-            assert "never completed a sync" in str(adopt_own_image(a.paths, a.size, claims[0], target="vda"))
+            if mode == CHANGED:
+                # Once only: a second attempt (this resync cut short) needs the durable record.
+                again = adopt_own_image(a.paths, a.size, claims[0], target="vda")
+                assert "never completed a sync" in str(again)
             answers = choose_replicas([(image, a.size)], claims, None, ["vda"], adopted={0: extra})
             assert answers[0]["kept"] is True
             ds_b.set_replicas(answers, claims)
@@ -657,8 +697,7 @@ def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_
                 tx = pair.tx
                 assert tx.handshake(5) == 0  # a new standby on a
                 total = ds_b.begin_sync(full=True)
-                assert modes[-1] == CHANGED
-                assert 0 < total < full_bytes // 2, (total, full_bytes)
+                assert modes[-1] == mode
                 b.run(b.ops(rng, 4))  # b writes on during the resync
                 epoch = 0
                 while parts := ds_b.sync_chunk(128 << 10):
@@ -666,6 +705,10 @@ def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_
                     tx.stage(epoch, NO_PAGES, b"", disks=parts)
                     tx.ship()
                     assert tx.wait_ack(epoch, 10)
+                sent = ds_b.sync_sent()[0]
+                if mode == CHANGED:
+                    assert sent == total
+                assert 0 < sent < full_bytes // 2, (sent, full_bytes)
                 epoch += 1
                 pair.commit(epoch, b"dev")  # a's image == b's disk == its model
                 ds_b.sync_complete()
@@ -678,6 +721,26 @@ def test_after_a_failover_the_old_primarys_own_image_gets_only_what_either_side_
             if ds_b is not None:
                 ds_b.close()
             disk_server.stop(b_paths)
+
+
+@pytest.mark.timeout(60)
+def test_a_full_copy_after_a_failover_says_why_the_backups_own_image_was_refused(shm_dir: Path) -> None:
+    """The backup's reason (``refused``: e.g. no durable record of that replica, unknown
+    lineage) reaches the primary's log and status (the progress' ``why``), with the full copy."""
+    whys: list[tuple[str, str]] = []
+    with served_disks(shm_dir, {"vda": 4 << 20}) as disks:
+        ds = disk_set(disks)
+        try:
+            record_takeover(disks[0].paths.journal, {"replica": "ab" * 8, "lineage": "cd" * 8})
+            claims = ds.claims()
+            assert claims[0]["takeover"]["block_size"] == ds.info()[0]["block_size"]
+            ds.set_replicas([{"replica": "ef" * 8, "kept": False, "refused": "unknown lineage, say"}], claims)
+            ds.set_progress(lambda _t, _d, _n, mode, why: whys.append((mode, why)))
+            ds.begin_sync(full=True)
+        finally:
+            ds.close()
+    assert whys[-1] == (FULL, "full sparse copy (the backup's own image cannot be the replica: "
+                              "unknown lineage, say)")
 
 
 @pytest.mark.timeout(60)

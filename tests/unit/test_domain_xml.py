@@ -46,6 +46,7 @@ def test_defaults() -> None:
         "max-epoch-ms": 100,
         "tracker": "auto",
         "output-commit": "on",
+        "serial-commit": "auto",
         "max-epoch-packets": 5000,
         "failover": "auto",
         "heartbeat-timeout-ms": 500,

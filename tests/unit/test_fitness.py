@@ -285,9 +285,9 @@ def test_prepared_fixtures_validate_unless_unfit(name: str) -> None:
     enabled = dx.set_ft(read_fixture(name), dx.FTSpec.defaults("hostb"))
     result = ft.prepare(enabled, disks=True)
     assert result.fit == (name not in UNFIT), [str(p) for p in result.problems]
-    # prepare touches the element only to record the disks it rewrote
+    # prepare touches the element only to record the disks and chardevs it rewrote
     prepared = dx.parse_domain(result.xml)
-    assert prepared is not None and prepared.replace(disks=()) == dx.FTSpec.defaults("hostb")
+    assert prepared is not None and prepared.replace(disks=(), chardevs=()) == dx.FTSpec.defaults("hostb")
     exports = [d for d in etree.fromstring(result.xml).iterfind("devices/disk") if dx.is_nbd_export(d)]
     assert [d.find("target").get("dev") for d in exports] == [r.target for r in prepared.disks]  # type: ignore[union-attr]
 
@@ -394,8 +394,8 @@ def test_enable_prepare_then_disable_gives_back_every_disk(name: str) -> None:
     prepared = ft.prepare(dx.set_ft(original, dx.FTSpec.defaults("hostb")), disks=True).xml
     disabled = dx.remove_ft(prepared)
     spec = dx.parse_domain(prepared)
-    if etree.fromstring(original).find("uuid") is None and spec is not None and spec.disks:
-        # prepare gave the domain the <uuid> that names its NBD sockets; like its other
+    if etree.fromstring(original).find("uuid") is None and spec is not None and (spec.disks or spec.chardevs):
+        # prepare gave the domain the <uuid> that names its NBD and chardev sockets; like its other
         # changes outside the disks, it stays
         doc = dx.load_domain(disabled)
         uuid = doc.root.find("uuid")

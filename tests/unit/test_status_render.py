@@ -69,6 +69,18 @@ def test_a_resync_of_changed_blocks_says_so() -> None:
     assert "web disk vda: resyncing changed blocks [#####...............]  25% (1.0 MiB of 4.0 MiB)" in text
 
 
+def test_a_content_compare_and_a_full_copy_after_a_failover_say_so_and_why() -> None:
+    why = ("full sparse copy (the backup's own image cannot be the replica: this host holds no durable "
+           "record that its image was paired with the replica the primary took over (unknown lineage))")
+    disks = [{"target": "vda", "synced_bytes": 2**20, "total_bytes": 4 * 2**20, "mode": "compare"},
+             {"target": "vdb", "synced_bytes": 2**20, "total_bytes": 4 * 2**20, "mode": "full", "why": why}]
+    text = render({"node": "a", "domains": [domain(disk_sync=disks)]}, NOW)
+    assert "web disk vda: comparing, resending what differs [#####" in text
+    assert ("web disk vdb: syncing in full (the backup's own image cannot be the replica: this host holds no "
+            "durable record that its image was paired with the replica the primary took over (unknown "
+            "lineage)) [#####") in text
+
+
 def test_the_witness_generation_shows_next_to_the_peer_only_with_a_witness() -> None:
     with_witness = render({"node": "a", "domains": [domain(peer="cuju-c", generation=4)]}, NOW)
     assert "cuju-c (generation 4)" in with_witness
