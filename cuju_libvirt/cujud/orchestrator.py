@@ -119,6 +119,8 @@ LINK_PROBE_TIMEOUT = 2.0
 OPERATOR_ENDS = (ReconfiguredError, DevicesChangedError, ResumedElsewhereError, SuspendedToRAMError)
 #: How long one pairing attempt waits for the cluster's placer to place its standby (s).
 PLACEMENT_WAIT = 10.0
+#: How long a pairing that finds the VM stopped by a libvirt job waits for that job to end (s).
+JOB_END_WAIT = 60.0
 #: The states in which a running VM is unprotected and its protection loop pairs it.
 UNPROTECTED_STATES = (S.UNPROTECTED, S.DEGRADED, S.PRIMARY_AFTER_FAILOVER)
 
@@ -262,6 +264,30 @@ class PrimaryDomain:
                 self._wake.clear()
             delay = min(delay * 2, BACKOFF_MAX)
 
+    def _resume_after_libvirt_job(self, dom: libvirt.virDomain) -> None:
+        """Resume a VM that a finished libvirt job (a live snapshot with memory) left stopped
+        in QEMU's ``postmigrate`` only because the job began inside an epoch's pause.
+
+        libvirt decides at a job's start whether to resume the VM at its end, from the state
+        it sees then; an epoch's stop looks to it like a pause nobody asked for. A pause the
+        user asked for keeps libvirt's reason ``user`` (it is kept, see FTEngine's foreign
+        pause); a job still running (its own stop, e.g. migrating out) is left to libvirt."""
+        deadline = time.monotonic() + JOB_END_WAIT
+        with translate(f"reading the state of {self.name}"):
+            # the job's last steps (the disks' snapshot, its own resume) follow the memory save
+            while (job := dom.jobInfo()[0]) != libvirt.VIR_DOMAIN_JOB_NONE and time.monotonic() < deadline \
+                    and not self.ended.is_set():
+                time.sleep(0.2)
+            state, reason = dom.state()
+        ours = (libvirt.VIR_DOMAIN_PAUSED_UNKNOWN, libvirt.VIR_DOMAIN_PAUSED_SNAPSHOT,
+                libvirt.VIR_DOMAIN_PAUSED_MIGRATION)
+        if state != libvirt.VIR_DOMAIN_PAUSED or reason not in ours or job != libvirt.VIR_DOMAIN_JOB_NONE:
+            return
+        with translate(f"resuming {self.name}"):
+            dom.resume()
+        self.log.info("resumed: a libvirt job (e.g. a live snapshot) that began inside an epoch's pause "
+                      "ended with the VM stopped (QEMU 'postmigrate'); libvirt took that pause for a user's")
+
     def _pair_once(self) -> None:
         conn = self.orch.links.connection(self.peer)
         pid = qemu_pid(self.name)
@@ -273,10 +299,12 @@ class PrimaryDomain:
         # QEMU's own run state: libvirt learns of a suspend a moment later. Refused before any
         # standby is asked for; libvirt's PMWAKEUP event wakes this loop.
         with QMPClient(fitness.qmp_socket_path(self.name)) as qmp:
-            suspended = qmp.execute("query-status")["status"] == "suspended"
-        if suspended:
+            status = str(qmp.execute("query-status")["status"])
+        if status == "suspended":
             raise NotProtectableNow(f"{self.name}: {SUSPENDED_TO_RAM}")
         dom = self.orch.lookup(self.uuid)
+        if status == "postmigrate":
+            self._resume_after_libvirt_job(dom)
         with translate(f"reading the XML of {self.name}"):
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
             persistent = bool(dom.isPersistent())
